@@ -1,0 +1,1 @@
+"""optkit conversion (work in progress)."""

@@ -1,0 +1,1 @@
+"""optkit opt_flax (work in progress)."""

@@ -1,0 +1,196 @@
+"""`OPTConfig`: the model's hyper-parameters, read from and written to Hugging Face `config.json`.
+
+The config is a frozen dataclass. Derived quantities (head size, whether project_in/out exist, whether
+the decoder has a final LayerNorm) are properties, so nothing needs to be recomputed or kept in sync.
+Keys of a `config.json` that optkit does not model (`architectures`, `torch_dtype`, ...) are kept in
+`extra` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+# Activation names accepted in `activation_function`, mapped to the formula every backend implements.
+ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu_erf",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None  # None: equal to hidden_size (resolved at creation)
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    num_attention_heads: int = 12
+    activation_function: str = "relu"
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    # Heads: the classification head's width and loss (Hugging Face keeps these in every config).
+    num_labels: int = 2
+    problem_type: str | None = None
+    # Every other key of config.json, written back as it was read.
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        object.__setattr__(self, "extra", dict(self.extra))
+        self._validate()
+
+    # ----------------------------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def fail(field: str, value: Any, why: str) -> None:
+            raise ValueError(f"OPTConfig.{field}={value!r}: {why}")
+
+        positive_ints = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
+                         "max_position_embeddings", "word_embed_proj_dim", "num_attention_heads",
+                         "num_labels")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, value, f"must be an int, got {type(value).__name__}")
+            if value <= 0:
+                fail(name, value, "must be positive")
+        bools = ("do_layer_norm_before", "_remove_final_layer_norm", "use_cache", "enable_bias",
+                 "layer_norm_elementwise_affine", "tie_word_embeddings")
+        for name in bools:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                fail(name, value, f"must be a bool, got {type(value).__name__}")
+        for name in ("dropout", "attention_dropout", "layerdrop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, value, f"must be a number, got {type(value).__name__}")
+            if not 0.0 <= value < 1.0:
+                fail(name, value, "must be in [0, 1)")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+            fail("init_std", self.init_std, "must be a non-negative number")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, value, f"must be an int or None, got {type(value).__name__}")
+            if not 0 <= value < self.vocab_size:
+                fail(name, value, f"must be a token id in [0, vocab_size={self.vocab_size})")
+        if self.hidden_size % self.num_attention_heads:
+            fail("hidden_size", self.hidden_size,
+                 f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.activation_function not in ACTIVATIONS:
+            fail("activation_function", self.activation_function,
+                 f"unknown activation; known: {', '.join(sorted(ACTIVATIONS))}")
+        if self.problem_type not in PROBLEM_TYPES:
+            fail("problem_type", self.problem_type, f"must be one of {PROBLEM_TYPES}")
+
+    # ------------------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_projections(self) -> bool:
+        """project_in / project_out exist when the embedding width differs from the hidden width."""
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self._remove_final_layer_norm
+
+    @property
+    def activation(self) -> str:
+        """The activation's formula: one of relu, gelu_erf, gelu_tanh, silu."""
+        return ACTIVATIONS[self.activation_function]
+
+    # ---------------------------------------------------------------------------- construction
+    def replace(self, **changes: Any) -> "OPTConfig":
+        """A copy with some fields changed (the config itself never changes)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "OPTConfig":
+        from .presets import PRESETS
+
+        key = name.lower().removeprefix("facebook/").removeprefix("opt-")
+        if key not in PRESETS:
+            raise ValueError(f"unknown OPT preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "OPTConfig":
+        data = dict(data)
+        if data.get("model_type", "opt") != "opt":
+            raise ValueError(f"config.json has model_type={data['model_type']!r}, expected 'opt'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_labels"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in names}
+        # Hugging Face stores the label count as id2label (and accepts num_labels as an argument).
+        if "num_labels" in data:
+            kwargs["num_labels"] = data.pop("num_labels")
+        elif isinstance(data.get("id2label"), Mapping):
+            kwargs["num_labels"] = len(data["id2label"])
+        return cls(**kwargs, extra=data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "OPTConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "OPTConfig":
+        """Reads `config.json` from a checkpoint directory (or the file itself)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_json_file(path)
+
+    # ------------------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model_type": "opt"}
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "num_labels"):
+                out[f.name] = getattr(self, f.name)
+        labels = self.extra.get("id2label")
+        if not (isinstance(labels, Mapping) and len(labels) == self.num_labels):
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string())

@@ -1,0 +1,56 @@
+"""Output records shared by the three backends (plain dataclasses holding each framework's arrays).
+
+Fields are read as attributes (`out.logits`), by key (`out["logits"]`) or by position over the
+fields that are set (`out[0]`), as Hugging Face users are used to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclasses.dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+
+
+@dataclasses.dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: Any = None
+    logits: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+
+
+@dataclasses.dataclass
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: Any = None
+    logits: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+
+
+@dataclasses.dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: Any = None
+    start_logits: Any = None
+    end_logits: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None

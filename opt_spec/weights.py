@@ -1,0 +1,192 @@
+"""The canonical weight table: every weight's name, shape and kind, in checkpoint order.
+
+Canonical names are Hugging Face's PyTorch names and canonical layouts are PyTorch's (a linear weight
+is (out, in)). A weight's *kind* decides everything a converter or backend needs to know about it:
+how it is initialized, whether it is transposed in frameworks whose kernels are (in, out), and what
+the leaf is called there. Nothing else is keyed on names.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from .config import OPTConfig
+from .numerics import POSITION_OFFSET
+
+
+class WeightKind(str, enum.Enum):
+    EMBEDDING = "embedding"
+    LINEAR_WEIGHT = "linear_weight"
+    LINEAR_BIAS = "linear_bias"
+    NORM_SCALE = "norm_scale"
+    NORM_BIAS = "norm_bias"
+
+
+class Head(str, enum.Enum):
+    BASE = "base"
+    CAUSAL_LM = "causal_lm"
+    SEQUENCE_CLASSIFICATION = "sequence_classification"
+    QUESTION_ANSWERING = "question_answering"
+
+
+HEADS = tuple(h.value for h in Head)
+BASE_PREFIX = "model."  # head models keep the base model under `model.`; base checkpoints drop it
+HEAD_WEIGHTS = {  # the canonical names that belong to each head (not to the base model)
+    Head.BASE: (),
+    Head.CAUSAL_LM: ("lm_head.weight",),
+    Head.SEQUENCE_CLASSIFICATION: ("score.weight",),
+    Head.QUESTION_ANSWERING: ("qa_outputs.weight", "qa_outputs.bias"),
+}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: WeightKind
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _linear(prefix: str, out_dim: int, in_dim: int, bias: bool) -> list[WeightSpec]:
+    specs = [WeightSpec(f"{prefix}.weight", (out_dim, in_dim), WeightKind.LINEAR_WEIGHT)]
+    if bias:
+        specs.append(WeightSpec(f"{prefix}.bias", (out_dim,), WeightKind.LINEAR_BIAS))
+    return specs
+
+
+def _norm(prefix: str, dim: int, affine: bool) -> list[WeightSpec]:
+    if not affine:
+        return []
+    return [WeightSpec(f"{prefix}.weight", (dim,), WeightKind.NORM_SCALE),
+            WeightSpec(f"{prefix}.bias", (dim,), WeightKind.NORM_BIAS)]
+
+
+def decoder_weights(config: OPTConfig, prefix: str = "decoder") -> list[WeightSpec]:
+    """The base model's weights (names without the `model.` prefix)."""
+    V, E, H, F, P = (config.vocab_size, config.word_embed_proj_dim, config.hidden_size,
+                     config.ffn_dim, config.max_position_embeddings)
+    bias, affine = config.enable_bias, config.layer_norm_elementwise_affine
+    specs = [
+        WeightSpec(f"{prefix}.embed_tokens.weight", (V, E), WeightKind.EMBEDDING),
+        WeightSpec(f"{prefix}.embed_positions.weight", (P + POSITION_OFFSET, H), WeightKind.EMBEDDING),
+    ]
+    if config.has_projections:
+        specs += _linear(f"{prefix}.project_out", E, H, bias=False)
+        specs += _linear(f"{prefix}.project_in", H, E, bias=False)
+    if config.has_final_layer_norm:
+        specs += _norm(f"{prefix}.final_layer_norm", H, affine)
+    for i in range(config.num_hidden_layers):
+        layer = f"{prefix}.layers.{i}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            specs += _linear(f"{layer}.self_attn.{proj}", H, H, bias)
+        specs += _norm(f"{layer}.self_attn_layer_norm", H, affine)
+        specs += _linear(f"{layer}.fc1", F, H, bias)
+        specs += _linear(f"{layer}.fc2", H, F, bias)
+        specs += _norm(f"{layer}.final_layer_norm", H, affine)
+    return specs
+
+
+def head_weights(config: OPTConfig, head: Head | str) -> list[WeightSpec]:
+    """The weights a head adds on top of the base model."""
+    head = Head(head)
+    E = config.word_embed_proj_dim
+    if head is Head.CAUSAL_LM:
+        return _linear("lm_head", config.vocab_size, E, bias=False)
+    if head is Head.SEQUENCE_CLASSIFICATION:
+        return _linear("score", config.num_labels, E, bias=False)
+    if head is Head.QUESTION_ANSWERING:
+        return _linear("qa_outputs", 2, E, bias=True)
+    return []
+
+
+def weight_table(config: OPTConfig, head: Head | str = Head.CAUSAL_LM) -> list[WeightSpec]:
+    """Every canonical weight of a model with this config and head, in checkpoint order.
+
+    A base model's names have no `model.` prefix; a head model's base weights do. A tied causal-LM
+    head still lists `lm_head.weight`: it is a real tensor of the module (the same storage as the
+    token embedding), and checkpoints may carry it or leave it out (see `optional_weights`).
+    """
+    head = Head(head)
+    prefix = "decoder" if head is Head.BASE else BASE_PREFIX + "decoder"
+    return decoder_weights(config, prefix) + head_weights(config, head)
+
+
+def optional_weights(config: OPTConfig, head: Head | str) -> frozenset[str]:
+    """Names a checkpoint may omit: the tied LM head, which is the token embedding."""
+    if Head(head) is Head.CAUSAL_LM and config.tie_word_embeddings:
+        return frozenset({"lm_head.weight"})
+    return frozenset()
+
+
+def tied_source(config: OPTConfig, head: Head | str) -> dict[str, str]:
+    """Weights that are the same tensor as another one: {tied name: source name}."""
+    if Head(head) is Head.CAUSAL_LM and config.tie_word_embeddings:
+        return {"lm_head.weight": BASE_PREFIX + "decoder.embed_tokens.weight"}
+    return {}
+
+
+def count_parameters(config: OPTConfig, head: Head | str = Head.CAUSAL_LM) -> int:
+    """Distinct parameters (a tied head counts once)."""
+    tied = tied_source(config, head)
+    return sum(w.numel for w in weight_table(config, head) if w.name not in tied)
+
+
+# ------------------------------------------------------------------------------ name rules
+def strip_base_prefix(name: str) -> str:
+    return name[len(BASE_PREFIX):] if name.startswith(BASE_PREFIX) else name
+
+
+def normalize_names(names: Iterable[str], head: Head | str) -> dict[str, str]:
+    """Maps a checkpoint's names onto the names of a model with `head`: {checkpoint name: model name}.
+
+    Base checkpoints store `decoder.*`, head checkpoints `model.decoder.*`; either loads into either.
+    Names that belong to no decoder are returned unchanged (they are head weights or unexpected).
+    """
+    head = Head(head)
+    out = {}
+    for name in names:
+        base = strip_base_prefix(name)
+        if base.startswith("decoder."):
+            out[name] = base if head is Head.BASE else BASE_PREFIX + base
+        else:
+            out[name] = name
+    return out
+
+
+class WeightMismatchError(ValueError):
+    """A mapping of arrays does not match the weight table; lists every problem at once."""
+
+    def __init__(self, missing: Sequence[str], unexpected: Sequence[str],
+                 mis_shaped: Sequence[tuple[str, tuple, tuple]], where: str = "checkpoint"):
+        self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)
+        lines = [f"{where} does not match the OPT weight table:"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        for name, got, want in self.mis_shaped:
+            lines.append(f"  wrong shape: {name} is {tuple(got)}, expected {tuple(want)}")
+        super().__init__("\n".join(lines))
+
+
+def check_weights(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head | str = Head.CAUSAL_LM,
+                  *, allow_missing: Iterable[str] = (), where: str = "checkpoint") -> None:
+    """Compares {name: shape} (or {name: array}) with the weight table and raises one error listing
+    all missing, unexpected and mis-shaped entries. `optional_weights` may always be absent."""
+    table = {w.name: w.shape for w in weight_table(config, head)}
+    may_miss = optional_weights(config, head) | set(allow_missing)
+    got = {name: tuple(getattr(v, "shape", v)) for name, v in shapes.items()}
+    missing = sorted(n for n in table if n not in got and n not in may_miss)
+    unexpected = sorted(n for n in got if n not in table)
+    mis_shaped = [(n, got[n], table[n]) for n in sorted(got) if n in table and got[n] != table[n]]
+    if missing or unexpected or mis_shaped:
+        raise WeightMismatchError(missing, unexpected, mis_shaped, where)
+

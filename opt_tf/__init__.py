@@ -1,0 +1,1 @@
+"""optkit opt_tf (work in progress)."""

@@ -1,0 +1,175 @@
+"""Hugging Face checkpoint directories for the PyTorch backend: from_pretrained / save_pretrained.
+
+Loading builds the module on the meta device (no wasted initialization), reads each tensor once
+(safetensors memory-mapped, pickles with `weights_only=True`), checks every name and shape against
+the spec's weight table, and assigns the tensors. Only a head the checkpoint lacks is initialized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Mapping, Optional
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from opt_spec import Head, OPTConfig, WeightKind, check_weights, normalize_names, tied_source, weight_table
+from opt_spec import io as spec_io
+from opt_spec.weights import HEAD_WEIGHTS
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in TORCH_DTYPES:
+        return TORCH_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(TORCH_DTYPES)}, 'auto' or a torch.dtype")
+
+
+def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
+    """A NumPy array (bfloat16 through ml_dtypes included) -> a torch tensor that owns its memory."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.array(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
+def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def read_checkpoint(directory: str | os.PathLike) -> dict[str, object]:
+    """{name: tensor or memory-mapped array} for every weight of a Hugging Face directory."""
+    fmt, files = spec_io.find_weight_files(directory)
+    if fmt == "safetensors":
+        return spec_io.load_safetensors_dir(directory)
+    out: dict[str, object] = {}
+    for path in files:
+        try:
+            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # a pickle that weights_only refuses, or a corrupt file
+            raise ValueError(f"{path}: cannot be loaded safely as a PyTorch state dict ({err})") from None
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{path}: holds a {type(part).__name__}, not a state dict")
+        out.update(part)
+    return out
+
+
+class PretrainedMixin:
+    """from_config / from_pretrained / save_pretrained for the OPT modules (mixed into nn.Module)."""
+
+    head: Head
+
+    @classmethod
+    def from_config(cls, config: OPTConfig, dtype=None, attn_implementation: str = "sdpa", seed: int | None = None):
+        """A freshly initialized model (normal(0, init_std) weights, zero pad row)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config, attn_implementation=attn_implementation)
+        dtype = resolve_dtype(dtype)
+        return model.to(dtype) if dtype not in (None, "auto") else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, attn_implementation: str = "sdpa",
+                        config: OPTConfig | None = None, device: str | torch.device = "cpu"):
+        """Loads a Hugging Face directory (safetensors, sharded or not, or pytorch_model.bin).
+
+        dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint directory")
+        config = config or OPTConfig.from_pretrained(path)
+        dtype = resolve_dtype(dtype)
+        raw = read_checkpoint(path)
+        names = normalize_names(raw, cls.head)
+        tensors = {names[k]: v for k, v in raw.items()}
+
+        # Weights of other heads (say lm_head when loading a classifier) are not ours: leave them.
+        other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h != cls.head for n in ns}
+        dropped = sorted(n for n in tensors if n in other_heads)
+        for n in dropped:
+            del tensors[n]
+        tied = tied_source(config, cls.head)
+        for n in tied:
+            tensors.pop(n, None)  # a tied head is the embedding: whatever copy was saved is redundant
+        table = weight_table(config, cls.head)
+        head_names = set(HEAD_WEIGHTS[cls.head])
+        check_weights(tensors, config, cls.head, allow_missing=head_names | set(tied),
+                      where=f"checkpoint {path}")
+        fresh = sorted(n for n in head_names if n not in tensors and n not in tied)
+        if fresh:
+            warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in {path}; freshly initialized "
+                          "(train it before use)", stacklevel=2)
+
+        if dtype is None:
+            dtype = torch.float32
+        elif dtype == "auto":
+            first = next(iter(tensors.values()))
+            dtype = first.dtype if isinstance(first, torch.Tensor) else resolve_dtype(str(np.dtype(first.dtype)))
+        with torch.device("meta"):
+            model = cls(config, attn_implementation=attn_implementation)
+        state = {}
+        for spec in table:
+            if spec.name in tensors:
+                value = tensors.pop(spec.name)
+                t = value if isinstance(value, torch.Tensor) else numpy_to_torch(value)
+                state[spec.name] = t.to(device=device, dtype=dtype)
+        for spec in table:
+            if spec.name in fresh:  # OPT's initialization, by kind: normal weights, zero biases
+                t = torch.zeros(spec.shape, dtype=dtype, device=device)
+                state[spec.name] = t.normal_(0.0, config.init_std) if spec.kind is WeightKind.LINEAR_WEIGHT else t
+        for n, src in tied.items():
+            state[n] = state[src]
+        model.load_state_dict(state, strict=True, assign=True)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> list[str]:
+        """Writes config.json and the weights (model.safetensors, or shards with an index; or
+        pytorch_model.bin with safe_serialization=False). A tied LM head is not stored twice."""
+        path = os.fspath(path)
+        state = self.state_dict()
+        tied = tied_source(self.config, self.head)
+        tensors = {n: t for n, t in state.items() if n not in tied}
+        check_weights(tensors, self.config, self.head, where=f"{type(self).__name__}.state_dict()")
+        config_dict = self.config.to_dict()
+        config_dict["architectures"] = [type(self).__name__]
+        config_dict["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        if safe_serialization:
+            arrays = {n: torch_to_numpy(t) for n, t in tensors.items()}
+            return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+        return _save_torch_bin(path, tensors, config_dict, max_shard_size)
+
+
+def _save_torch_bin(path: str, tensors: dict[str, torch.Tensor], config_dict: dict,
+                    max_shard_size: int | str) -> list[str]:
+    sizes = [(n, t.numel() * t.element_size()) for n, t in tensors.items()]
+    shards = spec_io.plan_shards(sizes, max_shard_size)
+    if len(shards) == 1:
+        files = {spec_io.TORCH_WEIGHTS_NAME: shards[0]}
+    else:
+        files = {f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin": s for i, s in enumerate(shards)}
+    stale = spec_io.stale_weight_files(path, keep=[*files, spec_io.TORCH_INDEX_NAME] if len(files) > 1 else files)
+    for fname, shard in files.items():
+        with spec_io.atomic_path(os.path.join(path, fname)) as tmp:
+            torch.save({n: tensors[n].detach().cpu().contiguous() for n in shard}, tmp)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(b for _, b in sizes)},
+                 "weight_map": {n: f for f, shard in files.items() for n in shard}}
+        spec_io.atomic_write_text(os.path.join(path, spec_io.TORCH_INDEX_NAME), json.dumps(index, indent=2) + "\n")
+    spec_io.atomic_write_text(os.path.join(path, spec_io.CONFIG_NAME),
+                              json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    for f in stale:
+        os.remove(f)
+    return [os.path.join(path, f) for f in files]

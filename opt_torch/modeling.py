@@ -1,0 +1,399 @@
+"""OPT in PyTorch, read top to bottom: attention, layer, decoder, base model, heads.
+
+Attribute names are the canonical checkpoint names, so `state_dict()` keys equal the spec's weight
+table. Dimension letters: B batch, T new tokens, S keys (past + new), H hidden, nh heads, hs head
+size, E embedding width, F ffn width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt_spec import Head, OPTConfig
+from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
+from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
+                              SequenceClassifierOutputWithPast)
+
+from .checkpoint import PretrainedMixin
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k, v), each (B, nh, S, hs)
+
+
+def activation_fn(formula: str):
+    return {
+        "relu": F.relu,
+        "gelu_erf": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+    }[formula]
+
+
+def attention_allowed(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, S) mask -> (B, 1, T, S) bool: causal, mask kept, a query always sees itself (opt_spec)."""
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]           # (1, S)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]         # (B, T, S)
+    return (allowed | (k_pos == q_pos))[:, None]
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        H, bias = config.hidden_size, config.enable_bias
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scaling = attention_scale(config.head_dim)
+        self.dropout = config.attention_dropout
+        self.attn_implementation = attn_implementation
+        self.k_proj = nn.Linear(H, H, bias=bias)
+        self.v_proj = nn.Linear(H, H, bias=bias)
+        self.q_proj = nn.Linear(H, H, bias=bias)
+        self.out_proj = nn.Linear(H, H, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor],
+                past: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        B, T, H = x.shape
+        q = self._heads(self.q_proj(x) * self.scaling)  # (B, nh, T, hs)
+        k = self._heads(self.k_proj(x))                 # (B, nh, T, hs)
+        v = self._heads(self.v_proj(x))                 # (B, nh, T, hs)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)          # (B, nh, S, hs)
+            v = torch.cat([past[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if self.attn_implementation == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                               is_causal=allowed is None, scale=1.0)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, S), softmax in float32
+            if allowed is None:
+                allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+            probs = F.dropout(scores.softmax(dim=-1).to(v.dtype), p=dropout, training=self.training)
+            y = torch.matmul(probs, v)                  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.out_proj(y), (k, v)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        H, F_, bias, affine = (config.hidden_size, config.ffn_dim, config.enable_bias,
+                               config.layer_norm_elementwise_affine)
+        self.pre_ln = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.act = activation_fn(config.activation)
+        self.self_attn = OPTAttention(config, attn_implementation)
+        self.self_attn_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
+        self.fc1 = nn.Linear(H, F_, bias=bias)
+        self.fc2 = nn.Linear(F_, H, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
+
+    def forward(self, x, allowed, past=None):
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h, kv = self.self_attn(h, allowed, past)
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.fc2(self.act(self.fc1(h)))
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x, kv
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        V, E, H, P = (config.vocab_size, config.word_embed_proj_dim, config.hidden_size,
+                      config.max_position_embeddings)
+        self.config = config
+        self.embed_tokens = nn.Embedding(V, E, padding_idx=config.pad_token_id)
+        self.embed_positions = nn.Embedding(P + POSITION_OFFSET, H)
+        self.project_out = nn.Linear(H, E, bias=False) if config.has_projections else None
+        self.project_in = nn.Linear(E, H, bias=False) if config.has_projections else None
+        self.final_layer_norm = (nn.LayerNorm(H, eps=LAYER_NORM_EPS,
+                                              elementwise_affine=config.layer_norm_elementwise_affine)
+                                 if config.has_final_layer_norm else None)
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, attn_implementation)
+                                    for _ in range(config.num_hidden_layers))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=False, output_hidden_states=False):
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            _check_token_ids(input_ids, config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
+        B, T = inputs_embeds.shape[:2]
+        past_len = _check_past(past_key_values, config, B)
+        S = past_len + T
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) "
+                             f"= ({B}, {S})")
+        if position_ids is None:
+            mask = attention_mask if attention_mask is not None else \
+                torch.ones(B, S, dtype=torch.long, device=inputs_embeds.device)
+            mask = mask.long()
+            position_ids = (torch.cumsum(mask, dim=1) * mask - 1)[:, past_len:]  # (B, T), pads -1
+        _check_positions(position_ids, S, config.max_position_embeddings)
+        # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
+        allowed = None if attention_mask is None and past_len == 0 else attention_allowed(
+            attention_mask if attention_mask is not None else
+            torch.ones(B, S, dtype=torch.bool, device=inputs_embeds.device), T)
+
+        x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
+        x = x + self.embed_positions(position_ids + POSITION_OFFSET).to(x.dtype)
+        hidden_states = [] if output_hidden_states else None
+        cache = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if self.training and config.layerdrop > 0 and torch.rand([]).item() < config.layerdrop:
+                continue
+            x, kv = layer(x, allowed, past_key_values[i] if past_key_values else None)
+            if cache is not None:
+                cache.append(kv)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, E)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return BaseModelOutputWithPast(last_hidden_state=x,
+                                       past_key_values=tuple(cache) if cache is not None else None,
+                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dtype.is_floating_point:
+        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+    if input_ids.numel() and not torch.compiler.is_compiling():
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        if bad.any():
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"token id {int(input_ids[b, t])} at batch row {b}, position {t} is outside "
+                             f"the vocabulary [0, {vocab_size})")
+
+
+def _check_past(past_key_values, config: OPTConfig, B: int) -> int:
+    if not past_key_values:
+        return 0
+    if len(past_key_values) != config.num_hidden_layers:
+        raise ValueError(f"past_key_values has {len(past_key_values)} layers; the model has "
+                         f"{config.num_hidden_layers}")
+    k = past_key_values[0][0]
+    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != config.num_attention_heads:
+        raise ValueError(f"past_key_values[0] keys have shape {tuple(k.shape)}; expected "
+                         f"({B}, {config.num_attention_heads}, past, {config.head_dim})")
+    return k.shape[2]
+
+
+def _check_positions(position_ids: torch.Tensor, S: int, max_positions: int) -> None:
+    if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
+        raise ValueError(f"position {int(position_ids.max())} is past the model's max_position_embeddings="
+                         f"{max_positions} (sequence of {S} tokens)")
+
+
+class OPTPreTrainedModel(PretrainedMixin, nn.Module):
+    """Shared construction: config, attention choice, OPT's initialization."""
+
+    head: Head = Head.BASE
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        if not isinstance(config, OPTConfig):
+            raise TypeError(f"config must be an OPTConfig, got {type(config).__name__}")
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+        self.config = config
+        self.attn_implementation = attn_implementation
+
+    def init_weights(self, modules: Optional[Sequence[nn.Module]] = None) -> None:
+        """OPT's initialization: normal(0, init_std) for linear and embedding weights, zero biases and
+        pad embedding row, unit LayerNorm. On `modules` only, when given."""
+        std = self.config.init_std
+        with torch.no_grad():
+            for m in (modules if modules is not None else self.modules()):
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    m.weight.normal_(0.0, std)
+                    if isinstance(m, nn.Linear) and m.bias is not None:
+                        m.bias.zero_()
+                    if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                        m.weight[m.padding_idx].zero_()
+                elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+
+    def set_attn_implementation(self, name: str) -> None:
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={name!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+        self.attn_implementation = name
+        for m in self.modules():
+            if isinstance(m, OPTAttention):
+                m.attn_implementation = name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class OPTModel(OPTPreTrainedModel):
+    head = Head.BASE
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.decoder = OPTDecoder(config, attn_implementation)
+        self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=False):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return self.decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                            use_cache, output_hidden_states)
+
+
+class _OPTWithHead(OPTPreTrainedModel):
+    """A head model: the base model under `model.`, a head on its last hidden state."""
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.model = OPTModel(config, attn_implementation)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+              output_hidden_states):
+        return self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                          use_cache, output_hidden_states)
+
+
+class OPTForCausalLM(_OPTWithHead):
+    head = Head.CAUSAL_LM
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.init_weights([self.lm_head])
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False):
+        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+
+class OPTForSequenceClassification(_OPTWithHead):
+    head = Head.SEQUENCE_CLASSIFICATION
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.word_embed_proj_dim, config.num_labels, bias=False)
+        self.init_weights([self.score])
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False):
+        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_hidden_states)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B, T = logits.shape[:2]
+        if input_ids is not None and self.config.pad_token_id is not None:
+            # the rightmost token that is not a pad (left or right padding alike)
+            not_pad = (input_ids != self.config.pad_token_id).int()
+            last = (torch.arange(T, device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
+        else:
+            last = torch.full((B,), T - 1, device=logits.device)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                hidden_states=out.hidden_states)
+
+
+class OPTForQuestionAnswering(_OPTWithHead):
+    head = Head.QUESTION_ANSWERING
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        self.init_weights([self.qa_outputs])
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
+                output_hidden_states=False):
+        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+
+# ----------------------------------------------------------------------------------------- losses
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX)
+
+
+def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif not labels.dtype.is_floating_point:
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    pooled = pooled.float()
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(pooled.squeeze(), labels.float().squeeze())
+        return F.mse_loss(pooled, labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(pooled.view(-1, config.num_labels), labels.view(-1).long())
+    return F.binary_cross_entropy_with_logits(pooled, labels.float())
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """Mean of start and end cross entropy; positions outside [0, T) are clamped to T and ignored."""
+    T = start_logits.shape[1]
+    start = start_positions.reshape(-1).clamp(0, T)
+    end = end_positions.reshape(-1).clamp(0, T)
+    return (F.cross_entropy(start_logits.float(), start, ignore_index=T)
+            + F.cross_entropy(end_logits.float(), end, ignore_index=T)) / 2
+
+
+MODEL_CLASSES = {Head.BASE: OPTModel, Head.CAUSAL_LM: OPTForCausalLM,
+                 Head.SEQUENCE_CLASSIFICATION: OPTForSequenceClassification,
+                 Head.QUESTION_ANSWERING: OPTForQuestionAnswering}
