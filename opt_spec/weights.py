@@ -190,3 +190,39 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: 
     if missing or unexpected or mis_shaped:
         raise WeightMismatchError(missing, unexpected, mis_shaped, where)
 
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a checkpoint's tensors become a model's weights (see `plan_load`)."""
+
+    rename: dict[str, str]        # checkpoint name -> model name, for every tensor to load
+    dropped: tuple[str, ...]      # checkpoint names deliberately left out (other heads, tied copies)
+    fresh: tuple[WeightSpec, ...]  # head weights the checkpoint lacks: initialize them (and warn)
+    tied: dict[str, str]          # model name -> the model name whose tensor it shares
+
+
+def plan_load(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head | str,
+              where: str = "checkpoint") -> LoadPlan:
+    """Decides, once for every backend, how a checkpoint loads into a model with `head`.
+
+    - Base (`decoder.*`) and head (`model.decoder.*`) checkpoints load into any model.
+    - Weights of other heads are dropped (an LM checkpoint loads into a classifier), and so is a
+      stored copy of a tied LM head.
+    - A head the checkpoint lacks is initialized fresh: classification and QA heads always, an untied
+      LM head only from a base checkpoint (a causal-LM checkpoint without it is broken).
+    - Anything else missing, unexpected or mis-shaped raises one WeightMismatchError listing it all.
+    """
+    head = Head(head)
+    names = normalize_names(shapes, head)
+    other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h is not head for n in ns}
+    tied = tied_source(config, head)
+    dropped = tuple(sorted(k for k, n in names.items() if n in other_heads or n in tied))
+    rename = {k: n for k, n in names.items() if k not in dropped}
+    from_base = not any(k.startswith(BASE_PREFIX) for k in shapes)
+    may_init = set(HEAD_WEIGHTS[head]) if (head is not Head.CAUSAL_LM or from_base) else set()
+    check_weights({n: shapes[k] for k, n in rename.items()}, config, head,
+                  allow_missing=may_init | set(tied), where=where)
+    present = set(rename.values())
+    fresh = tuple(w for w in head_weights(config, head) if w.name not in present and w.name not in tied)
+    return LoadPlan(rename=rename, dropped=dropped, fresh=fresh, tied=tied)

@@ -16,9 +16,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from opt_spec import Head, OPTConfig, WeightKind, check_weights, normalize_names, tied_source, weight_table
+from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
-from opt_spec.weights import HEAD_WEIGHTS
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -90,25 +89,12 @@ class PretrainedMixin:
         config = config or OPTConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype)
         raw = read_checkpoint(path)
-        names = normalize_names(raw, cls.head)
-        tensors = {names[k]: v for k, v in raw.items()}
-
-        # Weights of other heads (say lm_head when loading a classifier) are not ours: leave them.
-        other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h != cls.head for n in ns}
-        dropped = sorted(n for n in tensors if n in other_heads)
-        for n in dropped:
-            del tensors[n]
-        tied = tied_source(config, cls.head)
-        for n in tied:
-            tensors.pop(n, None)  # a tied head is the embedding: whatever copy was saved is redundant
+        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
+        if plan.fresh:
+            warnings.warn(f"{cls.__name__}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly "
+                          "initialized (train it before use)", stacklevel=2)
+        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         table = weight_table(config, cls.head)
-        head_names = set(HEAD_WEIGHTS[cls.head])
-        check_weights(tensors, config, cls.head, allow_missing=head_names | set(tied),
-                      where=f"checkpoint {path}")
-        fresh = sorted(n for n in head_names if n not in tensors and n not in tied)
-        if fresh:
-            warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in {path}; freshly initialized "
-                          "(train it before use)", stacklevel=2)
 
         if dtype is None:
             dtype = torch.float32
@@ -123,11 +109,10 @@ class PretrainedMixin:
                 value = tensors.pop(spec.name)
                 t = value if isinstance(value, torch.Tensor) else numpy_to_torch(value)
                 state[spec.name] = t.to(device=device, dtype=dtype)
-        for spec in table:
-            if spec.name in fresh:  # OPT's initialization, by kind: normal weights, zero biases
-                t = torch.zeros(spec.shape, dtype=dtype, device=device)
-                state[spec.name] = t.normal_(0.0, config.init_std) if spec.kind is WeightKind.LINEAR_WEIGHT else t
-        for n, src in tied.items():
+        for spec in plan.fresh:  # OPT's initialization, by kind: normal weights, zero biases
+            t = torch.zeros(spec.shape, dtype=dtype, device=device)
+            state[spec.name] = t.normal_(0.0, config.init_std) if spec.kind is WeightKind.LINEAR_WEIGHT else t
+        for n, src in plan.tied.items():
             state[n] = state[src]
         model.load_state_dict(state, strict=True, assign=True)
         if hasattr(model, "tie_weights"):

@@ -1,0 +1,360 @@
+"""The PyTorch backend: structure, checkpoints, caching, padding, attention kernels, losses, dtypes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opt_spec import OPTConfig, WeightMismatchError, weight_table
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
+from opt_torch.modeling import MODEL_CLASSES
+
+from .conftest import HEADS, max_abs_diff
+
+CLASSES = {head: MODEL_CLASSES[head] for head in MODEL_CLASSES}
+
+
+def write_checkpoint(path, config, head="causal_lm", seed=0):
+    spec_io.save_safetensors_dir(path, random_weights(config, head, seed), config.to_dict())
+    return path
+
+
+def load(path, head="causal_lm", **kwargs):
+    return CLASSES[head].from_pretrained(path, **kwargs)
+
+
+def batch(config, **kwargs):
+    ids, mask = random_batch(config, **kwargs)
+    return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+
+
+def main_output(out):
+    return out.logits if hasattr(out, "logits") and out.logits is not None else \
+        out.start_logits if hasattr(out, "start_logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("head", HEADS)
+def test_state_dict_equals_weight_table(name, head):
+    config = VARIANTS[name]
+    model = CLASSES[head](config)
+    state = model.state_dict()
+    table = weight_table(config, head)
+    assert list(state) == [w.name for w in table]
+    assert all(tuple(state[w.name].shape) == w.shape for w in table)
+
+
+def test_from_config_initializes_like_opt():
+    config = OPTConfig.from_preset("tiny").replace(init_std=0.05)
+    model = OPTForCausalLM.from_config(config, seed=0)
+    emb = model.model.decoder.embed_tokens.weight
+    assert torch.all(emb[config.pad_token_id] == 0)
+    assert abs(float(emb.detach().std()) - 0.05) < 0.01
+    layer = model.model.decoder.layers[0]
+    assert torch.all(layer.fc1.bias == 0) and torch.all(layer.self_attn_layer_norm.weight == 1)
+    assert abs(float(layer.fc1.weight.detach().std()) - 0.05) < 0.01
+    assert model.lm_head.weight is emb  # tied
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_save_load_round_trip_bit_exact(tmp_path, name):
+    config = VARIANTS[name]
+    model = load(write_checkpoint(tmp_path / "src", config))
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="10KB")
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False, max_shard_size="15KB")
+    assert len(os.listdir(tmp_path / "sharded")) > 3
+    assert (tmp_path / "bin" / spec_io.TORCH_INDEX_NAME).exists()
+    for d in ("single", "sharded", "bin"):
+        again = load(tmp_path / d)
+        assert again.config == config
+        for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2), (d, k1)
+    saved = json.loads((tmp_path / "single" / "config.json").read_text())
+    assert saved["architectures"] == ["OPTForCausalLM"] and saved["torch_dtype"] == "float32"
+
+
+def test_tied_head_is_not_stored_and_untied_is(tmp_path):
+    tied = OPTForCausalLM.from_config(VARIANTS["pre_ln"])
+    tied.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in spec_io.load_safetensors_dir(tmp_path / "tied")
+    untied = OPTForCausalLM.from_config(VARIANTS["untied_head"])
+    untied.save_pretrained(tmp_path / "untied")
+    assert "lm_head.weight" in spec_io.load_safetensors_dir(tmp_path / "untied")
+    loaded = OPTForCausalLM.from_pretrained(tmp_path / "untied")
+    assert loaded.lm_head.weight is not loaded.model.decoder.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, untied.lm_head.weight)
+
+
+def test_base_checkpoint_into_head_models_and_back(tmp_path):
+    config = VARIANTS["pre_ln"]
+    base = OPTModel.from_config(config, seed=3)
+    base.save_pretrained(tmp_path / "base")
+    assert all(k.startswith("decoder.") for k in spec_io.load_safetensors_dir(tmp_path / "base"))
+    lm = OPTForCausalLM.from_pretrained(tmp_path / "base")  # tied head = embedding: nothing missing
+    assert torch.equal(lm.model.decoder.layers[1].fc2.weight, base.decoder.layers[1].fc2.weight)
+    with pytest.warns(UserWarning, match="score.weight not in"):
+        cls = OPTForSequenceClassification.from_pretrained(tmp_path / "base")
+    assert cls.score.weight.std() > 0
+    with pytest.warns(UserWarning, match="qa_outputs.weight, qa_outputs.bias not in"):
+        OPTForQuestionAnswering.from_pretrained(tmp_path / "base")
+    lm.save_pretrained(tmp_path / "lm")
+    back = OPTModel.from_pretrained(tmp_path / "lm")  # the head's weights are left out
+    ids, mask = batch(config)
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask).last_hidden_state, base(ids, mask).last_hidden_state)
+
+
+def test_untied_head_missing_is_an_error(tmp_path):
+    write_checkpoint(tmp_path, VARIANTS["pre_ln"])  # tied checkpoint without lm_head.weight
+    config = VARIANTS["untied_head"]
+    config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(WeightMismatchError, match="missing \\(1\\): lm_head.weight"):
+        OPTForCausalLM.from_pretrained(tmp_path)
+    # a base checkpoint has no head at all: an untied LM head is then initialized, with a warning
+    base = OPTModel.from_config(config)
+    base.save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="lm_head.weight not in"):
+        lm = OPTForCausalLM.from_pretrained(tmp_path / "base")
+    assert lm.lm_head.weight is not lm.model.decoder.embed_tokens.weight
+
+
+def test_bad_checkpoints_list_every_problem(tmp_path):
+    config = VARIANTS["pre_ln"]
+    weights = random_weights(config)
+    del weights["model.decoder.layers.0.fc1.bias"]
+    weights["model.decoder.layers.1.fc2.weight"] = weights["model.decoder.layers.1.fc2.weight"].T.copy()
+    weights["model.decoder.extra.weight"] = np.zeros(2, np.float32)
+    spec_io.save_safetensors_dir(tmp_path, weights, config.to_dict())
+    with pytest.raises(WeightMismatchError) as err:
+        OPTForCausalLM.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "missing (1): model.decoder.layers.0.fc1.bias" in msg
+    assert "unexpected (1): model.decoder.extra.weight" in msg
+    assert "wrong shape: model.decoder.layers.1.fc2.weight is (48, 32), expected (32, 48)" in msg
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        OPTForCausalLM.from_pretrained(tmp_path / "nope")
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    config = VARIANTS["pre_ln"]
+    config.to_json_file(tmp_path / "config.json")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        OPTForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("head", HEADS)
+def test_eager_equals_sdpa(tmp_path, name, head):
+    config = VARIANTS[name]
+    path = write_checkpoint(tmp_path, config, head)
+    ids, mask = batch(config)
+    eager = load(path, head, attn_implementation="eager")
+    sdpa = load(path, head, attn_implementation="sdpa")
+    with torch.no_grad():
+        a, b = main_output(eager(ids, mask)), main_output(sdpa(ids, mask))
+    keep = mask if a.dim() >= 2 and a.shape[:2] == mask.shape else None
+    assert max_abs_diff(a, b, keep) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj", "no_bias"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_incremental_decoding_equals_full_forward(tmp_path, name, attn):
+    config = VARIANTS[name]
+    model = load(write_checkpoint(tmp_path, config), attn_implementation=attn)
+    ids, mask = batch(config, length=10)
+    with torch.no_grad():
+        full = model(ids, mask).logits
+        out = model(ids[:, :6], mask[:, :6], use_cache=True)
+        steps = [out.logits]
+        past = out.past_key_values
+        for t in range(6, 10, 2):  # two tokens at a time, the mask growing over past + new
+            out = model(ids[:, t:t + 2], mask[:, :t + 2], past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+    assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
+    assert past[0][0].shape == (3, config.num_attention_heads, 10, config.head_dim)
+
+
+def test_left_padding_leaves_real_tokens_unchanged(tmp_path):
+    config = VARIANTS["post_ln_proj"]
+    model = load(write_checkpoint(tmp_path, config))
+    ids, mask = batch(config, left_pad=(0, 3, 5))
+    with torch.no_grad():
+        padded = model(ids, mask).logits
+        for row, pads in enumerate((0, 3, 5)):
+            alone = model(ids[row:row + 1, pads:]).logits
+            assert max_abs_diff(padded[row:row + 1, pads:], alone) <= 1e-5
+
+
+def test_causal_lm_loss_matches_hand_computation(tmp_path):
+    config = VARIANTS["pre_ln"]
+    model = load(write_checkpoint(tmp_path, config))
+    ids, mask = batch(config)
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    with torch.no_grad():
+        out = model(ids, mask, labels=labels)
+    logits = out.logits.double()
+    total, count = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            if target == -100:
+                continue
+            total += float(torch.logsumexp(logits[b, t], 0) - logits[b, t, target])
+            count += 1
+    assert abs(float(out.loss) - total / count) < 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sequence_classification_pools_last_real_token(tmp_path, side):
+    config = VARIANTS["pre_ln"]
+    model = load(write_checkpoint(tmp_path, config, "sequence_classification"), "sequence_classification")
+    ids, mask = batch(config, left_pad=(0, 0, 0))
+    pad = config.pad_token_id
+    lengths = [9, 6, 4]
+    for row, n in enumerate(lengths):
+        if side == "left":
+            ids[row] = torch.cat([torch.full((9 - n,), pad), ids[row, :n]])
+            mask[row] = torch.cat([torch.zeros(9 - n), torch.ones(n)]).long()
+        else:
+            ids[row, n:] = pad
+            mask[row, n:] = 0
+    with torch.no_grad():
+        out = model(ids, mask, labels=torch.tensor([0, 2, 1]))
+        for row, n in enumerate(lengths):
+            real = ids[row][mask[row].bool()][None]
+            alone = model(real).logits
+            assert max_abs_diff(out.logits[row:row + 1], alone) <= 1e-5
+        assert abs(float(out.loss) - float(F.cross_entropy(out.logits, torch.tensor([0, 2, 1])))) < 1e-6
+
+
+def test_sequence_classification_problem_types(tmp_path):
+    config = VARIANTS["pre_ln"]
+    model = load(write_checkpoint(tmp_path, config, "sequence_classification"), "sequence_classification")
+    ids, mask = batch(config)
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        multi = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+        assert torch.allclose(model(ids, mask, labels=multi).loss,
+                              F.binary_cross_entropy_with_logits(logits, multi))
+    reg = OPTForSequenceClassification.from_config(config.replace(num_labels=1), seed=0).eval()
+    with torch.no_grad():
+        y = torch.tensor([0.5, -1.0, 2.0])
+        assert torch.allclose(reg(ids, mask, labels=y).loss, F.mse_loss(reg(ids, mask).logits.squeeze(), y))
+
+
+def test_question_answering_loss_clamps_positions(tmp_path):
+    config = VARIANTS["pre_ln"]
+    model = load(write_checkpoint(tmp_path, config, "question_answering"), "question_answering")
+    ids, mask = batch(config, left_pad=(0, 0, 0))
+    start, end = torch.tensor([1, 4, 50]), torch.tensor([2, 8, 3])  # 50 is past the end: ignored
+    with torch.no_grad():
+        out = model(ids, mask, start_positions=start, end_positions=end)
+    s_loss = F.cross_entropy(out.start_logits[:2], start[:2])
+    e_loss = F.cross_entropy(out.end_logits, end)
+    assert abs(float(out.loss) - float((s_loss + e_loss) / 2)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_half_precision_left_padded_has_no_nan(tmp_path, dtype, attn):
+    config = VARIANTS["post_ln_proj"]
+    path = write_checkpoint(tmp_path, config)
+    model = load(path, dtype=dtype, attn_implementation=attn)
+    ref = load(path)
+    assert model.dtype == dtype
+    ids, mask = batch(config)
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        expected = ref(ids, mask).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert max_abs_diff(logits.float(), expected, mask) < 0.15 * float(expected.abs().max())
+
+
+def test_dtype_auto_keeps_checkpoint_dtype(tmp_path):
+    config = VARIANTS["pre_ln"]
+    OPTForCausalLM.from_config(config, dtype="bfloat16").save_pretrained(tmp_path)
+    assert OPTForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert OPTForCausalLM.from_pretrained(tmp_path).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        OPTForCausalLM.from_pretrained(tmp_path, dtype="float8")
+
+
+def test_dropout_only_in_training():
+    config = VARIANTS["pre_ln"].replace(dropout=0.3, attention_dropout=0.2)
+    model = OPTForCausalLM.from_config(config, seed=0)
+    ids, mask = batch(config)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask).logits, model(ids, mask).logits)
+        model.train()
+        assert not torch.equal(model(ids, mask).logits, model(ids, mask).logits)
+
+
+def test_inputs_embeds_equals_input_ids(tmp_path):
+    config = VARIANTS["post_ln_proj"]
+    model = load(write_checkpoint(tmp_path, config))
+    ids, mask = batch(config)
+    with torch.no_grad():
+        a = model(ids, mask).logits
+        b = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
+    assert torch.equal(a, b)
+
+
+def test_gradients_flow_to_every_parameter():
+    config = VARIANTS["untied_head"]
+    model = OPTForCausalLM.from_config(config, seed=0)
+    ids, mask = batch(config)
+    model(ids, mask, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_bad_inputs_get_clear_errors():
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config)
+    ids, mask = batch(config)
+    bad = ids.clone()
+    bad[1, 4] = config.vocab_size + 7
+    with pytest.raises(ValueError, match=f"token id {config.vocab_size + 7} at batch row 1, position 4"):
+        model(bad, mask)
+    with pytest.raises(ValueError, match="attention_mask has shape \\(3, 5\\)"):
+        model(ids, mask[:, :5])
+    long_ids = torch.randint(3, 50, (1, config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="max_position_embeddings=40"):
+        model(long_ids)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="attn_implementation='flash'"):
+        OPTForCausalLM(config, attn_implementation="flash")
+
+
+def test_output_access_like_hugging_face():
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config).eval()
+    ids, _ = batch(config)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    assert out[0] is out.logits and out["logits"] is out.logits
+    assert out.keys() == ["logits", "past_key_values"]
+    assert model(ids, use_cache=False).past_key_values is None
+
+
+def test_opt_torch_imports_no_other_framework():
+    code = "import sys, opt_torch; print([m for m in ('tensorflow', 'jax', 'flax') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
