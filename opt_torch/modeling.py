@@ -7,7 +7,8 @@ size, E embedding width, F ffn width, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,9 @@ from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, att
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
 
+from .cache import StaticCache
 from .checkpoint import PretrainedMixin
+from .generation import GenerationMixin
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k, v), each (B, nh, S, hs)
@@ -33,12 +36,13 @@ def activation_fn(formula: str):
     }[formula]
 
 
-def attention_allowed(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, S) mask -> (B, 1, T, S) bool: causal, mask kept, a query always sees itself (opt_spec)."""
+def attention_allowed(attention_mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """(B, S) mask, (T,) query slots -> (B, 1, T, S) bool: causal, mask kept, a query always sees
+    itself (opt_spec.numerics.attention_allowed)."""
     S = attention_mask.shape[1]
-    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=attention_mask.device)[None, :]           # (1, S)
-    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]         # (B, T, S)
+    q_pos = query_positions[:, None]                                  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]    # (1, S)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]    # (B, T, S)
     return (allowed | (k_pos == q_pos))[:, None]
 
 
@@ -59,15 +63,14 @@ class OPTAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor],
-                past: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None):
+        """kv_update(k, v) -> keys and values over all S positions (the cache's concern)."""
         B, T, H = x.shape
         q = self._heads(self.q_proj(x) * self.scaling)  # (B, nh, T, hs)
         k = self._heads(self.k_proj(x))                 # (B, nh, T, hs)
         v = self._heads(self.v_proj(x))                 # (B, nh, T, hs)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)          # (B, nh, S, hs)
-            v = torch.cat([past[1], v], dim=2)
+        if kv_update is not None:
+            k, v = kv_update(k, v)                      # (B, nh, S, hs)
         dropout = self.dropout if self.training else 0.0
         if self.attn_implementation == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
@@ -97,9 +100,9 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(F_, H, bias=bias)
         self.final_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
 
-    def forward(self, x, allowed, past=None):
+    def forward(self, x, allowed, kv_update=None):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv = self.self_attn(h, allowed, past)
+        h, kv = self.self_attn(h, allowed, kv_update)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -128,7 +131,7 @@ class OPTDecoder(nn.Module):
                                     for _ in range(config.num_hidden_layers))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, output_hidden_states=False):
+                inputs_embeds=None, use_cache=False, output_hidden_states=False, cache_position=None):
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -136,21 +139,25 @@ class OPTDecoder(nn.Module):
             _check_token_ids(input_ids, config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
         B, T = inputs_embeds.shape[:2]
-        past_len = _check_past(past_key_values, config, B)
-        S = past_len + T
+        device = inputs_embeds.device
+        static = isinstance(past_key_values, StaticCache)
+        if static:  # fixed buffers: the new tokens go to slots cache_position of max_length
+            if cache_position is None or attention_mask is None:
+                raise ValueError("a StaticCache needs cache_position (T,) and an attention_mask over all its slots")
+            S, q_pos = past_key_values.max_length, cache_position
+        else:
+            past_len = _check_past(past_key_values, config, B)
+            S, q_pos = past_len + T, torch.arange(past_len, past_len + T, device=device)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) "
                              f"= ({B}, {S})")
         if position_ids is None:
-            mask = attention_mask if attention_mask is not None else \
-                torch.ones(B, S, dtype=torch.long, device=inputs_embeds.device)
-            mask = mask.long()
-            position_ids = (torch.cumsum(mask, dim=1) * mask - 1)[:, past_len:]  # (B, T), pads -1
+            mask = (attention_mask if attention_mask is not None else torch.ones(B, S, device=device)).long()
+            position_ids = (torch.cumsum(mask, dim=1) * mask - 1)[:, q_pos]  # (B, T), pads -1
         _check_positions(position_ids, S, config.max_position_embeddings)
         # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
-        allowed = None if attention_mask is None and past_len == 0 else attention_allowed(
-            attention_mask if attention_mask is not None else
-            torch.ones(B, S, dtype=torch.bool, device=inputs_embeds.device), T)
+        allowed = None if attention_mask is None and not past_key_values else attention_allowed(
+            attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device), q_pos)
 
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET).to(x.dtype)
@@ -161,7 +168,13 @@ class OPTDecoder(nn.Module):
                 hidden_states.append(x)
             if self.training and config.layerdrop > 0 and torch.rand([]).item() < config.layerdrop:
                 continue
-            x, kv = layer(x, allowed, past_key_values[i] if past_key_values else None)
+            if static:
+                kv_update = functools.partial(past_key_values.update, i, cache_position=cache_position)
+            elif past_key_values:
+                kv_update = functools.partial(_concat_kv, past_key_values[i])
+            else:
+                kv_update = None
+            x, kv = layer(x, allowed, kv_update)
             if cache is not None:
                 cache.append(kv)
         if self.final_layer_norm is not None:
@@ -170,9 +183,16 @@ class OPTDecoder(nn.Module):
             x = self.project_out(x)  # (B, T, E)
         if hidden_states is not None:
             hidden_states.append(x)
-        return BaseModelOutputWithPast(last_hidden_state=x,
-                                       past_key_values=tuple(cache) if cache is not None else None,
+        if static:
+            cache = past_key_values
+        elif cache is not None:
+            cache = tuple(cache)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+
+def _concat_kv(past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -264,10 +284,10 @@ class OPTModel(OPTPreTrainedModel):
         return self.decoder.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=False):
+                inputs_embeds=None, use_cache=None, output_hidden_states=False, cache_position=None):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return self.decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                            use_cache, output_hidden_states)
+                            use_cache, output_hidden_states, cache_position)
 
 
 class _OPTWithHead(OPTPreTrainedModel):
@@ -281,12 +301,12 @@ class _OPTWithHead(OPTPreTrainedModel):
         return self.model.decoder.embed_tokens
 
     def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-              output_hidden_states):
+              output_hidden_states, cache_position):
         return self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                          use_cache, output_hidden_states)
+                          use_cache, output_hidden_states, cache_position)
 
 
-class OPTForCausalLM(_OPTWithHead):
+class OPTForCausalLM(GenerationMixin, _OPTWithHead):
     head = Head.CAUSAL_LM
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
@@ -300,9 +320,9 @@ class OPTForCausalLM(_OPTWithHead):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False):
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states)
+                         output_hidden_states, cache_position)
         logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
@@ -319,9 +339,9 @@ class OPTForSequenceClassification(_OPTWithHead):
         self.init_weights([self.score])
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False):
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states)
+                         output_hidden_states, cache_position)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         if input_ids is not None and self.config.pad_token_id is not None:
@@ -346,9 +366,9 @@ class OPTForQuestionAnswering(_OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-                output_hidden_states=False):
+                output_hidden_states=False, cache_position=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states)
+                         output_hidden_states, cache_position)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
         loss = None

@@ -1,0 +1,168 @@
+"""Generation in the PyTorch backend: the opt_spec semantics, the static cache, Hugging Face parity."""
+
+import numpy as np
+import pytest
+import torch
+
+from opt_spec import generation as gen
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_torch import OPTForCausalLM
+from opt_torch.cache import StaticCache
+from opt_torch.generation import _filter_for_sampling
+
+from .conftest import max_abs_diff
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for name in ("pre_ln", "post_ln_proj", "untied_head"):
+        path = tmp_path_factory.mktemp(name)
+        spec_io.save_safetensors_dir(path, random_weights(VARIANTS[name], seed=3), VARIANTS[name].to_dict())
+        paths[name] = path
+    return paths
+
+
+def prompts(config, seed=2):
+    return tuple(torch.from_numpy(a).long() for a in random_batch(config, seed=seed))
+
+
+def test_static_cache_decoding_equals_full_forward(checkpoints):
+    config = VARIANTS["post_ln_proj"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["post_ln_proj"])
+    ids, mask = prompts(config)
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids, mask).logits
+        cache = StaticCache(config, B, T + 4)
+        slots = torch.zeros(B, T + 4, dtype=torch.long)
+        slots[:, :6] = mask[:, :6]
+        steps = [model(ids[:, :6], slots, past_key_values=cache, cache_position=torch.arange(6)).logits]
+        for t in range(6, T):
+            slots[:, t] = mask[:, t]
+            out = model(ids[:, t:t + 1], slots, past_key_values=cache, cache_position=torch.tensor([t]))
+            assert out.past_key_values is cache
+            steps.append(out.logits)
+    assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj", "untied_head"])
+def test_greedy_matches_hugging_face(checkpoints, name):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
+    config = VARIANTS[name]
+    ours = OPTForCausalLM.from_pretrained(checkpoints[name])
+    ref = transformers.OPTForCausalLM.from_pretrained(checkpoints[name]).eval()
+    ids, mask = prompts(config)
+    for eos in (None, 75):  # 75 is emitted early by row 2 of this model: per-row stopping and padding
+        got = ours.generate(ids, mask, max_new_tokens=10, eos_token_id=eos)
+        want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                            eos_token_id=eos if eos is not None else config.eos_token_id, pad_token_id=1)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("num_beams,length_penalty", [(2, 1.0), (3, 0.5), (4, 2.0)])
+def test_beam_search_matches_hugging_face(checkpoints, num_beams, length_penalty):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
+    config = VARIANTS["pre_ln"]
+    ours = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ref = transformers.OPTForCausalLM.from_pretrained(checkpoints["pre_ln"]).eval()
+    ids, mask = prompts(config)
+    got = ours.generate(ids, mask, max_new_tokens=8, num_beams=num_beams, length_penalty=length_penalty)
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=num_beams,
+                        length_penalty=length_penalty, do_sample=False, pad_token_id=1)
+    assert torch.equal(got, want)
+
+
+def test_eos_stops_rows_and_pads_them(checkpoints):
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(config)
+    free = model.generate(ids, mask, max_new_tokens=6)
+    eos = int(free[2, 9])  # the first token row 2 generates
+    out = model.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out[2, 9] == eos and (out[2, 10:] == 0).all()
+    for row in (0, 1):  # rows that never emit it are unchanged
+        assert torch.equal(out[row], free[row]) or (free[row, 9:] == eos).any()
+    held = model.generate(ids, mask, max_new_tokens=6, min_new_tokens=3, eos_token_id=eos, pad_token_id=0)
+    assert (held[2, 9:12] != eos).all()
+
+
+def test_all_rows_finished_ends_early(checkpoints):
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(config)
+    first = model.generate(ids[2:], mask[2:], max_new_tokens=1)[0, -1]
+    out = model.generate(ids[2:], mask[2:], max_new_tokens=20, eos_token_id=int(first))
+    assert out.shape == (1, ids.shape[1] + 1)
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoints):
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(config)
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    a = model.generate(ids, mask, seed=1, **kwargs)
+    assert torch.equal(a, model.generate(ids, mask, seed=1, **kwargs))
+    assert not torch.equal(a, model.generate(ids, mask, seed=2, **kwargs))
+    greedy = model.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, do_sample=True, top_k=1, seed=5), greedy)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, do_sample=True, top_p=1e-6, seed=5), greedy)
+
+
+def test_sampling_filters_match_the_spec_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+    for top_k, top_p, temperature in [(5, 1.0, 1.0), (0, 0.7, 1.0), (10, 0.5, 0.7), (0, 0.999, 2.0)]:
+        cfg = gen.GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature)
+        ours = _filter_for_sampling(torch.from_numpy(logits), cfg).numpy()
+        ref = gen.top_p_filter(gen.top_k_filter(logits / temperature, top_k), top_p)
+        assert np.array_equal(np.isinf(ours), np.isinf(ref))
+        assert np.allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)])
+
+
+def test_repetition_penalty_matches_spec_reference(checkpoints):
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(config)
+    out = model.generate(ids, mask, max_new_tokens=3, repetition_penalty=1.7)
+    # replay the steps with the NumPy reference of the rule
+    seq, m = ids.clone(), mask.clone()
+    for step in range(3):
+        with torch.no_grad():
+            logits = model(seq, m).logits[:, -1].float().numpy()
+        seen = np.zeros_like(logits, dtype=bool)
+        for b in range(seq.shape[0]):
+            seen[b, seq[b][m[b].bool()].numpy()] = True
+        nxt = torch.from_numpy(gen.apply_repetition_penalty(logits, seen, 1.7).argmax(-1))
+        assert torch.equal(nxt, out[:, ids.shape[1] + step])
+        seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones(3, 1, dtype=torch.long)], 1)
+
+
+def test_streaming_yields_the_generated_tokens(checkpoints):
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(config)
+    out = model.generate(ids, mask, max_new_tokens=5)
+    received = []
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5, streamer=received.append), out)
+    assert torch.equal(torch.stack(received, 1), out[:, 9:])
+    assert torch.equal(torch.stack(list(model.stream(ids, mask, max_new_tokens=5)), 1), out[:, 9:])
+    with pytest.raises(ValueError, match="beam search cannot stream"):
+        list(model.stream(ids, mask, num_beams=2))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
+    (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
+    (dict(max_new_tokens=35), "max_position_embeddings=40"),
+    (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
+])
+def test_generate_rejects_bad_arguments(checkpoints, kwargs, words):
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(VARIANTS["pre_ln"])
+    with pytest.raises(ValueError, match=words.replace("(", "\\(")):
+        model.generate(ids, mask, **kwargs)
