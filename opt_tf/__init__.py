@@ -1,1 +1,19 @@
-"""optkit opt_tf (work in progress)."""
+"""optkit's TensorFlow backend: OPT as Keras 3 models (tf.keras, TensorFlow ops) whose variable paths
+map to the canonical weight names through opt_spec.layouts.
+
+    model = TFOPTForCausalLM.from_pretrained("path/to/hf-dir")            # no torch needed
+    out = model(input_ids, attention_mask=mask)                          # out.logits (B, T, V)
+    step = tf.function(lambda ids, mask: model(ids, attention_mask=mask).logits, jit_compile=True)
+
+Incremental decoding uses a preallocated `KVCache` (`model.init_cache(B, max_length)`), which works
+eagerly and under XLA; its API is described in `opt_tf.modeling`.
+"""
+
+from opt_spec import OPTConfig
+
+from .checkpoint import canonical_names, variable_map
+from .modeling import (KVCache, TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification,
+                       TFOPTModel, TFOPTPreTrainedModel, init_cache)
+
+__all__ = ["KVCache", "OPTConfig", "TFOPTForCausalLM", "TFOPTForQuestionAnswering", "TFOPTForSequenceClassification",
+           "TFOPTModel", "TFOPTPreTrainedModel", "canonical_names", "init_cache", "variable_map"]

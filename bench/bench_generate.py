@@ -1,0 +1,127 @@
+"""Generation speed: optkit's generate against Hugging Face 4.57.6's in the same backend, same weights.
+
+A random 125m-shaped float32 model (built once, tensor by tensor, in a temporary directory), a
+16-token prompt, 64 new tokens (EOS disabled so every run decodes all 64), batch 1 and batch 8.
+Batch 1 is bound by reading every weight once per token, so the table also gives that limit:
+weight bytes per token divided by a large-array read rate measured in this same run.
+
+    python bench/bench_generate.py [--backends torch,tf,flax] [--preset 125m] [--repeats 3]
+
+Prints a table of tokens/s (new tokens x batch / seconds, best of --repeats after a warm-up run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from opt_spec import OPTConfig, count_parameters, io as spec_io, weight_table  # noqa: E402
+from opt_spec.testing import random_weight  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+PROMPT, NEW = 16, 64
+
+
+def read_rate_gb_s(size_mb: int = 1024) -> float:
+    """Bytes/s of summing a large float32 array (a lower bound on what a weight read can reach)."""
+    a = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def weight_bytes_per_token(config: OPTConfig) -> int:
+    """float32 bytes read per decoded token: every weight once, except the position table and the
+    token embedding's lookup (the tied LM head reads the embedding matrix in full)."""
+    positions = (config.max_position_embeddings + 2) * config.hidden_size
+    return (count_parameters(config) - positions) * 4
+
+
+def make_checkpoint(config: OPTConfig, path: str) -> None:
+    tensors = ((w.name, random_weight(w, config, seed=0) * 0.5) for w in weight_table(config, "causal_lm")
+               if w.name != "lm_head.weight")
+    spec_io.write_safetensors(os.path.join(path, spec_io.SAFE_WEIGHTS_NAME), tensors)
+    config.to_json_file(os.path.join(path, spec_io.CONFIG_NAME))
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def torch_runs(path, config, ids, mask):
+    import torch
+    import transformers
+
+    from opt_torch import OPTForCausalLM
+
+    torch.set_grad_enabled(False)
+    ours = OPTForCausalLM.from_pretrained(path)
+    ref = transformers.OPTForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+    vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first
+
+    def ours_fn(b):
+        return lambda: ours.generate(ids_t[:b], mask_t[:b], max_new_tokens=NEW, eos_token_id=vocab_eos)
+
+    def ref_fn(b):
+        return lambda: ref.generate(input_ids=ids_t[:b], attention_mask=mask_t[:b], max_new_tokens=NEW,
+                                    min_new_tokens=NEW, do_sample=False, pad_token_id=1)
+    return ours_fn, ref_fn
+
+
+RUNNERS = {"torch": torch_runs}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default=",".join(RUNNERS))
+    parser.add_argument("--preset", default="125m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,8")
+    args = parser.parse_args(argv)
+    config = OPTConfig.from_preset(args.preset).replace(dropout=0.0)
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, size=(max(batches), PROMPT)).astype(np.int64)
+    ids[:, 0] = config.bos_token_id
+    mask = np.ones_like(ids)
+    rate = read_rate_gb_s()
+    limit = rate * 1e9 / weight_bytes_per_token(config)
+    print(f"# {args.preset} float32, prompt {PROMPT}, {NEW} new tokens; read rate {rate:.1f} GB/s, "
+          f"{weight_bytes_per_token(config) / 1e6:.0f} MB of weights per token -> batch-1 limit {limit:.1f} tok/s")
+    print(f"{'backend':8} {'batch':>5} {'optkit tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'of limit':>9}")
+    with tempfile.TemporaryDirectory() as path:
+        make_checkpoint(config, path)
+        for backend in args.backends.split(","):
+            ours_fn, ref_fn = RUNNERS[backend](path, config, ids, mask)
+            for b in batches:
+                ours_s = time_it(ours_fn(b), args.repeats)
+                ref_s = time_it(ref_fn(b), args.repeats)
+                ours_tps, ref_tps = NEW * b / ours_s, NEW * b / ref_s
+                of_limit = f"{ours_tps / limit:8.0%}" if b == 1 else f"{'':8}"
+                print(f"{backend:8} {b:5d} {ours_tps:13.1f} {ref_tps:9.1f} {ours_tps / ref_tps:5.2f}x {of_limit}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

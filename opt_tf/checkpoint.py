@@ -1,0 +1,160 @@
+"""Hugging Face checkpoint directories for the TensorFlow backend, and the one map from Keras
+variables to canonical names.
+
+A variable's Keras path below the model (`decoder/layers/0/fc1/kernel`) is
+`opt_spec.layouts.native_path(spec, "keras")` of exactly one spec of the weight table, and its value
+is `opt_spec.layouts.to_native(spec, canonical array, "keras")`. `variable_map` builds that
+correspondence (and fails loudly on anything left over either way); loading and saving go through
+it and opt_spec.io only, so neither needs torch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, \
+    weight_table
+from opt_spec import io as spec_io
+from opt_spec.layouts import from_native, native_path, to_native
+from opt_spec.weights import HEAD_WEIGHTS
+
+CONVENTION = "keras"
+
+
+def canonical_names(model) -> dict[str, WeightSpec]:
+    """{variable path: spec} for every variable of `model` (an OPT Keras model, built).
+
+    Raises when a variable matches no spec or two variables match one, and when a spec of the weight
+    table (a tied head aside) has no variable."""
+    table = weight_table(model.config, model.head)
+    by_path = {"/".join(native_path(spec, CONVENTION)): spec for spec in table}
+    prefix = model.path + "/"
+    out: dict[str, WeightSpec] = {}
+    unknown = []
+    for var in model.weights:
+        rest = var.path[len(prefix):] if var.path.startswith(prefix) else None
+        spec = by_path.get(rest)
+        if spec is None:
+            unknown.append(var.path)
+            continue
+        if any(s.name == spec.name for s in out.values()):
+            raise RuntimeError(f"two variables map to {spec.name}: {var.path} and another")
+        out[var.path] = spec
+    tied = tied_source(model.config, model.head)
+    missing = sorted({s.name for s in table} - {s.name for s in out.values()} - set(tied))
+    if unknown or missing:
+        raise RuntimeError(f"{type(model).__name__}: variables without a canonical name: {unknown}; "
+                           f"canonical weights without a variable: {missing}")
+    return out
+
+
+def variable_map(model) -> dict[str, tuple[WeightSpec, object]]:
+    """{canonical name: (spec, variable)} in weight-table order (a tied head has no entry)."""
+    specs = canonical_names(model)
+    variables = {v.path: v for v in model.weights}
+    pairs = {spec.name: (spec, variables[path]) for path, spec in specs.items()}
+    order = [s.name for s in weight_table(model.config, model.head)]
+    return {name: pairs[name] for name in order if name in pairs}
+
+
+def _initial_value(spec: WeightSpec, config: OPTConfig, rng: np.random.Generator) -> np.ndarray:
+    """OPT's initialization of one canonical weight (torch layout): normal(0, init_std) linear
+    and embedding weights, zero biases, unit LayerNorm scales, zero pad row of the token embedding."""
+    if spec.kind in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING):
+        x = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(config.init_std)
+        if spec.name.endswith("embed_tokens.weight") and config.pad_token_id is not None:
+            x[config.pad_token_id] = 0.0
+        return x
+    if spec.kind is WeightKind.NORM_SCALE:
+        return np.ones(spec.shape, np.float32)
+    return np.zeros(spec.shape, np.float32)
+
+
+class TFPretrainedMixin:
+    """from_config / from_pretrained / save_pretrained and weight access by canonical name."""
+
+    head: Head
+
+    # ------------------------------------------------------------------------- weights by name
+    def init_weights(self, seed: int | None = None, names=None) -> None:
+        """OPT's initialization for every weight (or only `names`), from NumPy's generator `seed`."""
+        rng = np.random.default_rng(seed)
+        for name, (spec, var) in variable_map(self).items():
+            if names is None or name in names:
+                value = to_native(spec, _initial_value(spec, self.config, rng), CONVENTION)
+                var.assign(value.astype(spec_io.numpy_dtype(var.dtype)))
+
+    def get_weights_dict(self) -> dict[str, np.ndarray]:
+        """{canonical name: NumPy array in the canonical (torch) layout}; a tied head is left out."""
+        return {name: np.ascontiguousarray(from_native(spec, np.asarray(var.numpy()), CONVENTION))
+                for name, (spec, var) in variable_map(self).items()}
+
+    def set_weights_dict(self, weights, where: str = "weights") -> None:
+        """Assigns {canonical name: array (torch layout)}; every weight must be given, shapes must match."""
+        tied = tied_source(self.config, self.head)
+        weights = {n: v for n, v in weights.items() if n not in tied}
+        check_weights(weights, self.config, self.head, where=where)
+        for name, (spec, var) in variable_map(self).items():
+            var.assign(np.asarray(to_native(spec, weights[name], CONVENTION)).astype(spec_io.numpy_dtype(var.dtype)))
+
+    # ------------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_config(cls, config, seed: int | None = None, dtype=None, **kwargs):
+        """A freshly initialized model (OPT's init; `seed` makes it reproducible). Also accepts the
+        dict `get_config` returns, so Keras can rebuild the model from its own serialization."""
+        if isinstance(config, dict):
+            data = dict(config)
+            if "config" in data:
+                dtype = dtype if dtype is not None else data.get("dtype")
+                kwargs.setdefault("name", data.get("name"))
+                data = data["config"]
+            config = OPTConfig.from_dict(data)
+        return cls(config, dtype=dtype, seed=seed, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, config: OPTConfig | None = None, **kwargs):
+        """Loads a Hugging Face directory (model.safetensors, sharded or not) without torch.
+
+        dtype: None -> float32; 'auto' -> the checkpoint's dtype; or any dtype the constructor takes
+        ('bfloat16', 'mixed_bfloat16', ...). A base checkpoint loads into a head model (the missing
+        head is initialized, with a warning naming it) and a head checkpoint into the base model."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint directory")
+        config = config or OPTConfig.from_pretrained(path)
+        raw = spec_io.load_safetensors_dir(path)
+        names = normalize_names(raw, cls.head)
+        tensors = {names[k]: v for k, v in raw.items()}
+        other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h != cls.head for n in ns}
+        for n in [n for n in tensors if n in other_heads]:
+            del tensors[n]  # another head's weights (lm_head when loading a classifier): not ours
+        tied = tied_source(config, cls.head)
+        for n in tied:
+            tensors.pop(n, None)  # a tied head is the embedding itself
+        head_names = set(HEAD_WEIGHTS[cls.head])
+        check_weights(tensors, config, cls.head, allow_missing=head_names | set(tied), where=f"checkpoint {path}")
+        fresh = sorted(n for n in head_names if n not in tensors and n not in tied)
+        if fresh:
+            warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in {path}; freshly initialized "
+                          "(train it before use)", stacklevel=2)
+        if dtype == "auto":
+            dtype = str(np.dtype(next(iter(tensors.values())).dtype))
+        model = cls(config, dtype=dtype, _init=False, **kwargs)
+        rng = np.random.default_rng()
+        for name, (spec, var) in variable_map(model).items():
+            value = tensors[name] if name in tensors else _initial_value(spec, config, rng)
+            var.assign(np.asarray(to_native(spec, value, CONVENTION)).astype(spec_io.numpy_dtype(var.dtype)))
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[str]:
+        """Writes config.json and model.safetensors (or shards with an index) in the canonical names
+        and layout, which opt_torch and Hugging Face load unchanged. A tied LM head is not stored."""
+        tensors = self.get_weights_dict()
+        check_weights(tensors, self.config, self.head, where=f"{type(self).__name__} weights")
+        config_dict = self.config.to_dict()
+        config_dict["architectures"] = [type(self).__name__.removeprefix("TF")]
+        config_dict["torch_dtype"] = self.dtype_policy.variable_dtype
+        return spec_io.save_safetensors_dir(os.fspath(path), tensors, config_dict, max_shard_size)

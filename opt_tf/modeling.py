@@ -1,0 +1,657 @@
+"""OPT in TensorFlow (Keras 3 layers, TensorFlow ops), read top to bottom: linear, layer norm,
+embedding, attention, layer, decoder, base model, heads.
+
+Layer names are the canonical checkpoint names split on dots, so a variable's Keras path below the
+model is `opt_spec.layouts.native_path(spec, "keras")` (`decoder/layers/0/fc1/kernel`); kernels are
+(in, out). Dimension letters: B batch, T new tokens, S keys (past + new, or the cache length L),
+H hidden, nh heads, hs head size, E embedding width, F ffn width, V vocabulary.
+
+Every layer is built when the model is constructed (shapes come from the config, not from a first
+call) and casts its variables to the compute dtype itself (Keras autocasting is off), so a
+`mixed_bfloat16` policy keeps float32 variables and computes in bfloat16, while LayerNorm statistics
+and the attention softmax always run in float32.
+
+KV cache for incremental decoding (works eagerly and under `tf.function(jit_compile=True)`):
+
+    cache = model.init_cache(batch_size=B, max_length=L)     # KVCache, index 0
+    mask = tf.constant(...)                                   # (B, L): 1 = real token, 0 = pad
+    out = model(prompt_ids, attention_mask=mask, past_key_values=cache)   # prompt (B, T0)
+    cache = out.past_key_values                               # index T0
+    out = model(next_ids, attention_mask=mask, past_key_values=cache)     # (B, 1), index T0 + 1
+
+`KVCache(keys, values, index)` holds one preallocated (B, nh, L, hs) key and value buffer per layer
+and an int32 scalar `index`, the number of slots already written. A call with T new tokens writes
+them at slots [index, index + T) (a scatter, so shapes never change and XLA compiles one program per
+T) and returns a new KVCache with index + T; the input cache is not modified. With a KVCache the
+attention mask always covers the full max length L: only its first index + T entries matter
+(positions come from its cumulative sum, later slots are hidden by causality), so one mask can be
+built up front and reused for every step; without a mask every slot counts as a real token.
+Left-padded prompts work as in the full forward: pads get position -1 and real tokens never see them.
+
+Without a KVCache, `past_key_values` may also be the growing form the PyTorch backend uses: one
+(k, v) pair per layer, each (B, nh, P, hs), concatenated with the new keys; the attention mask then
+covers P + T tokens. With `use_cache=True` (the config's default) a call without a KVCache returns
+that form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from opt_spec import Head, OPTConfig
+from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
+
+from .checkpoint import TFPretrainedMixin
+from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
+                      SequenceClassifierOutputWithPast)
+
+F32_MIN = float(np.finfo(np.float32).min)  # masked attention scores are replaced by this (float32 softmax)
+DTYPES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float64")
+
+
+def resolve_policy(dtype) -> keras.DTypePolicy:
+    """None | 'float32' | 'float16' | 'bfloat16' | 'mixed_float16' | 'mixed_bfloat16' | DTypePolicy."""
+    if dtype is None:
+        return keras.DTypePolicy("float32")
+    if isinstance(dtype, keras.DTypePolicy):
+        return dtype
+    name = dtype.name if isinstance(dtype, tf.DType) else str(np.dtype(dtype)) if not isinstance(dtype, str) \
+        else dtype.removeprefix("tf.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)} or a keras.DTypePolicy")
+    return keras.DTypePolicy(name)
+
+
+def _dim(x: tf.Tensor, axis: int):
+    """A static dimension when known, else the dynamic one (a scalar tensor)."""
+    return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+
+
+# ------------------------------------------------------------------------------------------ parts
+class Linear(keras.layers.Layer):
+    """y = x @ kernel + bias, kernel (in, out): the spec's (out, in) linear weight, transposed."""
+
+    def __init__(self, in_dim: int, out_dim: int, use_bias: bool, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.in_dim, self.out_dim, self.use_bias = in_dim, out_dim, use_bias
+
+    def build(self, input_shape=None):
+        self.kernel = self.add_weight(shape=(self.in_dim, self.out_dim), initializer="zeros", name="kernel")
+        self.bias = self.add_weight(shape=(self.out_dim,), initializer="zeros", name="bias") if self.use_bias \
+            else None
+
+    def call(self, x):
+        y = tf.matmul(x, tf.cast(self.kernel, self.compute_dtype))  # (..., in) @ (in, out)
+        return y + tf.cast(self.bias, self.compute_dtype) if self.bias is not None else y
+
+
+class LayerNorm(keras.layers.Layer):
+    """LayerNorm over the last axis with eps 1e-5, statistics in float32; gamma/beta iff affine."""
+
+    def __init__(self, dim: int, affine: bool, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.dim, self.affine = dim, affine
+
+    def build(self, input_shape=None):
+        self.gamma = self.add_weight(shape=(self.dim,), initializer="ones", name="gamma") if self.affine else None
+        self.beta = self.add_weight(shape=(self.dim,), initializer="zeros", name="beta") if self.affine else None
+
+    def call(self, x):
+        x32 = tf.cast(x, tf.float32)
+        mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+        y = centered * tf.math.rsqrt(var + LAYER_NORM_EPS)
+        if self.affine:
+            y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+        return tf.cast(y, self.compute_dtype)
+
+
+class Embedding(keras.layers.Layer):
+    """Row lookup in `embeddings` (rows, dim)."""
+
+    def __init__(self, rows: int, dim: int, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.rows, self.dim = rows, dim
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(shape=(self.rows, self.dim), initializer="zeros", name="embeddings")
+
+    def call(self, ids):
+        return tf.cast(tf.gather(self.embeddings, ids), self.compute_dtype)
+
+
+ACTIVATIONS = {
+    "relu": tf.nn.relu,
+    "gelu_erf": lambda x: tf.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: tf.nn.gelu(x, approximate=True),
+    "silu": tf.nn.silu,
+}
+
+
+def _dropout(x: tf.Tensor, rate: float, training) -> tf.Tensor:
+    return tf.nn.dropout(x, rate=rate) if training and rate > 0 else x
+
+
+# ------------------------------------------------------------------------------------- attention
+class KVCache(NamedTuple):
+    """Preallocated keys and values (see the module docstring): per layer (B, nh, L, hs) buffers and
+    the int32 scalar number of slots written."""
+
+    keys: tuple
+    values: tuple
+    index: tf.Tensor
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
+    """An empty KVCache (zeros, index 0) for `batch_size` rows of up to `max_length` tokens."""
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"max_length={max_length} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # (B, nh, L, hs)
+    zeros = lambda: tf.zeros(shape, dtype)  # noqa: E731
+    n = config.num_hidden_layers
+    return KVCache(tuple(zeros() for _ in range(n)), tuple(zeros() for _ in range(n)), tf.constant(0, tf.int32))
+
+
+def write_cache(buffer: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """buffer (B, nh, L, hs) with new (B, nh, T, hs) written at slots [index, index + T)."""
+    B, nh, T = _dim(new, 0), _dim(new, 1), _dim(new, 2)
+    b, h, t = tf.meshgrid(tf.range(B), tf.range(nh), index + tf.range(T), indexing="ij")  # (B, nh, T) each
+    return tf.tensor_scatter_nd_update(buffer, tf.stack([b, h, t], axis=-1), tf.cast(new, buffer.dtype))
+
+
+def attention_allowed(attention_mask: tf.Tensor, q_start, T) -> tf.Tensor:
+    """(B, S) mask -> (B, T, S) bool for queries at positions q_start .. q_start + T - 1: causal, mask
+    kept, and a query always sees itself (opt_spec.numerics.attention_allowed)."""
+    S = _dim(attention_mask, 1)
+    q_pos = (q_start + tf.range(T))[:, None]  # (T, 1)
+    k_pos = tf.range(S)[None, :]              # (1, S)
+    allowed = (k_pos <= q_pos)[None] & tf.cast(attention_mask, tf.bool)[:, None, :]  # (B, T, S)
+    return allowed | (k_pos == q_pos)[None]
+
+
+class TFOPTAttention(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        H, bias, policy = config.hidden_size, config.enable_bias, self.dtype_policy
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scaling = attention_scale(config.head_dim)
+        self.dropout = config.attention_dropout
+        self.k_proj = Linear(H, H, bias, name="k_proj", dtype=policy)
+        self.v_proj = Linear(H, H, bias, name="v_proj", dtype=policy)
+        self.q_proj = Linear(H, H, bias, name="q_proj", dtype=policy)
+        self.out_proj = Linear(H, H, bias, name="out_proj", dtype=policy)
+
+    def build(self, input_shape=None):
+        for proj in (self.k_proj, self.v_proj, self.q_proj, self.out_proj):
+            proj.build()
+
+    def _heads(self, x: tf.Tensor) -> tf.Tensor:
+        B, T = _dim(x, 0), _dim(x, 1)
+        x = tf.reshape(x, (B, T, self.num_heads, self.head_dim))  # (B, T, nh, hs)
+        return tf.transpose(x, (0, 2, 1, 3))                     # (B, nh, T, hs)
+
+    def call(self, x, allowed, past=None, cache_index=None, training=False):
+        B, T, H = _dim(x, 0), _dim(x, 1), x.shape[-1]
+        q = self._heads(self.q_proj(x) * tf.cast(self.scaling, x.dtype))  # (B, nh, T, hs)
+        k = self._heads(self.k_proj(x))                                   # (B, nh, T, hs)
+        v = self._heads(self.v_proj(x))                                   # (B, nh, T, hs)
+        if past is not None and cache_index is not None:  # preallocated: write into (B, nh, L, hs)
+            k = write_cache(past[0], k, cache_index)
+            v = write_cache(past[1], v, cache_index)
+        elif past is not None:                             # growing: concatenate to (B, nh, P + T, hs)
+            k = tf.concat([tf.cast(past[0], k.dtype), k], axis=2)
+            v = tf.concat([tf.cast(past[1], v.dtype), v], axis=2)
+        scores = tf.cast(tf.matmul(q, tf.cast(k, q.dtype), transpose_b=True), tf.float32)  # (B, nh, T, S)
+        scores = tf.where(allowed[:, None], scores, F32_MIN)
+        probs = _dropout(tf.nn.softmax(scores, axis=-1), self.dropout, training)
+        y = tf.matmul(tf.cast(probs, x.dtype), tf.cast(v, x.dtype))  # (B, nh, T, hs)
+        y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, T, H))     # (B, T, H)
+        return self.out_proj(y), (k, v)
+
+
+# ----------------------------------------------------------------------------------------- layers
+class TFOPTDecoderLayer(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        H, F, bias, affine, policy = (config.hidden_size, config.ffn_dim, config.enable_bias,
+                                      config.layer_norm_elementwise_affine, self.dtype_policy)
+        self.pre_ln = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.act = ACTIVATIONS[config.activation]
+        self.self_attn = TFOPTAttention(config, name="self_attn", dtype=policy)
+        self.self_attn_layer_norm = LayerNorm(H, affine, name="self_attn_layer_norm", dtype=policy)
+        self.fc1 = Linear(H, F, bias, name="fc1", dtype=policy)
+        self.fc2 = Linear(F, H, bias, name="fc2", dtype=policy)
+        self.final_layer_norm = LayerNorm(H, affine, name="final_layer_norm", dtype=policy)
+
+    def build(self, input_shape=None):
+        for sub in (self.self_attn, self.self_attn_layer_norm, self.fc1, self.fc2, self.final_layer_norm):
+            sub.build()
+
+    def call(self, x, allowed, past=None, cache_index=None, training=False):
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h, kv = self.self_attn(h, allowed, past=past, cache_index=cache_index, training=training)
+        x = x + _dropout(h, self.dropout, training)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.fc2(self.act(self.fc1(h)))  # (B, T, F) -> (B, T, H)
+        x = x + _dropout(h, self.dropout, training)
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x, kv
+
+
+class TFOPTDecoder(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        V, E, H, P, policy = (config.vocab_size, config.word_embed_proj_dim, config.hidden_size,
+                              config.max_position_embeddings, self.dtype_policy)
+        affine = config.layer_norm_elementwise_affine
+        self.config = config
+        self.embed_tokens = Embedding(V, E, name="embed_tokens", dtype=policy)
+        self.embed_positions = Embedding(P + POSITION_OFFSET, H, name="embed_positions", dtype=policy)
+        self.project_out = Linear(H, E, False, name="project_out", dtype=policy) if config.has_projections else None
+        self.project_in = Linear(E, H, False, name="project_in", dtype=policy) if config.has_projections else None
+        self.final_layer_norm = (LayerNorm(H, affine, name="final_layer_norm", dtype=policy)
+                                 if config.has_final_layer_norm else None)
+        # named "0", "1", ... and built under the scope "layers": paths decoder/layers/{i}/...
+        self.blocks = [TFOPTDecoderLayer(config, name=str(i), dtype=policy)
+                       for i in range(config.num_hidden_layers)]
+
+    def build(self, input_shape=None):
+        for sub in (self.embed_tokens, self.embed_positions, self.project_out, self.project_in,
+                    self.final_layer_norm):
+            if sub is not None:
+                sub.build()
+        with keras.name_scope("layers"):
+            for block in self.blocks:
+                block.build()
+
+    def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, use_cache=False, output_hidden_states=False, training=False):
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            input_ids = tf.convert_to_tensor(input_ids)
+            _check_token_ids(input_ids, config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
+        else:
+            inputs_embeds = tf.cast(inputs_embeds, self.compute_dtype)
+        B, T = _dim(inputs_embeds, 0), _dim(inputs_embeds, 1)
+
+        preallocated = isinstance(past_key_values, KVCache)
+        if preallocated:
+            _check_cache(past_key_values, config, inputs_embeds)
+            q_start, S = past_key_values.index, past_key_values.max_length
+        elif past_key_values:
+            q_start = _check_past(past_key_values, config, inputs_embeds)
+            S = q_start + T
+        else:
+            past_key_values, q_start, S = None, 0, T
+        if attention_mask is None:
+            mask = tf.ones((B, S), tf.int32)
+        else:
+            mask = tf.cast(attention_mask, tf.int32)
+            _check_mask(mask, B, S, preallocated)
+        if position_ids is None:
+            pos = tf.cumsum(mask, axis=1) * mask - 1                     # (B, S), pads -1
+            position_ids = tf.gather(pos, q_start + tf.range(T), axis=1)  # (B, T); a gather, not a slice:
+            # XLA would treat a slice's start as a compile-time constant and recompile every step
+        else:
+            position_ids = tf.cast(position_ids, tf.int32)
+        _check_positions(position_ids, config.max_position_embeddings)
+        allowed = attention_allowed(mask, q_start, T)  # (B, T, S)
+
+        x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
+        x = x + self.embed_positions(position_ids + POSITION_OFFSET)
+        hidden_states = [] if output_hidden_states else None
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            past = None
+            if preallocated:
+                past = (past_key_values.keys[i], past_key_values.values[i])
+            elif past_key_values is not None:
+                past = past_key_values[i]
+            y, (k, v) = block(x, allowed, past=past, cache_index=q_start if preallocated else None,
+                              training=training)
+            if training and config.layerdrop > 0:  # LayerDrop: skip the whole layer with this probability
+                y = tf.where(tf.random.uniform([]) < config.layerdrop, x, y)
+            x = y
+            keys.append(k)
+            values.append(v)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, E)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if preallocated:
+            cache = KVCache(tuple(keys), tuple(values), past_key_values.index + T)
+        else:
+            cache = tuple(zip(keys, values)) if use_cache else None
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
+                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+
+# ------------------------------------------------------------------------------------ input checks
+def _check_token_ids(input_ids: tf.Tensor, vocab_size: int) -> None:
+    if input_ids.dtype.is_floating:
+        raise TypeError(f"input_ids must be integers, got {input_ids.dtype.name}")
+    if not tf.executing_eagerly() or tf.size(input_ids) == 0:
+        return
+    ids = input_ids.numpy()
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        b, t = (int(i) for i in bad[0])
+        raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
+                         f"vocabulary [0, {vocab_size})")
+
+
+def _check_mask(mask: tf.Tensor, B, S, preallocated: bool) -> None:
+    want = "(batch, cache max_length)" if preallocated else "(batch, past + new)"
+    if mask.shape.rank != 2:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {want}")
+    got = tuple(int(d) for d in tf.shape(mask)) if tf.executing_eagerly() else tuple(mask.shape)
+    for g, e in zip(got, (B, S)):
+        if isinstance(g, int) and isinstance(e, int) and g != e:
+            raise ValueError(f"attention_mask has shape {got}; expected {want} = ({B}, {S})")
+
+
+def _check_past(past_key_values, config: OPTConfig, x: tf.Tensor):
+    if len(past_key_values) != config.num_hidden_layers:
+        raise ValueError(f"past_key_values has {len(past_key_values)} layers; the model has "
+                         f"{config.num_hidden_layers}")
+    k = past_key_values[0][0]
+    B = x.shape[0]
+    if k.shape.rank != 4 or k.shape[1] != config.num_attention_heads or k.shape[3] != config.head_dim or \
+            (B is not None and k.shape[0] is not None and k.shape[0] != B):
+        raise ValueError(f"past_key_values[0] keys have shape {tuple(k.shape)}; expected "
+                         f"({B}, {config.num_attention_heads}, past, {config.head_dim})")
+    return _dim(k, 2)
+
+
+def _check_cache(cache: KVCache, config: OPTConfig, x: tf.Tensor) -> None:
+    if len(cache.keys) != config.num_hidden_layers or len(cache.values) != config.num_hidden_layers:
+        raise ValueError(f"KVCache has {len(cache.keys)} layers; the model has {config.num_hidden_layers}")
+    k, B = cache.keys[0], x.shape[0]
+    if k.shape.rank != 4 or k.shape[1] != config.num_attention_heads or k.shape[3] != config.head_dim or \
+            k.shape[2] is None or (B is not None and k.shape[0] != B):
+        raise ValueError(f"KVCache keys have shape {tuple(k.shape)}; expected "
+                         f"({B}, {config.num_attention_heads}, max_length, {config.head_dim})")
+    T = x.shape[1]
+    if tf.executing_eagerly() and T is not None and int(cache.index) + T > k.shape[2]:
+        raise ValueError(f"KVCache is full: {int(cache.index)} slots used + {T} new tokens > max_length "
+                         f"{k.shape[2]}")
+
+
+def _check_positions(position_ids: tf.Tensor, max_positions: int) -> None:
+    if tf.executing_eagerly() and tf.size(position_ids) > 0:
+        top = int(tf.reduce_max(position_ids))
+        if top >= max_positions:
+            raise ValueError(f"position {top} is past the model's max_position_embeddings={max_positions}")
+
+
+# ----------------------------------------------------------------------------------------- models
+class TFOPTPreTrainedModel(TFPretrainedMixin, keras.Model):
+    """Shared construction: config, dtype policy, building every variable up front, OPT's init.
+
+    `dtype`: 'float32' (default), 'float16', 'bfloat16' (variables and compute in that dtype),
+    'mixed_float16' / 'mixed_bfloat16' (float32 variables, half-precision compute) or a DTypePolicy.
+    """
+
+    head: Head = Head.BASE
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        self._build_now = kwargs.pop("_build", True)  # False: a head model builds us inside its scope
+        self._init_now = kwargs.pop("_init", True)    # False: from_pretrained assigns every weight
+        if not isinstance(config, OPTConfig):
+            raise TypeError(f"config must be an OPTConfig, got {type(config).__name__}")
+        super().__init__(dtype=resolve_policy(dtype), **kwargs)
+        self._convert_input_args = False  # our call casts what it needs (masks, labels stay as given)
+        self._allow_non_tensor_positional_args = True  # NumPy ids, or a dict of inputs from `fit`
+        self.config = config
+        self._seed = seed
+
+    def _finish(self) -> None:
+        """Builds every variable under this model's name scope and initializes them."""
+        if self._build_now:
+            self.build()
+            if self._init_now:
+                self.init_weights(self._seed)
+
+    def get_config(self) -> dict:
+        return {"config": self.config.to_dict(), "dtype": self.dtype_policy.name, "name": self.name}
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty KVCache in the model's compute dtype (see the module docstring)."""
+        return init_cache(self.config, batch_size, max_length, self.compute_dtype)
+
+    @staticmethod
+    def _unpack(input_ids, kwargs: dict):
+        """Keras passes `x` whole: a dict of inputs is spread over the keyword arguments."""
+        if isinstance(input_ids, Mapping):
+            inputs = dict(input_ids)
+            for key in list(inputs):
+                if key != "input_ids" and kwargs.get(key) is None:
+                    kwargs[key] = inputs.pop(key)
+            input_ids = inputs.get("input_ids")
+        return input_ids
+
+
+class TFOPTModel(TFOPTPreTrainedModel):
+    head = Head.BASE
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__(config, dtype, seed, **kwargs)
+        self.decoder = TFOPTDecoder(config, name="decoder", dtype=self.dtype_policy)
+        self._finish()
+
+    def build(self, input_shape=None):
+        self.decoder.build()
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.decoder.embed_tokens
+
+    def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, use_cache=None, output_hidden_states=False, training=False):
+        kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                  inputs_embeds=inputs_embeds)
+        input_ids = self._unpack(input_ids, kw)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return self.decoder(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                            training=training, **kw)
+
+
+class _TFOPTWithHead(TFOPTPreTrainedModel):
+    """A head model: the base model under `model`, a head on its last hidden state."""
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__(config, dtype, seed, **kwargs)
+        self.model = TFOPTModel(config, dtype=self.dtype_policy, name="model", _build=False)
+
+    def build(self, input_shape=None):
+        self.model.build()
+        for layer in self._head_layers():
+            layer.build()
+
+    def _head_layers(self) -> list:
+        return []
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.decoder.embed_tokens
+
+    def _base(self, input_ids, kwargs: dict, use_cache, output_hidden_states, training):
+        return self.model(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                          training=training, **kwargs)
+
+
+class TFOPTForCausalLM(_TFOPTWithHead):
+    head = Head.CAUSAL_LM
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__(config, dtype, seed, **kwargs)
+        # A tied head is the token embedding itself (no variable of its own).
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.word_embed_proj_dim, config.vocab_size, False, name="lm_head", dtype=self.dtype_policy)
+        self._finish()
+
+    def _head_layers(self) -> list:
+        return [self.lm_head] if self.lm_head is not None else []
+
+    def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False):
+        kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                  inputs_embeds=inputs_embeds, labels=labels)
+        input_ids = self._unpack(input_ids, kw)
+        labels = kw.pop("labels")
+        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        h = out.last_hidden_state  # (B, T, E)
+        if self.lm_head is not None:
+            logits = self.lm_head(h)
+        else:
+            embeddings = tf.cast(self.model.decoder.embed_tokens.embeddings, h.dtype)  # (V, E)
+            logits = tf.matmul(h, embeddings, transpose_b=True)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras `fit` / `evaluate`: the model's own loss on (input_ids, labels) data."""
+        if y_pred.loss is not None and y is None:
+            loss = y_pred.loss
+        elif y is not None:
+            loss = causal_lm_loss(y_pred.logits, y)
+        else:
+            raise ValueError("fit needs labels: pass (input_ids, labels) or a dict with 'labels'")
+        losses = self.losses
+        return loss + tf.add_n(losses) if losses else loss
+
+
+class TFOPTForSequenceClassification(_TFOPTWithHead):
+    head = Head.SEQUENCE_CLASSIFICATION
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__(config, dtype, seed, **kwargs)
+        self.num_labels = config.num_labels
+        self.score = Linear(config.word_embed_proj_dim, config.num_labels, False, name="score",
+                            dtype=self.dtype_policy)
+        self._finish()
+
+    def _head_layers(self) -> list:
+        return [self.score]
+
+    def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False):
+        kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                  inputs_embeds=inputs_embeds, labels=labels)
+        input_ids = self._unpack(input_ids, kw)
+        labels = kw.pop("labels")
+        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B, T = _dim(logits, 0), _dim(logits, 1)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            # the rightmost token that is not a pad (left or right padding alike)
+            not_pad = tf.cast(tf.not_equal(tf.cast(input_ids, tf.int32), self.config.pad_token_id), tf.int32)
+            last = tf.argmax(tf.range(T)[None, :] * not_pad, axis=-1, output_type=tf.int32)  # (B,)
+        else:
+            last = tf.fill([B], T - 1)
+        pooled = tf.gather(logits, last, batch_dims=1)  # (B, num_labels)
+        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                hidden_states=out.hidden_states)
+
+
+class TFOPTForQuestionAnswering(_TFOPTWithHead):
+    head = Head.QUESTION_ANSWERING
+
+    def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__(config, dtype, seed, **kwargs)
+        self.qa_outputs = Linear(config.word_embed_proj_dim, 2, True, name="qa_outputs", dtype=self.dtype_policy)
+        self._finish()
+
+    def _head_layers(self) -> list:
+        return [self.qa_outputs]
+
+    def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
+             output_hidden_states=False, training=False):
+        kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                  inputs_embeds=inputs_embeds, start_positions=start_positions, end_positions=end_positions)
+        input_ids = self._unpack(input_ids, kw)
+        start_positions, end_positions = kw.pop("start_positions"), kw.pop("end_positions")
+        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+
+# ----------------------------------------------------------------------------------------- losses
+def _mean_cross_entropy(logits: tf.Tensor, target: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+    """Mean float32 cross entropy of (N, C) logits against (N,) targets over rows where keep."""
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.where(keep, target, 0),
+                                                        logits=tf.cast(logits, tf.float32))
+    keep = tf.cast(keep, tf.float32)
+    return tf.reduce_sum(ce * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
+
+
+def causal_lm_loss(logits: tf.Tensor, labels) -> tf.Tensor:
+    """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
+    V = logits.shape[-1]
+    target = tf.reshape(tf.cast(labels, tf.int32)[:, 1:], [-1])
+    return _mean_cross_entropy(tf.reshape(logits[:, :-1], [-1, V]), target, target != IGNORE_INDEX)
+
+
+def sequence_classification_loss(pooled: tf.Tensor, labels, config: OPTConfig) -> tf.Tensor:
+    labels = tf.convert_to_tensor(labels)
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype.is_integer:
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    pooled = tf.cast(pooled, tf.float32)
+    if problem == "regression":
+        if config.num_labels == 1:
+            return tf.reduce_mean(tf.square(tf.reshape(pooled, [-1]) - tf.reshape(tf.cast(labels, tf.float32), [-1])))
+        return tf.reduce_mean(tf.square(pooled - tf.cast(labels, tf.float32)))
+    if problem == "single_label_classification":
+        target = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        return _mean_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, tf.ones_like(target, tf.bool))
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=pooled))
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions) -> tf.Tensor:
+    """Mean of start and end cross entropy; positions outside [0, T) are clamped to T and ignored."""
+    T = _dim(start_logits, 1)
+
+    def one(logits, positions):
+        positions = tf.clip_by_value(tf.reshape(tf.cast(positions, tf.int32), [-1]), 0, T)
+        return _mean_cross_entropy(logits, positions, positions != T)
+
+    return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2
+
+
+MODEL_CLASSES = {Head.BASE: TFOPTModel, Head.CAUSAL_LM: TFOPTForCausalLM,
+                 Head.SEQUENCE_CLASSIFICATION: TFOPTForSequenceClassification,
+                 Head.QUESTION_ANSWERING: TFOPTForQuestionAnswering}
