@@ -1,0 +1,197 @@
+"""Which checkpoint a command runs on: `--model DIR`, or a random one built for a named preset.
+
+Without `--model`, `optkit parity` and `optkit generate` make a deterministic random checkpoint for
+`--preset` (default 125m) so that they run on a fresh machine with nothing downloaded. It is cached in
+`$OPTKIT_CACHE/random-<preset>-seed<seed>` (default cache: ~/.cache/optkit), written one tensor at a
+time into a temporary sibling folder that is renamed into place when complete: an interrupted run
+leaves nothing half-written, and a complete folder is reused as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+
+from opt_spec import OPTConfig, PRESETS
+from opt_spec.io import CONFIG_NAME, SAFE_WEIGHTS_NAME, SafetensorsFile, atomic_path, write_safetensors
+from opt_spec.testing import VARIANTS, random_weight
+from opt_spec.weights import Head, tied_source, weight_table
+
+from .common import CLIError, Console
+
+DEFAULT_PRESET = "125m"
+RANDOM_MARKER = "optkit_random_weights"  # config.json key marking a checkpoint of random weights
+PRESET_NAMES = tuple(PRESETS) + tuple(VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    path: str                # the folder given (its tokenizer files are read from here)
+    config: OPTConfig
+    random: dict | None      # {"preset": ..., "seed": ...} for random weights, else None
+    load_path: str = ""      # the folder the backends load: `path`, or a safetensors copy of it
+
+    def __post_init__(self):
+        if not self.load_path:
+            object.__setattr__(self, "load_path", self.path)
+
+    def describe(self) -> str:
+        if self.random:
+            return (f"{self.path} (RANDOM weights: preset {self.random.get('preset')}, "
+                    f"seed {self.random.get('seed')})")
+        if self.load_path != self.path:
+            return f"{self.path} (as safetensors: {self.load_path})"
+        return self.path
+
+
+def cache_root() -> str:
+    return os.environ.get("OPTKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "optkit")
+
+
+def preset_config(name: str) -> OPTConfig:
+    if name in VARIANTS:
+        return VARIANTS[name]
+    try:
+        return OPTConfig.from_preset(name)
+    except ValueError:
+        raise CLIError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}") from None
+
+
+class _LazyRandomWeight:
+    """Shape and dtype now, values when written: write_safetensors materializes one tensor at a time,
+    so peak memory stays near the largest tensor whatever the preset."""
+
+    def __init__(self, spec, config: OPTConfig, seed: int, bar):
+        self.spec, self.config, self.seed, self.bar = spec, config, seed, bar
+        self.shape, self.dtype = spec.shape, np.dtype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        array = random_weight(self.spec, self.config, self.seed, np.float32)
+        self.bar.update(1)
+        return array if dtype is None else array.astype(dtype)
+
+
+def _expected_names(config: OPTConfig) -> set[str]:
+    tied = tied_source(config, Head.CAUSAL_LM)
+    return {w.name for w in weight_table(config, Head.CAUSAL_LM) if w.name not in tied}
+
+
+def _is_complete(path: str, config: OPTConfig) -> bool:
+    try:
+        return (os.path.isfile(os.path.join(path, CONFIG_NAME))
+                and set(SafetensorsFile(os.path.join(path, SAFE_WEIGHTS_NAME))) == _expected_names(config))
+    except (OSError, ValueError):
+        return False
+
+
+def random_checkpoint(preset: str, seed: int, console: Console) -> ModelSource:
+    """The cached random checkpoint for (preset, seed), written first if needed."""
+    config = preset_config(preset)
+    path = os.path.join(cache_root(), f"random-{preset}-seed{seed}")
+    marker = {"preset": preset, "seed": seed}
+    if _is_complete(path, config):
+        return ModelSource(path, OPTConfig.from_pretrained(path), marker)
+
+    tied = tied_source(config, Head.CAUSAL_LM)
+    table = [w for w in weight_table(config, Head.CAUSAL_LM) if w.name not in tied]
+    nbytes = sum(w.numel for w in table) * 4
+    os.makedirs(cache_root(), exist_ok=True)
+    free = shutil.disk_usage(cache_root()).free
+    if free < nbytes * 1.05:
+        raise CLIError(f"a random {preset} checkpoint needs {nbytes / 1e9:.2f} GB but {cache_root()} has "
+                       f"{free / 1e9:.2f} GB free (set OPTKIT_CACHE to another folder, or pick a smaller --preset)")
+    config_dict = config.to_dict()
+    config_dict.update(architectures=["OPTForCausalLM"], torch_dtype="float32", **{RANDOM_MARKER: marker})
+    with console.step(f"writing a random {preset} checkpoint ({nbytes / 1e6:,.0f} MB, float32, seed {seed}) "
+                      f"to {path} (once: later runs reuse it)"):
+        with atomic_path(path) as tmp, console.progress(total=len(table), desc="random weights",
+                                                        unit="tensor") as bar:
+            os.makedirs(tmp)
+            write_safetensors(os.path.join(tmp, SAFE_WEIGHTS_NAME),
+                              [(w.name, _LazyRandomWeight(w, config, seed, bar)) for w in table],
+                              metadata={"format": "pt", RANDOM_MARKER: json.dumps(marker)})
+            with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+                f.write(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    return ModelSource(path, OPTConfig.from_pretrained(path), marker)
+
+
+def resolve_model(args, console: Console) -> ModelSource:
+    """--model DIR (checked) or the random checkpoint of --preset / --weights-seed."""
+    if args.model is None:
+        return random_checkpoint(args.preset or DEFAULT_PRESET, args.weights_seed, console)
+    if args.preset is not None:
+        raise CLIError("--preset picks a random checkpoint and --model a real one: give only one of them")
+    path = os.path.abspath(os.path.expanduser(args.model))
+    if not os.path.exists(path):
+        raise CLIError(f"--model {args.model}: no such directory")
+    if not os.path.isdir(path):
+        raise CLIError(f"--model {args.model}: not a directory (give the folder holding config.json and "
+                       "the weights, e.g. a download of facebook/opt-125m)")
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        seen = ", ".join(sorted(os.listdir(path))[:20]) or "nothing"
+        raise CLIError(f"--model {args.model}: no config.json, so not a Hugging Face OPT checkpoint folder "
+                       f"(found: {seen})")
+    try:
+        config = OPTConfig.from_pretrained(path)
+    except ValueError as err:
+        raise CLIError(f"--model {args.model}: {err}") from None
+    marker = config.extra.get(RANDOM_MARKER)
+    return ModelSource(path, config, marker if isinstance(marker, dict) else None)
+
+
+def load_tokenizer(directory: str | None, source: ModelSource):
+    """The OPTTokenizer of --tokenizer DIR, else of the model folder, else None (no tokenizer files)."""
+    from opt_spec.tokenizer import OPTTokenizer, find_tokenizer_files
+
+    if directory is not None and not os.path.isdir(directory):
+        raise CLIError(f"--tokenizer {directory}: no such directory")
+    where = directory or source.path
+    if find_tokenizer_files(where) is None:
+        if directory is not None:
+            raise CLIError(f"--tokenizer {directory}: no tokenizer.json, or vocab.json + merges.txt, there")
+        return None
+    tokenizer = OPTTokenizer.from_pretrained(where, config=source.config)
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise CLIError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but the model only "
+                       f"{source.config.vocab_size}: they do not belong together")
+    return tokenizer
+
+
+def with_safetensors(source: ModelSource, console: Console) -> ModelSource:
+    """The same checkpoint as a safetensors folder, which every backend reads.
+
+    A folder of another format (pytorch_model.bin as in the facebook/opt-* downloads, tf_model.h5,
+    flax_model.msgpack, ...) is converted once with the conversion package into
+    $OPTKIT_CACHE/converted/<name>-<key>, the key changing when the source's files change.
+    """
+    from opt_spec.io import find_weight_files
+
+    try:
+        if find_weight_files(source.path)[0] == "safetensors":
+            return source
+    except FileNotFoundError:
+        pass  # no Hugging Face PyTorch-layout weights: maybe another format conversion reads
+    try:
+        from conversion.api import convert, detect_format
+    except ImportError as err:
+        raise CLIError(f"{source.path} holds no model.safetensors, and converting it needs optkit's conversion "
+                       f"package, which does not import ({err})") from None
+    try:
+        fmt = detect_format(source.path)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--model {source.path}: {err}") from None
+    import hashlib
+
+    stats = sorted((f, os.stat(os.path.join(source.path, f)).st_size, os.stat(os.path.join(source.path, f)).st_mtime_ns)
+                   for f in os.listdir(source.path) if os.path.isfile(os.path.join(source.path, f)))
+    key = hashlib.sha256(repr((os.path.realpath(source.path), stats)).encode()).hexdigest()[:12]
+    target = os.path.join(cache_root(), "converted", f"{os.path.basename(source.path.rstrip(os.sep))}-{key}")
+    if not os.path.isfile(os.path.join(target, CONFIG_NAME)):  # convert() renames a verified folder into place
+        with console.step(f"{source.path} is {fmt}; converting it once to safetensors in {target}"):
+            convert(source.path, target, to="hf-safetensors", src_format=fmt, force=True,
+                    progress=not console.quiet, log=console.info)
+    return dataclasses.replace(source, load_path=target)

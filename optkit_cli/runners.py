@@ -1,0 +1,153 @@
+"""One causal-LM model per backend behind one small interface: NumPy ids in, float32 NumPy logits out.
+
+Each backend is imported only when asked for (through opt_spec.backend), so `optkit` with torch alone
+installed never touches TensorFlow or JAX. A backend whose framework is missing raises
+BackendUnavailableError (its message names the extra to install); one whose package does not import
+or lacks the model class raises BackendNotReady.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import numpy as np
+
+from opt_spec.backend import BACKENDS, EXTRAS, BackendUnavailableError, backend_name, is_available
+
+MODEL_CLASSES = {"torch": "OPTForCausalLM", "tf": "TFOPTForCausalLM", "flax": "FlaxOPTForCausalLM"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class BackendNotReady(ImportError):
+    """The framework is installed but optkit's package for it does not import or lacks the model."""
+
+
+def install_hint(name: str) -> str:
+    return f"pip install 'optkit[{EXTRAS[name]}]'"
+
+
+def import_backend(name: str):
+    """(backend package, causal-LM class). Raises BackendUnavailableError / BackendNotReady."""
+    name = backend_name(name)
+    if not is_available(name):
+        # load_backend's message names the missing framework and the extra.
+        raise BackendUnavailableError(f"the {name} backend's framework is not installed: {install_hint(name)}")
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as err:
+        raise BackendNotReady(f"{BACKENDS[name]} does not import ({err}); reinstall with {install_hint(name)}") \
+            from None
+    except Exception as err:  # a package still being written can fail in any way at import
+        raise BackendNotReady(f"{BACKENDS[name]} failed to import: {type(err).__name__}: {err}") from None
+    cls = getattr(module, MODEL_CLASSES[name], None)
+    if cls is None:
+        raise BackendNotReady(f"{BACKENDS[name]} has no {MODEL_CLASSES[name]} yet")
+    return module, cls
+
+
+class Runner:
+    """A loaded model of one backend. Subclasses convert arrays to and from their framework."""
+
+    name = ""
+
+    def __init__(self, cls, path: str, dtype: str):
+        self.dtype = dtype
+        start = time.perf_counter()
+        self.model = cls.from_pretrained(path, dtype=dtype)
+        self.load_s = time.perf_counter() - start
+
+    # Framework arrays <-> NumPy.
+    def to_native(self, array: np.ndarray):
+        raise NotImplementedError
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        if hasattr(x, "detach"):  # torch
+            x = x.detach().cpu()
+            x = x.float() if x.is_floating_point() else x
+            return x.numpy()
+        if hasattr(x, "numpy"):  # tensorflow
+            x = x.numpy()
+        return np.asarray(x)
+
+    def _call(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) ids and mask -> (B, T, V) float32 logits."""
+        out = self._call(self.to_native(input_ids), self.to_native(attention_mask))
+        return self.to_numpy(out.logits).astype(np.float32, copy=False)
+
+    @property
+    def has_generate(self) -> bool:
+        return callable(getattr(self.model, "generate", None))
+
+    @property
+    def can_stream(self) -> bool:
+        """The backend's generate takes `streamer=fn`, called with each step's (B,) tokens."""
+        import inspect
+
+        try:
+            return "streamer" in inspect.signature(self.model.generate).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, streamer=None, **options) -> np.ndarray:
+        """The backend's own generate (issue 6's signature) -> (B, T + new) NumPy ids.
+        streamer(tokens (B,) NumPy) is called after each step when the backend streams."""
+        if streamer is not None:
+            options["streamer"] = lambda tokens: streamer(self.to_numpy(tokens))
+        out = self.model.generate(self.to_native(input_ids), attention_mask=self.to_native(attention_mask),
+                                  **options)
+        return self.to_numpy(out).astype(np.int64, copy=False)
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def to_native(self, array):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+    def _call(self, input_ids, attention_mask):
+        import torch
+
+        with torch.inference_mode():
+            return super()._call(input_ids, attention_mask)
+
+    def generate(self, input_ids, attention_mask, **options):
+        import torch
+
+        with torch.inference_mode():
+            return super().generate(input_ids, attention_mask, **options)
+
+
+class TFRunner(Runner):
+    name = "tf"
+
+    def to_native(self, array):
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(np.asarray(array, dtype=np.int32))
+
+
+class FlaxRunner(Runner):
+    name = "flax"
+
+    def to_native(self, array):
+        import jax.numpy as jnp
+
+        return jnp.asarray(np.asarray(array, dtype=np.int32))
+
+
+RUNNERS = {"torch": TorchRunner, "tf": TFRunner, "flax": FlaxRunner}
+
+
+def load_runner(name: str, path: str, dtype: str) -> tuple[Runner, float]:
+    """(runner, import seconds). Raises BackendUnavailableError / BackendNotReady before loading."""
+    start = time.perf_counter()
+    _, cls = import_backend(name)
+    import_s = time.perf_counter() - start
+    return RUNNERS[backend_name(name)](cls, path, dtype), import_s
