@@ -26,6 +26,23 @@ from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, Q
                               SequenceClassifierOutputWithPast)
 
 Dtype = Any
+Precision = Any  # None (JAX's default for the device) or a jax.lax.Precision / "highest"
+
+
+def _register_output_pytrees() -> None:
+    """The spec's output records become pytrees, so a jitted function may return them."""
+    import dataclasses
+
+    for cls in (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast,
+                QuestionAnsweringModelOutput):
+        try:
+            jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
+                                             meta_fields=[])
+        except ValueError:  # already registered (module reloaded)
+            pass
+
+
+_register_output_pytrees()
 
 
 # ------------------------------------------------------------------------------------- KV cache
@@ -78,15 +95,38 @@ def attention_allowed(attention_mask: jax.Array, q_start: jax.Array | int, T: in
     return (allowed | (k_pos == q_pos))[:, None]
 
 
-def _dense(features: int, config: OPTConfig, dtype, param_dtype, use_bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+def _dense(features: int, config: OPTConfig, dtype, param_dtype, use_bias: bool, name: str,
+           precision: Precision = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
                     kernel_init=jax.nn.initializers.normal(config.init_std), name=name)
 
 
-def _layer_norm(config: OPTConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    affine = config.layer_norm_elementwise_affine
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_scale=affine, use_bias=affine, use_fast_variance=False,
-                        dtype=dtype, param_dtype=param_dtype, name=name)
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics and affine in float32, the result in `dtype`.
+
+    (flax.linen.LayerNorm promotes half precision to float32 implicitly, which strict dtype
+    promotion forbids; this one casts explicitly.) Parameters: `scale` and `bias`, when affine.
+    """
+
+    affine: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        H = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + LAYER_NORM_EPS)
+        if self.affine:
+            y = y * self.param("scale", nn.initializers.ones, (H,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (H,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _layer_norm(config: OPTConfig, dtype, param_dtype, name: str) -> LayerNorm:
+    return LayerNorm(config.layer_norm_elementwise_affine, dtype, param_dtype, name=name)
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -94,14 +134,16 @@ class OPTAttention(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x, allowed, cache_kv=None, cache_index=None, deterministic: bool = True):
         config = self.config
         B, T, H = x.shape
         nh, hs = config.num_attention_heads, config.head_dim
-        dense = lambda name: _dense(H, config, self.dtype, self.param_dtype, config.enable_bias, name)  # noqa: E731
-        k_proj, v_proj, q_proj, out_proj = (dense(n) for n in ("k_proj", "v_proj", "q_proj", "out_proj"))
+        k_proj, v_proj, q_proj, out_proj = (
+            _dense(H, config, self.dtype, self.param_dtype, config.enable_bias, name, self.precision)
+            for name in ("k_proj", "v_proj", "q_proj", "out_proj"))
 
         q = (q_proj(x) * attention_scale(hs)).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = k_proj(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                           # (B, nh, T, hs)
@@ -116,11 +158,12 @@ class OPTAttention(nn.Module):
             new_kv = None
 
         scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32)  # (B, nh, T, S), float32
+                            preferred_element_type=jnp.float32, precision=self.precision)  # (B, nh, T, S), f32
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
-        y = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(self.dtype)).reshape(B, T, H)  # (B, T, H)
+        y = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(self.dtype), precision=self.precision)  # (B, T, nh, hs)
+        y = y.reshape(B, T, H)
         return out_proj(y), new_kv
 
 
@@ -129,15 +172,16 @@ class OPTDecoderLayer(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x, allowed, cache_kv=None, cache_index=None, deterministic: bool = True):
         config = self.config
         H, F_, bias, pre_ln = config.hidden_size, config.ffn_dim, config.enable_bias, config.do_layer_norm_before
-        self_attn = OPTAttention(config, self.dtype, self.param_dtype, name="self_attn")
+        self_attn = OPTAttention(config, self.dtype, self.param_dtype, self.precision, name="self_attn")
         self_attn_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "self_attn_layer_norm")
-        fc1 = _dense(F_, config, self.dtype, self.param_dtype, bias, "fc1")
-        fc2 = _dense(H, config, self.dtype, self.param_dtype, bias, "fc2")
+        fc1 = _dense(F_, config, self.dtype, self.param_dtype, bias, "fc1", self.precision)
+        fc2 = _dense(H, config, self.dtype, self.param_dtype, bias, "fc2", self.precision)
         final_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "final_layer_norm")
         dropout = nn.Dropout(config.dropout)
         act = activation_fn(config.activation)
@@ -161,6 +205,7 @@ class OPTDecoderLayers(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x, allowed, cache: Optional[KVCache] = None, deterministic: bool = True,
@@ -171,7 +216,7 @@ class OPTDecoderLayers(nn.Module):
         for i in range(config.num_hidden_layers):
             if output_hidden_states:
                 hidden_states.append(x)
-            layer = OPTDecoderLayer(config, self.dtype, self.param_dtype, name=str(i))
+            layer = OPTDecoderLayer(config, self.dtype, self.param_dtype, self.precision, name=str(i))
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             y, new_kv = layer(x, allowed, kv, cache.index if cache is not None else None, deterministic)
             if not deterministic and config.layerdrop > 0:  # LayerDrop: skip the whole layer at random
@@ -191,6 +236,7 @@ class OPTDecoder(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
@@ -203,13 +249,13 @@ class OPTDecoder(nn.Module):
                                 name="embed_tokens")
         embed_positions = nn.Embed(P + POSITION_OFFSET, H, dtype=self.dtype, param_dtype=self.param_dtype,
                                    embedding_init=normal, name="embed_positions")
-        project_out = _dense(E, config, self.dtype, self.param_dtype, False, "project_out") \
+        project_out = _dense(E, config, self.dtype, self.param_dtype, False, "project_out", self.precision) \
             if config.has_projections else None
-        project_in = _dense(H, config, self.dtype, self.param_dtype, False, "project_in") \
+        project_in = _dense(H, config, self.dtype, self.param_dtype, False, "project_in", self.precision) \
             if config.has_projections else None
         final_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "final_layer_norm") \
             if config.has_final_layer_norm else None
-        layers = OPTDecoderLayers(config, self.dtype, self.param_dtype, name="layers")
+        layers = OPTDecoderLayers(config, self.dtype, self.param_dtype, self.precision, name="layers")
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -256,12 +302,13 @@ class OPTModule(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
     head = Head.BASE
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, deterministic: bool = True, output_hidden_states: bool = False):
-        decoder = OPTDecoder(self.config, self.dtype, self.param_dtype, name="decoder")
+        decoder = OPTDecoder(self.config, self.dtype, self.param_dtype, self.precision, name="decoder")
         return decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                        output_hidden_states)
 
@@ -272,10 +319,11 @@ class _HeadModule(nn.Module):
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     def base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
              output_hidden_states) -> BaseModelOutputWithPast:
-        model = OPTModule(self.config, self.dtype, self.param_dtype, name="model")
+        model = OPTModule(self.config, self.dtype, self.param_dtype, self.precision, name="model")
         return model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                      output_hidden_states)
 
@@ -292,9 +340,11 @@ class OPTForCausalLMModule(_HeadModule):
         x = out.last_hidden_state  # (B, T, E)
         if config.tie_word_embeddings:  # the head is the token embedding: logits = x @ embedding^T
             embedding = self.variables["params"]["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
-            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(self.dtype))  # (B, T, V)
+            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(self.dtype),
+                                precision=self.precision)  # (B, T, V)
         else:
-            logits = _dense(config.vocab_size, config, self.dtype, self.param_dtype, False, "lm_head")(x)
+            lm_head = _dense(config.vocab_size, config, self.dtype, self.param_dtype, False, "lm_head", self.precision)
+            logits = lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
@@ -309,7 +359,7 @@ class OPTForSequenceClassificationModule(_HeadModule):
         config = self.config
         out = self.base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                         output_hidden_states)
-        logits = _dense(config.num_labels, config, self.dtype, self.param_dtype, False, "score")(
+        logits = _dense(config.num_labels, config, self.dtype, self.param_dtype, False, "score", self.precision)(
             out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         if input_ids is not None and config.pad_token_id is not None:
@@ -334,7 +384,7 @@ class OPTForQuestionAnsweringModule(_HeadModule):
         config = self.config
         out = self.base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                         output_hidden_states)
-        logits = _dense(2, config, self.dtype, self.param_dtype, True, "qa_outputs")(
+        logits = _dense(2, config, self.dtype, self.param_dtype, True, "qa_outputs", self.precision)(
             out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None

@@ -1,0 +1,352 @@
+"""The user-facing Flax models: a linen module, its parameters and its config, with Hugging Face's
+Flax surface (`from_pretrained`, `save_pretrained`, `model(input_ids, params=...)`, `init_cache`).
+
+Checkpoints are Hugging Face directories read and written through `opt_spec.io` (safetensors, no
+torch). A parameter's path is `opt_spec.layouts.native_path(spec, "flax")` of its canonical weight and
+its value `to_native(spec, array, "flax")`, so loading and saving are one loop over the weight table.
+Loading follows opt_torch's rules: base and head checkpoints load into each other, a head missing
+from the checkpoint is freshly initialized with a warning, anything else missing, unexpected or
+mis-shaped raises the spec's WeightMismatchError listing every problem.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
+from opt_spec import io as spec_io
+from opt_spec.layouts import from_native, native_path, native_shape, to_native
+from opt_spec.weights import WeightSpec
+
+from .modeling import MODULE_CLASSES, KVCache
+
+CONVENTION = "flax"
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """jnp.float32 | 'bfloat16' | np.dtype(...) -> a JAX floating dtype (raises on anything else)."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("jnp.") not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype.removeprefix("jnp.")]
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype={dtype!r}: expected a floating dtype")
+    return dt
+
+
+# ------------------------------------------------------------------------- params <-> canonical
+def _params_table(config: OPTConfig, head: Head) -> list[WeightSpec]:
+    """The weights that are parameters of the Flax model (a tied head is the embedding, not a param)."""
+    tied = tied_source(config, head)
+    return [spec for spec in weight_table(config, head) if spec.name not in tied]
+
+
+def check_params(params: Mapping, config: OPTConfig, head: Head | str) -> dict[str, tuple[WeightSpec, Any]]:
+    """{dotted path: (weight spec, leaf)} for a Flax parameter tree, which must hold exactly the
+    table's paths with their Flax shapes (else one WeightMismatchError listing every problem)."""
+    flat = {".".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(dict(params))[0]}
+    by_path = {".".join(native_path(spec, CONVENTION)): spec for spec in _params_table(config, Head(head))}
+    missing = sorted(p for p in by_path if p not in flat)
+    unexpected = sorted(p for p in flat if p not in by_path)
+    mis_shaped = [(p, tuple(flat[p].shape), native_shape(by_path[p], CONVENTION)) for p in sorted(flat)
+                  if p in by_path and tuple(flat[p].shape) != native_shape(by_path[p], CONVENTION)]
+    if missing or unexpected or mis_shaped:
+        raise WeightMismatchError(missing, unexpected, mis_shaped, where="Flax params")
+    return {p: (spec, flat[p]) for p, spec in by_path.items()}
+
+
+def params_to_canonical(params: Mapping, config: OPTConfig, head: Head | str) -> dict[str, np.ndarray]:
+    """{canonical name: NumPy array in torch layout} from a Flax parameter tree, in table order."""
+    return {spec.name: from_native(spec, np.asarray(jax.device_get(leaf)), CONVENTION)
+            for spec, leaf in check_params(params, config, head).values()}
+
+
+def canonical_to_params(arrays: Mapping[str, Any], config: OPTConfig, head: Head | str,
+                        param_dtype=jnp.float32) -> dict:
+    """A Flax parameter tree from {canonical name: array} (every non-tied table weight present)."""
+    head = Head(head)
+    params: dict = {}
+    for spec in _params_table(config, head):
+        node = params
+        *scopes, leaf = native_path(spec, CONVENTION)
+        for scope in scopes:
+            node = node.setdefault(scope, {})
+        node[leaf] = jnp.asarray(to_native(spec, np.asarray(arrays[spec.name]), CONVENTION), dtype=param_dtype)
+    return params
+
+
+def init_weight(spec: WeightSpec, config: OPTConfig, seed: int = 0, dtype=jnp.float32) -> jax.Array:
+    """OPT's initialization of one weight in Flax layout, by kind: normal(0, init_std) for linear and
+    embedding weights (the pad row of the token embedding zero), zero biases, unit LayerNorm scales.
+
+    Drawn on the host from (seed, name), so each weight is reproducible on its own and nothing is
+    compiled for it.
+    """
+    shape = native_shape(spec, CONVENTION)
+    if spec.kind in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING):
+        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+        w = (config.init_std * rng.standard_normal(shape)).astype(np.float32)
+        if spec.name.endswith("embed_tokens.weight") and config.pad_token_id is not None:
+            w[config.pad_token_id] = 0.0
+        return jnp.asarray(w, dtype)
+    if spec.kind is WeightKind.NORM_SCALE:
+        return jnp.ones(shape, dtype)
+    return jnp.zeros(shape, dtype)
+
+
+def _set_path(params: dict, path: tuple[str, ...], value) -> None:
+    node = params
+    for scope in path[:-1]:
+        node = node.setdefault(scope, {})
+    node[path[-1]] = value
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+# ------------------------------------------------------------------------------------- the models
+class FlaxOPTPreTrainedModel:
+    """A linen module (`.module`) with its parameters (`.params`, a plain nested dict) and config.
+
+    dtype is the compute dtype (float32, bfloat16 or float16); param_dtype the dtype parameters are
+    kept in (float32 unless asked otherwise). The attention softmax is float32 whatever the dtype.
+    """
+
+    head: Head = Head.BASE
+
+    def __init__(self, config: OPTConfig, params: Mapping | None = None, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, seed: int = 0, precision="auto"):
+        if not isinstance(config, OPTConfig):
+            raise TypeError(f"config must be an OPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.param_dtype = resolve_dtype(param_dtype)
+        if precision == "auto":  # full float32 products for float32 (GPUs would use TF32), default otherwise
+            precision = "highest" if self.dtype == jnp.float32 else None
+        self.precision = precision
+        self.module = MODULE_CLASSES[self.head](config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                precision=precision)
+        if params is None:
+            params = self.init_params(seed)
+        else:
+            check_params(params, config, self.head)
+        self.params = params
+
+    # --------------------------------------------------------------------------- construction
+    def init_params(self, seed: int = 0) -> dict:
+        """OPT's initialization of every parameter (see `init_weight`)."""
+        params: dict = {}
+        for spec in _params_table(self.config, self.head):
+            _set_path(params, native_path(spec, CONVENTION), init_weight(spec, self.config, seed, self.param_dtype))
+        return params
+
+    @classmethod
+    def from_config(cls, config: OPTConfig, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+                    precision="auto"):
+        """A freshly initialized model: normal(0, init_std) weights, zero biases and pad row, unit LN."""
+        return cls(config, dtype=dtype, param_dtype=param_dtype, seed=seed, precision=precision)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
+                        config: OPTConfig | None = None, seed: int = 0, precision="auto"):
+        """Loads a Hugging Face directory of safetensors (single or sharded); no torch involved.
+
+        dtype is the compute dtype; parameters are cast to param_dtype (float32 by default).
+        A head the checkpoint lacks is initialized from `seed` (with a warning naming it).
+        precision goes to every matrix product: "auto" (default) is "highest" for float32 compute, so
+        float32 means float32 on GPUs too (matching PyTorch), and JAX's default for half precision;
+        None is JAX's default (TF32 products for float32 on recent GPUs, faster and less exact).
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint directory")
+        config = config or OPTConfig.from_pretrained(path)
+        fmt, files = spec_io.find_weight_files(path)
+        if fmt != "safetensors":
+            raise ValueError(f"{path} holds PyTorch pickles ({os.path.basename(files[0])}); opt_flax reads "
+                             "safetensors only: re-save it with opt_torch (save_pretrained) first")
+        raw = spec_io.load_safetensors_dir(path)
+        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
+        if plan.fresh:
+            warnings.warn(f"{cls.__name__}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly "
+                          "initialized (train it before use)", stacklevel=2)
+        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
+        fresh = {w.name for w in plan.fresh}
+
+        param_dtype = resolve_dtype(param_dtype)
+        params: dict = {}
+        for spec in _params_table(config, cls.head):
+            if spec.name in fresh:
+                value = init_weight(spec, config, seed, param_dtype)
+            else:
+                value = jnp.asarray(to_native(spec, np.asarray(tensors[spec.name]), CONVENTION), dtype=param_dtype)
+            _set_path(params, native_path(spec, CONVENTION), value)
+        return cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision)
+
+    def save_pretrained(self, path: str | os.PathLike, params: Mapping | None = None,
+                        max_shard_size: int | str = "5GB") -> list[str]:
+        """Writes config.json and model.safetensors (or shards with an index) that opt_torch and
+        Hugging Face's PyTorch OPT load unchanged; a tied LM head is not stored."""
+        arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
+        config_dict = self.config.to_dict()
+        config_dict["architectures"] = [type(self).__name__.removeprefix("Flax")]
+        config_dict["torch_dtype"] = str(np.dtype(next(iter(arrays.values())).dtype))
+        return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+
+    # ---------------------------------------------------------------------------------- running
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty KV cache of max_length positions for batch_size rows (compute dtype)."""
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(f"max_length={max_length} is past the model's max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        return KVCache.zeros(self.config, batch_size, max_length, self.dtype)
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
+        """Eager checks with messages naming the problem (skipped for traced values under jit)."""
+        config = self.config
+        if input_ids is not None and not _is_tracer(input_ids):
+            ids = np.asarray(input_ids)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+            if ids.ndim != 2:
+                raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
+            bad = np.argwhere((ids < 0) | (ids >= config.vocab_size))
+            if bad.size:
+                b, t = bad[0]
+                raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
+                                 f"vocabulary [0, {config.vocab_size})")
+        cache = past_key_values
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"past_key_values must be a KVCache from init_cache(), got {type(cache).__name__}")
+            if len(cache.keys) != config.num_hidden_layers:
+                raise ValueError(f"past_key_values has {len(cache.keys)} layers; the model has "
+                                 f"{config.num_hidden_layers}")
+        if input_ids is None or _is_tracer(input_ids):
+            return
+        B, T = np.shape(input_ids)
+        past = None
+        if cache is not None and not _is_tracer(cache.index):
+            past = int(cache.index)
+            if cache.batch_size != B:
+                raise ValueError(f"past_key_values holds {cache.batch_size} rows; input_ids has {B}")
+            if past + T > cache.max_length:
+                raise ValueError(f"the cache holds {past} of {cache.max_length} positions; {T} more do not fit")
+        if attention_mask is not None and not _is_tracer(attention_mask):
+            mask_shape = np.shape(attention_mask)
+            if cache is None and mask_shape != (B, T):
+                raise ValueError(f"attention_mask has shape {mask_shape}; expected (batch, tokens) = ({B}, {T})")
+            if cache is not None and (len(mask_shape) != 2 or mask_shape[0] != B
+                                      or mask_shape[1] > cache.max_length
+                                      or (past is not None and mask_shape[1] < past + T)):
+                raise ValueError(f"attention_mask has shape {mask_shape}; with a cache it covers every position "
+                                 f"from the first: (batch, past + new .. max_length) = ({B}, "
+                                 f"{'past + ' if past is None else past}{T} .. {cache.max_length})")
+        if position_ids is not None and not _is_tracer(position_ids):
+            top = int(np.max(position_ids)) if np.size(position_ids) else -1
+        elif (attention_mask is None or not _is_tracer(attention_mask)) and (cache is None or past is not None):
+            mask = np.ones((B, (past or 0) + T), np.int64) if attention_mask is None else \
+                np.asarray(attention_mask, np.int64)[:, :(past or 0) + T]
+            top = int((np.cumsum(mask, axis=1) * mask - 1).max()) if mask.size else -1
+        else:
+            return
+        if top >= config.max_position_embeddings:
+            raise ValueError(f"position {top} is past the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+
+    def _apply(self, params, deterministic: bool, dropout_rng, **kwargs):
+        if not deterministic and dropout_rng is None and (self.config.dropout or self.config.attention_dropout
+                                                          or self.config.layerdrop):
+            raise ValueError("deterministic=False needs dropout_rng (a jax.random key) for dropout")
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        return self.module.apply({"params": self.params if params is None else params},
+                                 deterministic=deterministic, rngs=rngs, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={self.config.num_hidden_layers}, hidden={self.config.hidden_size}, "
+                f"dtype={self.dtype.name}, param_dtype={self.param_dtype.name})")
+
+
+class FlaxOPTModel(FlaxOPTPreTrainedModel):
+    """The bare decoder: `.last_hidden_state` (B, T, E)."""
+
+    head = Head.BASE
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
+                 deterministic: bool = True, dropout_rng=None, inputs_embeds=None,
+                 output_hidden_states: bool = False):
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+                           attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
+                           past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
+                           output_hidden_states=output_hidden_states)
+
+
+class FlaxOPTForCausalLM(FlaxOPTPreTrainedModel):
+    """Next-token logits (B, T, V); `labels` (B, T) give the shifted mean cross entropy as `.loss`."""
+
+    head = Head.CAUSAL_LM
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
+                 deterministic: bool = True, dropout_rng=None, labels=None, inputs_embeds=None,
+                 output_hidden_states: bool = False):
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+                           attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
+                           past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
+                           labels=_maybe(labels), output_hidden_states=output_hidden_states)
+
+
+class FlaxOPTForSequenceClassification(FlaxOPTPreTrainedModel):
+    """Logits (B, num_labels) of the rightmost non-pad token; `labels` give `.loss` (problem_type)."""
+
+    head = Head.SEQUENCE_CLASSIFICATION
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
+                 deterministic: bool = True, dropout_rng=None, labels=None, inputs_embeds=None,
+                 output_hidden_states: bool = False):
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+                           attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
+                           past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
+                           labels=_maybe(labels), output_hidden_states=output_hidden_states)
+
+
+class FlaxOPTForQuestionAnswering(FlaxOPTPreTrainedModel):
+    """Span logits `.start_logits` / `.end_logits` (B, T); start/end positions give `.loss`."""
+
+    head = Head.QUESTION_ANSWERING
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
+                 deterministic: bool = True, dropout_rng=None, start_positions=None, end_positions=None,
+                 inputs_embeds=None, output_hidden_states: bool = False):
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+                           attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
+                           past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
+                           start_positions=_maybe(start_positions), end_positions=_maybe(end_positions),
+                           output_hidden_states=output_hidden_states)
+
+
+def _maybe(x):
+    """NumPy arrays and lists become JAX arrays; JAX arrays and tracers pass through; None stays None."""
+    return x if x is None or isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+MODEL_CLASSES = {Head.BASE: FlaxOPTModel, Head.CAUSAL_LM: FlaxOPTForCausalLM,
+                 Head.SEQUENCE_CLASSIFICATION: FlaxOPTForSequenceClassification,
+                 Head.QUESTION_ANSWERING: FlaxOPTForQuestionAnswering}
