@@ -1,0 +1,81 @@
+"""Convert an OPT checkpoint between formats, one tensor at a time.
+
+    optkit convert SRC DST [--to FORMAT] [--dtype float32|float16|bfloat16] [--force] [--quiet]
+
+SRC's format is detected (and reported). Formats: hf-safetensors (default output), hf-pytorch,
+hf-tf (tf_model.h5), hf-flax (flax_model.msgpack), metaseq (read only: restored.pt or
+reshard-model_part-K.pt parts), torch-state-dict (.pt), keras-weights (.weights.h5) and flax-params
+(.msgpack); a DST ending in one of those suffixes picks that format as a single file. DST is written
+next to itself and renamed into place once its names, count and shapes check out, so a failure or
+Ctrl-C leaves no half-written checkpoint; an existing DST is only replaced with --force. Formats
+without a config.json (metaseq, bare .pt/.weights.h5/.msgpack files) get one inferred from the
+shapes and the checkpoint's own args; correct it with --set key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .api import DEFAULT_TARGET, FORMATS, convert
+from .base import OUTPUT_DTYPES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("src", help="checkpoint to read (directory or file; its format is detected)")
+    parser.add_argument("dst", help="where to write (must not exist unless --force)")
+    parser.add_argument("--to", metavar="FORMAT", default=None,
+                        help=f"output format: {', '.join(n for n, f in FORMATS.items() if f.write)} "
+                             f"(default: from DST's suffix .pt/.weights.h5/.msgpack, else {DEFAULT_TARGET})")
+    parser.add_argument("--from", dest="src_format", metavar="FORMAT", default=None,
+                        help="source format, when detection should be skipped")
+    parser.add_argument("--dtype", choices=OUTPUT_DTYPES, default=None,
+                        help="cast floating-point tensors (default: keep the source's dtype)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes, only the summary line")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a config field (JSON value), e.g. --set num_attention_heads=12; "
+                             "for formats that carry no config.json")
+    parser.add_argument("--max-shard-size", default="5GB", help="shard Hugging Face outputs above this (default 5GB)")
+    return parser
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
+                          progress=not args.quiet, config_overrides=_overrides(args.overrides) or None,
+                          src_format=args.src_format, max_shard_size=args.max_shard_size,
+                          log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    except KeyboardInterrupt:
+        print("optkit convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as err:  # ConversionError, WeightMismatchError, FileExistsError, ...
+        print(f"optkit convert: error: {err}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optkit convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
