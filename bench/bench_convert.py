@@ -55,7 +55,7 @@ print(json.dumps(dict(baseline=base, peak=status("VmHWM"), seconds=seconds, out_
 
 def make_source(directory: str, config: OPTConfig, dtype) -> tuple[str, int, int]:
     """Writes the random checkpoint one tensor at a time; returns (dir, bytes, largest tensor bytes)."""
-    from conversion.hf import write_safetensors_stream
+    from opt_spec.io import write_safetensors_stream
 
     tied = tied_source(config, "causal_lm")
     specs = [s for s in weight_table(config, "causal_lm") if s.name not in tied]

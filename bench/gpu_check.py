@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opt_spec import OPTConfig, io as spec_io  # noqa: E402
+from opt_spec import OPTConfig  # noqa: E402
+from opt_spec import io as spec_io
 from opt_spec.testing import VARIANTS, random_batch, random_weights  # noqa: E402
 
 

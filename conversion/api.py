@@ -20,7 +20,7 @@ from opt_spec import OPTConfig, check_weights
 from opt_spec import io as spec_io
 
 from . import hf, hf_flax, hf_tf, metaseq, native
-from .base import Checkpoint, ConversionError, OUTPUT_DTYPES, output_dtype
+from .base import OUTPUT_DTYPES, Checkpoint, ConversionError, output_dtype
 
 
 @dataclass(frozen=True)

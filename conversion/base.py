@@ -8,15 +8,22 @@ when called. A writer walks those refs in table order, one tensor at a time.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightMismatchError, WeightSpec, normalize_names, tied_source, weight_table
-from opt_spec import layouts
+from opt_spec import (
+    Head,
+    OPTConfig,
+    WeightMismatchError,
+    WeightSpec,
+    layouts,
+    normalize_names,
+    tied_source,
+    weight_table,
+)
 from opt_spec.weights import BASE_PREFIX, HEAD_WEIGHTS, optional_weights
 
 ARCHITECTURES = {Head.BASE: "OPTModel", Head.CAUSAL_LM: "OPTForCausalLM",
@@ -109,73 +116,6 @@ def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     if dtype is None or array.dtype == dtype or not is_float(array.dtype):
         return array
     return array.astype(dtype)
-
-
-# ------------------------------------------------------------------------------- memory-mapped pages
-_PAGE = mmap.PAGESIZE
-
-
-def _find_mmap(array: np.ndarray):
-    obj = array
-    while obj is not None:
-        mm = getattr(obj, "_mmap", None)
-        if isinstance(mm, mmap.mmap):
-            return mm
-        if isinstance(obj, mmap.mmap):
-            return obj
-        obj = getattr(obj, "base", None)
-    return None
-
-
-def release_pages(array: np.ndarray) -> None:
-    """Drops the pages of a memory-mapped tensor from this process once it has been consumed.
-
-    A file mapping's touched pages count in the process's resident memory until unmapped; dropping
-    them (they stay in the OS page cache) keeps peak memory near one tensor when a whole checkpoint
-    is streamed through a mapping. A no-op for arrays that are not memory-mapped.
-    """
-    if not hasattr(mmap, "MADV_DONTNEED") or not isinstance(array, np.ndarray) or array.size == 0:
-        return
-    mm = _find_mmap(array)
-    if mm is None or mm.closed:
-        return
-    try:
-        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-    except (TypeError, ValueError):
-        return
-    low, high = np.lib.array_utils.byte_bounds(array)
-    start = max(0, (low - base) // _PAGE * _PAGE)
-    stop = min(len(mm), high - base)
-    if stop > start:
-        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
-
-def row_blocks(array: np.ndarray, chunk_bytes: int = 64 << 20, tile: int = 256):
-    """Yields (first row, C-contiguous block of rows) covering `array` in order.
-
-    A C-contiguous array is yielded as views (no copy); any other layout (a transposed kernel) is
-    copied one block at a time, tile by tile, so a transpose runs at memory speed rather than at the
-    speed of a strided gather, and never needs a second copy of the whole tensor.
-    """
-    if array.ndim == 0:
-        yield 0, np.ascontiguousarray(array).reshape(1)
-        return
-    row_bytes = max(1, array[0].nbytes if array.shape[0] else 1)
-    rows = max(1, chunk_bytes // row_bytes)
-    if array.flags.c_contiguous:
-        for i in range(0, array.shape[0], rows):
-            yield i, array[i:i + rows]
-        return
-    for i in range(0, array.shape[0], rows):
-        part = array[i:i + rows]
-        if part.ndim != 2:
-            yield i, np.ascontiguousarray(part)
-            continue
-        out = np.empty(part.shape, part.dtype)
-        for r in range(0, part.shape[0], tile):
-            for c in range(0, part.shape[1], tile):
-                out[r:r + tile, c:c + tile] = part[r:r + tile, c:c + tile]
-        yield i, out
 
 
 # ------------------------------------------------------------------------------ names and heads

@@ -6,17 +6,28 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from opt_spec import OPTConfig
 from opt_spec import io as spec_io
+from opt_spec.io import release_pages, write_safetensors_stream
+from opt_spec.torch_pickle import TorchZipReader, tensors_of, write_torch_zip
 
-from .base import (ARCHITECTURES, Checkpoint, ConversionError, NativeTensor, TensorRef, bind, canonical_prefixes, cast,
-                   detect_head, dtype_name, output_dtype, release_pages, row_blocks)
-from .torch_pickle import TorchZipReader, tensors_of, write_torch_zip
+from .base import (
+    ARCHITECTURES,
+    Checkpoint,
+    ConversionError,
+    NativeTensor,
+    TensorRef,
+    bind,
+    canonical_prefixes,
+    cast,
+    detect_head,
+    dtype_name,
+    output_dtype,
+)
 
 DEFAULT_SHARD_SIZE = "5GB"
 Tick = Callable[[TensorRef], None]
@@ -65,44 +76,6 @@ def produce(ref: TensorRef, dtype: np.dtype | None) -> np.ndarray:
     if out is not array:
         release_pages(array)
     return out
-
-
-def write_safetensors_stream(path: str, items: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-                             metadata: Mapping[str, str] | None = None,
-                             on_written: Callable[[str, np.ndarray], None] | None = None) -> int:
-    """Writes a safetensors file whose header is known up front, producing one tensor at a time
-    (opt_spec.io.write_safetensors needs every array first). Returns the bytes written."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, shape, dtype, _ in items:
-        code = spec_io._DTYPE_CODES.get(np.dtype(dtype))
-        if code is None:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype, make in items:
-            array = make()
-            if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
-                raise ConversionError(f"tensor {name!r} is {array.shape} {array.dtype}, expected {shape} {dtype}")
-            write_array(f, array)
-            if on_written is not None:
-                on_written(name, array)
-    return 8 + len(blob) + offset
-
-
-def write_array(f, array: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
-    """Writes an array's bytes (C order, little-endian) block by block, then drops its mapped pages."""
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    for _, block in row_blocks(array, chunk_bytes):
-        f.write(memoryview(block.reshape(-1).view(np.uint8)))
-    release_pages(array)
 
 
 def _shards(ckpt: Checkpoint, dtype, max_shard_size, single: str, pattern: str) -> dict[str, list[TensorRef]]:

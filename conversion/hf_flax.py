@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 
-from opt_spec import Head, OPTConfig, WeightSpec
+from opt_spec import Head, OPTConfig, WeightSpec, layouts
 from opt_spec import io as spec_io
-from opt_spec import layouts
+from opt_spec.io import write_array
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, output_dtype
-from .hf import load_config, output_config, produce, write_array, write_config
-from .msgpack_tree import Leaf, ChunkedLeaf, LeafSpec, MsgpackError, flatten, read_tree, write_tree
+from .hf import load_config, output_config, produce, write_config
+from .msgpack_tree import ChunkedLeaf, Leaf, LeafSpec, MsgpackError, flatten, read_tree, write_tree
 
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 FLAX_INDEX_NAME = "flax_model.msgpack.index.json"

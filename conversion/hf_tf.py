@@ -19,12 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightSpec
+from opt_spec import Head, OPTConfig, WeightSpec, layouts
 from opt_spec import io as spec_io
-from opt_spec import layouts
+from opt_spec.io import release_pages, row_blocks
 
-from .base import (Checkpoint, ConversionError, NativeTensor, bind, dtype_name, output_dtype, release_pages,
-                   row_blocks)
+from .base import Checkpoint, ConversionError, NativeTensor, bind, dtype_name, output_dtype
 from .hf import load_config, output_config, produce, write_config
 
 TF_WEIGHTS_NAME = "tf_model.h5"

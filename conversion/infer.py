@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from opt_spec import OPTConfig, PRESETS
+from opt_spec import PRESETS, OPTConfig
 from opt_spec.weights import strip_base_prefix
 
 from .base import ConversionError

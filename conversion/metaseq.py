@@ -22,11 +22,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from opt_spec import Head, OPTConfig
+from opt_spec.io import release_pages
+from opt_spec.torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip
 from opt_spec.weights import BASE_PREFIX
 
-from .base import Checkpoint, ConversionError, NativeTensor, bind, release_pages
+from .base import Checkpoint, ConversionError, NativeTensor, bind
 from .infer import infer_config
-from .torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip
 
 # canonical module -> metaseq module (the reverse direction is derived from the same table)
 RENAMES = {"decoder.project_in": "decoder.project_in_dim", "decoder.project_out": "decoder.project_out_dim",

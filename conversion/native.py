@@ -18,11 +18,11 @@ from typing import Mapping
 
 from opt_spec import OPTConfig, tied_source
 from opt_spec import io as spec_io
+from opt_spec.torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip, write_torch_zip
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, canonical_prefixes, detect_head, output_dtype
 from .hf import apply_overrides, output_config, produce, write_config
 from .infer import infer_config
-from .torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip, write_torch_zip
 
 TORCH_FILE = "model_state_dict.pt"
 KERAS_FILE = "model.weights.h5"

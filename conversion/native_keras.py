@@ -20,8 +20,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightSpec, weight_table
-from opt_spec import layouts
+from opt_spec import Head, OPTConfig, WeightSpec, layouts, weight_table
 from opt_spec.weights import BASE_PREFIX
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, dtype_name

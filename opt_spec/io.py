@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -135,35 +136,130 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         return self._entries[name][0]
 
 
+TensorEntry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]  # name, shape, dtype, make
+
+
+def write_safetensors_stream(path: str | os.PathLike, entries: Iterable[TensorEntry],
+                             metadata: Mapping[str, str] | None = None,
+                             on_written: Callable[[str, np.ndarray], None] | None = None) -> int:
+    """Writes a safetensors file (not atomically: callers write into a temporary place) whose header
+    is known up front, making and writing one tensor at a time, so at most one tensor (plus one
+    block of a transposed copy) is in memory. Returns the bytes written."""
+    entries = list(entries)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        code = _DTYPE_CODES.get(np.dtype(dtype))
+        if code is None:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, make in entries:
+            array = make()
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {name!r} is {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} "
+                                 f"{np.dtype(dtype)}")
+            write_array(f, array)
+            if on_written is not None:
+                on_written(name, array)
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(blob) + offset
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                       metadata: Mapping[str, str] | None = None) -> int:
-    """Writes tensors (a mapping, or (name, array) pairs consumed once) atomically; returns bytes.
+    """Writes tensors (a mapping, or (name, array) pairs) atomically; returns the bytes written.
 
     Arrays may be lazy (memory-mapped): each is written straight through, one at a time.
     """
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, arr in items:
-        dtype = np.dtype(arr.dtype)
-        if dtype not in _DTYPE_CODES:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            arr = np.ascontiguousarray(arr)
-            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(blob) + offset
+    entries = [(name, tuple(a.shape), np.dtype(a.dtype), (lambda a=a: a)) for name, a in items]
+    with atomic_path(path) as tmp:
+        return write_safetensors_stream(tmp, entries, metadata)
+
+
+def write_array(f, array: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
+    """Writes an array's bytes (C order, little-endian) block by block, then drops its mapped pages."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    for _, block in row_blocks(array, chunk_bytes):
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))
+    release_pages(array)
+
+
+# ------------------------------------------------------------------------------- memory-mapped pages
+_PAGE = mmap.PAGESIZE
+
+
+def _find_mmap(array: np.ndarray):
+    obj = array
+    while obj is not None:
+        mm = getattr(obj, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return mm
+        if isinstance(obj, mmap.mmap):
+            return obj
+        obj = getattr(obj, "base", None)
+    return None
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drops the pages of a memory-mapped tensor from this process once it has been consumed.
+
+    A file mapping's touched pages count in the process's resident memory until unmapped; dropping
+    them (they stay in the OS page cache) keeps peak memory near one tensor when a whole checkpoint
+    is streamed through a mapping. A no-op for arrays that are not memory-mapped.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED") or not isinstance(array, np.ndarray) or array.size == 0:
+        return
+    mm = _find_mmap(array)
+    if mm is None or mm.closed:
+        return
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError):
+        return
+    low, high = np.lib.array_utils.byte_bounds(array)
+    start = max(0, (low - base) // _PAGE * _PAGE)
+    stop = min(len(mm), high - base)
+    if stop > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def row_blocks(array: np.ndarray, chunk_bytes: int = 64 << 20, tile: int = 256):
+    """Yields (first row, C-contiguous block of rows) covering `array` in order.
+
+    A C-contiguous array is yielded as views (no copy); any other layout (a transposed kernel) is
+    copied one block at a time, tile by tile, so a transpose runs at memory speed rather than at the
+    speed of a strided gather, and never needs a second copy of the whole tensor.
+    """
+    if array.ndim == 0:
+        yield 0, np.ascontiguousarray(array).reshape(1)
+        return
+    row_bytes = max(1, array[0].nbytes if array.shape[0] else 1)
+    rows = max(1, chunk_bytes // row_bytes)
+    if array.flags.c_contiguous:
+        for i in range(0, array.shape[0], rows):
+            yield i, array[i:i + rows]
+        return
+    for i in range(0, array.shape[0], rows):
+        part = array[i:i + rows]
+        if part.ndim != 2:
+            yield i, np.ascontiguousarray(part)
+            continue
+        out = np.empty(part.shape, part.dtype)
+        for r in range(0, part.shape[0], tile):
+            for c in range(0, part.shape[1], tile):
+                out[r:r + tile, c:c + tile] = part[r:r + tile, c:c + tile]
+        yield i, out
+
 
 
 # ------------------------------------------------------------------------ Hugging Face directories
@@ -225,6 +321,23 @@ def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             if name in out:
                 raise ValueError(f"tensor {name!r} appears in more than one shard of {directory}")
             out[name] = st[name]
+    return out
+
+
+def load_checkpoint_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: memory-mapped array} for every tensor of a Hugging Face directory: safetensors, or
+    PyTorch pickles (pytorch_model.bin, sharded or not) read without torch by a restricted unpickler."""
+    fmt, files = find_weight_files(directory)
+    if fmt == "safetensors":
+        return load_safetensors_dir(directory)
+    from .torch_pickle import TorchZipReader, tensors_of
+
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        for name, tensor in tensors_of(TorchZipReader(path).obj, path).items():
+            if name in out:
+                raise ValueError(f"tensor {name!r} appears in more than one shard of {directory}")
+            out[name] = tensor.array()
     return out
 
 

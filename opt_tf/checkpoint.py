@@ -15,8 +15,7 @@ import warnings
 
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, \
-    weight_table
+from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.layouts import from_native, native_path, to_native
 from opt_spec.weights import HEAD_WEIGHTS
@@ -116,7 +115,7 @@ class TFPretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, config: OPTConfig | None = None, **kwargs):
-        """Loads a Hugging Face directory (model.safetensors, sharded or not) without torch.
+        """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not) without torch.
 
         dtype: None -> float32; 'auto' -> the checkpoint's dtype; or any dtype the constructor takes
         ('bfloat16', 'mixed_bfloat16', ...). A base checkpoint loads into a head model (the missing
@@ -125,7 +124,7 @@ class TFPretrainedMixin:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)
-        raw = spec_io.load_safetensors_dir(path)
+        raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
         names = normalize_names(raw, cls.head)
         tensors = {names[k]: v for k, v in raw.items()}
         other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h != cls.head for n in ns}

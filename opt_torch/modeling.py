@@ -16,8 +16,12 @@ from torch import nn
 
 from opt_spec import Head, OPTConfig
 from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
-from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
-                              SequenceClassifierOutputWithPast)
+from opt_spec.outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+)
 
 from .cache import StaticCache
 from .checkpoint import PretrainedMixin

@@ -10,14 +10,15 @@ leaves nothing half-written, and a complete folder is reused as is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 
 import numpy as np
 
-from opt_spec import OPTConfig, PRESETS
-from opt_spec.io import CONFIG_NAME, SAFE_WEIGHTS_NAME, SafetensorsFile, atomic_path, write_safetensors
+from opt_spec import PRESETS, OPTConfig
+from opt_spec.io import CONFIG_NAME, SAFE_WEIGHTS_NAME, SafetensorsFile, atomic_path, write_safetensors_stream
 from opt_spec.testing import VARIANTS, random_weight
 from opt_spec.weights import Head, tied_source, weight_table
 
@@ -61,20 +62,6 @@ def preset_config(name: str) -> OPTConfig:
         raise CLIError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}") from None
 
 
-class _LazyRandomWeight:
-    """Shape and dtype now, values when written: write_safetensors materializes one tensor at a time,
-    so peak memory stays near the largest tensor whatever the preset."""
-
-    def __init__(self, spec, config: OPTConfig, seed: int, bar):
-        self.spec, self.config, self.seed, self.bar = spec, config, seed, bar
-        self.shape, self.dtype = spec.shape, np.dtype(np.float32)
-
-    def __array__(self, dtype=None, copy=None):
-        array = random_weight(self.spec, self.config, self.seed, np.float32)
-        self.bar.update(1)
-        return array if dtype is None else array.astype(dtype)
-
-
 def _expected_names(config: OPTConfig) -> set[str]:
     tied = tied_source(config, Head.CAUSAL_LM)
     return {w.name for w in weight_table(config, Head.CAUSAL_LM) if w.name not in tied}
@@ -111,9 +98,11 @@ def random_checkpoint(preset: str, seed: int, console: Console) -> ModelSource:
         with atomic_path(path) as tmp, console.progress(total=len(table), desc="random weights",
                                                         unit="tensor") as bar:
             os.makedirs(tmp)
-            write_safetensors(os.path.join(tmp, SAFE_WEIGHTS_NAME),
-                              [(w.name, _LazyRandomWeight(w, config, seed, bar)) for w in table],
-                              metadata={"format": "pt", RANDOM_MARKER: json.dumps(marker)})
+            entries = [(w.name, w.shape, np.dtype(np.float32), functools.partial(random_weight, w, config, seed))
+                       for w in table]  # each tensor is made when written: memory stays near one tensor
+            write_safetensors_stream(os.path.join(tmp, SAFE_WEIGHTS_NAME), entries,
+                                     metadata={"format": "pt", RANDOM_MARKER: json.dumps(marker)},
+                                     on_written=lambda name, array: bar.update(1))
             with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
                 f.write(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return ModelSource(path, OPTConfig.from_pretrained(path), marker)
@@ -162,17 +151,17 @@ def load_tokenizer(directory: str | None, source: ModelSource):
 
 
 def with_safetensors(source: ModelSource, console: Console) -> ModelSource:
-    """The same checkpoint as a safetensors folder, which every backend reads.
+    """The same checkpoint in a layout every backend reads (safetensors or pytorch_model.bin).
 
-    A folder of another format (pytorch_model.bin as in the facebook/opt-* downloads, tf_model.h5,
-    flax_model.msgpack, ...) is converted once with the conversion package into
-    $OPTKIT_CACHE/converted/<name>-<key>, the key changing when the source's files change.
+    A folder of another format (tf_model.h5, flax_model.msgpack, a native or metaseq file, ...) is
+    converted once with the conversion package into $OPTKIT_CACHE/converted/<name>-<key>, the key
+    changing when the source's files change.
     """
     from opt_spec.io import find_weight_files
 
     try:
-        if find_weight_files(source.path)[0] == "safetensors":
-            return source
+        find_weight_files(source.path)
+        return source
     except FileNotFoundError:
         pass  # no Hugging Face PyTorch-layout weights: maybe another format conversion reads
     try:

@@ -10,8 +10,9 @@ checkpoint, whose logits reach |63|: between torch, tf and flax the max differen
 (float32), 0.10 (float16) and 1.05 (bfloat16); a real bug (a transposed or missing weight) moves
 logits by whole units or more. --tolerance sets another bound.
 
-A folder without model.safetensors (pytorch_model.bin, as the facebook/opt-* downloads ship) is
-converted once to a cached safetensors copy, so that every backend loads the very same tensors.
+Every backend reads model.safetensors and pytorch_model.bin (as the facebook/opt-* downloads ship)
+directly; a folder of another format (tf_model.h5, flax_model.msgpack, ...) is converted once to a
+cached safetensors copy, so that every backend loads the very same tensors.
 """
 
 from __future__ import annotations

@@ -140,14 +140,27 @@ def test_generate_on_random_preset_says_so(tmp_path):
         assert 1 <= len(ids) <= 4 and all(0 <= t < 100 for t in ids)
 
 
-def test_parity_converts_a_pytorch_bin_folder_once(capsys, cache, tmp_path):
-    pytest.importorskip("conversion.api")
+def test_parity_reads_a_pytorch_bin_folder_directly(capsys, cache, tmp_path):
     from opt_torch import OPTForCausalLM
 
     src = tmp_path / "bin-model"
     model = OPTForCausalLM.from_pretrained(checkpoints.random_checkpoint("tiny", 0, checkpoints.Console(True)).path)
     model.save_pretrained(src, safe_serialization=False)
     assert sorted(os.listdir(src)) == ["config.json", "pytorch_model.bin"]
+    code, out, err = run_main(capsys, "parity", "--model", str(src), "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"] == str(src) and report["loaded_from"] == str(src)
+    assert not os.path.exists(cache / "converted")
+
+
+def test_parity_converts_a_tf_h5_folder_once(capsys, cache, tmp_path):
+    pytest.importorskip("conversion.api")
+    from conversion.api import convert
+
+    src = tmp_path / "h5-model"
+    convert(checkpoints.random_checkpoint("tiny", 0, checkpoints.Console(True)).path, src, to="hf-tf", progress=False)
+    assert "tf_model.h5" in os.listdir(src)
     code, out, err = run_main(capsys, "parity", "--model", str(src), "--backends", "torch", "--json", "-q")
     assert code == 0, err
     report = json.loads(out)

@@ -16,12 +16,12 @@ import torch
 
 import conversion
 from conversion import ConversionError, convert, detect_format, read_checkpoint
-from conversion.base import _find_mmap, release_pages
 from conversion.cli import add_arguments, run
-from conversion.torch_pickle import UnsafePickleError
 from opt_spec import OPTConfig, WeightMismatchError
 from opt_spec import io as spec_io
+from opt_spec.io import _find_mmap, release_pages
 from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_spec.torch_pickle import UnsafePickleError
 from opt_spec.weights import strip_base_prefix
 from opt_torch import OPTForCausalLM
 from opt_torch.modeling import MODEL_CLASSES

@@ -14,14 +14,21 @@ import numpy as np
 import pytest
 import torch
 
+from opt_flax import (
+    FlaxOPTForCausalLM,
+    FlaxOPTForQuestionAnswering,
+    FlaxOPTForSequenceClassification,
+    FlaxOPTModel,
+    KVCache,
+    canonical_to_params,
+    params_to_canonical,
+)
+from opt_flax.modeling import MODULE_CLASSES
+from opt_flax.pretrained import MODEL_CLASSES as FLAX_CLASSES
 from opt_spec import WeightMismatchError, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.layouts import native_path, native_shape
 from opt_spec.testing import VARIANTS, random_batch, random_weights
-from opt_flax import (FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification,
-                      FlaxOPTModel, KVCache, canonical_to_params, params_to_canonical)
-from opt_flax.modeling import MODULE_CLASSES
-from opt_flax.pretrained import MODEL_CLASSES as FLAX_CLASSES
 from opt_torch.modeling import MODEL_CLASSES as TORCH_CLASSES
 
 from .conftest import HEADS, max_abs_diff

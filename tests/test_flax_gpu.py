@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from opt_spec import io as spec_io
-from opt_spec.testing import VARIANTS, random_batch, random_weights
 from opt_flax import FlaxOPTForCausalLM
 from opt_flax.pretrained import MODEL_CLASSES as FLAX_CLASSES
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
 from opt_torch.modeling import MODEL_CLASSES as TORCH_CLASSES
 
 from .conftest import HEADS, max_abs_diff

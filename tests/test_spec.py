@@ -9,10 +9,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from opt_spec import (HEADS, PRESETS, OPTConfig, WeightMismatchError, check_weights, count_parameters,
-                      normalize_names, weight_table)
+from opt_spec import (
+    HEADS,
+    PRESETS,
+    OPTConfig,
+    WeightMismatchError,
+    check_weights,
+    count_parameters,
+    layouts,
+    normalize_names,
+    numerics,
+    weight_table,
+)
 from opt_spec import io as spec_io
-from opt_spec import layouts, numerics
 from opt_spec.testing import VARIANTS, random_batch, random_weights
 
 # Published parameter counts (millions, rounded) of the causal-LM checkpoints.

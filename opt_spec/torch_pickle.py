@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from .base import release_pages, row_blocks
+from .io import release_pages, row_blocks
 
 STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
