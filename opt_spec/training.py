@@ -1,0 +1,100 @@
+"""What fine-tuning means, once for every backend: optimizer settings, the learning-rate schedule,
+which weights decay, and how gradients are clipped and accumulated.
+
+Each backend implements these natively (torch.optim.AdamW, an optax chain, Keras AdamW) and must
+evaluate them identically; the plain-Python functions here are the definitions the tests compare with.
+
+- AdamW (decoupled weight decay): for each weight p with gradient g at update t = 1, 2, ...:
+  m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; m_hat = m / (1 - b1^t); v_hat = v / (1 - b2^t);
+  p = p - lr_t * (m_hat / (sqrt(v_hat) + eps) + wd * p)   where wd = 0 for weights that do not decay.
+- Learning rate: `learning_rate(step, cfg)` for the update that follows `step` updates (0 for the
+  first): linear warm-up from 0 over warmup_steps, then linear or cosine decay to 0 at total_steps
+  (or constant) — Hugging Face's schedules, so the first update of a warm-up has rate 0.
+- Weight decay applies to linear weights and embeddings, never to biases or LayerNorm parameters.
+- Gradient clipping by global norm (all gradients together, in float32):
+  g = g * min(1, max_grad_norm / (norm + 1e-6)).
+- Gradient accumulation: the gradients of `gradient_accumulation_steps` micro-batches are averaged
+  (each micro-batch loss is a mean) before clipping and one update; the schedule counts updates.
+- Mixed precision "bf16": forward and backward compute in bfloat16, weights, optimizer state, loss and
+  softmax in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .weights import WeightKind
+
+SCHEDULES = ("linear", "cosine", "constant")
+CLIP_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | None = None  # None or "bf16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if not self.learning_rate > 0:
+            fail("learning_rate", "must be > 0")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1)")
+        if not self.adam_epsilon > 0:
+            fail("adam_epsilon", "must be > 0")
+        for name in ("warmup_steps", "total_steps", "gradient_accumulation_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "must be a non-negative int")
+        if self.total_steps < 1:
+            fail("total_steps", "must be at least 1")
+        if self.gradient_accumulation_steps < 1:
+            fail("gradient_accumulation_steps", "must be at least 1")
+        if self.warmup_steps > self.total_steps:
+            fail("warmup_steps", f"is more than total_steps={self.total_steps}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {SCHEDULES}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            fail("max_grad_norm", "must be > 0 or None")
+        if self.mixed_precision not in (None, "bf16"):
+            fail("mixed_precision", "must be None or 'bf16'")
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The rate of the update that follows `step` completed updates."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * step / max(1, cfg.warmup_steps)
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.learning_rate * max(0.0, 1.0 - progress)
+    return cfg.learning_rate * max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def applies_weight_decay(kind: WeightKind) -> bool:
+    """Linear weights and embeddings decay; biases and LayerNorm parameters do not."""
+    return kind in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING)
+
+
+def clip_scale(global_norm: float, max_grad_norm: float | None) -> float:
+    """The factor every gradient is multiplied by before the update."""
+    if max_grad_norm is None:
+        return 1.0
+    return min(1.0, max_grad_norm / (global_norm + CLIP_EPS))
