@@ -57,7 +57,8 @@ def torch_checks(dirs, big_dir, big_config) -> bool:
                 m = OPTForCausalLM.from_pretrained(path, dtype=dtype, device=dev, attn_implementation=attn)
                 out = m(ids, mask).logits
                 d = masked_max(out.float().cpu(), ref.cpu(), mask.cpu())
-                ok &= report(f"torch {name} {str(dtype)[6:]} {attn}", bool(torch.isfinite(out).all()) and d < 0.1 * scale,
+                finite = bool(torch.isfinite(out).all())
+                ok &= report(f"torch {name} {str(dtype)[6:]} {attn}", finite and d < 0.1 * scale,
                              f"max diff {d:.3e} (logit scale {scale:.1f})")
     # generate: compiled == eager, and speed
     model = OPTForCausalLM.from_pretrained(big_dir, dtype=torch.float16, device=dev)
@@ -114,7 +115,8 @@ def main() -> int:
             spec_io.save_safetensors_dir(dirs[name], random_weights(VARIANTS[name], seed=3), VARIANTS[name].to_dict())
         big_config = OPTConfig.from_preset("125m").replace(dropout=0.0)
         big_dir = os.path.join(root, "125m")
-        spec_io.save_safetensors_dir(big_dir, random_weights(big_config, seed=0, dtype=np.float16), big_config.to_dict())
+        big_weights = random_weights(big_config, seed=0, dtype=np.float16)
+        spec_io.save_safetensors_dir(big_dir, big_weights, big_config.to_dict())
         for backend in args.backends.split(","):
             try:
                 if backend == "torch":

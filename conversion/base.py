@@ -8,22 +8,15 @@ when called. A writer walks those refs in table order, one tensor at a time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from opt_spec import (
-    Head,
-    OPTConfig,
-    WeightMismatchError,
-    WeightSpec,
-    layouts,
-    normalize_names,
-    tied_source,
-    weight_table,
-)
+from opt_spec import (Head, OPTConfig, WeightMismatchError, WeightSpec, layouts, normalize_names, tied_source,
+                      weight_table)
 from opt_spec.weights import BASE_PREFIX, HEAD_WEIGHTS, optional_weights
 
 ARCHITECTURES = {Head.BASE: "OPTModel", Head.CAUSAL_LM: "OPTForCausalLM",
@@ -153,6 +146,10 @@ class NativeTensor:
     where: str
 
 
+def _load_native(tensor: "NativeTensor", spec: WeightSpec, convention: str) -> np.ndarray:
+    return layouts.from_native(spec, tensor.load(), convention)
+
+
 def bind(native: Mapping[str, NativeTensor], config: OPTConfig, head: Head,
          naming: Callable[[WeightSpec], Sequence[str]], convention: str, where: str,
          notes: list[str] | None = None) -> dict[str, TensorRef]:
@@ -188,7 +185,7 @@ def bind(native: Mapping[str, NativeTensor], config: OPTConfig, head: Head,
         if convention == "torch":
             loader = t.load
         else:
-            loader = (lambda t=t, spec=spec: layouts.from_native(spec, t.load(), convention))
+            loader = functools.partial(_load_native, t, spec, convention)
         refs[spec.name] = TensorRef(spec, np.dtype(t.dtype), loader, t.where)
     may_miss = optional_weights(config, head) | set(tied)
     missing = [naming(s)[0] for s in table if s.name not in refs and s.name not in may_miss

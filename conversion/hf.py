@@ -15,19 +15,8 @@ from opt_spec import io as spec_io
 from opt_spec.io import release_pages, write_safetensors_stream
 from opt_spec.torch_pickle import TorchZipReader, tensors_of, write_torch_zip
 
-from .base import (
-    ARCHITECTURES,
-    Checkpoint,
-    ConversionError,
-    NativeTensor,
-    TensorRef,
-    bind,
-    canonical_prefixes,
-    cast,
-    detect_head,
-    dtype_name,
-    output_dtype,
-)
+from .base import (ARCHITECTURES, Checkpoint, ConversionError, NativeTensor, TensorRef, bind, canonical_prefixes, cast,
+                   detect_head, dtype_name, output_dtype)
 
 DEFAULT_SHARD_SIZE = "5GB"
 Tick = Callable[[TensorRef], None]

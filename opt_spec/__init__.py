@@ -6,21 +6,8 @@ Imports NumPy at most; every backend and the converters are built from what is d
 from .config import ACTIVATIONS, OPTConfig
 from .numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET
 from .presets import PRESETS
-from .weights import (
-                      HEADS,
-                      Head,
-                      LoadPlan,
-                      WeightKind,
-                      WeightMismatchError,
-                      WeightSpec,
-                      check_weights,
-                      count_parameters,
-                      normalize_names,
-                      optional_weights,
-                      plan_load,
-                      tied_source,
-                      weight_table,
-)
+from .weights import (HEADS, Head, LoadPlan, WeightKind, WeightMismatchError, WeightSpec, check_weights,
+                      count_parameters, normalize_names, optional_weights, plan_load, tied_source, weight_table)
 
 __all__ = [
     "ACTIVATIONS", "HEADS", "IGNORE_INDEX", "LAYER_NORM_EPS", "OPTConfig", "POSITION_OFFSET", "PRESETS",

@@ -159,6 +159,16 @@ class OPTTokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else list(ids)
 
+    def encode_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, offsets): offsets[i] = (start, end) character span of token i in `text` ((0, 0) for
+        the bos). Byte-level tokens keep their leading space, and the bytes of one character split
+        over several tokens all report that character's span."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_with_offsets() takes a string, got {type(text).__name__}")
+        enc = self._tokenizer.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
+        return ([self.bos_token_id, *ids], [(0, 0), *offsets]) if add_bos else (ids, offsets)
+
     def __call__(self, texts: str | Sequence[str], add_bos: bool = True, max_length: int | None = None,
                  dtype=np.int64) -> dict[str, np.ndarray]:
         """{'input_ids', 'attention_mask'}: (B, T) integer arrays, LEFT-padded with pad_token_id.

@@ -12,15 +12,8 @@ eagerly and under XLA; its API is described in `opt_tf.modeling`.
 from opt_spec import OPTConfig
 
 from .checkpoint import canonical_names, variable_map
-from .modeling import (
-                       KVCache,
-                       TFOPTForCausalLM,
-                       TFOPTForQuestionAnswering,
-                       TFOPTForSequenceClassification,
-                       TFOPTModel,
-                       TFOPTPreTrainedModel,
-                       init_cache,
-)
+from .modeling import (KVCache, TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification, TFOPTModel,
+                       TFOPTPreTrainedModel, init_cache)
 
 __all__ = ["KVCache", "OPTConfig", "TFOPTForCausalLM", "TFOPTForQuestionAnswering", "TFOPTForSequenceClassification",
            "TFOPTModel", "TFOPTPreTrainedModel", "canonical_names", "init_cache", "variable_map"]

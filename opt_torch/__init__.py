@@ -2,13 +2,8 @@
 
 from opt_spec import OPTConfig
 
-from .modeling import (
-                       OPTForCausalLM,
-                       OPTForQuestionAnswering,
-                       OPTForSequenceClassification,
-                       OPTModel,
-                       OPTPreTrainedModel,
-)
+from .modeling import (OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel,
+                       OPTPreTrainedModel)
 
 __all__ = ["OPTConfig", "OPTForCausalLM", "OPTForQuestionAnswering", "OPTForSequenceClassification", "OPTModel",
            "OPTPreTrainedModel"]

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import Head, OPTConfig
@@ -133,6 +134,7 @@ class OPTDecoder(nn.Module):
                                  if config.has_final_layer_norm else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config, attn_implementation)
                                     for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # recompute each layer in backward (training, no cache)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=False, output_hidden_states=False, cache_position=None):
@@ -178,7 +180,10 @@ class OPTDecoder(nn.Module):
                 kv_update = functools.partial(_concat_kv, past_key_values[i])
             else:
                 kv_update = None
-            x, kv = layer(x, allowed, kv_update)
+            if self.gradient_checkpointing and self.training and kv_update is None and cache is None:
+                x, kv = torch.utils.checkpoint.checkpoint(layer, x, allowed, use_reentrant=False)
+            else:
+                x, kv = layer(x, allowed, kv_update)
             if cache is not None:
                 cache.append(kv)
         if self.final_layer_norm is not None:
@@ -266,6 +271,13 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, OPTAttention):
                 m.attn_implementation = name
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Training trades compute for memory: each decoder layer's activations are recomputed in
+        the backward pass (torch.utils.checkpoint; dropout replays the same random numbers)."""
+        for m in self.modules():
+            if isinstance(m, OPTDecoder):
+                m.gradient_checkpointing = bool(enabled)
 
     @property
     def dtype(self) -> torch.dtype:

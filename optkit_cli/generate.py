@@ -146,9 +146,9 @@ def run(args, console: Console) -> int:
         runner, _ = load_runner(args.backend, source.load_path, args.dtype)
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else 1
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_token_id=eos, pad_token_id=pad, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, eos_token_id=eos, pad_token_id=pad, seed=args.seed)
     T = batch["input_ids"].shape[1]
     native = runner.has_generate and not args.fallback_loop
     if not native and args.num_beams > 1:

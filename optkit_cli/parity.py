@@ -167,7 +167,8 @@ def run(args, console: Console) -> int:
     passed = (all(p["within_tolerance"] for p in pairs) and not failed
               and (not args.strict or (not skipped and len(ran) >= 2)))
     report = {
-        "model": source.path, "loaded_from": source.load_path, "random_weights": source.random, "dtype": args.dtype, "tolerance": tolerance,
+        "model": source.path, "loaded_from": source.load_path, "random_weights": source.random, "dtype": args.dtype,
+        "tolerance": tolerance,
         "batch": {"shape": list(ids.shape), "real_tokens": int(mask.sum()), "source": what},
         "backends": results, "pairs": pairs, "passed": passed,
     }

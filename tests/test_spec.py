@@ -9,18 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from opt_spec import (
-    HEADS,
-    PRESETS,
-    OPTConfig,
-    WeightMismatchError,
-    check_weights,
-    count_parameters,
-    layouts,
-    normalize_names,
-    numerics,
-    weight_table,
-)
+from opt_spec import (HEADS, PRESETS, OPTConfig, WeightMismatchError, check_weights, count_parameters, layouts,
+                      normalize_names, numerics, weight_table)
 from opt_spec import io as spec_io
 from opt_spec.testing import VARIANTS, random_batch, random_weights
 
