@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opt_spec import OPTConfig, count_parameters, io as spec_io, weight_table  # noqa: E402
+from opt_spec import OPTConfig, count_parameters, weight_table  # noqa: E402
+from opt_spec import io as spec_io
 from opt_spec.testing import random_weight  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -88,7 +89,81 @@ def torch_runs(path, config, ids, mask):
     return ours_fn, ref_fn
 
 
-RUNNERS = {"torch": torch_runs}
+def _hf_tf_model(path, config):
+    """Hugging Face's TFOPTForCausalLM (always tied) built from the config, our weights assigned by name
+    (its from_pretrained cannot read safetensors 0.8 directories)."""
+    import transformers
+
+    weights = spec_io.load_safetensors_dir(path)
+    hf = transformers.TFOPTForCausalLM(transformers.OPTConfig(**config.to_dict()))
+    hf(hf.dummy_inputs)
+    values = []
+    for var in hf.weights:  # 'tfopt_for_causal_lm/model/decoder/layers.0/fc1/kernel:0'
+        scope, leaf = var.name.split(":")[0].split("/", 1)[1].rsplit("/", 1)
+        name = scope.replace("/", ".") + (".bias" if leaf in ("bias", "beta") else ".weight")
+        values.append(weights[name].T if leaf == "kernel" else weights[name])
+    hf.set_weights(values)
+    return hf
+
+
+def tf_runs(path, config, ids, mask):
+    """optkit's generate (one XLA-compiled decode loop) against Hugging Face's TF generate under
+    tf.function(jit_compile=True), as Hugging Face documents for XLA generation."""
+    import tensorflow as tf
+    import transformers
+
+    from opt_tf import TFOPTForCausalLM
+
+    transformers.logging.set_verbosity_error()  # its TF deprecation notice and padding-side guess
+    ours = TFOPTForCausalLM.from_pretrained(path)
+    ref = _hf_tf_model(path, config)
+    ref_generate = tf.function(ref.generate, jit_compile=True)
+    ids_t, mask_t = tf.constant(ids, tf.int32), tf.constant(mask, tf.int32)
+    vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first
+
+    def ours_fn(b):
+        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos).numpy()
+
+    def ref_fn(b):
+        return lambda: ref_generate(ids_t[:b], attention_mask=mask_t[:b], max_new_tokens=NEW,
+                                    min_length=PROMPT + NEW, eos_token_id=vocab_eos, do_sample=False,
+                                    pad_token_id=1).numpy()
+    return ours_fn, ref_fn
+
+
+def flax_runs(path, config, ids, mask):
+    """optkit's generate (one jitted lax.while_loop decode, compiled once per shape) against Hugging
+    Face's FlaxOPTForCausalLM.generate on our parameter tree as is, wrapped in jax.jit with the params
+    as an argument (as Hugging Face's Flax examples run it; called plainly it recompiles every call)."""
+    import jax
+    import transformers
+
+    from opt_flax import FlaxOPTForCausalLM
+
+    transformers.logging.set_verbosity_error()  # its Flax deprecation notice
+    ours = FlaxOPTForCausalLM.from_pretrained(path)
+    with jax.numpy_dtype_promotion("standard"):  # Hugging Face's code relies on implicit promotion
+        ref = transformers.FlaxOPTForCausalLM(transformers.OPTConfig(**config.to_dict()), _do_init=False)
+    vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first
+
+    @jax.jit
+    def ref_generate(params, ids_b, mask_b):
+        with jax.numpy_dtype_promotion("standard"):
+            return ref.generate(ids_b, attention_mask=mask_b, params=params, max_new_tokens=NEW,
+                                min_length=PROMPT + NEW, eos_token_id=vocab_eos, do_sample=False,
+                                pad_token_id=1).sequences
+
+    ids_j, mask_j = jax.numpy.asarray(ids, jax.numpy.int32), jax.numpy.asarray(mask, jax.numpy.int32)
+
+    def ours_fn(b):
+        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos).block_until_ready()
+
+    def ref_fn(b):
+        return lambda: ref_generate(ours.params, ids_j[:b], mask_j[:b]).block_until_ready()
+    return ours_fn, ref_fn
+
+
+RUNNERS = {"torch": torch_runs, "tf": tf_runs, "flax": flax_runs}
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,11 @@ map to the canonical weight names through opt_spec.layouts.
 
 Incremental decoding uses a preallocated `KVCache` (`model.init_cache(B, max_length)`), which works
 eagerly and under XLA; its API is described in `opt_tf.modeling`.
+
+    tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=20, num_beams=4)  # (B, T + N)
+
+`generate` (greedy, sampling, beam search; opt_spec.generation's semantics) runs its whole decode loop
+as one XLA program, compiled once per shapes and settings (`opt_tf.generation`).
 """
 
 from opt_spec import OPTConfig

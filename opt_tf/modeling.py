@@ -47,6 +47,7 @@ from opt_spec import Head, OPTConfig
 from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
 
 from .checkpoint import TFPretrainedMixin
+from .generation import TFGenerationMixin
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
@@ -288,6 +289,9 @@ class TFOPTDecoder(keras.layers.Layer):
             input_ids = tf.convert_to_tensor(input_ids)
             _check_token_ids(input_ids, config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
+            if config.pad_token_id is not None:  # as torch's padding_idx: lookups of the pad row get no gradient
+                is_pad = tf.equal(tf.cast(input_ids, tf.int32), config.pad_token_id)[..., None]  # (B, T, 1)
+                inputs_embeds = tf.where(is_pad, tf.stop_gradient(inputs_embeds), inputs_embeds)
         else:
             inputs_embeds = tf.cast(inputs_embeds, self.compute_dtype)
         B, T = _dim(inputs_embeds, 0), _dim(inputs_embeds, 1)
@@ -500,7 +504,7 @@ class _TFOPTWithHead(TFOPTPreTrainedModel):
                           training=training, **kwargs)
 
 
-class TFOPTForCausalLM(_TFOPTWithHead):
+class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
     head = Head.CAUSAL_LM
 
     def __init__(self, config: OPTConfig, dtype=None, seed: int | None = None, **kwargs):
@@ -513,6 +517,13 @@ class TFOPTForCausalLM(_TFOPTWithHead):
     def _head_layers(self) -> list:
         return [self.lm_head] if self.lm_head is not None else []
 
+    def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
+        """The head on hidden states (..., E) -> (..., V); a tied head is the token embedding."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        embeddings = tf.cast(self.model.decoder.embed_tokens.embeddings, h.dtype)  # (V, E)
+        return tf.matmul(h, embeddings, transpose_b=True)
+
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
@@ -520,12 +531,7 @@ class TFOPTForCausalLM(_TFOPTWithHead):
         input_ids = self._unpack(input_ids, kw)
         labels = kw.pop("labels")
         out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
-        h = out.last_hidden_state  # (B, T, E)
-        if self.lm_head is not None:
-            logits = self.lm_head(h)
-        else:
-            embeddings = tf.cast(self.model.decoder.embed_tokens.embeddings, h.dtype)  # (V, E)
-            logits = tf.matmul(h, embeddings, transpose_b=True)  # (B, T, V)
+        logits = self.lm_logits(out.last_hidden_state)  # (B, T, E) -> (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)

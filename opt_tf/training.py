@@ -1,0 +1,395 @@
+"""Fine-tuning in TensorFlow with Keras 3 (`compile` / `train_on_batch` / `fit`), following
+opt_spec.training (the definitions every backend shares).
+
+Keras's own AdamW does not compute the spec's update, so `SpecAdamW` (a keras.optimizers.Optimizer)
+does, and `TFTrainer` compiles the model with it:
+
+- Epsilon: Keras's Adam adds epsilon to sqrt(v) before bias correction ("epsilon hat":
+  lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)), which is the spec's update only with eps
+  scaled by sqrt(1 - b2^t). SpecAdamW computes m_hat / (sqrt(v_hat) + eps) as the spec (and
+  torch.optim.AdamW, optax.adamw) do.
+- Clipping: Keras's global_clipnorm scales by clip / max(norm, clip); the spec (and torch's
+  clip_grad_norm_) by min(1, clip / (norm + 1e-6)). SpecAdamW clips with the spec's formula.
+- Accumulation: Keras's `gradient_accumulation_steps` feeds its schedule the micro-batch count,
+  not the update count; SpecAdamW accumulates itself (sum of the micro-batch gradients divided by
+  their number, then clipping, then one update) and its schedule counts updates.
+- The rate of the update after `step` updates is `SpecSchedule`'s float32 table of
+  opt_spec.training.learning_rate, indexed by that count (every rate equals the spec's exactly).
+- Weight decay is decoupled (p -= lr * (adam + wd * p)); variables whose spec kind does not decay
+  (biases, LayerNorm) are excluded through Keras's `exclude_from_weight_decay(var_list=...)`.
+- bf16 mixed precision: the model runs under the `mixed_bfloat16` policy (float32 variables,
+  bfloat16 compute; the model's LayerNorm statistics, softmax and losses are float32).
+
+A checkpoint is one folder: the Hugging Face directory (config.json, model.safetensors) plus
+`optimizer.npz` (the optimizer's variables in Keras's own save_own_variables store: moments,
+accumulators, iteration and update counters) and `trainer_state.json` (task, step, TrainConfig).
+Dropout draws from TensorFlow's seeded global generator, which is not checkpointed: a resumed run
+is exact with dropout off (as the tests check) and statistically equivalent with it on.
+
+The surface matches opt_torch.training.Trainer: `TFTrainer.from_pretrained(dir, task, cfg)`,
+`TFTrainer.from_checkpoint(dir, cfg)`, `.step`, `.train_step(micro_batches)`,
+`.evaluate(dataset, batch_size)`, `.save_checkpoint(dir)`, plus `.fit(batches)` (Keras fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from opt_spec import Head
+from opt_spec import data as spec_data
+from opt_spec import metrics
+from opt_spec.training import CLIP_EPS, TrainConfig, applies_weight_decay, learning_rate
+
+from .checkpoint import variable_map
+from .modeling import MODEL_CLASSES
+
+TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUENCE_CLASSIFICATION,
+              "question_answering": Head.QUESTION_ANSWERING}
+TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
+               "question_answering": ("start_positions", "end_positions")}
+OPTIMIZER_FILE = "optimizer.npz"
+INFO_FILE = "trainer_state.json"
+
+
+def task_head(task: str) -> Head:
+    if task not in TASK_HEADS:
+        raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
+    return TASK_HEADS[task]
+
+
+def schedule_table(cfg: TrainConfig) -> np.ndarray:
+    """float32 rates for update counts 0 .. total_steps + 1; every later count has the last rate
+    (past total_steps + 1 the decay's progress is >= 1 whatever the warm-up)."""
+    return np.asarray([learning_rate(step, cfg) for step in range(cfg.total_steps + 2)], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ the optimizer
+class SpecSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """update count -> float32(opt_spec.training.learning_rate(count, cfg))."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.table = schedule_table(cfg)
+
+    def __call__(self, step):
+        step = tf.minimum(tf.cast(step, tf.int64), self.cfg.total_steps + 1)
+        return tf.gather(tf.constant(self.table), step)
+
+    def get_config(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+
+class SpecAdamW(keras.optimizers.Optimizer):
+    """opt_spec.training's AdamW with its clipping, accumulation and schedule (see the module docstring).
+
+    Variables: per trainable variable the moments `m`, `v` (and an accumulator when
+    gradient_accumulation_steps > 1), plus `updates` (updates done: the schedule's step and Adam's
+    t - 1), `micro_step` (micro-batches into the current update) and `grad_norm` (the global norm
+    of the last update's gradients, before clipping). Keras's `iterations` counts micro-batches.
+    """
+
+    def __init__(self, cfg: TrainConfig, name: str = "spec_adamw", **kwargs):
+        super().__init__(learning_rate=lambda: self._current_rate(), name=name, **kwargs)
+        self.train_config = cfg
+        self.schedule = SpecSchedule(cfg)
+
+    def _current_rate(self):
+        """The rate of the coming update (Keras's `learning_rate`)."""
+        return self.schedule(self.updates if self.built else 0)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._m = [self.add_variable_from_reference(v, name="m") for v in variables]
+        self._v = [self.add_variable_from_reference(v, name="v") for v in variables]
+        self._acc = [self.add_variable_from_reference(v, name="accumulated_gradient") for v in variables] \
+            if self.train_config.gradient_accumulation_steps > 1 else []
+        self.updates = self.add_variable((), dtype="int64", name="updates")
+        self.micro_step = self.add_variable((), dtype="int64", name="micro_step")
+        self.grad_norm = self.add_variable((), dtype="float32", name="grad_norm")
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        cfg = self.train_config
+        A = cfg.gradient_accumulation_steps
+        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads]
+        index = [self._get_variable_index(v) for v in trainable_variables]
+        if A == 1:
+            self._update(grads, trainable_variables, index)
+            return
+        accs = [self._acc[i] for i in index]
+
+        def update():
+            self._update([(a + g) / A for a, g in zip(accs, grads)], trainable_variables, index)
+            for a in accs:
+                a.assign(tf.zeros_like(a))
+            return tf.constant(True)
+
+        def accumulate():
+            for a, g in zip(accs, grads):
+                a.assign_add(g)
+            return tf.constant(False)
+
+        tf.cond(tf.equal(self.micro_step, A - 1), update, accumulate)
+        self.micro_step.assign((self.micro_step + 1) % A)
+
+    def _update(self, grads, variables, index) -> None:
+        """p -= lr_t * (m_hat / (sqrt(v_hat) + eps) + wd * p), after clipping by the global norm."""
+        cfg = self.train_config
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+        self.grad_norm.assign(norm)
+        if cfg.max_grad_norm is not None:
+            scale = tf.minimum(1.0, cfg.max_grad_norm / (norm + CLIP_EPS))
+            grads = [g * scale for g in grads]
+        lr = self.schedule(self.updates)
+        t = tf.cast(self.updates + 1, tf.float32)
+        b1, b2 = tf.constant(cfg.adam_beta1, tf.float32), tf.constant(cfg.adam_beta2, tf.float32)
+        bias1, bias2 = 1.0 - tf.pow(b1, t), 1.0 - tf.pow(b2, t)
+        for g, p, i in zip(grads, variables, index):
+            m, v = self._m[i], self._v[i]
+            m.assign(b1 * m + (1.0 - b1) * g)
+            v.assign(b2 * v + (1.0 - b2) * tf.square(g))
+            step = (m / bias1) / (tf.sqrt(v / bias2) + cfg.adam_epsilon)
+            if cfg.weight_decay and self._use_weight_decay(p):
+                step = step + cfg.weight_decay * p
+            p.assign_sub(lr * step)
+        self.updates.assign_add(1)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "train_config": dataclasses.asdict(self.train_config)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(TrainConfig(**config["train_config"]), name=config.get("name", "spec_adamw"))
+
+
+# ------------------------------------------------------------------------------- the Keras model
+class TrainingModel(keras.Model):
+    """The OPT model with its own loss as the Keras loss, so `fit` / `train_on_batch` take the
+    batches of opt_spec.data (dicts of input_ids, attention_mask, labels / start and end positions)."""
+
+    def __init__(self, model: keras.Model, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{model.name}_training"), **kwargs)
+        self.opt_model = model
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+        self.built = True  # every variable exists: the OPT model builds itself when constructed
+
+    def call(self, batch, training=False):
+        return self.opt_model(dict(batch), training=training, use_cache=False).loss
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        losses = self.losses
+        return y_pred + tf.add_n(losses) if losses else y_pred
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _as_tf(batch: Mapping, keys: Sequence[str]) -> dict[str, tf.Tensor]:
+    """NumPy batch -> tensors: integers int32, floats float32 (regression / multi-label labels)."""
+    out = {}
+    for key in keys:
+        if key not in batch:
+            raise KeyError(f"the batch has no {key!r} (it has {', '.join(sorted(batch))})")
+        value = np.asarray(batch[key])
+        out[key] = tf.constant(value, tf.int32 if np.issubdtype(value.dtype, np.integer) else tf.float32)
+    return out
+
+
+def _mixed(model: keras.Model) -> keras.Model:
+    """The same weights under the mixed_bfloat16 policy (float32 variables, bfloat16 compute)."""
+    if model.dtype_policy.name == "mixed_bfloat16":
+        return model
+    mixed = type(model)(model.config, dtype="mixed_bfloat16", _init=False)
+    mixed.set_weights_dict(model.get_weights_dict())
+    return mixed
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class TFTrainer:
+    """AdamW fine-tuning of one TF OPT model through Keras (see the module docstring).
+
+    `model` is the OPT model being trained (for bf16, a mixed_bfloat16 copy of the one given).
+    """
+
+    def __init__(self, model: keras.Model, cfg: TrainConfig, task: str | None = None, jit_compile: bool = False):
+        self.task = task or next((t for t, h in TASK_HEADS.items() if h == model.head), None)
+        if self.task is None or task_head(self.task) != model.head:
+            raise ValueError(f"task {self.task} needs a model with a head; got {type(model).__name__}")
+        bad = sorted({v.dtype for v in model.trainable_variables if v.dtype != "float32"})
+        if bad:
+            raise ValueError("train float32 variables (bf16 mixed precision keeps float32 master weights); "
+                             f"the model holds {', '.join(bad)}")
+        if cfg.mixed_precision == "bf16":
+            model = _mixed(model)
+        self.model, self.cfg = model, cfg
+        tf.random.set_seed(cfg.seed)  # dropout masks
+        self.keras_model = TrainingModel(model)
+        self.optimizer = SpecAdamW(cfg)
+        variables = variable_map(model)
+        self.optimizer.exclude_from_weight_decay(
+            var_list=[var for spec, var in variables.values() if not applies_weight_decay(spec.kind)])
+        self.keras_model.compile(optimizer=self.optimizer, jit_compile=jit_compile)
+        self.optimizer.build(self.keras_model.trainable_weights)
+        self._keys = ("input_ids", "attention_mask", *TASK_INPUTS[self.task])
+        self._forward = tf.function(self._forward_fn, reduce_retracing=True)
+
+    @property
+    def step(self) -> int:
+        """Updates done."""
+        return int(self.optimizer.updates.numpy())
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
+                        jit_compile: bool = False) -> "TFTrainer":
+        dtype = "mixed_bfloat16" if cfg.mixed_precision == "bf16" else None
+        model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, dtype=dtype)
+        return cls(model, cfg, task, jit_compile)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
+                        jit_compile: bool = False) -> "TFTrainer":
+        """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
+        info = _read_info(directory)
+        saved = TrainConfig(**info["train_config"])
+        if cfg is not None and cfg != saved:
+            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
+            raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
+                             "resume with the same ones")
+        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile)
+        path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)
+        with np.load(path) as stored:
+            store = {k: stored[k] for k in stored.files}
+        variables = trainer.optimizer.variables
+        shapes = [tuple(v.shape) for v in variables]
+        got = [tuple(store[str(i)].shape) if str(i) in store else None for i in range(len(store))]
+        if got != shapes:
+            raise ValueError(f"{path}: holds {len(got)} optimizer variables that do not match this trainer's "
+                             f"{len(shapes)} (different model or settings)")
+        trainer.optimizer.load_own_variables(store)
+        if trainer.step != info["step"]:
+            raise ValueError(f"{directory}: {OPTIMIZER_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
+        return trainer
+
+    resume = from_checkpoint
+
+    # ----------------------------------------------------------------------------------- training
+    def train_step(self, micro_batches: Sequence[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray]) -> dict:
+        """One update from `gradient_accumulation_steps` micro-batches (a dict is one micro-batch),
+        each through Keras's `train_on_batch`. Returns the mean micro-batch loss, the rate used, the
+        global gradient norm before clipping, and the number of real tokens."""
+        if isinstance(micro_batches, Mapping):
+            micro_batches = [micro_batches]
+        n = len(micro_batches)
+        if n != self.cfg.gradient_accumulation_steps:
+            raise ValueError(f"{n} micro-batches for gradient_accumulation_steps="
+                             f"{self.cfg.gradient_accumulation_steps}")
+        step = self.step
+        losses = [self.keras_model.train_on_batch(x=_as_tf(b, self._keys), return_dict=True)["loss"]
+                  for b in micro_batches]
+        tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in micro_batches)
+        return {"loss": float(np.mean(losses)), "learning_rate": learning_rate(step, self.cfg),
+                "grad_norm": float(self.optimizer.grad_norm.numpy()), "tokens": tokens}
+
+    def fit(self, batches: Iterable[Mapping[str, np.ndarray]], steps: int, callbacks=None, verbose=0):
+        """Keras `fit` over `steps` updates drawn from an iterable of NumPy micro-batches."""
+        keys = self._keys
+        micro = steps * self.cfg.gradient_accumulation_steps
+
+        def generator():
+            for batch in batches:
+                yield {k: np.asarray(batch[k]) for k in keys}
+
+        first = next(iter(batches))
+        signature = {k: tf.TensorSpec((None,) * np.asarray(first[k]).ndim,
+                                      tf.int64 if np.issubdtype(np.asarray(first[k]).dtype, np.integer) else tf.float32)
+                     for k in keys}
+        dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
+        return self.keras_model.fit(dataset, epochs=1, steps_per_epoch=micro, callbacks=callbacks, verbose=verbose)
+
+    def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        """(loss, {canonical name: gradient in the canonical layout}) of one batch, dropout off."""
+        from opt_spec.layouts import from_native
+
+        inputs = _as_tf(batch, self._keys)
+        variables = variable_map(self.model)
+        with tf.GradientTape() as tape:
+            loss = self.model(inputs, training=False, use_cache=False).loss
+        grads = tape.gradient(loss, [var for _, var in variables.values()])
+        return float(loss), {name: from_native(spec, np.asarray(tf.convert_to_tensor(g)), "keras")
+                             for (name, (spec, _)), g in zip(variables.items(), grads)}
+
+    # --------------------------------------------------------------------------------- evaluation
+    def _forward_fn(self, batch):
+        out = self.model(batch, training=False, use_cache=False)
+        if self.task == "question_answering":
+            return {"loss": out.loss, "start_logits": out.start_logits, "end_logits": out.end_logits}
+        return {"loss": out.loss, "logits": out.logits}
+
+    def evaluate(self, dataset: spec_data.Dataset, batch_size: int = 8) -> dict[str, float]:
+        """causal_lm: loss, perplexity; sequence_classification: loss, accuracy and F1 (or mse);
+        question_answering: loss, exact_match, f1 (percent)."""
+        nll, count, losses, logits, labels, predictions, golds = 0.0, 0, [], [], [], [], []
+        for indices, batch in spec_data.eval_batches(dataset, batch_size):
+            out = self._forward(_as_tf(batch, self._keys))
+            if self.task == "causal_lm":
+                n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
+                nll += float(out["loss"]) * n
+                count += n
+                continue
+            losses.append((float(out["loss"]), len(indices)))
+            if self.task == "sequence_classification":
+                logits.append(np.asarray(tf.cast(out["logits"], tf.float32)))
+                labels.append(batch["labels"])
+            else:
+                start = np.asarray(tf.cast(out["start_logits"], tf.float32))
+                end = np.asarray(tf.cast(out["end_logits"], tf.float32))
+                predictions += spec_data.qa_predictions(dataset, indices, batch, start, end)
+                golds += [dataset.meta[i].answers for i in indices]
+        if self.task == "causal_lm":
+            mean = nll / max(count, 1)
+            return {"loss": mean, "perplexity": metrics.perplexity(mean)}
+        mean = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
+        if self.task == "sequence_classification":
+            return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
+        return {"loss": mean, **metrics.squad(predictions, golds)}
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> str:
+        """The Hugging Face directory plus the optimizer's variables (Keras store) and the step."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory)
+        store: dict = {}
+        self.optimizer.save_own_variables(store)
+        path = os.path.join(directory, OPTIMIZER_FILE)
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, **store)
+        os.replace(path + ".tmp", path)
+        info = {"backend": "tf", "task": self.task, "step": self.step, "train_config": dataclasses.asdict(self.cfg)}
+        with open(os.path.join(directory, INFO_FILE) + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+        os.replace(os.path.join(directory, INFO_FILE) + ".tmp", os.path.join(directory, INFO_FILE))
+        return directory
+
+    save = save_checkpoint
+
+
+def _read_info(directory) -> dict:
+    directory = os.fspath(directory)
+    path = os.path.join(directory, INFO_FILE)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, OPTIMIZER_FILE)):
+        raise FileNotFoundError(f"{directory} is not a TensorFlow training checkpoint: no {INFO_FILE} / "
+                                f"{OPTIMIZER_FILE}")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("backend") != "tf":
+        raise ValueError(f"{path}: written by the {info.get('backend')} backend, not tf")
+    return info

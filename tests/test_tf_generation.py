@@ -1,0 +1,252 @@
+"""Generation in the TensorFlow backend: the opt_spec semantics under one XLA program, token parity with
+the PyTorch backend (greedy, beam search, repetition penalty), no retracing, Hugging Face TF parity.
+
+XLA compiles dominate the time, so one model serves every test and each generation setting is compiled
+(and run) once: `run(**kwargs)` memoizes its output.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+from opt_spec import generation as gen
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_tf import TFOPTForCausalLM
+from opt_tf.generation import filter_for_sampling
+from opt_torch import OPTForCausalLM
+
+CONFIG = VARIANTS["pre_ln"]
+IDS, MASK = random_batch(CONFIG, seed=2)  # (3, 9), rows left-padded by 0, 3 and 5
+T = IDS.shape[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pre_ln")
+    spec_io.save_safetensors_dir(path, random_weights(CONFIG, seed=3), CONFIG.to_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return TFOPTForCausalLM.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return OPTForCausalLM.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def run(model):
+    """generate(IDS, MASK, **kwargs) as a NumPy array, each distinct setting run once."""
+    done = {}
+
+    def call(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in done:
+            out = model.generate(IDS, MASK, **kwargs)
+            assert isinstance(out, tf.Tensor) and out.dtype == tf.int32
+            done[key] = out.numpy()
+        return done[key]
+    return call
+
+
+def torch_generate(reference, **kwargs) -> np.ndarray:
+    ids, mask = torch.from_numpy(IDS).long(), torch.from_numpy(MASK).long()
+    return reference.generate(ids, mask, **kwargs).numpy()
+
+
+# ------------------------------------------------------------------------- parity with PyTorch
+@pytest.mark.parametrize("eos", [None, 75])  # 75 is emitted early by row 2: per-row stopping and padding
+def test_greedy_matches_torch(run, reference, eos):
+    got = run(max_new_tokens=10, eos_token_id=eos)
+    want = torch_generate(reference, max_new_tokens=10, eos_token_id=eos)
+    assert got.shape == want.shape == (3, T + 10)
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[:, :T], IDS)  # the prompt comes back unchanged
+    # a fair case: along the generated path the top two logits are never near a tie
+    seq = torch.from_numpy(want).long()
+    with torch.no_grad():
+        logits = reference(seq, torch.from_numpy(np.concatenate([MASK, np.ones((3, 10), np.int32)], 1)).long()).logits
+    top2 = torch.topk(logits[:, T - 1:-1].float(), 2, dim=-1).values  # (3, 10, 2), the steps' logits
+    live = seq[:, T:] != CONFIG.pad_token_id if eos is not None else torch.ones(3, 10, dtype=torch.bool)
+    assert float((top2[..., 0] - top2[..., 1])[live].min()) > 1e-3
+
+
+@pytest.mark.parametrize("num_beams,length_penalty", [(2, 1.0), (3, 0.5), (4, 2.0)])
+def test_beam_search_matches_torch(run, reference, num_beams, length_penalty):
+    kwargs = dict(max_new_tokens=8, num_beams=num_beams, length_penalty=length_penalty)
+    got, want = run(**kwargs), torch_generate(reference, **kwargs)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_repetition_penalty_matches_torch_and_the_spec_rule(model, run, reference):
+    got = run(max_new_tokens=4, repetition_penalty=1.7)
+    assert np.array_equal(got, torch_generate(reference, max_new_tokens=4, repetition_penalty=1.7))
+    assert not np.array_equal(got, run(max_new_tokens=10)[:, :T + 4])  # the penalty changes this output
+    # replay the steps with the NumPy reference of the rule on full (uncached) forwards
+    seq, m = IDS, MASK
+    for step in range(4):
+        logits = model(seq, attention_mask=m).logits[:, -1].numpy().astype(np.float32)
+        seen = np.zeros_like(logits, dtype=bool)
+        for b in range(3):
+            seen[b, seq[b][m[b] == 1]] = True
+        nxt = gen.apply_repetition_penalty(logits, seen, 1.7).argmax(-1).astype(np.int32)
+        assert np.array_equal(nxt, got[:, T + step])
+        seq, m = np.concatenate([seq, nxt[:, None]], 1), np.concatenate([m, np.ones((3, 1), np.int32)], 1)
+
+
+# ---------------------------------------------------------------------------- stopping rules
+def test_eos_stops_rows_and_pads_them(run):
+    free = run(max_new_tokens=10)
+    out = run(max_new_tokens=10, eos_token_id=75)
+    assert (free[2, T:] == 75).any(), "the case needs row 2 to emit 75"
+    first = T + int(np.argmax(free[2, T:] == 75))
+    assert np.array_equal(out[2, :first + 1], free[2, :first + 1])
+    assert (out[2, first + 1:] == CONFIG.pad_token_id).all()
+    for row in (0, 1):  # rows that never emit it are unchanged
+        assert np.array_equal(out[row], free[row]) or (free[row, T:] == 75).any()
+    padded = run(max_new_tokens=10, eos_token_id=75, pad_token_id=0)
+    assert (padded[2, first + 1:] == 0).all() and np.array_equal(padded[:2], out[:2])
+
+
+def test_min_new_tokens_holds_eos_back(run):
+    free = run(max_new_tokens=10, eos_token_id=75)
+    held = run(max_new_tokens=10, min_new_tokens=4, eos_token_id=75)
+    assert (free[2, T:T + 4] == 75).any(), "the case needs row 2 to emit 75 within 4 steps"
+    assert (held[:, T:T + 4] != 75).all()
+
+
+def test_all_rows_finished_ends_early(model):
+    ids, mask = IDS[2:], MASK[2:]
+    first = int(model.generate(ids, mask, max_new_tokens=3, eos_token_id=50).numpy()[0, T])
+    assert first != 50
+    out = model.generate(ids, mask, max_new_tokens=3, eos_token_id=first)
+    assert out.shape == (1, T + 1) and int(out[0, T]) == first
+
+
+# ------------------------------------------------------------------------------------ sampling
+SAMPLING = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+
+
+def test_sampling_is_reproducible_with_a_seed(model, run):
+    a = run(seed=1, **SAMPLING)
+    assert a.shape == (3, T + 10)
+    assert np.array_equal(a, model.generate(IDS, MASK, seed=1, **SAMPLING).numpy())  # a fresh call, not the memo
+    assert not np.array_equal(a, run(seed=2, **SAMPLING))
+
+
+def test_top_k_1_sampling_equals_greedy(run):
+    greedy = run(max_new_tokens=10)
+    assert np.array_equal(run(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7, seed=5), greedy)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.0), (0, 0.7, 1.0), (10, 0.5, 0.7), (0, 0.999, 2.0),
+                                                     (1, 1.0, 1.0), (0, 1e-6, 1.0)])
+def test_sampling_filters_match_the_spec_reference(top_k, top_p, temperature):
+    logits = np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32) * 3
+    cfg = gen.GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature)
+    ours = filter_for_sampling(tf.constant(logits), cfg).numpy()
+    ref = gen.top_p_filter(gen.top_k_filter(logits / temperature, top_k), top_p)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref))
+    assert np.allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)])
+
+
+def test_sampling_filters_under_xla_keep_the_same_tokens():
+    logits = tf.constant(np.random.default_rng(1).standard_normal((4, 50)).astype(np.float32) * 3)
+    cfg = gen.GenerationConfig(do_sample=True, top_k=10, top_p=0.5, temperature=0.7)
+
+    @tf.function(jit_compile=True)
+    def xla(x):
+        return filter_for_sampling(x, cfg)
+
+    got, want = xla(logits).numpy(), filter_for_sampling(logits, cfg).numpy()
+    assert np.array_equal(np.isinf(got), np.isinf(want))  # the same tokens kept
+    assert np.allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6, atol=0)  # XLA: x * (1 / t)
+
+
+# ---------------------------------------------------------------------------- compiled functions
+def test_second_call_does_not_retrace(model, run):
+    run(max_new_tokens=10)
+    run(seed=1, **SAMPLING)
+    traces = model.generation_traces
+    fns = dict(model._generation_fns)
+    model.generate(IDS, MASK, max_new_tokens=10)
+    model.generate(IDS, MASK, seed=7, **SAMPLING)  # another seed is an input, not a new function
+    assert model.generation_traces == traces
+    assert model._generation_fns == fns
+    assert all(fn.experimental_get_tracing_count() == 1 for fn in fns.values())
+
+
+def test_int64_prompts_come_back_int64(model, run):
+    out = model.generate(IDS.astype(np.int64), MASK, max_new_tokens=10)
+    assert out.dtype == tf.int64 and np.array_equal(out.numpy(), run(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
+    (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
+    (dict(max_new_tokens=35), "max_position_embeddings=40"),
+    (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
+    (dict(pad_token_id=-1), "pad_token_id=-1 is outside the vocabulary"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+    (dict(do_sample=True, seed=1.5), "seed=1.5: must be an int"),
+])
+def test_generate_rejects_bad_arguments(model, kwargs, words):
+    with pytest.raises(ValueError, match=words.replace("(", "\\(")):
+        model.generate(IDS, MASK, **kwargs)
+
+
+def test_generate_rejects_bad_prompts(model):
+    with pytest.raises(ValueError, match="token id 96 at batch row 1, position 4"):
+        bad = IDS.copy()
+        bad[1, 4] = 96
+        model.generate(bad, MASK)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 8\)"):
+        model.generate(IDS, MASK[:, 1:])
+    with pytest.raises(ValueError, match="input_ids must be \\(batch, length\\)"):
+        model.generate(IDS[0])
+    with pytest.raises(TypeError, match="input_ids must be integers"):
+        model.generate(IDS.astype(np.float32))
+
+
+# ------------------------------------------------------------------------ other variants, slow
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["post_ln_proj", "untied_head"])
+def test_other_variants_match_torch(tmp_path, name):
+    config = VARIANTS[name]
+    spec_io.save_safetensors_dir(tmp_path, random_weights(config, seed=3), config.to_dict())
+    ours, ref = TFOPTForCausalLM.from_pretrained(tmp_path), OPTForCausalLM.from_pretrained(tmp_path)
+    ids, mask = random_batch(config, seed=2)
+    for kwargs in (dict(max_new_tokens=8), dict(max_new_tokens=6, num_beams=3, length_penalty=1.5)):
+        want = ref.generate(torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), **kwargs).numpy()
+        assert np.array_equal(ours.generate(ids, mask, **kwargs).numpy(), want)
+
+
+@pytest.mark.slow
+def test_greedy_matches_hugging_face_tf_under_xla(checkpoint, run):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tf_keras")
+    import warnings
+
+    weights = spec_io.load_safetensors_dir(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.TFOPTForCausalLM(transformers.OPTConfig(**CONFIG.to_dict()))
+        hf(hf.dummy_inputs)
+        values = []
+        for var in hf.weights:  # 'tfopt_for_causal_lm/model/decoder/layers.0/fc1/kernel:0'
+            scope, leaf = var.name.split(":")[0].split("/", 1)[1].rsplit("/", 1)
+            name = scope.replace("/", ".") + (".bias" if leaf in ("bias", "beta") else ".weight")
+            values.append(weights[name].T if leaf == "kernel" else weights[name])
+        hf.set_weights(values)
+        xla_generate = tf.function(hf.generate, jit_compile=True)
+        want = xla_generate(tf.constant(IDS), attention_mask=tf.constant(MASK), max_new_tokens=10,
+                            eos_token_id=75, do_sample=False, pad_token_id=1).numpy()
+    assert np.array_equal(run(max_new_tokens=10, eos_token_id=75), want)
