@@ -1,8 +1,9 @@
-"""The `optkit` command line: parity, generate, convert, bench.
+"""The `optkit` command line: parity, generate, convert, train, bench.
 
     optkit parity   [--model DIR | --preset NAME] [--backends torch,tf,flax] [--dtype D] [--json]
     optkit generate [--model DIR | --preset NAME] [--backend torch|tf|flax] [decoding options] PROMPT ...
     optkit convert  SRC DST [...]      (see `optkit convert --help`)
+    optkit train    --model DIR --task T --data FILE --backend B --output DIR [...]  (see `optkit train --help`)
     optkit bench    [NAME ...]         (runs the scripts in bench/)
 
 Exit status: 0 success; 1 parity failed (a difference beyond the tolerance, a backend that failed) or a
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import generate, parity
+from . import generate, parity, train
 from .checkpoints import DEFAULT_PRESET, PRESET_NAMES
 from .common import CLIError, Console
 
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=generate.run)
 
     sub.add_parser("convert", add_help=False, help="convert checkpoints between formats (optkit convert --help)")
+
+    p = sub.add_parser("train", help="fine-tune a checkpoint (causal LM, classification, question answering)",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(handler=train.run)
 
     p = sub.add_parser("bench", help="run the benchmarks in bench/ and print their output")
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all); see --list")

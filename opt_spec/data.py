@@ -1,0 +1,355 @@
+"""Fine-tuning data, framework-free: files -> token ids -> NumPy batches that every backend consumes.
+
+Three tasks, one batch format (dict of NumPy arrays, (B, T) int64 ids and mask, LEFT-padded with
+`pad_token_id` as OPT is):
+
+- causal_lm (`load_text`): plain-text files are split into documents (a whole file, each line, or
+  blank-line separated paragraphs), tokenized without a bos and joined into ONE token stream
+  `</s> d1 </s> d2 </s> ... dn </s>` (OPT's `</s>` is both bos and eos, so every document starts
+  like a fresh OPT input and ends with eos). The stream is cut into consecutive blocks of `seq_len`
+  tokens: every token lands in exactly one block, in order. The last, partial block is kept,
+  left-padded (mask 0, label -100), unless `drop_last=True` drops it. Batch:
+  {input_ids, attention_mask, labels}; labels = input_ids with -100 at pads (the model shifts).
+- sequence_classification (`load_classification`): JSONL, one {"text": str, "label": ...} per line;
+  label an int (single-label class), a float (regression, num_labels 1) or a list of 0/1 (multi-label).
+  One file holds one kind. Text is `</s> text`, cut to its first `max_length` tokens.
+  Batch: {input_ids, attention_mask, labels} with labels (B,) int64, (B,) float32 or (B, L) float32.
+- question_answering (`load_question_answering`): JSONL, SQuAD-style
+  {"context": str, "question": str, "answers": {"text": [...], "answer_start": [...]}}.
+  Input is `</s> question </s> context`; the first answer's character span is mapped to the first and
+  last context tokens that overlap it (token offsets from the tokenizer). A context cut by `max_length`
+  that loses the answer is an error (or skipped with `skip_overflow=True`).
+  Batch: {input_ids, attention_mask, start_positions, end_positions} (positions in the padded row).
+
+Bad data raises `DataError` (a ValueError) naming the file, the line and the reason.
+Shuffling is seeded and deterministic: `BatchStream(dataset, batch_size, seed).batch(i)` is a pure
+function of (dataset, batch_size, seed, i): epoch e = i // batches_per_epoch uses the permutation
+drawn from numpy's default_rng([seed, e]), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .numerics import IGNORE_INDEX
+
+TASKS = ("causal_lm", "sequence_classification", "question_answering")
+DOCUMENT_SPLITS = ("file", "line", "paragraph")
+
+
+class DataError(ValueError):
+    """A problem in a data file: str() is 'FILE:LINE: reason' (line omitted when it is the whole file)."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path, self.line, self.reason = os.fspath(path), line, reason
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {reason}")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise DataError(path, None, "no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; errors name file and line."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    seen = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+        seen = True
+        yield number, obj
+    if not seen:
+        raise DataError(path, None, "empty file (no JSON lines)")
+
+
+def _field(obj: dict, key: str, kind, path: str, line: int, what: str):
+    if key not in obj:
+        raise DataError(path, line, f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(path, line, f"field {key!r} must be {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ datasets
+@dataclass
+class Dataset:
+    """Examples of one task: `rows` are token-id lists, `targets` per example, `meta` per example
+    (for question answering: what evaluation needs). `collate(indices)` makes one NumPy batch."""
+
+    task: str
+    rows: list[list[int]]
+    targets: list = field(default_factory=list)
+    meta: list = field(default_factory=list)
+    pad_token_id: int = 1
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def num_tokens(self, indices: Sequence[int]) -> int:
+        return int(sum(len(self.rows[i]) for i in indices))
+
+    def collate(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("no examples to collate")
+        rows = [self.rows[i] for i in indices]
+        T = max(len(r) for r in rows)
+        B = len(rows)
+        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((B, T), dtype=np.int64)
+        for b, row in enumerate(rows):  # left padding: the last column is every row's last real token
+            input_ids[b, T - len(row):] = row
+            attention_mask[b, T - len(row):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.task == "causal_lm":
+            batch["labels"] = np.where(attention_mask == 1, input_ids, IGNORE_INDEX)
+        elif self.task == "sequence_classification":
+            first = self.targets[indices[0]]
+            dtype = np.float32 if isinstance(first, (float, list)) else np.int64
+            batch["labels"] = np.asarray([self.targets[i] for i in indices], dtype=dtype)
+        else:
+            pads = np.asarray([T - len(r) for r in rows], dtype=np.int64)
+            batch["start_positions"] = np.asarray([self.targets[i][0] for i in indices], dtype=np.int64) + pads
+            batch["end_positions"] = np.asarray([self.targets[i][1] for i in indices], dtype=np.int64) + pads
+        return batch
+
+
+def _split_documents(text: str, documents: str) -> list[str]:
+    if documents == "file":
+        docs = [text]
+    elif documents == "line":
+        docs = text.splitlines()
+    else:
+        docs, current = [], []
+        for line in text.splitlines():
+            if line.strip():
+                current.append(line)
+            elif current:
+                docs.append("\n".join(current))
+                current = []
+        if current:
+            docs.append("\n".join(current))
+    return [d for d in docs if d.strip()]
+
+
+def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file") -> list[int]:
+    """`</s> d1 </s> d2 </s> ... </s>` over every document of every file, in order."""
+    if documents not in DOCUMENT_SPLITS:
+        raise ValueError(f"documents={documents!r}; choose one of {DOCUMENT_SPLITS}")
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise ValueError("no text files given")
+    stream = [tokenizer.bos_token_id]
+    for path in paths:
+        docs = _split_documents(_read_text(path), documents)
+        if not docs:
+            raise DataError(path, None, "empty file (no text)")
+        for doc in docs:
+            stream.extend(tokenizer.encode(doc, add_bos=False))
+            stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def pack(stream: Sequence[int], seq_len: int, drop_last: bool = False) -> list[list[int]]:
+    """Consecutive blocks of seq_len tokens; the last one may be shorter (dropped with drop_last)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: a causal LM block needs at least 2 tokens")
+    blocks = [list(stream[i:i + seq_len]) for i in range(0, len(stream), seq_len)]
+    if drop_last and blocks and len(blocks[-1]) < seq_len:
+        blocks.pop()
+    return blocks
+
+
+def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents: str = "file") -> Dataset:
+    """Packed causal-LM blocks from plain-text files (see the module docstring)."""
+    stream = token_stream(paths, tokenizer, documents)
+    blocks = pack(stream, seq_len, drop_last)
+    source = os.fspath(paths) if isinstance(paths, (str, os.PathLike)) else ", ".join(map(os.fspath, paths))
+    if not blocks:
+        raise DataError(source, None, f"{len(stream)} tokens: not one full block of {seq_len} (drop_last=True)")
+    return Dataset("causal_lm", blocks, pad_token_id=tokenizer.pad_token_id, source=source)
+
+
+def load_classification(path, tokenizer, max_length: int, num_labels: int | None = None) -> Dataset:
+    """Sequence-classification examples from JSONL {"text", "label"} (see the module docstring)."""
+    path = os.fspath(path)
+    rows, targets, kind = [], [], None
+    for line, obj in read_jsonl(path):
+        text = _field(obj, "text", str, path, line, "a string")
+        label = _field(obj, "label", (int, float, list), path, line, "an int, a float or a list")
+        this = "multi" if isinstance(label, list) else "regression" if isinstance(label, float) else "single"
+        if kind is None:
+            kind = this
+        elif this != kind:
+            raise DataError(path, line, f"label {json.dumps(label)} is {this}-label but earlier lines are {kind}")
+        if this == "single":
+            if label < 0 or num_labels is not None and label >= num_labels:
+                raise DataError(path, line, f"label {label} is outside [0, {num_labels or 'inf'})")
+        elif this == "multi":
+            if not label or any(v not in (0, 1) or isinstance(v, bool) for v in label):
+                raise DataError(path, line, "a multi-label label must be a non-empty list of 0/1")
+            if num_labels is not None and len(label) != num_labels:
+                raise DataError(path, line, f"label has {len(label)} entries; the model has {num_labels} labels")
+            if targets and len(label) != len(targets[0]):
+                raise DataError(path, line, f"label has {len(label)} entries; earlier lines have {len(targets[0])}")
+            label = [float(v) for v in label]
+        elif num_labels not in (None, 1):
+            raise DataError(path, line, f"float label (regression) needs num_labels=1, the model has {num_labels}")
+        rows.append(tokenizer.encode(text)[:max_length])
+        targets.append(label)
+    return Dataset("sequence_classification", rows, targets, pad_token_id=tokenizer.pad_token_id, source=path)
+
+
+@dataclass(frozen=True)
+class QAMeta:
+    """What evaluation needs to turn predicted token positions into answer text."""
+
+    context: str
+    context_start: int                 # index of the first context token in the row
+    offsets: tuple[tuple[int, int], ...]  # character span of each context token
+    answers: tuple[str, ...]
+
+
+def answer_token_span(offsets: Sequence[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
+    """(first, last) token index whose character spans overlap [start_char, end_char), or None."""
+    hits = [i for i, (s, e) in enumerate(offsets) if s < end_char and e > start_char]
+    return (hits[0], hits[-1]) if hits else None
+
+
+def load_question_answering(path, tokenizer, max_length: int, skip_overflow: bool = False) -> Dataset:
+    """SQuAD-style question-answering examples from JSONL (see the module docstring)."""
+    path = os.fspath(path)
+    rows, targets, meta = [], [], []
+    for line, obj in read_jsonl(path):
+        context = _field(obj, "context", str, path, line, "a string")
+        question = _field(obj, "question", str, path, line, "a string")
+        answers = _field(obj, "answers", dict, path, line, 'an object {"text": [...], "answer_start": [...]}')
+        texts = _field(answers, "text", list, path, line, "a list of strings")
+        starts = _field(answers, "answer_start", list, path, line, "a list of ints")
+        if not texts or len(texts) != len(starts):
+            raise DataError(path, line, f"answers has {len(texts)} texts and {len(starts)} answer_start values; "
+                                        "need the same number, at least one")
+        for text, start in zip(texts, starts):
+            if not isinstance(text, str) or not text or not isinstance(start, int) or isinstance(start, bool):
+                raise DataError(path, line, f"answer {json.dumps(text)} at {json.dumps(start)}: need a non-empty "
+                                            "string and an int")
+            if context[start:start + len(text)] != text:
+                raise DataError(path, line, f"answer {text!r} is not in the context at character {start} "
+                                            f"(found {context[start:start + len(text)]!r})")
+        q_ids = tokenizer.encode(question)                    # </s> question
+        c_ids, c_offsets = tokenizer.encode_with_offsets(context, add_bos=False)
+        prefix = q_ids + [tokenizer.eos_token_id]             # </s> question </s>
+        span = answer_token_span(c_offsets, starts[0], starts[0] + len(texts[0]))
+        if span is None:  # only possible for whitespace-only answers the tokenizer folds away
+            raise DataError(path, line, f"answer {texts[0]!r} maps to no token of the context")
+        keep = max_length - len(prefix)
+        if keep <= 0 or span[1] >= keep:
+            if skip_overflow:
+                continue
+            raise DataError(path, line, f"the answer ends at token {len(prefix) + span[1]}, past max_length="
+                                        f"{max_length} (question {len(prefix)} + context {len(c_ids)} tokens)")
+        rows.append(prefix + c_ids[:keep])
+        targets.append((len(prefix) + span[0], len(prefix) + span[1]))
+        meta.append(QAMeta(context, len(prefix), tuple(c_offsets[:keep]), tuple(texts)))
+    if not rows:
+        raise DataError(path, None, f"no example fits max_length={max_length}")
+    return Dataset("question_answering", rows, targets, meta, pad_token_id=tokenizer.pad_token_id, source=path)
+
+
+def load(task: str, paths, tokenizer, seq_len: int, **options) -> Dataset:
+    """One entry point for the three tasks (seq_len is the block length or max_length)."""
+    if task == "causal_lm":
+        return load_text(paths, tokenizer, seq_len, **options)
+    if isinstance(paths, (list, tuple)):
+        if len(paths) != 1:
+            raise ValueError(f"{task} reads one JSONL file, got {len(paths)}")
+        paths = paths[0]
+    if task == "sequence_classification":
+        return load_classification(paths, tokenizer, seq_len, **options)
+    if task == "question_answering":
+        return load_question_answering(paths, tokenizer, seq_len, **options)
+    raise ValueError(f"task={task!r}; choose one of {TASKS}")
+
+
+# ------------------------------------------------------------------------------------------ batching
+class BatchStream:
+    """An endless, seeded sequence of batches over epochs; `batch(i)` depends only on i (resumable)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.batches_per_epoch = math.ceil(len(dataset) / batch_size)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.dataset)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def indices(self, i: int) -> np.ndarray:
+        epoch, k = divmod(int(i), self.batches_per_epoch)
+        return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def batch(self, i: int) -> dict[str, np.ndarray]:
+        return self.dataset.collate(self.indices(i))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        i = 0
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(indices, batch) over the dataset once, in order."""
+    for start in range(0, len(dataset), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(dataset)))
+        yield idx, dataset.collate(idx)
+
+
+def qa_predictions(dataset: Dataset, indices: Sequence[int], batch: dict[str, np.ndarray],
+                   start_logits: np.ndarray, end_logits: np.ndarray, max_answer_tokens: int = 30) -> list[str]:
+    """Answer text per row: the context span (start <= end, at most max_answer_tokens) with the
+    highest start + end logit, read from the context through the token offsets."""
+    out = []
+    T = batch["input_ids"].shape[1]
+    start_logits, end_logits = np.asarray(start_logits, np.float64), np.asarray(end_logits, np.float64)
+    for b, i in enumerate(indices):
+        m: QAMeta = dataset.meta[int(i)]
+        pad = T - len(dataset.rows[int(i)])
+        lo, n = pad + m.context_start, len(m.offsets)
+        s, e = start_logits[b, lo:lo + n], end_logits[b, lo:lo + n]
+        score = s[:, None] + e[None, :]                              # (n, n): start i, end j
+        valid = np.triu(np.ones((n, n), dtype=bool)) & ~np.triu(np.ones((n, n), dtype=bool), max_answer_tokens)
+        score = np.where(valid, score, -np.inf)
+        si, ei = np.unravel_index(int(np.argmax(score)), score.shape)
+        out.append(m.context[m.offsets[si][0]:m.offsets[ei][1]].strip())
+    return out

@@ -1,0 +1,260 @@
+"""Fine-tuning in PyTorch, following opt_spec.training (the definitions every backend shares).
+
+- `torch.optim.AdamW` with two parameter groups: weights that decay (linear weights, embeddings)
+  and those that do not (biases, LayerNorm), decided by each parameter's kind in the spec's table.
+- `SpecSchedule`, an LRScheduler whose rate for the update after `step` updates is exactly
+  `opt_spec.training.learning_rate(step, cfg)` (no multiplication by a base rate).
+- Global-norm clipping: the norm of all gradients is computed in float32 and every gradient is
+  multiplied by `clip_scale(norm, max_grad_norm)`.
+- Gradient accumulation: each micro-batch loss is divided by the number of micro-batches before
+  backward, so the update sees their average gradient.
+- bf16 mixed precision: forward and backward under torch.autocast(bfloat16); weights, optimizer
+  state and the losses stay float32.
+- Dropout draws from torch's global generator, seeded with cfg.seed when the trainer is made; its
+  state is saved with every checkpoint, so a resumed run draws the same masks.
+
+A checkpoint is one folder: the Hugging Face directory (config.json, model.safetensors) plus
+`trainer_state.pt` (optimizer, scheduler, RNG state, step, the TrainConfig) written with torch.save.
+
+The surface the CLI drives (the TF and Flax trainers offer the same): `Trainer.from_pretrained(dir,
+task, cfg)`, `Trainer.from_checkpoint(dir, cfg)`, `.step`, `.train_step(micro_batches)`,
+`.evaluate(dataset, batch_size)`, `.save_checkpoint(dir)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from opt_spec import Head, weight_table
+from opt_spec import data as spec_data
+from opt_spec import metrics
+from opt_spec.training import CLIP_EPS, TrainConfig, applies_weight_decay, learning_rate
+
+from .modeling import MODEL_CLASSES
+
+TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUENCE_CLASSIFICATION,
+              "question_answering": Head.QUESTION_ANSWERING}
+TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
+               "question_answering": ("start_positions", "end_positions")}
+STATE_FILE = "trainer_state.pt"
+
+
+def task_head(task: str) -> Head:
+    if task not in TASK_HEADS:
+        raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
+    return TASK_HEADS[task]
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """[{decaying params, weight_decay}, {the rest, 0.0}] by each parameter's kind in the spec."""
+    kinds = {spec.name: spec.kind for spec in weight_table(model.config, model.head)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # a tied head shares embed_tokens and is listed once
+        if name not in kinds:
+            raise ValueError(f"parameter {name!r} is not in the spec's weight table for {model.head.value}")
+        if param.requires_grad:
+            (decay if applies_weight_decay(kinds[name]) else no_decay).append(param)
+    return [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+class SpecSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Sets every group's lr to opt_spec.training.learning_rate(step, cfg) for the coming update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+        self.cfg = cfg
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [learning_rate(self.last_epoch, self.cfg) for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_last_lr": list(self._last_lr)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self._last_lr = list(state["_last_lr"])
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+
+def clip_gradients(parameters: Sequence[torch.Tensor], max_grad_norm: float | None):
+    """Multiplies all gradients in place by clip_scale(global norm, max_grad_norm); returns the norm
+    (float32 tensor) and the scale (float64 tensor). The norm is the float32 2-norm of the per-tensor
+    float32 norms; the scale is min(1, max_grad_norm / (norm + 1e-6)) evaluated in float64, as the
+    spec's Python function does, on the device (no host round trip in the middle of a step)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), torch.ones((), dtype=torch.float64)
+    if any(g.dtype != torch.float32 for g in grads):
+        raise ValueError("gradients must be float32 (float32 master weights)")
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if max_grad_norm is None:
+        return norm, torch.ones((), dtype=torch.float64, device=norm.device)
+    # clip_scale(norm, max_grad_norm) bit for bit: a tensor / tensor division (scalar / tensor is
+    # computed as scalar * reciprocal, one rounding more)
+    norm64 = norm.double()
+    scale = torch.clamp(torch.full_like(norm64, max_grad_norm) / (norm64 + CLIP_EPS), max=1.0)
+    torch._foreach_mul_(grads, scale.float())
+    return norm, scale
+
+
+def _to_torch(batch: Mapping[str, np.ndarray], keys: Sequence[str], device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(batch[k]), device=device) for k in keys}
+
+
+class Trainer:
+    """AdamW fine-tuning of one OPT torch model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, task: str | None = None,
+                 gradient_checkpointing: bool = False, seed_rng: bool = True):
+        self.task = task or next(t for t, h in TASK_HEADS.items() if h == model.head)
+        if task_head(self.task) != model.head:
+            raise ValueError(f"task {self.task} needs a {task_head(self.task).value} model, got {type(model).__name__}")
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            raise ValueError("train float32 weights (bf16 mixed precision keeps float32 master weights); "
+                             f"the model holds {model.dtype}")
+        self.model, self.cfg = model, cfg
+        self.device = model.device
+        model.set_gradient_checkpointing(gradient_checkpointing)
+        if seed_rng:
+            torch.manual_seed(cfg.seed)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=learning_rate(0, cfg),
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = SpecSchedule(self.optimizer, cfg)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
+                        gradient_checkpointing: bool = False, device: str = "cpu") -> "Trainer":
+        model_cls = MODEL_CLASSES[task_head(task)]
+        model = model_cls.from_pretrained(model_dir, config=config, device=device)
+        return cls(model, cfg, task, gradient_checkpointing)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
+                        gradient_checkpointing: bool = False, device: str = "cpu") -> "Trainer":
+        """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
+        state = _read_state(directory)
+        saved = TrainConfig(**state["train_config"])
+        if cfg is not None and cfg != saved:
+            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
+            raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
+                             "resume with the same ones")
+        model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device)
+        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False)
+        trainer._load_state(state)
+        return trainer
+
+    # ----------------------------------------------------------------------------------- training
+    def _autocast(self):
+        if self.cfg.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, batch: Mapping[str, np.ndarray]):
+        # A batch without padding (packed causal-LM blocks) needs no mask: plain causal attention
+        # lets SDPA pick its fastest kernels; the result is the same.
+        padded = not np.asarray(batch["attention_mask"]).all()
+        keys = ("input_ids", "attention_mask") if padded else ("input_ids",)
+        inputs = _to_torch(batch, (*keys, *TASK_INPUTS[self.task]), self.device)
+        with self._autocast():
+            return self.model(**inputs, use_cache=False)
+
+    def train_step(self, micro_batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+        """One update from `gradient_accumulation_steps` micro-batches (a dict is one micro-batch).
+        Returns the mean micro-batch loss, the rate used, the global gradient norm before clipping,
+        and the number of real tokens."""
+        if isinstance(micro_batches, Mapping):
+            micro_batches = [micro_batches]
+        n = len(micro_batches)
+        if n != self.cfg.gradient_accumulation_steps:
+            raise ValueError(f"{n} micro-batches for gradient_accumulation_steps="
+                             f"{self.cfg.gradient_accumulation_steps}")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, tokens = [], 0
+        for batch in micro_batches:
+            loss = self._forward(batch).loss
+            (loss / n).backward()
+            losses.append(loss.detach())
+            tokens += int(np.asarray(batch["attention_mask"]).sum())
+        norm, _ = clip_gradients(self.params, self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loss_values = torch.stack(losses).cpu().tolist()  # the one host sync of a step
+        return {"loss": sum(loss_values) / n, "learning_rate": lr, "grad_norm": float(norm), "tokens": tokens}
+
+    # --------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: spec_data.Dataset, batch_size: int = 8) -> dict[str, float]:
+        """causal_lm: loss, perplexity; sequence_classification: loss, accuracy and F1 (or mse);
+        question_answering: loss, exact_match, f1 (percent)."""
+        self.model.eval()
+        nll, count, losses, logits, labels, predictions, golds = 0.0, 0, [], [], [], [], []
+        for indices, batch in spec_data.eval_batches(dataset, batch_size):
+            out = self._forward(batch)
+            if self.task == "causal_lm":
+                n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
+                nll += out.loss.item() * n
+                count += n
+                continue
+            losses.append((out.loss.item(), len(indices)))
+            if self.task == "sequence_classification":
+                logits.append(out.logits.float().cpu().numpy())
+                labels.append(batch["labels"])
+            else:
+                predictions += spec_data.qa_predictions(dataset, indices, batch, out.start_logits.float().cpu().numpy(),
+                                                        out.end_logits.float().cpu().numpy())
+                golds += [dataset.meta[i].answers for i in indices]
+        if self.task == "causal_lm":
+            mean = nll / max(count, 1)
+            return {"loss": mean, "perplexity": metrics.perplexity(mean)}
+        mean = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
+        if self.task == "sequence_classification":
+            return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
+        return {"loss": mean, **metrics.squad(predictions, golds)}
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> str:
+        """The Hugging Face directory plus trainer_state.pt (optimizer, schedule, RNG, step)."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory)
+        state = {"step": self.step, "task": self.task, "train_config": dataclasses.asdict(self.cfg),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        path = os.path.join(directory, STATE_FILE)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return directory
+
+    def _load_state(self, state: Mapping) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def _read_state(directory) -> dict:
+    path = os.path.join(os.fspath(directory), STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a training checkpoint: no {STATE_FILE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot be read ({err})") from None

@@ -1,0 +1,219 @@
+"""Fine-tune an OPT checkpoint with one backend.
+
+    optkit train --model DIR --task causal_lm|sequence_classification|question_answering --data FILE [FILE ...]
+                 [--eval-data FILE] --backend torch|tf|flax --output DIR [--steps N] [--batch-size B]
+                 [--seq-len T] [--lr LR] [--warmup N] [--schedule linear|cosine|constant]
+                 [--weight-decay WD] [--max-grad-norm G] [--grad-accum K] [--bf16] [--save-every N]
+                 [--eval-every N] [--resume CHECKPOINT] [--seed S]
+
+Data (see opt_spec.data): causal_lm reads plain-text files, packed into blocks of --seq-len tokens;
+sequence_classification reads JSONL {"text", "label"}; question_answering reads SQuAD-style JSONL
+{"context", "question", "answers": {"text": [...], "answer_start": [...]}}. The tokenizer is the
+model folder's. A bad data file is reported as FILE:LINE: reason (exit 2).
+
+Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": loss, learning_rate,
+grad_norm, tokens, tokens_per_s; and per evaluation, kind "eval"), OUTPUT/checkpoint-STEP every
+--save-every updates and OUTPUT/final: Hugging Face folders (with the tokenizer files) plus the
+backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues such a run exactly
+(same settings; the batches continue where they stopped).
+
+Each backend's `opt_<backend>.training` module provides the trainer (the same small surface:
+from_pretrained, from_checkpoint, step, train_step, evaluate, save_checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import time
+import warnings
+
+from .common import CLIError, Console
+
+TASKS = ("causal_lm", "sequence_classification", "question_answering")
+TRAINER_NAMES = {"torch": ("Trainer",), "tf": ("Trainer", "TFTrainer"), "flax": ("Trainer", "FlaxTrainer")}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+METRICS_FILE = "metrics.jsonl"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face OPT folder with a tokenizer")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="training data: text files (causal_lm) or one JSONL file")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data, same format")
+    p.add_argument("--backend", default="torch", choices=("torch", "tf", "flax"))
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for metrics.jsonl and checkpoints")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer updates in all (default 100)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per micro-batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="T",
+                   help="block length (causal_lm) or maximum tokens per example (default 128)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warm-up updates (default 0)")
+    p.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"))
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, metavar="G", help="global-norm clip; 0 = off")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per update (default 1)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (float32 weights)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N updates (0: only final)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N updates (0: at the end)")
+    p.add_argument("--eval-batch-size", type=int, default=None, metavar="B", help="default: --batch-size")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from OUTPUT/checkpoint-STEP of an earlier run")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout and fresh heads (default 0)")
+    p.add_argument("--documents", default="file", choices=("file", "line", "paragraph"),
+                   help="causal_lm: what one document is (default: a whole file)")
+    p.add_argument("--drop-last", action="store_true", help="causal_lm: drop the last, partial block")
+    p.add_argument("--num-labels", type=int, metavar="L", help="sequence_classification: override the config's")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
+
+
+def load_trainer_class(backend: str):
+    from opt_spec.backend import BACKENDS, EXTRAS, BackendUnavailableError, is_available
+
+    if not is_available(backend):
+        raise BackendUnavailableError(f"the {backend} backend's framework is not installed: "
+                                      f"pip install 'optkit[{EXTRAS[backend]}]'")
+    module_name = f"{BACKENDS[backend]}.training"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise CLIError(f"--backend {backend}: training is not available yet ({module_name} does not "
+                           "exist)") from None
+        raise CLIError(f"--backend {backend}: {module_name} does not import ({err})") from None
+    except Exception as err:  # a module still being written can fail in any way
+        raise CLIError(f"--backend {backend}: {module_name} failed to import ({type(err).__name__}: {err})") from None
+    for name in TRAINER_NAMES[backend]:
+        cls = getattr(module, name, None)
+        if cls is not None and all(hasattr(cls, a) for a in ("from_pretrained", "from_checkpoint", "train_step",
+                                                              "evaluate", "save_checkpoint")):
+            return cls
+    raise CLIError(f"--backend {backend}: {module_name} has no trainer class ({' or '.join(TRAINER_NAMES[backend])} "
+                   "with from_pretrained/from_checkpoint/train_step/evaluate/save_checkpoint)")
+
+
+def _check(args) -> None:
+    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("save_every", "eval_every", "warmup"):
+        if getattr(args, name) < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model}: not a folder")
+    if args.resume and not os.path.isdir(args.resume):
+        raise CLIError(f"--resume {args.resume}: not a folder")
+
+
+def _save(trainer, directory: str, model_dir: str) -> None:
+    trainer.save_checkpoint(directory)
+    for name in TOKENIZER_FILES:  # a checkpoint is a complete Hugging Face folder
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(directory, name))
+
+
+def run(args, console: Console) -> int:
+    from opt_spec import OPTConfig
+    from opt_spec import data as spec_data
+    from opt_spec.tokenizer import OPTTokenizer
+    from opt_spec.training import TrainConfig
+
+    _check(args)
+    trainer_cls = load_trainer_class(args.backend)
+    config = OPTConfig.from_pretrained(args.resume or args.model)
+    if args.num_labels is not None and not args.resume:
+        config = config.replace(num_labels=args.num_labels)
+    if args.seq_len > config.max_position_embeddings:
+        raise CLIError(f"--seq-len {args.seq_len} is more than the model's max_position_embeddings="
+                       f"{config.max_position_embeddings}")
+    tokenizer = OPTTokenizer.from_pretrained(args.model, config)
+
+    options = {}
+    if args.task == "causal_lm":
+        options = {"documents": args.documents, "drop_last": args.drop_last}
+    elif args.task == "sequence_classification":
+        options = {"num_labels": config.num_labels}
+    train_set = spec_data.load(args.task, args.data, tokenizer, args.seq_len, **options)
+    eval_set = None
+    if args.eval_data:
+        eval_options = dict(options, drop_last=False) if args.task == "causal_lm" else options
+        eval_set = spec_data.load(args.task, args.eval_data, tokenizer, args.seq_len, **eval_options)
+    console.info(f"{args.task}: {len(train_set)} training examples" +
+                 (f", {len(eval_set)} for evaluation" if eval_set is not None else ""))
+
+    cfg = TrainConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+                      total_steps=args.steps, schedule=args.schedule,
+                      max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+                      gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else None,
+                      seed=args.seed)
+    kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
+    if args.gradient_checkpointing and args.backend != "torch":
+        raise CLIError("--gradient-checkpointing is offered by the torch backend only")
+    with console.step(f"loading the {args.backend} trainer"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.resume:
+            trainer = trainer_cls.from_checkpoint(args.resume, cfg, **kwargs)
+        else:
+            trainer = trainer_cls.from_pretrained(args.model, args.task, cfg, config=config, **kwargs)
+    for w in caught:  # e.g. a head the checkpoint lacks, freshly initialized: one line, not a stack location
+        if issubclass(w.category, UserWarning):
+            console.warn(f"warning: {w.message}")
+    if trainer.step >= args.steps:
+        raise CLIError(f"--resume {args.resume} is at step {trainer.step}; nothing left to do for --steps {args.steps}")
+
+    os.makedirs(args.output, exist_ok=True)
+    stream = spec_data.BatchStream(train_set, args.batch_size, seed=args.seed)
+    eval_batch = args.eval_batch_size or args.batch_size
+    accum = args.grad_accum
+    log = open(os.path.join(args.output, METRICS_FILE), "a" if args.resume else "w", encoding="utf-8")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    def evaluate(step: int) -> dict:
+        result = trainer.evaluate(eval_set, eval_batch)
+        write({"kind": "eval", "step": step, **result})
+        console.info(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    start = trainer.step
+    bar = console.progress(total=args.steps, desc=f"train ({args.backend})", unit="step")
+    bar.update(start)
+    last_eval = None
+    try:
+        while trainer.step < args.steps:
+            k = trainer.step * accum
+            micro = [stream.batch(k + j) for j in range(accum)]
+            t0 = time.perf_counter()
+            out = trainer.train_step(micro)
+            dt = time.perf_counter() - t0
+            step = trainer.step
+            record = {"kind": "train", "step": step, "loss": float(out["loss"]),
+                      "learning_rate": float(out["learning_rate"]), "grad_norm": float(out["grad_norm"]),
+                      "tokens": int(out["tokens"]), "tokens_per_s": int(out["tokens"]) / dt if dt > 0 else None}
+            write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                            tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+            if eval_set is not None and args.eval_every and step % args.eval_every == 0:
+                evaluate(step)
+                last_eval = step
+            if args.save_every and step % args.save_every == 0:
+                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model)
+    finally:
+        bar.close()
+        log.flush()
+    if eval_set is not None and last_eval != trainer.step:
+        evaluate(trainer.step)
+    final = os.path.join(args.output, "final")
+    _save(trainer, final, args.model)
+    log.close()
+    console.info(f"trained {trainer.step - start} updates; model and trainer state in {final}, "
+                 f"metrics in {os.path.join(args.output, METRICS_FILE)}")
+    return 0
