@@ -31,8 +31,8 @@ Importing opt_flax imports neither torch nor tensorflow.
 
 from opt_spec import OPTConfig
 
-from .modeling import (KVCache, OPTForCausalLMModule, OPTForQuestionAnsweringModule,
-                       OPTForSequenceClassificationModule, OPTModule)
+from .modeling import (KVCache, OPTForCausalLMModule, OPTForQuestionAnsweringModule, OPTForSequenceClassificationModule,
+                       OPTModule)
 from .pretrained import (FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification,
                          FlaxOPTModel, FlaxOPTPreTrainedModel, canonical_to_params, params_to_canonical)
 

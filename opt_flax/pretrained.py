@@ -25,6 +25,7 @@ from opt_spec import io as spec_io
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
 
+from .generation import GenerationMixin
 from .modeling import MODULE_CLASSES, KVCache
 
 CONVENTION = "flax"
@@ -163,7 +164,7 @@ class FlaxOPTPreTrainedModel:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
                         config: OPTConfig | None = None, seed: int = 0, precision="auto"):
-        """Loads a Hugging Face directory of safetensors (single or sharded); no torch involved.
+        """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not); no torch involved.
 
         dtype is the compute dtype; parameters are cast to param_dtype (float32 by default).
         A head the checkpoint lacks is initialized from `seed` (with a warning naming it).
@@ -175,11 +176,7 @@ class FlaxOPTPreTrainedModel:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)
-        fmt, files = spec_io.find_weight_files(path)
-        if fmt != "safetensors":
-            raise ValueError(f"{path} holds PyTorch pickles ({os.path.basename(files[0])}); opt_flax reads "
-                             "safetensors only: re-save it with opt_torch (save_pretrained) first")
-        raw = spec_io.load_safetensors_dir(path)
+        raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
         plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
         if plan.fresh:
             warnings.warn(f"{cls.__name__}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly "
@@ -296,8 +293,9 @@ class FlaxOPTModel(FlaxOPTPreTrainedModel):
                            output_hidden_states=output_hidden_states)
 
 
-class FlaxOPTForCausalLM(FlaxOPTPreTrainedModel):
-    """Next-token logits (B, T, V); `labels` (B, T) give the shifted mean cross entropy as `.loss`."""
+class FlaxOPTForCausalLM(GenerationMixin, FlaxOPTPreTrainedModel):
+    """Next-token logits (B, T, V); `labels` (B, T) give the shifted mean cross entropy as `.loss`;
+    `generate(...)` decodes (opt_flax.generation)."""
 
     head = Head.CAUSAL_LM
 

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from opt_flax import (
-    FlaxOPTForCausalLM,
-    FlaxOPTForQuestionAnswering,
-    FlaxOPTForSequenceClassification,
-    FlaxOPTModel,
-    KVCache,
-    canonical_to_params,
-    params_to_canonical,
-)
+from opt_flax import (FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification, FlaxOPTModel,
+                      KVCache, canonical_to_params, params_to_canonical)
 from opt_flax.modeling import MODULE_CLASSES
 from opt_flax.pretrained import MODEL_CLASSES as FLAX_CLASSES
 from opt_spec import WeightMismatchError, tied_source, weight_table

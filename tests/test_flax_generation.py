@@ -1,0 +1,325 @@
+"""Generation in the Flax backend: the opt_spec semantics, identical tokens to opt_torch (greedy, beam
+search, repetition penalty), sampling, one compiled decode loop per setting, Hugging Face parity.
+
+Every test here runs with jax_numpy_dtype_promotion="strict" (no silent dtype promotion).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from opt_spec import generation as gen
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_flax import FlaxOPTForCausalLM
+from opt_flax.generation import filter_for_sampling, process_logits
+from opt_torch import OPTForCausalLM
+
+NAMES = ("pre_ln", "post_ln_proj", "untied_head")
+EOS = 75  # emitted early by row 2 of the pre_ln model below: per-row stopping and padding
+
+
+@pytest.fixture(autouse=True)
+def strict_dtype_promotion():
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(Flax model, torch model) per variant, loaded once from the same random checkpoint, so that
+    the compiled decode loops are shared by the tests."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            path = tmp_path_factory.mktemp(name)
+            spec_io.save_safetensors_dir(path, random_weights(VARIANTS[name], seed=3), VARIANTS[name].to_dict())
+            made[name] = FlaxOPTForCausalLM.from_pretrained(path), OPTForCausalLM.from_pretrained(path).eval()
+        return made[name]
+
+    return get
+
+
+def prompts(name, seed=2):
+    """A left-padded batch of 3 prompts (0, 3 and 5 pads) as int32 NumPy arrays."""
+    return random_batch(VARIANTS[name], seed=seed)
+
+
+def torch_generate(model, ids, mask, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        return model.generate(torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), **kwargs).numpy()
+
+
+def smallest_top2_gap(model, ids, mask, out, eos) -> float:
+    """The smallest gap between the two largest logits over the greedy steps of `out` (each row until
+    it emitted eos), from opt_torch: the test case is meaningful only without near-ties."""
+    B, T = ids.shape
+    full_mask = np.concatenate([mask, np.ones((B, out.shape[1] - T), mask.dtype)], axis=1)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(out).long(), torch.from_numpy(full_mask).long()).logits.numpy()
+    gaps = []
+    for b in range(B):
+        for t in range(T - 1, out.shape[1] - 1):
+            top2 = np.sort(logits[b, t])[-2:]
+            gaps.append(top2[1] - top2[0])
+            if out[b, t + 1] == eos:
+                break
+    return float(min(gaps))
+
+
+# ---------------------------------------------------------------------------- parity with torch
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_matches_torch(models, name):
+    flax_model, torch_model = models(name)
+    ids, mask = prompts(name)
+    for eos in (None, EOS):
+        want = torch_generate(torch_model, ids, mask, max_new_tokens=10, eos_token_id=eos)
+        assert smallest_top2_gap(torch_model, ids, mask, want, eos) > 1e-4  # logits agree to ~1e-5
+        got = flax_model.generate(ids, mask, max_new_tokens=10, eos_token_id=eos)
+        assert isinstance(got, jax.Array) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("name,num_beams,length_penalty", [("pre_ln", 2, 1.0), ("post_ln_proj", 3, 0.5),
+                                                            ("pre_ln", 4, 2.0)])
+def test_beam_search_matches_torch(models, name, num_beams, length_penalty):
+    flax_model, torch_model = models(name)
+    ids, mask = prompts(name)
+    for eos in (None, EOS):
+        kwargs = dict(max_new_tokens=8, num_beams=num_beams, length_penalty=length_penalty, eos_token_id=eos)
+        want = torch_generate(torch_model, ids, mask, **kwargs)
+        np.testing.assert_array_equal(np.asarray(flax_model.generate(ids, mask, **kwargs)), want)
+
+
+@pytest.mark.parametrize("eos,length_penalty,more", [
+    (29, 0.5, {}), (40, 0.5, {}), (89, 0.5, {}), (29, 1.0, dict(repetition_penalty=1.3, min_new_tokens=2)),
+])
+def test_beam_search_finishing_early_matches_torch(models, eos, length_penalty, more):
+    """EOS chosen by beams (ids found for this model): rows done before max_new_tokens, hypotheses
+    of different lengths, the output as long as the longest chosen one, pad filling; with the
+    repetition penalty and min_new_tokens too."""
+    flax_model, torch_model = models("post_ln_proj")
+    ids, mask = prompts("post_ln_proj")
+    T = ids.shape[1]
+    kwargs = dict(max_new_tokens=8, num_beams=3, eos_token_id=eos, length_penalty=length_penalty, **more)
+    want = torch_generate(torch_model, ids, mask, **kwargs)
+    assert (want[:, T:] == 1).any()  # the case exercises early finishing
+    np.testing.assert_array_equal(np.asarray(flax_model.generate(ids, mask, **kwargs)), want)
+
+
+def test_repetition_penalty_matches_torch(models):
+    flax_model, torch_model = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    plain = torch_generate(torch_model, ids, mask, max_new_tokens=8)
+    for penalty in (1.7, 0.6):
+        want = torch_generate(torch_model, ids, mask, max_new_tokens=8, repetition_penalty=penalty)
+        got = np.asarray(flax_model.generate(ids, mask, max_new_tokens=8, repetition_penalty=penalty))
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, plain)  # the penalty changed something: the test can fail
+
+
+def test_repetition_penalty_rule_equals_spec_reference():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((3, 20)) * 2).astype(np.float32)
+    seen = rng.random((3, 20)) < 0.3
+    for penalty in (1.3, 0.7):
+        got = process_logits(jnp.asarray(logits), jnp.asarray(seen), 0, jnp.float32(penalty), None, 0)
+        # equal up to float32 rounding (XLA on the CPU may divide via a reciprocal: 1 ulp)
+        np.testing.assert_allclose(np.asarray(got), gen.apply_repetition_penalty(logits, seen, penalty),
+                                   rtol=3e-7, atol=0)
+    blocked = process_logits(jnp.asarray(logits), None, jnp.int32(1), None, jnp.int32(4), jnp.int32(2))
+    assert np.isneginf(np.asarray(blocked)[:, 4]).all()
+    free = process_logits(jnp.asarray(logits), None, jnp.int32(2), None, jnp.int32(4), jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(free), logits)
+
+
+# ----------------------------------------------------------------------- EOS, lengths, padding
+def test_eos_stops_rows_and_pads_them(models):
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    T = ids.shape[1]
+    free = np.asarray(flax_model.generate(ids, mask, max_new_tokens=10))
+    eos = int(free[2, T])  # the first token row 2 generates
+    out = np.asarray(flax_model.generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0))
+    assert out.shape == (3, T + 10)
+    assert out[2, T] == eos and (out[2, T + 1:] == 0).all()
+    for row in (0, 1):  # rows that never emit it are unchanged
+        assert np.array_equal(out[row], free[row]) or (free[row, T:] == eos).any()
+    held = np.asarray(flax_model.generate(ids, mask, max_new_tokens=10, min_new_tokens=3, eos_token_id=eos,
+                                          pad_token_id=0))
+    assert (held[2, T:T + 3] != eos).all()
+    np.testing.assert_array_equal(held[:, :T], ids)
+
+
+def test_all_rows_finished_ends_early(models):
+    flax_model, torch_model = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    T = ids.shape[1]
+    same = ids[[2, 2, 2]], mask[[2, 2, 2]]  # three copies of row 2 (the compiled loop of the other tests)
+    first = int(np.asarray(flax_model.generate(*same, max_new_tokens=10))[0, T])
+    out = flax_model.generate(*same, max_new_tokens=10, eos_token_id=first)
+    assert out.shape == (3, T + 1)
+    # the whole batch: decoding runs until the last row finishes, finished rows padded
+    want = torch_generate(torch_model, ids, mask, max_new_tokens=10, eos_token_id=EOS, min_new_tokens=2)
+    got = flax_model.generate(ids, mask, max_new_tokens=10, eos_token_id=EOS, min_new_tokens=2)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.slow
+def test_half_precision_generates(models):
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    half = FlaxOPTForCausalLM(flax_model.config, flax_model.params, dtype="bfloat16")
+    out = half.generate(ids, mask, max_new_tokens=6, eos_token_id=EOS)
+    assert out.dtype == jnp.int32 and out.shape[0] == 3
+    np.testing.assert_array_equal(np.asarray(out)[:, :ids.shape[1]], ids)
+    assert ((np.asarray(out) >= 0) & (np.asarray(out) < flax_model.config.vocab_size)).all()
+
+
+# ------------------------------------------------------------------------------------ sampling
+def test_sampling_is_reproducible_with_a_seed(models):
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    a = np.asarray(flax_model.generate(ids, mask, seed=1, **kwargs))
+    np.testing.assert_array_equal(a, np.asarray(flax_model.generate(ids, mask, seed=1, **kwargs)))
+    assert not np.array_equal(a, np.asarray(flax_model.generate(ids, mask, seed=2, **kwargs)))
+    np.testing.assert_array_equal(a[:, :ids.shape[1]], ids)
+    greedy = np.asarray(flax_model.generate(ids, mask, max_new_tokens=10))
+    assert not np.array_equal(a, greedy)
+    top1 = flax_model.generate(ids, mask, max_new_tokens=10, do_sample=True, top_k=1, temperature=2.0, seed=5)
+    np.testing.assert_array_equal(np.asarray(top1), greedy)
+    tiny_p = flax_model.generate(ids, mask, **{**kwargs, "top_p": 1e-6}, seed=5)  # keeps only the most probable
+    np.testing.assert_array_equal(np.asarray(tiny_p), greedy)
+
+
+def test_sampling_filters_match_the_spec_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+    logits[1, 7] = logits[1, 9]  # a tie: both kept or both dropped by top-k; top-p keeps the lower id first
+    for top_k, top_p, temperature in [(5, 1.0, 1.0), (0, 0.7, 1.0), (10, 0.5, 0.7), (0, 0.999, 2.0), (1, 1.0, 1.0),
+                                      (50, 1e-6, 1.0)]:
+        got = np.asarray(filter_for_sampling(jnp.asarray(logits), temperature, top_k,
+                                             top_p if top_p < 1.0 else None))
+        ref = gen.top_p_filter(gen.top_k_filter(logits / np.float32(temperature), top_k), top_p)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+        np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], rtol=1e-6)
+    # and traced: the filters work under jit with a traced temperature and top_p
+    jitted = jax.jit(lambda x, t, p: filter_for_sampling(x, t, 10, p))
+    got = np.asarray(jitted(jnp.asarray(logits), jnp.float32(0.7), jnp.float32(0.5)))
+    ref = gen.top_p_filter(gen.top_k_filter(logits / np.float32(0.7), 10), 0.5)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+
+
+def test_sampling_follows_the_filtered_distribution(models):
+    """The first sampled token of each row over many seeds: always among what top-k / top-p keep, and
+    about as often as the softmax of the kept logits says."""
+    flax_model, torch_model = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    T, temperature, top_k, top_p = ids.shape[1], 1.5, 40, 0.95
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    drawn = np.stack([np.asarray(flax_model.generate(ids, mask, seed=seed, **kwargs))[:, T] for seed in range(60)])
+    with torch.no_grad():  # the same logits as the Flax model's (to ~1e-5)
+        logits = torch_model(torch.from_numpy(ids).long(), torch.from_numpy(mask).long()).logits[:, -1].numpy()
+    kept = gen.top_p_filter(gen.top_k_filter(logits / np.float32(temperature), top_k), top_p)  # (B, V)
+    probs = np.exp(kept - kept.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for b in range(3):
+        assert np.isfinite(kept[b, drawn[:, b]]).all()
+        top = int(np.argmax(probs[b]))
+        assert abs((drawn[:, b] == top).mean() - probs[b, top]) < 0.2, (b, (drawn[:, b] == top).mean(), probs[b, top])
+    assert len(set(drawn[:, 0].tolist())) > 1  # row 0 is far from deterministic
+
+
+# ---------------------------------------------------------------------------- compiled once
+def test_second_call_does_not_recompile(models):
+    flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
+    ids, mask = prompts("pre_ln")
+    assert getattr(flax_model, "_generation_traces", 0) == 0
+    flax_model.generate(ids, mask, max_new_tokens=5, eos_token_id=EOS)
+    assert flax_model._generation_traces == 1
+    # other numbers (ids, EOS/pad ids, min_new_tokens, penalties given as traced arguments), same shapes
+    flax_model.generate(ids[::-1].copy(), mask[::-1].copy(), max_new_tokens=5, eos_token_id=7, pad_token_id=0,
+                        min_new_tokens=2)
+    params = jax.tree.map(lambda p: p * 1.0, flax_model.params)
+    flax_model.generate(ids, mask, max_new_tokens=5, params=params)
+    assert flax_model._generation_traces == 1
+
+
+def test_generate_is_one_while_loop(models):
+    """The decode is one jitted program whose per-token work sits in a single while loop."""
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    flax_model.generate(ids, mask, max_new_tokens=10, eos_token_id=EOS)
+    (fn,) = [f for s, f in flax_model._generation_fns.items() if s.max_new_tokens == 10 and s.num_beams == 1
+             and not s.do_sample and not s.repetition]
+    from opt_flax.generation import _knobs
+
+    cfg = gen.GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=1)
+    jaxpr = str(jax.make_jaxpr(fn)(flax_model.params, jnp.asarray(ids), jnp.asarray(mask), _knobs(cfg),
+                                   jax.random.key(0)))
+    assert jaxpr.count("while[") == 1
+
+
+# ------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
+    (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
+    (dict(max_new_tokens=35), "max_position_embeddings=40"),
+    (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
+    (dict(pad_token_id=-2), "pad_token_id=-2 is outside the vocabulary"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+    (dict(seed=-1, do_sample=True), "seed=-1"),
+])
+def test_generate_rejects_bad_arguments(models, kwargs, words):
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    with pytest.raises(ValueError, match=words.replace("(", "\\(")):
+        flax_model.generate(ids, mask, **kwargs)
+
+
+def test_generate_rejects_bad_inputs(models):
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\)"):
+        flax_model.generate(ids[0])
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        flax_model.generate(ids, mask[:, 1:])
+    with pytest.raises(ValueError, match="only 0 .pad. and 1"):
+        flax_model.generate(ids, mask * 2)
+    bad = ids.copy()
+    bad[1, 4] = 96
+    with pytest.raises(ValueError, match="token id 96 at batch row 1, position 4"):
+        flax_model.generate(bad, mask)
+    with pytest.raises(TypeError, match="input_ids must be integers"):
+        flax_model.generate(ids.astype(np.float32), mask)
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+def hf_flax_generate(transformers, model, ids, mask, **kwargs) -> np.ndarray:
+    with jax.numpy_dtype_promotion("standard"):  # Hugging Face's code relies on implicit promotion
+        hf_config = transformers.OPTConfig.from_dict(model.config.to_dict())
+        hf = transformers.FlaxOPTForCausalLM(hf_config, _do_init=False)  # our parameter tree as is
+        return np.asarray(hf.generate(ids, attention_mask=mask, params=model.params, do_sample=False,
+                                      **kwargs).sequences)
+
+
+@pytest.mark.parametrize("name", ["pre_ln", pytest.param("post_ln_proj", marks=pytest.mark.slow),
+                                  pytest.param("untied_head", marks=pytest.mark.slow)])
+def test_greedy_matches_hugging_face_flax(models, name):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
+    flax_model, _ = models(name)
+    ids, mask = prompts(name)
+    got = np.asarray(flax_model.generate(ids, mask, max_new_tokens=10, eos_token_id=EOS))
+    want = hf_flax_generate(transformers, flax_model, ids, mask, max_new_tokens=10, eos_token_id=EOS,
+                            pad_token_id=1)
+    assert want.shape == (3, ids.shape[1] + 10)  # Hugging Face pads to max_length; we stop at N steps
+    np.testing.assert_array_equal(got, want[:, :got.shape[1]])
+    assert (want[:, got.shape[1]:] == 1).all()
