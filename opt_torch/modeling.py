@@ -17,12 +17,8 @@ from torch import nn
 
 from opt_spec import Head, OPTConfig
 from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
-from opt_spec.outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutputWithPast,
-)
+from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
+                              SequenceClassifierOutputWithPast)
 
 from .cache import StaticCache
 from .checkpoint import PretrainedMixin
@@ -157,10 +153,14 @@ class OPTDecoder(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) "
                              f"= ({B}, {S})")
-        if position_ids is None:
+        if position_ids is None:  # positions never exceed S - 1: a shape check suffices
+            if S > config.max_position_embeddings:
+                raise ValueError(f"{S} tokens (past + new) are more than the model's max_position_embeddings="
+                                 f"{config.max_position_embeddings}")
             mask = (attention_mask if attention_mask is not None else torch.ones(B, S, device=device)).long()
             position_ids = (torch.cumsum(mask, dim=1) * mask - 1)[:, q_pos]  # (B, T), pads -1
-        _check_positions(position_ids, S, config.max_position_embeddings)
+        else:
+            _check_positions(position_ids, config.max_position_embeddings)
         # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
         allowed = None if attention_mask is None and not past_key_values else attention_allowed(
             attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device), q_pos)
@@ -205,10 +205,15 @@ def _concat_kv(past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torc
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Names the first bad token id; on an accelerator the check is asynchronous (no host sync per
+    forward), so its error names only the range."""
     if input_ids.dtype.is_floating_point:
         raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
     if input_ids.numel() and not torch.compiler.is_compiling():
         bad = (input_ids < 0) | (input_ids >= vocab_size)
+        if input_ids.device.type != "cpu":
+            torch._assert_async(~bad.any(), f"a token id is outside the vocabulary [0, {vocab_size})")
+            return
         if bad.any():
             b, t = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"token id {int(input_ids[b, t])} at batch row {b}, position {t} is outside "
@@ -228,10 +233,10 @@ def _check_past(past_key_values, config: OPTConfig, B: int) -> int:
     return k.shape[2]
 
 
-def _check_positions(position_ids: torch.Tensor, S: int, max_positions: int) -> None:
+def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
     if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
         raise ValueError(f"position {int(position_ids.max())} is past the model's max_position_embeddings="
-                         f"{max_positions} (sequence of {S} tokens)")
+                         f"{max_positions}")
 
 
 class OPTPreTrainedModel(PretrainedMixin, nn.Module):
@@ -398,8 +403,10 @@ class OPTForQuestionAnswering(_OPTWithHead):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
     V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1).to(logits.device),
-                           ignore_index=IGNORE_INDEX)
+    labels = labels.to(logits.device)
+    # shift the labels, not the logits: no copy of the (B, T, V) tensor
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
