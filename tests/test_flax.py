@@ -311,11 +311,15 @@ def test_bad_params_tree_is_an_error():
     assert "wrong shape: model.decoder.layers.0.fc1.kernel is (48, 32), expected (32, 48)" in str(err.value)
 
 
-def test_pickles_are_refused_with_a_hint(tmp_path):
+def test_pytorch_pickles_load_without_torch_equal_to_safetensors(tmp_path):
     config = VARIANTS["pre_ln"]
-    TORCH_CLASSES["causal_lm"].from_config(config).save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises(ValueError, match="safetensors only"):
-        FlaxOPTForCausalLM.from_pretrained(tmp_path)
+    model = TORCH_CLASSES["causal_lm"].from_config(config, seed=0)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    model.save_pretrained(tmp_path / "st")
+    from_bin = FlaxOPTForCausalLM.from_pretrained(tmp_path / "bin").params
+    from_st = FlaxOPTForCausalLM.from_pretrained(tmp_path / "st").params
+    pairs = zip(jax.tree_util.tree_leaves_with_path(from_bin), jax.tree_util.tree_leaves_with_path(from_st))
+    assert all(pa == pb and np.array_equal(a, b) for (pa, a), (pb, b) in pairs)
 
 
 # -------------------------------------------------------------------------------------- dtypes
