@@ -261,6 +261,9 @@ class OPTDecoder(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = embed_tokens(input_ids)  # (B, T, E)
+            if config.pad_token_id is not None:  # as torch's padding_idx: lookups of the pad row get no gradient
+                is_pad = (input_ids == config.pad_token_id)[..., None]  # (B, T, 1)
+                inputs_embeds = jnp.where(is_pad, jax.lax.stop_gradient(inputs_embeds), inputs_embeds)
         else:
             inputs_embeds = inputs_embeds.astype(self.dtype)
         B, T = inputs_embeds.shape[:2]

@@ -136,7 +136,12 @@ ACTIVATIONS = {
 
 
 def _dropout(x: tf.Tensor, rate: float, training) -> tf.Tensor:
-    return tf.nn.dropout(x, rate=rate) if training and rate > 0 else x
+    """Masks drawn from TF's global tf.random.Generator, whose state is one variable: a trainer can
+    seed it, save it and restore it, so a resumed run draws the same masks (opt_tf.training)."""
+    if not (training and rate > 0):
+        return x
+    seed = tf.random.get_global_generator().make_seeds(1)[:, 0]
+    return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
 
 
 # ------------------------------------------------------------------------------------- attention

@@ -22,9 +22,9 @@ does, and `TFTrainer` compiles the model with it:
 
 A checkpoint is one folder: the Hugging Face directory (config.json, model.safetensors) plus
 `optimizer.npz` (the optimizer's variables in Keras's own save_own_variables store: moments,
-accumulators, iteration and update counters) and `trainer_state.json` (task, step, TrainConfig).
-Dropout draws from TensorFlow's seeded global generator, which is not checkpointed: a resumed run
-is exact with dropout off (as the tests check) and statistically equivalent with it on.
+accumulators, iteration and update counters), `rng.npy` (the state of TF's global
+tf.random.Generator, which opt_tf's dropout draws from; seeded with cfg.seed by the trainer) and
+`trainer_state.json` (task, step, TrainConfig). A resumed run draws the same dropout masks.
 
 The surface matches opt_torch.training.Trainer: `TFTrainer.from_pretrained(dir, task, cfg)`,
 `TFTrainer.from_checkpoint(dir, cfg)`, `.step`, `.train_step(micro_batches)`,
@@ -55,6 +55,7 @@ TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUE
 TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
                "question_answering": ("start_positions", "end_positions")}
 OPTIMIZER_FILE = "optimizer.npz"
+RNG_FILE = "rng.npy"
 INFO_FILE = "trainer_state.json"
 
 
@@ -229,7 +230,9 @@ class TFTrainer:
         if cfg.mixed_precision == "bf16":
             model = _mixed(model)
         self.model, self.cfg = model, cfg
-        tf.random.set_seed(cfg.seed)  # dropout masks
+        # Dropout masks come from the global generator; reset in place (compiled steps hold the object).
+        self.rng = tf.random.get_global_generator()
+        self.rng.reset_from_seed(cfg.seed)
         self.keras_model = TrainingModel(model)
         self.optimizer = SpecAdamW(cfg)
         variables = variable_map(model)
@@ -274,6 +277,7 @@ class TFTrainer:
             raise ValueError(f"{path}: holds {len(got)} optimizer variables that do not match this trainer's "
                              f"{len(shapes)} (different model or settings)")
         trainer.optimizer.load_own_variables(store)
+        trainer.rng.reset(np.load(os.path.join(os.fspath(directory), RNG_FILE)))
         if trainer.step != info["step"]:
             raise ValueError(f"{directory}: {OPTIMIZER_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
         return trainer
@@ -312,7 +316,8 @@ class TFTrainer:
                                       tf.int64 if np.issubdtype(np.asarray(first[k]).dtype, np.integer) else tf.float32)
                      for k in keys}
         dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
-        return self.keras_model.fit(dataset, epochs=1, steps_per_epoch=micro, callbacks=callbacks, verbose=verbose)
+        return self.keras_model.fit(dataset, epochs=1, steps_per_epoch=micro, callbacks=callbacks, verbose=verbose,
+                                    shuffle=False)
 
     def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """(loss, {canonical name: gradient in the canonical layout}) of one batch, dropout off."""
@@ -363,7 +368,8 @@ class TFTrainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike) -> str:
-        """The Hugging Face directory plus the optimizer's variables (Keras store) and the step."""
+        """The Hugging Face directory plus the optimizer's variables (Keras store), the dropout
+        generator's state and the step."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -373,6 +379,10 @@ class TFTrainer:
         with open(path + ".tmp", "wb") as f:
             np.savez(f, **store)
         os.replace(path + ".tmp", path)
+        rng_path = os.path.join(directory, RNG_FILE)
+        with open(rng_path + ".tmp", "wb") as f:
+            np.save(f, self.rng.state.numpy())
+        os.replace(rng_path + ".tmp", rng_path)
         info = {"backend": "tf", "task": self.task, "step": self.step, "train_config": dataclasses.asdict(self.cfg)}
         with open(os.path.join(directory, INFO_FILE) + ".tmp", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
