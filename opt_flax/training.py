@@ -38,26 +38,17 @@ import optax
 
 from opt_spec import Head
 from opt_spec import data as spec_data
-from opt_spec import metrics
 from opt_spec.layouts import native_path
-from opt_spec.training import CLIP_EPS, TrainConfig, applies_weight_decay, learning_rate
+from opt_spec import training as spec_training
+from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
+                               micro_batch_list, task_head)
 
 from .modeling import MODULE_CLASSES
 from .pretrained import MODEL_CLASSES, _params_table
 
 CONVENTION = "flax"
-TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUENCE_CLASSIFICATION,
-              "question_answering": Head.QUESTION_ANSWERING}
-TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
-               "question_answering": ("start_positions", "end_positions")}
 STATE_FILE = "trainer_state.msgpack"
 INFO_FILE = "trainer_state.json"
-
-
-def task_head(task: str) -> Head:
-    if task not in TASK_HEADS:
-        raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
-    return TASK_HEADS[task]
 
 
 # ------------------------------------------------------------------------------------ the optimizer
@@ -262,12 +253,8 @@ class FlaxTrainer:
         """One update from `gradient_accumulation_steps` micro-batches (a dict is one micro-batch).
         Returns the mean micro-batch loss, the rate used, the global gradient norm before clipping,
         and the number of real tokens."""
-        if isinstance(micro_batches, Mapping):
-            micro_batches = [micro_batches]
+        micro_batches = micro_batch_list(micro_batches, self.cfg)
         n = len(micro_batches)
-        if n != self.cfg.gradient_accumulation_steps:
-            raise ValueError(f"{n} micro-batches for gradient_accumulation_steps="
-                             f"{self.cfg.gradient_accumulation_steps}")
         batches = [_as_jax(b, self._keys) for b in micro_batches]
         tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in micro_batches)
         lr = learning_rate(self.step, self.cfg)
@@ -300,32 +287,13 @@ class FlaxTrainer:
 
     # --------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: spec_data.Dataset, batch_size: int = 8) -> dict[str, float]:
-        """causal_lm: loss, perplexity; sequence_classification: loss, accuracy and F1 (or mse);
-        question_answering: loss, exact_match, f1 (percent)."""
-        nll, count, losses, logits, labels, predictions, golds = 0.0, 0, [], [], [], [], []
-        for indices, batch in spec_data.eval_batches(dataset, batch_size):
-            out = self.fns.forward(self.params, _as_jax(batch, self._keys))
-            if self.task == "causal_lm":
-                n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
-                nll += float(out.loss) * n
-                count += n
-                continue
-            losses.append((float(out.loss), len(indices)))
-            if self.task == "sequence_classification":
-                logits.append(np.asarray(out.logits, np.float32))
-                labels.append(batch["labels"])
-            else:
-                start = np.asarray(out.start_logits, np.float32)
-                end = np.asarray(out.end_logits, np.float32)
-                predictions += spec_data.qa_predictions(dataset, indices, batch, start, end)
-                golds += [dataset.meta[i].answers for i in indices]
-        if self.task == "causal_lm":
-            mean = nll / max(count, 1)
-            return {"loss": mean, "perplexity": metrics.perplexity(mean)}
-        mean = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
-        if self.task == "sequence_classification":
-            return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
-        return {"loss": mean, **metrics.squad(predictions, golds)}
+        """See opt_spec.training.evaluate."""
+        return spec_training.evaluate(self.task, dataset, batch_size, self._eval_outputs)
+
+    def _eval_outputs(self, batch) -> dict:
+        out = self.fns.forward(self.params, _as_jax(batch, self._keys))
+        return {"loss": float(out.loss),
+                **{k: np.asarray(getattr(out, k), np.float32) for k in spec_training.EVAL_OUTPUTS[self.task]}}
 
     # -------------------------------------------------------------------------------- checkpoints
     def _state_template(self) -> dict:

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, Mapping
 
-from .weights import WeightKind
+import numpy as np
+
+from .weights import Head, WeightKind
 
 SCHEDULES = ("linear", "cosine", "constant")
 CLIP_EPS = 1e-6
@@ -98,3 +101,63 @@ def clip_scale(global_norm: float, max_grad_norm: float | None) -> float:
     if max_grad_norm is None:
         return 1.0
     return min(1.0, max_grad_norm / (global_norm + CLIP_EPS))
+
+
+# ---------------------------------------------------------------------- tasks, batches, evaluation
+TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUENCE_CLASSIFICATION,
+              "question_answering": Head.QUESTION_ANSWERING}
+TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
+               "question_answering": ("start_positions", "end_positions")}
+EVAL_OUTPUTS = {"causal_lm": (), "sequence_classification": ("logits",),
+                "question_answering": ("start_logits", "end_logits")}
+
+
+def task_head(task: str) -> Head:
+    if task not in TASK_HEADS:
+        raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
+    return TASK_HEADS[task]
+
+
+def micro_batch_list(micro_batches, cfg: TrainConfig) -> list:
+    """The micro-batches of one update (a single mapping is one micro-batch), checked against
+    cfg.gradient_accumulation_steps."""
+    if isinstance(micro_batches, Mapping):
+        micro_batches = [micro_batches]
+    micro_batches = list(micro_batches)
+    if len(micro_batches) != cfg.gradient_accumulation_steps:
+        raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps="
+                         f"{cfg.gradient_accumulation_steps}")
+    return micro_batches
+
+
+def evaluate(task: str, dataset, batch_size: int, forward: Callable[[dict], dict]) -> dict[str, float]:
+    """Every backend's evaluation: `forward(batch)` returns the batch's mean loss ("loss", a float)
+    and the task's EVAL_OUTPUTS as float32 NumPy arrays.
+
+    causal_lm: loss (token-weighted), perplexity; sequence_classification: loss, accuracy and F1 (or
+    mse); question_answering: loss, exact_match, f1 (percent)."""
+    from . import data as spec_data
+    from . import metrics
+
+    nll, count, losses, logits, labels, predictions, golds = 0.0, 0, [], [], [], [], []
+    for indices, batch in spec_data.eval_batches(dataset, batch_size):
+        out = forward(batch)
+        if task == "causal_lm":
+            n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
+            nll += out["loss"] * n
+            count += n
+            continue
+        losses.append((out["loss"], len(indices)))
+        if task == "sequence_classification":
+            logits.append(out["logits"])
+            labels.append(batch["labels"])
+        else:
+            predictions += spec_data.qa_predictions(dataset, indices, batch, out["start_logits"], out["end_logits"])
+            golds += [dataset.meta[i].answers for i in indices]
+    if task == "causal_lm":
+        mean = nll / max(count, 1)
+        return {"loss": mean, "perplexity": metrics.perplexity(mean)}
+    mean = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
+    if task == "sequence_classification":
+        return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
+    return {"loss": mean, **metrics.squad(predictions, golds)}

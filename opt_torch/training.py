@@ -31,24 +31,15 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from opt_spec import Head, weight_table
+from opt_spec import weight_table
 from opt_spec import data as spec_data
-from opt_spec import metrics
-from opt_spec.training import CLIP_EPS, TrainConfig, applies_weight_decay, learning_rate
+from opt_spec import training as spec_training
+from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
+                               micro_batch_list, task_head)
 
 from .modeling import MODEL_CLASSES
 
-TASK_HEADS = {"causal_lm": Head.CAUSAL_LM, "sequence_classification": Head.SEQUENCE_CLASSIFICATION,
-              "question_answering": Head.QUESTION_ANSWERING}
-TASK_INPUTS = {"causal_lm": ("labels",), "sequence_classification": ("labels",),
-               "question_answering": ("start_positions", "end_positions")}
 STATE_FILE = "trainer_state.pt"
-
-
-def task_head(task: str) -> Head:
-    if task not in TASK_HEADS:
-        raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
-    return TASK_HEADS[task]
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -174,12 +165,8 @@ class Trainer:
         """One update from `gradient_accumulation_steps` micro-batches (a dict is one micro-batch).
         Returns the mean micro-batch loss, the rate used, the global gradient norm before clipping,
         and the number of real tokens."""
-        if isinstance(micro_batches, Mapping):
-            micro_batches = [micro_batches]
+        micro_batches = micro_batch_list(micro_batches, self.cfg)
         n = len(micro_batches)
-        if n != self.cfg.gradient_accumulation_steps:
-            raise ValueError(f"{n} micro-batches for gradient_accumulation_steps="
-                             f"{self.cfg.gradient_accumulation_steps}")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, tokens = [], 0
@@ -199,32 +186,14 @@ class Trainer:
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, dataset: spec_data.Dataset, batch_size: int = 8) -> dict[str, float]:
-        """causal_lm: loss, perplexity; sequence_classification: loss, accuracy and F1 (or mse);
-        question_answering: loss, exact_match, f1 (percent)."""
+        """See opt_spec.training.evaluate."""
         self.model.eval()
-        nll, count, losses, logits, labels, predictions, golds = 0.0, 0, [], [], [], [], []
-        for indices, batch in spec_data.eval_batches(dataset, batch_size):
-            out = self._forward(batch)
-            if self.task == "causal_lm":
-                n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
-                nll += out.loss.item() * n
-                count += n
-                continue
-            losses.append((out.loss.item(), len(indices)))
-            if self.task == "sequence_classification":
-                logits.append(out.logits.float().cpu().numpy())
-                labels.append(batch["labels"])
-            else:
-                predictions += spec_data.qa_predictions(dataset, indices, batch, out.start_logits.float().cpu().numpy(),
-                                                        out.end_logits.float().cpu().numpy())
-                golds += [dataset.meta[i].answers for i in indices]
-        if self.task == "causal_lm":
-            mean = nll / max(count, 1)
-            return {"loss": mean, "perplexity": metrics.perplexity(mean)}
-        mean = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
-        if self.task == "sequence_classification":
-            return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
-        return {"loss": mean, **metrics.squad(predictions, golds)}
+        return spec_training.evaluate(self.task, dataset, batch_size, self._eval_outputs)
+
+    def _eval_outputs(self, batch) -> dict:
+        out = self._forward(batch)
+        return {"loss": out.loss.item(),
+                **{k: getattr(out, k).float().cpu().numpy() for k in spec_training.EVAL_OUTPUTS[self.task]}}
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike) -> str:
