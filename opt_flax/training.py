@@ -115,14 +115,8 @@ def adamw(cfg: TrainConfig, mask) -> optax.GradientTransformation:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _as_jax(batch: Mapping[str, Any], keys: Sequence[str]) -> dict[str, jax.Array]:
-    """NumPy batch -> JAX arrays: integers int32, floats float32 (the labels of regression/multi-label)."""
-    out = {}
-    for key in keys:
-        if key not in batch:
-            raise KeyError(f"the batch has no {key!r} (it has {', '.join(sorted(batch))})")
-        value = np.asarray(batch[key])
-        out[key] = jnp.asarray(value, jnp.int32 if np.issubdtype(value.dtype, np.integer) else jnp.float32)
-    return out
+    """NumPy batch -> JAX arrays (opt_spec.data.select_inputs' dtypes)."""
+    return {key: jnp.asarray(value) for key, value in spec_data.select_inputs(batch, keys).items()}
 
 
 class StepFunctions(NamedTuple):

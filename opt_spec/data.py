@@ -33,7 +33,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -352,4 +352,16 @@ def qa_predictions(dataset: Dataset, indices: Sequence[int], batch: dict[str, np
         score = np.where(valid, score, -np.inf)
         si, ei = np.unravel_index(int(np.argmax(score)), score.shape)
         out.append(m.context[m.offsets[si][0]:m.offsets[ei][1]].strip())
+    return out
+
+
+def select_inputs(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The `keys` of a NumPy batch as the dtypes every backend feeds its model: integers int32,
+    floats float32 (regression and multi-label labels); a missing key is an error naming it."""
+    out = {}
+    for key in keys:
+        if key not in batch:
+            raise KeyError(f"the batch has no {key!r} (it has {', '.join(sorted(batch))})")
+        value = np.asarray(batch[key])
+        out[key] = value.astype(np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32, copy=False)
     return out

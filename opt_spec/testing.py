@@ -63,3 +63,31 @@ def random_batch(config: OPTConfig, batch: int = 3, length: int = 9, seed: int =
         ids[row, :pads] = config.pad_token_id if config.pad_token_id is not None else 0
         mask[row, :pads] = 0
     return ids, mask
+
+
+def synthetic_batch(task: str, config: OPTConfig, batch: int = 8, length: int = 12, seed: int = 0) -> dict:
+    """A small task each head can learn in a few dozen steps (left-padded like opt_spec.data):
+    causal_lm: every row counts up by 7 (mod V) from a random start; sequence_classification:
+    the label is the last token mod num_labels; question_answering: the answer span runs from
+    token 5 to token 6, placed at random."""
+    rng = np.random.default_rng(seed)
+    V = config.vocab_size
+    pads = rng.integers(0, 3, size=batch)
+    if task == "causal_lm":
+        ids = (rng.integers(0, V - 3, size=(batch, 1)) + 7 * np.arange(length)[None]) % (V - 3) + 3
+    else:
+        ids = rng.integers(7, V, size=(batch, length))
+    mask = (np.arange(length)[None] >= pads[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, config.pad_token_id).astype(np.int64)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if task == "causal_lm":
+        out["labels"] = np.where(mask == 1, ids, -100)
+    elif task == "sequence_classification":
+        out["labels"] = (ids[:, -1] % config.num_labels).astype(np.int64)
+    else:
+        start = np.array([rng.integers(p, length - 1) for p in pads])
+        end = np.array([rng.integers(s + 1, length) for s in start])
+        rows = np.arange(batch)
+        ids[rows, start], ids[rows, end] = 5, 6
+        out["start_positions"], out["end_positions"] = start.astype(np.int64), end.astype(np.int64)
+    return out

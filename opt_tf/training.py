@@ -183,14 +183,8 @@ class TrainingModel(keras.Model):
 
 # ------------------------------------------------------------------------------------------ helpers
 def _as_tf(batch: Mapping, keys: Sequence[str]) -> dict[str, tf.Tensor]:
-    """NumPy batch -> tensors: integers int32, floats float32 (regression / multi-label labels)."""
-    out = {}
-    for key in keys:
-        if key not in batch:
-            raise KeyError(f"the batch has no {key!r} (it has {', '.join(sorted(batch))})")
-        value = np.asarray(batch[key])
-        out[key] = tf.constant(value, tf.int32 if np.issubdtype(value.dtype, np.integer) else tf.float32)
-    return out
+    """NumPy batch -> tensors (opt_spec.data.select_inputs' dtypes)."""
+    return {key: tf.constant(value) for key, value in spec_data.select_inputs(batch, keys).items()}
 
 
 def _mixed(model: keras.Model) -> keras.Model:
