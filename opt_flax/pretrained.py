@@ -313,15 +313,7 @@ class FlaxOPTForSequenceClassification(FlaxOPTPreTrainedModel):
     """Logits (B, num_labels) of the rightmost non-pad token; `labels` give `.loss` (problem_type)."""
 
     head = Head.SEQUENCE_CLASSIFICATION
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
-                 deterministic: bool = True, dropout_rng=None, labels=None, inputs_embeds=None,
-                 output_hidden_states: bool = False):
-        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
-        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
-                           attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
-                           past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
-                           labels=_maybe(labels), output_hidden_states=output_hidden_states)
+    __call__ = FlaxOPTForCausalLM.__call__  # the same inputs: ids, mask, positions, labels
 
 
 class FlaxOPTForQuestionAnswering(FlaxOPTPreTrainedModel):

@@ -161,3 +161,24 @@ def evaluate(task: str, dataset, batch_size: int, forward: Callable[[dict], dict
     if task == "sequence_classification":
         return {"loss": mean, **metrics.classification(np.concatenate(logits), np.concatenate(labels))}
     return {"loss": mean, **metrics.squad(predictions, golds)}
+
+
+def reference_adamw_step(params: Mapping, grads: Mapping, state: dict, step: int, cfg: TrainConfig,
+                         kinds: Mapping) -> dict:
+    """One update of the AdamW above in float64 NumPy: the definition the backends are tested against.
+
+    params, grads: {key: array}; kinds: {key: WeightKind}; state: this function's moments (start {}),
+    updated in place; step: updates already applied. Returns the new {key: array}."""
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in grads.values()))
+    scale = clip_scale(norm, cfg.max_grad_norm)
+    lr, t = learning_rate(step, cfg), step + 1
+    out = {}
+    for key, p in params.items():
+        g = np.asarray(grads[key], np.float64) * scale
+        m = state.setdefault(("m", key), 0.0) * cfg.adam_beta1 + (1 - cfg.adam_beta1) * g
+        v = state.setdefault(("v", key), 0.0) * cfg.adam_beta2 + (1 - cfg.adam_beta2) * g * g
+        state[("m", key)], state[("v", key)] = m, v
+        m_hat, v_hat = m / (1 - cfg.adam_beta1 ** t), v / (1 - cfg.adam_beta2 ** t)
+        decay = cfg.weight_decay if applies_weight_decay(kinds[key]) else 0.0
+        out[key] = p - lr * (m_hat / (np.sqrt(v_hat) + cfg.adam_epsilon) + decay * p)
+    return out

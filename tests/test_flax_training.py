@@ -18,7 +18,7 @@ from opt_spec import io as spec_io  # noqa: E402
 from opt_spec.layouts import native_path  # noqa: E402
 from opt_spec import testing
 from opt_spec.testing import VARIANTS, random_weights  # noqa: E402
-from opt_spec.training import TrainConfig, clip_scale, learning_rate  # noqa: E402
+from opt_spec.training import TrainConfig, clip_scale, learning_rate, reference_adamw_step  # noqa: E402
 from opt_flax import (  # noqa: E402
     FlaxOPTForCausalLM,
     FlaxOPTForQuestionAnswering,
@@ -95,23 +95,6 @@ def _trainer(task="causal_lm", config=CONFIG, seed=0, **cfg) -> FlaxTrainer:
     return FlaxTrainer(model, TrainConfig(**cfg), task)
 
 
-def _numpy_adamw(params: dict, grads: dict, state: dict, step: int, cfg: TrainConfig, kinds: dict) -> dict:
-    """One update of opt_spec.training's AdamW in float64 NumPy (the definition, written out)."""
-    norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values()))
-    scale = clip_scale(norm, cfg.max_grad_norm)
-    lr, t = learning_rate(step, cfg), step + 1
-    out = {}
-    for path, p in params.items():
-        g = grads[path].astype(np.float64) * scale
-        m = state.setdefault(("m", path), 0.0) * cfg.adam_beta1 + (1 - cfg.adam_beta1) * g
-        v = state.setdefault(("v", path), 0.0) * cfg.adam_beta2 + (1 - cfg.adam_beta2) * g * g
-        state[("m", path)], state[("v", path)] = m, v
-        m_hat, v_hat = m / (1 - cfg.adam_beta1 ** t), v / (1 - cfg.adam_beta2 ** t)
-        decay = cfg.weight_decay if kinds[path] in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING) else 0.0
-        out[path] = p - lr * (m_hat / (np.sqrt(v_hat) + cfg.adam_epsilon) + decay * p)
-    return out
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_updates_are_the_spec_adamw(accumulation):
     """Warm-up, linear decay, clipping (active), weight decay on weights only, bias correction and
@@ -128,7 +111,7 @@ def test_updates_are_the_spec_adamw(accumulation):
         params = _leaves(trainer.params)
         grads = [_leaves(trainer.fns.grad(trainer.params, _as_jax(b, trainer._keys), trainer.rng)[1]) for b in micro]
         mean = {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]}
-        expected = _numpy_adamw(params, mean, state, step, trainer.cfg, kinds)
+        expected = reference_adamw_step(params, mean, state, step, trainer.cfg, kinds)
         metrics = trainer.train_step(micro)
         assert metrics["learning_rate"] == learning_rate(step, trainer.cfg)
         assert metrics["grad_norm"] > 2 * 0.5  # clipping is active

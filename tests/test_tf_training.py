@@ -11,12 +11,12 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from opt_spec import WeightKind, weight_table  # noqa: E402
+from opt_spec import weight_table  # noqa: E402
 from opt_spec import data as spec_data  # noqa: E402
 from opt_spec import io as spec_io  # noqa: E402
 from opt_spec import testing
 from opt_spec.testing import VARIANTS, random_weights  # noqa: E402
-from opt_spec.training import TrainConfig, applies_weight_decay, clip_scale, learning_rate  # noqa: E402
+from opt_spec.training import TrainConfig, applies_weight_decay, learning_rate, reference_adamw_step  # noqa: E402
 from opt_tf import TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification, variable_map  # noqa: E402
 from opt_tf.training import SpecSchedule, TFTrainer  # noqa: E402
 
@@ -55,23 +55,6 @@ def test_weight_decay_excludes_biases_and_layer_norm():
         assert trainer.optimizer._use_weight_decay(var) == applies_weight_decay(spec.kind), name
 
 
-def _numpy_adamw(params: dict, grads: dict, state: dict, step: int, cfg: TrainConfig, kinds: dict) -> dict:
-    """One update of opt_spec.training's AdamW in float64 NumPy (the definition, written out)."""
-    norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values()))
-    scale = clip_scale(norm, cfg.max_grad_norm)
-    lr, t = learning_rate(step, cfg), step + 1
-    out = {}
-    for name, p in params.items():
-        g = grads[name].astype(np.float64) * scale
-        m = state.setdefault(("m", name), 0.0) * cfg.adam_beta1 + (1 - cfg.adam_beta1) * g
-        v = state.setdefault(("v", name), 0.0) * cfg.adam_beta2 + (1 - cfg.adam_beta2) * g * g
-        state[("m", name)], state[("v", name)] = m, v
-        m_hat, v_hat = m / (1 - cfg.adam_beta1 ** t), v / (1 - cfg.adam_beta2 ** t)
-        decay = cfg.weight_decay if kinds[name] in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING) else 0.0
-        out[name] = p - lr * (m_hat / (np.sqrt(v_hat) + cfg.adam_epsilon) + decay * p)
-    return out
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_updates_are_the_spec_adamw(accumulation):
     """Warm-up, linear decay, clipping (active), weight decay on weights only, bias correction and
@@ -90,7 +73,7 @@ def test_updates_are_the_spec_adamw(accumulation):
         params = trainer.model.get_weights_dict()
         grads = [trainer.gradients(b)[1] for b in micro]
         mean = {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]}
-        expected = _numpy_adamw(params, mean, state, step, trainer.cfg, kinds)
+        expected = reference_adamw_step(params, mean, state, step, trainer.cfg, kinds)
         metrics = trainer.train_step(micro)
         assert metrics["learning_rate"] == learning_rate(step, trainer.cfg)
         assert metrics["grad_norm"] > 2 * 0.5  # clipping is active
