@@ -117,6 +117,7 @@ class PretrainedMixin:
         model.load_state_dict(state, strict=True, assign=True)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
+        model.pack_weights()
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",

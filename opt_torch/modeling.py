@@ -23,6 +23,7 @@ from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, Q
 from .cache import StaticCache
 from .checkpoint import PretrainedMixin
 from .generation import GenerationMixin
+from .layout import column_blocks, pack_embedding_for_head, pack_linears, vector_blocks
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k, v), each (B, nh, S, hs)
@@ -64,12 +65,22 @@ class OPTAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v), each (B, T, H). Without autograd, one product over the fused (H, 3H) matrix when
+        the weights are laid out as its column blocks (opt_torch.layout); otherwise three."""
+        if not torch.is_grad_enabled():
+            w = column_blocks((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            b = vector_blocks((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+            if w is not None and (b is not None or self.q_proj.bias is None):
+                return F.linear(x, w.t(), b).split(self.q_proj.out_features, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None):
         """kv_update(k, v) -> keys and values over all S positions (the cache's concern)."""
         B, T, H = x.shape
-        q = self._heads(self.q_proj(x) * self.scaling)  # (B, nh, T, hs)
-        k = self._heads(self.k_proj(x))                 # (B, nh, T, hs)
-        v = self._heads(self.v_proj(x))                 # (B, nh, T, hs)
+        q, k, v = self._project_qkv(x)
+        q = self._heads(q * self.scaling)               # (B, nh, T, hs)
+        k, v = self._heads(k), self._heads(v)           # (B, nh, T, hs)
         if kv_update is not None:
             k, v = kv_update(k, v)                      # (B, nh, S, hs)
         dropout = self.dropout if self.training else 0.0
@@ -252,6 +263,29 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
             raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
         self.config = config
         self.attn_implementation = attn_implementation
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack_weights())
+
+    def pack_weights(self) -> None:
+        """Lays the weights out in the memory order decoding reads fastest (opt_torch.layout): every
+        linear weight (in, out) row-major, each attention's q/k/v as one matrix, a tied embedding (E, V).
+        Values and shapes are unchanged. Called by construction, loading and `.to()`; idempotent."""
+        fused = set()
+        for m in self.modules():
+            if isinstance(m, OPTAttention):
+                pack_linears((m.q_proj, m.k_proj, m.v_proj))
+                fused.update((id(m.q_proj), id(m.k_proj), id(m.v_proj)))
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and id(m) not in fused:
+                pack_linears((m,))
+        lm_head = getattr(self, "lm_head", None)
+        if lm_head is not None and lm_head.weight is self.get_input_embeddings().weight:
+            pack_embedding_for_head(self.get_input_embeddings())
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()`... convert each tensor on its own; the layout is then restored."""
+        super()._apply(fn, recurse)
+        self.pack_weights()
+        return self
 
     def init_weights(self, modules: Optional[Sequence[nn.Module]] = None) -> None:
         """OPT's initialization: normal(0, init_std) for linear and embedding weights, zero biases and
@@ -300,6 +334,7 @@ class OPTModel(OPTPreTrainedModel):
         super().__init__(config, attn_implementation)
         self.decoder = OPTDecoder(config, attn_implementation)
         self.init_weights()
+        self.pack_weights()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
@@ -335,6 +370,7 @@ class OPTForCausalLM(GenerationMixin, _OPTWithHead):
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.init_weights([self.lm_head])
         self.tie_weights()
+        self.pack_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -358,6 +394,7 @@ class OPTForSequenceClassification(_OPTWithHead):
         self.num_labels = config.num_labels
         self.score = nn.Linear(config.word_embed_proj_dim, config.num_labels, bias=False)
         self.init_weights([self.score])
+        self.pack_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None):
@@ -384,6 +421,7 @@ class OPTForQuestionAnswering(_OPTWithHead):
         super().__init__(config, attn_implementation)
         self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
         self.init_weights([self.qa_outputs])
+        self.pack_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,

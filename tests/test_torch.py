@@ -358,3 +358,70 @@ def test_opt_torch_imports_no_other_framework():
     code = "import sys, opt_torch; print([m for m in ('tensorflow', 'jax', 'flax') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ weight memory layout
+def _qkv_fused(model) -> bool:
+    from opt_torch.layout import column_blocks
+
+    attn = model.model.decoder.layers[0].self_attn
+    return column_blocks((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)) is not None
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "no_bias", "post_ln_proj"])
+def test_packed_layout_after_construction_loading_and_to(tmp_path, name):
+    """Linear weights are (in, out) row-major views, q/k/v one matrix, a tied embedding (E, V) - after
+    construction, from_pretrained and a dtype round trip - while values, shapes and the very
+    Parameter objects (an optimizer's references) stay."""
+    config = VARIANTS[name]
+    model = load(write_checkpoint(tmp_path, config))
+    fc1 = model.model.decoder.layers[0].fc1.weight
+    assert _qkv_fused(model) and fc1.t().is_contiguous() and _qkv_fused(OPTForCausalLM(config))
+    assert model.lm_head.weight.t().is_contiguous()  # tied: the embedding, laid out for the head
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = list(model.parameters())
+    model.to(torch.float64).to(torch.float32)
+    assert _qkv_fused(model) and all(a is b for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_packed_and_plain_layouts_give_equal_logits_and_files(tmp_path):
+    """The fused q/k/v product (inference) equals three products (training path and a model whose
+    weights lost the layout); save_pretrained writes the same bytes from either layout."""
+    config = VARIANTS["pre_ln"]
+    packed = load(write_checkpoint(tmp_path / "ckpt", config))
+    plain = load(tmp_path / "ckpt")
+    for p in plain.parameters():
+        p.data = p.data.contiguous()  # the layout lost: the model must notice and take three products
+    assert not _qkv_fused(plain)
+    ids, mask = batch(config)
+    with torch.no_grad():
+        a, b = packed(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
+    c = packed(ids, attention_mask=mask).logits.detach()  # grad enabled: the three-product path on packed weights
+    assert max_abs_diff(a, b) < 1e-5 and max_abs_diff(a, c) < 1e-5
+    packed.save_pretrained(tmp_path / "a")
+    plain.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    state = packed.state_dict()
+    reloaded = OPTForCausalLM(config)
+    reloaded.load_state_dict({k: v.contiguous() for k, v in state.items()})
+    assert _qkv_fused(reloaded) and all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_training_updates_reach_the_fused_matrix():
+    """An optimizer step writes into the views, so the next no-grad forward sees the new weights."""
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config, seed=0)
+    ids, mask = batch(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()
+    assert _qkv_fused(model)
+    with torch.no_grad():
+        fused = model(ids, attention_mask=mask).logits
+    plain = OPTForCausalLM(config)
+    plain.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    with torch.no_grad():
+        assert max_abs_diff(fused, plain(ids, attention_mask=mask).logits) < 1e-5
