@@ -21,26 +21,29 @@ import torch
 from torch import nn
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():  # layouts were checked before capture; data_ptr would break the graph
+def _consecutive(tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> bool:
+    """Whether `tensors` start `sizes` elements apart in one storage. Not traceable by torch.compile,
+    which then relies on the strides alone (a stride that matches is the mark of pack_linears)."""
+    if torch.compiler.is_compiling():
         return True
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t, size in zip(tensors, sizes):
+        if t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
+            return False
+        offset += size
+    return True
 
 
 def column_blocks(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """The (in, sum of outs) row-major matrix whose column blocks are `weights` (each (out, in), as
     transposed views), or None when they are not laid out that way."""
     first = weights[0]
-    if first.dim() != 2:
-        return None
     total = sum(w.shape[0] for w in weights)
-    offset = first.storage_offset()
-    for w in weights:
-        if (w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.stride() != (1, total)
-                or w.storage_offset() != offset or not _same_storage(w, first)):
-            return None
-        offset += w.shape[0]
-    return first.as_strided((first.shape[1], total), (total, 1), first.storage_offset())
+    if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.stride() != (1, total)
+           for w in weights) or not _consecutive(weights, [w.shape[0] for w in weights]):
+        return None
+    return first.as_strided((first.shape[1], total), (total, 1))
 
 
 def vector_blocks(vectors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -48,13 +51,10 @@ def vector_blocks(vectors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.T
     if any(v is None for v in vectors):
         return None
     first = vectors[0]
-    offset = first.storage_offset()
-    for v in vectors:
-        if v.dim() != 1 or v.dtype != first.dtype or v.stride() != (1,) or v.storage_offset() != offset \
-                or not _same_storage(v, first):
-            return None
-        offset += v.shape[0]
-    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+    if any(v.dim() != 1 or v.dtype != first.dtype or v.stride() != (1,) for v in vectors) \
+            or not _consecutive(vectors, [v.shape[0] for v in vectors]):
+        return None
+    return first.as_strided((sum(v.shape[0] for v in vectors),), (1,))
 
 
 def pack_linears(linears: Sequence[nn.Linear]) -> None:

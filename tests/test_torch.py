@@ -425,3 +425,21 @@ def test_training_updates_reach_the_fused_matrix():
         p.data = p.data.contiguous()
     with torch.no_grad():
         assert max_abs_diff(fused, plain(ids, attention_mask=mask).logits) < 1e-5
+
+
+def test_decoding_step_traces_as_one_graph():
+    """torch.compile (fullgraph, as generate(compile=True) uses it on a GPU) captures a cached step
+    with the fused q/k/v product; backend="eager" checks the capture without a C++ compiler."""
+    from opt_torch.cache import StaticCache
+
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config, seed=0).eval()
+    ids, _ = batch(config)
+    B, T = ids.shape
+    mask = torch.zeros(B, T + 2, dtype=torch.long)
+    mask[:, :T] = 1
+    with torch.no_grad():
+        eager = model._last_logits(ids, mask, StaticCache(config, B, T + 2), torch.arange(T))
+        step = torch.compile(model._last_logits, backend="eager", fullgraph=True, dynamic=False)
+        traced = step(ids, mask, StaticCache(config, B, T + 2), torch.arange(T))
+    assert max_abs_diff(eager, traced) < 1e-6
