@@ -51,6 +51,27 @@ class GenerationMixin:
         out = self.model(ids, attention_mask=mask, past_key_values=cache, cache_position=positions, use_cache=True)
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
+    def _step_fn(self, compile: bool) -> Callable:
+        """step(tokens (B,), mask (B, L), cache, slot (1,)) -> float32 logits (B, V) of one new token per
+        row. Eager: opt_torch.modeling.DecodeStep over tensors gathered now (no module calls per
+        step). compile=True: the model's forward, captured whole by torch.compile (CUDA graphs)."""
+        if compile:
+            compiled = torch.compile(self._last_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            return lambda tokens, mask, cache, slot: compiled(tokens[:, None], mask, cache, slot)
+        from .modeling import DecodeStep  # modeling imports this module
+
+        decode = DecodeStep(self.model.decoder, self.attn_implementation)
+        positions = None
+
+        def step(tokens, mask, cache, slot):
+            nonlocal positions  # each row's next position: its real tokens so far, counted once
+            if positions is None:
+                positions = (mask.sum(1) - 1).clamp(min=0)
+            else:
+                positions = positions + 1
+            return self.lm_head(decode(tokens, positions, mask.bool()[:, None, None, :], cache, slot)).float()
+        return step
+
     def _prepare(self, input_ids, attention_mask, cfg: GenerationConfig):
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(input_ids)
@@ -119,9 +140,7 @@ class GenerationMixin:
         seen = None
         if cfg.repetition_penalty != 1.0:
             seen = torch.zeros(B, V, dtype=torch.long, device=device).scatter_add_(1, input_ids, attention_mask) > 0
-        step_fn = self._last_logits
-        if compile:
-            step_fn = torch.compile(self._last_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        step_fn = self._step_fn(compile)
         logits = self._last_logits(input_ids, mask, cache, torch.arange(T, device=device))
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(cfg.max_new_tokens):
@@ -140,7 +159,7 @@ class GenerationMixin:
             if seen is not None:
                 seen[torch.arange(B, device=device), tokens] = True
             mask[:, T + step] = 1
-            logits = step_fn(tokens[:, None], mask, cache, torch.tensor([T + step], device=device))
+            logits = step_fn(tokens, mask, cache, torch.tensor([T + step], device=device))
 
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, cfg: GenerationConfig) -> torch.Tensor:
@@ -156,6 +175,7 @@ class GenerationMixin:
             seen = torch.zeros(B * K, V, dtype=torch.long, device=device).scatter_add_(
                 1, input_ids.repeat_interleave(K, 0), mask[:, :T]) > 0
         logits = self._last_logits(input_ids.repeat_interleave(K, 0), mask, cache, torch.arange(T, device=device))
+        step_fn = self._step_fn(compile=False)
 
         scores = torch.full((B, K), float("-inf"), device=device)
         scores[:, 0] = 0.0                                                  # one live beam to start
@@ -205,7 +225,7 @@ class GenerationMixin:
                 seen = seen[flat_parent]
                 seen[torch.arange(B * K, device=device), tokens] = True
             mask[:, T + step] = 1
-            logits = self._last_logits(tokens[:, None], mask, cache, torch.tensor([T + step], device=device))
+            logits = step_fn(tokens, mask, cache, torch.tensor([T + step], device=device))
         # rows still running at the end: their beams compete as hypotheses of length step + 1
         final = torch.where(row_done[:, None], torch.tensor(float("-inf"), device=device),
                             scores / float(step + 1) ** cfg.length_penalty)
