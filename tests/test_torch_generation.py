@@ -47,6 +47,37 @@ def test_static_cache_decoding_equals_full_forward(checkpoints):
     assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_decode_step_equals_the_forward_pass(name, packed, attn):
+    """generate's per-token DecodeStep gives the forward's logits (every variant, both attention
+    kernels, fused or plain weight layout) on a left-padded batch, and fills the cache alike."""
+    config = VARIANTS[name]
+    model = OPTForCausalLM.from_config(config, seed=1, attn_implementation=attn).eval()
+    if not packed:
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+    ids, mask = prompts(config)
+    B, T = ids.shape
+    L = T + 3
+    slots = torch.zeros(B, L, dtype=torch.long)
+    slots[:, :T] = mask
+    caches = [StaticCache(config, B, L), StaticCache(config, B, L)]
+    with torch.no_grad():
+        for cache in caches:
+            model._last_logits(ids, slots, cache, torch.arange(T))
+        step = model._step_fn(compile=False)
+        tokens = torch.tensor([5, 7, 9][:B])
+        for t in range(T, L):
+            slots[:, t] = 1
+            fast = step(tokens, slots, caches[0], torch.tensor([t]))
+            reference = model._last_logits(tokens[:, None], slots, caches[1], torch.tensor([t]))
+            assert max_abs_diff(fast, reference) < 1e-5
+            tokens = reference.argmax(-1)
+    assert max_abs_diff(caches[0].keys, caches[1].keys) < 1e-6
+
+
 @pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj", "untied_head"])
 def test_greedy_matches_hugging_face(checkpoints, name):
     transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
