@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from opt_spec import OPTConfig, count_parameters, weight_table  # noqa: E402
 from opt_spec import io as spec_io
 from opt_spec.testing import random_weight  # noqa: E402
+from tests.hf_reference import hf_tf_causal_lm  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -102,23 +103,6 @@ def torch_runs(path, config, ids, mask):
     return ours_fn, ref_fn
 
 
-def _hf_tf_model(path, config):
-    """Hugging Face's TFOPTForCausalLM (always tied) built from the config, our weights assigned by name
-    (its from_pretrained cannot read safetensors 0.8 directories)."""
-    import transformers
-
-    weights = spec_io.load_safetensors_dir(path)
-    hf = transformers.TFOPTForCausalLM(transformers.OPTConfig(**config.to_dict()))
-    hf(hf.dummy_inputs)
-    values = []
-    for var in hf.weights:  # 'tfopt_for_causal_lm/model/decoder/layers.0/fc1/kernel:0'
-        scope, leaf = var.name.split(":")[0].split("/", 1)[1].rsplit("/", 1)
-        name = scope.replace("/", ".") + (".bias" if leaf in ("bias", "beta") else ".weight")
-        values.append(weights[name].T if leaf == "kernel" else weights[name])
-    hf.set_weights(values)
-    return hf
-
-
 def tf_runs(path, config, ids, mask):
     """optkit's generate (one XLA-compiled decode loop) against Hugging Face's TF generate under
     tf.function(jit_compile=True), as Hugging Face documents for XLA generation."""
@@ -129,7 +113,7 @@ def tf_runs(path, config, ids, mask):
 
     transformers.logging.set_verbosity_error()  # its TF deprecation notice and padding-side guess
     ours = TFOPTForCausalLM.from_pretrained(path)
-    ref = _hf_tf_model(path, config)
+    ref = hf_tf_causal_lm(config, spec_io.load_safetensors_dir(path))
     ref_generate = tf.function(ref.generate, jit_compile=True)
     ids_t, mask_t = tf.constant(ids, tf.int32), tf.constant(mask, tf.int32)
     vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first

@@ -27,6 +27,7 @@ from opt_tf.modeling import MODEL_CLASSES as TF_CLASSES  # noqa: E402
 from opt_torch.modeling import MODEL_CLASSES as TORCH_CLASSES  # noqa: E402
 
 from .conftest import HEADS, max_abs_diff  # noqa: E402
+from .hf_reference import hf_tf_causal_lm  # noqa: E402
 
 TOL = 1e-5
 OUTPUT_KEY = {"base": "last_hidden_state", "causal_lm": "logits", "sequence_classification": "logits",
@@ -385,30 +386,9 @@ HF_UNSUPPORTED = {"untied_head": "Hugging Face's TFOPTForCausalLM always ties lm
 
 
 def _hf_tf_model(config, weights):
-    """Hugging Face's TFOPTForCausalLM with our canonical weights assigned by name.
-
-    Its own from_pretrained cannot read a safetensors directory with safetensors 0.8 ("TypeError:
-    'builtins.safe_open' object is not iterable" in load_pytorch_state_dict_in_tf2_model). It ignores
-    enable_bias=False and layer_norm_elementwise_affine=False and builds those variables anyway: they
-    get the neutral values (zero biases, unit scales) that make its model the variant's function."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("tf_keras")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.TFOPTForCausalLM(transformers.OPTConfig(**config.to_dict()))
-        hf(hf.dummy_inputs)
-    values = []
-    for var in hf.weights:  # 'tfopt_for_causal_lm/model/decoder/layers.0/fc1/kernel:0'
-        scope, leaf = var.name.split(":")[0].split("/", 1)[1].rsplit("/", 1)
-        name = scope.replace("/", ".") + (".bias" if leaf in ("bias", "beta") else ".weight")
-        if name in weights:
-            values.append(weights[name].T if leaf == "kernel" else weights[name])
-        elif leaf in ("bias", "beta", "gamma") and (not config.enable_bias or not config.layer_norm_elementwise_affine):
-            values.append(np.full(var.shape, 1.0 if leaf == "gamma" else 0.0, np.float32))
-        else:
-            raise KeyError(f"Hugging Face variable {var.name} has no canonical weight {name}")
-    hf.set_weights(values)
-    return hf
+    return hf_tf_causal_lm(config, weights)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

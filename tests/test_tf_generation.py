@@ -17,6 +17,8 @@ from opt_tf import TFOPTForCausalLM
 from opt_tf.generation import filter_for_sampling
 from opt_torch import OPTForCausalLM
 
+from .hf_reference import hf_tf_causal_lm
+
 CONFIG = VARIANTS["pre_ln"]
 IDS, MASK = random_batch(CONFIG, seed=2)  # (3, 9), rows left-padded by 0, 3 and 5
 T = IDS.shape[1]
@@ -231,21 +233,13 @@ def test_other_variants_match_torch(tmp_path, name):
 
 @pytest.mark.slow
 def test_greedy_matches_hugging_face_tf_under_xla(checkpoint, run):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("tf_keras")
     import warnings
 
-    weights = spec_io.load_safetensors_dir(checkpoint)
+    hf = hf_tf_causal_lm(CONFIG, spec_io.load_safetensors_dir(checkpoint))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.TFOPTForCausalLM(transformers.OPTConfig(**CONFIG.to_dict()))
-        hf(hf.dummy_inputs)
-        values = []
-        for var in hf.weights:  # 'tfopt_for_causal_lm/model/decoder/layers.0/fc1/kernel:0'
-            scope, leaf = var.name.split(":")[0].split("/", 1)[1].rsplit("/", 1)
-            name = scope.replace("/", ".") + (".bias" if leaf in ("bias", "beta") else ".weight")
-            values.append(weights[name].T if leaf == "kernel" else weights[name])
-        hf.set_weights(values)
         xla_generate = tf.function(hf.generate, jit_compile=True)
         want = xla_generate(tf.constant(IDS), attention_mask=tf.constant(MASK), max_new_tokens=10,
                             eos_token_id=75, do_sample=False, pad_token_id=1).numpy()
