@@ -114,10 +114,7 @@ class PretrainedMixin:
             state[spec.name] = t.normal_(0.0, config.init_std) if spec.kind is WeightKind.LINEAR_WEIGHT else t
         for n, src in plan.tied.items():
             state[n] = state[src]
-        model.load_state_dict(state, strict=True, assign=True)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        model.pack_weights()
+        model.load_state_dict(state, strict=True, assign=True)  # its post-hook re-ties and packs
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",

@@ -61,15 +61,9 @@ class GenerationMixin:
         from .modeling import DecodeStep  # modeling imports this module
 
         decode = DecodeStep(self.model.decoder, self.attn_implementation)
-        positions = None
 
-        def step(tokens, mask, cache, slot):
-            nonlocal positions  # each row's next position: its real tokens so far, counted once
-            if positions is None:
-                positions = (mask.sum(1) - 1).clamp(min=0)
-            else:
-                positions = positions + 1
-            return self.lm_head(decode(tokens, positions, mask.bool()[:, None, None, :], cache, slot)).float()
+        def step(tokens, mask, cache, slot):  # the new token's position: the real tokens before it
+            return self.lm_head(decode(tokens, mask.sum(1) - 1, mask.bool()[:, None, None, :], cache, slot)).float()
         return step
 
     def _prepare(self, input_ids, attention_mask, cfg: GenerationConfig):

@@ -64,6 +64,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[
     return torch.matmul(probs, v)  # (B, nh, T, hs)
 
 
+def project_qkv(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) from OPTAttention.qkv_weights: one product split in three, or three products."""
+    if len(weights) == 1:
+        return F.linear(x, *weights[0]).chunk(3, dim=-1)
+    return tuple(F.linear(x, *wb) for wb in weights)
+
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -81,15 +88,22 @@ class OPTAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
+    def qkv_weights(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """F.linear's (weight, bias) pairs that give q, k, v: one (3H, H) pair, whose product is then
+        split, when the weights are laid out as column blocks of one matrix (opt_torch.layout), else
+        three."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        w = column_blocks([p.weight for p in projections])
+        b = vector_blocks([p.bias for p in projections])
+        if w is not None and (b is not None or self.q_proj.bias is None):
+            return [(w.t(), b)]
+        return [(p.weight, p.bias) for p in projections]
+
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v), each (B, T, H). Without autograd, one product over the fused (H, 3H) matrix when
-        the weights are laid out as its column blocks (opt_torch.layout); otherwise three."""
-        if not torch.is_grad_enabled():
-            w = column_blocks((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            b = vector_blocks((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
-            if w is not None and (b is not None or self.q_proj.bias is None):
-                return F.linear(x, w.t(), b).split(self.q_proj.out_features, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        """(q, k, v), each (B, T, H): without autograd, through qkv_weights (the fused product)."""
+        if torch.is_grad_enabled():
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return project_qkv(x, self.qkv_weights())
 
     def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None):
         """kv_update(k, v) -> keys and values over all S positions (the cache's concern)."""
@@ -241,14 +255,8 @@ class DecodeStep:
         self.layers = []
         for layer in decoder.layers:
             attn = layer.self_attn
-            fused = column_blocks((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
-            fused_bias = vector_blocks((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
-            if fused is not None and (fused_bias is not None or attn.q_proj.bias is None):
-                qkv = [(fused.t(), fused_bias)]  # one product, split afterwards
-            else:
-                qkv = [(lin.weight, lin.bias) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
             self.layers.append(dict(
-                attn_norm=_norm_args(layer.self_attn_layer_norm), qkv=qkv, scaling=attn.scaling,
+                attn_norm=_norm_args(layer.self_attn_layer_norm), qkv=attn.qkv_weights(), scaling=attn.scaling,
                 out=(attn.out_proj.weight, attn.out_proj.bias), act=layer.act,
                 fc1=(layer.fc1.weight, layer.fc1.bias), fc2=(layer.fc2.weight, layer.fc2.bias),
                 final_norm=_norm_args(layer.final_layer_norm)))
@@ -262,9 +270,7 @@ class DecodeStep:
         x = x + F.embedding(positions + POSITION_OFFSET, self.embed_positions).to(x.dtype)  # (B, H)
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, *layer["attn_norm"]) if self.pre_ln else x
-            qkv = layer["qkv"]
-            q, k, v = F.linear(h, *qkv[0]).split(nh * hs, dim=-1) if len(qkv) == 1 else \
-                (F.linear(h, *wb) for wb in qkv)  # (B, H) each
+            q, k, v = project_qkv(h, layer["qkv"])  # (B, H) each
             keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs), slot)  # (B, nh, S, hs)
             y = attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
             x = x + F.linear(y.reshape(B, nh * hs), *layer["out"])
@@ -338,7 +344,13 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
             raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
         self.config = config
         self.attn_implementation = attn_implementation
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.pack_weights())
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._after_load())
+
+    def _after_load(self) -> None:
+        """A load with assign=True replaces parameters: a tied head is tied again, the layout restored."""
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+        self.pack_weights()
 
     def pack_weights(self) -> None:
         """Lays the weights out in the memory order decoding reads fastest (opt_torch.layout): every
