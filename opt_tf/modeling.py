@@ -88,7 +88,12 @@ class Linear(keras.layers.Layer):
 
     def call(self, x):
         y = tf.matmul(x, tf.cast(self.kernel, self.compute_dtype))  # (..., in) @ (in, out)
-        return y + tf.cast(self.bias, self.compute_dtype) if self.bias is not None else y
+        if self.bias is None:
+            return y
+        # y - (-bias) is y + bias bit for bit. Written as a subtraction because XLA's CPU compiler fuses
+        # an addition into a matrix-vector product (one new token per row at batch 1) and then runs
+        # the product on one thread; unfused it uses every core (decoding 1.4x faster on 2 cores).
+        return y - tf.negative(tf.cast(self.bias, self.compute_dtype))
 
 
 class LayerNorm(keras.layers.Layer):

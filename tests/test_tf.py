@@ -191,6 +191,23 @@ def test_xla_prefill_then_single_steps(checkpoint):
     assert xla.experimental_get_tracing_count() == 2
 
 
+def test_xla_matrix_vector_products_stay_unfused_and_exact():
+    """At batch 1 a decode step's products are matrix-vector products. XLA's CPU compiler fuses a
+    following addition into them and then runs them on one thread; Linear adds its bias so that
+    they stay standalone (multithreaded). The result must equal x @ kernel + bias bit for bit."""
+    layer = opt_tf.modeling.Linear(64, 48, True)
+    layer.build()
+    rng = np.random.default_rng(0)
+    layer.kernel.assign(rng.standard_normal((64, 48)).astype(np.float32))
+    layer.bias.assign(rng.standard_normal(48).astype(np.float32))
+    x = tf.constant(rng.standard_normal((1, 1, 64)).astype(np.float32))
+    step = tf.function(layer.call, jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    assert "dot(" in hlo and "kind=kOutput" not in hlo, hlo
+    product = tf.function(lambda x: tf.matmul(x, layer.kernel), jit_compile=True)(x).numpy()
+    np.testing.assert_array_equal(step(x).numpy(), product + layer.bias.numpy())
+
+
 def test_cache_rejects_overflow_and_bad_mask():
     config = VARIANTS["pre_ln"]
     model = opt_tf.TFOPTForCausalLM.from_config(config, seed=0)
