@@ -67,6 +67,24 @@ def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_
     return logits
 
 
+# ------------------------------------------------------------------------------ the loop's cache
+def _squeeze(cache: KVCache) -> KVCache:
+    """The cache as the decode loop carries it: at batch 1 without the batch axis, (nh, S, hs).
+    XLA's CPU compiler drops a size-1 axis from the attention products' operands; carrying the
+    buffers in that same shape lets each step write its keys in place (in (1, nh, S, hs) every
+    buffer was copied four times per step, ~2 ms of a 125m step)."""
+    if cache.batch_size != 1:
+        return cache
+    return cache.replace(keys=tuple(k[0] for k in cache.keys), values=tuple(v[0] for v in cache.values))
+
+
+def _unsqueeze(cache: KVCache, B: int) -> KVCache:
+    """The inverse of _squeeze: the model's (B, nh, S, hs) buffers."""
+    if B != 1:
+        return cache
+    return cache.replace(keys=tuple(k[None] for k in cache.keys), values=tuple(v[None] for v in cache.values))
+
+
 # --------------------------------------------------------------------------------- settings
 @dataclasses.dataclass(frozen=True)
 class _Static:
@@ -257,11 +275,12 @@ class GenerationMixin:
         def next_token(state):
             step, tokens, cache, slots, seen, finished, out = state
             slots = lax.dynamic_update_slice(slots, jnp.ones((B, 1), jnp.int32), (0, T + step - 1))
-            logits, cache = self._last_logits(params, tokens[:, None], slots, cache)
+            logits, cache = self._last_logits(params, tokens[:, None], slots, _unsqueeze(cache, B))
             tokens, seen, finished, out = choose(step, logits, seen, finished, out)
-            return step + 1, tokens, cache, slots, seen, finished, out
+            return step + 1, tokens, _squeeze(cache), slots, seen, finished, out
 
-        state = lax.while_loop(keep_going, next_token, (step + 1, tokens, cache, slots, seen, finished, out))
+        state = lax.while_loop(keep_going, next_token,
+                               (step + 1, tokens, _squeeze(cache), slots, seen, finished, out))
         return state[-1], state[0]
 
     # ------------------------------------------------------------------------------ beam search

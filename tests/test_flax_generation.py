@@ -83,6 +83,18 @@ def test_greedy_matches_torch(models, name):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_batch_of_one_matches_torch(models):
+    """Batch 1 decodes with its cache carried in another shape (opt_flax.generation._squeeze): each
+    row of the batch alone, its padding dropped, gives torch's tokens."""
+    flax_model, torch_model = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    for b in range(ids.shape[0]):
+        row = ids[b:b + 1, mask[b] == 1]
+        want = torch_generate(torch_model, row, np.ones_like(row), max_new_tokens=8)
+        assert smallest_top2_gap(torch_model, row, np.ones_like(row), want, None) > 1e-4
+        np.testing.assert_array_equal(np.asarray(flax_model.generate(row, max_new_tokens=8)), want)
+
+
 @pytest.mark.parametrize("name,num_beams,length_penalty", [("pre_ln", 2, 1.0), ("post_ln_proj", 3, 0.5),
                                                             ("pre_ln", 4, 2.0)])
 def test_beam_search_matches_torch(models, name, num_beams, length_penalty):
