@@ -70,9 +70,11 @@ def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_
 # ------------------------------------------------------------------------------ the loop's cache
 def _squeeze(cache: KVCache) -> KVCache:
     """The cache as the decode loop carries it: at batch 1 without the batch axis, (nh, S, hs).
-    XLA's CPU compiler drops a size-1 axis from the attention products' operands; carrying the
-    buffers in that same shape lets each step write its keys in place (in (1, nh, S, hs) every
-    buffer was copied four times per step, ~2 ms of a 125m step)."""
+    XLA's CPU compiler drops a size-1 axis from the attention products' operands, so a (1, nh, S, hs)
+    carry gives the cache update two consumers of different shapes, and XLA then copied every buffer
+    four times per step (~2 ms of a 125m step). Carried in the products' shape, one copy per buffer
+    remains, onto its own storage (the loop's copy time fell from 124 to 2 ms per 64 tokens).
+    At batch > 1 nothing is copied and the carry keeps the model's shape."""
     if cache.batch_size != 1:
         return cache
     return cache.replace(keys=tuple(k[0] for k in cache.keys), values=tuple(v[0] for v in cache.values))

@@ -4,6 +4,8 @@ search, repetition penalty), sampling, one compiled decode loop per setting, Hug
 Every test here runs with jax_numpy_dtype_promotion="strict" (no silent dtype promotion).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,6 +276,30 @@ def test_generate_is_one_while_loop(models):
     jaxpr = str(jax.make_jaxpr(fn)(flax_model.params, jnp.asarray(ids), jnp.asarray(mask), _knobs(cfg),
                                    jax.random.key(0)))
     assert jaxpr.count("while[") == 1
+
+
+def test_batch_of_one_loop_copies_each_cache_buffer_at_most_once(models):
+    """At batch 1 the compiled decode loop copies each KV-cache buffer at most once per step (the
+    copy between the carried (nh, S, hs) and the model's (1, nh, S, hs) view, which measured ~1 us:
+    a copy onto its own buffer). Carried as (1, nh, S, hs), XLA copied every buffer four times."""
+    flax_model, _ = models("pre_ln")
+    config = flax_model.config
+    T, N = 4, 6
+    ids = np.full((1, T), 5, np.int32)
+    flax_model.generate(ids, max_new_tokens=N)
+    (fn,) = [f for s, f in flax_model._generation_fns.items() if s.batch == 1 and s.max_new_tokens == N]
+    from opt_flax.generation import _knobs
+
+    cfg = gen.GenerationConfig(max_new_tokens=N, eos_token_id=config.eos_token_id, pad_token_id=1)
+    hlo = fn.lower(flax_model.params, jnp.asarray(ids), jnp.ones((1, T), jnp.int32), _knobs(cfg),
+                   jax.random.key(0)).compile().as_text()
+    body = re.search(r"body=%?([\w.\-]+)", hlo[hlo.index(" while("):]).group(1)
+    start = hlo.index("\n%" + body + " ")
+    loop = hlo[start:hlo.index("\n}\n", start)]
+    buffer = rf"f32\[(1,)?{config.num_attention_heads},{T + N},{config.head_dim}\]"
+    assert re.search(buffer, loop)  # the cache buffers are in the loop ...
+    copies = [line for line in loop.splitlines() if " copy(" in line and re.search(buffer, line)]
+    assert len(copies) <= 2 * config.num_hidden_layers, copies[:3]  # ... and copied at most once each
 
 
 # ------------------------------------------------------------------------------- bad arguments
