@@ -52,18 +52,22 @@ class GenerationMixin:
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     def _step_fn(self, compile: bool) -> Callable:
-        """step(tokens (B,), mask (B, L), cache, slot (1,)) -> float32 logits (B, V) of one new token per
-        row. Eager: opt_torch.modeling.DecodeStep over tensors gathered now (no module calls per
-        step). compile=True: the model's forward, captured whole by torch.compile (CUDA graphs)."""
+        """step(tokens (B,), mask (B, L), cache, slot: int) -> float32 logits (B, V) of one new token per
+        row, written to cache slot `slot`. Eager: opt_torch.modeling.DecodeStep over tensors gathered
+        now (no module calls per step), attending over the slots written so far. compile=True: the
+        model's forward over the whole buffer (fixed shapes), captured by torch.compile (CUDA graphs)."""
         if compile:
             compiled = torch.compile(self._last_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            return lambda tokens, mask, cache, slot: compiled(tokens[:, None], mask, cache, slot)
+            return lambda tokens, mask, cache, slot: compiled(tokens[:, None], mask, cache,
+                                                              torch.tensor([slot], device=mask.device))
         from .modeling import DecodeStep  # modeling imports this module
 
         decode = DecodeStep(self.model.decoder, self.attn_implementation)
 
         def step(tokens, mask, cache, slot):  # the new token's position: the real tokens before it
-            return self.lm_head(decode(tokens, mask.sum(1) - 1, mask.bool()[:, None, None, :], cache, slot)).float()
+            allowed = mask[:, :slot + 1].bool()[:, None, None, :]  # (B, 1, 1, slot + 1)
+            hidden = decode(tokens, mask.sum(1) - 1, allowed, cache, torch.tensor([slot], device=mask.device))
+            return self.lm_head(hidden).float()
         return step
 
     def _prepare(self, input_ids, attention_mask, cfg: GenerationConfig):
@@ -153,7 +157,7 @@ class GenerationMixin:
             if seen is not None:
                 seen[torch.arange(B, device=device), tokens] = True
             mask[:, T + step] = 1
-            logits = step_fn(tokens, mask, cache, torch.tensor([T + step], device=device))
+            logits = step_fn(tokens, mask, cache, T + step)
 
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, cfg: GenerationConfig) -> torch.Tensor:
@@ -219,7 +223,7 @@ class GenerationMixin:
                 seen = seen[flat_parent]
                 seen[torch.arange(B * K, device=device), tokens] = True
             mask[:, T + step] = 1
-            logits = step_fn(tokens, mask, cache, torch.tensor([T + step], device=device))
+            logits = step_fn(tokens, mask, cache, T + step)
         # rows still running at the end: their beams compete as hypotheses of length step + 1
         final = torch.where(row_done[:, None], torch.tensor(float("-inf"), device=device),
                             scores / float(step + 1) ** cfg.length_penalty)

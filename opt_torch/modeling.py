@@ -238,7 +238,9 @@ class DecodeStep:
     building (those took 3-5 ms of a ~19 ms 125m step on a 2-core CPU, next to 14 ms of products).
 
     step(tokens (B,), positions (B,), allowed (B, 1, 1, S) bool, cache, slot (1,)) -> (B, E), the
-    final hidden state, with the tokens' keys and values written to `slot` of the StaticCache.
+    final hidden state, with the tokens' keys and values written to `slot` of the StaticCache. The
+    attention covers the cache's first S slots (S = allowed's last size, at most the cache length):
+    generate passes the slots written so far, so a step does not read the unused rest of the buffer.
     Traceable by torch.compile (fullgraph).
     """
 
@@ -262,7 +264,7 @@ class DecodeStep:
                 final_norm=_norm_args(layer.final_layer_norm)))
 
     def __call__(self, tokens, positions, allowed, cache: StaticCache, slot) -> torch.Tensor:
-        B = tokens.shape[0]
+        B, S = tokens.shape[0], allowed.shape[-1]
         nh, hs = self.shape
         x = F.embedding(tokens, self.embed_tokens)  # (B, E)
         if self.project_in is not None:
@@ -271,7 +273,8 @@ class DecodeStep:
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, *layer["attn_norm"]) if self.pre_ln else x
             q, k, v = project_qkv(h, layer["qkv"])  # (B, H) each
-            keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs), slot)  # (B, nh, S, hs)
+            keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs), slot)  # (B, nh, L, hs)
+            keys, values = keys[:, :, :S], values[:, :, :S]                                    # (B, nh, S, hs)
             y = attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
             x = x + F.linear(y.reshape(B, nh * hs), *layer["out"])
             if not self.pre_ln:

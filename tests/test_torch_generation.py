@@ -71,7 +71,7 @@ def test_decode_step_equals_the_forward_pass(name, packed, attn):
         tokens = torch.tensor([5, 7, 9][:B])
         for t in range(T, L):
             slots[:, t] = 1
-            fast = step(tokens, slots, caches[0], torch.tensor([t]))
+            fast = step(tokens, slots, caches[0], t)  # attends over slots [0, t]
             reference = model._last_logits(tokens[:, None], slots, caches[1], torch.tensor([t]))
             assert max_abs_diff(fast, reference) < 1e-5
             tokens = reference.argmax(-1)
