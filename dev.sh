@@ -10,8 +10,11 @@ export TF_CPP_MIN_LOG_LEVEL=3 TF_ENABLE_ONEDNN_OPTS=0 PIP_DISABLE_PIP_VERSION_CH
 setup() {  # $1: extras
     if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[$1]"
-    # Hugging Face's TF OPT (test reference only) needs tf-keras; its own deps would pull full tensorflow.
-    if [[ "$1" == *test* ]]; then .venv/bin/python -m pip install -q --no-deps "tf-keras~=2.21.0"; fi
+    # Test-only, without their dependencies: Hugging Face's TF OPT needs tf-keras (whose deps would pull full
+    # tensorflow); peft and accelerate (adapter and big-model tests) would otherwise move the pins.
+    if [[ "$1" == *test* ]]; then
+        .venv/bin/python -m pip install -q --no-deps "tf-keras~=2.21.0" "peft==0.21.2" "accelerate==1.15.0"
+    fi
 }
 
 case "${1:-}" in

@@ -55,11 +55,17 @@ class GenerationMixin:
         """step(tokens (B,), mask (B, L), cache, slot: int) -> float32 logits (B, V) of one new token per
         row, written to cache slot `slot`. Eager: opt_torch.modeling.DecodeStep over tensors gathered
         now (no module calls per step), attending over the slots written so far. compile=True: the
-        model's forward over the whole buffer (fixed shapes), captured by torch.compile (CUDA graphs)."""
-        if compile:
-            compiled = torch.compile(self._last_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            return lambda tokens, mask, cache, slot: compiled(tokens[:, None], mask, cache,
-                                                              torch.tensor([slot], device=mask.device))
+        model's forward over the whole buffer (fixed shapes), captured by torch.compile (CUDA graphs).
+        A decoder whose layers are swapped or hooked (LoRA, probes) takes that forward uncompiled, so
+        that every module runs (DecodeStep reads weights and would skip them)."""
+        from .layout import modules_are_stock
+
+        if compile or not modules_are_stock(self.model.decoder):
+            forward = self._last_logits
+            if compile:
+                forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            return lambda tokens, mask, cache, slot: forward(tokens[:, None], mask, cache,
+                                                             torch.tensor([slot], device=mask.device))
         from .modeling import DecodeStep  # modeling imports this module
 
         decode = DecodeStep(self.model.decoder, self.attn_implementation)

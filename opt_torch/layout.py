@@ -90,3 +90,31 @@ def pack_embedding_for_head(embedding: nn.Embedding) -> None:
         return
     with torch.no_grad():
         w.data = w.t().contiguous().t()
+
+
+# ----------------------------------------------------------------------------- when fast paths may run
+_STOCK_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ModuleList)
+
+
+def modules_are_stock(*roots: nn.Module) -> bool:
+    """Whether reading the weights of `roots` directly computes exactly what calling them would.
+
+    The fast paths (the fused q/k/v product without autograd, generate's DecodeStep) read weights and
+    skip the module calls. That is only the same computation while every module below `roots` is a
+    stock nn.Linear / LayerNorm / Embedding / ModuleList or one of optkit's own classes, and nothing
+    is hooked: a LoRA adapter (peft swaps q_proj for its own Linear), a quantized Linear, a forward
+    hook or pre-hook (activation probes), a parametrization (which changes the class) or a global
+    forward hook each make this False, and the callers then take the module path.
+    """
+    from torch.nn.modules import module as module_state
+
+    if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
+        return False
+    for root in roots:
+        for m in root.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+            cls = type(m)
+            if cls not in _STOCK_CLASSES and not cls.__module__.startswith("opt_torch."):
+                return False
+    return True

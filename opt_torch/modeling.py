@@ -23,7 +23,7 @@ from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, Q
 from .cache import StaticCache
 from .checkpoint import PretrainedMixin
 from .generation import GenerationMixin
-from .layout import column_blocks, pack_embedding_for_head, pack_linears, vector_blocks
+from .layout import column_blocks, modules_are_stock, pack_embedding_for_head, pack_linears, vector_blocks
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k, v), each (B, nh, S, hs)
@@ -100,8 +100,9 @@ class OPTAttention(nn.Module):
         return [(p.weight, p.bias) for p in projections]
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v), each (B, T, H): without autograd, through qkv_weights (the fused product)."""
-        if torch.is_grad_enabled():
+        """(q, k, v), each (B, T, H): without autograd, through qkv_weights (the fused product), unless a
+        projection is swapped or hooked (LoRA, probes): then through the modules, as with autograd."""
+        if torch.is_grad_enabled() or not modules_are_stock(self.q_proj, self.k_proj, self.v_proj):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return project_qkv(x, self.qkv_weights())
 
