@@ -39,13 +39,9 @@ def apply_overrides(config: OPTConfig, overrides: Mapping[str, Any] | None) -> O
 
 def output_config(ckpt: Checkpoint, dtype: np.dtype | None) -> dict:
     """config.json for the written checkpoint: the source's, with dtype and architecture filled in."""
-    out = ckpt.config.to_dict()
-    if not out.get("architectures"):
-        out["architectures"] = [ARCHITECTURES[ckpt.head]]
     dtypes = {dtype_name(output_dtype(r, dtype)) for r in ckpt.tensors.values()}
-    if len(dtypes) == 1:
-        out["torch_dtype"] = dtypes.pop()
-    return out
+    architecture = None if ckpt.config.extra.get("architectures") else ARCHITECTURES[ckpt.head]
+    return ckpt.config.to_saved_dict(architecture, dtypes.pop() if len(dtypes) == 1 else None)
 
 
 def write_config(directory: str, config_dict: Mapping) -> str:

@@ -199,9 +199,8 @@ class FlaxOPTPreTrainedModel:
         """Writes config.json and model.safetensors (or shards with an index) that opt_torch and
         Hugging Face's PyTorch OPT load unchanged; a tied LM head is not stored."""
         arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
-        config_dict = self.config.to_dict()
-        config_dict["architectures"] = [type(self).__name__.removeprefix("Flax")]
-        config_dict["torch_dtype"] = str(np.dtype(next(iter(arrays.values())).dtype))
+        config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("Flax"),
+                                                str(np.dtype(next(iter(arrays.values())).dtype)))
         return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
 
     # ---------------------------------------------------------------------------------- running

@@ -187,6 +187,21 @@ class OPTConfig:
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         return out
 
+    def to_saved_dict(self, architecture: str | None, dtype: str | None) -> dict[str, Any]:
+        """config.json of a saved checkpoint: to_dict() with `architecture` (None keeps the config's own)
+        and the weights' dtype name under both keys Hugging Face reads: "dtype" (written since transformers
+        4.56, and preferred when both are present) and "torch_dtype". A key carried over from the source
+        must never contradict the weights; dtype=None (mixed dtypes) drops both."""
+        out = self.to_dict()
+        if architecture is not None:
+            out["architectures"] = [architecture]
+        for key in ("dtype", "torch_dtype"):
+            if dtype is None:
+                out.pop(key, None)
+            else:
+                out[key] = dtype
+        return out
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 

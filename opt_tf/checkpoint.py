@@ -153,7 +153,6 @@ class TFPretrainedMixin:
         and layout, which opt_torch and Hugging Face load unchanged. A tied LM head is not stored."""
         tensors = self.get_weights_dict()
         check_weights(tensors, self.config, self.head, where=f"{type(self).__name__} weights")
-        config_dict = self.config.to_dict()
-        config_dict["architectures"] = [type(self).__name__.removeprefix("TF")]
-        config_dict["torch_dtype"] = self.dtype_policy.variable_dtype
+        config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("TF"),
+                                                self.dtype_policy.variable_dtype)
         return spec_io.save_safetensors_dir(os.fspath(path), tensors, config_dict, max_shard_size)

@@ -126,9 +126,7 @@ class PretrainedMixin:
         tied = tied_source(self.config, self.head)
         tensors = {n: t for n, t in state.items() if n not in tied}
         check_weights(tensors, self.config, self.head, where=f"{type(self).__name__}.state_dict()")
-        config_dict = self.config.to_dict()
-        config_dict["architectures"] = [type(self).__name__]
-        config_dict["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        config_dict = self.config.to_saved_dict(type(self).__name__, str(self.dtype).removeprefix("torch."))
         if safe_serialization:
             arrays = {n: torch_to_numpy(t) for n, t in tensors.items()}
             return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)

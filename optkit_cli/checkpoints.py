@@ -91,8 +91,8 @@ def random_checkpoint(preset: str, seed: int, console: Console) -> ModelSource:
     if free < nbytes * 1.05:
         raise CLIError(f"a random {preset} checkpoint needs {nbytes / 1e9:.2f} GB but {cache_root()} has "
                        f"{free / 1e9:.2f} GB free (set OPTKIT_CACHE to another folder, or pick a smaller --preset)")
-    config_dict = config.to_dict()
-    config_dict.update(architectures=["OPTForCausalLM"], torch_dtype="float32", **{RANDOM_MARKER: marker})
+    config_dict = config.to_saved_dict("OPTForCausalLM", "float32")
+    config_dict[RANDOM_MARKER] = marker
     with console.step(f"writing a random {preset} checkpoint ({nbytes / 1e6:,.0f} MB, float32, seed {seed}) "
                       f"to {path} (once: later runs reuse it)"):
         with atomic_path(path) as tmp, console.progress(total=len(table), desc="random weights",
