@@ -3,7 +3,9 @@
 Canonical names are Hugging Face's PyTorch names and canonical layouts are PyTorch's (a linear weight
 is (out, in)). A weight's *kind* decides everything a converter or backend needs to know about it:
 how it is initialized, whether it is transposed in frameworks whose kernels are (in, out), and what
-the leaf is called there. Nothing else is keyed on names.
+the leaf is called there. Its *role* says what it does in the network (a query projection, the
+FFN's first matrix, ...): the partition table of `opt_spec.parallel` is derived from kind and role.
+Nothing else is keyed on names.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ class Head(str, enum.Enum):
     QUESTION_ANSWERING = "question_answering"
 
 
+class Role(str, enum.Enum):
+    """What a weight does in the network, so that rules about parallelism need no name lists."""
+
+    TOKEN_EMBEDDING = "token_embedding"        # (V, E): rows looked up per token; a tied LM head reads it too
+    POSITION_EMBEDDING = "position_embedding"  # (P + 2, H)
+    PROJECT_IN = "project_in"                  # E -> H (embedding width to hidden width, 350m)
+    PROJECT_OUT = "project_out"                # H -> E
+    ATTENTION_IN = "attention_in"              # q, k, v: H -> nh * hs, a block of rows per head
+    ATTENTION_OUT = "attention_out"            # out_proj: nh * hs -> H
+    FFN_IN = "ffn_in"                          # fc1: H -> F
+    FFN_OUT = "ffn_out"                        # fc2: F -> H
+    NORM = "norm"                              # LayerNorm scale and bias
+    LM_HEAD = "lm_head"                        # E -> V
+    CLASSIFIER = "classifier"                  # score, qa_outputs: E -> a few labels
+
+
 HEADS = tuple(h.value for h in Head)
 BASE_PREFIX = "model."  # head models keep the base model under `model.`; base checkpoints drop it
 HEAD_WEIGHTS = {  # the canonical names that belong to each head (not to the base model)
@@ -46,6 +64,7 @@ class WeightSpec:
     name: str
     shape: tuple[int, ...]
     kind: WeightKind
+    role: Role | None = None  # every weight of the table has one
 
     @property
     def numel(self) -> int:
@@ -55,18 +74,18 @@ class WeightSpec:
         return n
 
 
-def _linear(prefix: str, out_dim: int, in_dim: int, bias: bool) -> list[WeightSpec]:
-    specs = [WeightSpec(f"{prefix}.weight", (out_dim, in_dim), WeightKind.LINEAR_WEIGHT)]
+def _linear(prefix: str, out_dim: int, in_dim: int, bias: bool, role: Role) -> list[WeightSpec]:
+    specs = [WeightSpec(f"{prefix}.weight", (out_dim, in_dim), WeightKind.LINEAR_WEIGHT, role)]
     if bias:
-        specs.append(WeightSpec(f"{prefix}.bias", (out_dim,), WeightKind.LINEAR_BIAS))
+        specs.append(WeightSpec(f"{prefix}.bias", (out_dim,), WeightKind.LINEAR_BIAS, role))
     return specs
 
 
 def _norm(prefix: str, dim: int, affine: bool) -> list[WeightSpec]:
     if not affine:
         return []
-    return [WeightSpec(f"{prefix}.weight", (dim,), WeightKind.NORM_SCALE),
-            WeightSpec(f"{prefix}.bias", (dim,), WeightKind.NORM_BIAS)]
+    return [WeightSpec(f"{prefix}.weight", (dim,), WeightKind.NORM_SCALE, Role.NORM),
+            WeightSpec(f"{prefix}.bias", (dim,), WeightKind.NORM_BIAS, Role.NORM)]
 
 
 def decoder_weights(config: OPTConfig, prefix: str = "decoder") -> list[WeightSpec]:
@@ -75,21 +94,23 @@ def decoder_weights(config: OPTConfig, prefix: str = "decoder") -> list[WeightSp
                      config.ffn_dim, config.max_position_embeddings)
     bias, affine = config.enable_bias, config.layer_norm_elementwise_affine
     specs = [
-        WeightSpec(f"{prefix}.embed_tokens.weight", (V, E), WeightKind.EMBEDDING),
-        WeightSpec(f"{prefix}.embed_positions.weight", (P + POSITION_OFFSET, H), WeightKind.EMBEDDING),
+        WeightSpec(f"{prefix}.embed_tokens.weight", (V, E), WeightKind.EMBEDDING, Role.TOKEN_EMBEDDING),
+        WeightSpec(f"{prefix}.embed_positions.weight", (P + POSITION_OFFSET, H), WeightKind.EMBEDDING,
+                   Role.POSITION_EMBEDDING),
     ]
     if config.has_projections:
-        specs += _linear(f"{prefix}.project_out", E, H, bias=False)
-        specs += _linear(f"{prefix}.project_in", H, E, bias=False)
+        specs += _linear(f"{prefix}.project_out", E, H, False, Role.PROJECT_OUT)
+        specs += _linear(f"{prefix}.project_in", H, E, False, Role.PROJECT_IN)
     if config.has_final_layer_norm:
         specs += _norm(f"{prefix}.final_layer_norm", H, affine)
     for i in range(config.num_hidden_layers):
         layer = f"{prefix}.layers.{i}"
-        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            specs += _linear(f"{layer}.self_attn.{proj}", H, H, bias)
+        for proj in ("k_proj", "v_proj", "q_proj"):
+            specs += _linear(f"{layer}.self_attn.{proj}", H, H, bias, Role.ATTENTION_IN)
+        specs += _linear(f"{layer}.self_attn.out_proj", H, H, bias, Role.ATTENTION_OUT)
         specs += _norm(f"{layer}.self_attn_layer_norm", H, affine)
-        specs += _linear(f"{layer}.fc1", F, H, bias)
-        specs += _linear(f"{layer}.fc2", H, F, bias)
+        specs += _linear(f"{layer}.fc1", F, H, bias, Role.FFN_IN)
+        specs += _linear(f"{layer}.fc2", H, F, bias, Role.FFN_OUT)
         specs += _norm(f"{layer}.final_layer_norm", H, affine)
     return specs
 
@@ -99,11 +120,11 @@ def head_weights(config: OPTConfig, head: Head | str) -> list[WeightSpec]:
     head = Head(head)
     E = config.word_embed_proj_dim
     if head is Head.CAUSAL_LM:
-        return _linear("lm_head", config.vocab_size, E, bias=False)
+        return _linear("lm_head", config.vocab_size, E, False, Role.LM_HEAD)
     if head is Head.SEQUENCE_CLASSIFICATION:
-        return _linear("score", config.num_labels, E, bias=False)
+        return _linear("score", config.num_labels, E, False, Role.CLASSIFIER)
     if head is Head.QUESTION_ANSWERING:
-        return _linear("qa_outputs", 2, E, bias=True)
+        return _linear("qa_outputs", 2, E, True, Role.CLASSIFIER)
     return []
 
 
