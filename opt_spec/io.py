@@ -3,6 +3,12 @@ Hugging Face directory layouts (single file or sharded with an index), and atomi
 
 Every backend reads and writes Hugging Face directories through this module, so a checkpoint written
 by one backend is byte-for-byte the format the others read, and none of them needs torch for it.
+
+It is also where a checkpoint from a stranger is kept in its place, once for every backend and the CLI:
+`checkpoint_file` is the one rule for which files a folder may name (nothing outside it), `load_json`
+the one JSON reader (bounded size and depth), and `SafetensorsFile` checks a header by the safetensors
+library's own rules before anything is mapped. Everything refused raises opt_spec.errors.CheckpointError
+naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from .errors import CheckpointError
+
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
@@ -35,7 +43,13 @@ _SAFETENSORS_DTYPES = {
 _DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16), "float64": np.dtype(np.float64)}
-_MAX_HEADER = 100 * 1024 * 1024
+# Bounds on what a checkpoint may make us parse. JSON of N bytes can become ~30 N bytes of Python objects
+# (measured: 16 MiB of `[[]],` is 500 MiB), so 8 MiB keeps the worst case near 250 MiB; real files are far
+# smaller (OPT-175b's sharded index is ~100 KB, a safetensors header of its ~1,550 tensors ~200 KB).
+MAX_JSON_BYTES = 8 << 20
+MAX_JSON_DEPTH = 64      # HF configs nest ~3 deep, safetensors headers 3, indexes 2
+MAX_TENSOR_DIMS = 32     # NumPy holds at most 64; OPT's tensors have 1 or 2
+_INT64_MAX = 2**63 - 1
 
 
 def numpy_dtype(name: str | np.dtype) -> np.dtype:
@@ -51,25 +65,41 @@ def numpy_dtype(name: str | np.dtype) -> np.dtype:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
     """Yields a temporary sibling of `path` (file or directory) to write; on success it is renamed
-    onto `path`, on any error (Ctrl-C included) it is removed and `path` is untouched."""
+    onto `path`, on any error (Ctrl-C included) it is removed and `path` is untouched, and so are the
+    parent folders this call created (those that existed before are never touched)."""
     path = os.path.abspath(os.fspath(path))
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     parent = os.path.dirname(path)
+    created = []  # the missing ancestors, deepest first
+    folder = parent
+    while not os.path.lexists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    target = os.path.join(tmp, "out")
+    done = False
     try:
-        yield target
-        if os.path.isdir(path) and not os.path.islink(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(target, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(target, path)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        target = os.path.join(tmp, "out")
+        try:
+            yield target
+            if os.path.isdir(path) and not os.path.islink(path):
+                old = tmp + ".old"
+                os.replace(path, old)
+                os.replace(target, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(target, path)
+            done = True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in created:  # rmdir removes only an empty folder: nothing anyone put there is lost
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -78,10 +108,88 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
 
+# ------------------------------------------------------------------------------------------- JSON
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def load_json(path: str | os.PathLike, data: bytes | None = None, where: str | None = None) -> object:
+    """The JSON value of a file a checkpoint carries (config.json, an index, tokenizer or generation
+    settings), or of `data` read from `path` (a safetensors header).
+
+    Refused with a CheckpointError naming `path`: more than MAX_JSON_BYTES (memory stays bounded), not
+    UTF-8 JSON, a key given twice in one object (two readers could pick different values), or nesting
+    deeper than MAX_JSON_DEPTH. Python's C parser recurses per level and raises RecursionError near
+    1000 levels, so 100,000 nested brackets fail fast in the parser and anything shallower is measured
+    after it. `where` replaces the path at the start of messages.
+    """
+    where = where or os.fspath(path)
+    if data is None:
+        size = os.path.getsize(path)
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{where}: {size:,} bytes of JSON; optkit reads at most {MAX_JSON_BYTES:,}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{where}: {len(data):,} bytes of JSON; optkit reads at most {MAX_JSON_BYTES:,}")
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise CheckpointError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except _DuplicateKey as err:
+        raise CheckpointError(f"{where}: a JSON object has the key {err.args[0]!r:.200} twice") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise CheckpointError(f"{where}: not valid JSON ({err})") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: a deep value must not recurse here either
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def json_object(path: str | os.PathLike, data: bytes | None = None, where: str | None = None) -> dict:
+    """load_json's value, refused unless it is a JSON object (every file optkit reads holds one)."""
+    value = load_json(path, data, where)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where or os.fspath(path)}: expected a JSON object, got a JSON {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
 # ------------------------------------------------------------------------------------ safetensors
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class SafetensorsFile(Mapping[str, np.ndarray]):
     """A safetensors file as a read-only mapping of memory-mapped NumPy arrays (nothing is read
-    until a tensor is touched, so peak memory stays near the tensors actually in use)."""
+    until a tensor is touched, so peak memory stays near the tensors actually in use).
+
+    The header is checked by the safetensors library's rules before anything is mapped: a JSON object
+    (at most MAX_JSON_BYTES) of {name: {dtype, shape, data_offsets}} and an optional str -> str
+    `__metadata__`; non-negative shapes whose byte count is the entry's; the entries, sorted by offset,
+    tile the data section exactly (first at 0, each where the previous ended: no overlap, no gap) and
+    the data section ends where the file ends. Anything else is a CheckpointError naming the tensor.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -89,32 +197,65 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ValueError(f"{self.path}: not a safetensors file (only {size} bytes)")
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{self.path}: corrupt safetensors header (length {n}, file {size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{self.path}: corrupt safetensors header ({err})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+            if n > min(MAX_JSON_BYTES, size - 8):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header (length {n:,}, file {size:,} bytes; "
+                                      f"optkit reads headers of at most {MAX_JSON_BYTES:,})")
+            blob = f.read(n)
+        header = json_object(self.path, blob, where=f"{self.path}: corrupt safetensors header")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and
+                                         all(isinstance(v, str) for v in metadata.values())):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
+        self.metadata = metadata or {}
         self._offset = 8 + n
+        data_size = size - self._offset
         self._entries = {}
         for name, entry in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                start, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: bad header entry for {name!r}: {entry!r}") from None
-            if end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or start < 0:
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {shape} "
-                                 f"{entry['dtype']}")
-            if self._offset + end > size:
-                raise ValueError(f"{self.path}: truncated: tensor {name!r} ends at byte {self._offset + end} "
-                                 f"but the file has {size}")
-            self._entries[name] = (dtype, shape, start, end)
+            self._entries[name] = self._entry(name, entry, data_size)
+        end = 0
+        for name, (_, _, start, stop) in sorted(self._entries.items(), key=lambda kv: kv[1][2:]):
+            if start != end:
+                what = "overlaps the tensor before it" if start < end else f"leaves bytes {end}..{start} unused"
+                raise CheckpointError(f"{self.path}: tensor {name!r} starts at data offset {start}, but the tensors "
+                                      f"before it end at {end}: it {what} (safetensors InvalidOffset)")
+            end = stop
+        if end != data_size:
+            raise CheckpointError(f"{self.path}: the tensors cover {end:,} bytes of a {data_size:,}-byte data section "
+                                  "(safetensors MetadataIncompleteBuffer)")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._offset else None
+
+    def _entry(self, name: str, entry, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{self.path}: tensor {name!r}: {why}")
+
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise bad(f"bad header entry {entry!r:.200} (needs dtype, shape and data_offsets)")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(code, str) or code not in _SAFETENSORS_DTYPES:
+            raise bad(f"dtype {code!r:.40} is not one of {', '.join(_SAFETENSORS_DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_int(d) for d in shape)):
+            raise bad(f"shape {shape!r:.200} is not a list of at most {MAX_TENSOR_DIMS} integers")
+        if any(d < 0 for d in shape):
+            raise bad(f"shape {shape!r:.200} has a negative dimension")
+        numel, bound = 1, 1
+        for d in shape:  # Python ints: a product past int64 is seen, not wrapped (a 0 hides no huge dim)
+            numel, bound = numel * d, bound * max(d, 1)
+            if bound > _INT64_MAX:
+                raise bad(f"shape {shape!r:.200} has more elements than an int64 can count")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(x) for x in offsets)):
+            raise bad(f"data_offsets {offsets!r:.200} is not a pair of integers")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise bad(f"data_offsets {offsets} are not 0 <= begin <= end")
+        dtype = _SAFETENSORS_DTYPES[code]
+        if end - start != dtype.itemsize * numel:
+            raise bad(f"has {end - start} bytes for shape {tuple(shape)} {code} ({dtype.itemsize * numel} needed)")
+        if end > data_size:
+            raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte {self._offset + end} but "
+                                  f"the file has {self._offset + data_size}")
+        return dtype, tuple(shape), start, end
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, start, end = self._entries[name]
@@ -275,6 +416,81 @@ def parse_size(size: int | str) -> int:
     return int(float(number) * base ** " KMGT".index(unit or " "))
 
 
+# A checkpoint folder names its files (index weight_maps name shards). The rule for every name, checked by
+# checkpoint_file before anything is opened:
+#   1. the name is a plain relative path: '/'-separated parts, none empty, '.' or '..', no backslash or NUL,
+#      not absolute. It is joined to the folder lexically, so it cannot climb out of it by its spelling;
+#   2. symlinks are followed (a Hugging Face hub cache snapshot is a folder of symlinks), but the file they
+#      end at must lie inside the folder itself, or inside the `blobs` folder of the hub cache repository
+#      the folder is a snapshot of (<cache>/models--org--name/snapshots/<rev>/ -> ../../blobs/<hash>).
+#      A symlink anywhere else (a cloned repository can hold `model.safetensors -> ~/.ssh/id_rsa`) is refused;
+#   3. it is a regular file (not a FIFO, device or folder).
+def _allowed_roots(directory: str) -> list[str]:
+    real = os.path.realpath(directory)
+    roots = [real]
+    snapshots, repo = os.path.dirname(real), os.path.dirname(os.path.dirname(real))
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith("models--"):
+        blobs = os.path.join(repo, "blobs")
+        if os.path.isdir(blobs):
+            roots.append(os.path.realpath(blobs))
+    return roots
+
+
+def checkpoint_file(directory: str | os.PathLike, name: str, entry: str | None = None) -> str:
+    """The path of the file `name` inside the checkpoint folder `directory`, checked by the rule above.
+
+    `entry` says who named the file (e.g. "model.safetensors.index.json: weight_map['lm_head.weight']"),
+    for the message. A CheckpointError refuses a name breaking the rule or naming a missing file.
+    """
+    directory = os.fspath(directory)
+    entry = entry or f"{directory}: {name!r:.200}"
+    if not isinstance(name, str):
+        raise CheckpointError(f"{entry} is {name!r:.200} (a {type(name).__name__}), not a file name")
+    parts = name.split("/")
+    if not name or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"{entry} = {name!r:.200}: a file name must be a plain relative path inside the "
+                              "checkpoint folder (no '..', no absolute path)")
+    path = os.path.join(directory, *parts)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{entry} names {path}, which is missing")
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([root, real]) == root for root in _allowed_roots(directory)):
+        raise CheckpointError(f"{entry} = {name!r:.200} is a symlink to {real}, outside the checkpoint folder "
+                              f"{directory}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{entry} names {path}, which is not a regular file")
+    return path
+
+
+def read_index(path: str | os.PathLike) -> dict[str, str]:
+    """The weight_map {tensor name: shard file name} of an index (*.index.json), every value a string."""
+    path = os.fspath(path)
+    weight_map = json_object(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: no 'weight_map' object")
+    if not weight_map:
+        raise CheckpointError(f"{path}: the weight_map lists no tensors")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{path}: weight_map[{name!r:.200}] is {file!r:.200} (a {type(file).__name__}), "
+                                  "not a file name")
+    return weight_map
+
+
+def index_shards(directory: str | os.PathLike, index_name: str) -> tuple[dict[str, str], list[str]]:
+    """(weight_map, [shard paths]) of the index `index_name` in a checkpoint folder, each shard name
+    checked by checkpoint_file: the one reader of every *.index.json (safetensors, PyTorch, TF, Flax)."""
+    directory = os.fspath(directory)
+    index_path = checkpoint_file(directory, index_name)
+    weight_map = read_index(index_path)
+    first: dict[str, str] = {}  # shard file -> the first tensor naming it, to name in messages
+    for tensor, file in weight_map.items():
+        first.setdefault(file, tensor)
+    paths = [checkpoint_file(directory, file, f"{index_path}: weight_map[{first[file]!r:.200}]")
+             for file in sorted(first)]
+    return weight_map, paths
+
+
 def find_weight_files(directory: str | os.PathLike) -> tuple[str, list[str]]:
     """('safetensors' | 'torch', [files]) for a Hugging Face checkpoint directory, safetensors first."""
     directory = os.fspath(directory)
@@ -282,31 +498,13 @@ def find_weight_files(directory: str | os.PathLike) -> tuple[str, list[str]]:
         raise FileNotFoundError(f"{directory} is not a directory")
     for fmt, single, index in (("safetensors", SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME),
                                ("torch", TORCH_WEIGHTS_NAME, TORCH_INDEX_NAME)):
-        if os.path.isfile(os.path.join(directory, single)):
-            return fmt, [os.path.join(directory, single)]
-        index_path = os.path.join(directory, index)
-        if os.path.isfile(index_path):
-            files = sorted(set(read_index(index_path).values()))
-            paths = [os.path.join(directory, f) for f in files]
-            absent = [p for p in paths if not os.path.isfile(p)]
-            if absent:
-                raise FileNotFoundError(f"{index_path} names shards that are missing: {', '.join(absent)}")
-            return fmt, paths
+        if os.path.lexists(os.path.join(directory, single)):
+            return fmt, [checkpoint_file(directory, single)]
+        if os.path.lexists(os.path.join(directory, index)):
+            return fmt, index_shards(directory, index)[1]
     seen = ", ".join(sorted(os.listdir(directory))) or "nothing"
     raise FileNotFoundError(f"{directory} holds no {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME}, "
                             f"{TORCH_WEIGHTS_NAME} or {TORCH_INDEX_NAME} (found: {seen})")
-
-
-def read_index(path: str) -> dict[str, str]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            index = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{path}: no 'weight_map' object")
-    return weight_map
 
 
 def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -319,7 +517,7 @@ def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         st = SafetensorsFile(path)
         for name in st:
             if name in out:
-                raise ValueError(f"tensor {name!r} appears in more than one shard of {directory}")
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard of {directory}")
             out[name] = st[name]
     return out
 
@@ -336,7 +534,7 @@ def load_checkpoint_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     for path in files:
         for name, tensor in tensors_of(TorchZipReader(path).obj, path).items():
             if name in out:
-                raise ValueError(f"tensor {name!r} appears in more than one shard of {directory}")
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard of {directory}")
             out[name] = tensor.array()
     return out
 
