@@ -4,14 +4,25 @@ The config is a frozen dataclass. Derived quantities (head size, whether project
 the decoder has a final LayerNorm) are properties, so nothing needs to be recomputed or kept in sync.
 Keys of a `config.json` that optkit does not model (`architectures`, `torch_dtype`, ...) are kept in
 `extra` and written back unchanged.
+
+Every field is checked when a config is made (a config.json comes from strangers too): ints are ints
+(not bools), bools are bools, rates are finite numbers in [0, 1), and every size is at most its MAX_SIZES
+entry, with the whole model at most MAX_PARAMETERS. The maxima are far above any real OPT (175b: 96
+layers, hidden 12288, ffn 49152, 96 heads, vocab 50272, 2048 positions, 1.75e11 parameters) and exist so
+that `num_hidden_layers: 1000000000` is refused at once instead of growing a weight table until memory
+runs out. A field out of range raises ConfigError (a CheckpointError) naming the field and the value,
+and the file when it came from one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
+
+from .errors import ConfigError
 
 # Activation names accepted in `activation_function`, mapped to the formula every backend implements.
 ACTIVATIONS = {
@@ -24,6 +35,19 @@ ACTIVATIONS = {
 }
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+# The largest value each size may take (see the module docstring); 175b's value in the comment.
+MAX_SIZES = {
+    "vocab_size": 1 << 20,                 # 50272
+    "hidden_size": 1 << 16,                # 12288
+    "num_hidden_layers": 1024,             # 96
+    "ffn_dim": 1 << 18,                    # 49152
+    "max_position_embeddings": 1 << 20,    # 2048
+    "word_embed_proj_dim": 1 << 16,        # 12288
+    "num_attention_heads": 1024,           # 96
+    "num_labels": 1 << 16,                 # 2 (a head the checkpoint lacks is allocated from this)
+}
+MAX_PARAMETERS = 2 * 10**12                # 1.75e11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,31 +88,33 @@ class OPTConfig:
     # ----------------------------------------------------------------------------------- validation
     def _validate(self) -> None:
         def fail(field: str, value: Any, why: str) -> None:
-            raise ValueError(f"OPTConfig.{field}={value!r}: {why}")
+            raise ConfigError(f"OPTConfig.{field}={value!r:.200}: {why}")
 
-        positive_ints = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
-                         "max_position_embeddings", "word_embed_proj_dim", "num_attention_heads",
-                         "num_labels")
-        for name in positive_ints:
+        for name, most in MAX_SIZES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, value, f"must be an int, got {type(value).__name__}")
             if value <= 0:
                 fail(name, value, "must be positive")
+            if value > most:
+                fail(name, value, f"is more than optkit's maximum {most:,} (opt_spec.config.MAX_SIZES)")
         bools = ("do_layer_norm_before", "_remove_final_layer_norm", "use_cache", "enable_bias",
                  "layer_norm_elementwise_affine", "tie_word_embeddings")
         for name in bools:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 fail(name, value, f"must be a bool, got {type(value).__name__}")
-        for name in ("dropout", "attention_dropout", "layerdrop"):
+        for name in ("dropout", "attention_dropout", "layerdrop", "init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(name, value, f"must be a number, got {type(value).__name__}")
-            if not 0.0 <= value < 1.0:
-                fail(name, value, "must be in [0, 1)")
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            fail("init_std", self.init_std, "must be a non-negative number")
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(name, value, "must be a finite number")
+        for name in ("dropout", "attention_dropout", "layerdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, getattr(self, name), "must be in [0, 1)")
+        if not 0 <= self.init_std <= 1e3:
+            fail("init_std", self.init_std, "must be a non-negative number (at most 1000)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is None:
@@ -100,11 +126,17 @@ class OPTConfig:
         if self.hidden_size % self.num_attention_heads:
             fail("hidden_size", self.hidden_size,
                  f"must be divisible by num_attention_heads={self.num_attention_heads}")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             fail("activation_function", self.activation_function,
                  f"unknown activation; known: {', '.join(sorted(ACTIVATIONS))}")
-        if self.problem_type not in PROBLEM_TYPES:
+        if not (self.problem_type is None or isinstance(self.problem_type, str)) or \
+                self.problem_type not in PROBLEM_TYPES:
             fail("problem_type", self.problem_type, f"must be one of {PROBLEM_TYPES}")
+        if self.max_parameters > MAX_PARAMETERS:
+            raise ConfigError(f"OPTConfig: {self.num_hidden_layers} layers of hidden_size {self.hidden_size} and ffn_dim "
+                              f"{self.ffn_dim}, vocab_size {self.vocab_size}, max_position_embeddings "
+                              f"{self.max_position_embeddings} make up to {self.max_parameters:.3g} parameters, more "
+                              f"than optkit's maximum {MAX_PARAMETERS:.0e} (opt_spec.config.MAX_PARAMETERS)")
 
     # ------------------------------------------------------------------------------ derived values
     @property
@@ -119,6 +151,16 @@ class OPTConfig:
     @property
     def has_final_layer_norm(self) -> bool:
         return self.do_layer_norm_before and not self._remove_final_layer_norm
+
+    @property
+    def max_parameters(self) -> int:
+        """An upper bound of the parameter count (every head, bias and LayerNorm counted), from the
+        sizes alone: what MAX_PARAMETERS bounds before any weight table is built."""
+        H, E, F, L = self.hidden_size, self.word_embed_proj_dim, self.ffn_dim, self.num_hidden_layers
+        layer = 4 * (H * H + H) + 2 * H * F + F + H + 4 * H
+        embeddings = self.vocab_size * E + (self.max_position_embeddings + 2) * H + 2 * E * H
+        heads = self.vocab_size * E + (self.num_labels + 2) * (H + 1)
+        return L * layer + embeddings + heads + 2 * H
 
     @property
     def activation(self) -> str:
@@ -143,7 +185,7 @@ class OPTConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "OPTConfig":
         data = dict(data)
         if data.get("model_type", "opt") != "opt":
-            raise ValueError(f"config.json has model_type={data['model_type']!r}, expected 'opt'")
+            raise ConfigError(f"config.json has model_type={data['model_type']!r:.200}, expected 'opt'")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_labels"}
         kwargs = {k: data.pop(k) for k in list(data) if k in names}
         # Hugging Face stores the label count as id2label (and accepts num_labels as an argument).
@@ -155,21 +197,26 @@ class OPTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "OPTConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        """Reads a config.json (bounded size and depth: opt_spec.io.load_json); errors name the file."""
+        from .io import json_object
+
+        data = json_object(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{os.fspath(path)}: {err}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "OPTConfig":
-        """Reads `config.json` from a checkpoint directory (or the file itself)."""
+        """Reads `config.json` from a checkpoint directory (or the file itself); inside a directory it is
+        opened by opt_spec.io.checkpoint_file's rule (no symlink out of the folder)."""
+        from .io import checkpoint_file
+
         path = os.fspath(path)
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            if not os.path.lexists(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"no config.json at {os.path.join(path, 'config.json')}")
+            path = checkpoint_file(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
         return cls.from_json_file(path)
