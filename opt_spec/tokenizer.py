@@ -14,7 +14,6 @@ tokenizer is built, so `opt_spec` itself does not need it).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -58,13 +57,12 @@ def find_tokenizer_files(directory: str | os.PathLike) -> dict[str, str] | None:
 
 
 def _read_json(path: str) -> dict:
+    """A tokenizer settings file, read by the checkpoint JSON reader (bounded size and depth)."""
+    from .io import load_json
+
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = load_json(path)
     return data if isinstance(data, dict) else {}
 
 
