@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from .config import OPTConfig
+from .errors import CheckpointError
 from .numerics import POSITION_OFFSET
 
 
@@ -182,8 +183,9 @@ def normalize_names(names: Iterable[str], head: Head | str) -> dict[str, str]:
     return out
 
 
-class WeightMismatchError(ValueError):
-    """A mapping of arrays does not match the weight table; lists every problem at once."""
+class WeightMismatchError(CheckpointError):
+    """A mapping of arrays does not match the weight table; lists every problem at once (a CheckpointError:
+    a checkpoint whose tensors do not fit its config is refused like any other)."""
 
     def __init__(self, missing: Sequence[str], unexpected: Sequence[str],
                  mis_shaped: Sequence[tuple[str, tuple, tuple]], where: str = "checkpoint"):
