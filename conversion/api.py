@@ -9,6 +9,7 @@ renames it into place.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 
 from opt_spec import OPTConfig, check_weights
 from opt_spec import io as spec_io
+from opt_spec.errors import CheckpointError
 
 from . import hf, hf_flax, hf_tf, metaseq, native
 from .base import OUTPUT_DTYPES, Checkpoint, ConversionError, output_dtype
@@ -77,13 +79,21 @@ def resolve_format(name: str) -> str:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The name of the format at `path`; a ConversionError listing what was seen when none matches."""
+    """The name of the format at `path`. A detector that recognizes its format but refuses the file (an
+    unsafe pickle, model-parallel parts not 0..K-1, a symlink out of the folder) raises; when no format
+    matches, the first such reason is raised, else a ConversionError listing what was seen."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
+    refused: list[Exception] = []
     for fmt in FORMATS.values():
-        if fmt.detect(path):
-            return fmt.name
+        try:
+            if fmt.detect(path):
+                return fmt.name
+        except (CheckpointError, pickle.UnpicklingError) as err:
+            refused.append(err)
+    if refused:
+        raise refused[0]
     if os.path.isdir(path):
         seen = ", ".join(sorted(os.listdir(path))) or "an empty directory"
     else:

@@ -17,6 +17,7 @@ import numpy as np
 
 from opt_spec import (Head, OPTConfig, WeightMismatchError, WeightSpec, layouts, normalize_names, tied_source,
                       weight_table)
+from opt_spec.errors import CheckpointError
 from opt_spec.weights import BASE_PREFIX, HEAD_WEIGHTS, optional_weights
 
 ARCHITECTURES = {Head.BASE: "OPTModel", Head.CAUSAL_LM: "OPTForCausalLM",
@@ -24,8 +25,9 @@ ARCHITECTURES = {Head.BASE: "OPTModel", Head.CAUSAL_LM: "OPTForCausalLM",
                  Head.QUESTION_ANSWERING: "OPTForQuestionAnswering"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be read or written as asked; the message names the problem."""
+class ConversionError(CheckpointError):
+    """A checkpoint that cannot be read or written as asked; the message names the problem. A
+    CheckpointError, so a caller catches every refused input with one class."""
 
 
 @dataclass

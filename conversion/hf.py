@@ -24,10 +24,9 @@ Tick = Callable[[TensorRef], None]
 
 # ------------------------------------------------------------------------------------------ config
 def load_config(directory: str, overrides: Mapping[str, Any] | None = None) -> OPTConfig:
-    path = os.path.join(directory, spec_io.CONFIG_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(os.path.join(directory, spec_io.CONFIG_NAME)):
         raise ConversionError(f"{directory} has no {spec_io.CONFIG_NAME}; it is needed to read this format")
-    config = OPTConfig.from_json_file(path)
+    config = OPTConfig.from_json_file(spec_io.checkpoint_file(directory, spec_io.CONFIG_NAME))
     return apply_overrides(config, overrides)
 
 
@@ -102,9 +101,10 @@ def read_hf(directory: str, config_overrides=None, expect: str | None = None, co
             if name in native:
                 raise ConversionError(f"tensor {name!r} appears in more than one shard of {directory}")
             native[name] = t
-    index_name = spec_io.SAFE_INDEX_NAME if fmt == "safetensors" else spec_io.TORCH_INDEX_NAME
-    if len(files) > 1:
-        listed = spec_io.read_index(os.path.join(directory, index_name))
+    single, index_name = ((spec_io.SAFE_WEIGHTS_NAME, spec_io.SAFE_INDEX_NAME) if fmt == "safetensors" else
+                          (spec_io.TORCH_WEIGHTS_NAME, spec_io.TORCH_INDEX_NAME))
+    if files != [os.path.join(directory, single)]:  # read through the index
+        listed, _ = spec_io.index_shards(directory, index_name)
         absent = sorted(set(listed) - set(native))
         if absent:
             raise ConversionError(f"{index_name} lists tensors no shard holds: {', '.join(absent)}")

@@ -54,15 +54,10 @@ def read_msgpack_tensors(path: str) -> dict[str, NativeTensor]:
 def read_hf_flax(directory: str, config_overrides=None, config: OPTConfig | None = None, head=None) -> Checkpoint:
     directory = os.fspath(directory)
     config = config or load_config(directory, config_overrides)
-    single = os.path.join(directory, FLAX_WEIGHTS_NAME)
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(os.path.join(directory, FLAX_INDEX_NAME)):
-        weight_map = spec_io.read_index(os.path.join(directory, FLAX_INDEX_NAME))
-        files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
-        absent = [f for f in files if not os.path.isfile(f)]
-        if absent:
-            raise ConversionError(f"{FLAX_INDEX_NAME} names shards that are missing: {', '.join(absent)}")
+    if os.path.lexists(os.path.join(directory, FLAX_WEIGHTS_NAME)):
+        files = [spec_io.checkpoint_file(directory, FLAX_WEIGHTS_NAME)]
+    elif os.path.lexists(os.path.join(directory, FLAX_INDEX_NAME)):
+        files = spec_io.index_shards(directory, FLAX_INDEX_NAME)[1]
     else:
         raise ConversionError(f"{directory} holds no {FLAX_WEIGHTS_NAME} or {FLAX_INDEX_NAME}")
     native: dict[str, NativeTensor] = {}

@@ -8,6 +8,13 @@ stored as `weight`, and a `:0` suffix. Datasets live under a group per top-level
 `weight_names` attribute lists them; large attribute lists are split into `weight_names0`,
 `weight_names1`, ... (HDF5 limits an object header to 64 KiB). Sharded checkpoints
 (tf_model-0000K-of-0000N.h5 + tf_model.h5.index.json) keep one dataset per weight at the root.
+
+An HDF5 file can point outside itself, so only what is stored inside it is read (the rule of
+`h5_dataset_tensor` and `h5_get`, shared by the Keras 3 reader): datasets reached through hard links
+only (a soft link or an external link into another file is refused), laid out contiguously, chunked or
+compact with known filters, never virtual (made of other files' datasets) nor with external raw storage
+(bytes kept in another file), of a numeric dtype; a contiguous dataset is memory-mapped only after its
+offset and size are checked to lie inside the file.
 """
 
 from __future__ import annotations
@@ -93,14 +100,28 @@ def _head_from_scope(names: list[str], config: OPTConfig) -> Head:
 
 # ---------------------------------------------------------------------------- HDF5 attributes
 def read_attr_list(group, name: str) -> list[str]:
+    """A list of names kept in an attribute (or split over name0, name1, ...); refused unless strings."""
     if name in group.attrs:
-        values = list(group.attrs[name])
+        keys = [name]
     else:
-        values, i = [], 0
-        while f"{name}{i}" in group.attrs:
-            values.extend(group.attrs[f"{name}{i}"])
-            i += 1
-    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+        keys = []
+        while f"{name}{len(keys)}" in group.attrs:
+            keys.append(f"{name}{len(keys)}")
+    values = []
+    for key in keys:
+        try:
+            part = np.asarray(group.attrs[key])
+            if part.size == 0:  # an empty list is written as an empty float array
+                continue
+            if part.ndim != 1 or part.dtype.kind not in "OSU":
+                raise ValueError(f"a {part.dtype} array of shape {part.shape}, not a list of strings")
+            values += [v.decode("utf8") if isinstance(v, bytes) else v for v in part.tolist()]
+        except (OSError, TypeError, ValueError) as err:
+            raise ConversionError(f"{group.file.filename}: attribute {key!r} of {group.name!r} is unreadable "
+                                  f"({err})") from None
+    if not all(isinstance(v, str) for v in values):
+        raise ConversionError(f"{group.file.filename}: attribute {name!r} of {group.name!r} holds non-strings")
+    return values
 
 
 def write_attr_list(group, name: str, values: list[str]) -> None:
@@ -124,14 +145,71 @@ def write_attr_list(group, name: str, values: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------- reading
-def h5_dataset_tensor(path: str, dset, where: str) -> NativeTensor:
-    """A dataset as a lazy tensor: memory-mapped when stored contiguously, else read by h5py."""
-    shape, dtype = tuple(int(d) for d in dset.shape), np.dtype(dset.dtype)
-    offset = dset.id.get_offset() if dset.chunks is None and dset.compression is None else None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offset is not None:
+# HDF5 filters a stored dataset may use: deflate (gzip), shuffle, fletcher32 and h5py's lzf.
+KNOWN_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
+_MIN_CHUNK_BYTES = 1 << 20
+
+
+def h5_get(group, name: str, path: str):
+    """group[name] following hard links only, or None when absent: a soft link (an alias that can
+    point anywhere in the file, or nowhere) or an external link (into another file) is refused."""
+    h5py = _h5py()
+    node = group
+    for part in (p for p in name.split("/") if p):
+        link = node.get(part, getlink=True)
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            raise ConversionError(f"{path}: {name!r} goes through a {type(link).__name__} "
+                                  f"({_describe_link(link)}); only data stored in the file itself is read")
+        node = node[part]
+    return node
+
+
+def _describe_link(link) -> str:
+    target = getattr(link, "path", "")
+    return f"to {link.filename}:{target}" if getattr(link, "filename", None) else f"to {target}"
+
+
+def h5_dataset_tensor(path: str, dset, where: str, opaque: np.dtype | None = None) -> NativeTensor:
+    """A dataset as a lazy tensor, refused unless its bytes are stored inside this file (see the module
+    docstring): memory-mapped when contiguous and unfiltered, else read by h5py. `opaque`: the dtype an
+    opaque (HDF5 has no bfloat16) dataset holds, given by the caller from the dataset's attributes."""
+    h5py = _h5py()
+    if not isinstance(dset, h5py.Dataset):
+        raise ConversionError(f"{path}: {where!r} is a {type(dset).__name__}, not a dataset")
+    plist = dset.id.get_create_plist()
+    layout = plist.get_layout()
+    if dset.is_virtual or layout == h5py.h5d.VIRTUAL:
+        raise ConversionError(f"{path}: dataset {where!r} is virtual (mapped from other datasets or files); "
+                              "only data stored in the file itself is read")
+    if plist.get_external_count():
+        raise ConversionError(f"{path}: dataset {where!r} keeps its bytes in an external file "
+                              f"({plist.get_external(0)[0].decode(errors='replace')!r}); only data stored in the "
+                              "file itself is read")
+    if layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT):
+        raise ConversionError(f"{path}: dataset {where!r} has an unknown storage layout ({layout})")
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    unknown = [f for f in filters if f not in KNOWN_FILTERS]
+    if unknown:
+        raise ConversionError(f"{path}: dataset {where!r} uses HDF5 filter {unknown[0]}; optkit reads only "
+                              f"{', '.join(KNOWN_FILTERS.values())}")
+    dtype = np.dtype(dset.dtype)
+    if opaque is not None and dtype.kind == "V" and dtype.names is None and dtype.itemsize == np.dtype(opaque).itemsize:
+        dtype = np.dtype(opaque)
+    elif dtype.kind not in "fiub" or dtype.names is not None or dtype.subdtype is not None:
+        raise ConversionError(f"{path}: dataset {where!r} has dtype {dtype}, not a number type")
+    shape = tuple(int(d) for d in dset.shape)
+    if len(shape) > spec_io.MAX_TENSOR_DIMS:
+        raise ConversionError(f"{path}: dataset {where!r} has {len(shape)} dimensions")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if layout == h5py.h5d.CHUNKED and math.prod(dset.chunks) * dtype.itemsize > max(nbytes, _MIN_CHUNK_BYTES):
+        raise ConversionError(f"{path}: dataset {where!r} of shape {shape} has chunks of shape {dset.chunks}, "
+                              "larger than itself")
+    offset = dset.id.get_offset() if layout == h5py.h5d.CONTIGUOUS and not filters else None
+    if offset is not None:  # None: never written (reads as its fill value)
         size = os.path.getsize(path)
-        if offset + nbytes > size:
+        if offset < 0 or offset + nbytes > size:
             raise ConversionError(f"{path}: truncated: {where} ends at byte {offset + nbytes} but the file has {size}")
 
         def load():
@@ -142,8 +220,12 @@ def h5_dataset_tensor(path: str, dset, where: str) -> NativeTensor:
         name = dset.name
 
         def load():
-            with _h5py().File(path, "r") as f:
-                return f[name][()]
+            try:
+                with _h5py().File(path, "r") as f:
+                    array = f[name][()]
+            except OSError as err:  # a corrupt chunk or filter stream
+                raise ConversionError(f"{path}: cannot read dataset {where!r} ({err})") from None
+            return array.view(dtype) if array.dtype != dtype else array
     return NativeTensor(shape, dtype, load, f"{path}:{where}")
 
 
@@ -163,40 +245,38 @@ def read_keras2_h5(path: str) -> dict[str, NativeTensor]:
         if not layers:
             raise ConversionError(f"{path}: no 'layer_names' attribute: not a Keras 2 HDF5 weights file")
         for layer in layers:
-            if layer not in f:
+            group = h5_get(f, layer, path)
+            if group is None:
                 raise ConversionError(f"{path}: layer group {layer!r} is listed but missing")
-            group = f[layer]
             for name in read_attr_list(group, "weight_names"):
-                if name not in group:
+                dset = h5_get(group, name, path)
+                if dset is None:
                     raise ConversionError(f"{path}: weight {name!r} of layer {layer!r} is listed but missing")
-                out[name] = h5_dataset_tensor(path, group[name], name)
+                out[name] = h5_dataset_tensor(path, dset, name)
     return out
 
 
 def _read_sharded(directory: str) -> tuple[dict[str, NativeTensor], list[str]]:
-    weight_map = spec_io.read_index(os.path.join(directory, TF_INDEX_NAME))
-    files = sorted(set(weight_map.values()))
+    weight_map, files = spec_io.index_shards(directory, TF_INDEX_NAME)
     out: dict[str, NativeTensor] = {}
-    for fname in files:
-        path = os.path.join(directory, fname)
-        if not os.path.isfile(path):
-            raise ConversionError(f"{TF_INDEX_NAME} names a shard that is missing: {path}")
+    for path in files:
         with _open_h5(path) as f:
             for name in read_attr_list(f, "layer_names"):
-                if name not in f:
+                dset = h5_get(f, name, path)
+                if dset is None:
                     raise ConversionError(f"{path}: weight {name!r} is listed but missing")
-                out[name] = h5_dataset_tensor(path, f[name], name)
+                out[name] = h5_dataset_tensor(path, dset, name)
     scope = next((n.split("/", 1)[0] for n in weight_map if "/" in n), "")
-    return {f"{scope}/{n}": t for n, t in out.items()}, [os.path.join(directory, f) for f in files]
+    return {f"{scope}/{n}": t for n, t in out.items()}, files
 
 
 def read_hf_tf(directory: str, config_overrides=None, config: OPTConfig | None = None, head=None) -> Checkpoint:
     directory = os.fspath(directory)
     config = config or load_config(directory, config_overrides)
-    single = os.path.join(directory, TF_WEIGHTS_NAME)
-    if os.path.isfile(single):
+    if os.path.lexists(os.path.join(directory, TF_WEIGHTS_NAME)):
+        single = spec_io.checkpoint_file(directory, TF_WEIGHTS_NAME)
         full, files = read_keras2_h5(single), [single]
-    elif os.path.isfile(os.path.join(directory, TF_INDEX_NAME)):
+    elif os.path.lexists(os.path.join(directory, TF_INDEX_NAME)):
         full, files = _read_sharded(directory)
     else:
         raise ConversionError(f"{directory} holds no {TF_WEIGHTS_NAME} or {TF_INDEX_NAME}")

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from opt_spec import Head, OPTConfig
-from opt_spec.io import release_pages
-from opt_spec.torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip
+from opt_spec.io import checkpoint_file, release_pages
+from opt_spec.torch_pickle import PickledTensor, TorchZipReader, is_torch_zip
 from opt_spec.weights import BASE_PREFIX
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind
@@ -71,47 +71,58 @@ def open_pickle(path: str) -> TorchZipReader:
 
 
 def part_files(path: str) -> list[str]:
-    """The files of a metaseq checkpoint at `path` (a file, or a directory of parts)."""
+    """The files of a metaseq checkpoint at `path` (a file, or a directory of parts); every file found
+    in a folder is opened by opt_spec.io.checkpoint_file's rule (no symlink out of the folder)."""
     if os.path.isdir(path):
-        parts = sorted(p for p in glob.glob(os.path.join(path, "*.pt")) if _PART.search(os.path.basename(p)))
+        parts = _parts_in(path)
         if parts:
             groups = {_PART.sub("model_part-#", os.path.basename(p)) for p in parts}
             if len(groups) > 1:
                 raise ConversionError(f"{path} holds parts of several checkpoints ({', '.join(sorted(groups))}); "
                                       "pass one part file instead")
             return _ordered_parts(parts)
-        singles = sorted(glob.glob(os.path.join(path, "*.pt")))
+        singles = sorted(glob.glob(os.path.join(glob.escape(path), "*.pt")))
         if os.path.join(path, "restored.pt") in singles:
-            return [os.path.join(path, "restored.pt")]
+            return [checkpoint_file(path, "restored.pt")]
         if len(singles) == 1:
-            return singles
+            return [checkpoint_file(path, os.path.basename(singles[0]))]
         raise ConversionError(f"{path}: no metaseq checkpoint (no *model_part-K.pt, restored.pt or single .pt file)")
     match = _PART.search(os.path.basename(path))
     if not match:
         return [path]
-    pattern = os.path.join(os.path.dirname(path), glob.escape(os.path.basename(path)[:match.start()]) + "model_part-*"
-                           + glob.escape(os.path.basename(path)[match.end():]))
+    pattern = os.path.join(glob.escape(os.path.dirname(path)), glob.escape(os.path.basename(path)[:match.start()])
+                           + "model_part-*" + glob.escape(os.path.basename(path)[match.end():]))
     return _ordered_parts(glob.glob(pattern))
+
+
+def _parts_in(folder: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*.pt")) if _PART.search(os.path.basename(p)))
 
 
 def _ordered_parts(paths: list[str]) -> list[str]:
     by_index = {int(_PART.search(os.path.basename(p)).group(1)): p for p in paths}
     if sorted(by_index) != list(range(len(by_index))):
-        raise ConversionError(f"model-parallel parts are not 0..K-1: found parts {sorted(by_index)}")
-    return [by_index[i] for i in range(len(by_index))]
+        raise ConversionError(f"{os.path.dirname(paths[0])}: model-parallel parts are not 0..K-1: found parts "
+                              f"{sorted(by_index)[:20]}")
+    return [checkpoint_file(os.path.dirname(by_index[i]), os.path.basename(by_index[i])) for i in range(len(by_index))]
 
 
 def looks_like_metaseq(path: str) -> bool:
-    try:
-        files = part_files(path) if os.path.isdir(path) else [path]
-    except ConversionError:
+    """A torch zip holding {"model": state dict, ...}, or a folder of them. A folder of model_part-K files
+    whose parts are refused (not 0..K-1, several checkpoints) or a torch zip whose pickle is refused
+    raises, so that detect_format can say why."""
+    if not os.path.isdir(path):
+        files = [path]
+    elif _parts_in(path):
+        files = part_files(path)
+    else:
+        try:
+            files = part_files(path)  # restored.pt or one .pt file
+        except ConversionError:
+            return False
+    if not (os.path.isfile(files[0]) and is_torch_zip(files[0])):
         return False
-    if not files or not all(os.path.isfile(f) and is_torch_zip(f) for f in files[:1]):
-        return False
-    try:
-        obj = open_pickle(files[0]).obj
-    except (ValueError, UnsafePickleError):
-        return False
+    obj = open_pickle(files[0]).obj
     return isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping)
 
 

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from opt_spec import OPTConfig, tied_source
 from opt_spec import io as spec_io
-from opt_spec.torch_pickle import PickledTensor, TorchZipReader, UnsafePickleError, is_torch_zip, write_torch_zip
+from opt_spec.torch_pickle import PickledTensor, TorchZipReader, is_torch_zip, write_torch_zip
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, canonical_prefixes, detect_head, output_dtype
 from .hf import apply_overrides, output_config, produce, write_config
@@ -38,7 +38,13 @@ def format_for_suffix(path: str) -> str | None:
 
 
 def _weights_file(path: str, filename: str) -> str:
-    return os.path.join(path, filename) if os.path.isdir(path) else path
+    """The weights file of a native checkpoint: the file itself, or `filename` in a folder (by
+    opt_spec.io.checkpoint_file's rule once it exists)."""
+    if not os.path.isdir(path):
+        return path
+    if os.path.lexists(os.path.join(path, filename)):
+        return spec_io.checkpoint_file(path, filename)
+    return os.path.join(path, filename)
 
 
 def native_config(path: str, shapes: Mapping[str, tuple], overrides, config: OPTConfig | None,
@@ -47,8 +53,8 @@ def native_config(path: str, shapes: Mapping[str, tuple], overrides, config: OPT
     if config is not None:
         return config, [], "caller"
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    cfg_path = os.path.join(folder, spec_io.CONFIG_NAME)
-    if os.path.isfile(cfg_path):
+    if os.path.lexists(os.path.join(folder, spec_io.CONFIG_NAME)):
+        cfg_path = spec_io.checkpoint_file(folder, spec_io.CONFIG_NAME)
         return apply_overrides(OPTConfig.from_json_file(cfg_path), overrides), [], cfg_path
     config, notes = infer_config(shapes, hints, overrides, where=where)
     return config, notes, "shapes" + (" + overrides" if overrides else "")
@@ -65,12 +71,11 @@ def _write_layout(ckpt: Checkpoint, target: str, filename: str, as_file: bool, d
 
 # ------------------------------------------------------------------------------------------ torch
 def _torch_state_dict(path: str) -> dict[str, PickledTensor] | None:
+    """The state dict of a PyTorch zip, None for anything else; a PyTorch zip that is refused (an unsafe
+    pickle, a corrupt record) raises, so that detect_format can say why."""
     if not (os.path.isfile(path) and is_torch_zip(path)):
         return None
-    try:
-        obj = TorchZipReader(path).obj
-    except (ValueError, UnsafePickleError):
-        return None
+    obj = TorchZipReader(path).obj
     if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, PickledTensor)
                                                 for k, v in obj.items()):
         return dict(obj)

@@ -30,6 +30,8 @@ def looks_like(file: str) -> bool:
     try:
         names = read_msgpack_tensors(file)
     except ConversionError:
+        if file.endswith(".msgpack"):  # a msgpack checkpoint that is refused: detect_format says why
+            raise
         return False
     return any(n.endswith("embed_tokens/embedding") for n in names)
 

@@ -25,7 +25,7 @@ from opt_spec.weights import BASE_PREFIX
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, dtype_name
 from .hf import produce
-from .hf_tf import _h5py, _open_h5, h5_dataset_tensor
+from .hf_tf import _h5py, _open_h5, h5_dataset_tensor, h5_get
 
 MODEL_NAMES = {Head.BASE: "tfopt_model", Head.CAUSAL_LM: "tfopt_for_causal_lm",
                Head.SEQUENCE_CLASSIFICATION: "tfopt_for_sequence_classification",
@@ -70,28 +70,31 @@ def dataset_names(config: OPTConfig, head: Head) -> dict[str, str]:
 
 
 def _read_datasets(file: str) -> dict[str, NativeTensor]:
+    """Every dataset of the file by path, stored inside it (hf_tf.h5_dataset_tensor's rule); any link that
+    is not a hard link (a soft link, or an external link into another file) is refused by name."""
+    h5py = _h5py()
     out = {}
     with _open_h5(file) as f:
+        def check_link(name, link):
+            if not isinstance(link, h5py.HardLink):
+                h5_get(f, name, file)  # raises, naming the link
+
         def visit(name, obj):
-            if isinstance(obj, _h5py().Dataset):
-                t = h5_dataset_tensor(file, obj, name)
-                if obj.attrs.get("dtype") in ("bfloat16", b"bfloat16"):
-                    load = t.load
-                    t = NativeTensor(t.shape, np.dtype(ml_dtypes.bfloat16),
-                                     lambda load=load: load().view(ml_dtypes.bfloat16), t.where)
-                out[name] = t
+            if isinstance(obj, h5py.Dataset):
+                bfloat16 = obj.attrs.get("dtype") in ("bfloat16", b"bfloat16")
+                out[name] = h5_dataset_tensor(file, obj, name, opaque=ml_dtypes.bfloat16 if bfloat16 else None)
+        f.visititems_links(check_link)
         f.visititems(visit)
     return out
 
 
 def looks_like(file: str) -> bool:
+    """An HDF5 file with Keras 3's top-level keys; an HDF5 file that cannot be opened is refused (the
+    reason is kept by detect_format). Links are looked at, never followed."""
     if not (os.path.isfile(file) and _is_h5(file)):
         return False
-    try:
-        with _open_h5(file) as f:
-            return "layer_names" not in f.attrs and any(k in f for k in ("decoder", "layers"))
-    except ConversionError:
-        return False
+    with _open_h5(file) as f:
+        return "layer_names" not in f.attrs and any(f.get(k, getlink=True) is not None for k in ("decoder", "layers"))
 
 
 def _is_h5(path: str) -> bool:
