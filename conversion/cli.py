@@ -7,15 +7,21 @@ hf-tf (tf_model.h5), hf-flax (flax_model.msgpack), metaseq (read only: restored.
 reshard-model_part-K.pt parts), torch-state-dict (.pt), keras-weights (.weights.h5) and flax-params
 (.msgpack); a DST ending in one of those suffixes picks that format as a single file. DST is written
 next to itself and renamed into place once its names, count and shapes check out, so a failure or
-Ctrl-C leaves no half-written checkpoint; an existing DST is only replaced with --force. Formats
-without a config.json (metaseq, bare .pt/.weights.h5/.msgpack files) get one inferred from the
-shapes and the checkpoint's own args; correct it with --set key=value.
+Ctrl-C leaves no half-written checkpoint (nor the parent folders it made for DST); an existing DST is
+only replaced with --force. Formats without a config.json (metaseq, bare .pt/.weights.h5/.msgpack files)
+get one inferred from the shapes and the checkpoint's own args; correct it with --set key=value.
+
+Exit status: 0 written; 1 nothing written: SRC was refused (a malformed, inconsistent or hostile
+checkpoint: opt_spec.errors.CheckpointError, an unsafe pickle) or the conversion could not be done as
+asked (DST exists, unknown format); 2 a command-line usage error. Each error is one
+`optkit convert: error: ...` message.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 
 from .api import DEFAULT_TARGET, FORMATS, convert
@@ -63,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("optkit convert: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (OSError, ValueError) as err:  # ConversionError, WeightMismatchError, FileExistsError, ...
-        print(f"optkit convert: error: {err}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, pickle.UnpicklingError) as err:  # every CheckpointError (ConversionError,
+        print(f"optkit convert: error: {err}", file=sys.stderr)   # WeightMismatchError, ...), FileExistsError,
+        return 1                                                   # an unsafe pickle, ...
     print(summary)
     return 0
 

@@ -18,6 +18,7 @@ import shutil
 import numpy as np
 
 from opt_spec import PRESETS, OPTConfig
+from opt_spec.errors import CheckpointError
 from opt_spec.io import CONFIG_NAME, SAFE_WEIGHTS_NAME, SafetensorsFile, atomic_path, write_safetensors_stream
 from opt_spec.testing import VARIANTS, random_weight
 from opt_spec.weights import Head, tied_source, weight_table
@@ -124,10 +125,7 @@ def resolve_model(args, console: Console) -> ModelSource:
         seen = ", ".join(sorted(os.listdir(path))[:20]) or "nothing"
         raise CLIError(f"--model {args.model}: no config.json, so not a Hugging Face OPT checkpoint folder "
                        f"(found: {seen})")
-    try:
-        config = OPTConfig.from_pretrained(path)
-    except ValueError as err:
-        raise CLIError(f"--model {args.model}: {err}") from None
+    config = OPTConfig.from_pretrained(path)  # a refused config.json: ConfigError naming the file (exit 1)
     marker = config.extra.get(RANDOM_MARKER)
     return ModelSource(path, config, marker if isinstance(marker, dict) else None)
 
@@ -171,6 +169,8 @@ def with_safetensors(source: ModelSource, console: Console) -> ModelSource:
                        f"package, which does not import ({err})") from None
     try:
         fmt = detect_format(source.path)
+    except CheckpointError:
+        raise  # refused, not a usage mistake: exit 1 with the reason
     except (OSError, ValueError) as err:
         raise CLIError(f"--model {source.path}: {err}") from None
     import hashlib

@@ -6,15 +6,18 @@
     optkit train    --model DIR --task T --data FILE --backend B --output DIR [...]  (see `optkit train --help`)
     optkit bench    [NAME ...]         (runs the scripts in bench/)
 
-Exit status: 0 success; 1 parity failed (a difference beyond the tolerance, a backend that failed) or a
-benchmark failed; 2 a usage error or a problem to fix (missing folder, bad backend name, missing
-framework: the message names the extra to install). OPTKIT_DEBUG=1 shows tracebacks instead.
+Exit status: 0 success; 1 parity failed (a difference beyond the tolerance, a backend that failed), a
+benchmark failed, or a checkpoint was refused (opt_spec.errors.CheckpointError or an unsafe pickle: a
+malformed, inconsistent or hostile file, named in the message); 2 a usage error or a problem to fix
+(missing folder, bad backend name, missing framework: the message names the extra to install). Every
+error is one `optkit CMD: error: ...` message; OPTKIT_DEBUG=1 shows tracebacks instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from . import generate, parity, train
 from .checkpoints import DEFAULT_PRESET, PRESET_NAMES
 from .common import CLIError, Console
 
+EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
@@ -143,18 +147,21 @@ def run_convert(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------- main
 def _report(err: BaseException, command: str) -> int:
-    """One clear line for the errors a user can act on; a traceback for anything else (a bug)."""
+    """One clear message for the errors a user can act on; a traceback for anything else (a bug).
+    A refused checkpoint exits 1 (the input is bad, not the command line), the rest 2."""
     from opt_spec.backend import BackendUnavailableError
+    from opt_spec.errors import CheckpointError
     from opt_spec.tokenizer import TokenizerUnavailableError
 
     from .runners import BackendNotReady
 
     expected = (CLIError, BackendUnavailableError, BackendNotReady, TokenizerUnavailableError,
-                FileNotFoundError, FileExistsError, ValueError, OSError)
+                FileNotFoundError, FileExistsError, ValueError, OSError, pickle.UnpicklingError)
     if os.environ.get("OPTKIT_DEBUG") or not isinstance(err, expected):
         raise err
     print(f"optkit {command}: error: {err}", file=sys.stderr)
-    return EXIT_USAGE
+    refused = (CheckpointError, pickle.UnpicklingError)  # the pickle reader's UnsafePickleError included
+    return EXIT_REFUSED if isinstance(err, refused) else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
