@@ -2,7 +2,9 @@
 
     optkit convert SRC DST [--to FORMAT] [--dtype float32|float16|bfloat16] [--force] [--quiet]
 
-SRC's format is detected (and reported). Formats: hf-safetensors (default output), hf-pytorch,
+SRC is a path, or a Hugging Face Hub id (facebook/opt-125m, at --revision) read from the Hugging Face
+cache, downloaded first unless HF_HUB_OFFLINE=1; an existing path always wins. SRC's format is detected
+(and reported). Formats: hf-safetensors (default output), hf-pytorch,
 hf-tf (tf_model.h5), hf-flax (flax_model.msgpack), metaseq (read only: restored.pt or
 reshard-model_part-K.pt parts), torch-state-dict (.pt), keras-weights (.weights.h5) and flax-params
 (.msgpack); a DST ending in one of those suffixes picks that format as a single file. DST is written
@@ -24,12 +26,17 @@ import json
 import pickle
 import sys
 
+from opt_spec.hub import HubUnavailableError, resolve_pretrained
+
 from .api import DEFAULT_TARGET, FORMATS, convert
 from .base import OUTPUT_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", help="checkpoint to read (directory or file; its format is detected)")
+    parser.add_argument("src", help="checkpoint to read (directory or file; its format is detected), or a Hub id")
+    parser.add_argument("--revision", metavar="REV", help="with a Hub id: branch, tag or commit (default main)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="with a Hub id: the Hugging Face cache "
+                                                           "(default $HF_HUB_CACHE, else ~/.cache/huggingface/hub)")
     parser.add_argument("dst", help="where to write (must not exist unless --force)")
     parser.add_argument("--to", metavar="FORMAT", default=None,
                         help=f"output format: {', '.join(n for n, f in FORMATS.items() if f.write)} "
@@ -62,13 +69,18 @@ def _overrides(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
+        src = resolve_pretrained(args.src, revision=getattr(args, "revision", None),
+                                 cache_dir=getattr(args, "cache_dir", None))
+        summary = convert(src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
                           progress=not args.quiet, config_overrides=_overrides(args.overrides) or None,
                           src_format=args.src_format, max_shard_size=args.max_shard_size,
                           log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     except KeyboardInterrupt:
         print("optkit convert: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except HubUnavailableError as err:  # a Hub id without huggingface_hub installed
+        print(f"optkit convert: error: {err}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # every CheckpointError (ConversionError,
         print(f"optkit convert: error: {err}", file=sys.stderr)   # WeightMismatchError, ...), FileExistsError,
         return 1                                                   # an unsafe pickle, ...

@@ -22,6 +22,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.hub import resolve_pretrained
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
 
@@ -163,7 +164,8 @@ class FlaxOPTPreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
-                        config: OPTConfig | None = None, seed: int = 0, precision="auto"):
+                        config: OPTConfig | None = None, seed: int = 0, precision="auto", *,
+                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not); no torch involved.
 
         dtype is the compute dtype; parameters are cast to param_dtype (float32 by default).
@@ -171,8 +173,12 @@ class FlaxOPTPreTrainedModel:
         precision goes to every matrix product: "auto" (default) is "highest" for float32 compute, so
         float32 means float32 on GPUs too (matching PyTorch), and JAX's default for half precision;
         None is JAX's default (TF32 products for float32 on recent GPUs, faster and less exact).
+        `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
+        Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
+        (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
-        path = os.fspath(path)
+        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)

@@ -207,12 +207,18 @@ class OPTConfig:
             raise ConfigError(f"{os.fspath(path)}: {err}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "OPTConfig":
-        """Reads `config.json` from a checkpoint directory (or the file itself); inside a directory it is
-        opened by opt_spec.io.checkpoint_file's rule (no symlink out of the folder)."""
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> "OPTConfig":
+        """Reads `config.json` from a checkpoint directory (or the file itself), or of a Hugging Face Hub
+        id ("facebook/opt-125m", at `revision`) through opt_spec.hub (cache first; only the small files
+        are fetched). Inside a directory it is opened by opt_spec.io.checkpoint_file's rule (no symlink
+        out of the folder)."""
+        from .hub import resolve_pretrained
         from .io import checkpoint_file
 
-        path = os.fspath(path)
+        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token, weights=False)
         if os.path.isdir(path):
             if not os.path.lexists(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"no config.json at {os.path.join(path, 'config.json')}")

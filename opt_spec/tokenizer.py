@@ -3,18 +3,30 @@
 OPT's rules, as the released checkpoints were trained:
 - every input starts with `</s>` (the bos token, id 2); no eos is appended;
 - batches are padded on the LEFT with `<pad>` (id 1), so the last column is every row's last real
-  token, and the attention mask is 1 on real tokens and 0 on pads;
+  token, and the attention mask is 1 on real tokens and 0 on pads (a tokenizer_config.json's
+  "padding_side" or padding_side=... says otherwise; Hugging Face's own default is "right");
 - decoding drops the special tokens (`</s>`, `<pad>`, ...).
 
-Files read (nothing is ever downloaded): `tokenizer.json`, or `vocab.json` + `merges.txt`; the special
-tokens' strings from `special_tokens_map.json` / `tokenizer_config.json` when present, and their ids
-from `config.json` when present. Framework-free: NumPy and the `tokenizers` library (imported when a
-tokenizer is built, so `opt_spec` itself does not need it).
+Calling it takes Hugging Face's arguments with their meaning (tested against transformers'
+GPT2Tokenizer with OPT's settings): `padding` (False, True/"longest", "max_length"), `truncation` /
+`max_length` (keeping the first tokens; max_length alone truncates, as in HF), `padding_side`,
+`add_special_tokens` (the leading `</s>`), `return_attention_mask` and `return_tensors` (None: lists;
+"np", "pt", "tf", "jax": (B, T) arrays of that framework, imported only then: int64 for NumPy and
+PyTorch, int32 for TensorFlow and JAX, as HF gives). `save_pretrained` writes files that
+transformers' AutoTokenizer (fast or slow) reads to the same ids.
+
+Files read: `tokenizer.json`, or `vocab.json` + `merges.txt`; the special tokens' strings from
+`special_tokens_map.json` / `tokenizer_config.json` when present, and their ids from `config.json`
+when present. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub (the Hugging Face
+cache; only small files are fetched). Framework-free: NumPy and the `tokenizers` library (imported
+when a tokenizer is built, so `opt_spec` itself does not need it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +41,11 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_SPECIAL_TOKENS = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
 DEFAULT_IDS = {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}
 INSTALL_HINT = "pip install 'optkit[tokenizer]'"
+# return_tensors -> (module imported for it, optkit extra that installs it, default integer dtype as HF gives)
+TENSOR_TYPES = {"np": (None, None, np.int64), "pt": ("torch", "torch", np.int64),
+                "tf": ("tensorflow", "tf", np.int32), "jax": ("jax", "flax", np.int32)}
+# HF writes model_max_length=1e30 for "no limit"; anything this large means none.
+_NO_LIMIT = 10**12
 
 
 class TokenizerUnavailableError(ImportError):
@@ -73,16 +90,33 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class BatchEncoding(dict):
+    """What calling the tokenizer returns: {'input_ids', 'attention_mask'}, also readable as attributes
+    (`enc.input_ids`) and movable with `enc.to(device)` (PyTorch tensors), like HF's BatchEncoding."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
 class OPTTokenizer:
-    """Encodes text to OPT token ids and back. Build it with `OPTTokenizer.from_pretrained(dir)`."""
+    """Encodes text to OPT token ids and back. Build it with `OPTTokenizer.from_pretrained(dir or Hub id)`."""
 
     def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
-                 special_tokens: Mapping[str, str] | None = None):
+                 special_tokens: Mapping[str, str] | None = None, padding_side: str = "left",
+                 model_max_length: int | None = None):
         self._tokenizer = tokenizer
         self.bos_token_id = int(bos_token_id)
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
         self.special_tokens = dict(special_tokens or DEFAULT_SPECIAL_TOKENS)
+        self.padding_side = _check_side(padding_side)
+        self.model_max_length = model_max_length  # None: no limit
         # Ids dropped when decoding with skip_special_tokens: ours, whatever the file marks special.
         self._special_ids = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
         for token in self.special_tokens.values():
@@ -92,10 +126,16 @@ class OPTTokenizer:
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config=None) -> "OPTTokenizer":
-        """Reads the tokenizer of a Hugging Face OPT directory. `config` (an OPTConfig) gives the
-        special ids; by default they come from the directory's config.json, else the vocabulary."""
-        directory = os.fspath(directory)
+    def from_pretrained(cls, directory: str | os.PathLike, config=None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> "OPTTokenizer":
+        """Reads the tokenizer of a Hugging Face OPT directory, or of a Hub id at `revision` (see
+        opt_spec.hub). `config` (an OPTConfig) gives the special ids; by default they come from the
+        directory's config.json, else the vocabulary."""
+        from .hub import resolve_pretrained
+
+        directory = resolve_pretrained(directory, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token, weights=False)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory} is not a directory")
         files = find_tokenizer_files(directory)
@@ -106,8 +146,8 @@ class OPTTokenizer:
         tk = _tokenizers()
 
         special = dict(DEFAULT_SPECIAL_TOKENS)
-        for source in (_read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)),
-                       _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))):
+        settings = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
+        for source in (settings, _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))):
             for key in special:
                 token = _token_string(source.get(key))
                 if token:
@@ -143,17 +183,40 @@ class OPTTokenizer:
             if value is None:
                 value = tokenizer.token_to_id(special[token_key])
             ids[key] = DEFAULT_IDS[key] if value is None else value
-        return cls(tokenizer, **ids, special_tokens=special)
+        side = settings.get("padding_side", "left")
+        limit = settings.get("model_max_length")
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _NO_LIMIT else None
+        return cls(tokenizer, **ids, special_tokens=special, model_max_length=limit,
+                   padding_side=side if side in ("left", "right") else "left")
 
     # ----------------------------------------------------------------------------------- encoding
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of one text, starting with `</s>` (OPT's rule) unless add_bos=False."""
+    def __len__(self) -> int:
+        """The number of token ids, added tokens included (HF's len(tokenizer))."""
+        return self.vocab_size
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._tokenizer.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._tokenizer.id_to_token(self.eos_token_id)
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._tokenizer.id_to_token(self.pad_token_id)
+
+    def encode(self, text: str, add_bos: bool = True, *, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of one text, starting with `</s>` (OPT's rule) unless add_bos=False
+        (add_special_tokens=False is HF's name for the same)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a string, got {type(text).__name__}")
+        if add_special_tokens is not None:
+            add_bos = add_special_tokens
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else list(ids)
 
@@ -167,28 +230,88 @@ class OPTTokenizer:
         ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
         return ([self.bos_token_id, *ids], [(0, 0), *offsets]) if add_bos else (ids, offsets)
 
-    def __call__(self, texts: str | Sequence[str], add_bos: bool = True, max_length: int | None = None,
-                 dtype=np.int64) -> dict[str, np.ndarray]:
-        """{'input_ids', 'attention_mask'}: (B, T) integer arrays, LEFT-padded with pad_token_id.
+    def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True, padding: bool | str = False,
+                 truncation: bool | str | None = None, max_length: int | None = None,
+                 return_tensors: str | None = None, padding_side: str | None = None,
+                 return_attention_mask: bool = True, dtype=None) -> BatchEncoding:
+        """{'input_ids', 'attention_mask'} of one text or a batch, with Hugging Face's arguments and meaning.
 
-        max_length: raise a ValueError naming the row when a text needs more tokens than this.
+        padding: False (none), True / "longest" (to the longest row), "max_length" (to max_length).
+        truncation: True / "longest_first" / "only_first" keep each row's first max_length tokens (the
+        `</s>` counted; max_length defaults to model_max_length); None truncates only when max_length
+        is given without padding, as HF does. return_tensors: None gives lists (a flat list for one
+        text); "np" / "pt" / "tf" / "jax" give (B, T) arrays of that framework, which needs rows of
+        one length (pad them). dtype overrides the integer type of the arrays.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
         if not texts:
             raise ValueError("no texts to encode")
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"text {bad[0]} is a {type(texts[bad[0]]).__name__}, not a string")
         encoded = self._tokenizer.encode_batch(texts, add_special_tokens=False)
-        rows = [([self.bos_token_id] if add_bos else []) + e.ids for e in encoded]
-        return self.pad(rows, max_length=max_length, dtype=dtype)
+        rows = [([self.bos_token_id] if add_special_tokens else []) + e.ids for e in encoded]
+        if truncation is None:  # HF: a max_length without padding means "truncate to it"
+            truncation = max_length is not None and padding in (False, "do_not_pad")
+        if truncation not in (False, "do_not_truncate"):
+            if truncation not in (True, "longest_first", "only_first"):
+                raise ValueError(f"truncation={truncation!r}: expected True, False, 'longest_first', 'only_first' or "
+                                 "'do_not_truncate' (pairs of texts are not supported)")
+            limit = max_length if max_length is not None else self.model_max_length
+            if limit is not None:
+                keep = 1 if add_special_tokens else 0
+                if limit < keep:
+                    raise ValueError(f"max_length={limit} leaves no room for the leading {self.bos_token!r}")
+                rows = [r[:limit] for r in rows]
+        out = self.pad({"input_ids": rows}, padding=padding, max_length=max_length, padding_side=padding_side,
+                       return_tensors=return_tensors, return_attention_mask=return_attention_mask, dtype=dtype)
+        if single and return_tensors is None:
+            return BatchEncoding({k: v[0] for k, v in out.items()})
+        return out
 
-    def pad(self, rows: Iterable[Sequence[int]], max_length: int | None = None,
-            dtype=np.int64) -> dict[str, np.ndarray]:
-        """Left-pads lists of token ids into {'input_ids', 'attention_mask'} (B, T) arrays."""
-        return left_pad(rows, self.pad_token_id, max_length=max_length, dtype=dtype)
+    def pad(self, encoded, *, padding: bool | str = True, max_length: int | None = None,
+            padding_side: str | None = None, return_tensors: str | None = None, return_attention_mask: bool = True,
+            dtype=None) -> BatchEncoding:
+        """Pads token ids given as {'input_ids': rows}, a list of {'input_ids': ids} (what a data collator
+        holds) or a list of id lists, on `padding_side` (default self.padding_side) with pad_token_id.
+        Arguments as in __call__; other keys of the inputs come back as given (as tensors when asked)."""
+        if isinstance(encoded, Mapping):
+            extra = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+            rows = encoded["input_ids"]
+        else:
+            encoded = list(encoded)
+            if encoded and isinstance(encoded[0], Mapping):
+                extra = {k: [e[k] for e in encoded] for k in encoded[0] if k not in ("input_ids", "attention_mask")}
+                rows = [e["input_ids"] for e in encoded]
+            else:
+                extra, rows = {}, encoded
+        rows = [[int(i) for i in np.asarray(r).reshape(-1)] for r in rows]
+        side = _check_side(padding_side or self.padding_side)
+        if padding in (True, "longest"):
+            target = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            target = max_length if max_length is not None else self.model_max_length
+            if target is None:
+                raise ValueError("padding='max_length' needs max_length (this tokenizer has no model_max_length)")
+        elif padding in (False, "do_not_pad"):
+            target = 0
+        else:
+            raise ValueError(f"padding={padding!r}: expected True, False, 'longest', 'max_length' or 'do_not_pad'")
+        ids, mask = [], []
+        for r in rows:
+            pads = max(0, target - len(r))
+            ids.append([self.pad_token_id] * pads + r if side == "left" else r + [self.pad_token_id] * pads)
+            mask.append([0] * pads + [1] * len(r) if side == "left" else [1] * len(r) + [0] * pads)
+        out = {"input_ids": ids, **({"attention_mask": mask} if return_attention_mask else {}), **extra}
+        if return_tensors is None:
+            return BatchEncoding(out)
+        lengths = sorted({len(r) for r in ids})
+        if len(lengths) > 1:
+            raise ValueError(f"return_tensors={return_tensors!r} needs rows of one length, but they have "
+                             f"{lengths[0]} to {lengths[-1]} tokens: pass padding=True (or truncation=True with "
+                             "padding='max_length')")
+        return BatchEncoding({k: _as_tensor(v, return_tensors, dtype) for k, v in out.items()})
 
     # ----------------------------------------------------------------------------------- decoding
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -204,9 +327,81 @@ class OPTTokenizer:
     def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in batch]
 
+    # ------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        """Writes this tokenizer into `directory` (created if needed; other files there are kept), each
+        file atomically: tokenizer.json (with the leading `</s>` as its post-processor, as HF's fast
+        GPT-2 tokenizer builds it), vocab.json + merges.txt (a BPE model), tokenizer_config.json and
+        special_tokens_map.json. transformers' AutoTokenizer, fast or slow, reads them to the same ids,
+        and so does from_pretrained. Returns the files written."""
+        from .io import atomic_path
+
+        tk = _tokenizers()
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                 "unk_token": self.special_tokens.get("unk_token")}
+        names = {k: v for k, v in names.items() if v is not None and self._tokenizer.token_to_id(v) is not None}
+        tokenizer = tk.Tokenizer.from_str(self._tokenizer.to_str())
+        bos = self.bos_token
+        tokenizer.post_processor = tk.processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, self.bos_token_id)])
+        added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                          "single_word": t.single_word, "special": t.special}
+                 for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items())}
+        settings = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False,
+                    "errors": "replace", "clean_up_tokenization_spaces": False, "padding_side": self.padding_side,
+                    "added_tokens_decoder": added, **names}
+        if self.model_max_length is not None:
+            settings["model_max_length"] = self.model_max_length
+        texts = {TOKENIZER_FILE: tokenizer.to_str(pretty=True),
+                 TOKENIZER_CONFIG_FILE: json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
+                 SPECIAL_TOKENS_FILE: json.dumps(names, indent=2, ensure_ascii=False) + "\n"}
+        with tempfile.TemporaryDirectory() as tmp:
+            if type(self._tokenizer.model).__name__ == "BPE":  # GPT-2's files, which the slow tokenizer reads
+                for path in self._tokenizer.model.save(tmp):
+                    with open(path, encoding="utf-8") as f:
+                        texts[os.path.basename(path)] = f.read()
+        written = []
+        for name, text in texts.items():
+            path = os.path.join(directory, name)
+            with atomic_path(path) as part:
+                with open(part, "w", encoding="utf-8") as f:
+                    f.write(text)
+            written.append(path)
+        return written
+
     def __repr__(self) -> str:
         return (f"OPTTokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
-                f"eos={self.eos_token_id}, pad={self.pad_token_id})")
+                f"eos={self.eos_token_id}, pad={self.pad_token_id}, padding_side={self.padding_side!r})")
+
+
+def _check_side(side: str) -> str:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side={side!r}: expected 'left' or 'right'")
+    return side
+
+
+def _as_tensor(rows, kind: str, dtype=None):
+    """Equal-length rows (or a list of scalars) -> an array of the framework `kind` names, imported only now."""
+    if kind not in TENSOR_TYPES:
+        raise ValueError(f"return_tensors={kind!r}: expected one of {', '.join(map(repr, TENSOR_TYPES))} or None")
+    module, extra, default = TENSOR_TYPES[kind]
+    array = np.asarray(rows, dtype=dtype or default)
+    if module is None:
+        return array
+    import importlib
+
+    try:
+        framework = importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"return_tensors={kind!r} needs {module}, which is not installed: "
+                          f"pip install 'optkit[{extra}]'") from None
+    if kind == "pt":
+        return framework.from_numpy(array)
+    if kind == "tf":
+        return framework.convert_to_tensor(array)
+    return framework.numpy.asarray(array)
 
 
 def left_pad(rows: Iterable[Sequence[int]], pad_token_id: int, max_length: int | None = None,

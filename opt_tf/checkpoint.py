@@ -17,6 +17,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.hub import resolve_pretrained
 from opt_spec.layouts import from_native, native_path, to_native
 from opt_spec.weights import HEAD_WEIGHTS
 
@@ -114,13 +115,20 @@ class TFPretrainedMixin:
         return cls(config, dtype=dtype, seed=seed, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=None, config: OPTConfig | None = None, **kwargs):
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, config: OPTConfig | None = None, *,
+                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
+                        **kwargs):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not) without torch.
 
         dtype: None -> float32; 'auto' -> the checkpoint's dtype; or any dtype the constructor takes
         ('bfloat16', 'mixed_bfloat16', ...). A base checkpoint loads into a head model (the missing
-        head is initialized, with a warning naming it) and a head checkpoint into the base model."""
-        path = os.fspath(path)
+        head is initialized, with a warning naming it) and a head checkpoint into the base model.
+        `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
+        Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
+        (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
+        """
+        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)

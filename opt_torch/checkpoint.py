@@ -18,6 +18,7 @@ import torch
 
 from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.hub import resolve_pretrained
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -78,12 +79,17 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, attn_implementation: str = "sdpa",
-                        config: OPTConfig | None = None, device: str | torch.device = "cpu"):
+                        config: OPTConfig | None = None, device: str | torch.device = "cpu", *,
+                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None):
         """Loads a Hugging Face directory (safetensors, sharded or not, or pytorch_model.bin).
 
         dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to.
+        `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
+        Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
+        (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
-        path = os.fspath(path)
+        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)

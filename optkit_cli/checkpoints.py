@@ -1,4 +1,5 @@
-"""Which checkpoint a command runs on: `--model DIR`, or a random one built for a named preset.
+"""Which checkpoint a command runs on: `--model DIR`, a Hub id (`--model facebook/opt-125m`, resolved by
+opt_spec.hub: the Hugging Face cache, downloaded when online), or a random one built for a named preset.
 
 Without `--model`, `optkit parity` and `optkit generate` make a deterministic random checkpoint for
 `--preset` (default 125m) so that they run on a fresh machine with nothing downloaded. It is cached in
@@ -36,12 +37,15 @@ class ModelSource:
     config: OPTConfig
     random: dict | None      # {"preset": ..., "seed": ...} for random weights, else None
     load_path: str = ""      # the folder the backends load: `path`, or a safetensors copy of it
+    hub_id: str = ""         # the Hub id `path` was resolved from (its snapshot in the Hugging Face cache)
 
     def __post_init__(self):
         if not self.load_path:
             object.__setattr__(self, "load_path", self.path)
 
     def describe(self) -> str:
+        if self.hub_id:
+            return f"{self.hub_id} ({self.path})"
         if self.random:
             return (f"{self.path} (RANDOM weights: preset {self.random.get('preset')}, "
                     f"seed {self.random.get('seed')})")
@@ -109,13 +113,36 @@ def random_checkpoint(preset: str, seed: int, console: Console) -> ModelSource:
     return ModelSource(path, OPTConfig.from_pretrained(path), marker)
 
 
+def hub_arguments(p) -> None:
+    """--revision / --cache-dir: which snapshot of a Hub id, from which Hugging Face cache."""
+    p.add_argument("--revision", metavar="REV", help="with a Hub id: branch, tag or commit (default main)")
+    p.add_argument("--cache-dir", metavar="DIR", help="with a Hub id: the Hugging Face cache "
+                                                      "(default $HF_HUB_CACHE, else ~/.cache/huggingface/hub)")
+
+
+def resolve_folder(name: str, option: str, console: Console, revision: str | None = None,
+                   cache_dir: str | None = None, weights: bool = True) -> tuple[str, str]:
+    """(local folder, Hub id or "") for a command-line folder-or-id: an existing path as given, else a
+    Hub id resolved through opt_spec.hub (the one resolver every backend uses too)."""
+    from opt_spec.hub import is_hub_id, resolve_pretrained
+
+    path = os.path.expanduser(name)
+    if os.path.exists(path) or not is_hub_id(name):
+        return path, ""
+    with console.step(f"{option} {name}: looking it up in the Hugging Face cache (downloading when online)"):
+        folder = resolve_pretrained(name, revision=revision, cache_dir=cache_dir, weights=weights)
+    return folder, name
+
+
 def resolve_model(args, console: Console) -> ModelSource:
-    """--model DIR (checked) or the random checkpoint of --preset / --weights-seed."""
+    """--model DIR or ID (checked) or the random checkpoint of --preset / --weights-seed."""
     if args.model is None:
         return random_checkpoint(args.preset or DEFAULT_PRESET, args.weights_seed, console)
     if args.preset is not None:
         raise CLIError("--preset picks a random checkpoint and --model a real one: give only one of them")
-    path = os.path.abspath(os.path.expanduser(args.model))
+    path, hub_id = resolve_folder(args.model, "--model", console, getattr(args, "revision", None),
+                                  getattr(args, "cache_dir", None))
+    path = os.path.abspath(path)
     if not os.path.exists(path):
         raise CLIError(f"--model {args.model}: no such directory")
     if not os.path.isdir(path):
@@ -127,13 +154,16 @@ def resolve_model(args, console: Console) -> ModelSource:
                        f"(found: {seen})")
     config = OPTConfig.from_pretrained(path)  # a refused config.json: ConfigError naming the file (exit 1)
     marker = config.extra.get(RANDOM_MARKER)
-    return ModelSource(path, config, marker if isinstance(marker, dict) else None)
+    return ModelSource(path, config, marker if isinstance(marker, dict) else None, hub_id=hub_id)
 
 
-def load_tokenizer(directory: str | None, source: ModelSource):
-    """The OPTTokenizer of --tokenizer DIR, else of the model folder, else None (no tokenizer files)."""
+def load_tokenizer(directory: str | None, source: ModelSource, cache_dir: str | None = None):
+    """The OPTTokenizer of --tokenizer DIR (or a Hub id, at its main revision), else of the model folder,
+    else None (no tokenizer files)."""
     from opt_spec.tokenizer import OPTTokenizer, find_tokenizer_files
 
+    if directory is not None:
+        directory, _ = resolve_folder(directory, "--tokenizer", Console(True), cache_dir=cache_dir, weights=False)
     if directory is not None and not os.path.isdir(directory):
         raise CLIError(f"--tokenizer {directory}: no such directory")
     where = directory or source.path

@@ -128,7 +128,7 @@ def run(args, console: Console) -> int:
     _check_options(args)
     source = resolve_model(args, console)
     config = source.config
-    tokenizer = load_tokenizer(args.tokenizer, source)
+    tokenizer = load_tokenizer(args.tokenizer, source, getattr(args, "cache_dir", None))
     if source.random:
         console.warn(f"optkit: the weights are RANDOM (preset {source.random.get('preset')}, seed "
                      f"{source.random.get('seed')}): the continuation is noise, not language. "

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from . import generate, parity, train
-from .checkpoints import DEFAULT_PRESET, PRESET_NAMES
+from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
 from .common import CLIError, Console
 
 EXIT_REFUSED = 1
@@ -32,8 +32,10 @@ EXIT_USAGE = 2
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoint")
-    g.add_argument("--model", metavar="DIR",
-                   help="Hugging Face OPT folder (config.json + weights), e.g. a download of facebook/opt-125m")
+    g.add_argument("--model", metavar="DIR|ID",
+                   help="Hugging Face OPT folder (config.json + weights), or a Hub id such as facebook/opt-125m "
+                        "(from the Hugging Face cache; downloaded unless HF_HUB_OFFLINE=1)")
+    hub_arguments(g)
     g.add_argument("--preset", metavar="NAME",
                    help=f"without --model: build (once, cached) and use a random checkpoint of this size "
                         f"(default {DEFAULT_PRESET}; one of {', '.join(PRESET_NAMES)})")
@@ -151,11 +153,12 @@ def _report(err: BaseException, command: str) -> int:
     A refused checkpoint exits 1 (the input is bad, not the command line), the rest 2."""
     from opt_spec.backend import BackendUnavailableError
     from opt_spec.errors import CheckpointError
+    from opt_spec.hub import HubUnavailableError
     from opt_spec.tokenizer import TokenizerUnavailableError
 
     from .runners import BackendNotReady
 
-    expected = (CLIError, BackendUnavailableError, BackendNotReady, TokenizerUnavailableError,
+    expected = (CLIError, BackendUnavailableError, BackendNotReady, TokenizerUnavailableError, HubUnavailableError,
                 FileNotFoundError, FileExistsError, ValueError, OSError, pickle.UnpicklingError)
     if os.environ.get("OPTKIT_DEBUG") or not isinstance(err, expected):
         raise err

@@ -78,7 +78,7 @@ def make_batch(args, source, console: Console) -> tuple[np.ndarray, np.ndarray, 
     config = source.config
     tokenizer = None
     try:
-        tokenizer = load_tokenizer(args.tokenizer, source)
+        tokenizer = load_tokenizer(args.tokenizer, source, getattr(args, "cache_dir", None))
     except TokenizerUnavailableError as err:
         if args.tokenizer or args.prompt:
             raise
@@ -87,7 +87,7 @@ def make_batch(args, source, console: Console) -> tuple[np.ndarray, np.ndarray, 
         raise CLIError(f"--prompt needs a tokenizer, and {source.path} has none: add --tokenizer DIR")
     if tokenizer is not None:
         prompts = args.prompt or list(DEFAULT_PROMPTS)
-        batch = tokenizer(prompts)
+        batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="np")
         ids, mask, what = batch["input_ids"], batch["attention_mask"], f"{len(prompts)} tokenized prompts"
     else:
         if args.length < 1:
@@ -168,7 +168,7 @@ def run(args, console: Console) -> int:
               and (not args.strict or (not skipped and len(ran) >= 2)))
     report = {
         "model": source.path, "loaded_from": source.load_path, "random_weights": source.random, "dtype": args.dtype,
-        "tolerance": tolerance,
+        "hub_id": source.hub_id or None, "tolerance": tolerance,
         "batch": {"shape": list(ids.shape), "real_tokens": int(mask.sum()), "source": what},
         "backends": results, "pairs": pairs, "passed": passed,
     }
@@ -190,6 +190,8 @@ def print_report(report: dict) -> None:
     model = report["model"] + (f"  (RANDOM weights: preset {rnd.get('preset')}, seed {rnd.get('seed')})" if rnd else "")
     if report["loaded_from"] != report["model"]:
         model += f"  (loaded as safetensors from {report['loaded_from']})"
+    if report.get("hub_id"):
+        model = f"{report['hub_id']}: {model}"
     B, T = report["batch"]["shape"]
     print(f"model:  {model}")
     print(f"batch:  {B} rows x {T} tokens, left-padded, {report['batch']['real_tokens']} real tokens; "

@@ -1,6 +1,6 @@
 """Fine-tune an OPT checkpoint with one backend.
 
-    optkit train --model DIR --task causal_lm|sequence_classification|question_answering --data FILE [FILE ...]
+    optkit train --model DIR|ID --task causal_lm|sequence_classification|question_answering --data FILE [FILE ...]
                  [--eval-data FILE] --backend torch|tf|flax --output DIR [--steps N] [--batch-size B]
                  [--seq-len T] [--lr LR] [--warmup N] [--schedule linear|cosine|constant]
                  [--weight-decay WD] [--max-grad-norm G] [--grad-accum K] [--bf16] [--save-every N]
@@ -31,6 +31,7 @@ import shutil
 import time
 import warnings
 
+from .checkpoints import hub_arguments, resolve_folder
 from .common import CLIError, Console
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
@@ -40,7 +41,9 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face OPT folder with a tokenizer")
+    p.add_argument("--model", required=True, metavar="DIR|ID",
+                   help="Hugging Face OPT folder with a tokenizer, or a Hub id such as facebook/opt-125m")
+    hub_arguments(p)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
                    help="training data: text files (causal_lm) or one JSONL file")
@@ -103,8 +106,6 @@ def _check(args) -> None:
     for name in ("save_every", "eval_every", "warmup"):
         if getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: not a folder")
     if args.resume and not os.path.isdir(args.resume):
         raise CLIError(f"--resume {args.resume}: not a folder")
 
@@ -124,6 +125,10 @@ def run(args, console: Console) -> int:
     from opt_spec.training import TrainConfig
 
     _check(args)
+    args.model, _ = resolve_folder(args.model, "--model", console, getattr(args, "revision", None),
+                                   getattr(args, "cache_dir", None))
+    if not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model}: not a folder")
     trainer_cls = load_trainer_class(args.backend)
     config = OPTConfig.from_pretrained(args.resume or args.model)
     if args.num_labels is not None and not args.resume:

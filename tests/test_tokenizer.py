@@ -1,6 +1,7 @@
 """opt_spec.tokenizer on a small byte-level BPE vocabulary built here (nothing is downloaded)."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_special_tokens_are_whole_and_skipped_when_decoding(tokenizer):
 
 def test_batch_is_left_padded_with_mask(tokenizer):
     texts = ["Hello", "The quick brown fox jumps over the lazy dog!", ""]
-    batch = tokenizer(texts)
+    batch = tokenizer(texts, padding=True, return_tensors="np")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = [tokenizer.encode(t) for t in texts]
     T = max(len(r) for r in rows)
@@ -91,13 +92,20 @@ def test_batch_is_left_padded_with_mask(tokenizer):
         assert (ids[i, :pads] == 1).all()                    # <pad> = 1 on the left
         assert mask[i].tolist() == [0] * pads + [1] * len(row)
     assert tokenizer.batch_decode(ids) == texts
-    single = tokenizer("Hello", dtype=np.int32)
+    single = tokenizer("Hello", return_tensors="np", dtype=np.int32)
     assert single["input_ids"].dtype == np.int32 and single["input_ids"].shape == (1, len(rows[0]))
+    assert tokenizer("Hello") == {"input_ids": rows[0], "attention_mask": [1] * len(rows[0])}  # one text: lists
 
 
-def test_max_length_names_the_text(tokenizer):
-    with pytest.raises(ValueError, match="text 1 is .* tokens long; at most 3"):
-        tokenizer(["a", "The quick brown fox"], max_length=3)
+def test_ragged_rows_cannot_be_tensors(tokenizer):
+    with pytest.raises(ValueError, match="needs rows of one length, but they have 2 to .* pass padding=True"):
+        tokenizer(["a", "The quick brown fox"], return_tensors="np")
+    with pytest.raises(ValueError, match="padding='max_length' needs max_length"):
+        tokenizer(["a"], padding="max_length")
+    with pytest.raises(ValueError, match="padding_side='middle'"):
+        tokenizer(["a"], padding=True, padding_side="middle")
+    with pytest.raises(ValueError, match="return_tensors='mx'"):
+        tokenizer(["a"], return_tensors="mx")
 
 
 def test_left_pad_helper():
@@ -116,7 +124,7 @@ def test_special_ids_come_from_config(dirs, tmp_path):
     tok = OPTTokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 0, 3)
     assert tok.encode("a")[0] == 0
-    assert tok(["a", "dog jumps"])["input_ids"][0, 0] == 3
+    assert tok(["a", "dog jumps"], padding=True, return_tensors="np")["input_ids"][0, 0] == 3
 
 
 def test_missing_files_and_library(dirs, tmp_path, monkeypatch):
@@ -143,6 +151,128 @@ def test_matches_hugging_face_gpt2_tokenizer_with_opt_settings(dirs):
         assert ours.encode(text) == hf(text)["input_ids"], text
         assert ours.decode(ours.encode(text)) == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
     theirs = hf(TEXTS[:4], padding=True, return_tensors="np")
-    batch = ours(TEXTS[:4])
+    batch = ours(TEXTS[:4], padding=True, return_tensors="np")
     np.testing.assert_array_equal(batch["input_ids"], theirs["input_ids"])
     np.testing.assert_array_equal(batch["attention_mask"], theirs["attention_mask"])
+
+
+# ------------------------------------------------------------------- Hugging Face's calling conventions
+def hf_gpt2(directory, fast: bool = False):
+    """transformers' GPT-2 tokenizer with OPT's settings (what AutoTokenizer gives for facebook/opt-*)."""
+    transformers = pytest.importorskip("transformers")
+    cls = transformers.GPT2TokenizerFast if fast else transformers.GPT2Tokenizer
+    return cls(str(directory / "vocab.json"), str(directory / "merges.txt"), bos_token="</s>", eos_token="</s>",
+               unk_token="</s>", pad_token="<pad>", add_bos_token=True, padding_side="left")
+
+
+CALLS = [  # (texts, keyword arguments), each compared with HF's answer
+    (TEXTS, {}), (TEXTS[0], {}), (TEXTS, {"padding": True}), (TEXTS, {"padding": "longest", "padding_side": "right"}),
+    (TEXTS[:4], {"padding": "max_length", "max_length": 40}), (TEXTS, {"max_length": 4}),
+    (TEXTS, {"truncation": True, "max_length": 5, "padding": True}),
+    (TEXTS, {"truncation": "longest_first", "max_length": 6, "padding": "max_length", "padding_side": "right"}),
+    (TEXTS, {"add_special_tokens": False, "padding": True}), (TEXTS, {"truncation": True}),
+    (TEXTS, {"padding": True, "return_attention_mask": False}), (TEXTS[1], {"max_length": 3}),
+    (TEXTS, {"truncation": False, "max_length": 3}),
+    (TEXTS, {"add_special_tokens": False, "truncation": True, "max_length": 2, "padding": True}),
+]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["slow", "fast"])
+def test_call_matches_hugging_face_argument_by_argument(dirs, fast):
+    hf = hf_gpt2(dirs["bpe"], fast)
+    for source in ("bpe", "json"):
+        ours = OPTTokenizer.from_pretrained(dirs[source])
+        for texts, kwargs in CALLS:
+            assert ours(texts, **kwargs) == dict(hf(texts, **kwargs)), (source, texts, kwargs)
+    assert len(ours) == len(hf) == 320
+    # max_length=1 leaves only the </s> (HF logs an error and keeps the whole text instead)
+    assert ours(TEXTS[:2], max_length=1)["input_ids"] == [[2], [2]]
+    with pytest.raises(ValueError, match="max_length=0 leaves no room for the leading '</s>'"):
+        ours(TEXTS[:2], max_length=0)
+
+
+@pytest.mark.parametrize("kind,framework", [("np", "numpy"), ("pt", "torch"), ("tf", "tensorflow"), ("jax", "jax")])
+def test_return_tensors_match_hugging_face(dirs, kind, framework):
+    pytest.importorskip(framework)
+    hf, ours = hf_gpt2(dirs["bpe"]), OPTTokenizer.from_pretrained(dirs["bpe"])
+    for texts, kwargs in [(TEXTS, {"padding": True}), (TEXTS[0], {}),
+                           (TEXTS, {"truncation": True, "max_length": 4, "padding": "max_length"})]:
+        got, want = ours(texts, return_tensors=kind, **kwargs), hf(texts, return_tensors=kind, **kwargs)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert type(got[key]) is type(want[key]), key
+            assert got[key].dtype == want[key].dtype and tuple(got[key].shape) == tuple(want[key].shape)
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    enc = ours(TEXTS[:2], padding=True, return_tensors=kind)
+    assert enc.input_ids is enc["input_ids"]  # attribute access, as on HF's BatchEncoding
+    if kind == "pt":
+        assert enc.to("cpu")["input_ids"].device.type == "cpu"
+
+
+def test_return_tensors_np_imports_no_framework(dirs):
+    import subprocess
+
+    code = ("import sys; from opt_spec.tokenizer import OPTTokenizer; "
+            f"t = OPTTokenizer.from_pretrained({str(dirs['bpe'])!r}); "
+            "x = t(['a b', 'Hello'], padding=True, return_tensors='np'); "
+            "bad = {'torch', 'tensorflow', 'jax', 'flax', 'keras'} & set(sys.modules); assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_pad_takes_what_a_data_collator_holds(dirs):
+    hf, ours = hf_gpt2(dirs["bpe"]), OPTTokenizer.from_pretrained(dirs["bpe"])
+    features = [{"input_ids": ours.encode(t), "label": i % 2} for i, t in enumerate(TEXTS[:4])]
+    got, want = ours.pad(features, return_tensors="np"), hf.pad(features, return_tensors="np")
+    assert got.keys() == want.keys() == {"input_ids", "attention_mask", "label"}
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert ours.pad([[2, 5], [2]], padding_side="right") == {"input_ids": [[2, 5], [2, 1]],
+                                                             "attention_mask": [[1, 1], [1, 0]]}
+
+
+@pytest.mark.parametrize("source", ["bpe", "json"])
+def test_save_pretrained_is_read_by_auto_tokenizer_to_the_same_ids(dirs, source, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = OPTTokenizer.from_pretrained(dirs[source])
+    (tmp_path / "config.json").write_text("{}")  # a model's file already there is kept
+    files = ours.save_pretrained(tmp_path)
+    assert {os.path.basename(f) for f in files} == {"tokenizer.json", "vocab.json", "merges.txt",
+                                                    "tokenizer_config.json", "special_tokens_map.json"}
+    assert (tmp_path / "config.json").read_text() == "{}"
+    texts = TEXTS + ["x </s> y <pad> z"]
+    for fast in (True, False):
+        theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), use_fast=fast)
+        assert type(theirs).__name__ == ("GPT2TokenizerFast" if fast else "GPT2Tokenizer")
+        assert len(theirs) == len(ours)
+        for text in texts:
+            assert theirs(text)["input_ids"] == ours.encode(text), (fast, text)
+            assert theirs.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(ours.encode(text))
+        assert dict(theirs(texts, padding=True)) == ours(texts, padding=True)  # left padding is in the file
+        assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (1, 2, 2)
+    again = OPTTokenizer.from_pretrained(tmp_path)
+    assert all(again.encode(t) == ours.encode(t) for t in texts) and again.padding_side == "left"
+    ours.padding_side = "right"
+    ours.model_max_length = 7
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert theirs.padding_side == "right" and theirs.model_max_length == 7
+    again = OPTTokenizer.from_pretrained(tmp_path)
+    assert again.padding_side == "right" and again.model_max_length == 7
+    assert again(TEXTS, truncation=True) == dict(theirs(TEXTS, truncation=True))  # model_max_length truncates
+
+
+def test_save_pretrained_keeps_special_ids_from_the_config(dirs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(dirs["bpe"] / f, tmp_path / f)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", "pad_token_id": 3,
+                                                      "bos_token_id": 0, "eos_token_id": 0}))
+    ours = OPTTokenizer.from_pretrained(tmp_path)
+    out = tmp_path / "saved"
+    ours.save_pretrained(out)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (0, 0, 3)
+    assert theirs("dog jumps")["input_ids"] == ours.encode("dog jumps") and ours.encode("dog jumps")[0] == 0
