@@ -75,16 +75,17 @@ def _read_datasets(file: str) -> dict[str, NativeTensor]:
     h5py = _h5py()
     out = {}
     with _open_h5(file) as f:
-        def check_link(name, link):
-            if not isinstance(link, h5py.HardLink):
-                h5_get(f, name, file)  # raises, naming the link
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                bfloat16 = obj.attrs.get("dtype") in ("bfloat16", b"bfloat16")
-                out[name] = h5_dataset_tensor(file, obj, name, opaque=ml_dtypes.bfloat16 if bfloat16 else None)
-        f.visititems_links(check_link)
-        f.visititems(visit)
+        # the first link that is not a hard link (returning it stops the walk; raising inside h5py's callback
+        # would not come out cleanly), then h5_get refuses it by name
+        other = f.visititems_links(lambda name, link: None if isinstance(link, h5py.HardLink) else name)
+        if other is not None:
+            h5_get(f, other, file)
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            dset = f[name]
+            bfloat16 = dset.attrs.get("dtype") in ("bfloat16", b"bfloat16")
+            out[name] = h5_dataset_tensor(file, dset, name, opaque=ml_dtypes.bfloat16 if bfloat16 else None)
     return out
 
 
