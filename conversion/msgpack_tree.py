@@ -10,6 +10,7 @@ memory-mapped array; writing emits the structure and streams one array at a time
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -18,22 +19,31 @@ from typing import Any, Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from opt_spec.errors import CheckpointError
+
 EXT_NDARRAY, EXT_NPSCALAR = 1, 3
 MAX_CHUNK_SIZE = 2 ** 30
 CHUNKED = "__msgpack_chunked_array__"
+# What a file may make the reader build: far above a real tree (an OPT model's is 7 levels deep with a
+# few thousand entries; its strings are names), far below what would hurt.
+MAX_DEPTH = 100             # maps and arrays inside each other
+MAX_ITEMS = 1_000_000       # map entries and array elements, all together
+MAX_STRING = 1 << 20        # bytes of one str or bin value outside an array
+MAX_DIMS = 64
+DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+          "float64", "bfloat16", "complex64", "complex128"}
 
 
-class MsgpackError(ValueError):
-    pass
+class MsgpackError(CheckpointError):
+    """A msgpack file that is refused; the message names the file, the byte or the entry."""
 
 
 def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
-    try:
-        return np.dtype(name)
-    except TypeError:
-        raise MsgpackError(f"unknown array dtype {name!r}") from None
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 62
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Leaf:
     dtype: np.dtype
 
     def array(self) -> np.ndarray:
-        n = int(np.prod(self.shape, dtype=np.int64))
+        n = math.prod(self.shape)
         return self.mm[self.offset:self.offset + n * self.dtype.itemsize].view(self.dtype).reshape(self.shape)
 
 
@@ -64,12 +74,20 @@ class ChunkedLeaf:
 
 
 class _Parser:
+    """Reads one msgpack value at a time, checking every claimed length against the bytes that remain
+    (of the file, or of the ext value being read) before it reads or allocates anything."""
+
     def __init__(self, mm: np.ndarray, where: str):
         self.mm, self.pos, self.where = mm, 0, where
+        self.end = mm.size
+        self.items = 0
+
+    def fail(self, why: str, at: int | None = None):
+        raise MsgpackError(f"{self.where}: byte {self.pos if at is None else at}: {why}")
 
     def take(self, n: int) -> bytes:
-        if self.pos + n > self.mm.size:
-            raise MsgpackError(f"{self.where}: truncated at byte {self.pos} (needs {n} more, file has {self.mm.size})")
+        if n > self.end - self.pos:
+            self.fail(f"truncated: needs {n} bytes, {self.end - self.pos} remain")
         out = bytes(self.mm[self.pos:self.pos + n])
         self.pos += n
         return out
@@ -77,31 +95,53 @@ class _Parser:
     def uint(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
 
-    def value(self) -> Any:
+    def count(self, n: int) -> int:
+        """A map's or array's claimed size, which the remaining bytes must be able to hold."""
+        if n > self.end - self.pos:
+            self.fail(f"a container of {n} items, only {self.end - self.pos} bytes remain")
+        self.items += n
+        if self.items > MAX_ITEMS:
+            self.fail(f"more than {MAX_ITEMS} map entries and array elements")
+        return n
+
+    def text(self, n: int) -> str:
+        data = self.string(n)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail("a string that is not UTF-8", self.pos - n)
+
+    def string(self, n: int) -> bytes:
+        if MAX_STRING < n <= self.end - self.pos:
+            self.fail(f"a string of {n} bytes (at most {MAX_STRING} are read outside arrays)")
+        return self.take(n)
+
+    def value(self, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            self.fail(f"maps and arrays nested deeper than {MAX_DEPTH} levels")
         b = self.take(1)[0]
         if b <= 0x7F:
             return b
         if b >= 0xE0:
             return b - 0x100
         if 0x80 <= b <= 0x8F:
-            return self.map(b & 0x0F)
+            return self.map(self.count(b & 0x0F), depth + 1)
         if 0x90 <= b <= 0x9F:
-            return [self.value() for _ in range(b & 0x0F)]
+            return [self.value(depth + 1) for _ in range(self.count(b & 0x0F))]
         if 0xA0 <= b <= 0xBF:
-            return self.take(b & 0x1F).decode("utf-8")
+            return self.text(b & 0x1F)
         if b == 0xC0:
             return None
         if b in (0xC2, 0xC3):
             return b == 0xC3
         if b in (0xC4, 0xC5, 0xC6):
-            n = self.uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])
-            return self.take(n)
+            return self.string(self.uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b]))
         if b in (0xC7, 0xC8, 0xC9):
             n = self.uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[b])
-            return self.ext(self.take(1)[0], n)
+            return self.ext(self.take(1)[0], n, depth + 1)
         if b in (0xD4, 0xD5, 0xD6, 0xD7, 0xD8):
             n = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}[b]
-            return self.ext(self.take(1)[0], n)
+            return self.ext(self.take(1)[0], n, depth + 1)
         if b == 0xCA:
             return struct.unpack(">f", self.take(4))[0]
         if b == 0xCB:
@@ -112,66 +152,89 @@ class _Parser:
             n = 1 << (b - 0xD0)
             return int.from_bytes(self.take(n), "big", signed=True)
         if b in (0xD9, 0xDA, 0xDB):
-            n = self.uint({0xD9: 1, 0xDA: 2, 0xDB: 4}[b])
-            return self.take(n).decode("utf-8")
+            return self.text(self.uint({0xD9: 1, 0xDA: 2, 0xDB: 4}[b]))
         if b in (0xDC, 0xDD):
-            return [self.value() for _ in range(self.uint(2 if b == 0xDC else 4))]
+            return [self.value(depth + 1) for _ in range(self.count(self.uint(2 if b == 0xDC else 4)))]
         if b in (0xDE, 0xDF):
-            return self.map(self.uint(2 if b == 0xDE else 4))
-        raise MsgpackError(f"{self.where}: invalid msgpack byte 0x{b:02x} at {self.pos - 1}")
+            return self.map(self.count(self.uint(2 if b == 0xDE else 4)), depth + 1)
+        self.fail(f"invalid msgpack byte 0x{b:02x}", self.pos - 1)
 
-    def map(self, n: int) -> dict:
+    def map(self, n: int, depth: int) -> dict:
         out = {}
         for _ in range(n):
-            key = self.value()
+            at = self.pos
+            key = self.value(depth)
             if isinstance(key, bytes):
-                key = key.decode("utf-8")
-            out[key] = self.value()
+                try:
+                    key = key.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.fail("a map key that is not UTF-8", at)
+            if not isinstance(key, str):
+                self.fail(f"a map key that is a {type(key).__name__}, not a string", at)
+            if key in out:
+                self.fail(f"map key {key[:80]!r} appears twice", at)
+            out[key] = self.value(depth)
         return out
 
-    def ext(self, code: int, n: int):
+    def ext(self, code: int, n: int, depth: int) -> Leaf:
+        """An ndarray (type 1) or NumPy scalar (type 3): the triple (shape, dtype name, raw bytes),
+        read within the ext's own n bytes; its data stays in the file."""
         start = self.pos
         if code not in (EXT_NDARRAY, EXT_NPSCALAR):
-            self.take(n)
-            raise MsgpackError(f"{self.where}: unsupported msgpack extension type {code} at byte {start}")
-        if self.pos + n > self.mm.size:
-            raise MsgpackError(f"{self.where}: truncated: an array at byte {start} needs {n} bytes, "
-                               f"the file has {self.mm.size - start} left")
-        triple_header = self.take(1)[0]
-        if triple_header != 0x93:
-            raise MsgpackError(f"{self.where}: corrupt array header at byte {start}")
-        shape = self.value()
-        dtype_name = self.value()
-        if isinstance(dtype_name, bytes):
-            dtype_name = dtype_name.decode()
-        b = self.take(1)[0]
-        if b not in (0xC4, 0xC5, 0xC6):
-            raise MsgpackError(f"{self.where}: corrupt array data at byte {start}")
-        nbytes = self.uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])
+            self.fail(f"unsupported msgpack extension type {code}", start - 1)
+        if n > self.end - start:
+            self.fail(f"truncated: an array of {n} bytes, {self.end - start} remain", start)
+        outer, self.end = self.end, start + n
+        try:
+            if self.take(1)[0] != 0x93:
+                self.fail("corrupt array header", start)
+            shape = self.value(depth)
+            dtype_name = self.value(depth)
+            b = self.take(1)[0]
+            if b not in (0xC4, 0xC5, 0xC6):
+                self.fail("corrupt array data", start)
+            nbytes = self.uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])
+        finally:
+            self.end = outer
         offset = self.pos
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise MsgpackError(f"{self.where}: corrupt array shape {shape!r} at byte {start}")
-        dtype = _dtype(str(dtype_name))
-        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or offset + nbytes != start + n:
-            raise MsgpackError(f"{self.where}: array at byte {start} has {nbytes} bytes for shape {shape} {dtype_name}")
+        if isinstance(dtype_name, bytes):
+            dtype_name = dtype_name.decode("utf-8", "replace")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(map(_index, shape))):
+            self.fail(f"an array of shape {str(shape)[:80]}: expected up to {MAX_DIMS} non-negative integers", start)
+        if dtype_name not in DTYPES:
+            self.fail(f"an array of dtype {str(dtype_name)[:80]!r}: expected one of {', '.join(sorted(DTYPES))}",
+                      start)
+        dtype = _dtype(dtype_name)
+        if math.prod(shape) * dtype.itemsize != nbytes or offset + nbytes != start + n:
+            self.fail(f"an array of shape {shape} {dtype_name} with {nbytes} bytes in an ext of {n}", start)
         self.pos = start + n
         return Leaf(self.mm, offset, tuple(shape), dtype)
 
 
-def _unchunk(tree):
+def _chunked(node: dict, where: str) -> ChunkedLeaf:
+    shape, chunks = node.get("shape"), node.get("chunks")
+    if not (isinstance(shape, dict) and isinstance(chunks, dict) and set(node) == {CHUNKED, "shape", "chunks"}):
+        raise MsgpackError(f"{where}: a chunked array without its shape and chunks")
+    dims = [shape.get(str(i)) for i in range(len(shape))]
+    parts = [chunks.get(str(i)) for i in range(len(chunks))]
+    if not (len(dims) <= MAX_DIMS and all(map(_index, dims)) and parts
+            and all(isinstance(c, Leaf) and len(c.shape) == 1 and c.dtype == parts[0].dtype for c in parts)
+            and sum(c.shape[0] for c in parts) == math.prod(dims)):
+        raise MsgpackError(f"{where}: a corrupt chunked array (shape {str(shape)[:80]}, {len(parts)} chunks)")
+    return ChunkedLeaf(tuple(dims), parts)
+
+
+def _unchunk(tree, where: str):
     if isinstance(tree, dict):
-        if tree.get(CHUNKED) is True:
-            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
-            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            if not all(isinstance(c, Leaf) for c in chunks) or sum(c.shape[0] for c in chunks) != np.prod(shape):
-                raise MsgpackError("corrupt chunked array")
-            return ChunkedLeaf(shape, chunks)
-        return {k: _unchunk(v) for k, v in tree.items()}
+        if CHUNKED in tree:
+            return _chunked(tree, where)
+        return {k: _unchunk(v, f"{where}/{k}") for k, v in tree.items()}
     return tree
 
 
 def read_tree(path: str | os.PathLike) -> dict:
-    """The nested dict of a Flax msgpack file, leaves as lazy memory-mapped `Leaf`s."""
+    """The nested dict of a Flax msgpack file, leaves as lazy memory-mapped `Leaf`s. Bounded by
+    MAX_DEPTH, MAX_ITEMS, MAX_STRING; anything else is a MsgpackError naming the file and byte."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     if size == 0:
@@ -183,7 +246,7 @@ def read_tree(path: str | os.PathLike) -> dict:
         raise MsgpackError(f"{path}: {size - parser.pos} trailing bytes after the msgpack object (corrupt)")
     if not isinstance(tree, dict):
         raise MsgpackError(f"{path}: holds a msgpack {type(tree).__name__}, not a map of arrays")
-    return _unchunk(tree)
+    return {k: _unchunk(v, f"{path}: entry {k}") for k, v in tree.items()}
 
 
 def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint directories for the PyTorch backend: from_pretrained / save_pretrained.
 
 Loading builds the module on the meta device (no wasted initialization), reads each tensor once
-(safetensors memory-mapped, pickles with `weights_only=True`), checks every name and shape against
-the spec's weight table, and assigns the tensors. Only a head the checkpoint lacks is initialized.
+(memory-mapped by opt_spec.io: safetensors, or pickles through the spec's restricted torch-zip reader),
+checks every name and shape against the spec's weight table, and assigns the tensors. Only a head the
+checkpoint lacks is initialized.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Mapping, Optional
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
@@ -46,21 +47,13 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def read_checkpoint(directory: str | os.PathLike) -> dict[str, object]:
-    """{name: tensor or memory-mapped array} for every weight of a Hugging Face directory."""
-    fmt, files = spec_io.find_weight_files(directory)
-    if fmt == "safetensors":
-        return spec_io.load_safetensors_dir(directory)
-    out: dict[str, object] = {}
-    for path in files:
-        try:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # a pickle that weights_only refuses, or a corrupt file
-            raise ValueError(f"{path}: cannot be loaded safely as a PyTorch state dict ({err})") from None
-        if not isinstance(part, Mapping):
-            raise ValueError(f"{path}: holds a {type(part).__name__}, not a state dict")
-        out.update(part)
-    return out
+def read_checkpoint(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: memory-mapped array} for every weight of a Hugging Face directory.
+
+    pytorch_model.bin is read as the other backends read it, by the spec's bounded reader
+    (opt_spec.torch_pickle), not by torch.load: with mmap, torch trusts the sizes in the pickle (a
+    record cut short is read on into its neighbours), and it expands a compressed record whole."""
+    return spec_io.load_checkpoint_dir(directory)
 
 
 class PretrainedMixin:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from opt_spec import OPTConfig, WeightMismatchError, weight_table
 from opt_spec import io as spec_io
 from opt_spec.testing import VARIANTS, random_batch, random_weights
+from opt_spec.torch_pickle import UnsafePickleError
 from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
 from opt_torch.modeling import MODEL_CLASSES
 
@@ -152,7 +153,7 @@ def test_unsafe_pickle_is_refused(tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="cannot be loaded safely"):
+    with pytest.raises(UnsafePickleError, match="pytorch_model.bin: refusing to load posix.system"):
         OPTForCausalLM.from_pretrained(tmp_path)
 
 
