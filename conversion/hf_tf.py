@@ -19,6 +19,7 @@ offset and size are checked to lie inside the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightSpec, layouts
 from opt_spec import io as spec_io
+from opt_spec.errors import CheckpointError
 from opt_spec.io import release_pages, row_blocks
 
 from .base import Checkpoint, ConversionError, NativeTensor, bind, dtype_name, output_dtype
@@ -220,21 +222,35 @@ def h5_dataset_tensor(path: str, dset, where: str, opaque: np.dtype | None = Non
         name = dset.name
 
         def load():
-            try:
-                with _h5py().File(path, "r") as f:
-                    array = f[name][()]
-            except OSError as err:  # a corrupt chunk or filter stream
-                raise ConversionError(f"{path}: cannot read dataset {where!r} ({err})") from None
+            with _open_h5(path) as f:  # a corrupt chunk or filter stream is refused naming the file
+                array = f[name][()]
+            if array.shape != shape:
+                raise ConversionError(f"{path}: dataset {where!r} read as {array.shape}, declared {shape}")
             return array.view(dtype) if array.dtype != dtype else array
     return NativeTensor(shape, dtype, load, f"{path}:{where}")
 
 
+# What h5py raises for a damaged file: libhdf5's errors come out as these built-in classes ("bad heap free
+# list", "addr overflow", "wrong B-tree signature", ...). Inside an open HDF5 file they mean a corrupt file.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+@contextlib.contextmanager
 def _open_h5(path: str):
+    """An HDF5 file opened for reading; what libhdf5 reports about a damaged file while the block runs
+    becomes a ConversionError naming the file (a refusal, never a bare RuntimeError or KeyError)."""
     h5py = _h5py()
     try:
-        return h5py.File(path, "r")
-    except OSError as err:
+        f = h5py.File(path, "r")
+    except _H5_ERRORS as err:
         raise ConversionError(f"{path}: not a readable HDF5 file (truncated or corrupt: {err})") from None
+    try:
+        with f:
+            yield f
+    except CheckpointError:
+        raise
+    except _H5_ERRORS as err:
+        raise ConversionError(f"{path}: corrupt HDF5 file ({type(err).__name__}: {err})") from None
 
 
 def read_keras2_h5(path: str) -> dict[str, NativeTensor]:
