@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from opt_spec import Head
+from opt_spec.errors import CheckpointError
 from opt_spec import data as spec_data
 from opt_spec.layouts import native_path
 from opt_spec import training as spec_training
@@ -227,12 +228,7 @@ class FlaxTrainer:
                              "resume with the same ones")
         model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory)
         trainer = cls(model, saved, info["task"])
-        path = os.path.join(os.fspath(directory), STATE_FILE)
-        with open(path, "rb") as f:
-            try:
-                state = flax.serialization.from_bytes(trainer._state_template(), f.read())
-            except Exception as err:
-                raise ValueError(f"{path}: cannot be read as this trainer's state ({err})") from None
+        state = read_state_file(os.path.join(os.fspath(directory), STATE_FILE), trainer._state_template())
         trainer.opt_state = state["opt_state"]
         trainer.rng = jnp.asarray(state["rng"], jnp.uint32)
         trainer.step = int(state["step"])
@@ -312,6 +308,38 @@ def _write_atomic(path: str, data: bytes) -> None:
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.replace(path + ".tmp", path)
+
+
+def read_state_file(path: str, template: dict) -> dict:
+    """The msgpack trainer state at `path` restored into `template`'s tree. The file may come from
+    someone else, so: it may be at most a little larger than the template's arrays (it is read whole);
+    msgpack's reader checks each length against the bytes given and bounds nesting by its stack; and
+    what comes back must be the template's tree with its shapes and dtypes, leaf for leaf. Anything
+    else is a CheckpointError naming the file (and the entry)."""
+    leaves = jax.tree_util.tree_leaves_with_path(template)
+    limit = 2 * sum(getattr(x, "nbytes", 8) for _, x in leaves) + 1024 * len(leaves) + (1 << 20)
+    if os.path.getsize(path) > limit:
+        raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, more than this trainer's state takes "
+                              f"(at most {limit})")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        state = flax.serialization.from_bytes(template, data)
+    except Exception as err:  # msgpack's and flax's refusals: truncated, too deep, not this tree
+        raise CheckpointError(f"{path}: cannot be read as this trainer's state ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    got, tree = jax.tree_util.tree_flatten_with_path(state)
+    if tree != jax.tree_util.tree_structure(template):
+        raise CheckpointError(f"{path}: holds another tree than this trainer's state ({len(got)} leaves, "
+                              f"expected {len(leaves)})")
+    def dtype(x):  # of an array, a NumPy scalar or a Python number
+        return np.dtype(getattr(x, "dtype", type(x)))
+
+    for (keys, want), (_, value) in zip(leaves, got):
+        if np.shape(value) != np.shape(want) or dtype(value) != dtype(want):
+            raise CheckpointError(f"{path}: entry {jax.tree_util.keystr(keys)} is {np.shape(value)} {dtype(value)}, "
+                                  f"expected {np.shape(want)} {dtype(want)}")
+    return state
 
 
 def _read_info(directory) -> dict:

@@ -534,3 +534,37 @@ def test_generate_refuses_a_deeply_nested_flax_checkpoint_in_words(tmp_path):
     assert "optkit generate: error: " in proc.stderr and "flax_model.msgpack: byte " in proc.stderr
     assert "nested deeper than 100 levels" in proc.stderr, proc.stderr
     assert not any(files for _, _, files in os.walk(cache)), "a failed conversion left files behind"
+
+
+def test_a_flax_trainer_state_from_someone_else_is_checked(tmp_path):
+    """trainer_state.msgpack is read by flax.serialization (msgpack bounds lengths by the bytes given
+    and nesting by its stack) into the trainer's own tree, whose shapes and dtypes it must match."""
+    import flax.serialization
+    from opt_flax import FlaxOPTForCausalLM
+    from opt_flax.training import STATE_FILE, FlaxTrainer
+    from opt_spec.training import TrainConfig
+
+    ckpt = tmp_path / "ckpt"
+    FlaxTrainer(FlaxOPTForCausalLM.from_pretrained(bin_dir(tmp_path / "src")), TrainConfig(total_steps=10),
+                "causal_lm").save_checkpoint(ckpt)
+    valid = (ckpt / STATE_FILE).read_bytes()
+    assert FlaxTrainer.from_checkpoint(ckpt).step == 0
+    state = flax.serialization.msgpack_restore(valid)
+
+    def altered(**changes):
+        return flax.serialization.msgpack_serialize({**state, **changes})
+
+    cases = {"maps nested 200,000 deep": (b"\x81\xa1a" * 200_000 + b"\xc0", "cannot be read"),
+             "ext claiming 4 GiB": (b"\x81\xa1a\xc9\xff\xff\xff\xff\x01" + b"\x93" * 8, "cannot be read"),
+             "truncated": (valid[:len(valid) // 2], "cannot be read"),
+             "another tree": (flax.serialization.msgpack_serialize({"a": 1}), "cannot be read"),
+             "object dtype": (valid.replace(b"\xa6uint32", b"\xa6object", 1), "cannot be read"),
+             "wrong shape": (altered(rng=np.zeros(3, np.uint32)), "entry ['rng'] is (3,) uint32, expected (2,)"),
+             "wrong dtype": (altered(rng=np.zeros(2, np.float64)), "entry ['rng'] is (2,) float64, expected (2,) "
+                                                                   "uint32"),
+             "too large": (valid + bytes(2 * len(valid) + (2 << 20)), "more than this trainer's state takes")}
+    for case, (content, words) in cases.items():
+        (ckpt / STATE_FILE).write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"trainer_state\.msgpack: ") as err:
+            FlaxTrainer.from_checkpoint(ckpt)
+        assert words in str(err.value), (case, str(err.value))
