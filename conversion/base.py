@@ -159,7 +159,8 @@ def bind(native: Mapping[str, NativeTensor], config: OPTConfig, head: Head,
 
     naming(spec) gives the names a weight may have in the file (the first is what writers use).
     Layout follows `convention` (opt_spec.layouts). Unknown names, missing weights and wrong shapes
-    raise one WeightMismatchError listing all of them; a stored copy of a tied head is dropped.
+    raise one WeightMismatchError listing all of them; a stored copy of a tied head is dropped. Every
+    OPT weight is floating point: an integer or boolean tensor in its place is refused, naming it.
     """
     table = weight_table(config, head)
     tied = tied_source(config, head)
@@ -178,6 +179,9 @@ def bind(native: Mapping[str, NativeTensor], config: OPTConfig, head: Head,
             if notes is not None:
                 notes.append(f"dropped {name}: the tied LM head is the token embedding")
             continue
+        if not is_float(t.dtype):
+            raise ConversionError(f"{t.where}: {spec.name} is stored as {np.dtype(t.dtype)}; OPT weights are "
+                                  f"floating point ({', '.join(_DTYPE_NAMES.values())})")
         want = layouts.native_shape(spec, convention)
         if tuple(t.shape) != want:
             mis_shaped.append((name, tuple(t.shape), want))

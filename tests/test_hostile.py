@@ -417,3 +417,11 @@ def test_refused_config_in_generate_is_exit_1_but_a_missing_folder_stays_2(tmp_p
     assert code == 1 and "init_std=inf" in err and "config.json" in err
     code, err = cli(capsys, "generate", "--model", tmp_path / "nowhere", "--backend", "torch", "-q", "2 3")
     assert code == 2
+
+
+def test_integer_weights_are_refused_by_name(tmp_path):
+    weights = random_weights(CONFIG)
+    weights["model.decoder.layers.0.fc1.weight"] = (weights["model.decoder.layers.0.fc1.weight"] * 100).astype(np.int32)
+    spec_io.save_safetensors_dir(tmp_path / "ckpt", weights, CONFIG.to_dict())
+    with pytest.raises(ConversionError, match="layers.0.fc1.weight is stored as int32"):
+        read_checkpoint(tmp_path / "ckpt")
