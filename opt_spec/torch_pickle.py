@@ -74,7 +74,7 @@ _short.maxstring = _short.maxother = 80
 
 def _shown(text: str) -> str:
     """A name from the file, as it can be shown in a message."""
-    return text if len(text) <= 80 and text.isprintable() else _short.repr(text)
+    return text if text and len(text) <= 80 and text.isprintable() else _short.repr(text)
 
 
 class UnsafePickleError(CheckpointError, pickle.UnpicklingError):
@@ -530,6 +530,9 @@ class TorchZipReader:
                     raise CheckpointError(f"{self.path}: record {name} is compressed (method {info.compress_type}); "
                                           "torch.save stores records uncompressed, and a compressed one could expand "
                                           "without bound")
+                if not 0 <= info.header_offset <= self._mm.size - 30:
+                    raise CheckpointError(f"{self.path}: corrupt zip directory: record {name} starts at byte "
+                                          f"{info.header_offset}, the file has {self._mm.size}")
                 head = os.pread(f.fileno(), 30, info.header_offset)
                 if len(head) < 30 or head[:4] != b"PK\x03\x04":
                     raise CheckpointError(f"{self.path}: corrupt zip header for record {name}")

@@ -303,8 +303,10 @@ def test_broken_zips_are_checkpoint_errors(tmp_path):
     folder = bin_dir(tmp_path / "broken")
     path = os.path.join(folder, "pytorch_model.bin")
     data = open(path, "rb").read()
+    entry = data.find(b"PK\x01\x02")  # the first directory entry; its local header's offset at +42
     cases = {"truncated": data[:len(data) // 2], "no directory": data[:-22] + bytes(22),
-             "bad local header": data[:10] + b"\xff" * 20 + data[30:]}
+             "bad local header": data[:10] + b"\xff" * 20 + data[30:],
+             "record past the end": data[:entry + 42] + struct.pack("<I", len(data) + 100) + data[entry + 46:]}
     for damage, content in cases.items():
         open(path, "wb").write(content)
         for read in (read_spec, read_torch):
