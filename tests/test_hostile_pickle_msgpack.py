@@ -239,6 +239,20 @@ def test_storage_ids_that_are_not_storages_are_refused(tmp_path):
             TorchZipReader(path)
 
 
+def test_metaseq_files_go_through_the_same_checks(tmp_path):
+    """A metaseq part (opaque extra state allowed) with a record cut short: refused by detection and reading."""
+    import argparse
+
+    path = tmp_path / "reshard-model_part-0.pt"
+    torch.save({"model": {"decoder.embed_tokens.weight": torch.ones(8, 4)}, "args": argparse.Namespace(x=1),
+                "extra_state": {"history": [1, 2]}}, path)
+    assert TorchZipReader(path, opaque=True).obj["args"] == {"x": 1}
+    rezip(path, lambda name, data: data[:len(data) // 3] if name.endswith("data/0") else data)
+    for read in (lambda: conversion.detect_format(path), lambda: conversion.read_checkpoint(path, "metaseq")):
+        with pytest.raises(CheckpointError, match=r"reshard-model_part-0\.pt: storage record data/0 holds"):
+            read()
+
+
 # ------------------------------------------------------------------------------ the zip itself
 def test_compressed_records_are_refused(tmp_path):
     folder = bin_dir(tmp_path / "deflated")
