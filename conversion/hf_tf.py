@@ -162,8 +162,9 @@ def h5_get(group, name: str, path: str):
         if link is None:
             return None
         if not isinstance(link, h5py.HardLink):
-            raise ConversionError(f"{path}: {name!r} goes through a {type(link).__name__} "
-                                  f"({_describe_link(link)}); only data stored in the file itself is read")
+            kind = {"SoftLink": "a soft link", "ExternalLink": "an external link"}.get(type(link).__name__, "a link")
+            raise ConversionError(f"{path}: {name!r} goes through {kind} ({type(link).__name__} "
+                                  f"{_describe_link(link)}); only data stored in the file itself is read")
         node = node[part]
     return node
 
