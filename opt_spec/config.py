@@ -133,8 +133,8 @@ class OPTConfig:
                 self.problem_type not in PROBLEM_TYPES:
             fail("problem_type", self.problem_type, f"must be one of {PROBLEM_TYPES}")
         if self.max_parameters > MAX_PARAMETERS:
-            raise ConfigError(f"OPTConfig: {self.num_hidden_layers} layers of hidden_size {self.hidden_size} and ffn_dim "
-                              f"{self.ffn_dim}, vocab_size {self.vocab_size}, max_position_embeddings "
+            raise ConfigError(f"OPTConfig: {self.num_hidden_layers} layers of hidden_size {self.hidden_size} and "
+                              f"ffn_dim {self.ffn_dim}, vocab_size {self.vocab_size}, max_position_embeddings "
                               f"{self.max_position_embeddings} make up to {self.max_parameters:.3g} parameters, more "
                               f"than optkit's maximum {MAX_PARAMETERS:.0e} (opt_spec.config.MAX_PARAMETERS)")
 

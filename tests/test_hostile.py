@@ -405,7 +405,8 @@ def test_failed_convert_removes_only_the_folders_it_made(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
     code, err = cli(capsys, "convert", src, tmp_path / "kept" / "made" / "out", "--to", "hf-tf", "--quiet")
     assert code == 1 and "bfloat16" in err
-    assert sorted(os.listdir(tmp_path / "kept")) == ["note.txt"] and (tmp_path / "kept" / "note.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path / "kept")) == ["note.txt"]
+    assert (tmp_path / "kept" / "note.txt").read_text() == "mine"
 
 
 def test_refused_config_in_generate_is_exit_1_but_a_missing_folder_stays_2(tmp_path, capsys):
