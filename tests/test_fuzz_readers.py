@@ -308,13 +308,13 @@ H5_CHANGES = ["external-storage", "external-link", "soft-link", "virtual", "stri
               "weight_names", "layer_names"]
 
 
-def _h5_change(f, name: str, change: str, workdir: str, seed: int) -> None:
-    """One change to dataset `name` of an open HDF5 file (seed picks the details of a broken attribute)."""
+def _h5_change(f, name: str, data: np.ndarray, change: str, workdir: str, seed: int) -> None:
+    """One change to dataset `name` (whose pristine values are `data`) of an open HDF5 file; seed picks
+    the details of a broken attribute."""
     import random
 
     import h5py
 
-    data = f[name][()]
     other = os.path.join(workdir, "other.h5")
     if change in ("weight_names", "layer_names"):
         rng = random.Random(seed)
@@ -381,6 +381,7 @@ def fuzz_h5(workdir: str, examples: int) -> None:
     with h5py.File(path, "r") as f:
         datasets = []
         f.visititems(lambda n, o: datasets.append(n) if isinstance(o, h5py.Dataset) else None)
+        values = {n: f[n][()] for n in datasets}  # a change builds on these, not on an earlier change
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None, print_blob=False,
               suppress_health_check=list(HealthCheck))
@@ -391,8 +392,8 @@ def fuzz_h5(workdir: str, examples: int) -> None:
             f.write(pristine)
         with h5py.File(path, "r+") as f:
             for name, change, seed in changes:
-                if name in f:
-                    _h5_change(f, name, change, workdir, seed)
+                if f.get(name, getlink=True) is not None:
+                    _h5_change(f, name, values[name], change, workdir, seed)
         with _time_limit(EXAMPLE_SECONDS):
             try:
                 read = {n: np.array(ref.load(), dtype=np.float64) for n, ref in read_checkpoint(folder).tensors.items()}
