@@ -84,6 +84,24 @@ def output_split(spec: WeightSpec) -> str | None:
     return TP if canonical_split(spec)[0] == TP else None
 
 
+COLUMN, ROW, VOCAB = "column", "row", "vocab"  # Megatron's names for what tp splits in one layer
+
+
+def tensor_parallel_style(plan: "ShardingPlan", spec: WeightSpec) -> str | None:
+    """How tp splits one weight's layer under a plan, for backends whose engines take per-layer styles
+    (torch's ColwiseParallel / RowwiseParallel): COLUMN, a linear layer's output features (each device
+    computes a block of them); ROW, its input features (each device reads the block a column-parallel
+    layer made; a sum over tp follows); VOCAB, an embedding's rows (each device looks up the tokens in
+    its block of the vocabulary; a sum over tp follows); None, not split on tp. Biases and norms follow
+    their layer and have no style of their own."""
+    split = plan.splits[spec.name]
+    if spec.kind is WeightKind.EMBEDDING:
+        return VOCAB if split[0] == TP else None
+    if spec.kind is WeightKind.LINEAR_WEIGHT:
+        return COLUMN if split[0] == TP else ROW if split[1] == TP else None
+    return None
+
+
 def native_split(spec: WeightSpec, split: Split, convention: str) -> Split:
     """A canonical split in a framework's layout: reversed where its kernels are (in, out)."""
     return tuple(split)[::-1] if is_transposed(spec.kind, convention) else tuple(split)
@@ -299,6 +317,6 @@ def parse_mesh(text: str) -> dict[str, int]:
     return out
 
 
-__all__ = ["AXES", "FSDP", "KV_CACHE_SPLIT", "ShardingPlan", "TP", "Unsplit", "batch_axis", "canonical_split",
-           "check_plan", "format_memory_table", "memory_per_device", "memory_table", "native_split", "output_split",
-           "parse_mesh", "plan_problems"]
+__all__ = ["AXES", "COLUMN", "FSDP", "KV_CACHE_SPLIT", "ROW", "ShardingPlan", "TP", "Unsplit", "VOCAB", "batch_axis",
+           "canonical_split", "check_plan", "format_memory_table", "memory_per_device", "memory_table", "native_split",
+           "output_split", "parse_mesh", "plan_problems", "tensor_parallel_style"]

@@ -130,6 +130,18 @@ def micro_batch_list(micro_batches, cfg: TrainConfig) -> list:
     return micro_batches
 
 
+def loss_count(task: str, batch: Mapping[str, np.ndarray]) -> int:
+    """What a batch's mean loss averages over: for causal_lm the labelled next-token positions (a
+    label that is not IGNORE_INDEX, after the first position), for the other tasks the examples. A
+    batch split over data-parallel ranks weights each rank's mean by its share of this count, so the
+    update is that of the whole batch's mean."""
+    from .numerics import IGNORE_INDEX
+
+    if task == "causal_lm":
+        return int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
+    return len(np.asarray(batch["attention_mask"]))
+
+
 def evaluate(task: str, dataset, batch_size: int, forward: Callable[[dict], dict]) -> dict[str, float]:
     """Every backend's evaluation: `forward(batch)` returns the batch's mean loss ("loss", a float)
     and the task's EVAL_OUTPUTS as float32 NumPy arrays.
@@ -143,7 +155,7 @@ def evaluate(task: str, dataset, batch_size: int, forward: Callable[[dict], dict
     for indices, batch in spec_data.eval_batches(dataset, batch_size):
         out = forward(batch)
         if task == "causal_lm":
-            n = int((batch["labels"][:, 1:] != spec_data.IGNORE_INDEX).sum())
+            n = loss_count(task, batch)
             nll += out["loss"] * n
             count += n
             continue

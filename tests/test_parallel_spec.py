@@ -263,3 +263,29 @@ def test_parallel_spec_imports_no_framework():
             "print([m for m in ('torch', 'tensorflow', 'jax', 'flax') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tensor_parallel_styles_name_megatrons_layers():
+    """Each layer's style under tp (what torch's ColwiseParallel / RowwiseParallel are chosen by): q, k, v,
+    fc1 and the LM head column-parallel, out_proj and fc2 row-parallel, the token embedding split by
+    vocabulary; nothing when tp=1 or when tp does not divide the dimension."""
+    from opt_spec.parallel import COLUMN, ROW, VOCAB, tensor_parallel_style
+
+    for name in ("pre_ln", "untied_head", "post_ln_proj"):
+        config = VARIANTS[name]
+        plan = check_plan(config, fsdp=2, tp=2)
+        styles = {s.name.split(".")[-2]: tensor_parallel_style(plan, s) for s in weight_table(config, "causal_lm")
+                  if s.kind in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING)}
+        assert {k for k, v in styles.items() if v == COLUMN} == {"q_proj", "k_proj", "v_proj", "fc1", "lm_head"}
+        assert {k for k, v in styles.items() if v == ROW} == {"out_proj", "fc2"}
+        assert {k for k, v in styles.items() if v == VOCAB} == {"embed_tokens"}
+        assert styles["embed_positions"] is None and styles.get("project_in") is None
+        norms = [s for s in weight_table(config) if s.kind is not WeightKind.LINEAR_WEIGHT
+                 and s.kind is not WeightKind.EMBEDDING]
+        assert all(tensor_parallel_style(plan, s) is None for s in norms)  # biases and norms follow their layer
+        assert all(tensor_parallel_style(check_plan(config, fsdp=4), s) is None for s in weight_table(config))
+    odd = VARIANTS["pre_ln"].replace(vocab_size=95)  # 95 rows do not split over tp=2: embedding and head stay whole
+    plan = check_plan(odd, tp=2)
+    by_role = {s.role: tensor_parallel_style(plan, s) for s in weight_table(odd)
+               if s.kind is not WeightKind.LINEAR_BIAS}
+    assert by_role[Role.TOKEN_EMBEDDING] is None and by_role[Role.LM_HEAD] is None and by_role[Role.FFN_IN] == COLUMN
