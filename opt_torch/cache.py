@@ -19,11 +19,14 @@ from opt_spec import OPTConfig
 
 class StaticCache:
     def __init__(self, config: OPTConfig, batch_size: int, max_length: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", num_heads: int | None = None):
+        """num_heads: the heads one process keeps (model.kv_heads; fewer than the config's under tensor
+        parallelism), default all."""
         if max_length > config.max_position_embeddings:
             raise ValueError(f"cache of {max_length} tokens is longer than max_position_embeddings="
                              f"{config.max_position_embeddings}")
-        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
+        nh = config.num_attention_heads if num_heads is None else num_heads
+        shape = (config.num_hidden_layers, batch_size, nh, max_length, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)    # (L, B, nh, max_length, hs)
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, max_length, hs)
         self.max_length = max_length

@@ -134,7 +134,7 @@ class GenerationMixin:
         B, T = input_ids.shape
         L = T + cfg.max_new_tokens
         device, V = input_ids.device, self.config.vocab_size
-        cache = StaticCache(self.config, B, L, self.dtype, device)
+        cache = StaticCache(self.config, B, L, self.dtype, device, self.kv_heads)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :T] = attention_mask
         generator = None
@@ -171,7 +171,7 @@ class GenerationMixin:
         K, N, V = cfg.num_beams, cfg.max_new_tokens, self.config.vocab_size
         L, device = T + N, input_ids.device
         rows = torch.arange(B, device=device)
-        cache = StaticCache(self.config, B * K, L, self.dtype, device)
+        cache = StaticCache(self.config, B * K, L, self.dtype, device, self.kv_heads)
         mask = torch.zeros(B * K, L, dtype=torch.long, device=device)
         mask[:, :T] = attention_mask.repeat_interleave(K, 0)
         seen = None

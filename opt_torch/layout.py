@@ -92,6 +92,16 @@ def pack_embedding_for_head(embedding: nn.Embedding) -> None:
         w.data = w.t().contiguous().t()
 
 
+def unpack_weights(root: nn.Module) -> None:
+    """Undoes the layout: every parameter of `root` contiguous in its own (out, in) storage, as nn.Linear
+    makes it. Tensor parallelism (DTensor) and FSDP2 need this: they slice and flatten parameters and
+    refuse views into a shared buffer. Values, shapes and Parameter objects are kept."""
+    with torch.no_grad():
+        for p in root.parameters():  # a tied parameter is listed once
+            if not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+
+
 # ----------------------------------------------------------------------------- when fast paths may run
 _STOCK_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ModuleList)
 
@@ -103,8 +113,10 @@ def modules_are_stock(*roots: nn.Module) -> bool:
     skip the module calls. That is only the same computation while every module below `roots` is a
     stock nn.Linear / LayerNorm / Embedding / ModuleList or one of optkit's own classes, and nothing
     is hooked: a LoRA adapter (peft swaps q_proj for its own Linear), a quantized Linear, a forward
-    hook or pre-hook (activation probes), a parametrization (which changes the class) or a global
-    forward hook each make this False, and the callers then take the module path.
+    hook or pre-hook (activation probes), a parametrization (which changes the class), a global forward
+    hook, a forward replaced on the instance (accelerate's dispatch hooks, which load offloaded weights)
+    or a parameter that is a tensor subclass (a DTensor: tensor parallelism, FSDP2) each make this
+    False, and the callers then take the module path.
     """
     from torch.nn.modules import module as module_state
 
@@ -112,9 +124,11 @@ def modules_are_stock(*roots: nn.Module) -> bool:
         return False
     for root in roots:
         for m in root.modules():
-            if m._forward_hooks or m._forward_pre_hooks:
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
                 return False
             cls = type(m)
             if cls not in _STOCK_CLASSES and not cls.__module__.startswith("opt_torch."):
+                return False
+            if any(type(p) is not nn.Parameter for p in m._parameters.values() if p is not None):
                 return False
     return True

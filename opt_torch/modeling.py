@@ -108,14 +108,14 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None):
         """kv_update(k, v) -> keys and values over all S positions (the cache's concern)."""
-        B, T, H = x.shape
+        B, T, _ = x.shape
         q, k, v = self._project_qkv(x)
         q = self._heads(q * self.scaling)               # (B, nh, T, hs)
         k, v = self._heads(k), self._heads(v)           # (B, nh, T, hs)
         if kv_update is not None:
             k, v = kv_update(k, v)                      # (B, nh, S, hs)
         y = attend(q, k, v, allowed, self.attn_implementation, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, -1)     # (B, T, nh * hs): this process's heads (nh / tp under TP)
         return self.out_proj(y), (k, v)
 
 
@@ -180,7 +180,7 @@ class OPTDecoder(nn.Module):
                 raise ValueError("a StaticCache needs cache_position (T,) and an attention_mask over all its slots")
             S, q_pos = past_key_values.max_length, cache_position
         else:
-            past_len = _check_past(past_key_values, config, B)
+            past_len = _check_past(past_key_values, config, B, self.layers[0].self_attn.num_heads)
             S, q_pos = past_len + T, torch.arange(past_len, past_len + T, device=device)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) "
@@ -316,16 +316,17 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
                              f"the vocabulary [0, {vocab_size})")
 
 
-def _check_past(past_key_values, config: OPTConfig, B: int) -> int:
+def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
+    """The past length; `heads` is the layers' own count (num_attention_heads / tp under tensor parallelism)."""
     if not past_key_values:
         return 0
     if len(past_key_values) != config.num_hidden_layers:
         raise ValueError(f"past_key_values has {len(past_key_values)} layers; the model has "
                          f"{config.num_hidden_layers}")
     k = past_key_values[0][0]
-    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != config.num_attention_heads:
+    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != heads:
         raise ValueError(f"past_key_values[0] keys have shape {tuple(k.shape)}; expected "
-                         f"({B}, {config.num_attention_heads}, past, {config.head_dim})")
+                         f"({B}, {heads}, past, {config.head_dim})")
     return k.shape[2]
 
 
@@ -339,6 +340,7 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
     """Shared construction: config, attention choice, OPT's initialization."""
 
     head: Head = Head.BASE
+    packed_layout: bool = True  # False once opt_torch.distributed splits or dispatches the model: plain weights
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -359,7 +361,11 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
     def pack_weights(self) -> None:
         """Lays the weights out in the memory order decoding reads fastest (opt_torch.layout): every
         linear weight (in, out) row-major, each attention's q/k/v as one matrix, a tied embedding (E, V).
-        Values and shapes are unchanged. Called by construction, loading and `.to()`; idempotent."""
+        Values and shapes are unchanged. Called by construction, loading and `.to()`; idempotent. Not for
+        a model split over processes or devices (packed_layout False): DTensor and FSDP2 need each
+        parameter plain and contiguous."""
+        if not self.packed_layout:
+            return
         fused = set()
         for m in self.modules():
             if isinstance(m, OPTAttention):
@@ -415,7 +421,16 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the first parameter's device, or a dispatched model's main device (whose first
+        parameter may be offloaded to disk: opt_torch.distributed.load_dispatched)."""
+        main = getattr(self, "main_device", None)
+        return torch.device(main) if main is not None else next(self.parameters()).device
+
+    @property
+    def kv_heads(self) -> int:
+        """The attention heads whose keys and values this process keeps (the KV cache's size): all of
+        them, or num_attention_heads / tp under tensor parallelism (opt_torch.distributed)."""
+        return next(m.num_heads for m in self.modules() if isinstance(m, OPTAttention))
 
 
 class OPTModel(OPTPreTrainedModel):
