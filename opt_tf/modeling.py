@@ -44,7 +44,8 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
-from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
+from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale, infer_problem_type
+from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
 from .checkpoint import TFPretrainedMixin
 from .generation import TFGenerationMixin
@@ -421,6 +422,20 @@ def _check_positions(position_ids: tf.Tensor, max_positions: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- models
+def _refuse_keras_distribution() -> None:
+    """Keras applies `keras.distribution` (DataParallel, ModelParallel's LayoutMap) under its JAX backend
+    only; under TensorFlow it is ignored and the model would run whole on one device, unsharded, while
+    the user believes otherwise. So building an opt_tf model under one is an error that says what works."""
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        raise RuntimeError(
+            f"keras.distribution is set ({type(distribution).__name__}), but Keras implements it for the JAX "
+            "backend only: an opt_tf model would silently ignore it. For data parallelism use a tf.distribute "
+            "strategy (opt_tf.training.TFTrainer(..., strategy=...), or `optkit train --backend tf --replicas N`); "
+            "for a model larger than one device use opt_torch or opt_flax (the weights convert losslessly). "
+            "keras.distribution.set_distribution(None) clears it.")
+
+
 class TFOPTPreTrainedModel(TFPretrainedMixin, keras.Model):
     """Shared construction: config, dtype policy, building every variable up front, OPT's init.
 
@@ -435,6 +450,7 @@ class TFOPTPreTrainedModel(TFPretrainedMixin, keras.Model):
         self._init_now = kwargs.pop("_init", True)    # False: from_pretrained assigns every weight
         if not isinstance(config, OPTConfig):
             raise TypeError(f"config must be an OPTConfig, got {type(config).__name__}")
+        _refuse_keras_distribution()
         super().__init__(dtype=resolve_policy(dtype), **kwargs)
         self._convert_input_args = False  # our call casts what it needs (masks, labels stay as given)
         self._allow_non_tensor_positional_args = True  # NumPy ids, or a dict of inputs from `fit`
@@ -513,6 +529,53 @@ class _TFOPTWithHead(TFOPTPreTrainedModel):
         return self.model(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
                           training=training, **kwargs)
 
+    # ------------------------------------------------------------------------- Keras fit / evaluate
+    def loss_terms(self, outputs, *targets) -> list:
+        """The head's loss on `outputs` as (total, count) terms (see the losses below)."""
+        raise NotImplementedError
+
+    @property
+    def loss_inputs(self) -> tuple[str, ...]:
+        """The inputs the head's loss reads (opt_spec.training.TASK_INPUTS)."""
+        return next(TASK_INPUTS[task] for task, head in TASK_HEADS.items() if head == self.head)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras `fit` / `evaluate` / `train_on_batch`: the head's own loss, no `loss` in `compile` needed.
+
+        Right under any tf.distribute strategy: each replica returns its share of the global batch's loss
+        (`replica_share`), so N replicas take exactly one device's step on the whole batch. The targets
+        come as `y` ((inputs, targets) data: a tensor, a tuple in `loss_inputs` order or a dict) or in
+        a dict `x` of inputs."""
+        if sample_weight is not None:
+            raise ValueError(f"{type(self).__name__}: sample_weight is not supported; the loss weights every "
+                             "target the head's rule counts alike")
+        loss = replica_share(self.loss_terms(y_pred, *self._targets(x, y)))
+        if self.losses:  # add_loss terms are whole-batch values on every replica: each adds 1/N of them
+            ctx = tf.distribute.get_replica_context()
+            loss = loss + tf.add_n(self.losses) / (ctx.num_replicas_in_sync if ctx is not None else 1)
+        return loss
+
+    def _targets(self, x, y) -> list:
+        names = self.loss_inputs
+        where = "y"
+        if y is None:
+            y, where = x, "x"
+            if not isinstance(x, Mapping):
+                raise ValueError(f"{type(self).__name__} needs its targets to learn: pass (inputs, targets) data "
+                                 f"or a dict of inputs with {', '.join(names)}")
+        if isinstance(y, Mapping):
+            missing = [n for n in names if y.get(n) is None]
+            if missing:
+                raise ValueError(f"{type(self).__name__}: the data's {where} has no {', '.join(missing)} "
+                                 f"(the loss reads {', '.join(names)})")
+            return [y[n] for n in names]
+        targets = list(y) if isinstance(y, (tuple, list)) else [y]
+        if len(targets) != len(names):
+            raise ValueError(f"{type(self).__name__}: {len(targets)} targets in y; the loss reads "
+                             f"{len(names)} ({', '.join(names)})")
+        return targets
+
+
 
 class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
     head = Head.CAUSAL_LM
@@ -546,16 +609,8 @@ class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Keras `fit` / `evaluate`: the model's own loss on (input_ids, labels) data."""
-        if y_pred.loss is not None and y is None:
-            loss = y_pred.loss
-        elif y is not None:
-            loss = causal_lm_loss(y_pred.logits, y)
-        else:
-            raise ValueError("fit needs labels: pass (input_ids, labels) or a dict with 'labels'")
-        losses = self.losses
-        return loss + tf.add_n(losses) if losses else loss
+    def loss_terms(self, outputs: CausalLMOutputWithPast, labels) -> list:
+        return causal_lm_loss_terms(outputs.logits, labels)
 
 
 class TFOPTForSequenceClassification(_TFOPTWithHead):
@@ -591,6 +646,9 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                 hidden_states=out.hidden_states)
 
+    def loss_terms(self, outputs: SequenceClassifierOutputWithPast, labels) -> list:
+        return sequence_classification_loss_terms(outputs.logits, labels, self.config)
+
 
 class TFOPTForQuestionAnswering(_TFOPTWithHead):
     head = Head.QUESTION_ANSWERING
@@ -619,53 +677,101 @@ class TFOPTForQuestionAnswering(_TFOPTWithHead):
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                             past_key_values=out.past_key_values, hidden_states=out.hidden_states)
 
+    def loss_terms(self, outputs: QuestionAnsweringModelOutput, start_positions, end_positions) -> list:
+        return question_answering_loss_terms(outputs.start_logits, outputs.end_logits, start_positions,
+                                             end_positions)
+
 
 # ----------------------------------------------------------------------------------------- losses
-def _mean_cross_entropy(logits: tf.Tensor, target: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
-    """Mean float32 cross entropy of (N, C) logits against (N,) targets over rows where keep."""
+# Every head's loss is a sum of means, and each mean is kept as its two parts, a term (total, count):
+# the summed per-token (per-example, per-element) losses and how many there are. One batch's loss is
+# sum(total / count) (`batch_mean`). Under a tf.distribute strategy each replica holds part of the global
+# batch, and a mean of replica means is not the global mean when the replicas hold different numbers of
+# real tokens; so in Keras `fit` each replica divides its own totals by the counts summed over every
+# replica (`replica_share`). The shares add up to the global batch's loss, and Keras sums the replicas'
+# gradients, so N replicas compute exactly the update one device computes on the whole batch.
+
+def batch_mean(terms: list) -> tf.Tensor:
+    """sum of total / max(count, 1) over (total, count) terms: the batch's loss (0 when nothing counts)."""
+    return tf.add_n([total / tf.maximum(count, 1.0) for total, count in terms])
+
+
+def replica_share(terms: list) -> tf.Tensor:
+    """This replica's share of the global batch's loss: its totals over the counts of all replicas
+    (the batch's own loss outside a strategy's replica context)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [count for _, count in terms])
+        terms = [(total, count) for (total, _), count in zip(terms, counts)]
+    return batch_mean(terms)
+
+
+def _cross_entropy(logits: tf.Tensor, target: tf.Tensor, keep: tf.Tensor) -> tuple:
+    """(total, count) of float32 cross entropy of (N, C) logits against (N,) targets over rows where keep."""
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.where(keep, target, 0),
                                                         logits=tf.cast(logits, tf.float32))
     keep = tf.cast(keep, tf.float32)
-    return tf.reduce_sum(ce * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
+    return tf.reduce_sum(ce * keep), tf.reduce_sum(keep)
+
+
+def _elementwise(values: tf.Tensor) -> tuple:
+    """(total, count) of a mean over every element."""
+    return tf.reduce_sum(values), tf.cast(tf.size(values), tf.float32)
+
+
+def causal_lm_loss_terms(logits: tf.Tensor, labels) -> list:
+    """Cross entropy (float32) of logits[:, t] against labels[:, t + 1] over labels != IGNORE_INDEX."""
+    V = logits.shape[-1]
+    target = tf.reshape(tf.cast(labels, tf.int32)[:, 1:], [-1])
+    return [_cross_entropy(tf.reshape(logits[:, :-1], [-1, V]), target, target != IGNORE_INDEX)]
+
+
+def problem_type(config: OPTConfig, labels: tf.Tensor) -> str:
+    """config.problem_type, else opt_spec's rule (which reads num_labels and the labels' dtype only)."""
+    if config.problem_type is not None:
+        return config.problem_type
+    return infer_problem_type(config.num_labels, np.zeros(0, labels.dtype.as_numpy_dtype))
+
+
+def sequence_classification_loss_terms(pooled: tf.Tensor, labels, config: OPTConfig) -> list:
+    """Mean squared error (regression), cross entropy per example (single label) or binary cross entropy
+    per element (multi label), in float32."""
+    labels = tf.convert_to_tensor(labels)
+    problem = problem_type(config, labels)
+    pooled = tf.cast(pooled, tf.float32)  # (B, num_labels)
+    if problem == "regression":
+        if config.num_labels == 1:
+            pooled, labels = tf.reshape(pooled, [-1]), tf.reshape(labels, [-1])
+        return [_elementwise(tf.square(pooled - tf.cast(labels, tf.float32)))]
+    if problem == "single_label_classification":
+        target = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        return [_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, tf.ones_like(target, tf.bool))]
+    return [_elementwise(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=pooled))]
+
+
+def question_answering_loss_terms(start_logits, end_logits, start_positions, end_positions) -> list:
+    """Half the start cross entropy plus half the end one; positions outside [0, T) are clamped to T
+    and left out."""
+    T = _dim(start_logits, 1)
+
+    def half(logits, positions):
+        positions = tf.clip_by_value(tf.reshape(tf.cast(positions, tf.int32), [-1]), 0, T)
+        total, count = _cross_entropy(logits, positions, positions != T)
+        return 0.5 * total, count  # halving is exact in float32: the same loss as (start + end) / 2
+
+    return [half(start_logits, start_positions), half(end_logits, end_positions)]
 
 
 def causal_lm_loss(logits: tf.Tensor, labels) -> tf.Tensor:
-    """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
-    V = logits.shape[-1]
-    target = tf.reshape(tf.cast(labels, tf.int32)[:, 1:], [-1])
-    return _mean_cross_entropy(tf.reshape(logits[:, :-1], [-1, V]), target, target != IGNORE_INDEX)
+    return batch_mean(causal_lm_loss_terms(logits, labels))
 
 
 def sequence_classification_loss(pooled: tf.Tensor, labels, config: OPTConfig) -> tf.Tensor:
-    labels = tf.convert_to_tensor(labels)
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype.is_integer:
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    pooled = tf.cast(pooled, tf.float32)
-    if problem == "regression":
-        if config.num_labels == 1:
-            return tf.reduce_mean(tf.square(tf.reshape(pooled, [-1]) - tf.reshape(tf.cast(labels, tf.float32), [-1])))
-        return tf.reduce_mean(tf.square(pooled - tf.cast(labels, tf.float32)))
-    if problem == "single_label_classification":
-        target = tf.reshape(tf.cast(labels, tf.int32), [-1])
-        return _mean_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, tf.ones_like(target, tf.bool))
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=pooled))
+    return batch_mean(sequence_classification_loss_terms(pooled, labels, config))
 
 
 def question_answering_loss(start_logits, end_logits, start_positions, end_positions) -> tf.Tensor:
-    """Mean of start and end cross entropy; positions outside [0, T) are clamped to T and ignored."""
-    T = _dim(start_logits, 1)
-
-    def one(logits, positions):
-        positions = tf.clip_by_value(tf.reshape(tf.cast(positions, tf.int32), [-1]), 0, T)
-        return _mean_cross_entropy(logits, positions, positions != T)
-
-    return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2
+    return batch_mean(question_answering_loss_terms(start_logits, end_logits, start_positions, end_positions))
 
 
 MODEL_CLASSES = {Head.BASE: TFOPTModel, Head.CAUSAL_LM: TFOPTForCausalLM,

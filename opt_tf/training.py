@@ -26,6 +26,14 @@ accumulators, iteration and update counters), `rng.npy` (the state of TF's globa
 tf.random.Generator, which opt_tf's dropout draws from; seeded with cfg.seed by the trainer) and
 `trainer_state.json` (task, step, TrainConfig). A resumed run draws the same dropout masks.
 
+Data parallelism: `TFTrainer(..., strategy=data_parallel_strategy(N))` (tf.distribute: MirroredStrategy
+over local devices, MultiWorkerMirroredStrategy when TF_CONFIG is set) splits every micro-batch by rows
+over the replicas. Each replica's loss is its share of the global batch's (its summed token losses over
+the whole batch's token count, opt_tf.modeling.replica_share), SpecAdamW sums the replicas' gradients
+and every replica applies the same update to its copy: N replicas take exactly the step one device takes
+on the whole batch, however the padding falls. Checkpoints are the same files and resume exactly under
+a strategy (the dropout generator then lives in the strategy's scope, one stream per replica).
+
 The surface matches opt_torch.training.Trainer: `TFTrainer.from_pretrained(dir, task, cfg)`,
 `TFTrainer.from_checkpoint(dir, cfg)`, `.step`, `.train_step(micro_batches)`,
 `.evaluate(dataset, batch_size)`, `.save_checkpoint(dir)`, plus `.fit(batches)` (Keras fit).
@@ -33,6 +41,7 @@ The surface matches opt_torch.training.Trainer: `TFTrainer.from_pretrained(dir, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -112,6 +121,14 @@ class SpecAdamW(keras.optimizers.Optimizer):
         A = cfg.gradient_accumulation_steps
         grads = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads]
         index = [self._get_variable_index(v) for v in trainable_variables]
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Each replica's gradient is that of its share of the global batch's loss
+            # (opt_tf.modeling.replica_share): their sum is the whole batch's gradient. Every replica then
+            # runs the update below on its own copy of the variables (Keras's variables have aggregation
+            # "none": a write in replica context goes to the local copy), the same math on the same
+            # numbers, so the copies stay equal.
+            grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if A == 1:
             self._update(grads, trainable_variables, index)
             return
@@ -164,21 +181,59 @@ class SpecAdamW(keras.optimizers.Optimizer):
 # ------------------------------------------------------------------------------- the Keras model
 class TrainingModel(keras.Model):
     """The OPT model with its own loss as the Keras loss, so `fit` / `train_on_batch` take the
-    batches of opt_spec.data (dicts of input_ids, attention_mask, labels / start and end positions)."""
+    batches of opt_spec.data (dicts of input_ids, attention_mask, labels / start and end positions).
+
+    Its steps are Keras's, except for the loss they report: Keras averages the replicas' losses
+    weighted by their rows, which is the global batch's loss only when the rows split evenly; here
+    the replicas' shares (opt_tf.modeling.replica_share) are summed, which is exact for any split."""
 
     def __init__(self, model: keras.Model, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{model.name}_training"), **kwargs)
         self.opt_model = model
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
+        self.loss_tracker = keras.metrics.Mean(name="loss")
         self.built = True  # every variable exists: the OPT model builds itself when constructed
 
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker]
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: the OPT model builds itself and nothing else is compiled. (Keras's version,
+        under a strategy, first averages the replicas' parts of the first batch to learn its shapes,
+        which fails when the rows do not split evenly over the replicas.)"""
+
     def call(self, batch, training=False):
-        return self.opt_model(dict(batch), training=training, use_cache=False).loss
+        return self.opt_model(dict(batch), training=training, use_cache=False)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        losses = self.losses
-        return y_pred + tf.add_n(losses) if losses else y_pred
+        return self.opt_model.compute_loss(x, y, y_pred, sample_weight, training=training)
+
+    def _track(self, share: tf.Tensor) -> dict:
+        replica = tf.distribute.get_replica_context()
+        total = replica.all_reduce(tf.distribute.ReduceOp.SUM, share) if replica is not None else share
+        self.loss_tracker.update_state(total)
+        loss = self.loss_tracker.result()
+        strategy = tf.distribute.get_strategy()
+        workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+            strategy.extended._in_multi_worker_mode()
+        if workers:  # Keras averages logs over workers along axis 0, which a scalar lacks (tensorflow#72388)
+            loss = loss[None]
+        return {"loss": loss}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            share = self.compute_loss(x, y, self(x, training=True), sample_weight)
+            scaled = self.optimizer.scale_loss(share)
+        grads = tape.gradient(scaled, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        return self._track(share)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return self._track(self.compute_loss(x, y, self(x, training=False), sample_weight, training=False))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -187,23 +242,93 @@ def _as_tf(batch: Mapping, keys: Sequence[str]) -> dict[str, tf.Tensor]:
     return {key: tf.constant(value) for key, value in spec_data.select_inputs(batch, keys).items()}
 
 
-def _mixed(model: keras.Model) -> keras.Model:
-    """The same weights under the mixed_bfloat16 policy (float32 variables, bfloat16 compute)."""
-    if model.dtype_policy.name == "mixed_bfloat16":
-        return model
-    mixed = type(model)(model.config, dtype="mixed_bfloat16", _init=False)
-    mixed.set_weights_dict(model.get_weights_dict())
-    return mixed
+def _scope(strategy: tf.distribute.Strategy | None):
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def _placed(model: keras.Model, strategy: tf.distribute.Strategy | None) -> bool:
+    """Were `model`'s variables created under `strategy` (one copy per replica)?"""
+    return strategy is None or all(getattr(v.value, "distribute_strategy", None) is strategy for v in model.weights)
+
+
+def _rebuilt(model: keras.Model, dtype: str) -> keras.Model:
+    """The same weights in a new model under the `dtype` policy, its variables made in the current scope."""
+    copy = type(model)(model.config, dtype=dtype, _init=False)
+    copy.set_weights_dict(model.get_weights_dict())
+    return copy
+
+
+def _dropout_generator(seed: int, strategy: tf.distribute.Strategy | None) -> tf.random.Generator:
+    """TF's global generator, which opt_tf's dropout draws from, seeded with `seed`.
+
+    Without a strategy it is reset in place (functions traced earlier hold the object). Under one it is
+    a new generator made in the strategy's scope, one state per replica, so each replica draws its own
+    masks, reproducibly; a generator made under a strategy cannot serve a plain trainer, so it is
+    replaced again when one follows."""
+    current = tf.random.get_global_generator()
+    if strategy is None and not isinstance(current.state, tf.distribute.DistributedValues):
+        current.reset_from_seed(seed)
+        return current
+    with _scope(strategy):
+        generator = tf.random.Generator.from_seed(seed)
+    tf.random.set_global_generator(generator)
+    return generator
+
+
+def split_rows(rows: int, replicas: int) -> list[slice]:
+    """The rows of one global batch per replica: contiguous, sizes differing by at most one (a replica
+    may get none). Any split gives the same update: the loss counts against the whole batch."""
+    sizes = [rows // replicas + (i < rows % replicas) for i in range(replicas)]
+    ends = np.cumsum([0, *sizes])
+    return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+
+
+def data_parallel_strategy(replicas: int | None = None) -> tf.distribute.Strategy | None:
+    """The tf.distribute strategy for `replicas` data-parallel replicas (call before TensorFlow runs anything).
+
+    TF_CONFIG set: MultiWorkerMirroredStrategy over every worker's devices (then `replicas`, if given,
+    must be the total it reports). Otherwise MirroredStrategy over the first `replicas` GPUs, or, on a
+    machine without one, over `replicas` logical devices carved from the CPU (same numbers; useful
+    for checking a multi-replica run). None (no strategy) for one replica."""
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"replicas={replicas} must be at least 1")
+    if os.environ.get("TF_CONFIG"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        if replicas is not None and strategy.num_replicas_in_sync != replicas:
+            raise ValueError(f"replicas={replicas}, but the TF_CONFIG cluster has {strategy.num_replicas_in_sync}")
+        return strategy
+    if replicas is None or replicas == 1:
+        return None
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if replicas > len(gpus):
+            raise ValueError(f"replicas={replicas}, but {len(gpus)} GPUs are visible")
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(replicas)])
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError as err:  # TensorFlow has already initialized its devices
+        if len(tf.config.list_logical_devices("CPU")) < replicas:
+            raise RuntimeError(f"replicas={replicas} on the CPU needs logical devices configured before "
+                               f"TensorFlow starts ({err})") from None
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
 
 
 # ------------------------------------------------------------------------------------------ trainer
 class TFTrainer:
     """AdamW fine-tuning of one TF OPT model through Keras (see the module docstring).
 
-    `model` is the OPT model being trained (for bf16, a mixed_bfloat16 copy of the one given).
+    `model` is the OPT model being trained (for bf16, a mixed_bfloat16 copy of the one given; under a
+    strategy, a copy made in its scope unless the one given was).
+
+    `strategy` (a tf.distribute strategy, e.g. `data_parallel_strategy(N)`): data parallelism. Each
+    micro-batch is split by rows over the replicas and every update equals the one-device update on
+    the whole micro-batch (the loss counts against the global batch's tokens, the gradients are
+    summed across replicas); checkpoints are the same files, and resume exactly under a strategy.
     """
 
-    def __init__(self, model: keras.Model, cfg: TrainConfig, task: str | None = None, jit_compile: bool = False):
+    def __init__(self, model: keras.Model, cfg: TrainConfig, task: str | None = None, jit_compile: bool = False,
+                 strategy: tf.distribute.Strategy | None = None):
         self.task = task or next((t for t, h in TASK_HEADS.items() if h == model.head), None)
         if self.task is None or task_head(self.task) != model.head:
             raise ValueError(f"task {self.task} needs a model with a head; got {type(model).__name__}")
@@ -211,19 +336,20 @@ class TFTrainer:
         if bad:
             raise ValueError("train float32 variables (bf16 mixed precision keeps float32 master weights); "
                              f"the model holds {', '.join(bad)}")
-        if cfg.mixed_precision == "bf16":
-            model = _mixed(model)
-        self.model, self.cfg = model, cfg
-        # Dropout masks come from the global generator; reset in place (compiled steps hold the object).
-        self.rng = tf.random.get_global_generator()
-        self.rng.reset_from_seed(cfg.seed)
-        self.keras_model = TrainingModel(model)
-        self.optimizer = SpecAdamW(cfg)
-        variables = variable_map(model)
-        self.optimizer.exclude_from_weight_decay(
-            var_list=[var for spec, var in variables.values() if not applies_weight_decay(spec.kind)])
-        self.keras_model.compile(optimizer=self.optimizer, jit_compile=jit_compile)
-        self.optimizer.build(self.keras_model.trainable_weights)
+        self.strategy, self.cfg = strategy, cfg
+        dtype = "mixed_bfloat16" if cfg.mixed_precision == "bf16" else model.dtype_policy.name
+        with _scope(strategy):
+            if dtype != model.dtype_policy.name or not _placed(model, strategy):
+                model = _rebuilt(model, dtype)
+            self.model = model
+            self.rng = _dropout_generator(cfg.seed, strategy)
+            self.keras_model = TrainingModel(model)
+            self.optimizer = SpecAdamW(cfg)
+            variables = variable_map(model)
+            self.optimizer.exclude_from_weight_decay(
+                var_list=[var for spec, var in variables.values() if not applies_weight_decay(spec.kind)])
+            self.keras_model.compile(optimizer=self.optimizer, jit_compile=jit_compile)
+            self.optimizer.build(self.keras_model.trainable_weights)
         self._keys = ("input_ids", "attention_mask", *TASK_INPUTS[self.task])
         self._forward = tf.function(self._forward_fn, reduce_retracing=True)
 
@@ -235,14 +361,15 @@ class TFTrainer:
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
-                        jit_compile: bool = False) -> "TFTrainer":
+                        jit_compile: bool = False, strategy: tf.distribute.Strategy | None = None) -> "TFTrainer":
         dtype = "mixed_bfloat16" if cfg.mixed_precision == "bf16" else None
-        model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, dtype=dtype)
-        return cls(model, cfg, task, jit_compile)
+        with _scope(strategy):
+            model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, dtype=dtype)
+        return cls(model, cfg, task, jit_compile, strategy)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
-                        jit_compile: bool = False) -> "TFTrainer":
+                        jit_compile: bool = False, strategy: tf.distribute.Strategy | None = None) -> "TFTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
         info = _read_info(directory)
         saved = TrainConfig(**info["train_config"])
@@ -250,7 +377,7 @@ class TFTrainer:
             changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
             raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
                              "resume with the same ones")
-        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile)
+        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy)
         path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)
         with np.load(path) as stored:
             store = {k: stored[k] for k in stored.files}
@@ -275,27 +402,48 @@ class TFTrainer:
         global gradient norm before clipping, and the number of real tokens."""
         micro_batches = micro_batch_list(micro_batches, self.cfg)
         step = self.step
-        losses = [self.keras_model.train_on_batch(x=_as_tf(b, self._keys), return_dict=True)["loss"]
+        losses = [self.keras_model.train_on_batch(x=self._replicated(_as_tf(b, self._keys)), return_dict=True)["loss"]
                   for b in micro_batches]
         tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in micro_batches)
         return {"loss": float(np.mean(losses)), "learning_rate": learning_rate(step, self.cfg),
                 "grad_norm": float(self.optimizer.grad_norm.numpy()), "tokens": tokens}
 
+    def _replicated(self, batch: dict[str, tf.Tensor]):
+        """Under a strategy, the batch split by rows over the replicas (`split_rows`); each worker of a
+        multi-worker strategy holds the same global batch and feeds its own replicas."""
+        if self.strategy is None:
+            return batch
+        parts = split_rows(int(next(iter(batch.values())).shape[0]), self.strategy.num_replicas_in_sync)
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: {k: v[parts[ctx.replica_id_in_sync_group]] for k, v in batch.items()})
+
     def fit(self, batches: Iterable[Mapping[str, np.ndarray]], steps: int, callbacks=None, verbose=0):
-        """Keras `fit` over `steps` updates drawn from an iterable of NumPy micro-batches."""
+        """Keras `fit` over `steps` updates drawn from an iterable of NumPy micro-batches (under a
+        strategy each micro-batch is split over the replicas as in `train_step`)."""
         keys = self._keys
         micro = steps * self.cfg.gradient_accumulation_steps
-
-        def generator():
-            for batch in batches:
-                yield {k: np.asarray(batch[k]) for k in keys}
-
         first = next(iter(batches))
         signature = {k: tf.TensorSpec((None,) * np.asarray(first[k]).ndim,
                                       tf.int64 if np.issubdtype(np.asarray(first[k]).dtype, np.integer) else tf.float32)
                      for k in keys}
-        dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
-        return self.keras_model.fit(dataset, epochs=1, steps_per_epoch=micro, callbacks=callbacks, verbose=verbose,
+
+        def dataset(replicas=(0,), of=1):
+            """The rows of `replicas` (in order, one element each) of every micro-batch."""
+            def generator():
+                for batch in batches:
+                    parts = split_rows(len(batch[keys[0]]), of)
+                    for r in replicas:
+                        yield {k: np.asarray(batch[k])[parts[r]] for k in keys}
+            return tf.data.Dataset.from_generator(generator, output_signature=signature)
+
+        data = dataset()
+        if self.strategy is not None:
+            def for_pipeline(ctx: tf.distribute.InputContext):  # one pipeline per worker, feeding its replicas
+                local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+                first_replica = ctx.input_pipeline_id * local
+                return dataset(range(first_replica, first_replica + local), ctx.num_replicas_in_sync)
+            data = self.strategy.distribute_datasets_from_function(for_pipeline)
+        return self.keras_model.fit(data, epochs=1, steps_per_epoch=micro, callbacks=callbacks, verbose=verbose,
                                     shuffle=False)
 
     def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:

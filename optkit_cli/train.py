@@ -4,7 +4,7 @@
                  [--eval-data FILE] --backend torch|tf|flax --output DIR [--steps N] [--batch-size B]
                  [--seq-len T] [--lr LR] [--warmup N] [--schedule linear|cosine|constant]
                  [--weight-decay WD] [--max-grad-norm G] [--grad-accum K] [--bf16] [--save-every N]
-                 [--eval-every N] [--resume CHECKPOINT] [--seed S]
+                 [--eval-every N] [--resume CHECKPOINT] [--seed S] [--replicas N (tf)]
 
 Data (see opt_spec.data): causal_lm reads plain-text files, packed into blocks of --seq-len tokens;
 sequence_classification reads JSONL {"text", "label"}; question_answering reads SQuAD-style JSONL
@@ -16,6 +16,12 @@ grad_norm, tokens, tokens_per_s; and per evaluation, kind "eval"), OUTPUT/checkp
 --save-every updates and OUTPUT/final: Hugging Face folders (with the tokenizer files) plus the
 backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues such a run exactly
 (same settings; the batches continue where they stopped).
+
+--replicas N (tf backend): data parallelism with tf.distribute, MirroredStrategy over N local devices
+(the first N GPUs, or N logical devices carved from the CPU), or MultiWorkerMirroredStrategy across
+machines when TF_CONFIG is set (then N, if given, is the total number of replicas). --batch-size is
+the global micro-batch, split by rows over the replicas; each update equals one device's on the whole
+batch. Under several workers only the chief writes metrics and checkpoints.
 
 Each backend's `opt_<backend>.training` module provides the trainer (the same small surface:
 from_pretrained, from_checkpoint, step, train_step, evaluate, save_checkpoint).
@@ -62,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per update (default 1)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (float32 weights)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="tf: data-parallel replicas (tf.distribute); --batch-size is split over them")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N updates (0: only final)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N updates (0: at the end)")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B", help="default: --batch-size")
@@ -108,6 +116,10 @@ def _check(args) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.resume and not os.path.isdir(args.resume):
         raise CLIError(f"--resume {args.resume}: not a folder")
+    if args.replicas is not None and args.backend != "tf":
+        raise CLIError(f"--replicas is the tf backend's data parallelism (tf.distribute), not {args.backend}'s")
+    if args.replicas is not None and args.replicas < 1:
+        raise CLIError(f"--replicas must be at least 1, got {args.replicas}")
 
 
 def _save(trainer, directory: str, model_dir: str) -> None:
@@ -159,6 +171,15 @@ def run(args, console: Console) -> int:
     kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
     if args.gradient_checkpointing and args.backend != "torch":
         raise CLIError("--gradient-checkpointing is offered by the torch backend only")
+    chief = True
+    if args.backend == "tf" and (args.replicas is not None or os.environ.get("TF_CONFIG")):
+        try:  # before TensorFlow runs anything: CPU replicas are logical devices fixed at start-up
+            strategy = importlib.import_module("opt_tf.training").data_parallel_strategy(args.replicas)
+        except (ValueError, RuntimeError) as err:
+            raise CLIError(f"--replicas {args.replicas}: {err}") from None
+        if strategy is not None:
+            kwargs["strategy"] = strategy
+            chief = strategy.extended.should_checkpoint  # the one worker that writes (tf.distribute's choice)
     with console.step(f"loading the {args.backend} trainer"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.resume:
@@ -175,7 +196,8 @@ def run(args, console: Console) -> int:
     stream = spec_data.BatchStream(train_set, args.batch_size, seed=args.seed)
     eval_batch = args.eval_batch_size or args.batch_size
     accum = args.grad_accum
-    log = open(os.path.join(args.output, METRICS_FILE), "a" if args.resume else "w", encoding="utf-8")
+    log = open(os.path.join(args.output, METRICS_FILE) if chief else os.devnull, "a" if args.resume else "w",
+               encoding="utf-8")
 
     def write(record: dict) -> None:
         log.write(json.dumps(record) + "\n")
@@ -209,7 +231,7 @@ def run(args, console: Console) -> int:
             if eval_set is not None and args.eval_every and step % args.eval_every == 0:
                 evaluate(step)
                 last_eval = step
-            if args.save_every and step % args.save_every == 0:
+            if chief and args.save_every and step % args.save_every == 0:
                 _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model)
     finally:
         bar.close()
@@ -217,7 +239,8 @@ def run(args, console: Console) -> int:
     if eval_set is not None and last_eval != trainer.step:
         evaluate(trainer.step)
     final = os.path.join(args.output, "final")
-    _save(trainer, final, args.model)
+    if chief:
+        _save(trainer, final, args.model)
     log.close()
     console.info(f"trained {trainer.step - start} updates; model and trainer state in {final}, "
                  f"metrics in {os.path.join(args.output, METRICS_FILE)}")
