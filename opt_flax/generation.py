@@ -178,6 +178,8 @@ class GenerationMixin:
         ids = jnp.asarray(ids)
         new, length = self._generation_fn(static)(params, ids, jnp.asarray(mask), _knobs(cfg), jax.random.key(seed))
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
+        if self.sharding is not None:  # new tokens are split over the mesh (and perhaps over processes)
+            return jnp.asarray(np.concatenate([np.asarray(ids), self.sharding.gather(new)[:, :n]], axis=1))
         return jnp.concatenate([ids, new[:, :n]], axis=1)
 
     def _generation_inputs(self, input_ids, attention_mask, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +204,16 @@ class GenerationMixin:
         fns = self.__dict__.setdefault("_generation_fns", {})
         if static not in fns:
             decode = self._beam_search if static.num_beams > 1 else self._decode
-            fns[static] = jax.jit(lambda params, ids, mask, knobs, key: decode(static, params, ids, mask, knobs, key))
+
+            def fn(params, ids, mask, knobs, key):
+                return decode(static, params, ids, mask, knobs, key)
+
+            if self.sharding is None:
+                fns[static] = jax.jit(fn)
+            else:  # explicit shardings, batch on fsdp, the cache on (batch, heads) (opt_flax.distributed)
+                from .distributed import generation_fn
+
+                fns[static] = generation_fn(self, fn, static.batch)
         return fns[static]
 
     def _count_trace(self) -> None:

@@ -129,9 +129,10 @@ class FlaxOPTPreTrainedModel:
     """
 
     head: Head = Head.BASE
+    sharding = None  # an opt_flax.distributed.MeshPlan when the model is laid out on a mesh
 
     def __init__(self, config: OPTConfig, params: Mapping | None = None, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, seed: int = 0, precision="auto"):
+                 param_dtype=jnp.float32, seed: int = 0, precision="auto", mesh=None):
         if not isinstance(config, OPTConfig):
             raise TypeError(f"config must be an OPTConfig, got {type(config).__name__}")
         self.config = config
@@ -147,6 +148,10 @@ class FlaxOPTPreTrainedModel:
         else:
             check_params(params, config, self.head)
         self.params = params
+        if mesh is not None:  # every call, generate and save then runs sharded (opt_flax.distributed)
+            from .distributed import shard_model
+
+            shard_model(self, mesh)
 
     # --------------------------------------------------------------------------- construction
     def init_params(self, seed: int = 0) -> dict:
@@ -158,13 +163,13 @@ class FlaxOPTPreTrainedModel:
 
     @classmethod
     def from_config(cls, config: OPTConfig, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                    precision="auto"):
+                    precision="auto", mesh=None):
         """A freshly initialized model: normal(0, init_std) weights, zero biases and pad row, unit LN."""
-        return cls(config, dtype=dtype, param_dtype=param_dtype, seed=seed, precision=precision)
+        return cls(config, dtype=dtype, param_dtype=param_dtype, seed=seed, precision=precision, mesh=mesh)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
-                        config: OPTConfig | None = None, seed: int = 0, precision="auto", *,
+                        config: OPTConfig | None = None, seed: int = 0, precision="auto", *, mesh=None,
                         revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not); no torch involved.
 
@@ -173,6 +178,9 @@ class FlaxOPTPreTrainedModel:
         precision goes to every matrix product: "auto" (default) is "highest" for float32 compute, so
         float32 means float32 on GPUs too (matching PyTorch), and JAX's default for half precision;
         None is JAX's default (TF32 products for float32 on recent GPUs, faster and less exact).
+        mesh (a jax.sharding.Mesh with axes "fsdp" and "tp", see opt_flax.distributed.make_mesh): every
+        device reads only its block of each weight from the memory-mapped file, and `model.bytes_read`
+        holds the bytes read per weight over this process's devices.
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
@@ -191,6 +199,15 @@ class FlaxOPTPreTrainedModel:
         fresh = {w.name for w in plan.fresh}
 
         param_dtype = resolve_dtype(param_dtype)
+        if mesh is not None:
+            from .distributed import MeshPlan, load_params
+
+            stats: dict[str, int] = {}
+            makers = {w.name: (lambda w=w: init_weight(w, config, seed, param_dtype)) for w in plan.fresh}
+            params = load_params(MeshPlan(mesh, config, cls.head), tensors, makers, param_dtype, stats)
+            model = cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision, mesh=mesh)
+            model.bytes_read = stats
+            return model
         params: dict = {}
         for spec in _params_table(config, cls.head):
             if spec.name in fresh:
@@ -203,7 +220,12 @@ class FlaxOPTPreTrainedModel:
     def save_pretrained(self, path: str | os.PathLike, params: Mapping | None = None,
                         max_shard_size: int | str = "5GB") -> list[str]:
         """Writes config.json and model.safetensors (or shards with an index) that opt_torch and
-        Hugging Face's PyTorch OPT load unchanged; a tied LM head is not stored."""
+        Hugging Face's PyTorch OPT load unchanged; a tied LM head is not stored. A sharded model
+        gathers one tensor at a time (opt_flax.distributed.save_pretrained)."""
+        if self.sharding is not None:
+            from .distributed import save_pretrained
+
+            return save_pretrained(self, path, params, max_shard_size)
         arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
         config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("Flax"),
                                                 str(np.dtype(next(iter(arrays.values())).dtype)))
@@ -215,6 +237,10 @@ class FlaxOPTPreTrainedModel:
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} is past the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if self.sharding is not None:  # laid out (batch, heads) over the mesh
+            from .distributed import zeros_cache
+
+            return zeros_cache(self, batch_size, max_length)
         return KVCache.zeros(self.config, batch_size, max_length, self.dtype)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
@@ -275,12 +301,17 @@ class FlaxOPTPreTrainedModel:
                                                           or self.config.layerdrop):
             raise ValueError("deterministic=False needs dropout_rng (a jax.random key) for dropout")
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        if self.sharding is not None:
+            from .distributed import apply
+
+            return apply(self, params, deterministic, rngs, kwargs)
         return self.module.apply({"params": self.params if params is None else params},
                                  deterministic=deterministic, rngs=rngs, **kwargs)
 
     def __repr__(self) -> str:
+        mesh = "" if self.sharding is None else f", mesh=fsdp {self.sharding.fsdp} x tp {self.sharding.tp}"
         return (f"{type(self).__name__}(layers={self.config.num_hidden_layers}, hidden={self.config.hidden_size}, "
-                f"dtype={self.dtype.name}, param_dtype={self.param_dtype.name})")
+                f"dtype={self.dtype.name}, param_dtype={self.param_dtype.name}{mesh})")
 
 
 class FlaxOPTModel(FlaxOPTPreTrainedModel):

@@ -21,6 +21,12 @@ A checkpoint is one folder: the Hugging Face directory (config.json, model.safet
 `trainer_state.json` (task, step, TrainConfig), the same surface as opt_torch.training.Trainer:
 `FlaxTrainer.from_pretrained(dir, task, cfg)`, `FlaxTrainer.from_checkpoint(dir, cfg)`, `.step`,
 `.train_step(micro_batches)`, `.evaluate(dataset, batch_size)`, `.save_checkpoint(dir)`.
+
+On many devices (`FlaxTrainer(model, cfg, mesh=mesh)`, or any of the constructors with mesh=): the
+parameters, gradients and Adam moments are split by opt_spec.parallel's table, batches over fsdp,
+and every step is a jit with explicit shardings (opt_flax.distributed). Such a trainer saves its
+optimizer state with Orbax (`trainer_state.orbax/`, each device writing its blocks) instead of
+msgpack; either kind of checkpoint resumes on any mesh or on one device.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from .pretrained import MODEL_CLASSES, _params_table
 
 CONVENTION = "flax"
 STATE_FILE = "trainer_state.msgpack"
+STATE_DIR = "trainer_state.orbax"  # the optimizer state of a trainer on a mesh (opt_flax.distributed)
 INFO_FILE = "trainer_state.json"
 
 
@@ -130,16 +137,18 @@ class StepFunctions(NamedTuple):
     apply: Any     # (params, opt_state, grad_sum, n) -> (params, opt_state, global norm)
     fused: Any     # (params, opt_state, batch, rng) -> (params, opt_state, rng, loss, global norm)
     forward: Any   # (params, batch) -> model output, dropout off
+    gradients: Any = None  # (params, batch) -> (loss, grads), dropout off
 
 
 _STEP_FUNCTIONS: dict = {}  # insertion-ordered: the oldest entry goes first when it is full
 _MAX_STEP_FUNCTIONS = 8
 
 
-def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig) -> StepFunctions:
-    """Built once per (head, config, compute dtype, precision, cfg), so that trainers of the same
-    model and settings (a resumed one, one per evaluation) reuse the compiled programs."""
-    key = (Head(head), config, jnp.dtype(dtype).name, precision, cfg)
+def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, sharding=None) -> StepFunctions:
+    """Built once per (head, config, compute dtype, precision, cfg, mesh), so that trainers of the same
+    model and settings (a resumed one, one per evaluation) reuse the compiled programs. With a
+    sharding (opt_flax.distributed.MeshPlan) every program is jitted with explicit shardings."""
+    key = (Head(head), config, jnp.dtype(dtype).name, precision, cfg, sharding.key if sharding is not None else None)
     if key in _STEP_FUNCTIONS:
         return _STEP_FUNCTIONS[key]
     module = MODULE_CLASSES[Head(head)](config, dtype=dtype, param_dtype=jnp.float32, precision=precision)
@@ -166,10 +175,19 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig) -> St
     def forward(params, batch):
         return module.apply({"params": params}, **batch, deterministic=True)
 
+    def gradients(params, batch):
+        return jax.value_and_grad(lambda p: forward(p, batch).loss)(params)
+
     # Parameters and optimizer state are updated in place on accelerators (CPUs cannot donate buffers).
     donate = (0, 1) if jax.default_backend() != "cpu" else ()
-    fns = StepFunctions(module, tx, loss, jax.jit(grad), jax.jit(apply, static_argnums=3, donate_argnums=donate),
-                        jax.jit(fused, donate_argnums=donate), jax.jit(forward))
+    if sharding is None:
+        fns = StepFunctions(module, tx, loss, jax.jit(grad), jax.jit(apply, static_argnums=3, donate_argnums=donate),
+                            jax.jit(fused, donate_argnums=donate), jax.jit(forward), jax.jit(gradients))
+    else:
+        from .distributed import step_functions as sharded_step_functions
+
+        fns = StepFunctions(module, tx, loss, **sharded_step_functions(sharding, tx, grad, apply, fused, forward,
+                                                                       gradients, donate))
     if len(_STEP_FUNCTIONS) >= _MAX_STEP_FUNCTIONS:
         del _STEP_FUNCTIONS[next(iter(_STEP_FUNCTIONS))]
     _STEP_FUNCTIONS[key] = fns
@@ -189,7 +207,7 @@ class FlaxTrainer:
     model work at any point.
     """
 
-    def __init__(self, model, cfg: TrainConfig, task: str | None = None):
+    def __init__(self, model, cfg: TrainConfig, task: str | None = None, mesh=None):
         self.task = task or next((t for t, h in TASK_HEADS.items() if h == model.head), None)
         if self.task is None or task_head(self.task) != model.head:
             raise ValueError(f"task {self.task} needs a model with a head; got {type(model).__name__}")
@@ -197,46 +215,88 @@ class FlaxTrainer:
         if bad:
             raise ValueError(f"train float32 parameters (bf16 mixed precision keeps float32 master weights); "
                              f"the model holds {', '.join(sorted(bad))}")
+        if mesh is not None and (model.sharding is None or model.sharding.mesh != mesh):
+            from .distributed import shard_model
+
+            shard_model(model, mesh)
+        self.sharding = model.sharding  # None on one device
         self.model, self.cfg = model, cfg
         head = model.head
         if cfg.mixed_precision == "bf16":
             compute, precision = jnp.bfloat16, None
         else:
             compute, precision = model.dtype, model.precision
-        self.fns = step_functions(head, model.config, compute, precision, cfg)
+        self.fns = step_functions(head, model.config, compute, precision, cfg, self.sharding)
         self.module, self.tx = self.fns.module, self.fns.tx
         self.params = jax.tree_util.tree_map(jnp.asarray, model.params)
-        self.opt_state = self.tx.init(self.params)
         self.rng = jax.random.PRNGKey(cfg.seed)
+        if self.sharding is None:
+            self.opt_state = self.tx.init(self.params)
+        else:
+            sh = self.sharding
+            self.opt_state = sh.jit(self.tx.init, (sh.params(),), sh.opt_state(self.tx))(self.params)
+            self.rng = sh.put(self.rng, sh.replicated)
         self.step = 0
         self._keys = ("input_ids", "attention_mask", *TASK_INPUTS[self.task])
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None) -> "FlaxTrainer":
-        model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config)
+    def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
+                        mesh=None) -> "FlaxTrainer":
+        model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, mesh=mesh)
         return cls(model, cfg, task)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None) -> "FlaxTrainer":
-        """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
+    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None, mesh=None) -> "FlaxTrainer":
+        """A trainer that continues exactly where `save_checkpoint(directory)` left off, on `mesh` (None:
+        one device) whatever the mesh it was saved from."""
         info = _read_info(directory)
         saved = TrainConfig(**info["train_config"])
         if cfg is not None and cfg != saved:
             changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
             raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
                              "resume with the same ones")
-        model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory)
+        model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory, mesh=mesh)
         trainer = cls(model, saved, info["task"])
+        if info.get("state") == "orbax":
+            trainer._restore_orbax(directory)
+            trainer.step = int(info["step"])
+            return trainer
         state = read_state_file(os.path.join(os.fspath(directory), STATE_FILE), trainer._state_template())
         trainer.opt_state = state["opt_state"]
         trainer.rng = jnp.asarray(state["rng"], jnp.uint32)
+        if trainer.sharding is not None:  # a one-device checkpoint resumed on a mesh
+            sh = trainer.sharding
+            trainer.opt_state = jax.tree_util.tree_map(sh.put, trainer.opt_state, sh.opt_state(trainer.tx))
+            trainer.rng = sh.put(trainer.rng, sh.replicated)
         trainer.step = int(state["step"])
         if trainer.step != info["step"]:
             raise ValueError(f"{directory}: {STATE_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
         return trainer
 
     resume = from_checkpoint
+
+    def _restore_orbax(self, directory) -> None:
+        from .distributed import restore_state
+
+        if self.sharding is not None:
+            shardings, rng_sharding = self.sharding.opt_state(self.tx), self.sharding.replicated
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings, rng_sharding = jax.tree_util.tree_map(lambda _: device, self.opt_state), device
+        self.opt_state, self.rng = restore_state(os.path.join(os.fspath(directory), STATE_DIR), self.opt_state,
+                                                 shardings, rng_sharding)
+
+    def _inputs(self, batch: Mapping[str, np.ndarray], process_local: bool = False) -> dict:
+        """A batch as JAX arrays; on a mesh split over fsdp (process_local: this process's rows of the
+        global batch, else the whole batch on every process)."""
+        if self.sharding is None:
+            return _as_jax(batch, self._keys)
+        return {k: self.sharding.put_batch(v, process_local)
+                for k, v in spec_data.select_inputs(batch, self._keys).items()}
+
+    def _host(self, x) -> np.ndarray:
+        return np.asarray(x) if self.sharding is None else self.sharding.gather(x)
 
     # ----------------------------------------------------------------------------------- training
     def train_step(self, micro_batches: Sequence[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray]) -> dict:
@@ -245,8 +305,12 @@ class FlaxTrainer:
         and the number of real tokens."""
         micro_batches = micro_batch_list(micro_batches, self.cfg)
         n = len(micro_batches)
-        batches = [_as_jax(b, self._keys) for b in micro_batches]
+        batches = [self._inputs(b, process_local=True) for b in micro_batches]
         tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in micro_batches)
+        if jax.process_count() > 1:  # every process's rows
+            from jax.experimental import multihost_utils
+
+            tokens = int(np.sum(multihost_utils.process_allgather(np.int64(tokens))))
         lr = learning_rate(self.step, self.cfg)
         fns = self.fns
         if n == 1:
@@ -267,13 +331,8 @@ class FlaxTrainer:
 
     def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, dict]:
         """(loss, gradient tree) of one batch with dropout off, at the current parameters."""
-        inputs = _as_jax(batch, self._keys)
-
-        def loss_fn(params):
-            return self.module.apply({"params": params}, **inputs, deterministic=True).loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(self.params)
-        return float(loss), grads
+        loss, grads = self.fns.gradients(self.params, self._inputs(batch))
+        return float(self._host(loss)), grads
 
     # --------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: spec_data.Dataset, batch_size: int = 8) -> dict[str, float]:
@@ -281,9 +340,9 @@ class FlaxTrainer:
         return spec_training.evaluate(self.task, dataset, batch_size, self._eval_outputs)
 
     def _eval_outputs(self, batch) -> dict:
-        out = self.fns.forward(self.params, _as_jax(batch, self._keys))
-        return {"loss": float(out.loss),
-                **{k: np.asarray(getattr(out, k), np.float32) for k in spec_training.EVAL_OUTPUTS[self.task]}}
+        out = self.fns.forward(self.params, self._inputs(batch))
+        return {"loss": float(self._host(out.loss)),
+                **{k: self._host(getattr(out, k)).astype(np.float32) for k in spec_training.EVAL_OUTPUTS[self.task]}}
 
     # -------------------------------------------------------------------------------- checkpoints
     def _state_template(self) -> dict:
@@ -294,6 +353,16 @@ class FlaxTrainer:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory, params=self.params)
+        if self.sharding is not None:  # the optimizer state stays split: Orbax, every device its blocks
+            from .distributed import save_state, sync_processes
+
+            save_state(os.path.join(directory, STATE_DIR), self.opt_state, self.rng)
+            info = {"backend": "flax", "task": self.task, "step": self.step, "state": "orbax",
+                    "train_config": dataclasses.asdict(self.cfg)}
+            if jax.process_index() == 0:
+                _write_atomic(os.path.join(directory, INFO_FILE), json.dumps(info, indent=2).encode())
+            sync_processes("trainer-checkpoint")  # every process returns once the checkpoint is complete
+            return directory
         state = {"opt_state": jax.device_get(self.opt_state), "rng": np.asarray(self.rng), "step": self.step}
         _write_atomic(os.path.join(directory, STATE_FILE), flax.serialization.to_bytes(state))
         info = {"backend": "flax", "task": self.task, "step": self.step,
@@ -345,8 +414,10 @@ def read_state_file(path: str, template: dict) -> dict:
 def _read_info(directory) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, INFO_FILE)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, STATE_FILE)):
-        raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE}")
+    has_state = os.path.isfile(os.path.join(directory, STATE_FILE)) or os.path.isdir(os.path.join(directory, STATE_DIR))
+    if not os.path.isfile(path) or not has_state:
+        raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE} "
+                                f"(or {STATE_DIR})")
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     if info.get("backend") != "flax":

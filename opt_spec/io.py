@@ -572,10 +572,19 @@ def save_safetensors_dir(directory: str | os.PathLike, tensors: Mapping[str, np.
                          config_dict: Mapping | None = None, max_shard_size: int | str = "5GB") -> list[str]:
     """Writes a Hugging Face directory: model.safetensors, or shards with an index when the tensors
     exceed max_shard_size. Stale weight files from an earlier save are removed. Returns the files."""
+    entries = [(n, tuple(a.shape), np.dtype(a.dtype), (lambda a=a: a)) for n, a in tensors.items()]
+    return save_safetensors_entries(directory, entries, config_dict, max_shard_size)
+
+
+def save_safetensors_entries(directory: str | os.PathLike, entries: Iterable[TensorEntry],
+                             config_dict: Mapping | None = None, max_shard_size: int | str = "5GB") -> list[str]:
+    """save_safetensors_dir for tensors made on demand, (name, shape, dtype, make) in order: each is
+    made, written and dropped before the next, so a model held elsewhere (on accelerators, split over
+    many) is written with one tensor in host memory at a time."""
     directory = os.fspath(directory)
-    names = list(tensors)
-    sizes = [(n, int(np.prod(tensors[n].shape, dtype=np.int64)) * np.dtype(tensors[n].dtype).itemsize)
-             for n in names]
+    entries = {e[0]: e for e in entries}
+    sizes = [(n, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+             for n, (_, shape, dtype, _) in entries.items()]
     shards = plan_shards(sizes, max_shard_size)
     if len(shards) == 1:
         files = {SAFE_WEIGHTS_NAME: shards[0]}
@@ -583,7 +592,8 @@ def save_safetensors_dir(directory: str | os.PathLike, tensors: Mapping[str, np.
         files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
     stale = stale_weight_files(directory, keep=[*files, SAFE_INDEX_NAME] if len(files) > 1 else files)
     for fname, shard in files.items():
-        write_safetensors(os.path.join(directory, fname), ((n, tensors[n]) for n in shard))
+        with atomic_path(os.path.join(directory, fname)) as tmp:
+            write_safetensors_stream(tmp, [entries[n] for n in shard])
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(b for _, b in sizes)},
                  "weight_map": {n: f for f, shard in files.items() for n in shard}}

@@ -76,12 +76,13 @@ def canonical_split(spec: WeightSpec) -> Split:
     return matrix
 
 
-def output_split(spec: WeightSpec) -> str | None:
-    """The mesh axis of a linear layer's output features: TP for a column-parallel layer, else None.
-    A backend constrains that activation's last dimension to it."""
+def output_split(plan: "ShardingPlan", spec: WeightSpec) -> str | None:
+    """The mesh axis of a linear layer's output features under a plan: TP when the plan splits its
+    output rows on tp (column-parallel), else None. A backend constrains that activation's last
+    dimension to it."""
     if spec.kind is not WeightKind.LINEAR_WEIGHT:
         raise ValueError(f"{spec.name} is a {spec.kind.value}, not a linear weight")
-    return TP if canonical_split(spec)[0] == TP else None
+    return TP if plan.splits[spec.name][0] == TP else None
 
 
 COLUMN, ROW, VOCAB = "column", "row", "vocab"  # Megatron's names for what tp splits in one layer

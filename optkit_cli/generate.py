@@ -13,7 +13,7 @@ from opt_spec.tokenizer import left_pad
 
 from .checkpoints import load_tokenizer, resolve_model, with_safetensors
 from .common import CLIError, Console
-from .runners import DTYPES, load_runner
+from .runners import DTYPES, load_runner, mesh_option
 from .sampling import generate_loop
 
 
@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text to continue (needs a tokenizer), or token ids such as '2 100 7' "
                         "(used as given: OPT prompts start with 2)")
     p.add_argument("--backend", default="torch", help="torch (default), tf or flax")
+    p.add_argument("--mesh", metavar="fsdp=F,tp=T",
+                   help="lay the model out over F x T devices with jax.sharding (flax backend): fsdp splits the "
+                        "batch and every weight's other dimension, tp the attention heads and the FFN (a CPU-only "
+                        "machine simulates the devices)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--tokenizer", metavar="DIR",
                    help="folder with tokenizer.json or vocab.json + merges.txt (default: the model folder)")
@@ -142,8 +146,10 @@ def run(args, console: Console) -> int:
 
     if args.backend != "torch":  # torch also reads pytorch_model.bin; the others read safetensors
         source = with_safetensors(source, console)
-    with console.step(f"loading {source.describe()} into {args.backend} ({args.dtype})"):
-        runner, _ = load_runner(args.backend, source.load_path, args.dtype)
+    mesh = mesh_option(getattr(args, "mesh", None), args.backend)
+    where = "" if mesh is None else f" on a mesh fsdp={mesh['fsdp']} x tp={mesh['tp']}"
+    with console.step(f"loading {source.describe()} into {args.backend} ({args.dtype}){where}"):
+        runner, _ = load_runner(args.backend, source.load_path, args.dtype, mesh=mesh)
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else 1
     options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,

@@ -31,7 +31,7 @@ from opt_spec.tokenizer import TokenizerUnavailableError
 
 from .checkpoints import load_tokenizer, resolve_model, with_safetensors
 from .common import CLIError, Console
-from .runners import DTYPES, BackendNotReady, install_hint, load_runner
+from .runners import DTYPES, BackendNotReady, install_hint, load_runner, mesh_option
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 2.0}
 DEFAULT_PROMPTS = ("Hello, my name is", "The capital of France is",
@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=16, metavar="T",
                    help="tokens per row of the random batch used without a tokenizer (default 16)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random batch")
+    p.add_argument("--mesh", metavar="fsdp=F,tp=T",
+                   help="also run the flax backend sharded over F x T devices (jax.sharding) and compare it with "
+                        "the unsharded backends: a CI gate for a sharding plan (a CPU-only machine simulates the "
+                        "devices)")
 
 
 def parse_backends(text: str) -> list[str]:
@@ -102,10 +106,11 @@ def make_batch(args, source, console: Console) -> tuple[np.ndarray, np.ndarray, 
     return ids, mask, what
 
 
-def run_backend(name: str, path: str, dtype: str, ids, mask) -> tuple[dict, np.ndarray | None]:
-    entry = {"backend": name, "status": "ok"}
+def run_backend(name: str, path: str, dtype: str, ids, mask, mesh: dict | None = None,
+                label: str | None = None) -> tuple[dict, np.ndarray | None]:
+    entry = {"backend": label or name, "status": "ok"}
     try:
-        runner, entry["import_s"] = load_runner(name, path, dtype)
+        runner, entry["import_s"] = load_runner(name, path, dtype, mesh=mesh)
     except (BackendUnavailableError, BackendNotReady) as err:
         return {**entry, "status": "skipped", "reason": str(err), "install": install_hint(name)}, None
     except Exception as err:  # a checkpoint this backend cannot load is a parity failure, not a crash
@@ -148,13 +153,21 @@ def run(args, console: Console) -> int:
     source = with_safetensors(resolve_model(args, console), console)
     ids, mask, what = make_batch(args, source, console)
 
+    runs = [(name, name, None) for name in names]  # (label, backend, mesh)
+    mesh = mesh_option(getattr(args, "mesh", None))
+    if mesh is not None:  # the sharded flax run, compared with every unsharded one (flax's included)
+        if "flax" not in names:
+            runs.append(("flax", "flax", None))
+        runs.append((f"flax[fsdp={mesh['fsdp']},tp={mesh['tp']}]", "flax", mesh))
+
     results, logits = [], {}
-    for name in names:
-        console.info(f"{name}: loading {source.load_path} ({args.dtype}) and running the batch ...")
-        entry, out = run_backend(name, source.load_path, args.dtype, ids, mask)
+    for label, name, on in runs:
+        console.info(f"{label}: loading {source.load_path} ({args.dtype}) and running the batch ...")
+        sharded = {} if on is None else {"mesh": on, "label": label}
+        entry, out = run_backend(name, source.load_path, args.dtype, ids, mask, **sharded)
         results.append(entry)
         if out is not None:
-            logits[name] = out
+            logits[label] = out
         elif entry["status"] == "skipped":
             console.info(f"  skipped: {entry['reason']}")
         else:

@@ -4,16 +4,23 @@ Each backend is imported only when asked for (through opt_spec.backend), so `opt
 installed never touches TensorFlow or JAX. A backend whose framework is missing raises
 BackendUnavailableError (its message names the extra to install); one whose package does not import
 or lacks the model class raises BackendNotReady.
+
+`--mesh fsdp=2,tp=4` (generate, parity, train) lays the flax backend's model out over devices with
+jax.sharding (opt_flax.distributed); `mesh_option` checks it and, unless JAX has already started, lets
+a CPU-only machine simulate that many devices.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 
 import numpy as np
 
 from opt_spec.backend import BACKENDS, EXTRAS, BackendUnavailableError, backend_name, is_available
+
+from .common import CLIError
 
 MODEL_CLASSES = {"torch": "OPTForCausalLM", "tf": "TFOPTForCausalLM", "flax": "FlaxOPTForCausalLM"}
 DTYPES = ("float32", "float16", "bfloat16")
@@ -51,11 +58,15 @@ class Runner:
 
     name = ""
 
-    def __init__(self, cls, path: str, dtype: str):
+    def __init__(self, cls, path: str, dtype: str, mesh: dict | None = None):
         self.dtype = dtype
         start = time.perf_counter()
-        self.model = cls.from_pretrained(path, dtype=dtype)
+        options = {} if mesh is None else {"mesh": self.make_mesh(mesh)}
+        self.model = cls.from_pretrained(path, dtype=dtype, **options)
         self.load_s = time.perf_counter() - start
+
+    def make_mesh(self, mesh: dict):
+        raise CLIError(f"--mesh: the {self.name} backend does not shard over devices (the flax backend does)")
 
     # Framework arrays <-> NumPy.
     def to_native(self, array: np.ndarray):
@@ -141,13 +152,50 @@ class FlaxRunner(Runner):
 
         return jnp.asarray(np.asarray(array, dtype=np.int32))
 
+    def make_mesh(self, mesh: dict):
+        return flax_mesh(mesh)
+
 
 RUNNERS = {"torch": TorchRunner, "tf": TFRunner, "flax": FlaxRunner}
 
 
-def load_runner(name: str, path: str, dtype: str) -> tuple[Runner, float]:
-    """(runner, import seconds). Raises BackendUnavailableError / BackendNotReady before loading."""
+def load_runner(name: str, path: str, dtype: str, mesh: dict | None = None) -> tuple[Runner, float]:
+    """(runner, import seconds). Raises BackendUnavailableError / BackendNotReady before loading.
+    mesh ({"fsdp": F, "tp": T}, see mesh_option) loads the model sharded over F x T devices."""
     start = time.perf_counter()
     _, cls = import_backend(name)
     import_s = time.perf_counter() - start
-    return RUNNERS[backend_name(name)](cls, path, dtype), import_s
+    return RUNNERS[backend_name(name)](cls, path, dtype, mesh), import_s
+
+
+def mesh_option(text: str | None, backend: str = "flax") -> dict | None:
+    """--mesh 'fsdp=2,tp=4' -> {"fsdp": 2, "tp": 4} (None when not given), for the flax backend only.
+
+    JAX fixes its device count when it starts: unless XLA_FLAGS says otherwise, a machine without
+    accelerators then simulates fsdp x tp CPU devices (accelerators, where present, are used instead)."""
+    if text is None:
+        return None
+    from opt_spec.parallel import parse_mesh
+
+    if backend_name(backend) != "flax":
+        raise CLIError(f"--mesh: sharding a model over devices is offered by the flax backend (jax.sharding), "
+                       f"not {backend}")
+    try:
+        mesh = parse_mesh(text)
+    except ValueError as err:
+        raise CLIError(f"--mesh: {err}") from None
+    count = mesh["fsdp"] * mesh["tp"]
+    flags = os.environ.get("XLA_FLAGS", "")
+    if mesh["fsdp"] > 0 and count > 1 and "host_platform_device_count" not in flags:  # read when JAX starts
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return mesh
+
+
+def flax_mesh(mesh: dict):
+    """A jax.sharding.Mesh from mesh_option's {"fsdp": F, "tp": T} (opt_flax.distributed.make_mesh)."""
+    from opt_flax.distributed import make_mesh
+
+    try:
+        return make_mesh(**mesh)
+    except ValueError as err:
+        raise CLIError(f"--mesh: {err}") from None

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per update (default 1)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (float32 weights)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
+    p.add_argument("--mesh", metavar="fsdp=F,tp=T",
+                   help="flax: shard parameters, gradients, Adam state and batches over F x T devices "
+                        "(jax.sharding; a CPU-only machine simulates them)")
     p.add_argument("--replicas", type=int, metavar="N",
                    help="tf: data-parallel replicas (tf.distribute); --batch-size is split over them")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N updates (0: only final)")
@@ -180,6 +183,10 @@ def run(args, console: Console) -> int:
         if strategy is not None:
             kwargs["strategy"] = strategy
             chief = strategy.extended.should_checkpoint  # the one worker that writes (tf.distribute's choice)
+    if getattr(args, "mesh", None) is not None:  # before JAX starts: its device count is fixed then
+        from .runners import flax_mesh, mesh_option
+
+        kwargs["mesh"] = flax_mesh(mesh_option(args.mesh, args.backend))
     with console.step(f"loading the {args.backend} trainer"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.resume:

@@ -58,7 +58,11 @@ def test_splits_follow_kind_and_role():
              if s.kind is WeightKind.LINEAR_WEIGHT and canonical_split(s)[0] == TP}
     assert names == {"q_proj", "k_proj", "v_proj", "fc1", "lm_head"}
     lm_head = next(s for s in weight_table(VARIANTS["untied_head"], "causal_lm") if s.role is Role.LM_HEAD)
-    assert canonical_split(lm_head) == (TP, FSDP) and output_split(lm_head) == TP
+    assert canonical_split(lm_head) == (TP, FSDP)
+    assert output_split(check_plan(VARIANTS["untied_head"], tp=2), lm_head) == TP
+    assert output_split(check_plan(VARIANTS["untied_head"], tp=1), lm_head) is None
+    vocab_odd = VARIANTS["untied_head"].replace(vocab_size=95)  # 95 rows do not split over tp=2
+    assert output_split(check_plan(vocab_odd, tp=2), lm_head) is None
 
 
 def test_native_split_follows_the_layout():
