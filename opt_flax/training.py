@@ -45,6 +45,7 @@ import optax
 from opt_spec import Head
 from opt_spec.errors import CheckpointError
 from opt_spec import data as spec_data
+from opt_spec import io as spec_io
 from opt_spec.layouts import native_path
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
@@ -418,8 +419,7 @@ def _read_info(directory) -> dict:
     if not os.path.isfile(path) or not has_state:
         raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE} "
                                 f"(or {STATE_DIR})")
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
+    info = spec_io.json_object(path)  # a checkpoint may come from anyone: bounded size and depth
     if info.get("backend") != "flax":
         raise ValueError(f"{path}: written by the {info.get('backend')} backend, not flax")
     return info

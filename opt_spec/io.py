@@ -175,6 +175,75 @@ def _json_kind(value) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
+# ------------------------------------------------------------------------------ NumPy .npy / .npz
+ArraySpec = tuple[tuple[int, ...], np.dtype]  # the shape and dtype a stored array must have
+
+
+def _read_npy(f, nbytes: int, expected: ArraySpec, where: str) -> np.ndarray:
+    """One .npy stream of `nbytes` bytes that must hold exactly an array of `expected` shape and dtype.
+    NumPy's header parser is literal-only and bounded (10,000 bytes); the payload is checked against the
+    stream's size before it is read, so a header claiming a huge shape allocates nothing."""
+    from numpy.lib import format as npy
+
+    shape, dtype = tuple(expected[0]), np.dtype(expected[1])
+    try:
+        version = npy.read_magic(f)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(f)
+    except (ValueError, OSError, SyntaxError, TypeError) as err:
+        raise CheckpointError(f"{where}: not a NumPy array file ({err})") from None
+    if got_dtype.hasobject or got_dtype != dtype or tuple(got_shape) != shape:
+        raise CheckpointError(f"{where}: holds {tuple(got_shape)} {got_dtype}; expected {shape} {dtype}")
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes - f.tell() != size:
+        raise CheckpointError(f"{where}: {nbytes - f.tell():,} bytes of data for {shape} {dtype} ({size:,} bytes)")
+    data = f.read(size)
+    if len(data) != size:
+        raise CheckpointError(f"{where}: truncated ({len(data):,} of {size:,} bytes)")
+    array = np.frombuffer(data, dtype).reshape(shape[::-1] if fortran else shape)
+    return (array.T if fortran else array).copy()
+
+
+def read_npy(path: str | os.PathLike, expected: ArraySpec) -> np.ndarray:
+    """A .npy file (np.save) that must hold an array of `expected` (shape, dtype); no pickles, bounded."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return _read_npy(f, os.fstat(f.fileno()).st_size, expected, path)
+
+
+def read_npz(path: str | os.PathLike, expected: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """An .npz archive (np.savez) that must hold exactly the arrays `expected` names, each of its (shape,
+    dtype). Refused with a CheckpointError: other or missing names, a compressed member (np.savez stores
+    them; inflating one could take any amount of memory), an array of another shape or dtype, pickles."""
+    import zipfile
+
+    path = os.fspath(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not an .npz archive ({err})") from None
+    with archive:
+        infos = archive.infolist()
+        names = [info.filename.removesuffix(".npy") for info in infos]
+        if sorted(names) != sorted(expected) or len(set(names)) != len(names):
+            unexpected = sorted(set(names) - set(expected))[:5]
+            missing = sorted(set(expected) - set(names))[:5]
+            raise CheckpointError(f"{path}: holds {len(names)} arrays where {len(expected)} are expected "
+                                  f"(unexpected: {unexpected or 'none'}; missing: {missing or 'none'})")
+        out = {}
+        for info, name in zip(infos, names):
+            where = f"{path}: array {name!r}"
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{where} is compressed (method {info.compress_type}); np.savez stores "
+                                      "arrays uncompressed, and inflating one could take any amount of memory")
+            try:
+                with archive.open(info) as f:
+                    out[name] = _read_npy(f, info.file_size, expected[name], where)
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise CheckpointError(f"{where}: corrupt archive ({err})") from None
+        return out
+
+
 # ------------------------------------------------------------------------------------ safetensors
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

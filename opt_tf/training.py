@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec import data as spec_data
+from opt_spec import io as spec_io
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                micro_batch_list, task_head)
@@ -379,16 +380,12 @@ class TFTrainer:
                              "resume with the same ones")
         trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy)
         path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)
-        with np.load(path) as stored:
-            store = {k: stored[k] for k in stored.files}
-        variables = trainer.optimizer.variables
-        shapes = [tuple(v.shape) for v in variables]
-        got = [tuple(store[str(i)].shape) if str(i) in store else None for i in range(len(store))]
-        if got != shapes:
-            raise ValueError(f"{path}: holds {len(got)} optimizer variables that do not match this trainer's "
-                             f"{len(shapes)} (different model or settings)")
-        trainer.optimizer.load_own_variables(store)
-        trainer.rng.reset(np.load(os.path.join(os.fspath(directory), RNG_FILE)))
+        # Files that may come from anyone: read only arrays of exactly this trainer's shapes and dtypes.
+        variables = {str(i): (tuple(v.shape), np.dtype(v.dtype)) for i, v in enumerate(trainer.optimizer.variables)}
+        trainer.optimizer.load_own_variables(spec_io.read_npz(path, variables))
+        rng = trainer.rng.state
+        trainer.rng.reset(spec_io.read_npy(os.path.join(os.fspath(directory), RNG_FILE),
+                                           (tuple(rng.shape), np.dtype(rng.dtype.as_numpy_dtype))))
         if trainer.step != info["step"]:
             raise ValueError(f"{directory}: {OPTIMIZER_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
         return trainer
@@ -506,8 +503,7 @@ def _read_info(directory) -> dict:
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, OPTIMIZER_FILE)):
         raise FileNotFoundError(f"{directory} is not a TensorFlow training checkpoint: no {INFO_FILE} / "
                                 f"{OPTIMIZER_FILE}")
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
+    info = spec_io.json_object(path)  # a checkpoint may come from anyone: bounded size and depth
     if info.get("backend") != "tf":
         raise ValueError(f"{path}: written by the {info.get('backend')} backend, not tf")
     return info

@@ -122,6 +122,34 @@ def test_checkpoint_errors(tmp_path):
         TFTrainer.from_checkpoint(tmp_path / "c", TrainConfig(learning_rate=2e-3))
 
 
+def test_a_hostile_optimizer_state_is_refused(tmp_path):
+    """optimizer.npz and rng.npy of a checkpoint from someone else: only arrays of this trainer's shapes."""
+    from opt_spec.errors import CheckpointError
+
+    trainer = _trainer(learning_rate=1e-3)
+    trainer.train_step(synthetic_batch("causal_lm", batch=2))
+    trainer.save_checkpoint(tmp_path / "c")
+    state = dict(np.load(tmp_path / "c" / "optimizer.npz"))
+    bomb = {k: v for k, v in state.items()} | {"0": np.zeros((1 << 26,), np.int64)}  # 512 MB inflated
+    cases = {
+        "compressed": (lambda f: np.savez_compressed(f, **state), "is compressed"),
+        "inflates": (lambda f: np.savez_compressed(f, **bomb), "is compressed|holds"),
+        "reshaped": (lambda f: np.savez(f, **(state | {"1": state["1"].reshape(-1)[:3]})), "holds .* expected"),
+        "objects": (lambda f: np.savez(f, **(state | {"1": np.array([print], dtype=object)})), "holds .* object"),
+        "extra": (lambda f: np.savez(f, **(state | {"extra": np.zeros(2)})), "unexpected: \\['extra'\\]"),
+    }
+    good = (tmp_path / "c" / "optimizer.npz").read_bytes()
+    for name, (write, match) in cases.items():
+        with open(tmp_path / "c" / "optimizer.npz", "wb") as f:
+            write(f)
+        with pytest.raises(CheckpointError, match=match):
+            TFTrainer.from_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / "optimizer.npz").write_bytes(good)
+    np.save(tmp_path / "c" / "rng.npy", np.zeros((1 << 20,), np.int64))
+    with pytest.raises(CheckpointError, match="rng.npy: holds"):
+        TFTrainer.from_checkpoint(tmp_path / "c")
+
+
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification", "question_answering"])
 def test_fine_tuning_drives_the_loss_down(task):
     model = MODELS[task].from_config(CONFIG, seed=0)
