@@ -73,13 +73,18 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, attn_implementation: str = "sdpa",
                         config: OPTConfig | None = None, device: str | torch.device = "cpu", *,
-                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None):
+                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
+                        device_mesh=None, device_map=None, max_memory=None, offload_folder=None):
         """Loads a Hugging Face directory (safetensors, sharded or not, or pytorch_model.bin).
 
         dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to.
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
+        device_mesh: a ("dp", "tp") DeviceMesh: the model split over the processes of a torchrun job,
+        each reading only its own blocks. device_map ("auto", a device, or {module: device}), with
+        max_memory and offload_folder: one process, layers spread over accelerators, CPU and disk by
+        accelerate. See opt_torch.distributed.
         """
         path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
@@ -100,6 +105,19 @@ class PretrainedMixin:
         elif dtype == "auto":
             first = next(iter(tensors.values()))
             dtype = first.dtype if isinstance(first, torch.Tensor) else resolve_dtype(str(np.dtype(first.dtype)))
+        if device_mesh is not None or device_map is not None:
+            from . import distributed
+
+            if device_mesh is not None and device_map is not None:
+                raise ValueError("pass device_mesh (many processes) or device_map (one process), not both")
+            if device_mesh is not None:
+                model = distributed.load_split(cls, config, attn_implementation, tensors, plan, dtype, device_mesh)
+            else:
+                model = distributed.load_dispatched(cls, config, attn_implementation, tensors, plan, dtype,
+                                                    device_map, max_memory, offload_folder)
+            if hasattr(model, "_load_generation_config"):
+                model._load_generation_config(path)
+            return model.eval()
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation)
         state = {}
@@ -119,7 +137,15 @@ class PretrainedMixin:
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> list[str]:
         """Writes config.json and the weights (model.safetensors, or shards with an index; or
-        pytorch_model.bin with safe_serialization=False). A tied LM head is not stored twice."""
+        pytorch_model.bin with safe_serialization=False). A tied LM head is not stored twice. A model
+        split over processes or dispatched over devices (opt_torch.distributed) writes safetensors,
+        gathering one tensor at a time; every rank calls this, rank 0 writes."""
+        if getattr(self, "device_mesh", None) is not None or getattr(self, "hf_device_map", None) is not None:
+            if not safe_serialization:
+                raise ValueError("a split or dispatched model saves safetensors (safe_serialization=True)")
+            from .distributed import save_split
+
+            return save_split(self, path, max_shard_size)
         path = os.fspath(path)
         state = self.state_dict()
         tied = tied_source(self.config, self.head)

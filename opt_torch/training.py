@@ -16,6 +16,16 @@
 A checkpoint is one folder: the Hugging Face directory (config.json, model.safetensors) plus
 `trainer_state.pt` (optimizer, scheduler, RNG state, step, the TrainConfig) written with torch.save.
 
+Many processes (torchrun): `Trainer(model, cfg, device_mesh=mesh)` (or `from_pretrained(...,
+device_mesh=mesh)`) splits the model over a ("dp", "tp") mesh (opt_torch.distributed: tensor
+parallelism, FSDP2). Every rank is given the same global micro-batches and keeps its dp rows (all of
+them when dp does not divide the batch); each rank's mean loss is weighted by its share of the batch's
+`loss_count` (labelled tokens for causal_lm), so the update is the whole batch's, and the reported
+loss is the global mean. The optimizer state is saved with torch.distributed.checkpoint, one file per
+rank, in `trainer_state.dcp/` next to the whole Hugging Face folder; it loads onto any mesh, or into a
+single-process trainer (save at dp=2, resume at dp=1). Each dp rank draws its own dropout (seed + its
+dp index; a tp group draws the same).
+
 The surface the CLI drives (the TF and Flax trainers offer the same): `Trainer.from_pretrained(dir,
 task, cfg)`, `Trainer.from_checkpoint(dir, cfg)`, `.step`, `.train_step(micro_batches)`,
 `.evaluate(dataset, batch_size)`, `.save_checkpoint(dir)`.
@@ -26,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,12 +45,14 @@ import torch
 from opt_spec import weight_table
 from opt_spec import data as spec_data
 from opt_spec import training as spec_training
+from opt_spec.parallel import batch_axis
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               micro_batch_list, task_head)
+                               loss_count, micro_batch_list, task_head)
 
 from .modeling import MODEL_CLASSES
 
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "trainer_state.dcp"  # a split trainer's optimizer state (torch.distributed.checkpoint)
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -85,7 +98,12 @@ def clip_gradients(parameters: Sequence[torch.Tensor], max_grad_norm: float | No
         return torch.zeros(()), torch.ones((), dtype=torch.float64)
     if any(g.dtype != torch.float32 for g in grads):
         raise ValueError("gradients must be float32 (float32 master weights)")
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if any(type(g) is not torch.Tensor for g in grads):  # DTensors of a split model, possibly on several meshes
+        from .distributed import grad_norm, local_tensors
+
+        norm, grads = grad_norm(grads), local_tensors(grads)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if max_grad_norm is None:
         return norm, torch.ones((), dtype=torch.float64, device=norm.device)
     # clip_scale(norm, max_grad_norm) bit for bit: a tensor / tensor division (scalar / tensor is
@@ -104,18 +122,29 @@ class Trainer:
     """AdamW fine-tuning of one OPT torch model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, task: str | None = None,
-                 gradient_checkpointing: bool = False, seed_rng: bool = True):
+                 gradient_checkpointing: bool = False, seed_rng: bool = True, device_mesh=None):
         self.task = task or next(t for t, h in TASK_HEADS.items() if h == model.head)
         if task_head(self.task) != model.head:
             raise ValueError(f"task {self.task} needs a {task_head(self.task).value} model, got {type(model).__name__}")
         if any(p.dtype != torch.float32 for p in model.parameters()):
             raise ValueError("train float32 weights (bf16 mixed precision keeps float32 master weights); "
                              f"the model holds {model.dtype}")
+        self.mesh = device_mesh if device_mesh is not None else getattr(model, "device_mesh", None)
+        self.dp, self.dp_index = 1, 0
+        if self.mesh is not None:
+            from . import distributed
+
+            if not distributed.is_split(model):
+                distributed.parallelize(model, self.mesh)
+            elif model.device_mesh is not self.mesh:
+                raise ValueError("the model is split over another mesh than device_mesh")
+            distributed.reshard(model)  # the optimizer must hold FSDP2's shards, not a root a forward gathered
+            self.dp, self.dp_index = distributed.mesh_shape(self.mesh)[0], distributed.dp_rank(self.mesh)
         self.model, self.cfg = model, cfg
         self.device = model.device
         model.set_gradient_checkpointing(gradient_checkpointing)
         if seed_rng:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.seed + self.dp_index)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=learning_rate(0, cfg),
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
@@ -126,24 +155,26 @@ class Trainer:
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
-                        gradient_checkpointing: bool = False, device: str = "cpu") -> "Trainer":
+                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None) -> "Trainer":
         model_cls = MODEL_CLASSES[task_head(task)]
-        model = model_cls.from_pretrained(model_dir, config=config, device=device)
-        return cls(model, cfg, task, gradient_checkpointing)
+        model = model_cls.from_pretrained(model_dir, config=config, device=device, device_mesh=device_mesh)
+        return cls(model, cfg, task, gradient_checkpointing, device_mesh=device_mesh)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
-                        gradient_checkpointing: bool = False, device: str = "cpu") -> "Trainer":
-        """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
+                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None) -> "Trainer":
+        """A trainer that continues exactly where `save_checkpoint(directory)` left off, on this mesh or
+        on one process, whatever the mesh that saved it."""
         state = _read_state(directory)
         saved = TrainConfig(**state["train_config"])
         if cfg is not None and cfg != saved:
             changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
             raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
                              "resume with the same ones")
-        model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device)
-        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False)
-        trainer._load_state(state)
+        model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device,
+                                                                        device_mesh=device_mesh)
+        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False, device_mesh=device_mesh)
+        trainer._load_state(state, directory)
         return trainer
 
     # ----------------------------------------------------------------------------------- training
@@ -166,22 +197,51 @@ class Trainer:
         Returns the mean micro-batch loss, the rate used, the global gradient norm before clipping,
         and the number of real tokens."""
         micro_batches = micro_batch_list(micro_batches, self.cfg)
-        n = len(micro_batches)
-        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, tokens = [], 0
-        for batch in micro_batches:
-            loss = self._forward(batch).loss
-            (loss / n).backward()
-            losses.append(loss.detach())
-            tokens += int(np.asarray(batch["attention_mask"]).sum())
+        loss, tokens = self.backward(micro_batches)
         norm, _ = clip_gradients(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        loss_values = torch.stack(losses).cpu().tolist()  # the one host sync of a step
-        return {"loss": sum(loss_values) / n, "learning_rate": lr, "grad_norm": float(norm), "tokens": tokens}
+        return {"loss": loss, "learning_rate": lr, "grad_norm": float(norm), "tokens": tokens}
+
+    def backward(self, micro_batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, int]:
+        """Adds one update's gradients to the parameters' .grad (each micro-batch's mean loss divided by
+        their number) and returns the mean micro-batch loss and the number of real tokens. Under a mesh
+        each rank takes its rows of every (global) micro-batch, weighted by their share of its loss."""
+        n = len(micro_batches)
+        self.model.train()
+        losses, tokens = [], 0
+        for i, batch in enumerate(micro_batches):
+            rows, share = self._rows(batch)
+            if self.dp > 1 and n > 1:  # FSDP2 reduces the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == n - 1)
+            out = self._forward(rows)
+            loss = out.loss
+            if share == 0:  # no labelled token among this rank's rows: it still joins FSDP2's collectives
+                loss = out.logits.sum() * 0.0
+            weight = share * self.dp  # FSDP2 averages over dp: each rank's part of the whole batch's mean
+            ((loss if weight == 1 else loss * weight) / n).backward()
+            losses.append(loss.detach() * share if self.dp > 1 else loss.detach())  # summed over dp below
+            tokens += int(np.asarray(batch["attention_mask"]).sum())
+        total = torch.stack(losses)
+        if self.dp > 1:
+            torch.distributed.all_reduce(total, group=self.mesh.get_group("dp"))
+        loss_values = total.cpu().tolist()  # the one host sync of a step
+        return sum(loss_values) / n, tokens
+
+    def _rows(self, batch: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], float]:
+        """This rank's rows of a global micro-batch and their share of its loss_count. Without a mesh, or
+        when dp does not divide the batch (opt_spec.parallel.batch_axis: every rank takes it whole,
+        exact but less parallel), the whole batch with share 1 / dp."""
+        B = len(np.asarray(batch["attention_mask"]))
+        if self.dp == 1 or batch_axis(B, self.dp) is None:
+            return batch, 1.0 / self.dp
+        k = B // self.dp
+        rows = {key: np.asarray(v)[self.dp_index * k:(self.dp_index + 1) * k] for key, v in batch.items()}
+        total = loss_count(self.task, batch)
+        return rows, (loss_count(self.task, rows) / total if total else 1.0 / self.dp)
 
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -197,8 +257,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike) -> str:
-        """The Hugging Face directory plus trainer_state.pt (optimizer, schedule, RNG, step)."""
+        """The Hugging Face directory plus trainer_state.pt (optimizer, schedule, RNG, step); under a mesh
+        every rank calls it, and the optimizer state goes to trainer_state.dcp/."""
         directory = os.fspath(directory)
+        if self.mesh is not None:
+            return self._save_split(directory)
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)
         state = {"step": self.step, "task": self.task, "train_config": dataclasses.asdict(self.cfg),
@@ -210,13 +273,67 @@ class Trainer:
         os.replace(path + ".tmp", path)
         return directory
 
-    def _load_state(self, state: Mapping) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _save_split(self, directory: str) -> str:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        writer = dist.get_rank() == 0
+        self.model.save_pretrained(directory)  # whole tensors, rank 0 writes (a collective)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # this rank's shards, by parameter name
+        final = os.path.join(directory, DCP_DIR)
+        tmp = final + ".tmp"
+        if writer and os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save({"optimizer": optimizer}, checkpoint_id=tmp)  # one file per rank, then the metadata
+        rngs = [None] * dist.get_world_size()  # each dp rank's dropout generator (a tp group shares one)
+        dist.all_gather_object(rngs, (self.dp_index, torch.get_rng_state()))
+        by_dp = dict(rngs)
+        if writer:
+            if os.path.isdir(final):  # the earlier save is removed only once the new one is complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            state = {"step": self.step, "task": self.task, "train_config": dataclasses.asdict(self.cfg),
+                     "optimizer_dcp": DCP_DIR, "scheduler": self.scheduler.state_dict(),
+                     "rng_cpu": by_dp[0], "rng_cpu_dp": [by_dp[i] for i in range(self.dp)],
+                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            path = os.path.join(directory, STATE_FILE)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        dist.barrier()
+        return directory
+
+    def _load_state(self, state: Mapping, directory: str | os.PathLike | None = None) -> None:
+        if "optimizer_dcp" in state:
+            self._load_dcp_optimizer(os.path.join(os.fspath(directory), state["optimizer_dcp"]))
+        elif self.mesh is not None:
+            raise ValueError(f"{directory}: a single-process checkpoint; resume it without device_mesh (a split "
+                             "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng_cpu"])
+        rngs = state.get("rng_cpu_dp") or [state["rng_cpu"]]
+        if self.dp_index < len(rngs):
+            torch.set_rng_state(rngs[self.dp_index])
+        else:  # a dp rank the saving run did not have: fresh dropout
+            torch.manual_seed(self.cfg.seed + self.dp_index)
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def _load_dcp_optimizer(self, path: str) -> None:
+        """The optimizer state of a split trainer's checkpoint, resharded onto this trainer's mesh (or
+        gathered whole onto one process): DCP reads each rank's blocks of the saved shards."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from .distributed import dcp_load
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: the checkpoint's optimizer state is missing")
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to fill: this run's shards
+        dcp_load({"optimizer": optimizer}, path, single_process=self.mesh is None)  # runs no code from the files
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer)
 
 
 def _read_state(directory) -> dict:

@@ -23,6 +23,13 @@ machines when TF_CONFIG is set (then N, if given, is the total number of replica
 the global micro-batch, split by rows over the replicas; each update equals one device's on the whole
 batch. Under several workers only the chief writes metrics and checkpoints.
 
+torch backend under torchrun (`torchrun --standalone --nproc-per-node N -m optkit_cli.main train ...`):
+the processes split the model over a mesh, --mesh fsdp=F,tp=T (FSDP2 over F, tensor parallelism over
+T; default all FSDP). --batch-size is the global micro-batch, split by rows over fsdp; each update
+equals one process's on the whole batch. Rank 0 writes metrics and files; every rank takes part in a
+save (trainer_state.dcp/ holds the optimizer state, one file per rank, resumable on any mesh or
+without torchrun).
+
 Each backend's `opt_<backend>.training` module provides the trainer (the same small surface:
 from_pretrained, from_checkpoint, step, train_step, evaluate, save_checkpoint).
 """
@@ -70,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
     p.add_argument("--mesh", metavar="fsdp=F,tp=T",
                    help="flax: shard parameters, gradients, Adam state and batches over F x T devices "
-                        "(jax.sharding; a CPU-only machine simulates them)")
+                        "(jax.sharding; a CPU-only machine simulates them); torch, under torchrun: FSDP2 over F "
+                        "and tensor parallelism over T processes (default with torchrun: fsdp=-1, all FSDP)")
     p.add_argument("--replicas", type=int, metavar="N",
                    help="tf: data-parallel replicas (tf.distribute); --batch-size is split over them")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N updates (0: only final)")
@@ -125,12 +133,34 @@ def _check(args) -> None:
         raise CLIError(f"--replicas must be at least 1, got {args.replicas}")
 
 
-def _save(trainer, directory: str, model_dir: str) -> None:
+def _save(trainer, directory: str, model_dir: str, files: bool = True) -> None:
     trainer.save_checkpoint(directory)
-    for name in TOKENIZER_FILES:  # a checkpoint is a complete Hugging Face folder
+    for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
         src = os.path.join(model_dir, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(directory, name))
+
+
+def _torch_mesh(text: str | None, config):
+    """--mesh fsdp=F,tp=T for the torch backend, launched by torchrun: the ("dp", "tp") DeviceMesh over the
+    job's processes (dp is the spec's fsdp; without --mesh, fsdp=-1: every process data parallel).
+    Returns the mesh, whether this is rank 0 (which writes metrics and files), and whether this call
+    started the process group."""
+    from opt_spec.parallel import check_plan, parse_mesh
+
+    try:
+        sizes = parse_mesh(text) if text is not None else {"fsdp": -1, "tp": 1}
+        import torch.distributed as dist
+
+        from opt_torch.distributed import init_mesh
+
+        created = not dist.is_initialized()
+        mesh = init_mesh(dp=sizes["fsdp"], tp=sizes["tp"])
+        check_plan(config, fsdp=mesh.size(0), tp=mesh.size(1))
+    except ValueError as err:
+        raise CLIError(f"--mesh: {err}" + ("" if "RANK" in os.environ else
+                                           " (launch with torchrun --nproc-per-node N optkit train ...)")) from None
+    return mesh, dist.get_rank() == 0, created
 
 
 def run(args, console: Console) -> int:
@@ -183,7 +213,14 @@ def run(args, console: Console) -> int:
         if strategy is not None:
             kwargs["strategy"] = strategy
             chief = strategy.extended.should_checkpoint  # the one worker that writes (tf.distribute's choice)
-    if getattr(args, "mesh", None) is not None:  # before JAX starts: its device count is fixed then
+    collective = False  # every process takes part in a save (torch.distributed: the gathers are collectives)
+    torch_split = args.backend == "torch" and (getattr(args, "mesh", None) is not None
+                                               or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if torch_split:  # torchrun: one process per device; without --mesh they are all data parallel
+        kwargs["device_mesh"], chief, created = _torch_mesh(args.mesh, config)
+        collective = True
+        console.quiet = console.quiet or not chief
+    elif getattr(args, "mesh", None) is not None:  # before JAX starts: its device count is fixed then
         from .runners import flax_mesh, mesh_option
 
         kwargs["mesh"] = flax_mesh(mesh_option(args.mesh, args.backend))
@@ -238,17 +275,21 @@ def run(args, console: Console) -> int:
             if eval_set is not None and args.eval_every and step % args.eval_every == 0:
                 evaluate(step)
                 last_eval = step
-            if chief and args.save_every and step % args.save_every == 0:
-                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model)
+            if (chief or collective) and args.save_every and step % args.save_every == 0:
+                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model, files=chief)
     finally:
         bar.close()
         log.flush()
     if eval_set is not None and last_eval != trainer.step:
         evaluate(trainer.step)
     final = os.path.join(args.output, "final")
-    if chief:
-        _save(trainer, final, args.model)
+    if chief or collective:
+        _save(trainer, final, args.model, files=chief)
     log.close()
+    if torch_split and created:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     console.info(f"trained {trainer.step - start} updates; model and trainer state in {final}, "
                  f"metrics in {os.path.join(args.output, METRICS_FILE)}")
     return 0
