@@ -50,6 +50,7 @@ an optimizer built then would see the gathered tensors, not the sharded ones. `r
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Mapping
 
 import numpy as np
@@ -67,6 +68,9 @@ from .checkpoint import numpy_to_torch, torch_to_numpy
 from .layout import unpack_weights
 
 DIMS = ("dp", "tp")  # torch's names for the spec's (fsdp, tp)
+# FSDP2 warns, at a layer's first call, that it returns views (a decoder layer's keys and values): an
+# in-place change of them would skip its hooks. Nothing changes them; the warning is silenced.
+VIEW_WARNING = r"FSDP2-wrapped module \(FSDPOPTDecoderLayer\) returned a view"
 
 
 # ------------------------------------------------------------------------------------------ meshes
@@ -181,6 +185,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     if dp > 1:
         placements = {id(p): _fsdp_placement(plan.splits[name]) for name, p in model.named_parameters()}
         place = lambda p: placements[id(p)]  # noqa: E731
+        warnings.filterwarnings("ignore", message=VIEW_WARNING)
         for m in model.modules():
             if isinstance(m, OPTDecoderLayer):
                 fully_shard(m, mesh=mesh["dp"], shard_placement_fn=place)
@@ -477,8 +482,6 @@ def dcp_load(state: dict, path, single_process: bool = False) -> None:
     """dcp.load of `state` (filled in place) from a folder that may come from anyone (dcp_reader). A
     refusal is raised as the CheckpointError that says why (DCP would wrap it in a CheckpointException
     listing tracebacks per rank). single_process: load without a process group."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 

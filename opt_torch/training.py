@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ from opt_spec.parallel import batch_axis
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                loss_count, micro_batch_list, task_head)
 
+from .distributed import VIEW_WARNING
 from .modeling import MODEL_CLASSES
 
 STATE_FILE = "trainer_state.pt"
@@ -217,7 +219,9 @@ class Trainer:
             rows, share = self._rows(batch)
             if self.dp > 1 and n > 1:  # FSDP2 reduces the gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == n - 1)
-            out = self._forward(rows)
+            with warnings.catch_warnings():  # also where a caller's catch_warnings dropped parallelize's filter
+                warnings.filterwarnings("ignore", message=VIEW_WARNING)
+                out = self._forward(rows)
             loss = out.loss
             if share == 0:  # no labelled token among this rank's rows: it still joins FSDP2's collectives
                 loss = out.logits.sum() * 0.0

@@ -170,6 +170,8 @@ def run(args, console: Console) -> int:
     from opt_spec.training import TrainConfig
 
     _check(args)
+    if args.backend == "torch" and os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        console.quiet = True
     args.model, _ = resolve_folder(args.model, "--model", console, getattr(args, "revision", None),
                                    getattr(args, "cache_dir", None))
     if not os.path.isdir(args.model):
@@ -219,7 +221,6 @@ def run(args, console: Console) -> int:
     if torch_split:  # torchrun: one process per device; without --mesh they are all data parallel
         kwargs["device_mesh"], chief, created = _torch_mesh(args.mesh, config)
         collective = True
-        console.quiet = console.quiet or not chief
     elif getattr(args, "mesh", None) is not None:  # before JAX starts: its device count is fixed then
         from .runners import flax_mesh, mesh_option
 
