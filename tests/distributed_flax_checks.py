@@ -252,6 +252,7 @@ def cli(workdir: str, model_dir: str, data: str) -> dict:
     output = os.path.join(workdir, "run")
     code, out, err = run("train", "--model", model_dir, "--task", "causal_lm", "--data", data, "--backend", "flax",
                          "--mesh", "fsdp=2,tp=4", "--output", output, "--steps", "2", "--batch-size", "4",
+                         "--eval-data", data,
                          "--seq-len", "16", "--save-every", "2", "-q")
     with open(os.path.join(output, "metrics.jsonl")) if code == 0 else contextlib.nullcontext() as f:
         records = [json.loads(line) for line in f] if f else []

@@ -181,6 +181,8 @@ def test_cli_mesh(tmp_path):
     assert train["code"] == 0, train["stderr"]
     steps = [rec for rec in train["records"] if rec["kind"] == "train"]
     assert [rec["step"] for rec in steps] == [1, 2] and all(np.isfinite(rec["loss"]) for rec in steps)
+    (evaluation,) = [rec for rec in train["records"] if rec["kind"] == "eval"]  # the sharded evaluate
+    assert evaluation["step"] == 2 and np.isfinite(evaluation["loss"]) and evaluation["perplexity"] > 1
     assert "trainer_state.orbax" in train["files"] and "tokenizer.json" in train["files"]
     assert r["torch_mesh"]["code"] == 2 and "flax backend" in r["torch_mesh"]["stderr"]
     assert r["bad_tp"]["code"] != 0 and "tp=3 does not divide the 4 attention heads" in r["bad_tp"]["stderr"]
