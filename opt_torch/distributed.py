@@ -158,7 +158,9 @@ def _fsdp_placement(split: tuple):
 def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Tensor parallelism over "tp" from the spec's table, then FSDP2 over "dp" per decoder layer and at
     the root (either size may be 1: that part is skipped). Changes `model` in place and returns it; a
-    plan that cannot work (tp not dividing the heads) is refused in words before anything changes."""
+    plan that cannot work (tp not dividing the heads) is refused in words before anything changes.
+    Every rank must hold the same weights (the same checkpoint or seed): FSDP2 keeps each rank's share
+    of its own copy. (from_pretrained(device_mesh=) never builds the whole model.)"""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -223,6 +225,13 @@ def _is_dtensor(t) -> bool:  # without importing torch.distributed.tensor (~2 s)
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a collective for a DTensor: every rank of its mesh calls it)."""
     return param.full_tensor() if _is_dtensor(param) else param
+
+
+def shared_seed() -> int:
+    """A fresh random seed drawn by rank 0 and given to every rank (sampling on a split model)."""
+    seed = [torch.seed() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(seed, src=0)
+    return int(seed[0])
 
 
 def _mesh_device(mesh: DeviceMesh) -> torch.device:
@@ -519,4 +528,4 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 __all__ = ["DIMS", "dcp_load", "dcp_reader", "dp_rank", "full_tensor", "grad_norm", "init_mesh", "is_split",
            "load_dispatched", "load_split", "local_box", "mesh_shape", "parallelize", "plain_layout", "reshard",
-           "save_split"]
+           "save_split", "shared_seed"]

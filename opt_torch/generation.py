@@ -51,6 +51,15 @@ class GenerationMixin:
         out = self.model(ids, attention_mask=mask, past_key_values=cache, cache_position=positions, use_cache=True)
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
+    def _fresh_seed(self) -> int:
+        """A new random seed for sampling; one rank's, shared by all, for a model split over processes
+        (opt_torch.distributed): every rank must draw the same tokens."""
+        if getattr(self, "device_mesh", None) is not None:
+            from .distributed import shared_seed
+
+            return shared_seed()
+        return torch.seed()
+
     def _step_fn(self, compile: bool) -> Callable:
         """step(tokens (B,), mask (B, L), cache, slot: int) -> float32 logits (B, V) of one new token per
         row, written to cache slot `slot`. Eager: opt_torch.modeling.DecodeStep over tensors gathered
@@ -140,7 +149,7 @@ class GenerationMixin:
         generator = None
         if cfg.do_sample:
             generator = torch.Generator(device=device)
-            generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+            generator.manual_seed(cfg.seed if cfg.seed is not None else self._fresh_seed())
         seen = None
         if cfg.repetition_penalty != 1.0:
             seen = torch.zeros(B, V, dtype=torch.long, device=device).scatter_add_(1, input_ids, attention_mask) > 0

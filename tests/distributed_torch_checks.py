@@ -84,6 +84,8 @@ def _lm_checks(path: str, mesh, ids, mask) -> dict:
     beam = [m.generate(ids_t[:2], attention_mask=mask_t[:2], max_new_tokens=5, num_beams=3) for m in (one, split)]
     out["greedy_equal"] = bool(torch.equal(*greedy))
     out["beam_equal"] = bool(torch.equal(*beam))
+    sampled = split.generate(ids_t, attention_mask=mask_t, max_new_tokens=6, do_sample=True)  # no seed given
+    out["sampled_alike"] = all(x == sampled.tolist() for x in _gathered(sampled.tolist()))  # one draw for all
     whole = {n: full_tensor(t) for n, t in split.state_dict().items()}
     reference = one.state_dict()
     out["state_exact"] = sorted(whole) == sorted(reference) and all(torch.equal(whole[n], reference[n])
@@ -94,6 +96,18 @@ def _lm_checks(path: str, mesh, ids, mask) -> dict:
     again = OPTForCausalLM.from_pretrained(saved).state_dict()
     out["save_exact"] = all(torch.equal(again[n], reference[n]) for n in reference)
     return out
+
+
+def _built_check(path: str, mesh, ids, mask) -> dict:
+    """parallelize() on a model every rank built whole (the same checkpoint) vs the unsplit model."""
+    from opt_torch import OPTForCausalLM
+    from opt_torch.distributed import parallelize
+
+    one = OPTForCausalLM.from_pretrained(path)
+    split = parallelize(OPTForCausalLM.from_pretrained(path), mesh)
+    ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
+    with torch.no_grad():
+        return {"logits": _diff(split(ids_t, attention_mask=mask_t).logits, one(ids_t, attention_mask=mask_t).logits)}
 
 
 def _grads(model) -> dict:
@@ -263,6 +277,8 @@ def two(workdir: str, cli_model: str | None = None, cli_data: str | None = None)
     out["dp2/grads_odd_batch"] = _grad_checks(path, dp_mesh, [_batch(VARIANTS["pre_ln"], rows=3)])
     out["dp2/grads_accumulated"] = _grad_checks(path, dp_mesh, [batch, _batch(VARIANTS["pre_ln"], seed=8)])
     out["tp2/classifier"] = _classifier_checks(workdir, tp_mesh, ids, mask)
+    out["tp2/built"] = _built_check(path, tp_mesh, ids, mask)
+    out["dp2/built"] = _built_check(path, dp_mesh, ids, mask)
     out["dp2/fresh_head"] = _fresh_head_check(path, dp_mesh)
     out["dp2/training"] = _training_checks(path, dp_mesh, workdir)
     if cli_model is not None:

@@ -71,7 +71,7 @@ def _check_lm(result: dict, config, tied: bool) -> None:
     """Split vs one process: logits and a cache step to float32 rounding, the same tokens, the exact
     weights back (state dict, save_pretrained), and the bytes the spec's table assigns to the rank."""
     assert result["logits"] < 1e-5 and result["cache_step"] < 1e-5, result
-    assert result["greedy_equal"] and result["beam_equal"], result
+    assert result["greedy_equal"] and result["beam_equal"] and result["sampled_alike"], result
     assert result["state_exact"] and result["save_exact"], result
     assert result["tied"] is tied
     assert result["bytes_read"] == result["expected_bytes"] < _total_bytes(config), result
@@ -88,6 +88,7 @@ def test_tensor_parallel_two_ranks_match_one_process(two):
     grads = ranks[0]["tp2/grads"]
     assert grads["grad_names_equal"] and grads["grads"] < 1e-5 and grads["loss"] < 1e-5, grads
     assert ranks[0]["tp2/classifier"]["logits"] < 1e-5
+    assert ranks[0]["tp2/built"]["logits"] < 1e-5 and ranks[0]["dp2/built"]["logits"] < 1e-5  # parallelize()
     assert ranks[0]["refusals"]["heads"].startswith("ValueError: cannot split this model with tp=2")
     assert "('dp', 'tp')" in ranks[0]["refusals"]["dims"]
 
