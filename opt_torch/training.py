@@ -46,7 +46,9 @@ import torch
 from opt_spec import weight_table
 from opt_spec import data as spec_data
 from opt_spec import training as spec_training
+from opt_spec.errors import CheckpointError
 from opt_spec.parallel import batch_axis
+from opt_spec.torch_pickle import TorchZipReader
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                loss_count, micro_batch_list, task_head)
 
@@ -344,7 +346,11 @@ def _read_state(directory) -> dict:
     path = os.path.join(os.fspath(directory), STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a training checkpoint: no {STATE_FILE}")
+    # A checkpoint may come from anyone. torch.load(weights_only=True) runs no code, but it inflates a
+    # compressed record whole and trusts the records' sizes: the spec's reader checks the zip, the pickle
+    # and every storage record first (CheckpointError naming the record), then torch reads what passed.
+    TorchZipReader(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: cannot be read ({err})") from None
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None

@@ -196,6 +196,32 @@ def test_resume_continues_exactly(task, tmp_path):
         Trainer.from_checkpoint(tmp_path / "ckpt", dataclasses.replace(cfg, learning_rate=1e-3))
 
 
+def test_a_hostile_trainer_state_is_refused(tmp_path):
+    """trainer_state.pt from someone else: a compressed (inflatable) record or a storage cut short is
+    refused by the spec's reader before torch inflates or trusts anything."""
+    import zipfile
+
+    from opt_spec.errors import CheckpointError
+
+    trainer = Trainer(make_model("causal_lm"), TrainConfig(learning_rate=1e-3, total_steps=4))
+    run(trainer, spec_data.BatchStream(synthetic("causal_lm"), 2), 1)
+    trainer.save_checkpoint(tmp_path / "c")
+    state = tmp_path / "c" / "trainer_state.pt"
+    with zipfile.ZipFile(state) as z:
+        records = {info.filename: z.read(info) for info in z.infolist()}
+    with zipfile.ZipFile(state, "w", compression=zipfile.ZIP_DEFLATED) as z:  # same content, deflated
+        for name, data in records.items():
+            z.writestr(name, data)
+    with pytest.raises(CheckpointError, match="compressed"):
+        Trainer.from_checkpoint(tmp_path / "c")
+    storage = next(n for n in records if "/data/" in n and len(records[n]) >= 12)
+    with zipfile.ZipFile(state, "w") as z:  # one storage record cut to a third
+        for name, data in records.items():
+            z.writestr(name, data[:len(data) // 3] if name == storage else data)
+    with pytest.raises(CheckpointError, match="storage record"):
+        Trainer.from_checkpoint(tmp_path / "c")
+
+
 def test_bf16_mixed_precision_trains_with_float32_weights():
     cfg = TrainConfig(learning_rate=2e-2, total_steps=8, schedule="constant", mixed_precision="bf16")
     trainer = Trainer(make_model("sequence_classification"), cfg)
