@@ -7,7 +7,9 @@ Dimension letters: B batch, T new tokens, S keys (cache length, or T without a c
 nh heads, hs head size, E embedding width, F ffn width, V vocabulary.
 
 `dtype` is the compute dtype, `param_dtype` the dtype parameters are created in; the attention
-softmax always runs in float32.
+softmax always runs in float32. Each attention sows its probabilities (B, nh, T, S) into the
+"intermediates" collection (kept only when the caller makes it mutable: `output_attentions`), and
+`remat=True` recomputes every decoder layer in the backward pass (gradient checkpointing, nn.remat).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -162,6 +165,7 @@ class OPTAttention(nn.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
+        self.sow("intermediates", "attention_probs", probs)  # after dropout, as Hugging Face returns them
         y = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(self.dtype), precision=self.precision)  # (B, T, nh, hs)
         y = y.reshape(B, T, H)
         return out_proj(y), new_kv
@@ -200,12 +204,14 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoderLayers(nn.Module):
-    """The stack of layers, named "0", "1", ... so that paths read `layers.{i}.*` as in the checkpoint."""
+    """The stack of layers, named "0", "1", ... so that paths read `layers.{i}.*` as in the checkpoint.
+    remat: each layer's activations are recomputed in the backward pass (the same dropout keys)."""
 
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, allowed, cache: Optional[KVCache] = None, deterministic: bool = True,
@@ -216,7 +222,8 @@ class OPTDecoderLayers(nn.Module):
         for i in range(config.num_hidden_layers):
             if output_hidden_states:
                 hidden_states.append(x)
-            layer = OPTDecoderLayer(config, self.dtype, self.param_dtype, self.precision, name=str(i))
+            layer_class = nn.remat(OPTDecoderLayer, static_argnums=(5,)) if self.remat else OPTDecoderLayer
+            layer = layer_class(config, self.dtype, self.param_dtype, self.precision, name=str(i))
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             y, new_kv = layer(x, allowed, kv, cache.index if cache is not None else None, deterministic)
             if not deterministic and config.layerdrop > 0:  # LayerDrop: skip the whole layer at random
@@ -237,6 +244,7 @@ class OPTDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
@@ -255,7 +263,7 @@ class OPTDecoder(nn.Module):
             if config.has_projections else None
         final_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "final_layer_norm") \
             if config.has_final_layer_norm else None
-        layers = OPTDecoderLayers(config, self.dtype, self.param_dtype, self.precision, name="layers")
+        layers = OPTDecoderLayers(config, self.dtype, self.param_dtype, self.precision, self.remat, name="layers")
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -306,12 +314,13 @@ class OPTModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    remat: bool = False
     head = Head.BASE
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, deterministic: bool = True, output_hidden_states: bool = False):
-        decoder = OPTDecoder(self.config, self.dtype, self.param_dtype, self.precision, name="decoder")
+        decoder = OPTDecoder(self.config, self.dtype, self.param_dtype, self.precision, self.remat, name="decoder")
         return decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                        output_hidden_states)
 
@@ -323,10 +332,11 @@ class _HeadModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    remat: bool = False
 
     def base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
              output_hidden_states) -> BaseModelOutputWithPast:
-        model = OPTModule(self.config, self.dtype, self.param_dtype, self.precision, name="model")
+        model = OPTModule(self.config, self.dtype, self.param_dtype, self.precision, self.remat, name="model")
         return model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
                      output_hidden_states)
 
@@ -395,6 +405,15 @@ class OPTForQuestionAnsweringModule(_HeadModule):
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                             past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+
+def sown_attentions(intermediates) -> tuple:
+    """The per-layer attention probabilities a call sowed (apply with mutable=["intermediates"]), in layer order."""
+    found = {}
+    for path, value in flax.traverse_util.flatten_dict(intermediates).items():
+        if path[-1] == "attention_probs":
+            found[int(path[path.index("layers") + 1])] = value[0]
+    return tuple(found[i] for i in sorted(found))
 
 
 # ----------------------------------------------------------------------------------------- losses

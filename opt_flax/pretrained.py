@@ -11,6 +11,7 @@ mis-shaped raises the spec's WeightMismatchError listing every problem.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import zlib
@@ -23,14 +24,22 @@ import numpy as np
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.hub import resolve_pretrained
+from opt_spec.surface import dtype_argument
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
 
 from .generation import GenerationMixin
-from .modeling import MODULE_CLASSES, KVCache
+from .hf_compat import FlaxModelMethods
+from .modeling import MODULE_CLASSES, KVCache, sown_attentions
 
 CONVENTION = "flax"
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def model_dtype(dtype, torch_dtype=None):
+    """from_config / from_pretrained's dtype: None is float32; torch_dtype is dtype's older Hugging Face name."""
+    dtype = dtype_argument(dtype, torch_dtype)
+    return jnp.float32 if dtype is None else dtype
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -121,7 +130,7 @@ def _is_tracer(x) -> bool:
 
 
 # ------------------------------------------------------------------------------------- the models
-class FlaxOPTPreTrainedModel:
+class FlaxOPTPreTrainedModel(FlaxModelMethods):
     """A linen module (`.module`) with its parameters (`.params`, a plain nested dict) and config.
 
     dtype is the compute dtype (float32, bfloat16 or float16); param_dtype the dtype parameters are
@@ -162,18 +171,21 @@ class FlaxOPTPreTrainedModel:
         return params
 
     @classmethod
-    def from_config(cls, config: OPTConfig, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                    precision="auto", mesh=None):
+    def from_config(cls, config: OPTConfig, seed: int = 0, dtype=None, param_dtype=jnp.float32,
+                    precision="auto", mesh=None, *, torch_dtype=None):
         """A freshly initialized model: normal(0, init_std) weights, zero biases and pad row, unit LN."""
+        dtype = model_dtype(dtype, torch_dtype)
         return cls(config, dtype=dtype, param_dtype=param_dtype, seed=seed, precision=precision, mesh=mesh)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
-                        config: OPTConfig | None = None, seed: int = 0, precision="auto", *, mesh=None,
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, param_dtype=jnp.float32,
+                        config: OPTConfig | None = None, seed: int = 0, precision="auto", *,
+                        torch_dtype=None, mesh=None,
                         revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not); no torch involved.
 
-        dtype is the compute dtype; parameters are cast to param_dtype (float32 by default).
+        dtype is the compute dtype (float32 by default; torch_dtype is its older Hugging Face name);
+        parameters are cast to param_dtype (float32 by default). Either may be "auto": the checkpoint's own.
         A head the checkpoint lacks is initialized from `seed` (with a warning naming it).
         precision goes to every matrix product: "auto" (default) is "highest" for float32 compute, so
         float32 means float32 on GPUs too (matching PyTorch), and JAX's default for half precision;
@@ -198,6 +210,8 @@ class FlaxOPTPreTrainedModel:
         tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         fresh = {w.name for w in plan.fresh}
 
+        saved = str(np.dtype(next(iter(tensors.values())).dtype))  # "auto": the checkpoint's dtype
+        dtype, param_dtype = (saved if d == "auto" else d for d in (model_dtype(dtype, torch_dtype), param_dtype))
         param_dtype = resolve_dtype(param_dtype)
         if mesh is not None:
             from .distributed import MeshPlan, load_params
@@ -296,17 +310,28 @@ class FlaxOPTPreTrainedModel:
             raise ValueError(f"position {top} is past the model's max_position_embeddings="
                              f"{config.max_position_embeddings}")
 
-    def _apply(self, params, deterministic: bool, dropout_rng, **kwargs):
+    def _apply(self, params, deterministic: bool, dropout_rng, output_attentions: bool = False, return_dict=None,
+               **kwargs):
+        """module.apply; output_attentions: the sown attention probabilities as `.attentions`; return_dict=False:
+        Hugging Face's tuple."""
         if not deterministic and dropout_rng is None and (self.config.dropout or self.config.attention_dropout
                                                           or self.config.layerdrop):
             raise ValueError("deterministic=False needs dropout_rng (a jax.random key) for dropout")
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         if self.sharding is not None:
+            if output_attentions:
+                raise ValueError("output_attentions is not offered on a model laid out on a mesh")
             from .distributed import apply
 
-            return apply(self, params, deterministic, rngs, kwargs)
-        return self.module.apply({"params": self.params if params is None else params},
-                                 deterministic=deterministic, rngs=rngs, **kwargs)
+            out = apply(self, params, deterministic, rngs, kwargs)
+        elif not output_attentions:
+            out = self.module.apply({"params": self.params if params is None else params},
+                                    deterministic=deterministic, rngs=rngs, **kwargs)
+        else:
+            out, state = self.module.apply({"params": self.params if params is None else params},
+                                           deterministic=deterministic, rngs=rngs, mutable=["intermediates"], **kwargs)
+            out = dataclasses.replace(out, attentions=sown_attentions(state["intermediates"]))
+        return out.to_tuple() if return_dict is False else out
 
     def __repr__(self) -> str:
         mesh = "" if self.sharding is None else f", mesh=fsdp {self.sharding.fsdp} x tp {self.sharding.tp}"
@@ -321,9 +346,10 @@ class FlaxOPTModel(FlaxOPTPreTrainedModel):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
                  deterministic: bool = True, dropout_rng=None, inputs_embeds=None,
-                 output_hidden_states: bool = False):
+                 output_hidden_states: bool = False, output_attentions: bool = False, return_dict=None):
         self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
-        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+        return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
+                           input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
                            past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
                            output_hidden_states=output_hidden_states)
@@ -337,9 +363,10 @@ class FlaxOPTForCausalLM(GenerationMixin, FlaxOPTPreTrainedModel):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
                  deterministic: bool = True, dropout_rng=None, labels=None, inputs_embeds=None,
-                 output_hidden_states: bool = False):
+                 output_hidden_states: bool = False, output_attentions: bool = False, return_dict=None):
         self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
-        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+        return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
+                           input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
                            past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
                            labels=_maybe(labels), output_hidden_states=output_hidden_states)
@@ -359,9 +386,11 @@ class FlaxOPTForQuestionAnswering(FlaxOPTPreTrainedModel):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
                  deterministic: bool = True, dropout_rng=None, start_positions=None, end_positions=None,
-                 inputs_embeds=None, output_hidden_states: bool = False):
+                 inputs_embeds=None, output_hidden_states: bool = False, output_attentions: bool = False,
+                 return_dict=None):
         self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
-        return self._apply(params, deterministic, dropout_rng, input_ids=_maybe(input_ids),
+        return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
+                           input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
                            past_key_values=past_key_values, inputs_embeds=_maybe(inputs_embeds),
                            start_positions=_maybe(start_positions), end_positions=_maybe(end_positions),

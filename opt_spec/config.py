@@ -52,6 +52,7 @@ MAX_PARAMETERS = 2 * 10**12                # 1.75e11
 
 @dataclasses.dataclass(frozen=True)
 class OPTConfig:
+    model_type = "opt"  # a class attribute, as on Hugging Face configs (PEFT reads it); not a field
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12

@@ -1,7 +1,9 @@
 """Output records shared by the three backends (plain dataclasses holding each framework's arrays).
 
 Fields are read as attributes (`out.logits`), by key (`out["logits"]`) or by position over the
-fields that are set (`out[0]`), as Hugging Face users are used to.
+fields that are set (`out[0]`), as Hugging Face users are used to; `to_tuple()` is what a model returns
+with `return_dict=False`, in Hugging Face's order. `attentions` holds one (B, nh, T, S) tensor of
+attention probabilities per layer when the model is called with `output_attentions=True`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: Any = None
     past_key_values: Any = None
     hidden_states: Any = None
+    attentions: Any = None
 
 
 @dataclasses.dataclass
@@ -37,6 +40,7 @@ class CausalLMOutputWithPast(ModelOutput):
     logits: Any = None
     past_key_values: Any = None
     hidden_states: Any = None
+    attentions: Any = None
 
 
 @dataclasses.dataclass
@@ -45,6 +49,7 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     logits: Any = None
     past_key_values: Any = None
     hidden_states: Any = None
+    attentions: Any = None
 
 
 @dataclasses.dataclass
@@ -52,5 +57,9 @@ class QuestionAnsweringModelOutput(ModelOutput):
     loss: Any = None
     start_logits: Any = None
     end_logits: Any = None
-    past_key_values: Any = None
+    past_key_values: Any = None  # not in Hugging Face's record: left out of the tuple
     hidden_states: Any = None
+    attentions: Any = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys() if k != "past_key_values")

@@ -17,6 +17,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.surface import dtype_argument
 from opt_spec.hub import resolve_pretrained
 from opt_spec.layouts import from_native, native_path, to_native
 from opt_spec.weights import HEAD_WEIGHTS
@@ -102,9 +103,11 @@ class TFPretrainedMixin:
 
     # ------------------------------------------------------------------------------ constructors
     @classmethod
-    def from_config(cls, config, seed: int | None = None, dtype=None, **kwargs):
+    def from_config(cls, config, seed: int | None = None, dtype=None, torch_dtype=None, **kwargs):
         """A freshly initialized model (OPT's init; `seed` makes it reproducible). Also accepts the
-        dict `get_config` returns, so Keras can rebuild the model from its own serialization."""
+        dict `get_config` returns, so Keras can rebuild the model from its own serialization.
+        torch_dtype: dtype's older Hugging Face name."""
+        dtype = dtype_argument(dtype, torch_dtype)
         if isinstance(config, dict):
             data = dict(config)
             if "config" in data:
@@ -117,12 +120,13 @@ class TFPretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, config: OPTConfig | None = None, *,
                         revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
-                        **kwargs):
+                        torch_dtype=None, **kwargs):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not) without torch.
 
         dtype: None -> float32; 'auto' -> the checkpoint's dtype; or any dtype the constructor takes
-        ('bfloat16', 'mixed_bfloat16', ...). A base checkpoint loads into a head model (the missing
-        head is initialized, with a warning naming it) and a head checkpoint into the base model.
+        ('bfloat16', 'mixed_bfloat16', ...; torch_dtype is its older Hugging Face name). A base checkpoint
+        loads into a head model (the missing head is initialized, with a warning naming it) and a head
+        checkpoint into the base model.
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
@@ -147,6 +151,7 @@ class TFPretrainedMixin:
         if fresh:
             warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in {path}; freshly initialized "
                           "(train it before use)", stacklevel=2)
+        dtype = dtype_argument(dtype, torch_dtype)
         if dtype == "auto":
             dtype = str(np.dtype(next(iter(tensors.values())).dtype))
         model = cls(config, dtype=dtype, _init=False, **kwargs)

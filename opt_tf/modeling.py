@@ -49,6 +49,7 @@ from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
 from .checkpoint import TFPretrainedMixin
 from .generation import TFGenerationMixin
+from .hf_compat import TFModelMethods
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
@@ -141,13 +142,18 @@ ACTIVATIONS = {
 }
 
 
-def _dropout(x: tf.Tensor, rate: float, training) -> tf.Tensor:
+def _dropout(x: tf.Tensor, rate: float, training, seeds=None) -> tf.Tensor:
     """Masks drawn from TF's global tf.random.Generator, whose state is one variable: a trainer can
-    seed it, save it and restore it, so a resumed run draws the same masks (opt_tf.training)."""
+    seed it, save it and restore it, so a resumed run draws the same masks (opt_tf.training). `seeds`:
+    an iterator over seeds drawn ahead (TFOPTDecoderLayer.dropout_seeds), taken in order instead."""
     if not (training and rate > 0):
         return x
-    seed = tf.random.get_global_generator().make_seeds(1)[:, 0]
+    seed = next(seeds) if seeds is not None else _draw_seed()
     return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
+
+
+def _draw_seed() -> tf.Tensor:
+    return tf.random.get_global_generator().make_seeds(1)[:, 0]
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -213,7 +219,8 @@ class TFOPTAttention(keras.layers.Layer):
         x = tf.reshape(x, (B, T, self.num_heads, self.head_dim))  # (B, T, nh, hs)
         return tf.transpose(x, (0, 2, 1, 3))                     # (B, nh, T, hs)
 
-    def call(self, x, allowed, past=None, cache_index=None, training=False):
+    def call(self, x, allowed, past=None, cache_index=None, training=False, seeds=None):
+        """-> output, (k, v), attention probabilities (B, nh, T, S) (after dropout, as Hugging Face)."""
         B, T, H = _dim(x, 0), _dim(x, 1), x.shape[-1]
         q = self._heads(self.q_proj(x) * tf.cast(self.scaling, x.dtype))  # (B, nh, T, hs)
         k = self._heads(self.k_proj(x))                                   # (B, nh, T, hs)
@@ -226,10 +233,10 @@ class TFOPTAttention(keras.layers.Layer):
             v = tf.concat([tf.cast(past[1], v.dtype), v], axis=2)
         scores = tf.cast(tf.matmul(q, tf.cast(k, q.dtype), transpose_b=True), tf.float32)  # (B, nh, T, S)
         scores = tf.where(allowed[:, None], scores, F32_MIN)
-        probs = _dropout(tf.nn.softmax(scores, axis=-1), self.dropout, training)
+        probs = _dropout(tf.nn.softmax(scores, axis=-1), self.dropout, training, seeds)
         y = tf.matmul(tf.cast(probs, x.dtype), tf.cast(v, x.dtype))  # (B, nh, T, hs)
         y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, T, H))     # (B, T, H)
-        return self.out_proj(y), (k, v)
+        return self.out_proj(y), (k, v), probs
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -251,18 +258,25 @@ class TFOPTDecoderLayer(keras.layers.Layer):
         for sub in (self.self_attn, self.self_attn_layer_norm, self.fc1, self.fc2, self.final_layer_norm):
             sub.build()
 
-    def call(self, x, allowed, past=None, cache_index=None, training=False):
+    def dropout_seeds(self, training) -> list:
+        """The seeds this layer's dropouts draw in a call, drawn now: a call given them (`seeds`) draws the
+        same masks however often it is repeated (a recomputation in backward: gradient checkpointing)."""
+        rates = (self.self_attn.dropout, self.dropout, self.dropout)  # attention, then the two residual branches
+        return [_draw_seed() for rate in rates if training and rate > 0]
+
+    def call(self, x, allowed, past=None, cache_index=None, training=False, seeds=None):
+        seeds = iter(seeds) if seeds is not None else None
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv = self.self_attn(h, allowed, past=past, cache_index=cache_index, training=training)
-        x = x + _dropout(h, self.dropout, training)
+        h, kv, probs = self.self_attn(h, allowed, past=past, cache_index=cache_index, training=training, seeds=seeds)
+        x = x + _dropout(h, self.dropout, training, seeds)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_ln else x
         h = self.fc2(self.act(self.fc1(h)))  # (B, T, F) -> (B, T, H)
-        x = x + _dropout(h, self.dropout, training)
+        x = x + _dropout(h, self.dropout, training, seeds)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
-        return x, kv
+        return x, kv, probs
 
 
 class TFOPTDecoder(keras.layers.Layer):
@@ -281,6 +295,7 @@ class TFOPTDecoder(keras.layers.Layer):
         # named "0", "1", ... and built under the scope "layers": paths decoder/layers/{i}/...
         self.blocks = [TFOPTDecoderLayer(config, name=str(i), dtype=policy)
                        for i in range(config.num_hidden_layers)]
+        self.gradient_checkpointing = False  # recompute each layer in backward (training, no cache)
 
     def build(self, input_shape=None):
         for sub in (self.embed_tokens, self.embed_positions, self.project_out, self.project_in,
@@ -292,7 +307,8 @@ class TFOPTDecoder(keras.layers.Layer):
                 block.build()
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-             inputs_embeds=None, use_cache=False, output_hidden_states=False, training=False):
+             inputs_embeds=None, use_cache=False, output_hidden_states=False, training=False,
+             output_attentions=False):
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -333,6 +349,8 @@ class TFOPTDecoder(keras.layers.Layer):
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET)
         hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        checkpointing = self.gradient_checkpointing and training and past_key_values is None
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             if hidden_states is not None:
@@ -342,8 +360,13 @@ class TFOPTDecoder(keras.layers.Layer):
                 past = (past_key_values.keys[i], past_key_values.values[i])
             elif past_key_values is not None:
                 past = past_key_values[i]
-            y, (k, v) = block(x, allowed, past=past, cache_index=q_start if preallocated else None,
-                              training=training)
+            if checkpointing:  # the layer runs again in backward, replaying its dropout seeds
+                y, (k, v), probs = _recomputed(block, x, allowed, block.dropout_seeds(training))
+            else:
+                y, (k, v), probs = block(x, allowed, past=past, cache_index=q_start if preallocated else None,
+                                         training=training)
+            if attentions is not None:
+                attentions.append(probs)
             if training and config.layerdrop > 0:  # LayerDrop: skip the whole layer with this probability
                 y = tf.where(tf.random.uniform([]) < config.layerdrop, x, y)
             x = y
@@ -358,9 +381,21 @@ class TFOPTDecoder(keras.layers.Layer):
         if preallocated:
             cache = KVCache(tuple(keys), tuple(values), past_key_values.index + T)
         else:
-            cache = tuple(zip(keys, values)) if use_cache else None
+            cache = tuple(zip(keys, values)) if use_cache and not checkpointing else None
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
-                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+                                       attentions=tuple(attentions) if attentions is not None else None)
+
+
+def _recomputed(block: TFOPTDecoderLayer, x: tf.Tensor, allowed: tf.Tensor, seeds: list):
+    """block(x) in training whose activations are not kept but recomputed in the backward pass
+    (tf.recompute_grad), with the same dropout seeds. -> (y, (k, v), probs) like the block."""
+    def run(h):
+        y, (k, v), probs = block(h, allowed, training=True, seeds=seeds)
+        return y, k, v, probs
+
+    y, k, v, probs = tf.recompute_grad(run)(x)
+    return y, (k, v), probs
 
 
 # ------------------------------------------------------------------------------------ input checks
@@ -436,7 +471,7 @@ def _refuse_keras_distribution() -> None:
             "keras.distribution.set_distribution(None) clears it.")
 
 
-class TFOPTPreTrainedModel(TFPretrainedMixin, keras.Model):
+class TFOPTPreTrainedModel(TFModelMethods, TFPretrainedMixin, keras.Model):
     """Shared construction: config, dtype policy, building every variable up front, OPT's init.
 
     `dtype`: 'float32' (default), 'float16', 'bfloat16' (variables and compute in that dtype),
@@ -498,13 +533,14 @@ class TFOPTModel(TFOPTPreTrainedModel):
         return self.decoder.embed_tokens
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-             inputs_embeds=None, use_cache=None, output_hidden_states=False, training=False):
+             inputs_embeds=None, use_cache=None, output_hidden_states=False, training=False,
+             output_attentions=False, return_dict=None):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds)
+                  inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        return self.decoder(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                            training=training, **kw)
+        return returned(self.decoder(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                                     training=training, **kw), return_dict)
 
 
 class _TFOPTWithHead(TFOPTPreTrainedModel):
@@ -598,16 +634,18 @@ class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
         return tf.matmul(h, embeddings, transpose_b=True)
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False):
+             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False,
+             output_attentions=False, return_dict=None):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds, labels=labels)
+                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         labels = kw.pop("labels")
         out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
         logits = self.lm_logits(out.last_hidden_state)  # (B, T, E) -> (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                               hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
 
     def loss_terms(self, outputs: CausalLMOutputWithPast, labels) -> list:
         return causal_lm_loss_terms(outputs.logits, labels)
@@ -627,9 +665,10 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
         return [self.score]
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False):
+             inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, training=False,
+             output_attentions=False, return_dict=None):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds, labels=labels)
+                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         labels = kw.pop("labels")
         out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
@@ -643,8 +682,9 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
             last = tf.fill([B], T - 1)
         pooled = tf.gather(logits, last, batch_dims=1)  # (B, num_labels)
         loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                                                hidden_states=out.hidden_states)
+        return returned(SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                         hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
 
     def loss_terms(self, outputs: SequenceClassifierOutputWithPast, labels) -> list:
         return sequence_classification_loss_terms(outputs.logits, labels, self.config)
@@ -663,9 +703,10 @@ class TFOPTForQuestionAnswering(_TFOPTWithHead):
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-             output_hidden_states=False, training=False):
+             output_hidden_states=False, training=False, output_attentions=False, return_dict=None):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds, start_positions=start_positions, end_positions=end_positions)
+                  inputs_embeds=inputs_embeds, start_positions=start_positions, end_positions=end_positions,
+                  output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         start_positions, end_positions = kw.pop("start_positions"), kw.pop("end_positions")
         out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
@@ -674,12 +715,19 @@ class TFOPTForQuestionAnswering(_TFOPTWithHead):
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return returned(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                     past_key_values=out.past_key_values,
+                                                     hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
 
     def loss_terms(self, outputs: QuestionAnsweringModelOutput, start_positions, end_positions) -> list:
         return question_answering_loss_terms(outputs.start_logits, outputs.end_logits, start_positions,
                                              end_positions)
+
+
+def returned(out, return_dict):
+    """The output record, or with return_dict=False Hugging Face's tuple of its fields that are set."""
+    return out.to_tuple() if return_dict is False else out
 
 
 # ----------------------------------------------------------------------------------------- losses

@@ -19,6 +19,7 @@ import torch
 
 from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.surface import dtype_argument
 from opt_spec.hub import resolve_pretrained
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -62,22 +63,25 @@ class PretrainedMixin:
     head: Head
 
     @classmethod
-    def from_config(cls, config: OPTConfig, dtype=None, attn_implementation: str = "sdpa", seed: int | None = None):
-        """A freshly initialized model (normal(0, init_std) weights, zero pad row)."""
+    def from_config(cls, config: OPTConfig, dtype=None, attn_implementation: str = "sdpa", seed: int | None = None,
+                    *, torch_dtype=None):
+        """A freshly initialized model (normal(0, init_std) weights, zero pad row). torch_dtype: dtype's older
+        Hugging Face name."""
         if seed is not None:
             torch.manual_seed(seed)
         model = cls(config, attn_implementation=attn_implementation)
-        dtype = resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype_argument(dtype, torch_dtype))
         return model.to(dtype) if dtype not in (None, "auto") else model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, attn_implementation: str = "sdpa",
-                        config: OPTConfig | None = None, device: str | torch.device = "cpu", *,
+                        config: OPTConfig | None = None, device: str | torch.device = "cpu", *, torch_dtype=None,
                         revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
                         device_mesh=None, device_map=None, max_memory=None, offload_folder=None):
         """Loads a Hugging Face directory (safetensors, sharded or not, or pytorch_model.bin).
 
-        dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to.
+        dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to (torch_dtype is
+        its older Hugging Face name: either may be given).
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
@@ -91,7 +95,7 @@ class PretrainedMixin:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
         config = config or OPTConfig.from_pretrained(path)
-        dtype = resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype_argument(dtype, torch_dtype))
         raw = read_checkpoint(path)
         plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
         if plan.fresh:

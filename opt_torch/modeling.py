@@ -23,6 +23,7 @@ from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, Q
 from .cache import StaticCache
 from .checkpoint import PretrainedMixin
 from .generation import GenerationMixin
+from .hf_compat import CausalLMMethods, HFModelMethods
 from .layout import column_blocks, modules_are_stock, pack_embedding_for_head, pack_linears, vector_blocks
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -49,19 +50,21 @@ def attention_allowed(attention_mask: torch.Tensor, query_positions: torch.Tenso
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],
-           implementation: str, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T) v for q (B, nh, T, hs) already scaled, k/v (B, nh, S, hs); allowed (B, 1, T, S)
-    bool, or None for plain causal attention. Scores and softmax in float32."""
-    if implementation == "sdpa":
+           implementation: str, dropout: float = 0.0, need_probs: bool = False):
+    """(softmax(q k^T) v, probabilities or None) for q (B, nh, T, hs) already scaled, k/v (B, nh, S, hs);
+    allowed (B, 1, T, S) bool, or None for plain causal attention. Scores and softmax in float32.
+    need_probs: also the probabilities (B, nh, T, S), after dropout as Hugging Face returns them; sdpa
+    never forms them, so then the explicit computation runs instead."""
+    if implementation == "sdpa" and not need_probs:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                              is_causal=allowed is None, scale=1.0)
+                                              is_causal=allowed is None, scale=1.0), None
     T, S = q.shape[2], k.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, S)
     if allowed is None:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     probs = F.dropout(scores.softmax(dim=-1).to(v.dtype), p=dropout, training=dropout > 0)
-    return torch.matmul(probs, v)  # (B, nh, T, hs)
+    return torch.matmul(probs, v), probs if need_probs else None  # (B, nh, T, hs)
 
 
 def project_qkv(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,17 +109,20 @@ class OPTAttention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return project_qkv(x, self.qkv_weights())
 
-    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None):
-        """kv_update(k, v) -> keys and values over all S positions (the cache's concern)."""
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None,
+                output_attentions: bool = False):
+        """kv_update(k, v) -> keys and values over all S positions (the cache's concern). Returns the
+        output, (k, v) and, with output_attentions, the probabilities (B, nh, T, S) (else None)."""
         B, T, _ = x.shape
         q, k, v = self._project_qkv(x)
         q = self._heads(q * self.scaling)               # (B, nh, T, hs)
         k, v = self._heads(k), self._heads(v)           # (B, nh, T, hs)
         if kv_update is not None:
             k, v = kv_update(k, v)                      # (B, nh, S, hs)
-        y = attend(q, k, v, allowed, self.attn_implementation, self.dropout if self.training else 0.0)
+        y, probs = attend(q, k, v, allowed, self.attn_implementation, self.dropout if self.training else 0.0,
+                          output_attentions)
         y = y.transpose(1, 2).reshape(B, T, -1)     # (B, T, nh * hs): this process's heads (nh / tp under TP)
-        return self.out_proj(y), (k, v)
+        return self.out_proj(y), (k, v), probs
 
 
 class OPTDecoderLayer(nn.Module):
@@ -133,9 +139,9 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(F_, H, bias=bias)
         self.final_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
 
-    def forward(self, x, allowed, kv_update=None):
+    def forward(self, x, allowed, kv_update=None, output_attentions=False):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv = self.self_attn(h, allowed, kv_update)
+        h, kv, probs = self.self_attn(h, allowed, kv_update, output_attentions)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -144,7 +150,7 @@ class OPTDecoderLayer(nn.Module):
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
-        return x, kv
+        return x, kv, probs
 
 
 class OPTDecoder(nn.Module):
@@ -163,10 +169,14 @@ class OPTDecoder(nn.Module):
         self.layers = nn.ModuleList(OPTDecoderLayer(config, attn_implementation)
                                     for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False  # recompute each layer in backward (training, no cache)
+        self.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, output_hidden_states=False, cache_position=None):
+                inputs_embeds=None, use_cache=False, output_hidden_states=False, cache_position=None,
+                output_attentions=False):
         config = self.config
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a cache would keep every layer's keys alive (Hugging Face turns it off too)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -200,6 +210,7 @@ class OPTDecoder(nn.Module):
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET).to(x.dtype)
         hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         cache = [] if use_cache else None
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
@@ -212,12 +223,14 @@ class OPTDecoder(nn.Module):
                 kv_update = functools.partial(_concat_kv, past_key_values[i])
             else:
                 kv_update = None
-            if self.gradient_checkpointing and self.training and kv_update is None and cache is None:
-                x, kv = torch.utils.checkpoint.checkpoint(layer, x, allowed, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and kv_update is None:
+                x, kv, probs = self.checkpoint_fn(layer, x, allowed, None, output_attentions)
             else:
-                x, kv = layer(x, allowed, kv_update)
+                x, kv, probs = layer(x, allowed, kv_update, output_attentions)
             if cache is not None:
                 cache.append(kv)
+            if attentions is not None:
+                attentions.append(probs)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
@@ -229,7 +242,8 @@ class OPTDecoder(nn.Module):
         elif cache is not None:
             cache = tuple(cache)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
-                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+                                       attentions=tuple(attentions) if attentions is not None else None)
 
 
 class DecodeStep:
@@ -276,7 +290,7 @@ class DecodeStep:
             q, k, v = project_qkv(h, layer["qkv"])  # (B, H) each
             keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs), slot)  # (B, nh, L, hs)
             keys, values = keys[:, :, :S], values[:, :, :S]                                    # (B, nh, S, hs)
-            y = attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
+            y, _ = attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
             x = x + F.linear(y.reshape(B, nh * hs), *layer["out"])
             if not self.pre_ln:
                 x = F.layer_norm(x, *layer["attn_norm"])
@@ -336,7 +350,7 @@ def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
                          f"{max_positions}")
 
 
-class OPTPreTrainedModel(PretrainedMixin, nn.Module):
+class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
     """Shared construction: config, attention choice, OPT's initialization."""
 
     head: Head = Head.BASE
@@ -410,10 +424,9 @@ class OPTPreTrainedModel(PretrainedMixin, nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Training trades compute for memory: each decoder layer's activations are recomputed in
-        the backward pass (torch.utils.checkpoint; dropout replays the same random numbers)."""
-        for m in self.modules():
-            if isinstance(m, OPTDecoder):
-                m.gradient_checkpointing = bool(enabled)
+        the backward pass (torch.utils.checkpoint; dropout replays the same random numbers). The same
+        as Hugging Face's gradient_checkpointing_enable() / _disable() (opt_torch.hf_compat)."""
+        self.gradient_checkpointing_enable() if enabled else self.gradient_checkpointing_disable()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -446,10 +459,12 @@ class OPTModel(OPTPreTrainedModel):
         return self.decoder.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=False, cache_position=None):
+                inputs_embeds=None, use_cache=None, output_hidden_states=False, cache_position=None,
+                output_attentions=False, return_dict=None):
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        return self.decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                            use_cache, output_hidden_states, cache_position)
+        out = self.decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                           use_cache, output_hidden_states, cache_position, output_attentions)
+        return returned(out, return_dict)
 
 
 class _OPTWithHead(OPTPreTrainedModel):
@@ -463,12 +478,12 @@ class _OPTWithHead(OPTPreTrainedModel):
         return self.model.decoder.embed_tokens
 
     def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-              output_hidden_states, cache_position):
+              output_hidden_states, cache_position, output_attentions=False):
         return self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                          use_cache, output_hidden_states, cache_position)
+                          use_cache, output_hidden_states, cache_position, output_attentions)
 
 
-class OPTForCausalLM(GenerationMixin, _OPTWithHead):
+class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
     head = Head.CAUSAL_LM
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
@@ -483,13 +498,15 @@ class OPTForCausalLM(GenerationMixin, _OPTWithHead):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None):
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None,
+                output_attentions=False, return_dict=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position)
+                         output_hidden_states, cache_position, output_attentions)
         logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                               hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
 
 
 class OPTForSequenceClassification(_OPTWithHead):
@@ -503,9 +520,10 @@ class OPTForSequenceClassification(_OPTWithHead):
         self.pack_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None):
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None,
+                output_attentions=False, return_dict=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position)
+                         output_hidden_states, cache_position, output_attentions)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         if input_ids is not None and self.config.pad_token_id is not None:
@@ -516,8 +534,9 @@ class OPTForSequenceClassification(_OPTWithHead):
             last = torch.full((B,), T - 1, device=logits.device)
         pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
         loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                                                hidden_states=out.hidden_states)
+        return returned(SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                         hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
 
 
 class OPTForQuestionAnswering(_OPTWithHead):
@@ -531,16 +550,23 @@ class OPTForQuestionAnswering(_OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-                output_hidden_states=False, cache_position=None):
+                output_hidden_states=False, cache_position=None, output_attentions=False, return_dict=None):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position)
+                         output_hidden_states, cache_position, output_attentions)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return returned(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                     past_key_values=out.past_key_values,
+                                                     hidden_states=out.hidden_states, attentions=out.attentions),
+                        return_dict)
+
+
+def returned(out, return_dict: Optional[bool]):
+    """The output record, or with return_dict=False Hugging Face's tuple of its fields that are set."""
+    return out.to_tuple() if return_dict is False else out
 
 
 # ----------------------------------------------------------------------------------------- losses

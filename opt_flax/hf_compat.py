@@ -1,0 +1,72 @@
+"""The Hugging Face model methods that training scripts call on a Flax model.
+
+- `gradient_checkpointing_enable()` / `gradient_checkpointing_disable()` / `is_gradient_checkpointing`
+  (Hugging Face's Flax models call the first `enable_gradient_checkpointing()`; both names work): the
+  module is rebuilt with `remat=True`, so under `model(..., deterministic=False)` every decoder layer is
+  an nn.remat (jax.checkpoint) whose activations are recomputed in the backward pass, with the same
+  dropout keys, hence the same gradients.
+- `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing, seed)` (opt_spec.surface): new
+  parameter arrays for the token embedding (and an untied LM head), a tied head follows (it is the
+  embedding), and the config and module get the new vocab_size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from opt_spec import surface
+
+
+class FlaxModelMethods:
+    """Mixed into FlaxOPTPreTrainedModel (`config`, `module`, `params`)."""
+
+    # ------------------------------------------------------------------------- gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        if gradient_checkpointing_kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: nn.remat's options "
+                             "are not exposed")
+        self._rebuild(remat=True)
+
+    enable_gradient_checkpointing = gradient_checkpointing_enable  # Hugging Face Flax's name
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._rebuild(remat=False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.module.remat
+
+    def _rebuild(self, **changes) -> None:
+        """A new module with `changes` (clone); compiled functions built on the old one are dropped."""
+        self.module = self.module.clone(**changes)
+        for cached in ("_generation_fns", "_sharded_fns"):
+            self.__dict__.pop(cached, None)
+
+    # -------------------------------------------------------------------------------------- vocabulary
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                mean_resizing: bool = True, seed: int = 0) -> jnp.ndarray:
+        """Resizes the token embedding (and an untied LM head) to new_num_tokens rows (rounded up to
+        pad_to_multiple_of); see opt_spec.surface. Added rows draw from NumPy's generator `seed`.
+        Returns the new embedding (V, E)."""
+        decoder = (self.params["model"] if "model" in self.params else self.params)["decoder"]
+        embedding = decoder["embed_tokens"]["embedding"]
+        n = surface.resized_vocab_size(embedding.shape[0], new_num_tokens, pad_to_multiple_of)
+        if n == embedding.shape[0]:
+            return embedding
+        config = self.config.replace(vocab_size=n)
+        rng = np.random.default_rng(seed)
+
+        def resized(array, transposed=False):  # a kernel (E, V) is the (V, E) weight transposed
+            rows = np.asarray(array, np.float32)
+            rows = surface.resized_rows(rows.T if transposed else rows, n, mean_resizing, config.init_std, rng)
+            return jnp.asarray(rows.T if transposed else rows, array.dtype)
+
+        decoder["embed_tokens"] = {"embedding": resized(embedding)}
+        if "lm_head" in self.params:  # untied
+            self.params["lm_head"] = {"kernel": resized(self.params["lm_head"]["kernel"], transposed=True)}
+        self.config = config
+        self._rebuild(config=config)
+        return decoder["embed_tokens"]["embedding"]

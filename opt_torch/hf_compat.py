@@ -1,0 +1,115 @@
+"""The Hugging Face PreTrainedModel methods that training scripts and PEFT call on a PyTorch model.
+
+- `gradient_checkpointing_enable(gradient_checkpointing_kwargs)` / `_disable()` / `is_gradient_checkpointing`:
+  in training each decoder layer is recomputed in the backward pass by torch.utils.checkpoint (which
+  replays the random state, so dropout draws the same masks), and the cache is off. Unlike transformers
+  the default is the non-reentrant checkpoint (`use_reentrant=False`), which also lets gradients reach
+  adapters behind a frozen embedding; `gradient_checkpointing_kwargs` go to torch.utils.checkpoint.
+- `enable_input_require_grads()` / `disable_input_require_grads()`, `get_output_embeddings()`.
+- `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing)` (opt_spec.surface): the embedding (and an
+  untied LM head) keep their first rows and gain new ones at the end, a tied head follows, and every
+  module's config gets the new vocab_size (OPTConfig is frozen: a replaced copy).
+- `prepare_inputs_for_generation` (causal LM), which PEFT's PeftModelForCausalLM wraps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from opt_spec import surface
+
+from .cache import StaticCache
+
+
+class HFModelMethods:
+    """Mixed into OPTPreTrainedModel (an nn.Module with `config`, `get_input_embeddings`, `pack_weights`)."""
+
+    supports_gradient_checkpointing = True
+
+    # ------------------------------------------------------------------------- gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for m in self._checkpointed_modules():
+            m.gradient_checkpointing = True
+            m.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self._checkpointed_modules():
+            m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self._checkpointed_modules())
+
+    def _checkpointed_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def enable_input_require_grads(self) -> None:
+        """The embedding output requires grad even when the embedding is frozen (what a reentrant checkpoint
+        needs for gradients to reach adapters behind it)."""
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: out.requires_grad_(True))
+
+    def disable_input_require_grads(self) -> None:
+        self._require_grads_hook.remove()
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return getattr(self, "lm_head", None)
+
+    # -------------------------------------------------------------------------------------- vocabulary
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resizes the token embedding (and an untied LM head) to new_num_tokens rows (rounded up to
+        pad_to_multiple_of); see opt_spec.surface. Added rows draw from torch's global generator (seed it
+        with torch.manual_seed). Returns the embedding."""
+        embed = self.get_input_embeddings()
+        n = surface.resized_vocab_size(embed.num_embeddings, new_num_tokens, pad_to_multiple_of)
+        if n == embed.num_embeddings:
+            return embed
+        config = self.config.replace(vocab_size=n)  # refuses a vocabulary without the pad/bos/eos ids
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        head = self.get_output_embeddings()
+        untied = head is not None and head.weight is not embed.weight
+        with torch.no_grad():
+            for module in (embed, head) if untied else (embed,):
+                w = module.weight
+                rows = surface.resized_rows(w.detach().float().cpu().numpy(), n, mean_resizing, config.init_std, rng)
+                module.weight = nn.Parameter(torch.from_numpy(rows).to(w.device, w.dtype), w.requires_grad)
+        embed.num_embeddings = n
+        if untied:
+            head.out_features = n
+        for m in self.modules():
+            if getattr(m, "config", None) is self.config and m is not self:
+                m.config = config
+        self.config = config
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+        self.pack_weights()
+        return embed
+
+
+class CausalLMMethods:
+    """Mixed into OPTForCausalLM, after GenerationMixin."""
+
+    generation_config = None  # PEFT's generate assigns it; GenerationMixin's own, when it has one, comes first
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      cache_position=None, use_cache: bool = True, **kwargs) -> dict:
+        """The forward's inputs for the next step of a decode loop (opt_spec.surface.generation_inputs): the
+        tokens the cache `past_key_values` (a per-layer (k, v) tuple, or a StaticCache with cache_position)
+        has not seen."""
+        if isinstance(past_key_values, StaticCache):
+            if cache_position is None:
+                raise ValueError("a StaticCache needs cache_position: the slots of the new tokens")
+            past = int(cache_position[0])
+            kwargs["cache_position"] = cache_position
+        else:
+            past = past_key_values[0][0].shape[2] if past_key_values else 0
+        return surface.generation_inputs(input_ids, past, attention_mask, inputs_embeds,
+                                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)

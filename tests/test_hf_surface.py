@@ -1,0 +1,525 @@
+"""The Hugging Face model surface of the three backends, against transformers 4.57.6 (test-only) on the same
+random, varied weights: attention probabilities, return_dict=False tuples, torch_dtype= and dtype="auto",
+gradient checkpointing, resize_token_embeddings, and PEFT's LoRA on the PyTorch causal LM."""
+
+import numpy as np
+import pytest
+import torch
+
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_batch, random_weights
+
+from .conftest import max_abs_diff
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
+
+BACKENDS = ("torch", "tf", "flax")
+HF_CLASSES = {"base": "OPTModel", "causal_lm": "OPTForCausalLM",
+              "sequence_classification": "OPTForSequenceClassification",
+              "question_answering": "OPTForQuestionAnswering"}
+DROPOUT = dict(dropout=0.2, attention_dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{(variant, dropout?): folder} with random causal LM weights (seed 5)."""
+    made = {}
+
+    def make(name: str, dropout: bool = False):
+        if (name, dropout) not in made:
+            config = VARIANTS[name].replace(**DROPOUT) if dropout else VARIANTS[name]
+            path = tmp_path_factory.mktemp(f"{name}-dropout" if dropout else name)
+            spec_io.save_safetensors_dir(path, random_weights(config, "causal_lm", seed=5), config.to_dict())
+            made[name, dropout] = path
+        return made[name, dropout]
+    return make
+
+
+def model_classes(backend: str) -> dict:
+    if backend == "torch":
+        from opt_torch.modeling import MODEL_CLASSES
+    elif backend == "tf":
+        from opt_tf.modeling import MODEL_CLASSES
+    else:
+        from opt_flax.pretrained import MODEL_CLASSES
+    return {head.value: cls for head, cls in MODEL_CLASSES.items()}
+
+
+def load(backend: str, path, head: str = "causal_lm", **kwargs):
+    return model_classes(backend)[head].from_pretrained(path, **kwargs)
+
+
+def run(backend: str, model, ids, mask, **kwargs):
+    """The model's output on NumPy inputs (torch without autograd)."""
+    if backend == "torch":
+        kwargs = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            return model(torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask).long(), **kwargs)
+    return model(ids, attention_mask=mask, **kwargs)
+
+
+def hugging_face(path, head: str = "causal_lm", attn: str = "eager"):
+    return getattr(transformers, HF_CLASSES[head]).from_pretrained(path, attn_implementation=attn).eval()
+
+
+def hf_run(ref, ids, mask, **kwargs):
+    kwargs = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        return ref(input_ids=torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask).long(), **kwargs)
+
+
+def batch(config, seed=1, left_pad=(0, 3, 5)):
+    ids, mask = random_batch(config, seed=seed, left_pad=left_pad)
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def numpy(x) -> np.ndarray:
+    return x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def assert_attentions_equal(ours, theirs, mask, tol=1e-5):
+    """Per layer (B, nh, T, S), compared on the real query rows (Hugging Face spreads a pad query's
+    probability over every key; optkit lets it see itself, which changes no real token)."""
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        a, b = numpy(a), numpy(b)
+        assert a.shape == b.shape
+        rows = np.broadcast_to(mask[:, None, :], a.shape[:3])
+        assert max_abs_diff(a, b, rows) <= tol
+        np.testing.assert_allclose(a[rows.astype(bool)].sum(-1), 1.0, atol=1e-5)  # probabilities
+
+
+@pytest.mark.parametrize("backend, attn", [("torch", "eager"), ("torch", "sdpa"), ("tf", None), ("flax", None)])
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj"])
+def test_attentions_equal_hugging_face_eager(checkpoints, backend, attn, name):
+    path = checkpoints(name)
+    model = load(backend, path, **({"attn_implementation": attn} if attn else {}))
+    ids, mask = batch(VARIANTS[name])
+    out = run(backend, model, ids, mask, output_attentions=True)
+    want = hf_run(hugging_face(path), ids, mask, output_attentions=True)
+    assert len(out.attentions) == VARIANTS[name].num_hidden_layers
+    assert_attentions_equal(out.attentions, want.attentions, mask)
+    assert max_abs_diff(numpy(out.logits), numpy(want.logits), mask) <= 1e-5
+    assert run(backend, model, ids, mask).attentions is None  # only when asked
+
+
+def test_torch_attentions_of_a_cached_step(checkpoints):
+    """One new token over a cache: (B, nh, 1, past + 1), as Hugging Face's step."""
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    model, ref = OPTForCausalLM.from_pretrained(path), hugging_face(path)
+    ids, mask = batch(VARIANTS["pre_ln"])
+    past = run("torch", model, ids[:, :-1], mask[:, :-1], use_cache=True).past_key_values
+    ours = run("torch", model, ids[:, -1:], mask, past_key_values=past, output_attentions=True).attentions
+    ref_past = hf_run(ref, ids[:, :-1], mask[:, :-1], use_cache=True).past_key_values
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.as_tensor(ids[:, -1:]), attention_mask=torch.as_tensor(mask),
+                     past_key_values=ref_past, output_attentions=True).attentions
+    assert numpy(ours[0]).shape == (3, 4, 1, ids.shape[1])
+    for a, b in zip(ours, theirs):
+        assert max_abs_diff(numpy(a), numpy(b)) <= 1e-5
+
+
+def head_inputs(head, ids, mask):
+    if head == "causal_lm":
+        return {"labels": np.where(mask == 1, ids, -100)}
+    if head == "sequence_classification":
+        return {"labels": np.array([0, 2, 1])}
+    if head == "question_answering":
+        return {"start_positions": np.array([1, 4, 6]), "end_positions": np.array([3, 7, 8])}
+    return {}
+
+
+def assert_same_fields(ours: tuple, theirs: tuple, names: list, mask):
+    """A return_dict=False tuple against Hugging Face's, field by field (its record names the positions)."""
+    assert len(ours) == len(theirs) == len(names), (len(ours), names)
+    for name, a, b in zip(names, ours, theirs):
+        if name == "attentions":
+            assert_attentions_equal(a, b, mask)
+        elif name == "hidden_states":
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert max_abs_diff(numpy(x), numpy(y), mask) <= 1e-5
+        elif name == "past_key_values":  # Hugging Face's Cache; ours a (k, v) per layer
+            assert len(a) == len(b.layers)
+            keys = np.broadcast_to(mask[:, None, :], numpy(a[0][0]).shape[:3])
+            for (k, v), layer in zip(a, b.layers):
+                assert max_abs_diff(numpy(k), numpy(layer.keys), keys) <= 1e-5
+                assert max_abs_diff(numpy(v), numpy(layer.values), keys) <= 1e-5
+        else:  # loss, logits, pooled logits, span logits, last hidden state
+            a, b = numpy(a), numpy(b)
+            assert a.shape == b.shape, name
+            tol = 2e-5 * max(1.0, float(np.abs(b).max())) if name == "loss" else 1e-5
+            assert max_abs_diff(a, b, mask if a.shape[:2] == mask.shape else None) <= tol, name
+
+
+@pytest.mark.parametrize("head", sorted(HF_CLASSES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_dict_false_is_hugging_faces_tuple(tmp_path, backend, head):
+    config = VARIANTS["post_ln_proj"]
+    spec_io.save_safetensors_dir(tmp_path, random_weights(config, head, seed=4), config.to_dict())
+    model, ref = load(backend, tmp_path, head), hugging_face(tmp_path, head)
+    # the span loss's softmax runs over pad positions too, whose logits are not Hugging Face's: no pads there
+    ids, mask = batch(config, left_pad=(0, 0, 0) if head == "question_answering" else (0, 3, 5))
+    extra = dict(head_inputs(head, ids, mask), output_hidden_states=True, output_attentions=True)
+    cache = {"flax": {}, "tf": {"use_cache": True}, "torch": {}}[backend]  # Flax returns a cache only when given one
+    # (Hugging Face's question answering tuple has no cache either way, but without one it drops the hidden states)
+    hf_cache = {"use_cache": False} if backend == "flax" and head != "question_answering" else {}
+    got = run(backend, model, ids, mask, return_dict=False, **cache, **extra)
+    theirs = hf_run(ref, ids, mask, return_dict=False, **hf_cache, **extra)
+    names = list(hf_run(ref, ids, mask, **hf_cache, **extra).keys())
+    assert isinstance(got, tuple)
+    assert_same_fields(got, theirs, names, mask)
+    if head == "causal_lm":  # and the record's own order without the optional fields
+        short = run(backend, model, ids, mask, return_dict=False, **cache)
+        assert len(short) == len(hf_run(ref, ids, mask, return_dict=False, **hf_cache))
+
+
+# -------------------------------------------------------------------------------------- dtype arguments
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_dtype_is_an_alias_of_dtype(checkpoints, backend):
+    path = checkpoints("pre_ln")
+    ids, mask = batch(VARIANTS["pre_ln"])
+    half = {"torch": torch.bfloat16, "tf": "bfloat16", "flax": "bfloat16"}[backend]
+    model = load(backend, path, torch_dtype=half)
+    reference = load(backend, path, dtype=half)
+    assert dtype_name(backend, model) == dtype_name(backend, reference) == "bfloat16"
+    assert max_abs_diff(numpy(run(backend, model, ids, mask).logits),
+                        numpy(run(backend, reference, ids, mask).logits)) == 0
+    other = {"torch": torch.float16, "tf": "float16", "flax": "float16"}[backend]
+    with pytest.raises(ValueError, match="torch_dtype"):
+        load(backend, path, dtype=other, torch_dtype=half)
+    fresh = model_classes(backend)["causal_lm"].from_config(VARIANTS["pre_ln"], torch_dtype=half)
+    assert dtype_name(backend, fresh) == "bfloat16"
+
+
+def dtype_name(backend, model) -> str:
+    if backend == "torch":
+        return str(model.dtype).removeprefix("torch.")
+    if backend == "tf":
+        return model.dtype_policy.compute_dtype
+    return model.dtype.name
+
+
+@pytest.mark.parametrize("saved", ["bfloat16", "float16"])
+def test_flax_dtype_auto_is_the_checkpoints_dtype(tmp_path, saved):
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from opt_flax import FlaxOPTForCausalLM
+
+    config = VARIANTS["pre_ln"]
+    np_dtype = ml_dtypes.bfloat16 if saved == "bfloat16" else np.float16
+    spec_io.save_safetensors_dir(tmp_path, random_weights(config, "causal_lm", seed=5, dtype=np_dtype),
+                                 config.to_saved_dict("OPTForCausalLM", saved))
+    model = FlaxOPTForCausalLM.from_pretrained(tmp_path, dtype="auto", param_dtype="auto")
+    assert model.dtype == jnp.dtype(saved) and model.param_dtype == jnp.dtype(saved)
+    leaves = {leaf.dtype for leaf in __import__("jax").tree_util.tree_leaves(model.params)}
+    assert leaves == {jnp.dtype(saved)}
+    assert FlaxOPTForCausalLM.from_pretrained(tmp_path, dtype="auto").param_dtype == jnp.float32  # as asked
+    ref = transformers.OPTForCausalLM.from_pretrained(tmp_path, dtype="auto", attn_implementation="eager").eval()
+    assert str(ref.dtype) == f"torch.{saved}"
+    ids, mask = batch(config)
+    got, want = numpy(model(ids, attention_mask=mask).logits), numpy(hf_run(ref, ids, mask).logits)
+    scale = np.abs(want[mask == 1]).max()
+    assert max_abs_diff(got, want, mask) <= 0.05 * scale  # both in half precision
+
+
+# ---------------------------------------------------------------------------------- gradient checkpointing
+def train_step(backend: str, model, ids, mask, seed: int):
+    """(output, {canonical name: gradient (canonical layout)}) of the causal LM loss in training mode, dropout
+    drawn from `seed` (torch's generator, TF's global generator, a JAX key)."""
+    labels = np.where(mask == 1, ids, -100)
+    if backend == "torch":
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(seed)
+        out = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(labels))
+        out.loss.backward()
+        return out, {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    if backend == "tf":
+        import tensorflow as tf
+
+        from opt_spec.layouts import from_native
+        from opt_tf.checkpoint import variable_map
+
+        variables = variable_map(model)
+        tf.random.get_global_generator().reset_from_seed(seed)
+        with tf.GradientTape() as tape:
+            out = model(ids, attention_mask=mask, labels=labels, training=True)
+        grads = tape.gradient(out.loss, [var for _, var in variables.values()])
+        return out, {name: from_native(spec, tf.convert_to_tensor(g).numpy(), "keras")
+                     for (name, (spec, _)), g in zip(variables.items(), grads)}
+    import jax
+
+    from opt_flax import params_to_canonical
+
+    def loss(params):
+        out = model(ids, attention_mask=mask, labels=labels, params=params, deterministic=False,
+                    dropout_rng=jax.random.PRNGKey(seed))
+        return out.loss, out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(model.params)
+    return out, params_to_canonical(grads, model.config, model.head)
+
+
+def layer_runs(backend: str, model, ids, mask) -> int:
+    """How often the first decoder layer runs in one training forward and backward pass."""
+    if backend == "flax":  # traced: a recomputed layer is an nn.remat (jax.checkpoint) in the gradient's program
+        import jax
+
+        def loss(params):
+            return model(ids, attention_mask=mask, labels=ids, params=params, deterministic=False,
+                         dropout_rng=jax.random.PRNGKey(0)).loss
+        eqns = jax.make_jaxpr(jax.grad(loss))(model.params).jaxpr.eqns
+        remats = sum(e.primitive.name in ("remat2", "checkpoint") for e in eqns)
+        assert remats in (0, model.config.num_hidden_layers)
+        return 1 + remats // model.config.num_hidden_layers
+    calls = []
+    if backend == "torch":
+        layer = model.model.decoder.layers[0]
+        handle = layer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        train_step(backend, model, ids, mask, seed=0)
+        handle.remove()
+    else:
+        block = model.model.decoder.blocks[0]
+        call = block.call
+        block.call = lambda *args, **kwargs: calls.append(1) or call(*args, **kwargs)
+        train_step(backend, model, ids, mask, seed=0)
+        del block.call
+    return len(calls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_checkpointing_recomputes_every_layer(checkpoints, backend):
+    """Each layer runs again in the backward pass, also with labels and the config's use_cache=True (the
+    cache is off in training, as in Hugging Face); disable() brings back one run."""
+    model = load(backend, checkpoints("pre_ln"))
+    ids, mask = batch(VARIANTS["pre_ln"])
+    assert not model.is_gradient_checkpointing
+    assert layer_runs(backend, model, ids, mask) == 1
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    assert layer_runs(backend, model, ids, mask) == 2
+    out, _ = train_step(backend, model, ids, mask, seed=0)
+    assert out.past_key_values is None
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    assert layer_runs(backend, model, ids, mask) == 1
+
+
+def assert_grads_close(a: dict, b: dict, tol: float):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert max_abs_diff(a[name], b[name]) <= tol * max(1.0, float(np.abs(b[name]).max())), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_checkpointing_replays_dropout(checkpoints, backend):
+    """With dropout (residual 0.2, attention 0.1) and a fixed seed the recomputed layers draw the masks of
+    the first pass: the gradients equal those without checkpointing; another seed gives others."""
+    model = load(backend, checkpoints("pre_ln", dropout=True))
+    ids, mask = batch(VARIANTS["pre_ln"])
+    _, plain = train_step(backend, model, ids, mask, seed=3)
+    _, other_seed = train_step(backend, model, ids, mask, seed=4)
+    model.gradient_checkpointing_enable()
+    out, checkpointed = train_step(backend, model, ids, mask, seed=3)
+    assert_grads_close(checkpointed, plain, 1e-5)
+    name = "model.decoder.layers.0.fc1.weight"
+    assert max_abs_diff(other_seed[name], plain[name]) > 1e-3  # dropout does act
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_checkpointing_gradients_equal_hugging_face(checkpoints, backend):
+    path = checkpoints("post_ln_proj")
+    model = load(backend, path)
+    model.gradient_checkpointing_enable()
+    # unpadded: after a left pad the first real token is predicted from the last pad position, whose logits
+    # are not Hugging Face's (a pad query sees itself here, every key there)
+    ids, mask = batch(VARIANTS["post_ln_proj"], left_pad=(0, 0, 0))
+    out, grads = train_step(backend, model, ids, mask, seed=0)
+    ref = hugging_face(path)
+    ref.gradient_checkpointing_enable()
+    ref.train()
+    labels = torch.as_tensor(np.where(mask == 1, ids, -100))
+    want = ref(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), labels=labels)
+    want.loss.backward()
+    assert abs(float(numpy(out.loss)) - want.loss.item()) <= 1e-5 * want.loss.item()
+    assert_grads_close(grads, {n: p.grad.numpy() for n, p in ref.named_parameters()}, 2e-5)
+
+
+# ------------------------------------------------------------------------------------ resize_token_embeddings
+def embedding(backend: str, model) -> np.ndarray:
+    if backend == "torch":
+        return model.get_input_embeddings().weight.detach().numpy()
+    if backend == "tf":
+        return model.get_input_embeddings().embeddings.numpy()
+    return np.asarray(model.params["model"]["decoder"]["embed_tokens"]["embedding"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, size", [("pre_ln", {"new_num_tokens": 109}), ("untied_head", {"new_num_tokens": 109}),
+                                        ("untied_head", {"new_num_tokens": 80}),
+                                        ("pre_ln", {"new_num_tokens": 97, "pad_to_multiple_of": 16})])
+def test_resize_token_embeddings_matches_hugging_face(checkpoints, tmp_path, backend, name, size):
+    """Kept rows unchanged, added rows the old rows' mean (to 1e-9 of their covariance, as transformers),
+    a tied head follows, config.vocab_size updated; the resized model saves a checkpoint Hugging Face reads."""
+    path = checkpoints(name)
+    model, ref = load(backend, path), hugging_face(path)
+    old = embedding(backend, model)
+    model.resize_token_embeddings(**size)
+    ref.resize_token_embeddings(**size)
+    V = ref.config.vocab_size
+    assert V == {109: 109, 80: 80, 97: 112}[size["new_num_tokens"]]
+    assert model.config.vocab_size == V and embedding(backend, model).shape == (V, VARIANTS[name].hidden_size)
+    keep = min(V, old.shape[0])
+    assert np.array_equal(embedding(backend, model)[:keep], old[:keep])
+    if V > old.shape[0]:
+        np.testing.assert_allclose(embedding(backend, model)[keep:], ref.get_input_embeddings().weight[keep:].detach(),
+                                   atol=2e-4)
+    if backend == "torch" and name == "pre_ln":
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids, mask = batch(VARIANTS[name])
+    ids = np.minimum(ids, V - 1)  # tokens of the smaller vocabulary
+    got, want = numpy(run(backend, model, ids, mask).logits), numpy(hf_run(ref, ids, mask).logits)
+    assert got.shape == want.shape == (*ids.shape, V)
+    assert max_abs_diff(got[..., :keep], want[..., :keep], mask) <= 1e-5
+    assert max_abs_diff(got, want, mask) <= 2e-3  # the added rows agree to their 1e-9-covariance noise
+    model.save_pretrained(tmp_path)
+    saved = transformers.OPTForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert max_abs_diff(got, numpy(hf_run(saved, ids, mask).logits), mask) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_without_mean_resizing_draws_opt_init_and_refuses_losing_special_ids(checkpoints, backend):
+    model = load(backend, checkpoints("untied_head"))
+    old = embedding(backend, model)
+    model.resize_token_embeddings(old.shape[0] + 400, mean_resizing=False)
+    new = embedding(backend, model)[old.shape[0]:]
+    assert np.array_equal(embedding(backend, model)[:old.shape[0]], old)
+    assert abs(new.std() / model.config.init_std - 1) < 0.05 and abs(new.mean()) < 2e-3  # normal(0, init_std)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        model.resize_token_embeddings(1)
+
+
+# -------------------------------------------------------------------------------------------- PEFT (torch)
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, lora_dropout=0.0)
+
+
+def test_peft_lora_builds_trains_generates_and_merges(checkpoints):
+    import peft
+
+    from opt_torch import OPTForCausalLM
+    from opt_torch.layout import modules_are_stock
+
+    path = checkpoints("pre_ln")
+    lora = peft.get_peft_model(OPTForCausalLM.from_pretrained(path), lora_config())
+    assert isinstance(lora, peft.PeftModelForCausalLM)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}  # peft's default targets for OPT
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+    labels = torch.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        before = lora(input_ids=ids, attention_mask=mask).logits
+    lora.train()
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    lora.eval()
+    with torch.no_grad():
+        logits = lora(input_ids=ids, attention_mask=mask).logits
+    assert max_abs_diff(logits, before, mask) > 1e-3  # the step moved the adapter
+    tokens = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+
+    ref = peft.get_peft_model(hugging_face(path), lora_config())  # Hugging Face's OPT with the same adapter
+    peft.set_peft_model_state_dict(ref, peft.get_peft_model_state_dict(lora))
+    ref.eval()
+    with torch.no_grad():
+        assert max_abs_diff(logits, ref(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-5
+    assert torch.equal(tokens, ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+
+    merged = lora.merge_and_unload()
+    assert isinstance(merged, OPTForCausalLM) and modules_are_stock(merged)
+    with torch.no_grad():
+        assert max_abs_diff(merged(ids, attention_mask=mask).logits, logits, mask) <= 1e-5
+    assert torch.equal(merged.generate(ids, attention_mask=mask, max_new_tokens=6), tokens)
+
+
+def test_peft_lora_with_gradient_checkpointing_gives_the_same_adapter_gradients(checkpoints):
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln", dropout=True)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+    grads = []
+    for checkpointing in (False, True):
+        model = OPTForCausalLM.from_pretrained(path)
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # peft then makes the embedding output require grad
+        torch.manual_seed(0)
+        lora = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+        lora.train()
+        lora(input_ids=ids, attention_mask=mask, labels=torch.where(mask == 1, ids, -100)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_prepare_inputs_for_generation_drives_a_decode_loop_like_generate(checkpoints):
+    """A Hugging Face-style loop (prepare the inputs, forward with the cache, pick greedily, pad finished
+    rows) over prepare_inputs_for_generation makes generate's tokens, and Hugging Face's."""
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("post_ln_proj")
+    model, ref = OPTForCausalLM.from_pretrained(path), hugging_face(path)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["post_ln_proj"]))
+    tokens, attention, past = ids, mask, None
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(8):
+            inputs = model.prepare_inputs_for_generation(tokens, past_key_values=past, attention_mask=attention)
+            assert inputs["input_ids"].shape[1] == (ids.shape[1] if past is None else 1)
+            out = model(**inputs)
+            past = out.past_key_values
+            new = torch.where(finished, model.config.pad_token_id, out.logits[:, -1].argmax(-1))
+            finished |= new == model.config.eos_token_id
+            tokens = torch.cat([tokens, new[:, None]], 1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+    assert torch.equal(tokens, model.generate(ids, attention_mask=mask, max_new_tokens=8))
+    assert torch.equal(tokens, ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+    embeds = model.get_input_embeddings()(ids)
+    first = model.prepare_inputs_for_generation(ids, attention_mask=mask, inputs_embeds=embeds)
+    assert first["inputs_embeds"] is embeds and "input_ids" not in first
+
+
+def test_tf_gradient_checkpointing_under_xla_replays_dropout(checkpoints):
+    """The same inside one XLA program (what Keras fit compiles): the seeds drawn before each layer are
+    what its recomputation uses."""
+    import tensorflow as tf
+
+    model = load("tf", checkpoints("pre_ln", dropout=True))
+    ids, mask = batch(VARIANTS["pre_ln"])
+    labels = np.where(mask == 1, ids, -100)
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = model(ids, attention_mask=mask, labels=labels, training=True).loss
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    results = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
+        tf.random.get_global_generator().reset_from_seed(3)
+        loss, grads = tf.function(step, jit_compile=True)()  # traced anew: the setting is read when tracing
+        results.append((float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        assert max_abs_diff(a, b) <= 1e-6
