@@ -51,6 +51,9 @@ class FlaxModelMethods:
         """Resizes the token embedding (and an untied LM head) to new_num_tokens rows (rounded up to
         pad_to_multiple_of); see opt_spec.surface. Added rows draw from NumPy's generator `seed`.
         Returns the new embedding (V, E)."""
+        if self.sharding is not None:
+            raise ValueError("resize_token_embeddings on a model laid out on a mesh: resize it on one device first, "
+                             "then lay it out (opt_flax.distributed.shard_model)")
         decoder = (self.params["model"] if "model" in self.params else self.params)["decoder"]
         embedding = decoder["embed_tokens"]["embedding"]
         n = surface.resized_vocab_size(embedding.shape[0], new_num_tokens, pad_to_multiple_of)

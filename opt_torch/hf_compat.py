@@ -68,6 +68,9 @@ class HFModelMethods:
         """Resizes the token embedding (and an untied LM head) to new_num_tokens rows (rounded up to
         pad_to_multiple_of); see opt_spec.surface. Added rows draw from torch's global generator (seed it
         with torch.manual_seed). Returns the embedding."""
+        if getattr(self, "device_mesh", None) is not None or getattr(self, "hf_device_map", None) is not None:
+            raise ValueError("resize_token_embeddings on a model split over processes or devices: resize the whole "
+                             "model first, save it, and load that (opt_torch.distributed)")
         embed = self.get_input_embeddings()
         n = surface.resized_vocab_size(embed.num_embeddings, new_num_tokens, pad_to_multiple_of)
         if n == embed.num_embeddings:
