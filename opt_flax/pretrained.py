@@ -221,6 +221,8 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             params = load_params(MeshPlan(mesh, config, cls.head), tensors, makers, param_dtype, stats)
             model = cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision, mesh=mesh)
             model.bytes_read = stats
+            if hasattr(model, "_load_generation_config"):
+                model._load_generation_config(path)  # generation_config.json: the defaults of generate
             return model
         params: dict = {}
         for spec in _params_table(config, cls.head):
@@ -229,7 +231,10 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             else:
                 value = jnp.asarray(to_native(spec, np.asarray(tensors[spec.name]), CONVENTION), dtype=param_dtype)
             _set_path(params, native_path(spec, CONVENTION), value)
-        return cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision)
+        model = cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision)
+        if hasattr(model, "_load_generation_config"):
+            model._load_generation_config(path)  # generation_config.json: the defaults of generate
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, params: Mapping | None = None,
                         max_shard_size: int | str = "5GB") -> list[str]:
@@ -243,7 +248,10 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
         config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("Flax"),
                                                 str(np.dtype(next(iter(arrays.values())).dtype)))
-        return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+        files = spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+        if hasattr(self, "_save_generation_config"):
+            self._save_generation_config(path)
+        return files
 
     # ---------------------------------------------------------------------------------- running
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:

@@ -1,95 +1,407 @@
-"""What `generate` means, once for every backend.
+"""What `generate` means, once for every backend: the settings, where their defaults come from, and
+the rules of a decoding step. Hugging Face transformers 4.57's names and meanings throughout.
 
-`model.generate(input_ids, attention_mask=None, max_new_tokens=20, ...)` takes a left-padded batch of
-prompts (B, T) and returns the prompts followed by the new tokens, (B, T + N), as the backend's own
-array type. N is the number of decoding steps actually taken: at most max_new_tokens, fewer when every
-row finished early (greedy and sampling), or the longest chosen hypothesis (beam search).
+`model.generate(input_ids, attention_mask=None, generation_config=None, logits_processor=None,
+streamer=None, tokenizer=None, **settings)` takes a left-padded batch of prompts (B, T) and returns the
+prompts followed by the new tokens, (B * num_return_sequences, T + N), as the backend's own array type.
+N is the number of decoding steps actually taken: at most the length limit, fewer when every row
+finished early (greedy and sampling), or the longest returned hypothesis (beam search).
+
+Settings and their defaults (GenerationConfig, below). Each comes from, first to last: the keyword
+arguments (None means "not given"), then `generation_config=` (an opt_spec GenerationConfig, a dict, or
+an object with Hugging Face's attribute names such as transformers.GenerationConfig) whose values at
+the global defaults fall back to the model's (as Hugging Face does for models saved by >= 4.50), then
+`model.generation_config`: the checkpoint's generation_config.json when it has one, else the config's
+bos/eos/pad ids. `save_pretrained` writes `model.generation_config` back as generation_config.json,
+keys optkit does not use included. The length limit: max_new_tokens; else max_length minus the prompt
+length T (the padded length, Hugging Face's meaning; max_new_tokens wins when both are given); else 20
+new tokens, fewer if the model's positions end sooner. A config's max_length of exactly 20 counts as
+unset, since Hugging Face cannot tell it from its default. top_k defaults to 50, as in Hugging Face.
 
 One decoding step, per row, on the logits of the row's last position (computed in float32):
 1. Repetition penalty (when != 1): every token id that occurs among the row's real tokens so far
-   (prompt tokens under the mask, and generated tokens) has its logit divided by the penalty when
-   positive and multiplied by it when negative.
-2. While fewer than min_new_tokens tokens have been generated, the EOS logit is set to -inf.
-3. Greedy (do_sample=False, num_beams=1): the next token is the argmax (lowest id on ties).
-   Sampling (do_sample=True): logits / temperature, then top-k (keep the k largest; 0 keeps all),
+   (prompt tokens under the mask, and generated tokens) has its score divided by the penalty when
+   positive and multiplied by it when negative. (Hugging Face also counts the prompt's pad ids.)
+2. No repeated n-grams (no_repeat_ngram_size = n > 0): a token that would complete an n-gram already
+   present in the row is banned (score -inf). The n-grams are the runs of n consecutive positions that
+   are all real tokens; the next token completes one when the last n - 1 positions equal its first
+   n - 1 tokens (n = 1 bans every token the row holds). Reference: `banned_by_ngrams`.
+3. While fewer than min_new_tokens tokens have been generated, every EOS id's score is set to -inf.
+4. The user's logits processors, in order: `scores = processor(input_ids, scores)` with input_ids the
+   rows so far (rows, T + step), prompt pads included as Hugging Face passes them, and scores (rows, V)
+   float32, both the backend's own arrays; each must return scores of the same shape.
+5. Greedy (do_sample=False, num_beams=1): the next token is the argmax (lowest id on ties).
+   Sampling (do_sample=True): scores / temperature, then top-k (keep the k largest; 0 keeps all),
    then top-p (keep the smallest set of most probable tokens whose probability reaches top_p, always
    at least one), then draw from the softmax of what is kept, with the backend's own random stream
-   seeded by `seed` (reproducible within a backend, not across backends).
-4. A row that emits eos_token_id is finished; from then on it emits pad_token_id. Decoding stops when
-   every row is finished or max_new_tokens steps were taken.
+   seeded by `seed` (reproducible within a backend, not across backends). With num_return_sequences
+   = n, each prompt is repeated n times (rows b*n .. b*n + n - 1) and every row draws on its own.
+6. A row that emits one of the EOS ids (eos_token_id: an id or a list) is finished, and so is a row
+   whose text now ends a stop string (below); from then on it emits pad_token_id (default: the first
+   EOS id). Decoding stops when every row is finished or the length limit is reached.
 
 Beam search (num_beams = K > 1, no sampling): each row keeps K running beams, starting from one beam
-(the others scored -inf). A step scores every continuation of every running beam as
-beam score + log_softmax(processed logits); the 2K best candidates per row (higher score first, then
-lower beam * V + token index) are taken in order: a candidate ending in EOS becomes a finished
-hypothesis with score sum_logprobs / (generated_length ** length_penalty), generated_length counting
-the EOS (only candidates among the first K may finish); the others fill the K running beams. A row is
-done once it has K finished hypotheses and its best running beam, normalized at the current length, can
-no longer beat the worst of them. At max_new_tokens the running beams are finished with their
-normalized scores. The output per row is the best finished hypothesis, padded with pad_token_id.
+(the others scored -inf). As Hugging Face does, a step takes log_softmax of the logits first and applies
+rules 1-4 to those log-probabilities; every continuation of every running beam is then scored as beam
+score + processed log-probability. The best C = max(2, 1 + number of EOS ids) * K candidates per row
+(higher score first, then lower beam * V + token index) are taken in order: a candidate ending in an
+EOS id or a stop string becomes a finished hypothesis with score sum_logprobs / (generated_length **
+length_penalty), generated_length counting its last token (only candidates among the first K may
+finish); the others fill the K running beams in order (when fewer than K remain, finished ones follow
+with their score lowered by 1e9, as in Hugging Face). A row is done once it has K finished hypotheses
+and its best running beam, normalized at the current length, can no longer beat the worst of them.
+At the length limit the running beams are finished with their normalized scores. The output per row
+is its num_return_sequences best hypotheses, best first, padded with pad_token_id. Beam search does
+not stream (Hugging Face refuses it too).
+
+Stop strings (stop_strings=, with tokenizer= whose decode(ids, skip_special_tokens=False) gives text):
+a row stops when, after its new token, the text of its real tokens contains a stop string that was not
+complete before that token; the stop string may start in earlier tokens (even in the prompt) and the
+new token may run past its end (Hugging Face's StopStringCriteria, which matches token strings from
+the vocabulary: the same whenever decoding is concatenating token strings). Reference: `StopStrings`.
+
+Streamers follow Hugging Face's protocol: `streamer.put(prompt ids (rows, T))` once, then
+`streamer.put(tokens (rows,))` after every step (pad for finished rows), then `streamer.end()`; so
+transformers.TextStreamer works. A plain callable is called with each step's tokens only.
+
+Every backend keeps one fast path, with nothing on the host between steps, for calls without logits
+processors, stop strings or a streamer; those need the host between steps and take a step-by-step
+loop there (each backend says how).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
 
-@dataclasses.dataclass(frozen=True)
+GENERATION_CONFIG_NAME = "generation_config.json"
+DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
+HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config saying 20 counts as unset
+
+# Hugging Face GenerationConfig keys optkit does not implement, with their default values. A file may
+# hold them at any value (kept, ignored, with a warning when they would change the tokens); a call may
+# pass them only at their default values.
+UNSUPPORTED = {
+    "min_length": 0, "early_stopping": False, "max_time": None, "min_p": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "bad_words_ids": None,
+    "renormalize_logits": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "token_healing": False, "guidance_scale": None,
+    "watermarking_config": None, "output_attentions": False, "output_hidden_states": False,
+    "output_scores": False, "output_logits": None, "return_dict_in_generate": False,
+    "encoder_no_repeat_ngram_size": 0, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0,
+    "num_beam_groups": 1, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
+}
+# Hugging Face keys about how (not what) it computes, or about models optkit is not: any value is fine.
+HARMLESS = {
+    "use_cache", "cache_implementation", "cache_config", "return_legacy_cache", "prefill_chunk_size",
+    "disable_compile", "compile_config", "low_memory", "decoder_start_token_id", "is_assistant",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+    "transformers_version", "_from_model_config",
+}
+
+
+# ------------------------------------------------------------------------------------------- settings
+@dataclasses.dataclass
 class GenerationConfig:
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
+    """Generation settings by Hugging Face's names (see the module docstring); mutable like
+    transformers.GenerationConfig (model.generation_config.max_new_tokens = 7 works), checked by
+    `validate()` on creation and at every generate call. `extra` keeps a file's other keys."""
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 50
     top_p: float = 1.0
     num_beams: int = 1
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
-    eos_token_id: int | None = None
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
     seed: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def fail(field, why):
-            raise ValueError(f"{field}={getattr(self, field)!r}: {why}")
+        self.validate()
 
-        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams"):
+    # ------------------------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raises ValueError naming the field and the value for anything out of its range."""
+        def fail(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r:.200}: {why}")
+
+        def is_int(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        def is_number(value):
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+        for name, least in (("max_new_tokens", 1), ("max_length", 1), ("min_new_tokens", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(name, "must be a non-negative int")
-        if self.max_new_tokens < 1:
-            fail("max_new_tokens", "must be at least 1")
-        if self.num_beams < 1:
-            fail("num_beams", "must be at least 1")
-        if self.min_new_tokens > self.max_new_tokens:
-            fail("min_new_tokens", f"is more than max_new_tokens={self.max_new_tokens}")
+            if value is not None and (not is_int(value) or value < least):
+                fail(name, f"must be an int >= {least} (or None)")
+        for name, least in (("top_k", 0), ("num_beams", 1), ("no_repeat_ngram_size", 0),
+                            ("num_return_sequences", 1)):
+            value = getattr(self, name)
+            if not is_int(value) or value < least:
+                fail(name, f"must be an int >= {least}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            fail("do_sample", "must be true or false")
+        for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not math.isfinite(value):
+                fail(name, "must be a finite number")
         if not self.temperature > 0:
             fail("temperature", "must be > 0")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not self.repetition_penalty > 0:
             fail("repetition_penalty", "must be > 0")
+        eos = self.eos_token_id  # ids are checked against the vocabulary when a call resolves them
+        if eos is not None:
+            ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+            if not ids or not all(is_int(i) for i in ids):
+                fail("eos_token_id", "must be a token id (an int) or a non-empty list of them")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                fail(name, "must be a token id (an int) or None")
+        stops = self.stop_strings
+        if stops is not None:
+            items = [stops] if isinstance(stops, str) else stops
+            if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
+                fail("stop_strings", "must be a non-empty string or a non-empty list of them")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
+            fail("seed", "must be an int in [0, 2**32) or None")
         if self.do_sample and self.num_beams > 1:
             fail("num_beams", "beam search does not sample; use do_sample=False with num_beams > 1")
+        if self.num_return_sequences > 1:
+            if self.num_beams == 1 and not self.do_sample:
+                fail("num_return_sequences", "greedy search returns one sequence per prompt; use do_sample=True "
+                     "or num_beams >= num_return_sequences")
+            if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+                fail("num_return_sequences", f"is more than num_beams={self.num_beams}")
+        if (self.min_new_tokens is not None and self.max_new_tokens is not None
+                and self.min_new_tokens > self.max_new_tokens):
+            fail("min_new_tokens", f"is more than max_new_tokens={self.max_new_tokens}")
+        if not isinstance(self.extra, dict):
+            fail("extra", "must be a dict")
+
+    # ------------------------------------------------------------------------------ conversions
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], strict: bool = True, where: str = "generation config"):
+        """A config from Hugging Face's keys. Keys optkit does not know are kept in `extra`. A key of
+        Hugging Face's that optkit does not implement, at a value other than its default, is an error
+        (strict) or a warning that it is ignored (a file's). A config's max_length of 20 is dropped."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+        names = set(cls.field_names())
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        ignored = sorted(k for k, v in extra.items() if k in UNSUPPORTED and v != UNSUPPORTED[k])
+        if ignored:
+            what = ", ".join(f"{k}={extra[k]!r:.50}" for k in ignored)
+            if strict:
+                raise ValueError(f"{where}: optkit's generate does not implement {what}")
+            warnings.warn(f"{where}: {what} ignored (optkit's generate does not implement "
+                          f"{'it' if len(ignored) == 1 else 'them'})", stacklevel=3)
+        if known.get("max_length") == HF_DEFAULT_MAX_LENGTH:
+            known.pop("max_length")
+        for key in ("eos_token_id", "stop_strings"):
+            if isinstance(known.get(key), tuple):
+                known[key] = list(known[key])
+        try:
+            return cls(**known, extra=extra)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+
+    @classmethod
+    def coerce(cls, value) -> "GenerationConfig":
+        """`generation_config=` as given: a GenerationConfig, a dict of settings, or an object with
+        Hugging Face's attribute names (its to_dict(), else its attributes)."""
+        if isinstance(value, cls):
+            value.validate()
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value, where="generation_config")
+        to_dict = getattr(value, "to_dict", None)
+        data = to_dict() if callable(to_dict) else getattr(value, "__dict__", None)
+        if not isinstance(data, Mapping):
+            raise TypeError(f"generation_config must be a GenerationConfig, a dict or an object with Hugging "
+                            f"Face's generation attributes, got {type(value).__name__}")
+        data = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
+        return cls.from_dict(data, where=f"generation_config ({type(value).__name__})")
+
+    def to_dict(self) -> dict:
+        """The file's content: every setting away from its default, then the kept keys (Hugging Face
+        writes only what differs from its defaults too, so both read the same settings back)."""
+        defaults = type(self)()
+        out = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                out[name] = [_plain(v) for v in value] if isinstance(value, (list, tuple)) else _plain(value)
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        """The defaults of a model without generation_config.json: its config's token ids."""
+        return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, config=None) -> "GenerationConfig":
+        """The folder's generation_config.json (read by the bounded JSON reader, names checked by
+        opt_spec.io.checkpoint_file); from_model_config(config) when the folder has none. A bad value
+        is a ConfigError naming the file and the field; keys the file holds that optkit does not
+        implement at a non-default value are ignored with a warning."""
+        from .io import checkpoint_file, json_object
+
+        path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
+        if not os.path.lexists(path):
+            if config is None:
+                return cls()
+            return cls.from_model_config(config)
+        path = checkpoint_file(directory, GENERATION_CONFIG_NAME)
+        data = json_object(path)
+        try:
+            return cls.from_dict(data, strict=False, where=path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Writes generation_config.json into `directory` (atomically); returns its path."""
+        import json
+
+        from .io import atomic_write_text
+
+        self.validate()
+        path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def _plain(value):
+    """A NumPy scalar as the Python value JSON writes."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """What one generate call does, every default resolved (hashable: the compiled backends keep one
+    program per value, the seed aside)."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
 
     @property
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
 
-    def with_model_defaults(self, eos_token_id: int | None, pad_token_id: int | None, vocab_size: int):
-        """Fills eos/pad from the model config and checks every id is in the vocabulary."""
-        cfg = dataclasses.replace(
-            self, eos_token_id=self.eos_token_id if self.eos_token_id is not None else eos_token_id,
-            pad_token_id=self.pad_token_id if self.pad_token_id is not None else pad_token_id)
-        if cfg.pad_token_id is None:
-            cfg = dataclasses.replace(cfg, pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0)
-        for name in ("eos_token_id", "pad_token_id"):
-            value = getattr(cfg, name)
-            if value is not None and not 0 <= value < vocab_size:
-                raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size})")
-        return cfg
+    @property
+    def candidates(self) -> int:
+        """Beam candidates kept per row and step (Hugging Face's count)."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Decoding rows per prompt: the beams, or the independent samples."""
+        return self.num_beams if self.is_beam_search else self.num_return_sequences
+
+
+def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: Mapping[str, Any], *,
+            prompt_length: int, max_positions: int, vocab_size: int) -> Decoding:
+    """The Decoding of one call: kwargs over generation_config over the model's defaults (see the
+    module docstring); a clear ValueError (or TypeError for an unknown keyword) otherwise."""
+    model_defaults = model_defaults if model_defaults is not None else GenerationConfig()
+    names = GenerationConfig.field_names()
+    if generation_config is None:
+        base = dataclasses.replace(model_defaults, extra={})
+    else:
+        given = GenerationConfig.coerce(generation_config)
+        plain = GenerationConfig()
+        values = {}
+        for name in names:  # values left at the global default take the model's (Hugging Face >= 4.50)
+            mine, model = getattr(given, name), getattr(model_defaults, name)
+            values[name] = model if mine == getattr(plain, name) and model != getattr(plain, name) else mine
+        base = GenerationConfig(**values)
+    unknown = sorted(k for k in kwargs if k not in names and k not in UNSUPPORTED and k not in HARMLESS)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
+    unsupported = sorted(k for k in kwargs if k in UNSUPPORTED and kwargs[k] != UNSUPPORTED[k])
+    if unsupported:
+        raise ValueError("optkit's generate does not implement "
+                         + ", ".join(f"{k}={kwargs[k]!r:.50}" for k in unsupported))
+    given = {k: v for k, v in kwargs.items() if k in names and v is not None}
+    if isinstance(given.get("eos_token_id"), tuple):
+        given["eos_token_id"] = list(given["eos_token_id"])
+    cfg = dataclasses.replace(base, **given)  # runs validate()
+    cfg.validate()
+
+    if cfg.max_new_tokens is not None:
+        new = cfg.max_new_tokens
+    elif cfg.max_length is not None:
+        new = cfg.max_length - prompt_length
+        if new < 1:
+            raise ValueError(f"input length of input_ids is {prompt_length}, but max_length is set to "
+                             f"{cfg.max_length}; increase max_length or set max_new_tokens")
+    else:
+        new = min(DEFAULT_NEW_TOKENS, max_positions - prompt_length)
+        if new < 1:
+            raise ValueError(f"a prompt of {prompt_length} tokens leaves no room in the model's "
+                             f"max_position_embeddings={max_positions}")
+    min_new = cfg.min_new_tokens or 0
+    if min_new > new:
+        raise ValueError(f"min_new_tokens={min_new} is more than the {new} new tokens allowed")
+    eos = cfg.eos_token_id
+    eos_ids = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos])) if eos is not None else ()
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    for name, ids in (("eos_token_id", eos_ids), ("pad_token_id", (pad,))):
+        for i in ids:
+            if not 0 <= i < vocab_size:
+                raise ValueError(f"{name}={i} is outside the vocabulary [0, {vocab_size})")
+    stops = cfg.stop_strings
+    stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
+    return Decoding(max_new_tokens=int(new), min_new_tokens=int(min_new), do_sample=bool(cfg.do_sample),
+                    temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p),
+                    num_beams=int(cfg.num_beams), length_penalty=float(cfg.length_penalty),
+                    repetition_penalty=float(cfg.repetition_penalty),
+                    no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
+                    num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
+                    pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed))
 
 
 def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_positions: int) -> None:
@@ -101,11 +413,120 @@ def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_posi
                          f"is more than the model's max_position_embeddings={max_positions}")
 
 
-# --------------------------------------------------------------- NumPy reference of one step's rules
+def needs_host(d: Decoding, logits_processor, streamer) -> bool:
+    """Whether the call needs the host between steps (a compiled backend's step-by-step loop)."""
+    return bool(logits_processor) or streamer is not None or bool(d.stop_strings)
+
+
+def check_extras(d: Decoding, logits_processor, streamer, tokenizer) -> list:
+    """Checks the host-side extras of a call; returns the logits processors as a list."""
+    processors = list(logits_processor or [])
+    for i, p in enumerate(processors):
+        if not callable(p):
+            raise TypeError(f"logits_processor[{i}] is a {type(p).__name__}, not a callable (input_ids, scores)")
+    if streamer is not None and d.is_beam_search:
+        raise ValueError("beam search cannot stream: the best beam is known only at the end (use num_beams=1)")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) or callable(streamer)):
+        raise TypeError(f"streamer must have put()/end() (Hugging Face's protocol) or be callable, "
+                        f"got {type(streamer).__name__}")
+    if d.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer: pass tokenizer= to generate (its decode turns tokens "
+                         "into the text the stop strings are looked for in)")
+    return processors
+
+
+def apply_processors(processors: Sequence[Callable], input_ids, scores):
+    """Rule 4: each processor in turn; the result must keep the scores' shape."""
+    for i, processor in enumerate(processors):
+        out = processor(input_ids, scores)
+        if tuple(getattr(out, "shape", ())) != tuple(scores.shape):
+            raise ValueError(f"logits_processor[{i}] returned shape {tuple(getattr(out, 'shape', ()))}; "
+                             f"it must return scores of shape {tuple(scores.shape)}")
+        scores = out
+    return scores
+
+
+# ------------------------------------------------------------------------------------------ streamers
+class _CallbackStreamer:
+    """A plain callable as a streamer: called with each step's tokens, not with the prompt."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.prompt_seen = fn, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.fn(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def as_streamer(streamer):
+    """Hugging Face's put/end protocol for what `streamer=` was given (None stays None)."""
+    if streamer is None or callable(getattr(streamer, "put", None)):
+        return streamer
+    return _CallbackStreamer(streamer)
+
+
+# ---------------------------------------------------------------------------------------- stop strings
+class StopStrings:
+    """Rule 6's stop strings, checked on the host on each row's tokens (see the module docstring)."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer):
+        self.strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        # tokens to decode: each carries at least one byte, so 4 per character (UTF-8) always suffice
+        self.window = 4 * max(len(s) for s in self.strings) + 4
+
+    def _text(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def hit(self, tokens: Sequence[int]) -> bool:
+        """Whether the last token of `tokens` (one row's real tokens) completes a stop string."""
+        window = list(tokens)[-self.window:]
+        if not window:
+            return False
+        before, text = self._text(window[:-1]), self._text(window)
+        start = 0  # text up to `start` was there before the last token
+        while start < min(len(before), len(text)) and before[start] == text[start]:
+            start += 1
+        return any(text.find(s, max(0, start - len(s) + 1)) >= 0 for s in self.strings)
+
+    def hits(self, tokens: np.ndarray, real: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(R,) bool for rows of tokens (R, L) with `real` (R, L) marking real tokens; only `rows`
+        (a bool (R,) mask, default all) are checked."""
+        tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
+        out = np.zeros(tokens.shape[0], dtype=bool)
+        for r in range(tokens.shape[0]):
+            if rows is None or rows[r]:
+                out[r] = self.hit(tokens[r][real[r]])
+        return out
+
+
+# ------------------------------------------------------------------------- NumPy reference of the rules
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """logits (B, V) float32; seen (B, V) bool: token occurred among the row's real tokens."""
+    """Rule 1: logits (B, V) float32; seen (B, V) bool: token occurred among the row's real tokens."""
     penalized = np.where(logits > 0, logits / penalty, logits * penalty)
     return np.where(seen, penalized, logits).astype(np.float32)
+
+
+def banned_by_ngrams(tokens: np.ndarray, real: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
+    """Rule 2: (R, V) bool, the tokens banned as the next one after rows `tokens` (R, L) whose real
+    positions `real` (R, L) marks (the next token comes at position L)."""
+    tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
+    R, L = tokens.shape
+    banned = np.zeros((R, vocab_size), dtype=bool)
+    if n < 1 or L < n - 1:
+        return banned
+    for r in range(R):
+        if not real[r, L - n + 1:].all():
+            continue
+        tail = tuple(tokens[r, L - n + 1:])
+        for i in range(L - n + 1):
+            if real[r, i:i + n].all() and tuple(tokens[r, i:i + n - 1]) == tail:
+                banned[r, tokens[r, i + n - 1]] = True
+    return banned
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -127,3 +548,34 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, -1)
     return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- the model attribute
+class GenerationDefaults:
+    """`model.generation_config` for every backend's generation mixin (the model provides `config`):
+    from_pretrained sets it from the folder, save_pretrained writes it, and otherwise it is made from
+    the config's token ids on first use. Assigning None resets it; a dict or a Hugging Face config
+    object is converted."""
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        cfg = self.__dict__.get("_generation_config")
+        if cfg is None:
+            cfg = GenerationConfig.from_model_config(self.config)
+            self.__dict__["_generation_config"] = cfg
+        return cfg
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.__dict__["_generation_config"] = None if value is None else GenerationConfig.coerce(value)
+
+    def _load_generation_config(self, directory: str | os.PathLike) -> None:
+        self.generation_config = GenerationConfig.from_pretrained(directory, self.config)
+
+    def _save_generation_config(self, directory: str | os.PathLike) -> str:
+        return self.generation_config.save_pretrained(directory)
+
+    def _decoding(self, generation_config, kwargs: Mapping[str, Any], prompt_length: int) -> Decoding:
+        config = self.config
+        return resolve(self.generation_config, generation_config, kwargs, prompt_length=prompt_length,
+                       max_positions=config.max_position_embeddings, vocab_size=config.vocab_size)

@@ -159,6 +159,8 @@ class TFPretrainedMixin:
         for name, (spec, var) in variable_map(model).items():
             value = tensors[name] if name in tensors else _initial_value(spec, config, rng)
             var.assign(np.asarray(to_native(spec, value, CONVENTION)).astype(spec_io.numpy_dtype(var.dtype)))
+        if hasattr(model, "_load_generation_config"):
+            model._load_generation_config(path)  # generation_config.json: the defaults of generate
         return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[str]:
@@ -168,4 +170,7 @@ class TFPretrainedMixin:
         check_weights(tensors, self.config, self.head, where=f"{type(self).__name__} weights")
         config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("TF"),
                                                 self.dtype_policy.variable_dtype)
-        return spec_io.save_safetensors_dir(os.fspath(path), tensors, config_dict, max_shard_size)
+        files = spec_io.save_safetensors_dir(os.fspath(path), tensors, config_dict, max_shard_size)
+        if hasattr(self, "_save_generation_config"):
+            self._save_generation_config(path)
+        return files

@@ -1,11 +1,17 @@
 """`generate` for the TensorFlow backend, following opt_spec.generation's semantics.
 
-The whole decode (prompt pass, then one token per step) runs inside one `tf.function(jit_compile=True)`:
-a `tf.while_loop` with fixed shapes over a preallocated KVCache (the model's `init_cache`), writing
-each step's tokens into a (B, max_new_tokens) buffer that is trimmed to the steps actually taken
-outside the compiled function. One compiled function is kept per (batch, prompt length, generation
-settings other than the seed), so a second call with the same shapes neither retraces nor recompiles;
-the seed is an input of the function.
+The fast path runs the whole decode (prompt pass, then one token per step) inside one
+`tf.function(jit_compile=True)`: a `tf.while_loop` with fixed shapes over a preallocated KVCache (the
+model's `init_cache`), writing each step's tokens into a (rows, max_new_tokens) buffer that is trimmed to
+the steps actually taken outside the compiled function. One compiled function is kept per (batch, prompt
+length, settings other than the seed), so a second call with the same shapes neither retraces nor
+recompiles; the seed is an input of the function.
+
+Logits processors (Python callables on tf.Tensors), stop strings and streamers need the host between
+steps. A call with any of them runs the same pieces one step at a time from Python instead: the prompt
+pass, the step's scores, the choice and the next forward are each an XLA-compiled function (kept like the
+fast path's), with the processors, the stop-string check and the streamer's put in between. Streamers
+receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
 Greedy and beam search follow the PyTorch backend step for step (same tie rules, same output length),
 so on the same weights they give the same tokens. Sampling draws with the Gumbel-max trick on
@@ -21,26 +27,58 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from opt_spec.generation import GenerationConfig, check_prompt
+from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
+                                 check_extras, check_prompt, needs_host)
 
 NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------------- one step's rules
-def _process(logits: tf.Tensor, seen: Optional[tf.Tensor], step: tf.Tensor, cfg: GenerationConfig) -> tf.Tensor:
-    """Rules 1-2 of opt_spec.generation on float32 logits (B, V); step is the int32 step number."""
+def _isin(tokens: tf.Tensor, ids: tuple) -> tf.Tensor:
+    """tokens (...) int32 -> bool: the token is one of `ids` (a static tuple)."""
+    if not ids:
+        return tf.zeros_like(tokens, tf.bool)
+    return tf.reduce_any(tf.equal(tokens[..., None], tf.constant(ids, tf.int32)), axis=-1)
+
+
+def _ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Tensor:
+    """Rule 2 as an update list: (R * W, 2) [row, token] indices and (R * W,) int32 flags of the tokens
+    that would repeat an n-gram. seq / real (R, L): the rows' tokens and which positions are real; only
+    positions before `now` (traced) are history."""
+    R, L = seq.shape
+    W = L - n + 1  # n-gram start positions
+    real = tf.cast(real, tf.bool) & (tf.range(L) < now)[None, :]
+    grams = tf.stack([seq[:, j:j + W] for j in range(n)], axis=-1)                       # (R, W, n)
+    whole = tf.reduce_all(tf.stack([real[:, j:j + W] for j in range(n)], axis=-1), -1)  # (R, W)
+    before = now - (n - 1) + tf.range(n - 1)                                             # the last n - 1
+    tail = tf.gather(seq, tf.maximum(before, 0), axis=1)                                 # (R, n - 1)
+    tail_real = tf.reduce_all(tf.gather(real, tf.maximum(before, 0), axis=1), -1) & (now >= n - 1)
+    match = tf.reduce_all(tf.equal(grams[:, :, :n - 1], tail[:, None, :]), -1) & whole & tail_real[:, None]
+    rows = tf.broadcast_to(tf.range(R)[:, None], (R, W))
+    index = tf.reshape(tf.stack([rows, grams[:, :, n - 1]], axis=-1), (R * W, 2))
+    return index, tf.reshape(tf.cast(match, tf.int32), [-1])
+
+
+def _process(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor,
+             step: tf.Tensor, d: Decoding) -> tf.Tensor:
+    """Rules 1-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
+    search); step is the int32 step number, seq / real (R, L) the rows with positions < now filled."""
+    V = scores.shape[-1]
     if seen is not None:
-        penalized = tf.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
-        logits = tf.where(seen, penalized, logits)
-    if cfg.min_new_tokens > 0 and cfg.eos_token_id is not None:
-        V = logits.shape[-1]
-        hold = (step < cfg.min_new_tokens) & tf.equal(tf.range(V), cfg.eos_token_id)  # (V,)
-        logits = tf.where(hold[None, :], NEG_INF, logits)
-    return logits
+        penalized = tf.where(scores > 0, scores / d.repetition_penalty, scores * d.repetition_penalty)
+        scores = tf.where(seen, penalized, scores)
+    if d.no_repeat_ngram_size and seq.shape[1] >= d.no_repeat_ngram_size:
+        index, flags = _ngram_bans(seq, real, now, d.no_repeat_ngram_size)
+        banned = tf.tensor_scatter_nd_max(tf.zeros(tf.shape(scores), tf.int32), index, flags) > 0
+        scores = tf.where(banned, NEG_INF, scores)
+    if d.min_new_tokens > 0 and d.eos_token_ids:
+        hold = (step < d.min_new_tokens) & _isin(tf.range(V), d.eos_token_ids)  # (V,)
+        scores = tf.where(hold[None, :], NEG_INF, scores)
+    return scores
 
 
-def filter_for_sampling(logits: tf.Tensor, cfg: GenerationConfig) -> tf.Tensor:
-    """logits / temperature, then top-k, then top-p (opt_spec.generation's rule 3); dropped -> -inf."""
+def filter_for_sampling(logits: tf.Tensor, cfg) -> tf.Tensor:
+    """logits / temperature, then top-k, then top-p (opt_spec.generation's rule 5); dropped -> -inf."""
     logits = logits / cfg.temperature
     B, V = logits.shape
     if 0 < cfg.top_k < V:
@@ -90,6 +128,17 @@ def _put_column(buffer: tf.Tensor, column: tf.Tensor, values: tf.Tensor) -> tf.T
     return tf.where(tf.equal(tf.range(N), column), values[..., None], buffer)
 
 
+def _set_slot(slots: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
+    """The slot mask (R, L) with column `slot` set: the token written there is real."""
+    return tf.where(tf.equal(tf.range(slots.shape[1]), slot)[None, :], 1, slots)
+
+
+def _length_norms(d: Decoding) -> tf.Tensor:
+    """(N,) float32 length ** length_penalty for lengths 1..N, computed in float64 and rounded once (as
+    PyTorch divides by a Python float)."""
+    return tf.constant([np.float32(float(n) ** d.length_penalty) for n in range(1, d.max_new_tokens + 1)])
+
+
 def _reorder(cache, index: tf.Tensor):
     """Keeps cache rows `index` (each beam continues from its parent's keys and values)."""
     return type(cache)(tuple(tf.gather(k, index) for k in cache.keys),
@@ -97,40 +146,46 @@ def _reorder(cache, index: tf.Tensor):
 
 
 # --------------------------------------------------------------------------------------- the mixin
-class TFGenerationMixin:
-    """Adds `generate` to TFOPTForCausalLM (which provides init_cache, model and lm_logits)."""
+class TFGenerationMixin(GenerationDefaults):
+    """Adds `generate` to TFOPTForCausalLM (which provides init_cache, model and lm_logits);
+    generation_config from opt_spec.GenerationDefaults."""
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 num_beams: int = 1, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 seed: Optional[int] = None) -> tf.Tensor:
-        """The prompts followed by the new tokens, (B, T + N), as a tf.Tensor of the prompt's integer
-        dtype (int32 unless the prompt was int64); see opt_spec.generation."""
-        config = self.config
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                               length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
-        cfg = cfg.with_model_defaults(config.eos_token_id, config.pad_token_id, config.vocab_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed={seed!r}: must be an int or None")
-        ids, mask, out_dtype = self._check_generation_inputs(input_ids, attention_mask, cfg)
-        B, T = ids.shape
-        fn = self._generation_function(B, T, dataclasses.replace(cfg, seed=None))
-        if cfg.seed is None:
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
+                 streamer=None, tokenizer=None, **kwargs) -> tf.Tensor:
+        """The prompts followed by the new tokens, (B * num_return_sequences, T + N), as a tf.Tensor of
+        the prompt's integer dtype (int32 unless the prompt was int64); settings by Hugging Face's names
+        as keywords or in generation_config, defaults from model.generation_config; see
+        opt_spec.generation."""
+        ids, mask, out_dtype = self._check_generation_inputs(input_ids, attention_mask)
+        d = self._decoding(generation_config, kwargs, ids.shape[1])
+        check_prompt(ids.shape, d.max_new_tokens, self.config.max_position_embeddings)
+        processors = check_extras(d, logits_processor, streamer, tokenizer)
+        if d.seed is None:
             seed_pair = np.random.default_rng().integers(0, 2**31, size=2)
         else:
-            seed_pair = np.array([int(cfg.seed) // 2**31 % 2**31, int(cfg.seed) % 2**31])
-        new, n = fn(tf.constant(ids), tf.constant(mask), tf.constant(seed_pair, tf.int32))
-        new = new[:, :int(n)]
-        return tf.concat([tf.constant(ids, out_dtype), tf.cast(new, out_dtype)], axis=1)
+            seed_pair = np.array([d.seed // 2**31 % 2**31, d.seed % 2**31])
+        seed = tf.constant(seed_pair, tf.int32)
+        if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
+            ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
+        B, T = ids.shape
+        key = dataclasses.replace(d, seed=None)
+        if needs_host(d, processors, streamer):
+            stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
+            loop = self._host_beam_search if d.is_beam_search else self._host_decode
+            new, n = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype)
+        else:
+            new, n = self._generation_function(B, T, key)(tf.constant(ids), tf.constant(mask), seed)
+        new = tf.cast(new[:, :int(n)], out_dtype)
+        if d.is_beam_search:
+            ids = np.repeat(ids, d.num_return_sequences, 0)
+        return tf.concat([tf.constant(ids, out_dtype), new], axis=1)
 
-    def _check_generation_inputs(self, input_ids, attention_mask, cfg: GenerationConfig):
+    def _check_generation_inputs(self, input_ids, attention_mask):
         ids = np.asarray(input_ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        check_prompt(ids.shape, cfg.max_new_tokens, self.config.max_position_embeddings)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
         bad = np.argwhere((ids < 0) | (ids >= self.config.vocab_size))
         if bad.size:
             b, t = (int(i) for i in bad[0])
@@ -142,25 +197,28 @@ class TFGenerationMixin:
         out_dtype = tf.int64 if ids.dtype == np.int64 else tf.int32
         return ids.astype(np.int32), (mask != 0).astype(np.int32), out_dtype
 
-    def _generation_function(self, B: int, T: int, cfg: GenerationConfig):
-        """The compiled decode for these shapes and settings, made once and kept."""
-        fns = self.__dict__.get("_generation_fns")
-        if fns is None:
-            fns = {}
-            object.__setattr__(self, "_generation_fns", fns)  # plain dict, outside Keras tracking
+    def _compiled(self, key, fn, input_signature=None, store: str = "_generation_fns"):
+        """The XLA-compiled function kept under `key` in the dict `store` (made once; a plain dict outside
+        Keras tracking): the fast path's in _generation_fns, the step-by-step pieces in _host_generation_fns."""
+        if "_generation_fns" not in self.__dict__:
+            object.__setattr__(self, "_generation_fns", {})
+            object.__setattr__(self, "_host_generation_fns", {})
             object.__setattr__(self, "generation_traces", 0)
-        key = (B, T, cfg)
+        fns = self.__dict__[store]
         if key not in fns:
-            spec = (tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((2,), tf.int32))
             # a partial (not a closure) so that TensorFlow's retracing warning counts each function apart
-            fns[key] = tf.function(functools.partial(self._traced_generation, cfg=cfg), input_signature=spec,
-                                   jit_compile=True)
+            fns[key] = tf.function(fn, input_signature=input_signature, jit_compile=True)
         return fns[key]
 
-    def _traced_generation(self, ids, mask, seed, cfg: GenerationConfig):
+    def _generation_function(self, B: int, T: int, d: Decoding):
+        """The compiled decode for these shapes and settings, made once and kept."""
+        spec = (tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((2,), tf.int32))
+        return self._compiled((B, T, d), functools.partial(self._traced_generation, d=d), spec)
+
+    def _traced_generation(self, ids, mask, seed, d: Decoding):
         object.__setattr__(self, "generation_traces", self.generation_traces + 1)  # runs at trace time only
-        body = self._beam_search if cfg.is_beam_search else self._decode
-        return body(ids, mask, seed, cfg)
+        body = self._beam_search if d.is_beam_search else self._decode
+        return body(ids, mask, seed, d)
 
     def _last_logits(self, ids, slots, cache):
         """float32 logits (B, V) of the last new position and the cache with the new tokens written."""
@@ -169,132 +227,231 @@ class TFGenerationMixin:
         return tf.cast(self.lm_logits(h), tf.float32), out.past_key_values
 
     # ------------------------------------------------------------------------ greedy and sampling
-    def _decode(self, ids, mask, seed, cfg: GenerationConfig):
-        """(B, N) new tokens (pad after a row finished) and the number of steps taken."""
+    # One step is scores (rules 1-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
+    # strings, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
+    # pieces into one while_loop.
+    def _prefill(self, ids, mask, d: Decoding):
+        """The prompt pass: (logits (B, V), state before the first step)."""
         B, T = ids.shape
-        N, V = cfg.max_new_tokens, self.config.vocab_size
-        L = T + N
+        N, V = d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)  # (B, L) over every cache slot
-        seen = _prompt_seen(ids, mask, V) if cfg.repetition_penalty != 1.0 else None
+        logits, cache = self._last_logits(ids, slots, self.init_cache(B, T + N))
+        state = dict(step=tf.constant(0, tf.int32), tokens=tf.zeros((B,), tf.int32), finished=tf.zeros((B,), tf.bool),
+                     out=tf.fill((B, N), d.pad_token_id), cache=cache, slots=slots)
+        if d.repetition_penalty != 1.0:
+            state["seen"] = _prompt_seen(ids, mask, V)
+        return logits, state
 
-        def choose(logits, seen, finished, step):
-            logits = _process(logits, seen, step, cfg)
-            if cfg.do_sample:
-                tokens = _sample(filter_for_sampling(logits, cfg), seed, step)
-            else:
-                tokens = _argmax(logits)
-            tokens = tf.where(finished, cfg.pad_token_id, tokens)
-            if cfg.eos_token_id is not None:
-                finished = finished | tf.equal(tokens, cfg.eos_token_id)
-            return tokens, finished
+    def _scores(self, ids, s, logits, d: Decoding):
+        """Rules 1-3 on this step's logits."""
+        T = ids.shape[1]
+        return _process(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"], s["step"], d)
 
-        logits, cache = self._last_logits(ids, slots, self.init_cache(B, L))
-        step = tf.constant(0, tf.int32)
-        tokens, finished = choose(logits, seen, tf.zeros((B,), tf.bool), step)
-        out = _put_column(tf.fill((B, N), cfg.pad_token_id), step, tokens)
-        state = dict(step=step + 1, tokens=tokens, finished=finished, out=out, cache=cache, slots=slots)
-        if seen is not None:
-            state["seen"] = _mark(seen, tokens)
+    def _pick(self, s, scores, seed, d: Decoding):
+        """Rules 5-6: this step's tokens written out; the state after the step."""
+        step = s["step"]
+        tokens = _sample(filter_for_sampling(scores, d), seed, step) if d.do_sample else _argmax(scores)
+        tokens = tf.where(s["finished"], d.pad_token_id, tokens)
+        new = dict(s, step=step + 1, tokens=tokens, finished=s["finished"] | _isin(tokens, d.eos_token_ids),
+                   out=_put_column(s["out"], step, tokens))
+        if "seen" in s:
+            new["seen"] = _mark(s["seen"], tokens)
+        return new
+
+    def _feed(self, ids, s):
+        """The last tokens through the model: (next logits, state)."""
+        slots = _set_slot(s["slots"], ids.shape[1] + s["step"] - 1)  # the last token's slot
+        logits, cache = self._last_logits(s["tokens"][:, None], slots, s["cache"])
+        return logits, dict(s, cache=cache, slots=slots)
+
+    def _decode(self, ids, mask, seed, d: Decoding):
+        """(B, N) new tokens (pad after a row finished) and the number of steps taken."""
+        logits, state = self._prefill(ids, mask, d)
+        state = self._pick(state, self._scores(ids, state, logits, d), seed, d)
 
         def more(s):
-            return (s["step"] < N) & ~tf.reduce_all(s["finished"])
+            return (s["step"] < d.max_new_tokens) & ~tf.reduce_all(s["finished"])
 
         def advance(s):
-            step = s["step"]
-            slots = tf.where(tf.equal(tf.range(L), T + step - 1)[None, :], 1, s["slots"])  # the last token's slot
-            logits, cache = self._last_logits(s["tokens"][:, None], slots, s["cache"])
-            seen = s.get("seen")
-            tokens, finished = choose(logits, seen, s["finished"], step)
-            new = dict(step=step + 1, tokens=tokens, finished=finished, out=_put_column(s["out"], step, tokens),
-                       cache=cache, slots=slots)
-            if seen is not None:
-                new["seen"] = _mark(seen, tokens)
-            return (new,)
+            logits, s = self._feed(ids, s)
+            return (self._pick(s, self._scores(ids, s, logits, d), seed, d),)
 
-        (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=N - 1)
+        (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
+        return state["out"], state["step"]
+
+    def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
+        """The fast path's pieces one step at a time, with the host's extras between them."""
+        B, T = ids.shape
+        pieces = {name: self._compiled((B, T, d, name), functools.partial(fn, d=d), store="_host_generation_fns")
+                  for name, fn in (("prefill", self._prefill), ("scores", self._scores), ("pick", self._pick))}
+        feed = self._compiled((B, T, d, "feed"), self._feed, store="_host_generation_fns")
+        ids_t = tf.constant(ids)
+        if streamer is not None:
+            streamer.put(ids.astype(out_dtype.as_numpy_dtype))
+        logits, state = pieces["prefill"](ids_t, tf.constant(mask))
+        seq = [ids]  # the rows so far, on the host
+        for step in range(d.max_new_tokens):
+            if step:
+                logits, state = feed(ids_t, state)
+            scores = pieces["scores"](ids_t, state, logits)
+            scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
+            live = ~state["finished"].numpy()
+            state = pieces["pick"](state, scores, seed)
+            tokens = state["tokens"].numpy()
+            seq.append(tokens[:, None])
+            if streamer is not None:
+                streamer.put(tokens.astype(out_dtype.as_numpy_dtype))
+            if stops is not None:
+                hits = stops.hits(np.concatenate(seq, 1), np.concatenate([mask, np.ones((B, step + 1), np.int32)], 1),
+                                  live)
+                state["finished"] = state["finished"] | tf.constant(hits)
+            if bool(tf.reduce_all(state["finished"])):
+                break
+        if streamer is not None:
+            streamer.end()
         return state["out"], state["step"]
 
     # ---------------------------------------------------------------------------------- beam search
-    def _beam_search(self, ids, mask, seed, cfg: GenerationConfig):
-        """(B, N) best hypotheses (pad-filled) and the length of the longest chosen one."""
-        del seed  # beam search is deterministic
+    # One step is scores (log_softmax, rules 1-3) -> [host: logits processors] -> candidates -> [host:
+    # stop strings on the candidates] -> update (finished hypotheses, running beams) -> feed.
+    def _beam_prefill(self, ids, mask, d: Decoding):
         B, T = ids.shape
-        K, N, V = cfg.num_beams, cfg.max_new_tokens, self.config.vocab_size
-        L = T + N
-        eos = cfg.eos_token_id
-        norms = tf.constant([np.float32(float(n) ** cfg.length_penalty) for n in range(1, N + 1)], tf.float32)
-        rows = tf.range(B)
-        rank = tf.range(2 * K)[None, :]  # (1, 2K)
+        K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([tf.repeat(mask, K, axis=0), tf.zeros((B * K, N), tf.int32)], axis=1)  # (BK, L)
-        seen = _prompt_seen(tf.repeat(ids, K, axis=0), tf.repeat(mask, K, axis=0), V) \
-            if cfg.repetition_penalty != 1.0 else None
+        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self.init_cache(B * K, T + N))
+        state = dict(step=tf.constant(0, tf.int32), cache=cache, slots=slots,
+                     scores=tf.concat([tf.zeros((B, 1)), tf.fill((B, K - 1), NEG_INF)], axis=1),  # one live beam
+                     beams=tf.fill((B, K, N), d.pad_token_id),
+                     done_scores=tf.fill((B, K), NEG_INF), done_tokens=tf.fill((B, K, N), d.pad_token_id),
+                     done_length=tf.zeros((B, K), tf.int32), row_done=tf.zeros((B,), tf.bool),
+                     parent=tf.zeros((B, K), tf.int32), tokens=tf.zeros((B, K), tf.int32))
+        if d.repetition_penalty != 1.0:
+            state["seen"] = _prompt_seen(tf.repeat(ids, K, axis=0), tf.repeat(mask, K, axis=0), V)
+        return logits, state
 
-        def beam_step(logits, seen, s, step):
-            """Scores every continuation and updates running beams and finished hypotheses."""
-            norm = norms[step]
-            logprobs = tf.reshape(tf.nn.log_softmax(_process(logits, seen, step, cfg), axis=-1), (B, K, V))
-            cand = tf.reshape(s["scores"][..., None] + logprobs, (B, K * V))
-            cand_scores, cand_index = tf.math.top_k(cand, 2 * K)  # (B, 2K), best first, lower index on ties
-            parent, token = cand_index // V, cand_index % V
-            is_eos = tf.equal(token, eos) if eos is not None else tf.zeros_like(token, tf.bool)
-            row_done = s["row_done"]
-            finishing = is_eos & (rank < K) & ~row_done[:, None] & tf.math.is_finite(cand_scores)
-            normalized = tf.where(finishing, cand_scores / norm, NEG_INF)
-            history = _put_column(tf.gather(s["beams"], parent, batch_dims=1), step, token)  # (B, 2K, N)
-            pool_scores = tf.concat([s["done_scores"], normalized], axis=1)  # (B, 3K)
-            pool_tokens = tf.concat([s["done_tokens"], history], axis=1)    # (B, 3K, N)
-            pool_length = tf.concat([s["done_length"], tf.fill((B, 2 * K), step + 1)], axis=1)
-            best = tf.math.top_k(pool_scores, K).indices
-            done_scores = tf.gather(pool_scores, best, batch_dims=1)
-            # running beams: the first K candidates that do not end in EOS
-            order = tf.math.top_k(-tf.where(is_eos, rank + 2 * K, rank), K).indices  # (B, K)
-            scores = tf.where(row_done[:, None], s["scores"], tf.gather(cand_scores, order, batch_dims=1))
-            # a row is done when K hypotheses are finished and no running beam can beat the worst
-            full = tf.reduce_all(tf.math.is_finite(done_scores), axis=-1)
-            best_running = tf.reduce_max(scores, axis=-1) / norm
-            new = dict(scores=scores, beams=tf.gather(history, order, batch_dims=1), done_scores=done_scores,
-                       done_tokens=tf.gather(pool_tokens, best, batch_dims=1),
-                       done_length=tf.gather(pool_length, best, batch_dims=1),
-                       row_done=row_done | (full & (tf.reduce_min(done_scores, axis=-1) >= best_running)),
-                       parent=tf.gather(parent, order, batch_dims=1), tokens=tf.gather(token, order, batch_dims=1))
-            return new
+    def _beam_seq(self, ids, s, d: Decoding):
+        """(BK, L): each beam's prompt and tokens so far."""
+        B, K, N = s["beams"].shape
+        return tf.concat([tf.repeat(ids, K, axis=0), tf.reshape(s["beams"], (B * K, N))], 1)
 
-        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self.init_cache(B * K, L))
-        start = dict(scores=tf.concat([tf.zeros((B, 1)), tf.fill((B, K - 1), NEG_INF)], axis=1),  # one live beam
-                     beams=tf.fill((B, K, N), cfg.pad_token_id),
-                     done_scores=tf.fill((B, K), NEG_INF), done_tokens=tf.fill((B, K, N), cfg.pad_token_id),
-                     done_length=tf.zeros((B, K), tf.int32), row_done=tf.zeros((B,), tf.bool))
-        step = tf.constant(0, tf.int32)
-        state = beam_step(logits, seen, start, step)
-        state.update(step=step + 1, cache=cache, slots=slots)
-        if seen is not None:
-            state["seen"] = seen
+    def _beam_scores(self, ids, s, logits, d: Decoding):
+        """log_softmax of the logits, then rules 1-3 (as Hugging Face orders them for beams)."""
+        T = ids.shape[1]
+        return _process(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
+                        T + s["step"], s["step"], d)
+
+    def _beam_candidates(self, s, logprobs, d: Decoding):
+        """The best C continuations per row: scores, parents, tokens and histories (B, C, N)."""
+        B, K, N = s["beams"].shape
+        V = logprobs.shape[-1]
+        cand = tf.reshape(s["scores"][..., None] + tf.reshape(logprobs, (B, K, V)), (B, K * V))
+        cand_scores, cand_index = tf.math.top_k(cand, d.candidates)  # (B, C), best first, lower index on ties
+        parent, token = cand_index // V, cand_index % V
+        history = _put_column(tf.gather(s["beams"], parent, batch_dims=1), s["step"], token)  # (B, C, N)
+        return dict(scores=cand_scores, parent=parent, token=token, history=history)
+
+    def _beam_update(self, s, c, stopped, d: Decoding):
+        """Finished hypotheses and running beams after this step's candidates; `stopped` (B, C) marks
+        candidates that ended a stop string (the host's check; all False otherwise)."""
+        K, C = d.num_beams, d.candidates
+        step = s["step"]
+        norm = _length_norms(d)[step]
+        rank = tf.range(C)[None, :]
+        stopped = stopped | _isin(c["token"], d.eos_token_ids)
+        row_done = s["row_done"]
+        finishing = stopped & (rank < K) & ~row_done[:, None] & tf.math.is_finite(c["scores"])
+        normalized = tf.where(finishing, c["scores"] / norm, NEG_INF)
+        pool_scores = tf.concat([s["done_scores"], normalized], axis=1)  # (B, K + C)
+        pool_tokens = tf.concat([s["done_tokens"], c["history"]], axis=1)
+        pool_length = tf.concat([s["done_length"], tf.fill(tf.shape(c["token"]), step + 1)], axis=1)
+        best = tf.math.top_k(pool_scores, K).indices
+        done_scores = tf.gather(pool_scores, best, batch_dims=1)
+        # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
+        order = tf.math.top_k(-tf.where(stopped, rank + C, rank), K).indices  # (B, K)
+        lowered = c["scores"] - 1e9 * tf.cast(stopped, tf.float32)
+        scores = tf.where(row_done[:, None], s["scores"], tf.gather(lowered, order, batch_dims=1))
+        # a row is done when K hypotheses are finished and no running beam can beat the worst
+        full = tf.reduce_all(tf.math.is_finite(done_scores), axis=-1)
+        best_running = tf.reduce_max(scores, axis=-1) / norm
+        return dict(s, step=step + 1, scores=scores, beams=tf.gather(c["history"], order, batch_dims=1),
+                    done_scores=done_scores, done_tokens=tf.gather(pool_tokens, best, batch_dims=1),
+                    done_length=tf.gather(pool_length, best, batch_dims=1),
+                    row_done=row_done | (full & (tf.reduce_min(done_scores, axis=-1) >= best_running)),
+                    parent=tf.gather(c["parent"], order, batch_dims=1),
+                    tokens=tf.gather(c["token"], order, batch_dims=1))
+
+    def _beam_feed(self, ids, s):
+        """Each running beam continues from its parent's cache with its new token."""
+        B, K = s["parent"].shape
+        flat_parent = tf.reshape(tf.range(B)[:, None] * K + s["parent"], [-1])  # (BK,)
+        tokens = tf.reshape(s["tokens"], [-1])                                 # (BK,)
+        slots = _set_slot(s["slots"], ids.shape[1] + s["step"] - 1)
+        logits, cache = self._last_logits(tokens[:, None], slots, _reorder(s["cache"], flat_parent))
+        new = dict(s, cache=cache, slots=slots)
+        if "seen" in s:
+            new["seen"] = _mark(tf.gather(s["seen"], flat_parent), tokens)
+        return logits, new
+
+    def _beam_finish(self, s, d: Decoding):
+        """(B * n, N) the n best hypotheses per row (pad-filled), and the longest one's length."""
+        B, K, N = s["beams"].shape
+        last = s["step"] - 1
+        norm = _length_norms(d)[last]
+        # rows still running at the end: their beams compete as hypotheses of length last + 1
+        final = tf.where(s["row_done"][:, None], NEG_INF, s["scores"] / norm)
+        pool_scores = tf.concat([s["done_scores"], final], axis=1)   # (B, 2K)
+        pool_tokens = tf.concat([s["done_tokens"], s["beams"]], axis=1)
+        pool_length = tf.concat([s["done_length"], tf.fill((B, K), last + 1)], axis=1)
+        n = d.num_return_sequences
+        pick = tf.math.top_k(pool_scores, n).indices  # (B, n), best first, lower index on ties
+        chosen = tf.reshape(tf.gather(pool_tokens, pick, batch_dims=1), (B * n, N))
+        return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1))
+
+    def _beam_search(self, ids, mask, seed, d: Decoding):
+        """(B * n, N) best hypotheses (pad-filled) and the length of the longest chosen one."""
+        del seed  # beam search is deterministic
+        B, C = ids.shape[0], d.candidates
+        none = tf.zeros((B, C), tf.bool)
+        logits, state = self._beam_prefill(ids, mask, d)
+
+        def step(logits, s):
+            return self._beam_update(s, self._beam_candidates(s, self._beam_scores(ids, s, logits, d), d), none, d)
+
+        state = step(logits, state)
 
         def more(s):
-            return (s["step"] < N) & ~tf.reduce_all(s["row_done"])
+            return (s["step"] < d.max_new_tokens) & ~tf.reduce_all(s["row_done"])
 
         def advance(s):
-            step = s["step"]
-            flat_parent = tf.reshape(rows[:, None] * K + s["parent"], [-1])  # (BK,)
-            tokens = tf.reshape(s["tokens"], [-1])                           # (BK,)
-            seen = s.get("seen")
-            if seen is not None:
-                seen = _mark(tf.gather(seen, flat_parent), tokens)
-            slots = tf.where(tf.equal(tf.range(L), T + step - 1)[None, :], 1, s["slots"])
-            logits, cache = self._last_logits(tokens[:, None], slots, _reorder(s["cache"], flat_parent))
-            new = beam_step(logits, seen, s, step)
-            new.update(step=step + 1, cache=cache, slots=slots)
-            if seen is not None:
-                new["seen"] = seen
-            return (new,)
+            return (step(*self._beam_feed(ids, s)),)
 
-        (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=N - 1)
-        last = state["step"] - 1
-        # rows still running at the end: their beams compete as hypotheses of length last + 1
-        final = tf.where(state["row_done"][:, None], NEG_INF, state["scores"] / norms[last])
-        pool_scores = tf.concat([state["done_scores"], final], axis=1)   # (B, 2K)
-        pool_tokens = tf.concat([state["done_tokens"], state["beams"]], axis=1)
-        pool_length = tf.concat([state["done_length"], tf.fill((B, K), last + 1)], axis=1)
-        pick = _argmax(pool_scores)  # (B,)
-        chosen = tf.gather(pool_tokens, pick, batch_dims=1)  # (B, N)
-        return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1))
+        (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
+        return self._beam_finish(state, d)
+
+    def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
+        del seed, streamer, out_dtype  # deterministic; check_extras refuses a streamer
+        B, T = ids.shape
+        K, C = d.num_beams, d.candidates
+        pieces = {name: self._compiled((B, T, d, name), functools.partial(fn, d=d), store="_host_generation_fns")
+                  for name, fn in (("prefill", self._beam_prefill), ("scores", self._beam_scores),
+                                   ("candidates", self._beam_candidates), ("update", self._beam_update),
+                                   ("finish", self._beam_finish))}
+        feed = self._compiled((B, T, d, "feed"), self._beam_feed, store="_host_generation_fns")
+        ids_t = tf.constant(ids)
+        logits, state = pieces["prefill"](ids_t, tf.constant(mask))
+        for step in range(d.max_new_tokens):
+            if step:
+                logits, state = feed(ids_t, state)
+            scores = pieces["scores"](ids_t, state, logits)
+            seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
+            c = pieces["candidates"](state, apply_processors(processors, seq, scores))
+            stopped = np.zeros((B, C), bool)
+            if stops is not None:  # each candidate: the row's prompt, its parent's tokens, its new token
+                prompt, real = np.repeat(ids[:, None], C, 1), np.repeat(mask[:, None], C, 1)
+                cand = np.concatenate([prompt, c["history"].numpy()[:, :, :step + 1]], 2).reshape(B * C, -1)
+                cand_real = np.concatenate([real, np.ones((B, C, step + 1), np.int32)], 2).reshape(B * C, -1)
+                stopped = stops.hits(cand, cand_real).reshape(B, C)
+            state = pieces["update"](state, c, tf.constant(stopped))
+            if bool(tf.reduce_all(state["row_done"])):
+                break
+        return pieces["finish"](state)

@@ -136,6 +136,8 @@ class PretrainedMixin:
         for n, src in plan.tied.items():
             state[n] = state[src]
         model.load_state_dict(state, strict=True, assign=True)  # its post-hook re-ties and packs
+        if hasattr(model, "_load_generation_config"):
+            model._load_generation_config(path)  # generation_config.json: the defaults of generate
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -158,8 +160,12 @@ class PretrainedMixin:
         config_dict = self.config.to_saved_dict(type(self).__name__, str(self.dtype).removeprefix("torch."))
         if safe_serialization:
             arrays = {n: torch_to_numpy(t) for n, t in tensors.items()}
-            return spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
-        return _save_torch_bin(path, tensors, config_dict, max_shard_size)
+            files = spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+        else:
+            files = _save_torch_bin(path, tensors, config_dict, max_shard_size)
+        if hasattr(self, "_save_generation_config"):
+            self._save_generation_config(path)
+        return files
 
 
 def _save_torch_bin(path: str, tensors: dict[str, torch.Tensor], config_dict: dict,

@@ -272,7 +272,7 @@ def test_generate_is_one_while_loop(models):
              and not s.do_sample and not s.repetition]
     from opt_flax.generation import _knobs
 
-    cfg = gen.GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=1)
+    cfg = gen.Decoding(max_new_tokens=10, eos_token_ids=(EOS,), pad_token_id=1)
     jaxpr = str(jax.make_jaxpr(fn)(flax_model.params, jnp.asarray(ids), jnp.asarray(mask), _knobs(cfg),
                                    jax.random.key(0)))
     assert jaxpr.count("while[") == 1
@@ -290,7 +290,7 @@ def test_batch_of_one_loop_copies_each_cache_buffer_at_most_once(models):
     (fn,) = [f for s, f in flax_model._generation_fns.items() if s.batch == 1 and s.max_new_tokens == N]
     from opt_flax.generation import _knobs
 
-    cfg = gen.GenerationConfig(max_new_tokens=N, eos_token_id=config.eos_token_id, pad_token_id=1)
+    cfg = gen.Decoding(max_new_tokens=N, eos_token_ids=(config.eos_token_id,), pad_token_id=1)
     hlo = fn.lower(flax_model.params, jnp.asarray(ids), jnp.ones((1, T), jnp.int32), _knobs(cfg),
                    jax.random.key(0)).compile().as_text()
     body = re.search(r"body=%?([\w.\-]+)", hlo[hlo.index(" while("):]).group(1)
