@@ -37,7 +37,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .test_fuzz_readers import MEMORY_HEADROOM, _limit_memory, _time_limit
+from .test_fuzz_readers import _time_limit, run_forked
 
 TARGETS = {"torch-pickle": 80, "torch-zip": 60, "torch-payload": 20, "msgpack": 80, "msgpack-payload": 20}
 EXAMPLE_SECONDS = 20
@@ -307,24 +307,9 @@ def main(targets: list[str]) -> int:
         os.makedirs(folder)
         for name in ("base.bin", "base.msgpack"):
             shutil.copy(os.path.join(workdir, name), folder)
-        pid = os.fork()  # each target in its own process, under its own memory limit
-        if pid == 0:
-            code = 1
-            try:
-                _limit_memory(MEMORY_HEADROOM)
-                FUZZERS[target](folder, examples or TARGETS[target], target)
-                code = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        ok = os.waitstatus_to_exitcode(status) == 0
-        print(f"{target}: {'ok' if ok else 'FAILED (exit %d)' % os.waitstatus_to_exitcode(status)}", flush=True)
+        code = run_forked(FUZZERS[target], folder, examples or TARGETS[target], target)
+        ok = code == 0
+        print(f"{target}: {'ok' if ok else f'FAILED (exit {code})'}", flush=True)
         if not ok:
             failed.append(target)
     return 1 if failed else 0

@@ -440,6 +440,28 @@ def fuzz_h5_bytes(workdir: str, examples: int) -> None:
 FUZZERS = {"safetensors": fuzz_safetensors, "index": fuzz_index, "h5": fuzz_h5, "h5-bytes": fuzz_h5_bytes}
 
 
+def run_forked(fuzz, *args) -> int:
+    """Runs fuzz(*args) in a forked child under the memory limit (MEMORY_HEADROOM over its start); its exit
+    code: 0 when every example passed, else nonzero (the failing example's traceback is printed)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _limit_memory(MEMORY_HEADROOM)
+            fuzz(*args)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def main(targets: list[str]) -> int:
     import hypothesis  # noqa: F401  (imported before the memory limit, like everything a reader uses)
     import safetensors.numpy  # noqa: F401
@@ -455,24 +477,9 @@ def main(targets: list[str]) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         start = time.perf_counter()
-        pid = os.fork()  # each target in its own process, under its own memory limit
-        if pid == 0:
-            code = 1
-            try:
-                _limit_memory(MEMORY_HEADROOM)
-                FUZZERS[target](folder, examples or TARGETS[target])
-                code = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        ok = os.waitstatus_to_exitcode(status) == 0
-        result = "ok" if ok else f"FAILED (exit {os.waitstatus_to_exitcode(status)})"
+        code = run_forked(FUZZERS[target], folder, examples or TARGETS[target])
+        ok = code == 0
+        result = "ok" if ok else f"FAILED (exit {code})"
         print(f"{target}: {result} ({examples or TARGETS[target]} examples, {time.perf_counter() - start:.1f} s)",
               flush=True)
         if not ok:
