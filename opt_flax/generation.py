@@ -285,7 +285,7 @@ class GenerationMixin(GenerationDefaults):
                 fns[static] = generation_fn(self, fn, static.batch)
         return fns[static]
 
-    def _host_piece(self, static: _Static, name: str, fn):
+    def _host_piece(self, static: _Static, name, fn):
         """A jitted piece of the step-by-step loop (static settings bound), built once per model."""
         fns = self.__dict__.setdefault("_host_generation_fns", {})
         if (static, name) not in fns:
@@ -396,30 +396,52 @@ class GenerationMixin(GenerationDefaults):
 
     def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer, stops,
                      mask_np):
-        """The fast path's pieces one step at a time, with the host's extras between them."""
-        start, scores_fn, pick, feed = (self._host_piece(static, name, fn) for name, fn in (
-            ("start", self._start), ("scores", self._scores), ("pick", self._pick), ("feed", self._feed)))
+        """The fast path's pieces one step at a time, with the host's extras between them: per step one
+        jitted call (the forward, the scores and the choice), two with logits processors between."""
+        def first(static, params, ids, mask, knobs):
+            logits, state = self._start(static, params, ids, mask, knobs)
+            return self._scores(static, state, logits, ids, knobs), state
+
+        def later(static, params, state, ids, knobs):
+            logits, state = self._feed(static, params, state)
+            return self._scores(static, state, logits, ids, knobs), state
+
+        def first_pick(static, params, ids, mask, knobs, key):  # without processors nothing runs in between
+            scores, state = first(static, params, ids, mask, knobs)
+            return self._pick(static, state, scores, knobs, key)
+
+        def later_pick(static, params, state, ids, knobs, key):
+            scores, state = later(static, params, state, ids, knobs)
+            return self._pick(static, state, scores, knobs, key)
+
+        if processors:
+            pieces = dict(first=first, later=later, pick=self._pick)
+        else:
+            pieces = dict(first=first_pick, later=later_pick)
+        fn = {name: self._host_piece(static, (name, bool(processors)), piece) for name, piece in pieces.items()}
         B = static.batch
         if streamer is not None:
             streamer.put(np.asarray(ids))
-        logits, state = start(params, ids, mask, knobs)
-        seq = [np.asarray(ids)]  # the rows so far, on the host
+        seq, finished = [np.asarray(ids)], np.zeros(B, bool)  # the rows so far, on the host
+        state = None
         for step in range(static.max_new_tokens):
-            if step:
-                logits, state = feed(params, state)
-            scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1),
-                                      scores_fn(state, logits, ids, knobs))
-            live = ~np.asarray(state.finished)
-            state = pick(state, jnp.asarray(scores, jnp.float32), knobs, key)
-            tokens = np.asarray(state.tokens)
+            args = (params, ids, mask, knobs) if step == 0 else (params, state, ids, knobs)
+            if processors:
+                scores, state = fn["first" if step == 0 else "later"](*args)
+                scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1), scores)
+                state = fn["pick"](state, jnp.asarray(scores, jnp.float32), knobs, key)
+            else:
+                state = fn["first" if step == 0 else "later"](*args, key)
+            tokens, live = np.asarray(state.tokens), ~finished
             seq.append(tokens[:, None])
             if streamer is not None:
                 streamer.put(tokens)
+            finished = np.asarray(state.finished)
             if stops is not None:
                 real = np.concatenate([mask_np, np.ones((B, step + 1), np.int32)], axis=1)
-                hits = stops.hits(np.concatenate(seq, axis=1), real, live)
-                state = state._replace(finished=state.finished | jnp.asarray(hits))
-            if bool(jnp.all(state.finished)):
+                finished = finished | stops.hits(np.concatenate(seq, axis=1), real, live)
+                state = state._replace(finished=jnp.asarray(finished))
+            if finished.all():
                 break
         if streamer is not None:
             streamer.end()

@@ -280,32 +280,55 @@ class TFGenerationMixin(GenerationDefaults):
         return state["out"], state["step"]
 
     def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
-        """The fast path's pieces one step at a time, with the host's extras between them."""
+        """The fast path's pieces one step at a time, with the host's extras between them: per step one
+        compiled call (the forward, the scores and the choice), two with logits processors between."""
         B, T = ids.shape
-        pieces = {name: self._compiled((B, T, d, name), functools.partial(fn, d=d), store="_host_generation_fns")
-                  for name, fn in (("prefill", self._prefill), ("scores", self._scores), ("pick", self._pick))}
-        feed = self._compiled((B, T, d, "feed"), self._feed, store="_host_generation_fns")
-        ids_t = tf.constant(ids)
+
+        def first(ids, mask):
+            logits, s = self._prefill(ids, mask, d)
+            return self._scores(ids, s, logits, d), s
+
+        def later(ids, s):
+            logits, s = self._feed(ids, s)
+            return self._scores(ids, s, logits, d), s
+
+        def first_pick(ids, mask, seed):  # without processors nothing runs between scores and choice
+            scores, s = first(ids, mask)
+            return self._pick(s, scores, seed, d)
+
+        def later_pick(ids, s, seed):
+            scores, s = later(ids, s)
+            return self._pick(s, scores, seed, d)
+
+        if processors:
+            pieces = dict(first=first, later=later, pick=functools.partial(self._pick, d=d))
+        else:
+            pieces = dict(first=first_pick, later=later_pick)
+        fn = {name: self._compiled((B, T, d, name, bool(processors)), piece, store="_host_generation_fns")
+              for name, piece in pieces.items()}
+        ids_t, mask_t = tf.constant(ids), tf.constant(mask)
         if streamer is not None:
             streamer.put(ids.astype(out_dtype.as_numpy_dtype))
-        logits, state = pieces["prefill"](ids_t, tf.constant(mask))
-        seq = [ids]  # the rows so far, on the host
+        seq, finished = [ids], np.zeros(B, bool)  # the rows so far, on the host
+        state = None
         for step in range(d.max_new_tokens):
-            if step:
-                logits, state = feed(ids_t, state)
-            scores = pieces["scores"](ids_t, state, logits)
-            scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
-            live = ~state["finished"].numpy()
-            state = pieces["pick"](state, scores, seed)
-            tokens = state["tokens"].numpy()
+            args = (ids_t, mask_t) if step == 0 else (ids_t, state)
+            if processors:
+                scores, state = fn["first" if step == 0 else "later"](*args)
+                scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
+                state = fn["pick"](state, scores, seed)
+            else:
+                state = fn["first" if step == 0 else "later"](*args, seed)
+            tokens, live = state["tokens"].numpy(), ~finished
             seq.append(tokens[:, None])
             if streamer is not None:
                 streamer.put(tokens.astype(out_dtype.as_numpy_dtype))
+            finished = state["finished"].numpy()
             if stops is not None:
-                hits = stops.hits(np.concatenate(seq, 1), np.concatenate([mask, np.ones((B, step + 1), np.int32)], 1),
-                                  live)
-                state["finished"] = state["finished"] | tf.constant(hits)
-            if bool(tf.reduce_all(state["finished"])):
+                real = np.concatenate([mask, np.ones((B, step + 1), np.int32)], 1)
+                finished = finished | stops.hits(np.concatenate(seq, 1), real, live)
+                state["finished"] = tf.constant(finished)
+            if finished.all():
                 break
         if streamer is not None:
             streamer.end()
