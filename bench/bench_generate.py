@@ -5,9 +5,11 @@ A random 125m-shaped float32 model (built once, tensor by tensor, in a temporary
 Batch 1 is bound by reading every weight once per token, so the table also gives that limit:
 weight bytes per token divided by a large-array read rate measured in this same run.
 
-    python bench/bench_generate.py [--backends torch,tf,flax] [--preset 125m] [--repeats 3]
+    python bench/bench_generate.py [--backends torch,tf,flax] [--preset 125m] [--repeats 3] [--streamer]
 
 Prints a table of tokens/s (new tokens x batch / seconds, best of --repeats after a warm-up run).
+--streamer also times optkit's generate with a streamer (a no-op callable): in TensorFlow and Flax that
+runs the decode one compiled step at a time from Python (opt_spec.generation), the price of streaming.
 The repeats are interleaved - read rate, optkit, Hugging Face, for each batch size, round after round -
 so that the shared machine's drifting memory bandwidth (the read rate moved by +-15% within minutes
 here) affects all of them alike; the limit uses the best read rate seen (the strictest limit), and the
@@ -95,8 +97,8 @@ def torch_runs(path, config, ids, mask):
     ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
     vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first
 
-    def ours_fn(b):
-        return lambda: ours.generate(ids_t[:b], mask_t[:b], max_new_tokens=NEW, eos_token_id=vocab_eos)
+    def ours_fn(b, **extra):
+        return lambda: ours.generate(ids_t[:b], mask_t[:b], max_new_tokens=NEW, eos_token_id=vocab_eos, **extra)
 
     def ref_fn(b):
         return lambda: ref.generate(input_ids=ids_t[:b], attention_mask=mask_t[:b], max_new_tokens=NEW,
@@ -119,8 +121,8 @@ def tf_runs(path, config, ids, mask):
     ids_t, mask_t = tf.constant(ids, tf.int32), tf.constant(mask, tf.int32)
     vocab_eos = config.vocab_size - 1  # a token the random model effectively never picks first
 
-    def ours_fn(b):
-        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos).numpy()
+    def ours_fn(b, **extra):
+        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos, **extra).numpy()
 
     def ref_fn(b):
         return lambda: ref_generate(ids_t[:b], attention_mask=mask_t[:b], max_new_tokens=NEW,
@@ -153,8 +155,9 @@ def flax_runs(path, config, ids, mask):
 
     ids_j, mask_j = jax.numpy.asarray(ids, jax.numpy.int32), jax.numpy.asarray(mask, jax.numpy.int32)
 
-    def ours_fn(b):
-        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos).block_until_ready()
+    def ours_fn(b, **extra):
+        return lambda: ours.generate(ids[:b], mask[:b], max_new_tokens=NEW, eos_token_id=vocab_eos,
+                                     **extra).block_until_ready()
 
     def ref_fn(b):
         return lambda: ref_generate(ours.params, ids_j[:b], mask_j[:b]).block_until_ready()
@@ -170,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="125m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--streamer", action="store_true", help="also time generate with a streamer")
     args = parser.parse_args(argv)
     config = OPTConfig.from_preset(args.preset).replace(dropout=0.0)
     batches = [int(b) for b in args.batches.split(",")]
@@ -187,19 +191,23 @@ def main(argv=None) -> int:
             fns = {}
             for b in batches:
                 fns[("ours", b)], fns[("ref", b)] = ours_fn(b), ref_fn(b)
+                if args.streamer:
+                    fns[("streamer", b)] = ours_fn(b, streamer=lambda tokens: None)
             fns["rate"] = lambda: rates.append(read_rate_gb_s())
             best = interleaved(fns, args.repeats)
-            rows.extend((backend, b, NEW * b / best[("ours", b)], NEW * b / best[("ref", b)]) for b in batches)
+            rows.extend((backend, b, NEW * b / best[("ours", b)], NEW * b / best[("ref", b)],
+                         NEW * b / best[("streamer", b)] if args.streamer else None) for b in batches)
     rate, typical = max(rates), float(np.median(rates))
     limit, typical_limit = rate * 1e9 / wb, typical * 1e9 / wb
     print(f"# {args.preset} float32, prompt {PROMPT}, {NEW} new tokens; read rate {min(rates):.1f}-{rate:.1f} GB/s "
           f"(median {typical:.1f}), {wb / 1e6:.0f} MB of weights per token -> batch-1 limit {limit:.1f} tok/s "
           f"at the best read rate ({typical_limit:.1f} at the median)")
     print(f"{'backend':8} {'batch':>5} {'optkit tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'of limit':>9} "
-          f"{'(median)':>9}")
-    for backend, b, ours_tps, ref_tps in rows:
-        of_limit = f"{ours_tps / limit:8.0%}  {ours_tps / typical_limit:8.0%}" if b == 1 else ""
-        print(f"{backend:8} {b:5d} {ours_tps:13.1f} {ref_tps:9.1f} {ours_tps / ref_tps:5.2f}x {of_limit}")
+          f"{'(median)':>9}" + (f" {'with streamer':>14}" if args.streamer else ""))
+    for backend, b, ours_tps, ref_tps, streamed in rows:
+        of_limit = f"{ours_tps / limit:8.0%}  {ours_tps / typical_limit:8.0%}" if b == 1 else " " * 18
+        more = f" {streamed:14.1f}" if streamed is not None else ""
+        print(f"{backend:8} {b:5d} {ours_tps:13.1f} {ref_tps:9.1f} {ours_tps / ref_tps:5.2f}x {of_limit}{more}")
     return 0
 
 
