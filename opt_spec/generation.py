@@ -17,6 +17,9 @@ keys optkit does not use included. The length limit: max_new_tokens; else max_le
 length T (the padded length, Hugging Face's meaning; max_new_tokens wins when both are given); else 20
 new tokens, fewer if the model's positions end sooner. A config's max_length of exactly 20 counts as
 unset, since Hugging Face cannot tell it from its default. top_k defaults to 50, as in Hugging Face.
+Hugging Face settings optkit does not implement (UNSUPPORTED: early_stopping, bad_words_ids, ...) are
+refused in a call unless at their default value, and ignored with a warning in a file; keys nobody
+knows are an error in a call (TypeError) and kept in a file (`extra`), as Hugging Face keeps them.
 
 One decoding step, per row, on the logits of the row's last position (computed in float32):
 1. Repetition penalty (when != 1): every token id that occurs among the row's real tokens so far

@@ -171,10 +171,16 @@ def test_sampling_returns_several_sequences_reproducibly(models, backend):
     assert len({tuple(row) for row in a[6:9, T:]}) > 1  # the samples of one prompt differ
 
 
-def test_default_top_k_is_hugging_faces(models, backend):
-    """top_k defaults to 50: with a vocabulary of 96 that keeps fewer tokens than top_k=0 does."""
-    assert gen.GenerationConfig().top_k == 50
+def test_sampling_keeps_the_top_50_by_default(models, hf, backend):
+    """top_k defaults to 50 as in Hugging Face: nearly uniform draws (temperature 100) over 96 tokens all
+    land among each row's 50 most likely (with top_k=0 that would happen with probability ~1e-14)."""
     assert models(backend).generation_config.top_k == 50
+    out = ours(models, backend, max_new_tokens=1, do_sample=True, temperature=100.0, num_return_sequences=16, seed=0)
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(IDS).long(), attention_mask=torch.from_numpy(MASK).long()).logits[:, -1]
+    top50 = torch.topk(logits, 50).indices.numpy()
+    assert all(out[r, T] in top50[r // 16] for r in range(48))
+    assert len(set(out[:, T])) > 20  # and they are spread over many tokens
 
 
 # ------------------------------------------------------------------------------- logits processors
