@@ -279,7 +279,9 @@ def bpe(tmp_path_factory):
     return dict(path=path, config=config, ours=OPTTokenizer.from_pretrained(path), hf=hf_tok, ids=ids, mask=mask)
 
 
+@pytest.mark.parametrize("backend", ["torch", *(pytest.param(b, marks=pytest.mark.slow) for b in ("tf", "flax"))])
 def test_stop_strings_stop_rows_as_hugging_face_does(bpe, backend):
+    """(Slow in TensorFlow and Flax: a second model, compiled twice for the step-by-step loop.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = transformers.OPTForCausalLM.from_pretrained(bpe["path"]).eval()
