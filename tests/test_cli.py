@@ -146,7 +146,7 @@ def test_parity_reads_a_pytorch_bin_folder_directly(capsys, cache, tmp_path):
     src = tmp_path / "bin-model"
     model = OPTForCausalLM.from_pretrained(checkpoints.random_checkpoint("tiny", 0, checkpoints.Console(True)).path)
     model.save_pretrained(src, safe_serialization=False)
-    assert sorted(os.listdir(src)) == ["config.json", "pytorch_model.bin"]
+    assert sorted(os.listdir(src)) == ["config.json", "generation_config.json", "pytorch_model.bin"]
     code, out, err = run_main(capsys, "parity", "--model", str(src), "--json", "-q")
     assert code == 0, err
     report = json.loads(out)

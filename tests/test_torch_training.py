@@ -191,7 +191,9 @@ def test_resume_continues_exactly(task, tmp_path):
     assert resumed.step == 3
     tail = [r["loss"] for r in run(resumed, stream, 6)]
     assert head + tail == full
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors", "trainer_state.pt"]
+    generation = ["generation_config.json"] if task == "causal_lm" else []  # decoding defaults: causal LMs only
+    assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(["config.json", "model.safetensors", "trainer_state.pt",
+                                                            *generation])
     with pytest.raises(ValueError, match="learning_rate"):
         Trainer.from_checkpoint(tmp_path / "ckpt", dataclasses.replace(cfg, learning_rate=1e-3))
 
