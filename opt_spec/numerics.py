@@ -3,7 +3,7 @@
 Backends implement these natively in their own framework; the NumPy versions here are the
 definitions, and the tests check each backend against them.
 
-Order of computation (DESIGN.md):
+Order of computation:
 1. x = embed_tokens(ids); x = project_in(x) when word_embed_proj_dim != hidden_size.
 2. Positions from the attention mask: pos = cumsum(mask) * mask - 1 (pads get -1); with `past`
    cached tokens keep the last T; x += embed_positions[pos + POSITION_OFFSET]. Explicit position_ids
