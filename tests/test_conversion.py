@@ -285,7 +285,7 @@ _COLUMN = ("q_proj", "k_proj", "v_proj", "fc1")
 
 def metaseq_parts(config, weights, parts: int, fused: bool):
     """Splits canonical weights the way metaseq's model-parallel training stores them (written here
-    independently of conversion/metaseq.py, from the model-parallel rules in conversion/metaseq.py's docstring)."""
+    independently of conversion/metaseq.py's code, from the rules its docstring states)."""
     renames = {"decoder.project_in.weight": "decoder.project_in_dim.weight",
                "decoder.project_out.weight": "decoder.project_out_dim.weight",
                "decoder.final_layer_norm.weight": "decoder.layer_norm.weight",
