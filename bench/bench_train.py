@@ -2,19 +2,25 @@
 
 A random 125m-shaped float32 causal LM (written once to a temporary directory), batch 8 x 128 tokens
 of random ids, AdamW (lr 1e-4, weight decay 0.01 on linear weights and embeddings only, warm-up 1,
-linear decay), global-norm clipping at 1.0, dropout as the config says (0.1). Each row runs
---warmup untimed updates, then --steps timed ones; tokens/s = 8 x 128 / median seconds per update.
+linear decay), global-norm clipping at 1.0, dropout as the config says (0.1). Every trainer is built
+as a user builds it (its defaults), takes --warmup untimed updates, then --rounds timed ones.
 
-    python bench/bench_train.py [--backends torch,hf,tf,flax] [--steps 3] [--warmup 1] [--device cpu] [--bf16]
+    python bench/bench_train.py [--backends hf,torch,tf,flax] [--rounds 3] [--warmup 1] [--bf16] [--sequential]
 
-RUNNERS maps a row name to `fn(path, cfg, batches, device, warmup) -> [seconds per update, ...]`
-(the updates after the first `warmup` ones; `_timed` does that for a step function); a backend adds
-its row by adding its function there. The machine is often shared: compare rows of one run only.
+The rows take turns: round r times one update of every row (hf, torch, tf, flax, hf, ...), so other
+work on a shared machine slows them alike, and each row's tokens/s is 8 x 128 / its median seconds per
+update; "vs hf" is the ratio of the medians. Each update's load average (os.getloadavg, 1 minute) is
+recorded and printed with the table: compare rows of one run only. --sequential builds and runs one
+row at a time instead (one trainer in memory, not four: ~10 GB for 125m).
+
+BUILDERS maps a row name to `fn(path, cfg, device) -> step`, where `step(batch)` makes one update and
+returns once it is done; a backend adds its row by adding its function there.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -43,38 +49,30 @@ def make_checkpoint(config, path: str) -> None:
     config.to_json_file(os.path.join(path, spec_io.CONFIG_NAME))
 
 
-def make_batches(config, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def make_batches(config, n: int, seed: int = 0, seq_len: int = SEQ) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        ids = rng.integers(3, config.vocab_size, size=(BATCH, SEQ)).astype(np.int64)
+        ids = rng.integers(3, config.vocab_size, size=(BATCH, seq_len)).astype(np.int64)
         out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()})
     return out
 
 
-def _timed(step, batches, warmup: int, sync=lambda: None) -> list[float]:
-    times = []
-    for i, batch in enumerate(batches):
-        sync()
-        t = time.perf_counter()
-        step(batch)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
-
-
-def run_torch(path, cfg, batches, device, warmup):
+def _cuda_sync(device: str):
     import torch
 
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def build_torch(path, cfg, device):
     from opt_torch.training import Trainer
 
     trainer = Trainer.from_pretrained(path, "causal_lm", cfg, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return _timed(lambda b: trainer.train_step([b]), batches, warmup, sync)
+    sync = _cuda_sync(device)
+    return lambda b: (trainer.train_step([b]), sync())
 
 
-def run_hf(path, cfg, batches, device, warmup):
+def build_hf(path, cfg, device):
     """The plain loop people write with transformers: forward with labels, backward, clip, step."""
     import torch
     import transformers
@@ -86,9 +84,9 @@ def run_hf(path, cfg, batches, device, warmup):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg) / cfg.learning_rate)
-
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                               enabled=cfg.mixed_precision == "bf16")
+    sync = _cuda_sync(device)
 
     def step(batch):
         inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
@@ -100,70 +98,107 @@ def run_hf(path, cfg, batches, device, warmup):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
+        sync()
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return _timed(step, batches, warmup, sync)
+    return step
 
 
-def run_tf(path, cfg, batches, device, warmup):
-    """opt_tf.training.TFTrainer: Keras train_on_batch with SpecAdamW, XLA-compiled (TF picks its own device)."""
+def build_tf(path, cfg, device):
+    """opt_tf.training.TFTrainer with its defaults (TF picks its own device); returns Python floats."""
     from opt_tf.training import TFTrainer
 
-    trainer = TFTrainer.from_pretrained(path, "causal_lm", cfg, jit_compile=True)
-    return _timed(lambda b: trainer.train_step([b]), batches, warmup)
+    trainer = TFTrainer.from_pretrained(path, "causal_lm", cfg)
+    return lambda b: trainer.train_step([b])
 
 
-def run_flax(path, cfg, batches, device, warmup):
-    """opt_flax.training.FlaxTrainer: one jitted step (JAX picks its own device); waits for the result."""
+def build_flax(path, cfg, device):
+    """opt_flax.training.FlaxTrainer with its defaults (JAX picks its own device); returns Python floats."""
     from opt_flax.training import FlaxTrainer
 
     trainer = FlaxTrainer.from_pretrained(path, "causal_lm", cfg)
-    return _timed(lambda b: trainer.train_step([b]), batches, warmup)  # train_step returns Python floats
+    return lambda b: trainer.train_step([b])
 
 
-# Row name -> runner. TF and Flax add "tf" / "flax" rows here (their own functions).
-RUNNERS = {"torch": run_torch, "hf": run_hf, "tf": run_tf, "flax": run_flax}
+# Row name -> builder of its step function.
+BUILDERS = {"hf": build_hf, "torch": build_torch, "tf": build_tf, "flax": build_flax}
+
+
+def _timed(step, batch) -> tuple[float, float]:
+    t = time.perf_counter()
+    step(batch)
+    return time.perf_counter() - t, os.getloadavg()[0]
+
+
+def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -> dict[str, list[tuple]]:
+    """{row: [(seconds, load average), ...] of its timed updates}; a row that fails is reported and left out."""
+    times: dict[str, list[tuple]] = {}
+
+    def build(name):
+        try:
+            step = BUILDERS[name](path, cfg, device)
+            for b in batches[:warmup]:
+                step(b)
+            return step
+        except Exception as err:  # one failing row does not hide the others
+            print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
+            return None
+
+    if sequential:
+        for name in names:
+            step = build(name)
+            if step is not None:
+                times[name] = [_timed(step, b) for b in batches[warmup:]]
+                print(f"{name}: {', '.join(f'{t:.2f}' for t, _ in times[name])} s per update", flush=True)
+            del step
+            gc.collect()
+        return times
+    steps = {name: step for name in names if (step := build(name)) is not None}
+    for r, batch in enumerate(batches[warmup:]):
+        line = []
+        for name, step in steps.items():
+            times.setdefault(name, []).append(_timed(step, batch))
+            line.append(f"{name} {times[name][-1][0]:.2f}s")
+        print(f"round {r + 1}: {', '.join(line)} (load {os.getloadavg()[0]:.1f})", flush=True)
+    return times
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default=None, help=f"comma-separated rows (default: all of {', '.join(RUNNERS)})")
+    p.add_argument("--backends", default=None, help=f"comma-separated rows (default: all of {', '.join(BUILDERS)})")
     p.add_argument("--preset", default="125m")
-    p.add_argument("--steps", type=int, default=3, help="timed updates per row (default 3)")
+    p.add_argument("--seq-len", type=int, default=SEQ, help=f"tokens per row (default {SEQ})")
+    p.add_argument("--rounds", "--steps", type=int, default=3, help="timed updates per row (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed updates first (default 1)")
     p.add_argument("--device", default="cpu", help="torch device for the torch and hf rows (default cpu)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast; float32 weights)")
+    p.add_argument("--sequential", action="store_true", help="one row after the other (less memory, not interleaved)")
     args = p.parse_args(argv)
-    names = args.backends.split(",") if args.backends else list(RUNNERS)
-    unknown = [n for n in names if n not in RUNNERS]
+    names = args.backends.split(",") if args.backends else list(BUILDERS)
+    unknown = [n for n in names if n not in BUILDERS]
     if unknown:
-        p.error(f"unknown row {unknown[0]!r}; available: {', '.join(RUNNERS)}")
+        p.error(f"unknown row {unknown[0]!r}; available: {', '.join(BUILDERS)}")
     config = OPTConfig.from_preset(args.preset)
-    n = args.warmup + args.steps
+    n = args.warmup + args.rounds
     cfg = TrainConfig(learning_rate=1e-4, weight_decay=0.01, warmup_steps=1, total_steps=n + 1, max_grad_norm=1.0,
                       mixed_precision="bf16" if args.bf16 else None)
-    batches = make_batches(config, n)
+    batches = make_batches(config, n, seq_len=args.seq_len)
     precision = "bf16 mixed" if args.bf16 else "float32"
-    print(f"training {args.preset}: batch {BATCH} x {SEQ}, AdamW, clip 1.0, {precision}, {args.warmup} warm-up + "
-          f"{args.steps} timed updates, device {args.device}, {os.cpu_count()} CPUs", flush=True)
-    rows = {}
+    print(f"training {args.preset}: batch {BATCH} x {args.seq_len}, AdamW, clip 1.0, {precision}, "
+          f"{args.warmup} warm-up + {args.rounds} timed updates, "
+          f"{'one row after the other' if args.sequential else 'rows interleaved'}, "
+          f"device {args.device}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as path:
         make_checkpoint(config, path)
-        for name in names:
-            try:
-                times = RUNNERS[name](path, cfg, batches, args.device, args.warmup)
-            except Exception as err:  # one failing row does not hide the others
-                print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
-                continue
-            rows[name] = statistics.median(times)
-            print(f"{name}: {', '.join(f'{t:.2f}' for t in times)} s per update", flush=True)
-    if not rows:
+        times = run_rows(names, path, cfg, batches, args.device, args.warmup, args.sequential)
+    if not times:
         return 1
+    rows = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
     base = rows.get("hf")
-    print("\n| row | s / update (median) | tokens/s | vs hf |\n|---|---|---|---|")
+    print("\n| row | s / update (median) | tokens/s | vs hf | load during |\n|---|---|---|---|---|")
     for name, t in rows.items():
         rel = f"{base / t:.2f}x" if base else "-"
-        print(f"| {name} | {t:.3f} | {BATCH * SEQ / t:,.0f} | {rel} |")
+        loads = [load for _, load in times[name]]
+        print(f"| {name} | {t:.3f} | {BATCH * args.seq_len / t:,.0f} | {rel} | {min(loads):.1f}-{max(loads):.1f} |")
     return 0
 
 

@@ -32,6 +32,7 @@ msgpack; either kind of checkpoint resumes on any mesh or on one device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -51,6 +52,7 @@ from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                micro_batch_list, task_head)
 
+from . import cpu_speed
 from .modeling import MODULE_CLASSES
 from .pretrained import MODEL_CLASSES, _params_table
 
@@ -154,9 +156,11 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return _STEP_FUNCTIONS[key]
     module = MODULE_CLASSES[Head(head)](config, dtype=dtype, param_dtype=jnp.float32, precision=precision)
     tx = adamw(cfg, decay_mask(config, head))
+    cpu = sharding is None and cpu_speed.enabled()  # XLA CPU rewrites (opt_flax.cpu_speed): the same math
 
     def loss(params, batch, key):
-        return module.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": key}).loss
+        with cpu_speed.materialized_layers(cpu):
+            return module.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": key}).loss
 
     def grad(params, batch, rng):
         rng, key = jax.random.split(rng)
@@ -174,17 +178,23 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return params, opt_state, rng, value, norm
 
     def forward(params, batch):
-        return module.apply({"params": params}, **batch, deterministic=True)
+        with cpu_speed.materialized_layers(cpu):
+            return module.apply({"params": params}, **batch, deterministic=True)
 
     def gradients(params, batch):
         return jax.value_and_grad(lambda p: forward(p, batch).loss)(params)
 
-    # Parameters and optimizer state are updated in place on accelerators (CPUs cannot donate buffers).
-    donate = (0, 1) if jax.default_backend() != "cpu" else ()
     if sharding is None:
-        fns = StepFunctions(module, tx, loss, jax.jit(grad), jax.jit(apply, static_argnums=3, donate_argnums=donate),
-                            jax.jit(fused, donate_argnums=donate), jax.jit(forward), jax.jit(gradients))
+        # bf16 on the CPU: every bf16 product accumulates in float32 (the fast kernels; opt_flax.cpu_speed)
+        fast = cpu_speed.f32_accumulated_dots if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
+        # Parameters and optimizer state are updated in place (donated; the CPU too: no fresh 3 x 125m
+        # buffers to allocate and fault in every step). The trainer owns its copies (FlaxTrainer.__init__).
+        fns = StepFunctions(module, tx, loss, jax.jit(fast(grad)),
+                            jax.jit(apply, static_argnums=3, donate_argnums=(0, 1)),
+                            jax.jit(fast(fused), donate_argnums=(0, 1)), jax.jit(fast(forward)),
+                            jax.jit(fast(gradients)))
     else:
+        donate = (0, 1) if jax.default_backend() != "cpu" else ()
         from .distributed import step_functions as sharded_step_functions
 
         fns = StepFunctions(module, tx, loss, **sharded_step_functions(sharding, tx, grad, apply, fused, forward,
@@ -195,8 +205,9 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
     return fns
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _tree_add(a, b):
+    """a + b, summed into a's buffers (a is the running sum of micro-batch gradients)."""
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
@@ -232,6 +243,10 @@ class FlaxTrainer:
         self.params = jax.tree_util.tree_map(jnp.asarray, model.params)
         self.rng = jax.random.PRNGKey(cfg.seed)
         if self.sharding is None:
+            # the steps donate (update in place) the trainer's parameters: its own copies, so that arrays
+            # the caller still holds (the model's, say) stay valid; the model then holds the trainer's
+            self.params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), self.params)
+            self.model.params = self.params
             self.opt_state = self.tx.init(self.params)
         else:
             sh = self.sharding
