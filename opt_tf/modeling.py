@@ -612,7 +612,6 @@ class _TFOPTWithHead(TFOPTPreTrainedModel):
         return targets
 
 
-
 class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
     head = Head.CAUSAL_LM
 

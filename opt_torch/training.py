@@ -118,6 +118,30 @@ def clip_gradients(parameters: Sequence[torch.Tensor], max_grad_norm: float | No
     return norm, scale
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one block of memory, in some order of its dimensions."""
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def _fusable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether torch's fused AdamW computes the update: it walks a parameter, its gradient and its
+    moments as flat blocks, which is right only when all are dense with the same strides."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            moments = [v for k, v in optimizer.state.get(p, {}).items() if k != "step"]
+            if not all(_dense(t) and t.stride() == p.stride() for t in (p, p.grad, *moments)):
+                return False
+    return True
+
+
 def _to_torch(batch: Mapping[str, np.ndarray], keys: Sequence[str], device) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(np.asarray(batch[k]), device=device) for k in keys}
 
@@ -150,9 +174,19 @@ class Trainer:
         if seed_rng:
             torch.manual_seed(cfg.seed + self.dp_index)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # fused: one pass over each parameter, its gradient and moments instead of foreach's ~8 (the 125m
+        # update took 0.5 s instead of 1.2 s on 2 CPU cores); a split model's DTensors take foreach's.
+        # The fused kernel walks each tensor as one flat block, so q/k/v, column blocks of one matrix
+        # (opt_torch.layout), get dense storage of their own (the general path; decoding packs again).
+        self.fused = self.mesh is None
+        if self.fused:
+            with torch.no_grad():
+                for p in self.params:
+                    if not _dense(p):
+                        p.data = p.data.t().contiguous().t() if p.dim() == 2 else p.data.contiguous()
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=learning_rate(0, cfg),
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.scheduler = SpecSchedule(self.optimizer, cfg)
         self.step = 0
 
@@ -205,6 +239,10 @@ class Trainer:
         loss, tokens = self.backward(micro_batches)
         norm, _ = clip_gradients(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.fused:  # a layout changed under the trainer (.to(), pack_weights) takes foreach's path
+            fused = _fusable(self.optimizer)
+            for group in self.optimizer.param_groups:
+                group["fused"] = fused or None
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -318,6 +356,8 @@ class Trainer:
                              "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # load_state_dict takes the saved groups' flags too
+                group["fused"], group["foreach"] = self.fused or None, None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rngs = state.get("rng_cpu_dp") or [state["rng_cpu"]]

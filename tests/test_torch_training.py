@@ -319,3 +319,34 @@ def test_cli_train_reports_bad_data_with_file_and_line(tiny_model_dir, tmp_path)
     r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", empty,
                "--backend", "torch", "--output", tmp_path / "o3", "--steps", 2, "--seq-len", 32)
     assert r.returncode == 2 and f"{empty}: empty file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fused_adamw_and_its_fallback_give_the_same_updates():
+    """The trainer's AdamW is torch's fused kernel (one pass per tensor), which reads every tensor as a
+    flat block: the trainer gives q/k/v dense storage of their own, and a layout changed under it
+    (pack_weights, which `.to()` also runs) sends the update down foreach's path instead of a wrong one."""
+    # adam_epsilon 1e-4: k_proj.bias's gradient is rounding noise (zero in exact arithmetic), which Adam
+    # would amplify by up to 1 / eps (see tests/test_training_parity.py)
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, warmup_steps=0, total_steps=5, max_grad_norm=0.5,
+                      adam_epsilon=1e-4)
+    stream = spec_data.BatchStream(synthetic("causal_lm"), 4)
+    fused, repacked = Trainer(make_model("causal_lm"), cfg), Trainer(make_model("causal_lm"), cfg)
+    reference = make_model("causal_lm")  # foreach AdamW on the model as it is laid out
+    optimizer = torch.optim.AdamW(param_groups(reference, cfg), lr=learning_rate(0, cfg), eps=cfg.adam_epsilon,
+                                  foreach=True)
+    for step in range(3):
+        batch = stream.batch(step)
+        if step == 1:
+            repacked.model.pack_weights()  # q/k/v column blocks again: the moments keep their strides
+        assert fused.train_step(batch)["loss"] == pytest.approx(repacked.train_step(batch)["loss"], rel=1e-6)
+        optimizer.zero_grad(set_to_none=True)
+        reference(input_ids=torch.as_tensor(batch["input_ids"]), labels=torch.as_tensor(batch["labels"])).loss.backward()
+        clip_gradients([p for p in reference.parameters()], cfg.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        optimizer.step()
+    assert all(g["fused"] for g in fused.optimizer.param_groups)
+    assert not any(g["fused"] for g in repacked.optimizer.param_groups)  # it fell back
+    for (n, p), q, r in zip(fused.model.named_parameters(), repacked.model.parameters(), reference.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
+        np.testing.assert_allclose(q.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
