@@ -45,8 +45,9 @@ def position_ids_from_mask(attention_mask: np.ndarray, past_length: int = 0) -> 
     return pos[:, past_length:]
 
 
-def attention_allowed(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
-    """(B, S) key mask -> (B, T, S) booleans: may query t (the last T of the S positions) see key s?
+def attention_allowed(attention_mask: np.ndarray, query_length: int, query_start: int | None = None) -> np.ndarray:
+    """(B, S) key mask -> (B, T, S) booleans: may query t (at position query_start + t; by default the last T
+    of the S positions, else a preallocated cache's write position) see key s?
 
     A query sees the keys at or before its own position (causal) that the mask keeps, and always
     itself: a padded query then attends to itself alone instead of to nothing, so no softmax row is
@@ -54,7 +55,8 @@ def attention_allowed(attention_mask: np.ndarray, query_length: int) -> np.ndarr
     """
     mask = np.asarray(attention_mask).astype(bool)
     S = mask.shape[1]
-    q_pos = np.arange(S - query_length, S)[:, None]  # (T, 1)
+    start = S - query_length if query_start is None else query_start
+    q_pos = np.arange(start, start + query_length)[:, None]  # (T, 1)
     k_pos = np.arange(S)[None, :]                      # (1, S)
     causal = k_pos <= q_pos                            # (T, S)
     return (causal[None] & mask[:, None, :]) | (k_pos == q_pos)[None]

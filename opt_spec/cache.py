@@ -1,0 +1,82 @@
+"""The key/value cache contract every backend keeps, with its NumPy reference.
+
+One interface, one name in each backend (`KVCache`):
+- `cache.update(layer, k, v) -> (keys, values)`: k, v are the new tokens' keys and values of one layer,
+  (B, heads, T, head_dim); the cache writes them at its own write position and returns everything the
+  T queries attend to, (B, heads, S, head_dim). The caller never passes a position.
+- `cache.length`: tokens written so far (the write position). It moves on by T once every layer of a
+  forward pass has been updated (`advance(T)`, called by the decoder after its last layer).
+- A preallocated cache (`capacity` slots) returns its whole buffer (S = capacity); a dynamic one returns
+  past + new (S = length + T). Slots not written yet are masked by the mask rule below, never read as 0s.
+- The attention mask given with a cache covers the past and the new tokens (B, length + T), as in
+  Hugging Face, or the whole buffer (B, capacity), as compiled decode loops pass it. Any other length is an
+  error in words (`cache_mask_width`), never padded or cut silently.
+- Past keys and values are given as a cache object, never as a tuple per layer (Hugging Face's legacy
+  format, dropped in transformers v5); a tuple is refused in words (`refuse_legacy_cache`).
+
+The model returns the cache it was given, holding the new tokens; under XLA (JAX, TF) `update` replaces the
+cache's arrays instead of writing into them, so the returned cache is the updated one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cache_mask_width(mask_length: int, past: int, new: int, capacity: int | None) -> int:
+    """How wide the attention mask given with a cache must be made (the S of the keys), or a ValueError.
+
+    mask_length: the given mask's length; past: cache.length; new: the T new tokens; capacity: the
+    preallocated buffer's slots, None for a dynamic cache.
+    """
+    if capacity is not None and past + new > capacity:
+        raise ValueError(f"the cache holds {capacity} tokens: {past} written and {new} new do not fit")
+    if mask_length == past + new:
+        return capacity if capacity is not None else past + new
+    if capacity is not None and mask_length == capacity:
+        return capacity
+    allowed = f"{past + new} (past {past} + new {new})" + (f" or {capacity} (the cache's capacity)"
+                                                          if capacity is not None else "")
+    raise ValueError(f"attention_mask covers {mask_length} positions; with a cache it must cover {allowed}")
+
+
+def refuse_legacy_cache(past_key_values) -> None:
+    """A tuple/list of per-layer (keys, values) is refused in words (the cache object is the one format)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError("past_key_values must be the model's KVCache (from model.init_cache or a previous "
+                        "output's past_key_values), not a tuple of (keys, values) per layer; build one with "
+                        "KVCache and pass it on")
+
+
+class KVCache:
+    """The NumPy reference of the contract: a preallocated cache (capacity slots) or a dynamic one (None)."""
+
+    def __init__(self, num_layers: int, capacity: int | None = None):
+        self.keys: list[np.ndarray | None] = [None] * num_layers
+        self.values: list[np.ndarray | None] = [None] * num_layers
+        self.capacity, self.length = capacity, 0
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        B, H, T, D = k.shape
+        if self.capacity is None:
+            keep = (lambda old, new: new if old is None else np.concatenate([old, new], axis=2))
+            self.keys[layer], self.values[layer] = keep(self.keys[layer], k), keep(self.values[layer], v)
+        else:
+            if self.keys[layer] is None:
+                self.keys[layer] = np.zeros((B, H, self.capacity, D), k.dtype)
+                self.values[layer] = np.zeros((B, H, self.capacity, D), v.dtype)
+            if self.length + T > self.capacity:
+                raise ValueError(f"the cache holds {self.capacity} tokens: {self.length} written and {T} new "
+                                 "do not fit")
+            self.keys[layer][:, :, self.length:self.length + T] = k
+            self.values[layer][:, :, self.length:self.length + T] = v
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, new: int) -> None:
+        self.length += new
+
+    def attention_mask(self, attention_mask: np.ndarray, new: int) -> np.ndarray:
+        """The given mask widened to the keys' S: unwritten slots 0 (so the mask rule hides them)."""
+        mask = np.asarray(attention_mask)
+        S = cache_mask_width(mask.shape[1], self.length, new, self.capacity)
+        return np.pad(mask, ((0, 0), (0, S - mask.shape[1])))
