@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
             else:
                 kwargs = {"as_file": native.format_for_suffix(dst) is not None}
             files = writer.write(ckpt, tmp, out_dtype, lambda ref: bar.update(1), **kwargs)
+            files += copy_side_files(src, tmp)
             hf.fsync_tree(tmp)
             verify(tmp, out_name, ckpt, out_dtype)
             nbytes = _size(tmp)
@@ -202,6 +204,33 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     summary = Summary(src, dst, in_name, out_name, len(ckpt.tensors), ckpt.parameters, nbytes,
                       time.perf_counter() - start, files, list(ckpt.notes), found)
     return summary
+
+
+# What a folder holds besides weights and config.json that a converted folder keeps: generation defaults and
+# the tokenizer, so that `optkit generate` and from_pretrained find them in the result as in the source.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json")
+MAX_SIDE_FILE_BYTES = 256 << 20
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copies SIDE_FILES from a source folder into a written folder (both directories); returns the paths
+    written. Bytes are copied, never parsed; a side file follows the weights' rule (a regular file inside the
+    folder, checked by opt_spec.io.checkpoint_file) and is at most MAX_SIDE_FILE_BYTES."""
+    if not (os.path.isdir(src) and os.path.isdir(dst)):
+        return []
+    written = []
+    for name in SIDE_FILES:
+        if not os.path.lexists(os.path.join(src, name)) or os.path.lexists(os.path.join(dst, name)):
+            continue
+        path = spec_io.checkpoint_file(src, name)
+        size = os.path.getsize(path)
+        if size > MAX_SIDE_FILE_BYTES:
+            raise ConversionError(f"{path}: {size:,} bytes; optkit copies side files of at most "
+                                  f"{MAX_SIDE_FILE_BYTES:,}")
+        shutil.copyfile(path, os.path.join(dst, name))
+        written.append(os.path.join(dst, name))
+    return written
 
 
 def _size(path: str) -> int:

@@ -620,3 +620,29 @@ def test_head_checkpoint_with_base_names_reads_as_the_head_model(tmp_path):
     assert ckpt.head.value == "causal_lm" and any("renamed" in n for n in ckpt.notes)
     convert(tmp_path / "hub", tmp_path / "tf", to="hf-tf", progress=False)
     assert digests(tmp_path / "tf") == digests(hf_dir(tmp_path / "src", config))
+
+
+# ------------------------------------------------------------------------------- side files
+def test_converted_folder_keeps_generation_config_and_tokenizer(tmp_path):
+    """A converted folder holds the source's generation_config.json and tokenizer files, byte for byte, in every
+    directory format; a side file that is a symlink out of the source folder refuses the conversion and leaves
+    no destination."""
+    config = OPTConfig.from_preset("tiny")
+    src = hf_dir(tmp_path / "src", config)
+    side = {"generation_config.json": b'{"max_new_tokens": 7, "do_sample": true}',
+            "vocab.json": b'{"a": 0}', "merges.txt": b"#version: 0.2\na b\n", "tokenizer_config.json": b"{}"}
+    for name, data in side.items():
+        (tmp_path / "src" / name).write_bytes(data)
+    for fmt in ROUND_TRIP:
+        dst = tmp_path / f"out-{fmt}"
+        summary = convert(src, dst, to=fmt, progress=False)
+        if not os.path.isdir(dst):  # a single-file format has no folder to keep them in
+            continue
+        assert {name: (dst / name).read_bytes() for name in side} == side, fmt
+        assert all(str(dst / name) in summary.files for name in side), fmt
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    os.symlink(outside, tmp_path / "src" / "special_tokens_map.json")
+    with pytest.raises(spec_io.CheckpointError, match="outside the checkpoint folder"):
+        convert(src, tmp_path / "refused", progress=False)
+    assert not os.path.lexists(tmp_path / "refused") and no_temp_left(tmp_path)
