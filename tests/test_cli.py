@@ -370,3 +370,30 @@ def test_next_token_filters():
     pen = next_token_scores(np.array([[2.0, -2.0, 1.0]]), np.array([[0, 1]]), np.ones((1, 2), bool),
                             temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=2.0)
     assert pen.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_generate_asks_for_each_step_only_when_watched(model_with_tokenizer, cache, capsys, monkeypatch):
+    """A per-step callback sends TF and Flax down their slower host loop, so a batch whose progress nobody sees
+    (stderr not a terminal) runs without one; a streamed single prompt still gets one."""
+    from optkit_cli import generate as cli_generate
+
+    seen = []
+    real = cli_generate.load_runner
+
+    def recording(*args, **kwargs):
+        runner, info = real(*args, **kwargs)
+        inner = runner.generate
+
+        def generate(*a, streamer=None, **kw):
+            seen.append(streamer is not None)
+            return inner(*a, streamer=streamer, **kw)
+
+        runner.generate = generate
+        return runner, info
+
+    monkeypatch.setattr(cli_generate, "load_runner", recording)
+    for prompts in (["Hello, my name is", "The quick brown fox"], ["Hello, my name is"]):
+        code, out, err = run_main(capsys, "generate", "--model", str(model_with_tokenizer), "--max-new-tokens", "3",
+                                  *prompts)
+        assert code == 0, err
+    assert seen == [False, True]
