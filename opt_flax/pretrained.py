@@ -244,12 +244,13 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         if self.sharding is not None:
             from .distributed import save_pretrained
 
-            return save_pretrained(self, path, params, max_shard_size)
-        arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
-        config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("Flax"),
-                                                str(np.dtype(next(iter(arrays.values())).dtype)))
-        files = spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
-        if hasattr(self, "_save_generation_config"):
+            files = save_pretrained(self, path, params, max_shard_size)  # [] on processes other than 0
+        else:
+            arrays = params_to_canonical(self.params if params is None else params, self.config, self.head)
+            config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("Flax"),
+                                                    str(np.dtype(next(iter(arrays.values())).dtype)))
+            files = spec_io.save_safetensors_dir(path, arrays, config_dict, max_shard_size)
+        if files and hasattr(self, "_save_generation_config"):
             self._save_generation_config(path)
         return files
 

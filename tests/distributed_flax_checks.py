@@ -116,6 +116,7 @@ def inference(workdir: str) -> dict:
             back = spec_io.load_safetensors_dir(saved)
             entry["saved_equal"] = sorted(back) == sorted(original) and all(
                 np.array_equal(back[k], original[k]) for k in original)
+            entry["saved_generation_config"] = os.path.isfile(os.path.join(saved, "generation_config.json"))
             entry["kernel_spec"] = str(model.params["model"]["decoder"]["layers"]["0"]["fc1"]["kernel"].sharding.spec)
             cache = model.init_cache(4, 16)
             entry["cache_spec"] = str(cache.keys[0].sharding.spec)

@@ -70,7 +70,7 @@ def test_sharded_inference_matches_one_device(tmp_path):
     m = r["meshes"]["2x4"]
     assert m["greedy_equal"] and m["beam_equal"]
     assert len({tuple(row) for row in m["greedy_tokens"]}) > 1  # the rows differ: a mixed-up batch would show
-    assert m["saved_equal"]
+    assert m["saved_equal"] and m["saved_generation_config"]
     assert m["kernel_spec"] == "P('fsdp', 'tp')"  # fc1 kernel (in, out): in on fsdp, out on tp
     assert m["cache_spec"] == "P('fsdp', 'tp', None, None)"
     assert r["untied_proj_vs_one_device"] <= 4 * floor and r["classifier_vs_one_device"] <= 4 * floor
