@@ -83,6 +83,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .inputs import check_seed
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
@@ -188,8 +189,8 @@ class GenerationConfig:
             items = [stops] if isinstance(stops, str) else stops
             if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
                 fail("stop_strings", "must be a non-empty string or a non-empty list of them")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
-            fail("seed", "must be an int in [0, 2**32) or None")
+        if self.seed is not None:
+            check_seed(self.seed)
         if self.do_sample and self.num_beams > 1:
             fail("num_beams", "beam search does not sample; use do_sample=False with num_beams > 1")
         if self.num_return_sequences > 1:

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
                                  check_extras, check_prompt, needs_host)
+from opt_spec.inputs import check_token_ids
 
 NEG_INF = float("-inf")
 
@@ -182,15 +183,9 @@ class TFGenerationMixin(GenerationDefaults):
 
     def _check_generation_inputs(self, input_ids, attention_mask):
         ids = np.asarray(input_ids)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+        check_token_ids(ids, self.config.vocab_size)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-        bad = np.argwhere((ids < 0) | (ids >= self.config.vocab_size))
-        if bad.size:
-            b, t = (int(i) for i in bad[0])
-            raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
-                             f"vocabulary [0, {self.config.vocab_size})")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")

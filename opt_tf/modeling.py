@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
+from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
 from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale, infer_problem_type
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
@@ -400,16 +401,11 @@ def _recomputed(block: TFOPTDecoderLayer, x: tf.Tensor, allowed: tf.Tensor, seed
 
 # ------------------------------------------------------------------------------------ input checks
 def _check_token_ids(input_ids: tf.Tensor, vocab_size: int) -> None:
+    """opt_spec.inputs' rule, on eager values (a traced call checks the dtype only)."""
     if input_ids.dtype.is_floating:
-        raise TypeError(f"input_ids must be integers, got {input_ids.dtype.name}")
-    if not tf.executing_eagerly() or tf.size(input_ids) == 0:
-        return
-    ids = input_ids.numpy()
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if bad.size:
-        b, t = (int(i) for i in bad[0])
-        raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
-                         f"vocabulary [0, {vocab_size})")
+        raise not_integers(input_ids.dtype.name)
+    if tf.executing_eagerly() and tf.size(input_ids) > 0:
+        check_token_ids(input_ids.numpy(), vocab_size)
 
 
 def _check_mask(mask: tf.Tensor, B, S, preallocated: bool) -> None:
@@ -451,9 +447,7 @@ def _check_cache(cache: KVCache, config: OPTConfig, x: tf.Tensor) -> None:
 
 def _check_positions(position_ids: tf.Tensor, max_positions: int) -> None:
     if tf.executing_eagerly() and tf.size(position_ids) > 0:
-        top = int(tf.reduce_max(position_ids))
-        if top >= max_positions:
-            raise ValueError(f"position {top} is past the model's max_position_embeddings={max_positions}")
+        check_positions(int(tf.reduce_max(position_ids)), max_positions)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -490,7 +484,7 @@ class TFOPTPreTrainedModel(TFModelMethods, TFPretrainedMixin, keras.Model):
         self._convert_input_args = False  # our call casts what it needs (masks, labels stay as given)
         self._allow_non_tensor_positional_args = True  # NumPy ids, or a dict of inputs from `fit`
         self.config = config
-        self._seed = seed
+        self._seed = None if seed is None else check_seed(seed)
 
     def _finish(self) -> None:
         """Builds every variable under this model's name scope and initializes them."""

@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import Head, OPTConfig
+from opt_spec.inputs import check_positions, check_token_ids, not_integers, token_range_message
 from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
@@ -315,19 +316,15 @@ def _concat_kv(past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torc
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Names the first bad token id; on an accelerator the check is asynchronous (no host sync per
-    forward), so its error names only the range."""
+    """opt_spec.inputs' rule on the host; on an accelerator an asynchronous device-side assert (no host sync
+    per forward), so its error names only the range."""
     if input_ids.dtype.is_floating_point:
-        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+        raise not_integers(input_ids.dtype)
     if input_ids.numel() and not torch.compiler.is_compiling():
-        bad = (input_ids < 0) | (input_ids >= vocab_size)
-        if input_ids.device.type != "cpu":
-            torch._assert_async(~bad.any(), f"a token id is outside the vocabulary [0, {vocab_size})")
-            return
-        if bad.any():
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"token id {int(input_ids[b, t])} at batch row {b}, position {t} is outside "
-                             f"the vocabulary [0, {vocab_size})")
+        if input_ids.device.type == "cpu":
+            check_token_ids(input_ids.numpy(), vocab_size)
+        else:
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), token_range_message(vocab_size))
 
 
 def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
@@ -345,9 +342,8 @@ def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
 
 
 def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
-    if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
-        raise ValueError(f"position {int(position_ids.max())} is past the model's max_position_embeddings="
-                         f"{max_positions}")
+    if not torch.compiler.is_compiling() and position_ids.numel():
+        check_positions(int(position_ids.max()), max_positions)
 
 
 class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
