@@ -45,7 +45,8 @@ import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
 from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
-from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale, infer_problem_type
+from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
+                               mask_value, problem_type)
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
 from .checkpoint import TFPretrainedMixin
@@ -54,7 +55,7 @@ from .hf_compat import TFModelMethods
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
-F32_MIN = float(np.finfo(np.float32).min)  # masked attention scores are replaced by this (float32 softmax)
+F32_MIN = mask_value(SOFTMAX_DTYPE)  # masked attention scores are replaced by this (float32 softmax)
 DTYPES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float64")
 
 
@@ -767,18 +768,11 @@ def causal_lm_loss_terms(logits: tf.Tensor, labels) -> list:
     return [_cross_entropy(tf.reshape(logits[:, :-1], [-1, V]), target, target != IGNORE_INDEX)]
 
 
-def problem_type(config: OPTConfig, labels: tf.Tensor) -> str:
-    """config.problem_type, else opt_spec's rule (which reads num_labels and the labels' dtype only)."""
-    if config.problem_type is not None:
-        return config.problem_type
-    return infer_problem_type(config.num_labels, np.zeros(0, labels.dtype.as_numpy_dtype))
-
-
 def sequence_classification_loss_terms(pooled: tf.Tensor, labels, config: OPTConfig) -> list:
     """Mean squared error (regression), cross entropy per example (single label) or binary cross entropy
     per element (multi label), in float32."""
     labels = tf.convert_to_tensor(labels)
-    problem = problem_type(config, labels)
+    problem = problem_type(config, labels.dtype.is_integer)
     pooled = tf.cast(pooled, tf.float32)  # (B, num_labels)
     if problem == "regression":
         if config.num_labels == 1:
@@ -786,7 +780,7 @@ def sequence_classification_loss_terms(pooled: tf.Tensor, labels, config: OPTCon
         return [_elementwise(tf.square(pooled - tf.cast(labels, tf.float32)))]
     if problem == "single_label_classification":
         target = tf.reshape(tf.cast(labels, tf.int32), [-1])
-        return [_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, tf.ones_like(target, tf.bool))]
+        return [_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, target != IGNORE_INDEX)]
     return [_elementwise(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=pooled))]
 
 
