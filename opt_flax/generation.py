@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, needs_host)
+                                 check_extras, check_prompt, length_norms, needs_host)
 
 from .modeling import KVCache, OPTModule
 
@@ -151,13 +151,12 @@ class _Knobs(NamedTuple):
 
 
 def _knobs(d: Decoding) -> _Knobs:
-    """The length normalizers are computed in float64 and rounded once, as torch's Python floats are."""
-    lengths = np.arange(1, d.max_new_tokens + 1, dtype=np.float64)
+    """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms)."""
     return _Knobs(temperature=jnp.float32(d.temperature), top_p=jnp.float32(d.top_p),
                   repetition_penalty=jnp.float32(d.repetition_penalty),
                   eos_token_ids=jnp.asarray(np.array(d.eos_token_ids, np.int32).reshape(-1)),
                   pad_token_id=jnp.int32(d.pad_token_id), min_new_tokens=jnp.int32(d.min_new_tokens),
-                  length_norm=jnp.asarray((lengths ** d.length_penalty).astype(np.float32)))
+                  length_norm=jnp.asarray(length_norms(d.max_new_tokens, d.length_penalty)))
 
 
 class _Beams(NamedTuple):

@@ -554,6 +554,61 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------- beam scoring
+def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
+    """(N,) float32: generated_length ** length_penalty for lengths 1..N, computed in float64 and rounded
+    once. A hypothesis of length n scores sum_logprobs / length_norms[n - 1]: every backend divides by
+    these values, so the three agree to the bit."""
+    return np.array([float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], dtype=np.float32)
+
+
+def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], prompts: np.ndarray,
+                          d: Decoding) -> list[list[list[int]]]:
+    """The beam-search rules of the module docstring, written plainly, one prompt row at a time: for each
+    of the B prompts (B, T) (all tokens real), its num_return_sequences best hypotheses, best first, each
+    a list of new tokens (no padding). `next_logprobs(rows (R, L)) -> (R, V)` gives the processed
+    log-probabilities of the next token after each row (rules 1-4 already applied). Scores are float32 as
+    in the backends. This is the definition the backends' vectorized beam searches are tested against."""
+    K, C, N = d.num_beams, d.candidates, d.max_new_tokens
+    norms = length_norms(N, d.length_penalty)
+    eos = set(d.eos_token_ids)
+    out = []
+    for prompt in np.asarray(prompts):
+        beams = [(np.float32(0.0), [])] + [(np.float32(-np.inf), [])] * (K - 1)  # one live beam to start
+        done: list[tuple[np.float32, list[int]]] = []   # finished hypotheses: (normalized score, tokens)
+        row_done = False
+        for step in range(N):
+            rows = np.array([list(prompt) + tokens for _, tokens in beams])
+            logprobs = np.asarray(next_logprobs(rows), np.float32)            # (K, V)
+            V = logprobs.shape[1]
+            scored = [(np.float32(score + logprobs[k, v]), k * V + v) for k, (score, _) in enumerate(beams)
+                      for v in range(V)]
+            cands = sorted(scored, key=lambda c: (-c[0], c[1]))[:C]          # higher score, then lower index
+            running = []
+            for rank, (score, index) in enumerate(cands):
+                k, v = divmod(index, V)
+                tokens = beams[k][1] + [v]
+                if v in eos:  # only the first K candidates may finish; the rest are dropped
+                    if rank < K and not row_done and np.isfinite(score):
+                        done.append((np.float32(score / norms[step]), tokens))
+                else:
+                    running.append((score, tokens))
+            done = sorted(done, key=lambda h: -h[0])[:K]
+            stopped = [(np.float32(s - 1e9), [*beams[i // V][1], i % V]) for s, i in cands
+                       if i % V in eos]                                      # fill-ins when too few run on
+            if not row_done:
+                beams = (running + stopped)[:K]
+            best_running = max(s for s, _ in beams) / norms[step]
+            row_done = row_done or (len(done) == K and min(s for s, _ in done) >= best_running)
+            if row_done:
+                break
+        if not row_done:  # at the length limit the running beams are finished hypotheses too
+            done = done + [(np.float32(s / norms[step]), tokens) for s, tokens in beams]
+        ranked = sorted(done, key=lambda h: -h[0])  # stable: earlier-finished first on equal scores
+        out.append([tokens for _, tokens in ranked[:d.num_return_sequences]])
+    return out
+
+
 # ------------------------------------------------------------------------------- the model attribute
 class GenerationDefaults:
     """`model.generation_config` for every backend's generation mixin (the model provides `config`):

@@ -479,13 +479,13 @@ def test_backend_ngram_bans_equal_the_reference(backend, n):
     real = (np.arange(12)[None] >= rng.integers(0, 6, size=(6, 1))).astype(np.int32)
     want = gen.banned_by_ngrams(tokens, real, n, 8)
     if backend == "torch":
-        from opt_torch.generation import _ngram_bans
-        got = _ngram_bans(torch.from_numpy(tokens).long(), torch.from_numpy(real), n, 8).numpy()
+        from opt_torch.generation import ngram_bans
+        got = ngram_bans(torch.from_numpy(tokens).long(), torch.from_numpy(real), n, 8).numpy()
     elif backend == "tf":
         import tensorflow as tf
 
-        from opt_tf.generation import _ngram_bans
-        index, flags = _ngram_bans(tf.constant(tokens), tf.constant(real), tf.constant(12), n)
+        from opt_tf.generation import ngram_bans
+        index, flags = ngram_bans(tf.constant(tokens), tf.constant(real), tf.constant(12), n)
         got = tf.tensor_scatter_nd_max(tf.zeros((6, 8), tf.int32), index, flags).numpy() > 0
     else:
         import jax.numpy as jnp
