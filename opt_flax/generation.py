@@ -36,7 +36,8 @@ import numpy as np
 from jax import lax
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms, needs_host)
+                                 check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs)
 
 from .modeling import KVCache, OPTModule
 
@@ -251,20 +252,7 @@ class GenerationMixin(GenerationDefaults):
 
     def _generation_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """int32 NumPy (input_ids, attention_mask), checked with messages naming the problem."""
-        ids = np.asarray(input_ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-        if attention_mask is None:
-            mask = np.ones(ids.shape, np.int32)
-        else:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-            if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
-        self._check_inputs(ids, mask, None, None)  # token ids in the vocabulary
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
         return ids.astype(np.int32), mask.astype(np.int32)
 
     def _generation_fn(self, static: _Static):

@@ -83,7 +83,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .inputs import check_seed
+from .inputs import check_seed, check_token_ids
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
@@ -406,6 +406,23 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
                     num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
                     pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed))
+
+
+def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), T >= 1, in
+    the vocabulary; a mask of the same shape holding only 0 (pad) and 1 (token), all ones by default."""
+    ids = np.asarray(input_ids)
+    check_token_ids(ids, vocab_size)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
+    if attention_mask is None:
+        return ids, np.ones(ids.shape, np.int32)
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    return ids, mask
 
 
 def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_positions: int) -> None:

@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms, needs_host)
-from opt_spec.inputs import check_token_ids
+                                 check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs)
 
 NEG_INF = float("-inf")
 
@@ -181,13 +181,7 @@ class TFGenerationMixin(GenerationDefaults):
         return tf.concat([tf.constant(ids, out_dtype), new], axis=1)
 
     def _check_generation_inputs(self, input_ids, attention_mask):
-        ids = np.asarray(input_ids)
-        check_token_ids(ids, self.config.vocab_size)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
         out_dtype = tf.int64 if ids.dtype == np.int64 else tf.int32
         return ids.astype(np.int32), (mask != 0).astype(np.int32), out_dtype
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms)
+                                 check_extras, check_prompt, length_norms, prompt_inputs)
 
 from .cache import StaticCache
 
@@ -67,6 +67,11 @@ def filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
 
 def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], V, dtype=torch.long, device=ids.device).scatter_add_(1, ids, mask) > 0
+
+
+def _host(x):
+    """A tensor as NumPy for the host-side checks (None and other arrays as they are)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tensor, live: torch.Tensor):
@@ -123,8 +128,7 @@ class GenerationMixin(GenerationDefaults):
         """(input_ids, attention_mask) as long tensors on the model's device, and the call's Decoding."""
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
+        prompt_inputs(_host(input_ids), _host(attention_mask), self.config.vocab_size)
         d = self._decoding(generation_config, kwargs, input_ids.shape[1])
         check_prompt(tuple(input_ids.shape), d.max_new_tokens, self.config.max_position_embeddings)
         device = self.device
@@ -132,9 +136,6 @@ class GenerationMixin(GenerationDefaults):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask).to(device=device, dtype=torch.long)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}")
         return input_ids, attention_mask, d
 
     @torch.no_grad()
