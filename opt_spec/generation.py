@@ -580,17 +580,18 @@ def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
 
 
 def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], prompts: np.ndarray,
-                          d: Decoding) -> list[list[list[int]]]:
+                          d: Decoding, finished: list | None = None) -> list[list[list[int]]]:
     """The beam-search rules of the module docstring, written plainly, one prompt row at a time: for each
     of the B prompts (B, T) (all tokens real), its num_return_sequences best hypotheses, best first, each
     a list of new tokens (no padding). `next_logprobs(rows (R, L)) -> (R, V)` gives the processed
     log-probabilities of the next token after each row (rules 1-4 already applied). Scores are float32 as
-    in the backends. This is the definition the backends' vectorized beam searches are tested against."""
+    in the backends. This is the definition the backends' vectorized beam searches are tested against.
+    `finished`, when given, receives (row, step, tokens) for every hypothesis that finishes on an EOS id."""
     K, C, N = d.num_beams, d.candidates, d.max_new_tokens
     norms = length_norms(N, d.length_penalty)
     eos = set(d.eos_token_ids)
     out = []
-    for prompt in np.asarray(prompts):
+    for row, prompt in enumerate(np.asarray(prompts)):
         beams = [(np.float32(0.0), [])] + [(np.float32(-np.inf), [])] * (K - 1)  # one live beam to start
         done: list[tuple[np.float32, list[int]]] = []   # finished hypotheses: (normalized score, tokens)
         row_done = False
@@ -608,6 +609,8 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
                 if v in eos:  # only the first K candidates may finish; the rest are dropped
                     if rank < K and not row_done and np.isfinite(score):
                         done.append((np.float32(score / norms[step]), tokens))
+                        if finished is not None:
+                            finished.append((row, step, tokens))
                 else:
                     running.append((score, tokens))
             done = sorted(done, key=lambda h: -h[0])[:K]

@@ -124,8 +124,8 @@ def problem_type(config, integer_labels: bool) -> str:
 
 def sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, config) -> float:
     """pooled (B, num_labels) logits of the pooled tokens: mean squared error (regression; with one label
-    over the B values), mean cross entropy over the examples (single label) or mean binary cross entropy
-    over the elements (multi label)."""
+    over the B values), mean cross entropy over the examples whose label is not IGNORE_INDEX (single
+    label, as Hugging Face's CrossEntropyLoss) or mean binary cross entropy over the elements (multi label)."""
     pooled, labels = np.asarray(pooled, dtype=np.float64), np.asarray(labels)
     problem = problem_type(config, np.issubdtype(labels.dtype, np.integer))
     if problem == "regression":
@@ -134,7 +134,7 @@ def sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, config)
         return float(((pooled - labels.astype(np.float64)) ** 2).mean())
     if problem == "single_label_classification":
         target = labels.reshape(-1).astype(np.int64)
-        return cross_entropy(pooled.reshape(-1, config.num_labels), target, np.ones(target.shape, bool))
+        return cross_entropy(pooled.reshape(-1, config.num_labels), target, target != IGNORE_INDEX)
     y = labels.astype(np.float64)
     return float((np.maximum(pooled, 0) - pooled * y + np.log1p(np.exp(-np.abs(pooled)))).mean())
 
