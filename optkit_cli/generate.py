@@ -159,8 +159,7 @@ def run(args, console: Console) -> int:
     native = runner.has_generate and not args.fallback_loop
     if not native and args.num_beams > 1:
         raise CLIError(f"--num-beams {args.num_beams}: beam search needs the {runner.name} backend's own "
-                       "generate(), which it does not have yet; optkit's fallback loop does greedy search "
-                       "and sampling only")
+                       "generate(); optkit's fallback loop does greedy search and sampling only")
     # One prompt streams its tokens as they come (where the backend can); a batch prints at the end.
     stream = len(rows) == 1 and args.num_beams == 1 and (not native or runner.can_stream)
     streamer = _Streamer(tokenizer if not args.ids else None) if stream else None
