@@ -1,7 +1,8 @@
 """The numeric rules every backend follows, as constants and small NumPy reference functions.
 
-Backends implement these natively in their own framework; the NumPy versions here are the
-definitions, and the tests check each backend against them.
+Backends implement these natively in their own framework (inside their graphs, under jit and XLA);
+the NumPy versions here are the definitions, and tests/test_conformance.py checks every backend against
+them. What runs on the host they call directly: mask_value, problem_type.
 
 Order of computation:
 1. x = embed_tokens(ids); x = project_in(x) when word_embed_proj_dim != hidden_size.
