@@ -308,7 +308,7 @@ class GenerationMixin(GenerationDefaults):
         return logits, cache, slots
 
     @staticmethod
-    def _seen(ids, mask, V: int) -> jax.Array:
+    def _prompt_seen(ids, mask, V: int) -> jax.Array:
         """(B, V) bool: token ids among each row's real prompt tokens."""
         B = ids.shape[0]
         counts = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], ids].add(mask)
@@ -330,7 +330,7 @@ class GenerationMixin(GenerationDefaults):
         """The prompt pass: (logits (B, V), the state before the first step)."""
         B, T, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
         logits, cache, slots = self._prefill(params, ids, mask, T + N)
-        seen = self._seen(ids, mask, V) if static.repetition else None
+        seen = self._prompt_seen(ids, mask, V) if static.repetition else None
         state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=_squeeze(cache, B), slots=slots,
                        seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32))
         return logits, state
@@ -447,7 +447,7 @@ class GenerationMixin(GenerationDefaults):
                        done_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
                        done_tokens=jnp.full((B, K, N), pad, jnp.int32),
                        done_length=jnp.zeros((B, K), jnp.int32), row_done=jnp.zeros((B,), bool))
-        seen = self._seen(ids_k, mask_k, V) if static.repetition else None
+        seen = self._prompt_seen(ids_k, mask_k, V) if static.repetition else None
         zeros = jnp.zeros((B * K,), jnp.int32)
         return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen)
 
