@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import generate, parity, train
 from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -42,7 +42,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", metavar="NAME",
                    help=f"without --model: build (once, cached) and use a random checkpoint of this size "
                         f"(default {DEFAULT_PRESET}; one of {', '.join(PRESET_NAMES)})")
-    g.add_argument("--weights-seed", type=int, default=0, metavar="N", help="seed of the random checkpoint (default 0)")
+    g.add_argument("--weights-seed", type=seed_type, default=0, metavar="N", help="seed of the random checkpoint (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 

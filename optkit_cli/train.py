@@ -45,7 +45,7 @@ import time
 import warnings
 
 from .checkpoints import hub_arguments, resolve_folder
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 TRAINER_NAMES = {"torch": "Trainer", "tf": "TFTrainer", "flax": "FlaxTrainer"}
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N updates (0: at the end)")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B", help="default: --batch-size")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from OUTPUT/checkpoint-STEP of an earlier run")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout and fresh heads (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of shuffling, dropout and fresh heads (default 0)")
     p.add_argument("--documents", default="file", choices=("file", "line", "paragraph"),
                    help="causal_lm: what one document is (default: a whole file)")
     p.add_argument("--drop-last", action="store_true", help="causal_lm: drop the last, partial block")

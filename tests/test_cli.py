@@ -227,6 +227,11 @@ def test_bad_prompts_and_options(capsys, cache):
     with pytest.raises(SystemExit) as exc:  # argparse's own usage errors exit 2 too
         main(["generate", "--max-new-tokens", "many", "2"])
     assert exc.value.code == 2
+    for argv in (["generate", "--seed", "-1", "2"], ["parity", "--weights-seed", "4294967296"],
+                 ["train", "--seed", "1.5"]):  # opt_spec.inputs' seed rule, as a usage error
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "a seed is an int in [0, 2**32)" in capsys.readouterr().err
 
 
 def test_missing_framework_names_the_extra(capsys, cache, monkeypatch):
