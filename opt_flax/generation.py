@@ -36,7 +36,8 @@ import numpy as np
 from jax import lax
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, needs_host)
+                                 check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs)
 
 from .modeling import KVCache, OPTModule
 
@@ -151,13 +152,12 @@ class _Knobs(NamedTuple):
 
 
 def _knobs(d: Decoding) -> _Knobs:
-    """The length normalizers are computed in float64 and rounded once, as torch's Python floats are."""
-    lengths = np.arange(1, d.max_new_tokens + 1, dtype=np.float64)
+    """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms)."""
     return _Knobs(temperature=jnp.float32(d.temperature), top_p=jnp.float32(d.top_p),
                   repetition_penalty=jnp.float32(d.repetition_penalty),
                   eos_token_ids=jnp.asarray(np.array(d.eos_token_ids, np.int32).reshape(-1)),
                   pad_token_id=jnp.int32(d.pad_token_id), min_new_tokens=jnp.int32(d.min_new_tokens),
-                  length_norm=jnp.asarray((lengths ** d.length_penalty).astype(np.float32)))
+                  length_norm=jnp.asarray(length_norms(d.max_new_tokens, d.length_penalty)))
 
 
 class _Beams(NamedTuple):
@@ -252,20 +252,7 @@ class GenerationMixin(GenerationDefaults):
 
     def _generation_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """int32 NumPy (input_ids, attention_mask), checked with messages naming the problem."""
-        ids = np.asarray(input_ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-        if attention_mask is None:
-            mask = np.ones(ids.shape, np.int32)
-        else:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-            if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
-        self._check_inputs(ids, mask, None, None)  # token ids in the vocabulary
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
         return ids.astype(np.int32), mask.astype(np.int32)
 
     def _generation_fn(self, static: _Static):
@@ -321,7 +308,7 @@ class GenerationMixin(GenerationDefaults):
         return logits, cache, slots
 
     @staticmethod
-    def _seen(ids, mask, V: int) -> jax.Array:
+    def _prompt_seen(ids, mask, V: int) -> jax.Array:
         """(B, V) bool: token ids among each row's real prompt tokens."""
         B = ids.shape[0]
         counts = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], ids].add(mask)
@@ -343,7 +330,7 @@ class GenerationMixin(GenerationDefaults):
         """The prompt pass: (logits (B, V), the state before the first step)."""
         B, T, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
         logits, cache, slots = self._prefill(params, ids, mask, T + N)
-        seen = self._seen(ids, mask, V) if static.repetition else None
+        seen = self._prompt_seen(ids, mask, V) if static.repetition else None
         state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=_squeeze(cache, B), slots=slots,
                        seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32))
         return logits, state
@@ -460,7 +447,7 @@ class GenerationMixin(GenerationDefaults):
                        done_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
                        done_tokens=jnp.full((B, K, N), pad, jnp.int32),
                        done_length=jnp.zeros((B, K), jnp.int32), row_done=jnp.zeros((B,), bool))
-        seen = self._seen(ids_k, mask_k, V) if static.repetition else None
+        seen = self._prompt_seen(ids_k, mask_k, V) if static.repetition else None
         zeros = jnp.zeros((B * K,), jnp.int32)
         return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opt_spec import surface
+from opt_spec.inputs import seeded_rng
 
 
 class FlaxModelMethods:
@@ -60,7 +61,7 @@ class FlaxModelMethods:
         if n == embedding.shape[0]:
             return embedding
         config = self.config.replace(vocab_size=n)
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
 
         def resized(array, transposed=False):  # a kernel (E, V) is the (V, E) weight transposed
             rows = np.asarray(array, np.float32)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from opt_spec import Head, OPTConfig
-from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
+from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
+                               mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
 
@@ -162,7 +163,7 @@ class OPTAttention(nn.Module):
 
         scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32, precision=self.precision)  # (B, nh, T, S), f32
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(allowed, scores, mask_value(SOFTMAX_DTYPE))
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
         self.sow("intermediates", "attention_probs", probs)  # after dropout, as Hugging Face returns them
@@ -417,13 +418,14 @@ def sown_attentions(intermediates) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------- losses
+# opt_spec.numerics defines each loss (and its NumPy reference): means over what counts, 0 over nothing.
 def _cross_entropy(logits: jax.Array, target: jax.Array, keep: jax.Array) -> jax.Array:
-    """Mean over kept rows of -log softmax(logits)[target], in float32 (NaN when nothing is kept,
-    as torch's cross_entropy)."""
+    """Mean over kept rows of -log softmax(logits)[target], in float32; 0, with zero gradients, when
+    nothing is kept."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(keep, target, 0)[..., None], axis=-1)[..., 0]
     kept = keep.astype(jnp.float32)
-    return -(picked * kept).sum() / kept.sum()
+    return -(picked * kept).sum() / jnp.maximum(kept.sum(), 1.0)
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -433,14 +435,7 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def sequence_classification_loss(pooled: jax.Array, labels: jax.Array, config: OPTConfig) -> jax.Array:
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
+    problem = problem_type(config, jnp.issubdtype(labels.dtype, jnp.integer))
     pooled = pooled.astype(jnp.float32)
     if problem == "regression":
         target = labels.astype(jnp.float32)
@@ -449,7 +444,7 @@ def sequence_classification_loss(pooled: jax.Array, labels: jax.Array, config: O
         return jnp.mean((pooled - target) ** 2)
     if problem == "single_label_classification":
         target = labels.reshape(-1).astype(jnp.int32)
-        return _cross_entropy(pooled.reshape(-1, config.num_labels), target, jnp.ones_like(target, bool))
+        return _cross_entropy(pooled.reshape(-1, config.num_labels), target, target != IGNORE_INDEX)
     target = labels.astype(jnp.float32)  # multi-label: binary cross entropy on logits
     return jnp.mean(jnp.maximum(pooled, 0) - pooled * target + jnp.log1p(jnp.exp(-jnp.abs(pooled))))
 

@@ -24,6 +24,7 @@ import numpy as np
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.hub import resolve_pretrained
+from opt_spec.inputs import check_positions, check_seed, check_token_ids
 from opt_spec.surface import dtype_argument
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
@@ -108,7 +109,7 @@ def init_weight(spec: WeightSpec, config: OPTConfig, seed: int = 0, dtype=jnp.fl
     """
     shape = native_shape(spec, CONVENTION)
     if spec.kind in (WeightKind.LINEAR_WEIGHT, WeightKind.EMBEDDING):
-        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+        rng = np.random.default_rng([check_seed(seed), zlib.crc32(spec.name.encode())])
         w = (config.init_std * rng.standard_normal(shape)).astype(np.float32)
         if spec.name.endswith("embed_tokens.weight") and config.pad_token_id is not None:
             w[config.pad_token_id] = 0.0
@@ -271,15 +272,9 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         config = self.config
         if input_ids is not None and not _is_tracer(input_ids):
             ids = np.asarray(input_ids)
-            if not np.issubdtype(ids.dtype, np.integer):
-                raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+            check_token_ids(ids, config.vocab_size)
             if ids.ndim != 2:
                 raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
-            bad = np.argwhere((ids < 0) | (ids >= config.vocab_size))
-            if bad.size:
-                b, t = bad[0]
-                raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
-                                 f"vocabulary [0, {config.vocab_size})")
         cache = past_key_values
         if cache is not None:
             if not isinstance(cache, KVCache):
@@ -315,9 +310,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             top = int((np.cumsum(mask, axis=1) * mask - 1).max()) if mask.size else -1
         else:
             return
-        if top >= config.max_position_embeddings:
-            raise ValueError(f"position {top} is past the model's max_position_embeddings="
-                             f"{config.max_position_embeddings}")
+        check_positions(top, config.max_position_embeddings)
 
     def _apply(self, params, deterministic: bool, dropout_rng, output_attentions: bool = False, return_dict=None,
                **kwargs):

@@ -83,6 +83,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .inputs import check_seed, check_token_ids
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
@@ -188,8 +189,8 @@ class GenerationConfig:
             items = [stops] if isinstance(stops, str) else stops
             if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
                 fail("stop_strings", "must be a non-empty string or a non-empty list of them")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
-            fail("seed", "must be an int in [0, 2**32) or None")
+        if self.seed is not None:
+            check_seed(self.seed)
         if self.do_sample and self.num_beams > 1:
             fail("num_beams", "beam search does not sample; use do_sample=False with num_beams > 1")
         if self.num_return_sequences > 1:
@@ -407,6 +408,23 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed))
 
 
+def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), T >= 1, in
+    the vocabulary; a mask of the same shape holding only 0 (pad) and 1 (token), all ones by default."""
+    ids = np.asarray(input_ids)
+    check_token_ids(ids, vocab_size)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
+    if attention_mask is None:
+        return ids, np.ones(ids.shape, np.int32)
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    return ids, mask
+
+
 def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_positions: int) -> None:
     if len(input_ids_shape) != 2 or input_ids_shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids_shape)}")
@@ -551,6 +569,64 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, -1)
     return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------- beam scoring
+def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
+    """(N,) float32: generated_length ** length_penalty for lengths 1..N, computed in float64 and rounded
+    once. A hypothesis of length n scores sum_logprobs / length_norms[n - 1]: every backend divides by
+    these values, so the three agree to the bit."""
+    return np.array([float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], dtype=np.float32)
+
+
+def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], prompts: np.ndarray,
+                          d: Decoding, finished: list | None = None) -> list[list[list[int]]]:
+    """The beam-search rules of the module docstring, written plainly, one prompt row at a time: for each
+    of the B prompts (B, T) (all tokens real), its num_return_sequences best hypotheses, best first, each
+    a list of new tokens (no padding). `next_logprobs(rows (R, L)) -> (R, V)` gives the processed
+    log-probabilities of the next token after each row (rules 1-4 already applied). Scores are float32 as
+    in the backends. This is the definition the backends' vectorized beam searches are tested against.
+    `finished`, when given, receives (row, step, tokens) for every hypothesis that finishes on an EOS id."""
+    K, C, N = d.num_beams, d.candidates, d.max_new_tokens
+    norms = length_norms(N, d.length_penalty)
+    eos = set(d.eos_token_ids)
+    out = []
+    for row, prompt in enumerate(np.asarray(prompts)):
+        beams = [(np.float32(0.0), [])] + [(np.float32(-np.inf), [])] * (K - 1)  # one live beam to start
+        done: list[tuple[np.float32, list[int]]] = []   # finished hypotheses: (normalized score, tokens)
+        row_done = False
+        for step in range(N):
+            rows = np.array([list(prompt) + tokens for _, tokens in beams])
+            logprobs = np.asarray(next_logprobs(rows), np.float32)            # (K, V)
+            V = logprobs.shape[1]
+            scored = [(np.float32(score + logprobs[k, v]), k * V + v) for k, (score, _) in enumerate(beams)
+                      for v in range(V)]
+            cands = sorted(scored, key=lambda c: (-c[0], c[1]))[:C]          # higher score, then lower index
+            running = []
+            for rank, (score, index) in enumerate(cands):
+                k, v = divmod(index, V)
+                tokens = beams[k][1] + [v]
+                if v in eos:  # only the first K candidates may finish; the rest are dropped
+                    if rank < K and not row_done and np.isfinite(score):
+                        done.append((np.float32(score / norms[step]), tokens))
+                        if finished is not None:
+                            finished.append((row, step, tokens))
+                else:
+                    running.append((score, tokens))
+            done = sorted(done, key=lambda h: -h[0])[:K]
+            stopped = [(np.float32(s - 1e9), [*beams[i // V][1], i % V]) for s, i in cands
+                       if i % V in eos]                                      # fill-ins when too few run on
+            if not row_done:
+                beams = (running + stopped)[:K]
+            best_running = max(s for s, _ in beams) / norms[step]
+            row_done = row_done or (len(done) == K and min(s for s, _ in done) >= best_running)
+            if row_done:
+                break
+        if not row_done:  # at the length limit the running beams are finished hypotheses too
+            done = done + [(np.float32(s / norms[step]), tokens) for s, tokens in beams]
+        ranked = sorted(done, key=lambda h: -h[0])  # stable: earlier-finished first on equal scores
+        out.append([tokens for _, tokens in ranked[:d.num_return_sequences]])
+    return out
 
 
 # ------------------------------------------------------------------------------- the model attribute

@@ -1,7 +1,8 @@
 """The numeric rules every backend follows, as constants and small NumPy reference functions.
 
-Backends implement these natively in their own framework; the NumPy versions here are the
-definitions, and the tests check each backend against them.
+Backends implement these natively in their own framework (inside their graphs, under jit and XLA);
+the NumPy versions here are the definitions, and tests/test_conformance.py checks every backend against
+them. What runs on the host they call directly: mask_value, problem_type.
 
 Order of computation:
 1. x = embed_tokens(ids); x = project_in(x) when word_embed_proj_dim != hidden_size.
@@ -84,20 +85,69 @@ def layer_norm(x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None)
     return y
 
 
+# -------------------------------------------------------------------------------------------- losses
+# Every loss is a mean (or a sum of means) over the positions, examples or elements that count. A mean
+# over nothing is 0, with zero gradients: a batch whose labels are all IGNORE_INDEX (or whose QA positions
+# all fall outside the sequence) trains nothing rather than turning the step into NaN.
+
+def cross_entropy(logits: np.ndarray, target: np.ndarray, keep: np.ndarray) -> float:
+    """Mean of -log softmax(logits)[target] over the rows where keep; 0 when no row is kept.
+    logits (N, C), target and keep (N,)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    keep = np.asarray(keep, dtype=bool)
+    top = logits.max(-1)
+    logz = np.log(np.exp(logits - top[:, None]).sum(-1)) + top
+    picked = np.take_along_axis(logits, np.where(keep, target, 0)[:, None], -1)[:, 0]
+    return float(((logz - picked) * keep).sum() / max(int(keep.sum()), 1))
+
+
 def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean cross entropy of logits[:, t] against labels[:, t + 1] over labels != IGNORE_INDEX."""
-    logits = np.asarray(logits, dtype=np.float64)[:, :-1]
-    target = np.asarray(labels)[:, 1:]
-    keep = target != IGNORE_INDEX
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    picked = np.take_along_axis(logits, np.where(keep, target, 0)[..., None], -1)[..., 0]
-    return float(((logz - picked) * keep).sum() / max(keep.sum(), 1))
+    logits = np.asarray(logits)[:, :-1]
+    target = np.asarray(labels)[:, 1:].reshape(-1)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), target, target != IGNORE_INDEX)
 
 
-def infer_problem_type(num_labels: int, labels: np.ndarray) -> str:
-    """Hugging Face's rule for the sequence-classification loss when config.problem_type is None."""
+def infer_problem_type(num_labels: int, integer_labels: bool) -> str:
+    """Hugging Face's rule for the sequence-classification loss when config.problem_type is None; it
+    reads only num_labels and whether the labels have an integer dtype (a bool dtype is not one)."""
     if num_labels == 1:
         return "regression"
-    if np.issubdtype(np.asarray(labels).dtype, np.integer):
-        return "single_label_classification"
-    return "multi_label_classification"
+    return "single_label_classification" if integer_labels else "multi_label_classification"
+
+
+def problem_type(config, integer_labels: bool) -> str:
+    """config.problem_type when set, else `infer_problem_type`."""
+    if config.problem_type is not None:
+        return config.problem_type
+    return infer_problem_type(config.num_labels, integer_labels)
+
+
+def sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, config) -> float:
+    """pooled (B, num_labels) logits of the pooled tokens: mean squared error (regression; with one label
+    over the B values), mean cross entropy over the examples whose label is not IGNORE_INDEX (single
+    label, as Hugging Face's CrossEntropyLoss) or mean binary cross entropy over the elements (multi label)."""
+    pooled, labels = np.asarray(pooled, dtype=np.float64), np.asarray(labels)
+    problem = problem_type(config, np.issubdtype(labels.dtype, np.integer))
+    if problem == "regression":
+        if config.num_labels == 1:
+            pooled, labels = pooled.reshape(-1), labels.reshape(-1)
+        return float(((pooled - labels.astype(np.float64)) ** 2).mean())
+    if problem == "single_label_classification":
+        target = labels.reshape(-1).astype(np.int64)
+        return cross_entropy(pooled.reshape(-1, config.num_labels), target, target != IGNORE_INDEX)
+    y = labels.astype(np.float64)
+    return float((np.maximum(pooled, 0) - pooled * y + np.log1p(np.exp(-np.abs(pooled)))).mean())
+
+
+def question_answering_loss(start_logits: np.ndarray, end_logits: np.ndarray, start_positions: np.ndarray,
+                            end_positions: np.ndarray) -> float:
+    """(start + end) / 2, each the mean cross entropy over the examples whose position is inside [0, T)
+    (positions outside are clamped to T and left out, as Hugging Face does)."""
+    T = np.shape(start_logits)[1]
+
+    def one(logits, positions):
+        positions = np.clip(np.asarray(positions).reshape(-1), 0, T)
+        return cross_entropy(logits, positions, positions != T)
+
+    return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import CheckpointError
+
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -157,14 +159,14 @@ class OPTTokenizer:
             try:
                 tokenizer = tk.Tokenizer.from_file(files["tokenizer"])
             except Exception as err:  # the library raises a bare Exception on bad files
-                raise ValueError(f"{files['tokenizer']}: cannot be read as a tokenizer ({err})") from None
+                raise CheckpointError(f"{files['tokenizer']}: cannot be read as a tokenizer ({err})") from None
             tokenizer.no_padding()      # we pad (on the left) ourselves
             tokenizer.no_truncation()
         else:
             try:
                 bpe = tk.models.BPE.from_file(files["vocab"], files["merges"])
             except Exception as err:
-                raise ValueError(f"{files['vocab']} / {files['merges']}: cannot be read as a BPE "
+                raise CheckpointError(f"{files['vocab']} / {files['merges']}: cannot be read as a BPE "
                                  f"vocabulary ({err})") from None
             tokenizer = tk.Tokenizer(bpe)
             # GPT-2's byte-level scheme as OPT uses it: no prefix space, bytes mapped to printable chars.

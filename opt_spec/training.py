@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .inputs import check_seed
 from .weights import Head, WeightKind
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -61,7 +62,8 @@ class TrainConfig:
                 fail(name, "must be in [0, 1)")
         if not self.adam_epsilon > 0:
             fail("adam_epsilon", "must be > 0")
-        for name in ("warmup_steps", "total_steps", "gradient_accumulation_steps", "seed"):
+        check_seed(self.seed, "TrainConfig.seed")
+        for name in ("warmup_steps", "total_steps", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "must be a non-negative int")

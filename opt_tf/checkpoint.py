@@ -19,6 +19,7 @@ from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, nor
 from opt_spec import io as spec_io
 from opt_spec.surface import dtype_argument
 from opt_spec.hub import resolve_pretrained
+from opt_spec.inputs import seeded_rng
 from opt_spec.layouts import from_native, native_path, to_native
 from opt_spec.weights import HEAD_WEIGHTS
 
@@ -82,7 +83,7 @@ class TFPretrainedMixin:
     # ------------------------------------------------------------------------- weights by name
     def init_weights(self, seed: int | None = None, names=None) -> None:
         """OPT's initialization for every weight (or only `names`), from NumPy's generator `seed`."""
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         for name, (spec, var) in variable_map(self).items():
             if names is None or name in names:
                 value = to_native(spec, _initial_value(spec, self.config, rng), CONVENTION)

@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, needs_host)
+                                 check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs)
 
 NEG_INF = float("-inf")
 
@@ -41,7 +42,7 @@ def _isin(tokens: tf.Tensor, ids: tuple) -> tf.Tensor:
     return tf.reduce_any(tf.equal(tokens[..., None], tf.constant(ids, tf.int32)), axis=-1)
 
 
-def _ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Tensor:
+def ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Tensor:
     """Rule 2 as an update list: (R * W, 2) [row, token] indices and (R * W,) int32 flags of the tokens
     that would repeat an n-gram. seq / real (R, L): the rows' tokens and which positions are real; only
     positions before `now` (traced) are history."""
@@ -59,8 +60,8 @@ def _ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.T
     return index, tf.reshape(tf.cast(match, tf.int32), [-1])
 
 
-def _process(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor,
-             step: tf.Tensor, d: Decoding) -> tf.Tensor:
+def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor,
+                   step: tf.Tensor, d: Decoding) -> tf.Tensor:
     """Rules 1-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
     search); step is the int32 step number, seq / real (R, L) the rows with positions < now filled."""
     V = scores.shape[-1]
@@ -68,7 +69,7 @@ def _process(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real:
         penalized = tf.where(scores > 0, scores / d.repetition_penalty, scores * d.repetition_penalty)
         scores = tf.where(seen, penalized, scores)
     if d.no_repeat_ngram_size and seq.shape[1] >= d.no_repeat_ngram_size:
-        index, flags = _ngram_bans(seq, real, now, d.no_repeat_ngram_size)
+        index, flags = ngram_bans(seq, real, now, d.no_repeat_ngram_size)
         banned = tf.tensor_scatter_nd_max(tf.zeros(tf.shape(scores), tf.int32), index, flags) > 0
         scores = tf.where(banned, NEG_INF, scores)
     if d.min_new_tokens > 0 and d.eos_token_ids:
@@ -134,9 +135,8 @@ def _set_slot(slots: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
 
 
 def _length_norms(d: Decoding) -> tf.Tensor:
-    """(N,) float32 length ** length_penalty for lengths 1..N, computed in float64 and rounded once (as
-    PyTorch divides by a Python float)."""
-    return tf.constant([np.float32(float(n) ** d.length_penalty) for n in range(1, d.max_new_tokens + 1)])
+    """(N,) float32 generated_length ** length_penalty (opt_spec.generation.length_norms)."""
+    return tf.constant(length_norms(d.max_new_tokens, d.length_penalty))
 
 
 def _reorder(cache, index: tf.Tensor):
@@ -181,19 +181,7 @@ class TFGenerationMixin(GenerationDefaults):
         return tf.concat([tf.constant(ids, out_dtype), new], axis=1)
 
     def _check_generation_inputs(self, input_ids, attention_mask):
-        ids = np.asarray(input_ids)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-        bad = np.argwhere((ids < 0) | (ids >= self.config.vocab_size))
-        if bad.size:
-            b, t = (int(i) for i in bad[0])
-            raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
-                             f"vocabulary [0, {self.config.vocab_size})")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
         out_dtype = tf.int64 if ids.dtype == np.int64 else tf.int32
         return ids.astype(np.int32), (mask != 0).astype(np.int32), out_dtype
 
@@ -245,7 +233,8 @@ class TFGenerationMixin(GenerationDefaults):
     def _scores(self, ids, s, logits, d: Decoding):
         """Rules 1-3 on this step's logits."""
         T = ids.shape[1]
-        return _process(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"], s["step"], d)
+        return process_logits(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"],
+                              s["step"], d)
 
     def _pick(self, s, scores, seed, d: Decoding):
         """Rules 5-6: this step's tokens written out; the state after the step."""
@@ -360,7 +349,7 @@ class TFGenerationMixin(GenerationDefaults):
     def _beam_scores(self, ids, s, logits, d: Decoding):
         """log_softmax of the logits, then rules 1-3 (as Hugging Face orders them for beams)."""
         T = ids.shape[1]
-        return _process(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
+        return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
                         T + s["step"], s["step"], d)
 
     def _beam_candidates(self, s, logprobs, d: Decoding):

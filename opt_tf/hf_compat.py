@@ -21,6 +21,7 @@ import numpy as np
 
 from opt_spec import io as spec_io
 from opt_spec import surface
+from opt_spec.inputs import seeded_rng
 
 
 class TFModelMethods:
@@ -67,7 +68,7 @@ class TFModelMethods:
         if n == embed.rows:
             return embed
         old_config, config = self.config, self.config.replace(vocab_size=n)
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         rows = surface.resized_rows(np.asarray(embed.embeddings.numpy()), n, mean_resizing, config.init_std, rng)
         _replace_variable(embed, "embeddings", rows)
         embed.rows = n

@@ -44,7 +44,9 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
-from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale, infer_problem_type
+from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
+from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
+                               mask_value, problem_type)
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
 from .checkpoint import TFPretrainedMixin
@@ -53,7 +55,7 @@ from .hf_compat import TFModelMethods
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
-F32_MIN = float(np.finfo(np.float32).min)  # masked attention scores are replaced by this (float32 softmax)
+F32_MIN = mask_value(SOFTMAX_DTYPE)  # masked attention scores are replaced by this (float32 softmax)
 DTYPES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float64")
 
 
@@ -400,16 +402,11 @@ def _recomputed(block: TFOPTDecoderLayer, x: tf.Tensor, allowed: tf.Tensor, seed
 
 # ------------------------------------------------------------------------------------ input checks
 def _check_token_ids(input_ids: tf.Tensor, vocab_size: int) -> None:
+    """opt_spec.inputs' rule, on eager values (a traced call checks the dtype only)."""
     if input_ids.dtype.is_floating:
-        raise TypeError(f"input_ids must be integers, got {input_ids.dtype.name}")
-    if not tf.executing_eagerly() or tf.size(input_ids) == 0:
-        return
-    ids = input_ids.numpy()
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if bad.size:
-        b, t = (int(i) for i in bad[0])
-        raise ValueError(f"token id {int(ids[b, t])} at batch row {b}, position {t} is outside the "
-                         f"vocabulary [0, {vocab_size})")
+        raise not_integers(input_ids.dtype.name)
+    if tf.executing_eagerly() and tf.size(input_ids) > 0:
+        check_token_ids(input_ids.numpy(), vocab_size)
 
 
 def _check_mask(mask: tf.Tensor, B, S, preallocated: bool) -> None:
@@ -451,9 +448,7 @@ def _check_cache(cache: KVCache, config: OPTConfig, x: tf.Tensor) -> None:
 
 def _check_positions(position_ids: tf.Tensor, max_positions: int) -> None:
     if tf.executing_eagerly() and tf.size(position_ids) > 0:
-        top = int(tf.reduce_max(position_ids))
-        if top >= max_positions:
-            raise ValueError(f"position {top} is past the model's max_position_embeddings={max_positions}")
+        check_positions(int(tf.reduce_max(position_ids)), max_positions)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -490,7 +485,7 @@ class TFOPTPreTrainedModel(TFModelMethods, TFPretrainedMixin, keras.Model):
         self._convert_input_args = False  # our call casts what it needs (masks, labels stay as given)
         self._allow_non_tensor_positional_args = True  # NumPy ids, or a dict of inputs from `fit`
         self.config = config
-        self._seed = seed
+        self._seed = None if seed is None else check_seed(seed)
 
     def _finish(self) -> None:
         """Builds every variable under this model's name scope and initializes them."""
@@ -773,18 +768,11 @@ def causal_lm_loss_terms(logits: tf.Tensor, labels) -> list:
     return [_cross_entropy(tf.reshape(logits[:, :-1], [-1, V]), target, target != IGNORE_INDEX)]
 
 
-def problem_type(config: OPTConfig, labels: tf.Tensor) -> str:
-    """config.problem_type, else opt_spec's rule (which reads num_labels and the labels' dtype only)."""
-    if config.problem_type is not None:
-        return config.problem_type
-    return infer_problem_type(config.num_labels, np.zeros(0, labels.dtype.as_numpy_dtype))
-
-
 def sequence_classification_loss_terms(pooled: tf.Tensor, labels, config: OPTConfig) -> list:
     """Mean squared error (regression), cross entropy per example (single label) or binary cross entropy
     per element (multi label), in float32."""
     labels = tf.convert_to_tensor(labels)
-    problem = problem_type(config, labels)
+    problem = problem_type(config, labels.dtype.is_integer)
     pooled = tf.cast(pooled, tf.float32)  # (B, num_labels)
     if problem == "regression":
         if config.num_labels == 1:
@@ -792,7 +780,7 @@ def sequence_classification_loss_terms(pooled: tf.Tensor, labels, config: OPTCon
         return [_elementwise(tf.square(pooled - tf.cast(labels, tf.float32)))]
     if problem == "single_label_classification":
         target = tf.reshape(tf.cast(labels, tf.int32), [-1])
-        return [_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, tf.ones_like(target, tf.bool))]
+        return [_cross_entropy(tf.reshape(pooled, [-1, config.num_labels]), target, target != IGNORE_INDEX)]
     return [_elementwise(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=pooled))]
 
 

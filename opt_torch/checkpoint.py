@@ -21,6 +21,7 @@ from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied
 from opt_spec import io as spec_io
 from opt_spec.surface import dtype_argument
 from opt_spec.hub import resolve_pretrained
+from opt_spec.inputs import check_seed
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -68,7 +69,7 @@ class PretrainedMixin:
         """A freshly initialized model (normal(0, init_std) weights, zero pad row). torch_dtype: dtype's older
         Hugging Face name."""
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.manual_seed(check_seed(seed))
         model = cls(config, attn_implementation=attn_implementation)
         dtype = resolve_dtype(dtype_argument(dtype, torch_dtype))
         return model.to(dtype) if dtype not in (None, "auto") else model

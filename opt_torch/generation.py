@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt)
+                                 check_extras, check_prompt, length_norms, prompt_inputs)
 
 from .cache import StaticCache
 
@@ -22,22 +22,22 @@ NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------------- one step's rules
-def _process(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor, step: int,
-             d: Decoding) -> torch.Tensor:
+def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor,
+                   step: int, d: Decoding) -> torch.Tensor:
     """Rules 1-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
     search); seq / real (R, T + step) are the rows so far and which of their positions are real."""
     if seen is not None:
         penalized = torch.where(scores > 0, scores / d.repetition_penalty, scores * d.repetition_penalty)
         scores = torch.where(seen, penalized, scores)
     if d.no_repeat_ngram_size:
-        scores = scores.masked_fill(_ngram_bans(seq, real, d.no_repeat_ngram_size, scores.shape[-1]), NEG_INF)
+        scores = scores.masked_fill(ngram_bans(seq, real, d.no_repeat_ngram_size, scores.shape[-1]), NEG_INF)
     if step < d.min_new_tokens and d.eos_token_ids:
         scores = scores.clone()
         scores[:, list(d.eos_token_ids)] = NEG_INF
     return scores
 
 
-def _ngram_bans(seq: torch.Tensor, real: torch.Tensor, n: int, V: int) -> torch.Tensor:
+def ngram_bans(seq: torch.Tensor, real: torch.Tensor, n: int, V: int) -> torch.Tensor:
     """(R, V) bool: the tokens that would repeat an n-gram of real positions (rule 2)."""
     R, C = seq.shape
     bans = torch.zeros(R, V, dtype=torch.float32, device=seq.device)
@@ -50,7 +50,7 @@ def _ngram_bans(seq: torch.Tensor, real: torch.Tensor, n: int, V: int) -> torch.
     return bans.scatter_add_(1, grams[:, :, n - 1], match.float()) > 0
 
 
-def _filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
+def filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
     logits = logits / cfg.temperature
     V = logits.shape[-1]
     if 0 < cfg.top_k < V:
@@ -67,6 +67,11 @@ def _filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
 
 def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], V, dtype=torch.long, device=ids.device).scatter_add_(1, ids, mask) > 0
+
+
+def _host(x):
+    """A tensor as NumPy for the host-side checks (None and other arrays as they are)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tensor, live: torch.Tensor):
@@ -123,8 +128,7 @@ class GenerationMixin(GenerationDefaults):
         """(input_ids, attention_mask) as long tensors on the model's device, and the call's Decoding."""
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
+        prompt_inputs(_host(input_ids), _host(attention_mask), self.config.vocab_size)
         d = self._decoding(generation_config, kwargs, input_ids.shape[1])
         check_prompt(tuple(input_ids.shape), d.max_new_tokens, self.config.max_position_embeddings)
         device = self.device
@@ -132,9 +136,6 @@ class GenerationMixin(GenerationDefaults):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask).to(device=device, dtype=torch.long)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}")
         return input_ids, attention_mask, d
 
     @torch.no_grad()
@@ -199,10 +200,10 @@ class GenerationMixin(GenerationDefaults):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(N):
             now = T + step
-            scores = _process(logits, seen, seq[:, :now], mask[:, :now], step, d)
+            scores = process_logits(logits, seen, seq[:, :now], mask[:, :now], step, d)
             scores = apply_processors(processors, seq[:, :now], scores)
             if d.do_sample:
-                probs = _filter_for_sampling(scores, d).softmax(-1)
+                probs = filter_for_sampling(scores, d).softmax(-1)
                 tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
             else:
                 tokens = scores.argmax(-1)
@@ -236,7 +237,7 @@ class GenerationMixin(GenerationDefaults):
         logits = self._last_logits(prompt, mask, cache, torch.arange(T, device=device))
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
-        lp = d.length_penalty
+        norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats
 
         scores = torch.full((B, K), NEG_INF, device=device)
         scores[:, 0] = 0.0                                                  # one live beam to start
@@ -248,7 +249,7 @@ class GenerationMixin(GenerationDefaults):
         rank = torch.arange(C, device=device)
         for step in range(N):
             seq = torch.cat([prompt, beams.view(B * K, N)[:, :step]], 1)   # (BK, T + step)
-            logprobs = _process(logits.log_softmax(-1), seen, seq, mask[:, :T + step], step, d)
+            logprobs = process_logits(logits.log_softmax(-1), seen, seq, mask[:, :T + step], step, d)
             logprobs = apply_processors(processors, seq, logprobs).view(B, K, V)
             cand = (scores[..., None] + logprobs).view(B, K * V)
             cand_scores, cand_index = torch.topk(cand, C, dim=-1)           # (B, C), best first
@@ -265,7 +266,7 @@ class GenerationMixin(GenerationDefaults):
                                       torch.ones(B * C, dtype=torch.bool)).view(B, C)
             # finished candidates: stopped among the first K, scored by their length-normalized sum
             finishing = stopped & (rank < K) & ~row_done[:, None] & torch.isfinite(cand_scores)
-            normalized = torch.where(finishing, cand_scores / float(step + 1) ** lp, NEG_INF)
+            normalized = torch.where(finishing, cand_scores / norms[step], NEG_INF)
             pool_scores = torch.cat([done_scores, normalized], 1)             # (B, K + C)
             pool_tokens = torch.cat([done_tokens, history], 1)                # (B, K + C, N)
             pool_length = torch.cat([done_length, torch.full_like(token, step + 1)], 1)
@@ -281,7 +282,7 @@ class GenerationMixin(GenerationDefaults):
             scores = torch.where(row_done[:, None], scores, scores_next)
             # a row is done when K hypotheses are finished and no running beam can beat the worst
             full = torch.isfinite(done_scores).all(-1)
-            best_running = scores.max(-1).values / float(step + 1) ** lp
+            best_running = scores.max(-1).values / norms[step]
             row_done |= full & (done_scores.min(-1).values >= best_running)
             if step + 1 == N or bool(row_done.all()):
                 break
@@ -294,7 +295,7 @@ class GenerationMixin(GenerationDefaults):
             mask[:, T + step] = 1
             logits = step_fn(tokens, mask, cache, T + step)
         # rows still running at the end: their beams compete as hypotheses of length step + 1
-        final = torch.where(row_done[:, None], NEG_INF, scores / float(step + 1) ** lp)
+        final = torch.where(row_done[:, None], NEG_INF, scores / norms[step])
         pool_scores = torch.cat([done_scores, final], 1)
         pool_tokens = torch.cat([done_tokens, beams], 1)
         pool_length = torch.cat([done_length, torch.full_like(done_length, step + 1)], 1)

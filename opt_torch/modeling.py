@@ -16,7 +16,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import Head, OPTConfig
-from opt_spec.numerics import IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, attention_scale
+from opt_spec.inputs import check_positions, check_token_ids, not_integers, token_range_message
+from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
+                               mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
 
@@ -62,7 +64,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[
     scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, S)
     if allowed is None:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~allowed, mask_value(SOFTMAX_DTYPE))
     probs = F.dropout(scores.softmax(dim=-1).to(v.dtype), p=dropout, training=dropout > 0)
     return torch.matmul(probs, v), probs if need_probs else None  # (B, nh, T, hs)
 
@@ -315,19 +317,15 @@ def _concat_kv(past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torc
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Names the first bad token id; on an accelerator the check is asynchronous (no host sync per
-    forward), so its error names only the range."""
+    """opt_spec.inputs' rule on the host; on an accelerator an asynchronous device-side assert (no host sync
+    per forward), so its error names only the range."""
     if input_ids.dtype.is_floating_point:
-        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+        raise not_integers(input_ids.dtype)
     if input_ids.numel() and not torch.compiler.is_compiling():
-        bad = (input_ids < 0) | (input_ids >= vocab_size)
-        if input_ids.device.type != "cpu":
-            torch._assert_async(~bad.any(), f"a token id is outside the vocabulary [0, {vocab_size})")
-            return
-        if bad.any():
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"token id {int(input_ids[b, t])} at batch row {b}, position {t} is outside "
-                             f"the vocabulary [0, {vocab_size})")
+        if input_ids.device.type == "cpu":
+            check_token_ids(input_ids.numpy(), vocab_size)
+        else:
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), token_range_message(vocab_size))
 
 
 def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
@@ -345,9 +343,8 @@ def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
 
 
 def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
-    if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
-        raise ValueError(f"position {int(position_ids.max())} is past the model's max_position_embeddings="
-                         f"{max_positions}")
+    if not torch.compiler.is_compiling() and position_ids.numel():
+        check_positions(int(position_ids.max()), max_positions)
 
 
 class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
@@ -570,31 +567,33 @@ def returned(out, return_dict: Optional[bool]):
 
 
 # ----------------------------------------------------------------------------------------- losses
+# opt_spec.numerics defines each loss (and its NumPy reference): means over what counts, 0 over nothing.
+def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean float32 cross entropy of (N, C) logits over targets != ignore_index; 0, with zero gradients,
+    when none counts (torch's own mean would be 0 / 0)."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp(min=1)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
     V = logits.shape[-1]
     labels = labels.to(logits.device)
     # shift the labels, not the logits: no copy of the (B, T, V) tensor
     target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ignore_index=IGNORE_INDEX)
+    return _mean_cross_entropy(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX)
 
 
 def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif not labels.dtype.is_floating_point:
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
+    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+    problem = problem_type(config, integer)
     pooled = pooled.float()
     if problem == "regression":
         if config.num_labels == 1:
             return F.mse_loss(pooled.squeeze(), labels.float().squeeze())
         return F.mse_loss(pooled, labels.float())
     if problem == "single_label_classification":
-        return F.cross_entropy(pooled.view(-1, config.num_labels), labels.view(-1).long())
+        return _mean_cross_entropy(pooled.view(-1, config.num_labels), labels.view(-1).long(), IGNORE_INDEX)
     return F.binary_cross_entropy_with_logits(pooled, labels.float())
 
 
@@ -603,8 +602,7 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
     T = start_logits.shape[1]
     start = start_positions.reshape(-1).clamp(0, T)
     end = end_positions.reshape(-1).clamp(0, T)
-    return (F.cross_entropy(start_logits.float(), start, ignore_index=T)
-            + F.cross_entropy(end_logits.float(), end, ignore_index=T)) / 2
+    return (_mean_cross_entropy(start_logits, start, T) + _mean_cross_entropy(end_logits, end, T)) / 2
 
 
 MODEL_CLASSES = {Head.BASE: OPTModel, Head.CAUSAL_LM: OPTForCausalLM,

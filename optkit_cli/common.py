@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 import time
 
+from opt_spec.inputs import check_seed
+
 
 class CLIError(Exception):
     """A problem the user can fix (bad argument, missing file): printed as one message, exit code 2."""
+
+
+def seed_type(text: str) -> int:
+    """argparse's type for the --seed options: opt_spec.inputs' seed rule, refused as a usage error."""
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an int in [0, 2**32)") from None
 
 
 class Console:

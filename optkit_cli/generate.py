@@ -12,7 +12,7 @@ from opt_spec.backend import backend_name
 from opt_spec.tokenizer import left_pad
 
 from .checkpoints import load_tokenizer, resolve_model, with_safetensors
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 from .runners import DTYPES, load_runner, mesh_option
 from .sampling import generate_loop
 
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no eos before N new tokens")
     g.add_argument("--num-beams", type=int, default=1, help="beam search (needs the backend's generate)")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--seed", type=seed_type, default=0, help="sampling seed")
     g.add_argument("--fallback-loop", action="store_true",
                    help="use optkit's simple re-forward loop even when the backend has generate()")
 
@@ -159,8 +159,7 @@ def run(args, console: Console) -> int:
     native = runner.has_generate and not args.fallback_loop
     if not native and args.num_beams > 1:
         raise CLIError(f"--num-beams {args.num_beams}: beam search needs the {runner.name} backend's own "
-                       "generate(), which it does not have yet; optkit's fallback loop does greedy search "
-                       "and sampling only")
+                       "generate(); optkit's fallback loop does greedy search and sampling only")
     # One prompt streams its tokens as they come (where the backend can); a batch prints at the end.
     stream = len(rows) == 1 and args.num_beams == 1 and (not native or runner.can_stream)
     streamer = _Streamer(tokenizer if not args.ids else None) if stream else None

@@ -7,10 +7,13 @@
     optkit bench    [NAME ...]         (runs the scripts in bench/)
 
 Exit status: 0 success; 1 parity failed (a difference beyond the tolerance, a backend that failed), a
-benchmark failed, or a checkpoint was refused (opt_spec.errors.CheckpointError or an unsafe pickle: a
-malformed, inconsistent or hostile file, named in the message); 2 a usage error or a problem to fix
-(missing folder, bad backend name, missing framework: the message names the extra to install). Every
-error is one `optkit CMD: error: ...` message; OPTKIT_DEBUG=1 shows tracebacks instead.
+benchmark failed, or the input was refused: a checkpoint (opt_spec.errors.CheckpointError and its
+subclasses, an unsafe pickle: a malformed, inconsistent or hostile file, named in the message), a data file
+(opt_spec.data.DataError), or a file the system would not read or write; 2 a usage error: argparse's, the
+commands' checks of their arguments (CLIError), a missing file or folder named on the command line, a
+missing framework or extra (the message names what to install). Each is one `optkit CMD: error: ...` line.
+Anything else is a bug in optkit: exit 1 with one line `optkit CMD: internal error: Type: message (run with
+--debug for the traceback)`; `optkit --debug CMD ...` (or OPTKIT_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from . import generate, parity, train
 from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -39,7 +42,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", metavar="NAME",
                    help=f"without --model: build (once, cached) and use a random checkpoint of this size "
                         f"(default {DEFAULT_PRESET}; one of {', '.join(PRESET_NAMES)})")
-    g.add_argument("--weights-seed", type=int, default=0, metavar="N", help="seed of the random checkpoint (default 0)")
+    g.add_argument("--weights-seed", type=seed_type, default=0, metavar="N", help="seed of the random checkpoint (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from opt_spec import __version__
 
     parser.add_argument("--version", action="version", version=f"optkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("parity", help="run one checkpoint in every installed backend and compare logits",
@@ -117,54 +121,62 @@ def run_bench(args, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------------------- convert
-def run_convert(argv: list[str]) -> int:
+def run_convert(argv: list[str], debug: bool) -> int:
     """`optkit convert ...`: the options and the work belong to conversion.cli (add_arguments, run)."""
-    try:
-        from conversion import cli as conversion_cli
-    except ModuleNotFoundError as err:
-        if err.name in ("conversion", "conversion.cli"):
-            print("optkit convert: not available yet: this optkit has no conversion.cli module",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        return _report(err, "convert")
-    except Exception as err:
-        print(f"optkit convert: not available: conversion.cli failed to import ({type(err).__name__}: {err})",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if not (hasattr(conversion_cli, "add_arguments") and hasattr(conversion_cli, "run")):
-        print("optkit convert: not available yet: conversion.cli lacks add_arguments/run", file=sys.stderr)
-        return EXIT_USAGE
+    from conversion import cli as conversion_cli
+
     parser = argparse.ArgumentParser(prog="optkit convert", description=conversion_cli.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     conversion_cli.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return int(conversion_cli.run(args) or 0)
-    except KeyboardInterrupt:
-        print("optkit convert: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        return _report(err, "convert")
+    return _run("convert", lambda: int(conversion_cli.run(args) or 0), debug)
 
 
 # ------------------------------------------------------------------------------------------- main
-def _report(err: BaseException, command: str) -> int:
-    """One clear message for the errors a user can act on; a traceback for anything else (a bug).
-    A refused checkpoint exits 1 (the input is bad, not the command line), the rest 2."""
+def _classify(err: BaseException) -> int | None:
+    """The exit status of a known error (1: the input was refused, 2: a usage error), None for a bug."""
     from opt_spec.backend import BackendUnavailableError
+    from opt_spec.data import DataError
     from opt_spec.errors import CheckpointError
     from opt_spec.hub import HubUnavailableError
     from opt_spec.tokenizer import TokenizerUnavailableError
 
     from .runners import BackendNotReady
 
-    expected = (CLIError, BackendUnavailableError, BackendNotReady, TokenizerUnavailableError, HubUnavailableError,
-                FileNotFoundError, FileExistsError, ValueError, OSError, pickle.UnpicklingError)
-    if os.environ.get("OPTKIT_DEBUG") or not isinstance(err, expected):
+    if isinstance(err, (CLIError, BackendUnavailableError, BackendNotReady, TokenizerUnavailableError,
+                        HubUnavailableError, FileNotFoundError, FileExistsError, NotADirectoryError)):
+        return EXIT_USAGE
+    if isinstance(err, (CheckpointError, pickle.UnpicklingError, DataError, OSError)):
+        return EXIT_REFUSED  # UnsafePickleError, ConversionError, WeightMismatchError... are CheckpointErrors
+    return None
+
+
+def _report(err: BaseException, command: str, debug: bool) -> int:
+    """One line for a known error; for anything else (a bug) one line saying so, or with --debug the
+    traceback."""
+    code = _classify(err)
+    if code is None and debug:
         raise err
+    if code is None:
+        message = str(err).splitlines()[0] if str(err) else ""
+        print(f"optkit {command}: internal error: {type(err).__name__}: {message} (run with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return EXIT_REFUSED
     print(f"optkit {command}: error: {err}", file=sys.stderr)
-    refused = (CheckpointError, pickle.UnpicklingError)  # the pickle reader's UnsafePickleError included
-    return EXIT_REFUSED if isinstance(err, refused) else EXIT_USAGE
+    return code
+
+
+def _run(command: str, work, debug: bool) -> int:
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print(f"optkit {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `optkit parity | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:
+        return _report(err, command, debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,24 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter and oneDNN's run-to-run differences are noise for a CLI.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    debug = bool(os.environ.get("OPTKIT_DEBUG"))
+    if "--debug" in argv:  # a global flag, taken wherever it stands (convert's own parser never sees it)
+        argv, debug = [a for a in argv if a != "--debug"], True
     if argv[:1] == ["convert"]:
-        return run_convert(argv[1:])
+        return run_convert(argv[1:], debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     console = Console(getattr(args, "quiet", False))
-    try:
-        return args.handler(args, console)
-    except KeyboardInterrupt:
-        print(f"optkit {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `optkit parity | head`: the reader left; stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as err:
-        return _report(err, args.command)
+    return _run(args.command, lambda: args.handler(args, console), debug)
 
 
 if __name__ == "__main__":

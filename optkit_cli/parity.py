@@ -30,7 +30,7 @@ from opt_spec.testing import random_batch
 from opt_spec.tokenizer import TokenizerUnavailableError
 
 from .checkpoints import load_tokenizer, resolve_model, with_safetensors
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 from .runners import DTYPES, BackendNotReady, install_hint, load_runner, mesh_option
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 2.0}
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a prompt of the batch (repeat for more; needs a tokenizer)")
     p.add_argument("--length", type=int, default=16, metavar="T",
                    help="tokens per row of the random batch used without a tokenizer (default 16)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random batch")
+    p.add_argument("--seed", type=seed_type, default=0, metavar="N", help="seed of the random batch")
     p.add_argument("--mesh", metavar="fsdp=F,tp=T",
                    help="also run the flax backend sharded over F x T devices (jax.sharding) and compare it with "
                         "the unsharded backends: a CI gate for a sharding plan (a CPU-only machine simulates the "

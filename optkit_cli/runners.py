@@ -2,8 +2,8 @@
 
 Each backend is imported only when asked for (through opt_spec.backend), so `optkit` with torch alone
 installed never touches TensorFlow or JAX. A backend whose framework is missing raises
-BackendUnavailableError (its message names the extra to install); one whose package does not import
-or lacks the model class raises BackendNotReady.
+BackendUnavailableError (its message names the extra to install); one whose framework is installed but
+does not import raises BackendNotReady.
 
 `--mesh fsdp=2,tp=4` (generate, parity, train) lays the flax backend's model out over devices with
 jax.sharding (opt_flax.distributed); `mesh_option` checks it and, unless JAX has already started, lets
@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 class BackendNotReady(ImportError):
-    """The framework is installed but optkit's package for it does not import or lacks the model."""
+    """The framework is installed but optkit's package for it does not import (an ImportError inside)."""
 
 
 def install_hint(name: str) -> str:
@@ -42,15 +42,10 @@ def import_backend(name: str):
         raise BackendUnavailableError(f"the {name} backend's framework is not installed: {install_hint(name)}")
     try:
         module = importlib.import_module(BACKENDS[name])
-    except ImportError as err:
+    except ImportError as err:  # the framework is there but broken (a partial install, a missing library)
         raise BackendNotReady(f"{BACKENDS[name]} does not import ({err}); reinstall with {install_hint(name)}") \
             from None
-    except Exception as err:  # a package still being written can fail in any way at import
-        raise BackendNotReady(f"{BACKENDS[name]} failed to import: {type(err).__name__}: {err}") from None
-    cls = getattr(module, MODEL_CLASSES[name], None)
-    if cls is None:
-        raise BackendNotReady(f"{BACKENDS[name]} has no {MODEL_CLASSES[name]} yet")
-    return module, cls
+    return module, getattr(module, MODEL_CLASSES[name])
 
 
 class Runner:

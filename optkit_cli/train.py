@@ -9,7 +9,7 @@
 Data (see opt_spec.data): causal_lm reads plain-text files, packed into blocks of --seq-len tokens;
 sequence_classification reads JSONL {"text", "label"}; question_answering reads SQuAD-style JSONL
 {"context", "question", "answers": {"text": [...], "answer_start": [...]}}. The tokenizer is the
-model folder's. A bad data file is reported as FILE:LINE: reason (exit 2).
+model folder's. A bad data file is refused as FILE:LINE: reason (exit 1).
 
 Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": loss, learning_rate,
 grad_norm, tokens, tokens_per_s; and per evaluation, kind "eval"), OUTPUT/checkpoint-STEP every
@@ -45,10 +45,10 @@ import time
 import warnings
 
 from .checkpoints import hub_arguments, resolve_folder
-from .common import CLIError, Console
+from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
-TRAINER_NAMES = {"torch": ("Trainer",), "tf": ("Trainer", "TFTrainer"), "flax": ("Trainer", "FlaxTrainer")}
+TRAINER_NAMES = {"torch": "Trainer", "tf": "TFTrainer", "flax": "FlaxTrainer"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 METRICS_FILE = "metrics.jsonl"
 
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N updates (0: at the end)")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B", help="default: --batch-size")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from OUTPUT/checkpoint-STEP of an earlier run")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout and fresh heads (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of shuffling, dropout and fresh heads (default 0)")
     p.add_argument("--documents", default="file", choices=("file", "line", "paragraph"),
                    help="causal_lm: what one document is (default: a whole file)")
     p.add_argument("--drop-last", action="store_true", help="causal_lm: drop the last, partial block")
@@ -99,23 +99,8 @@ def load_trainer_class(backend: str):
     if not is_available(backend):
         raise BackendUnavailableError(f"the {backend} backend's framework is not installed: "
                                       f"pip install 'optkit[{EXTRAS[backend]}]'")
-    module_name = f"{BACKENDS[backend]}.training"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise CLIError(f"--backend {backend}: training is not available yet ({module_name} does not "
-                           "exist)") from None
-        raise CLIError(f"--backend {backend}: {module_name} does not import ({err})") from None
-    except Exception as err:  # a module still being written can fail in any way
-        raise CLIError(f"--backend {backend}: {module_name} failed to import ({type(err).__name__}: {err})") from None
-    for name in TRAINER_NAMES[backend]:
-        cls = getattr(module, name, None)
-        if cls is not None and all(hasattr(cls, a) for a in ("from_pretrained", "from_checkpoint", "train_step",
-                                                              "evaluate", "save_checkpoint")):
-            return cls
-    raise CLIError(f"--backend {backend}: {module_name} has no trainer class ({' or '.join(TRAINER_NAMES[backend])} "
-                   "with from_pretrained/from_checkpoint/train_step/evaluate/save_checkpoint)")
+    module = importlib.import_module(f"{BACKENDS[backend]}.training")
+    return getattr(module, TRAINER_NAMES[backend])
 
 
 def _check(args) -> None:
@@ -179,7 +164,10 @@ def run(args, console: Console) -> int:
     trainer_cls = load_trainer_class(args.backend)
     config = OPTConfig.from_pretrained(args.resume or args.model)
     if args.num_labels is not None and not args.resume:
-        config = config.replace(num_labels=args.num_labels)
+        try:
+            config = config.replace(num_labels=args.num_labels)
+        except ValueError as err:
+            raise CLIError(f"--num-labels {args.num_labels}: {err}") from None
     if args.seq_len > config.max_position_embeddings:
         raise CLIError(f"--seq-len {args.seq_len} is more than the model's max_position_embeddings="
                        f"{config.max_position_embeddings}")
@@ -198,11 +186,14 @@ def run(args, console: Console) -> int:
     console.info(f"{args.task}: {len(train_set)} training examples" +
                  (f", {len(eval_set)} for evaluation" if eval_set is not None else ""))
 
-    cfg = TrainConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
-                      total_steps=args.steps, schedule=args.schedule,
-                      max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-                      gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else None,
-                      seed=args.seed)
+    try:  # the options' ranges are TrainConfig's: its message names the field
+        cfg = TrainConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+                          total_steps=args.steps, schedule=args.schedule,
+                          max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+                          gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else None,
+                          seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
     if args.gradient_checkpointing and args.backend != "torch":
         raise CLIError("--gradient-checkpointing is offered by the torch backend only")

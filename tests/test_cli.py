@@ -12,7 +12,11 @@ import pytest
 from opt_spec import OPTConfig
 from opt_spec.io import SafetensorsFile, save_safetensors_dir
 from opt_spec.testing import random_weights
+from opt_spec.data import DataError
+from opt_spec.errors import CheckpointError
+from opt_spec.weights import WeightMismatchError
 from optkit_cli import checkpoints, parity, runners
+from optkit_cli.common import CLIError
 from optkit_cli.main import main
 from optkit_cli.sampling import generate_loop, next_token_scores
 
@@ -223,6 +227,11 @@ def test_bad_prompts_and_options(capsys, cache):
     with pytest.raises(SystemExit) as exc:  # argparse's own usage errors exit 2 too
         main(["generate", "--max-new-tokens", "many", "2"])
     assert exc.value.code == 2
+    for argv in (["generate", "--seed", "-1", "2"], ["parity", "--weights-seed", "4294967296"],
+                 ["train", "--seed", "1.5"]):  # opt_spec.inputs' seed rule, as a usage error
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "a seed is an int in [0, 2**32)" in capsys.readouterr().err
 
 
 def test_missing_framework_names_the_extra(capsys, cache, monkeypatch):
@@ -233,6 +242,68 @@ def test_missing_framework_names_the_extra(capsys, cache, monkeypatch):
     assert code == 2 and "pip install 'optkit[tf]'" in err and "Traceback" not in err
     code, _, err = run_main(capsys, "parity", "--preset", "tiny", "-q")
     assert code == 2 and "no backend ran" in err and "optkit[torch]" in err
+
+
+# ------------------------------------------------------------------------------------- exit statuses
+def _raising(err):
+    def handler(args, console):
+        raise err
+    return handler
+
+
+@pytest.mark.parametrize("err,code", [
+    (CheckpointError("model.safetensors: header too long"), 1),  # refused input
+    (WeightMismatchError(["lm_head.weight"], [], []), 1),
+    (DataError("train.jsonl", 3, "missing field 'text'"), 1),
+    (PermissionError(13, "Permission denied", "out/x"), 1),
+    (CLIError("--steps must be at least 1"), 2),                   # usage
+    (FileNotFoundError("data.jsonl: no such file"), 2),
+])
+def test_known_errors_are_one_line_with_their_status(capsys, monkeypatch, err, code):
+    monkeypatch.setattr(parity, "run", _raising(err))
+    got, _, stderr = run_main(capsys, "parity")
+    assert got == code and stderr == f"optkit parity: error: {err}\n"
+
+
+@pytest.mark.parametrize("err", [ValueError("bad shape (3,)\nsecond line"), KeyError("decoder"),
+                                 TypeError("unsupported operand"), ZeroDivisionError("division by zero")])
+def test_a_bug_is_an_internal_error_not_a_usage_error(capsys, monkeypatch, err):
+    """A plain ValueError (or any exception no reader or argument check raises) is optkit's bug: exit 1, one
+    line naming its type and how to see the traceback."""
+    monkeypatch.setattr(parity, "run", _raising(err))
+    code, _, stderr = run_main(capsys, "parity")
+    first = str(err).splitlines()[0] if str(err) else ""
+    assert code == 1
+    assert stderr == (f"optkit parity: internal error: {type(err).__name__}: {first} "
+                      "(run with --debug for the traceback)\n")
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.setattr(parity, "run", _raising(ValueError("a bug")))
+    for argv in (["--debug", "parity"], ["parity", "--debug"]):
+        with pytest.raises(ValueError, match="a bug"):  # re-raised: Python prints the traceback
+            main(argv)
+    monkeypatch.setenv("OPTKIT_DEBUG", "1")
+    with pytest.raises(ValueError, match="a bug"):
+        main(["parity"])
+    monkeypatch.setattr(parity, "run", _raising(CLIError("a usage error")))
+    assert run_main(capsys, "--debug", "parity")[0] == 2  # known errors stay one line under --debug too
+
+
+def test_internal_error_in_a_process(tmp_path):
+    """End to end in a fresh process: a bug is not dressed as a usage error; --debug prints the traceback."""
+    script = ("import sys; from optkit_cli import main, parity\n"
+              "def boom(args, console): raise RuntimeError('unexpected state')\n"
+              "parity.run = boom\n"
+              "sys.exit(main.main(sys.argv[1:]))\n")
+    env = dict(os.environ, OPTKIT_CACHE=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", script, "parity"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 1
+    assert res.stderr == ("optkit parity: internal error: RuntimeError: unexpected state (run with --debug for the "
+                          "traceback)\n")
+    res = subprocess.run([sys.executable, "-c", script, "--debug", "parity"], capture_output=True, text=True, env=env,
+                         cwd=ROOT)
+    assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr and "unexpected state" in res.stderr
 
 
 def test_random_checkpoint_is_atomic_and_deterministic(cache, monkeypatch):
@@ -275,15 +346,9 @@ def test_quiet_silences_progress(capsys, cache):
 
 
 def test_convert_and_bench_commands(capsys, tmp_path):
-    try:
-        import conversion.cli  # noqa: F401
-    except ImportError:  # not written yet: a clear message, not a traceback
-        code, _, err = run_main(capsys, "convert", "a", "b")
-        assert code == 2 and "not available" in err and "conversion.cli" in err
-    else:  # wired to conversion.cli's own options
-        with pytest.raises(SystemExit) as exc:
-            main(["convert", "--help"])
-        assert exc.value.code == 0 and "usage: optkit convert" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # wired to conversion.cli's own options
+        main(["convert", "--help"])
+    assert exc.value.code == 0 and "usage: optkit convert" in capsys.readouterr().out
     code, _, err = run_main(capsys, "bench", "--dir", str(tmp_path))
     assert code == 2 and "no benchmarks to run" in err
     (tmp_path / "hello.py").write_text("print('bench says hi')\n")

@@ -368,52 +368,6 @@ def test_dropout_needs_an_explicit_rng():
     assert not np.array_equal(c, a) and not np.array_equal(c, e)
 
 
-def test_losses_match_torch(checkpoint):
-    import opt_torch.modeling as tm
-    config = VARIANTS["pre_ln"]
-    ids, mask = random_batch(config)
-    lm = FlaxOPTForCausalLM.from_pretrained(checkpoint("pre_ln"))
-    labels = np.where(mask == 1, ids, -100)
-    out = lm(ids, mask, labels=labels)
-    expected = tm.causal_lm_loss(torch.from_numpy(np.array(out.logits)), torch.from_numpy(labels).long())
-    assert abs(float(out.loss) - float(expected)) < 1e-5
-
-    cls = FlaxOPTForSequenceClassification.from_pretrained(checkpoint("pre_ln", "sequence_classification"))
-    pooled = torch.from_numpy(np.array(cls(ids, mask).logits))
-    for labels, problem in ((np.array([0, 2, 1]), None), (np.array([[0, 1, 1], [1, 0, 0], [0, 0, 1]], np.float32),
-                                                            None), (np.array([[0.5, 1, -1]] * 3, np.float32),
-                                                                    "regression")):
-        cfg = config.replace(problem_type=problem)
-        cls.config = cfg
-        cls.module = cls.module.clone(config=cfg)
-        got = float(cls(ids, mask, labels=labels).loss)
-        want = float(tm.sequence_classification_loss(pooled, torch.from_numpy(labels), cfg))
-        assert abs(got - want) < 1e-5, problem
-
-    qa = FlaxOPTForQuestionAnswering.from_pretrained(checkpoint("pre_ln", "question_answering"))
-    start, end = np.array([1, 4, 50]), np.array([2, 8, 3])  # 50 is past the end: ignored
-    out = qa(ids, mask, start_positions=start, end_positions=end)
-    want = tm.question_answering_loss(torch.from_numpy(np.array(out.start_logits)),
-                                      torch.from_numpy(np.array(out.end_logits)),
-                                      torch.from_numpy(start), torch.from_numpy(end))
-    assert abs(float(out.loss) - float(want)) < 1e-5
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_sequence_classification_pools_last_real_token(checkpoint, side):
-    config = VARIANTS["pre_ln"]
-    model = FlaxOPTForSequenceClassification.from_pretrained(checkpoint("pre_ln", "sequence_classification"))
-    ids, mask = random_batch(config, left_pad=(0, 3, 5))
-    if side == "right":
-        ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()
-        ids[mask == 1] = random_batch(config, left_pad=(0, 0, 0))[0][mask == 1]
-    pooled = np.asarray(model(ids, mask).logits)
-    for row in range(3):
-        real = ids[row][mask[row] == 1][None]
-        alone = np.asarray(model(real).logits)
-        assert max_abs_diff(pooled[row:row + 1], alone) <= TOL
-
-
 def test_gradients_flow_to_every_parameter():
     config = VARIANTS["untied_head"]
     model = FlaxOPTForCausalLM.from_config(config, seed=0)
@@ -433,18 +387,12 @@ def test_bad_inputs_get_clear_errors():
     config = VARIANTS["pre_ln"]
     model = FlaxOPTForCausalLM.from_config(config)
     ids, mask = random_batch(config)
-    bad = ids.copy()
-    bad[1, 4] = config.vocab_size + 7
-    with pytest.raises(ValueError, match=f"token id {config.vocab_size + 7} at batch row 1, position 4"):
-        model(bad, mask)
     with pytest.raises(ValueError, match="attention_mask has shape \\(3, 5\\)"):
         model(ids, mask[:, :5])
     with pytest.raises(ValueError, match="max_position_embeddings=40"):
         model(np.full((1, config.max_position_embeddings + 1), 5))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model()
-    with pytest.raises(TypeError, match="input_ids must be integers"):
-        model(ids.astype(np.float32))
 
 
 def test_output_access_like_hugging_face():

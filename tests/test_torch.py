@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from opt_spec import OPTConfig, WeightMismatchError, weight_table
 from opt_spec import io as spec_io
@@ -201,76 +200,6 @@ def test_left_padding_leaves_real_tokens_unchanged(tmp_path):
             assert max_abs_diff(padded[row:row + 1, pads:], alone) <= 1e-5
 
 
-def test_causal_lm_loss_matches_hand_computation(tmp_path):
-    config = VARIANTS["pre_ln"]
-    model = load(write_checkpoint(tmp_path, config))
-    ids, mask = batch(config)
-    labels = ids.clone()
-    labels[mask == 0] = -100
-    with torch.no_grad():
-        out = model(ids, mask, labels=labels)
-    logits = out.logits.double()
-    total, count = 0.0, 0
-    for b in range(ids.shape[0]):
-        for t in range(ids.shape[1] - 1):
-            target = int(labels[b, t + 1])
-            if target == -100:
-                continue
-            total += float(torch.logsumexp(logits[b, t], 0) - logits[b, t, target])
-            count += 1
-    assert abs(float(out.loss) - total / count) < 1e-5
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_sequence_classification_pools_last_real_token(tmp_path, side):
-    config = VARIANTS["pre_ln"]
-    model = load(write_checkpoint(tmp_path, config, "sequence_classification"), "sequence_classification")
-    ids, mask = batch(config, left_pad=(0, 0, 0))
-    pad = config.pad_token_id
-    lengths = [9, 6, 4]
-    for row, n in enumerate(lengths):
-        if side == "left":
-            ids[row] = torch.cat([torch.full((9 - n,), pad), ids[row, :n]])
-            mask[row] = torch.cat([torch.zeros(9 - n), torch.ones(n)]).long()
-        else:
-            ids[row, n:] = pad
-            mask[row, n:] = 0
-    with torch.no_grad():
-        out = model(ids, mask, labels=torch.tensor([0, 2, 1]))
-        for row, n in enumerate(lengths):
-            real = ids[row][mask[row].bool()][None]
-            alone = model(real).logits
-            assert max_abs_diff(out.logits[row:row + 1], alone) <= 1e-5
-        assert abs(float(out.loss) - float(F.cross_entropy(out.logits, torch.tensor([0, 2, 1])))) < 1e-6
-
-
-def test_sequence_classification_problem_types(tmp_path):
-    config = VARIANTS["pre_ln"]
-    model = load(write_checkpoint(tmp_path, config, "sequence_classification"), "sequence_classification")
-    ids, mask = batch(config)
-    with torch.no_grad():
-        logits = model(ids, mask).logits
-        multi = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-        assert torch.allclose(model(ids, mask, labels=multi).loss,
-                              F.binary_cross_entropy_with_logits(logits, multi))
-    reg = OPTForSequenceClassification.from_config(config.replace(num_labels=1), seed=0).eval()
-    with torch.no_grad():
-        y = torch.tensor([0.5, -1.0, 2.0])
-        assert torch.allclose(reg(ids, mask, labels=y).loss, F.mse_loss(reg(ids, mask).logits.squeeze(), y))
-
-
-def test_question_answering_loss_clamps_positions(tmp_path):
-    config = VARIANTS["pre_ln"]
-    model = load(write_checkpoint(tmp_path, config, "question_answering"), "question_answering")
-    ids, mask = batch(config, left_pad=(0, 0, 0))
-    start, end = torch.tensor([1, 4, 50]), torch.tensor([2, 8, 3])  # 50 is past the end: ignored
-    with torch.no_grad():
-        out = model(ids, mask, start_positions=start, end_positions=end)
-    s_loss = F.cross_entropy(out.start_logits[:2], start[:2])
-    e_loss = F.cross_entropy(out.end_logits, end)
-    assert abs(float(out.loss) - float((s_loss + e_loss) / 2)) < 1e-5
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_half_precision_left_padded_has_no_nan(tmp_path, dtype, attn):
@@ -329,10 +258,6 @@ def test_bad_inputs_get_clear_errors():
     config = VARIANTS["pre_ln"]
     model = OPTForCausalLM.from_config(config)
     ids, mask = batch(config)
-    bad = ids.clone()
-    bad[1, 4] = config.vocab_size + 7
-    with pytest.raises(ValueError, match=f"token id {config.vocab_size + 7} at batch row 1, position 4"):
-        model(bad, mask)
     with pytest.raises(ValueError, match="attention_mask has shape \\(3, 5\\)"):
         model(ids, mask[:, :5])
     long_ids = torch.randint(3, 50, (1, config.max_position_embeddings + 1))

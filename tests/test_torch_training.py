@@ -306,19 +306,19 @@ def test_cli_train_reports_bad_data_with_file_and_line(tiny_model_dir, tmp_path)
     bad.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n', encoding="utf-8")
     r = optkit("train", "--model", tiny_model_dir, "--task", "sequence_classification", "--data", bad,
                "--backend", "torch", "--output", tmp_path / "o", "--steps", 2, "--seq-len", 32)
-    assert r.returncode == 2
+    assert r.returncode == 1  # refused input, not a usage error
     assert f"{bad}:2: missing field 'label'" in r.stderr and "Traceback" not in r.stderr
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"context": "Paris is big.", "question": "What?",
                               "answers": {"text": ["Rome"], "answer_start": [0]}}) + "\n", encoding="utf-8")
     r = optkit("train", "--model", tiny_model_dir, "--task", "question_answering", "--data", qa,
                "--backend", "torch", "--output", tmp_path / "o2", "--steps", 2, "--seq-len", 32)
-    assert r.returncode == 2 and f"{qa}:1: answer 'Rome' is not in the context" in r.stderr
+    assert r.returncode == 1 and f"{qa}:1: answer 'Rome' is not in the context" in r.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
     r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", empty,
                "--backend", "torch", "--output", tmp_path / "o3", "--steps", 2, "--seq-len", 32)
-    assert r.returncode == 2 and f"{empty}: empty file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and f"{empty}: empty file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_fused_adamw_and_its_fallback_give_the_same_updates():
