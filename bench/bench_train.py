@@ -9,8 +9,10 @@ as a user builds it (its defaults), takes --warmup untimed updates, then --round
 
 The rows take turns: round r times one update of every row (hf, torch, tf, flax, hf, ...), so other
 work on a shared machine slows them alike, and each row's tokens/s is 8 x 128 / its median seconds per
-update; "vs hf" is the ratio of the medians. Each update's load average (os.getloadavg, 1 minute) is
-recorded and printed with the table: compare rows of one run only. --sequential builds and runs one
+update; "vs hf" is the ratio of the medians. "CPU s / update" is the process's CPU time during a row's
+updates (all threads): on a machine busier than its cores, where wall time is shared out, the work.
+Each update's load average (os.getloadavg, 1 minute) is recorded and printed with the table: compare
+rows of one run only. --sequential builds and runs one
 row at a time instead (one trainer in memory, not four: ~10 GB for 125m).
 
 The "floor" line under the table is the roofline: the update's matrix-product FLOPs (`step_flops`)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -162,10 +165,16 @@ def build_flax(path, cfg, device):
 BUILDERS = {"hf": build_hf, "torch": build_torch, "tf": build_tf, "flax": build_flax}
 
 
-def _timed(step, batch) -> tuple[float, float]:
-    t = time.perf_counter()
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(step, batch) -> tuple[float, float, float]:
+    """(wall seconds, load average, CPU seconds of this process: all its threads, the step's work)."""
+    t, c = time.perf_counter(), _cpu_seconds()
     step(batch)
-    return time.perf_counter() - t, os.getloadavg()[0]
+    return time.perf_counter() - t, os.getloadavg()[0], _cpu_seconds() - c
 
 
 def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -> dict[str, list[tuple]]:
@@ -187,7 +196,7 @@ def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -
             step = build(name)
             if step is not None:
                 times[name] = [_timed(step, b) for b in batches[warmup:]]
-                print(f"{name}: {', '.join(f'{t:.2f}' for t, _ in times[name])} s per update", flush=True)
+                print(f"{name}: {', '.join(f'{t:.2f}' for t, *_ in times[name])} s per update", flush=True)
             del step
             gc.collect()
         return times
@@ -235,13 +244,16 @@ def main(argv=None) -> int:
     floor = step_flops(config, BATCH, args.seq_len) / rate
     if not times:
         return 1
-    rows = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
+    rows = {name: statistics.median(t for t, *_ in ts) for name, ts in times.items()}
     base = rows.get("hf")
-    print("\n| row | s / update (median) | tokens/s | vs hf | of floor | load during |\n|---|---|---|---|---|---|")
+    cpu = {name: statistics.median(c for *_, c in ts) for name, ts in times.items()}
+    print("\n| row | s / update (median) | tokens/s | vs hf | of floor | CPU s / update | load during |\n"
+          "|---|---|---|---|---|---|---|")
     for name, t in rows.items():
         rel = f"{base / t:.2f}x" if base else "-"
-        loads = [load for _, load in times[name]]
-        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {rel} | {floor / t:.2f} | {min(loads):.1f}-{max(loads):.1f} |")
+        loads = [load for _, load, _ in times[name]]
+        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {rel} | {floor / t:.2f} | {cpu[name]:.2f} | "
+              f"{min(loads):.1f}-{max(loads):.1f} |")
     flops, kind = step_flops(config, BATCH, args.seq_len), "bf16" if args.bf16 else "float32"
     print(f"\nfloor: {floor:.2f} s / update ({tokens / floor:,.0f} tokens/s): {flops:.3g} matrix-product FLOPs "
           f"at {rate / 1e9:.0f} GFLOP/s ({kind} GEMM, torch, this run)")
