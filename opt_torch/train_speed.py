@@ -5,8 +5,9 @@ Why: profiling the 125m bf16 update (bench/bench_train.py, batch 8 x 128, 2-core
 bf16 gradient copies (aten::copy_, 0.53 s in 832 calls), dropout's masks (0.14 s), LayerNorm, GELU,
 residual adds, the float32 log-softmax of the 1024 x 50272 logits. Inductor fuses those into a few
 loops per layer; the products stay on the same oneDNN/MKL kernels. Measured interleaved in one process
-(eager and compiled updates of the same trainer taking turns, load 13-16): 14.1-14.6 -> 11.3-12.8 CPU
-seconds per update, 39.5-68.6 -> 30.5-55.3 s wall.
+(eager and compiled updates of the same trainer taking turns, 10 each, machine load 12-21): median
+13.9 -> 12.2 CPU seconds per update (-12%). That run let inductor draw dropout itself; with
+fallback_random (below) the eager bernoulli kernel (0.14 s of the eager profile) stays: not timed apart.
 
 What it keeps: the model's math, the optimizer, clipping and accumulation are the trainer's as they
 are; dropout draws the same masks as the eager model from torch's global generator
