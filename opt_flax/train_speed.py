@@ -23,7 +23,8 @@ from opt_spec.numerics import IGNORE_INDEX
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean float32 cross entropy of logits[:, t] (B, T, V) against labels[:, t + 1] (B, T), skipping
-    IGNORE_INDEX: opt_flax.modeling.causal_lm_loss's value (NaN when nothing is kept, as there)."""
+    IGNORE_INDEX: opt_flax.modeling.causal_lm_loss's value (0, with zero gradients, when nothing is kept:
+    opt_spec.numerics's rule)."""
     B, T, V = logits.shape
     target = jnp.concatenate([labels[:, 1:], jnp.full((B, 1), IGNORE_INDEX, labels.dtype)], axis=1)
     target = target.astype(jnp.int32)  # (B, T): the next token, IGNORE_INDEX after the last
@@ -33,4 +34,4 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     lse = jnp.log(jnp.exp(x - top).sum(axis=-1)) + top[..., 0]  # (B, T)
     vocab = lax.broadcasted_iota(jnp.int32, (1, 1, V), 2)
     picked = jnp.where(vocab == target[..., None], x, 0.0).sum(axis=-1)  # (B, T): logits[target], 0 if ignored
-    return ((lse - picked) * kept).sum() / kept.sum()
+    return ((lse - picked) * kept).sum() / jnp.maximum(kept.sum(), 1.0)
