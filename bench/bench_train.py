@@ -9,9 +9,16 @@ as a user builds it (its defaults), takes --warmup untimed updates, then --round
 
 The rows take turns: round r times one update of every row (hf, torch, tf, flax, hf, ...), so other
 work on a shared machine slows them alike, and each row's tokens/s is 8 x 128 / its median seconds per
-update; "vs hf" is the ratio of the medians. Each update's load average (os.getloadavg, 1 minute) is
-recorded and printed with the table: compare rows of one run only. --sequential builds and runs one
+update; "vs hf" is the ratio of the medians. "CPU s / update" is the process's CPU time during a row's
+updates (all threads): on a machine busier than its cores, where wall time is shared out, the work.
+Each update's load average (os.getloadavg, 1 minute) is recorded and printed with the table: compare
+rows of one run only. --sequential builds and runs one
 row at a time instead (one trainer in memory, not four: ~10 GB for 125m).
+
+The "floor" line under the table is the roofline: the update's matrix-product FLOPs (`step_flops`)
+divided by the rate torch's GEMM reaches on the step's own shapes in this run, float32 or bf16 as the
+run trains (measured before and after the rows, the better kept). No trainer can beat it without
+changing the math; a row's "of floor" is floor / its seconds.
 
 BUILDERS maps a row name to `fn(path, cfg, device) -> step`, where `step(batch)` makes one update and
 returns once it is done; a backend adds its row by adding its function there.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -56,6 +64,40 @@ def make_batches(config, n: int, seed: int = 0, seq_len: int = SEQ) -> list[dict
         ids = rng.integers(3, config.vocab_size, size=(BATCH, seq_len)).astype(np.int64)
         out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()})
     return out
+
+
+def step_flops(config, batch: int, seq_len: int) -> float:
+    """Matrix-product FLOPs of one update of batch x seq_len tokens: 2 per multiply-add forward, twice
+    that backward (the input's and the weight's gradients), for every linear layer, the tied head and
+    the attention products (q.k and p.v over the row's positions, counted whole though causal)."""
+    H, E, F, L, V = (config.hidden_size, config.word_embed_proj_dim, config.ffn_dim, config.num_hidden_layers,
+                     config.vocab_size)
+    linear = L * (4 * H * H + 2 * H * F) + V * E + (2 * E * H if config.has_projections else 0)  # per token
+    attention = L * 2 * seq_len * H  # per token
+    return 6.0 * batch * seq_len * (linear + attention)
+
+
+def gemm_rate(config, tokens: int, bf16: bool, device: str = "cpu") -> float:
+    """FLOP/s of torch's matrix product on the update's shapes: their FLOPs over the sum of each
+    shape's best time of three."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    H, F, V = config.hidden_size, config.ffn_dim, config.vocab_size
+    sync = _cuda_sync(device)
+    flops, seconds = 0.0, 0.0
+    for M, K, N in [(tokens, H, F), (tokens, F, H), (H, tokens, F), (tokens, H, V)]:  # fc1, fc2, a gradient, head
+        a, b = torch.randn(M, K, dtype=dtype, device=device), torch.randn(K, N, dtype=dtype, device=device)
+        a @ b
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t)
+        flops, seconds = flops + 2 * M * K * N, seconds + best
+    return flops / seconds
 
 
 def _cuda_sync(device: str):
@@ -123,10 +165,16 @@ def build_flax(path, cfg, device):
 BUILDERS = {"hf": build_hf, "torch": build_torch, "tf": build_tf, "flax": build_flax}
 
 
-def _timed(step, batch) -> tuple[float, float]:
-    t = time.perf_counter()
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(step, batch) -> tuple[float, float, float]:
+    """(wall seconds, load average, CPU seconds of this process: all its threads, the step's work)."""
+    t, c = time.perf_counter(), _cpu_seconds()
     step(batch)
-    return time.perf_counter() - t, os.getloadavg()[0]
+    return time.perf_counter() - t, os.getloadavg()[0], _cpu_seconds() - c
 
 
 def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -> dict[str, list[tuple]]:
@@ -148,7 +196,7 @@ def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -
             step = build(name)
             if step is not None:
                 times[name] = [_timed(step, b) for b in batches[warmup:]]
-                print(f"{name}: {', '.join(f'{t:.2f}' for t, _ in times[name])} s per update", flush=True)
+                print(f"{name}: {', '.join(f'{t:.2f}' for t, *_ in times[name])} s per update", flush=True)
             del step
             gc.collect()
         return times
@@ -187,18 +235,28 @@ def main(argv=None) -> int:
           f"{args.warmup} warm-up + {args.rounds} timed updates, "
           f"{'one row after the other' if args.sequential else 'rows interleaved'}, "
           f"device {args.device}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    tokens = BATCH * args.seq_len
+    rate = gemm_rate(config, tokens, args.bf16, args.device)
     with tempfile.TemporaryDirectory() as path:
         make_checkpoint(config, path)
         times = run_rows(names, path, cfg, batches, args.device, args.warmup, args.sequential)
+    rate = max(rate, gemm_rate(config, tokens, args.bf16, args.device))
+    floor = step_flops(config, BATCH, args.seq_len) / rate
     if not times:
         return 1
-    rows = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
+    rows = {name: statistics.median(t for t, *_ in ts) for name, ts in times.items()}
     base = rows.get("hf")
-    print("\n| row | s / update (median) | tokens/s | vs hf | load during |\n|---|---|---|---|---|")
+    cpu = {name: statistics.median(c for *_, c in ts) for name, ts in times.items()}
+    print("\n| row | s / update (median) | tokens/s | vs hf | of floor | CPU s / update | load during |\n"
+          "|---|---|---|---|---|---|---|")
     for name, t in rows.items():
         rel = f"{base / t:.2f}x" if base else "-"
-        loads = [load for _, load in times[name]]
-        print(f"| {name} | {t:.3f} | {BATCH * args.seq_len / t:,.0f} | {rel} | {min(loads):.1f}-{max(loads):.1f} |")
+        loads = [load for _, load, _ in times[name]]
+        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {rel} | {floor / t:.2f} | {cpu[name]:.2f} | "
+              f"{min(loads):.1f}-{max(loads):.1f} |")
+    flops, kind = step_flops(config, BATCH, args.seq_len), "bf16" if args.bf16 else "float32"
+    print(f"\nfloor: {floor:.2f} s / update ({tokens / floor:,.0f} tokens/s): {flops:.3g} matrix-product FLOPs "
+          f"at {rate / 1e9:.0f} GFLOP/s ({kind} GEMM, torch, this run)")
     return 0
 
 

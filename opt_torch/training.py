@@ -12,6 +12,9 @@
   state and the losses stay float32.
 - Dropout draws from torch's global generator, seeded with cfg.seed when the trainer is made; its
   state is saved with every checkpoint, so a resumed run draws the same masks.
+- Speed: the training forward runs through torch.compile (opt_torch.train_speed) for models of 20M
+  parameters or more on one process (`compile=None`; True/False force it), falling back to the eager
+  model if compiling fails; the first compiled update's time is returned as `compile_s`.
 
 A checkpoint is one folder: the Hugging Face directory (config.json, model.safetensors) plus
 `trainer_state.pt` (optimizer, scheduler, RNG state, step, the TrainConfig) written with torch.save.
@@ -52,6 +55,7 @@ from opt_spec.torch_pickle import TorchZipReader
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                loss_count, micro_batch_list, task_head)
 
+from . import train_speed
 from .distributed import VIEW_WARNING
 from .modeling import MODEL_CLASSES
 
@@ -150,7 +154,8 @@ class Trainer:
     """AdamW fine-tuning of one OPT torch model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, task: str | None = None,
-                 gradient_checkpointing: bool = False, seed_rng: bool = True, device_mesh=None):
+                 gradient_checkpointing: bool = False, seed_rng: bool = True, device_mesh=None,
+                 compile: bool | None = None):
         self.task = task or next(t for t, h in TASK_HEADS.items() if h == model.head)
         if task_head(self.task) != model.head:
             raise ValueError(f"task {self.task} needs a {task_head(self.task).value} model, got {type(model).__name__}")
@@ -189,18 +194,22 @@ class Trainer:
                                            weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.scheduler = SpecSchedule(self.optimizer, cfg)
         self.step = 0
+        self.compiled = (train_speed.CompiledForward(model) if train_speed.wants_compile(
+            model, compile, self.mesh is not None, gradient_checkpointing) else None)
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
-                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None) -> "Trainer":
+                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None,
+                        compile: bool | None = None) -> "Trainer":
         model_cls = MODEL_CLASSES[task_head(task)]
         model = model_cls.from_pretrained(model_dir, config=config, device=device, device_mesh=device_mesh)
-        return cls(model, cfg, task, gradient_checkpointing, device_mesh=device_mesh)
+        return cls(model, cfg, task, gradient_checkpointing, device_mesh=device_mesh, compile=compile)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
-                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None) -> "Trainer":
+                        gradient_checkpointing: bool = False, device: str = "cpu", device_mesh=None,
+                        compile: bool | None = None) -> "Trainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on this mesh or
         on one process, whatever the mesh that saved it."""
         state = _read_state(directory)
@@ -211,7 +220,8 @@ class Trainer:
                              "resume with the same ones")
         model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device,
                                                                         device_mesh=device_mesh)
-        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False, device_mesh=device_mesh)
+        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False, device_mesh=device_mesh,
+                      compile=compile)
         trainer._load_state(state, directory)
         return trainer
 
@@ -221,22 +231,28 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, batch: Mapping[str, np.ndarray]):
+    def _forward(self, batch: Mapping[str, np.ndarray], train: bool = False):
         # A batch without padding (packed causal-LM blocks) needs no mask: plain causal attention
         # lets SDPA pick its fastest kernels; the result is the same.
         padded = not np.asarray(batch["attention_mask"]).all()
         keys = ("input_ids", "attention_mask") if padded else ("input_ids",)
         inputs = _to_torch(batch, (*keys, *TASK_INPUTS[self.task]), self.device)
+        model = self.compiled if train and self.compiled is not None else self.model
         with self._autocast():
-            return self.model(**inputs, use_cache=False)
+            return model(**inputs, use_cache=False)
 
     def train_step(self, micro_batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
         """One update from `gradient_accumulation_steps` micro-batches (a dict is one micro-batch).
         Returns the mean micro-batch loss, the rate used, the global gradient norm before clipping,
         and the number of real tokens."""
         micro_batches = micro_batch_list(micro_batches, self.cfg)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens = self.backward(micro_batches)
+
+        def gradients():
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.backward(micro_batches)
+
+        first = self.compiled is not None and self.compiled.seconds is None and self.compiled.active
+        loss, tokens = self.compiled.run_first(gradients) if self.compiled is not None else gradients()
         norm, _ = clip_gradients(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.fused:  # a layout changed under the trainer (.to(), pack_weights) takes foreach's path
@@ -246,7 +262,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss, "learning_rate": lr, "grad_norm": float(norm), "tokens": tokens}
+        out = {"loss": loss, "learning_rate": lr, "grad_norm": float(norm), "tokens": tokens}
+        if first and self.compiled.seconds is not None:
+            out["compile_s"] = self.compiled.seconds  # this update's forward and backward, compiling included
+        return out
 
     def backward(self, micro_batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, int]:
         """Adds one update's gradients to the parameters' .grad (each micro-batch's mean loss divided by
@@ -261,7 +280,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == n - 1)
             with warnings.catch_warnings():  # also where a caller's catch_warnings dropped parallelize's filter
                 warnings.filterwarnings("ignore", message=VIEW_WARNING)
-                out = self._forward(rows)
+                out = self._forward(rows, train=True)
             loss = out.loss
             if share == 0:  # no labelled token among this rank's rows: it still joins FSDP2's collectives
                 loss = out.logits.sum() * 0.0

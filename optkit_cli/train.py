@@ -12,10 +12,10 @@ sequence_classification reads JSONL {"text", "label"}; question_answering reads 
 model folder's. A bad data file is refused as FILE:LINE: reason (exit 1).
 
 Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": loss, learning_rate,
-grad_norm, tokens, tokens_per_s; and per evaluation, kind "eval"), OUTPUT/checkpoint-STEP every
---save-every updates and OUTPUT/final: Hugging Face folders (with the tokenizer files) plus the
-backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues such a run exactly
-(same settings; the batches continue where they stopped).
+grad_norm, tokens, tokens_per_s, and compile_s on an update that compiled; per evaluation, kind "eval"),
+OUTPUT/checkpoint-STEP every --save-every updates and OUTPUT/final: Hugging Face folders (with the
+tokenizer files) plus the backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues
+such a run exactly (same settings; the batches continue where they stopped).
 
 --replicas N (tf backend): data parallelism with tf.distribute, MirroredStrategy over N local devices
 (the first N GPUs, or N logical devices carved from the CPU), or MultiWorkerMirroredStrategy across
@@ -260,6 +260,8 @@ def run(args, console: Console) -> int:
             record = {"kind": "train", "step": step, "loss": float(out["loss"]),
                       "learning_rate": float(out["learning_rate"]), "grad_norm": float(out["grad_norm"]),
                       "tokens": int(out["tokens"]), "tokens_per_s": int(out["tokens"]) / dt if dt > 0 else None}
+            if "compile_s" in out:  # a trainer that compiled during this update says how long that took
+                record["compile_s"] = float(out["compile_s"])
             write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
