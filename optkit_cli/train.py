@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per update (default 1)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (float32 weights)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch backend: run the training forward through torch.compile (auto: models of 20M "
+                        "parameters or more on one process; compiling takes a minute or more once)")
     p.add_argument("--mesh", metavar="fsdp=F,tp=T",
                    help="flax: shard parameters, gradients, Adam state and batches over F x T devices "
                         "(jax.sharding; a CPU-only machine simulates them); torch, under torchrun: FSDP2 over F "
@@ -197,6 +200,10 @@ def run(args, console: Console) -> int:
     kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
     if args.gradient_checkpointing and args.backend != "torch":
         raise CLIError("--gradient-checkpointing is offered by the torch backend only")
+    if args.compile != "auto":
+        if args.backend != "torch":
+            raise CLIError(f"--compile {args.compile} is a torch backend option (TF and Flax always compile with XLA)")
+        kwargs["compile"] = args.compile == "on"
     chief = True
     if args.backend == "tf" and (args.replicas is not None or os.environ.get("TF_CONFIG")):
         try:  # before TensorFlow runs anything: CPU replicas are logical devices fixed at start-up

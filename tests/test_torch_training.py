@@ -350,3 +350,11 @@ def test_fused_adamw_and_its_fallback_give_the_same_updates():
     for (n, p), q, r in zip(fused.model.named_parameters(), repacked.model.parameters(), reference.parameters()):
         np.testing.assert_allclose(p.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
         np.testing.assert_allclose(q.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_cli_compile_option_is_torch_only(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("hello world\n" * 50)
+    r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", data, "--backend", "flax",
+               "--output", tmp_path / "o", "--steps", 1, "--seq-len", 16, "--compile", "on")
+    assert r.returncode == 2 and "--compile on is a torch backend option" in r.stderr, r.stderr
