@@ -118,10 +118,10 @@ def run_backend(name: str, path: str, dtype: str, ids, mask, mesh: dict | None =
     entry["import_s"], entry["load_s"] = round(entry["import_s"], 4), round(runner.load_s, 4)
     try:
         start = time.perf_counter()
-        runner.forward(ids, mask, repeated=True)
+        runner.forward(ids, mask)
         entry["first_forward_s"] = round(time.perf_counter() - start, 4)
         start = time.perf_counter()
-        logits = runner.forward(ids, mask, repeated=True)
+        logits = runner.forward(ids, mask)
         entry["forward_s"] = round(time.perf_counter() - start, 4)
     except Exception as err:
         return {**entry, "status": "failed", "reason": f"forward: {type(err).__name__}: {err}"}, None

@@ -77,13 +77,12 @@ class Runner:
             x = x.numpy()
         return np.asarray(x)
 
-    def _call(self, input_ids, attention_mask, repeated=False):
+    def _call(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, repeated: bool = False) -> np.ndarray:
-        """(B, T) ids and mask -> (B, T, V) float32 logits. `repeated`: batches of this shape come again
-        (`optkit parity`), so a backend may compile its forward for the shape."""
-        out = self._call(self.to_native(input_ids), self.to_native(attention_mask), repeated)
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) ids and mask -> (B, T, V) float32 logits."""
+        out = self._call(self.to_native(input_ids), self.to_native(attention_mask))
         return self.to_numpy(out.logits).astype(np.float32, copy=False)
 
     @property
@@ -118,7 +117,7 @@ class TorchRunner(Runner):
 
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
-    def _call(self, input_ids, attention_mask, repeated=False):
+    def _call(self, input_ids, attention_mask):
         import torch
 
         with torch.inference_mode():
@@ -139,19 +138,20 @@ class TFRunner(Runner):
 
         return tf.convert_to_tensor(np.asarray(array, dtype=np.int32))
 
-    def _call(self, input_ids, attention_mask, repeated=False):
-        """Run eagerly, the model's forward costs ~10x torch's (`optkit parity`'s demo batch: 0.83 s against 0.08 s):
-        per-op dispatch and TF's own CPU kernels. A shape that comes again (`repeated`) runs as one XLA program
-        compiled for it (~4x faster than eager on 125m, measured on a loaded machine); any other as a traced
-        graph (no per-op Python, one trace for every shape: the fallback generate loop's growing batches).
-        The same math either way: 125m's logits move by float32 rounding (~4e-6)."""
+    def _call(self, input_ids, attention_mask):
+        """The forward as a traced graph, not eagerly: without the per-op Python the 125m forward on `optkit
+        parity`'s batch takes half the time after its first call (measured on a loaded 2-core machine: 2.9 ->
+        1.5 s), and its logits are bit for bit the eager ones there (the same TF kernels; Grappler may reorder
+        a few roundings elsewhere). Not XLA: a compile per new shape (~5-30 s) that parity's two calls and the
+        fallback generate loop's growing batches never earn back, and logits moved by float32 rounding
+        (parity's torch-vs-tf max difference 5.7e-5 -> 7.4e-5). One trace serves every shape."""
         import tensorflow as tf
 
-        if not hasattr(self, "_compiled"):
-            call = lambda ids, mask: self.model(input_ids=ids, attention_mask=mask, use_cache=False)  # noqa: E731
-            self._compiled = {False: tf.function(call, reduce_retracing=True), True: tf.function(call, jit_compile=True)}
+        if not hasattr(self, "_traced"):
+            self._traced = tf.function(lambda ids, mask: self.model(input_ids=ids, attention_mask=mask, use_cache=False),
+                                       reduce_retracing=True)
         _check_token_ids(input_ids.numpy(), self.model.config.vocab_size)  # the model checks only when eager
-        return self._compiled[bool(repeated)](input_ids, attention_mask)
+        return self._traced(input_ids, attention_mask)
 
 
 def _check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
