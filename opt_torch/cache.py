@@ -1,47 +1,97 @@
-"""A preallocated key/value cache for decoding without re-allocation (and CUDA-graph capture).
+"""The key/value cache of the PyTorch backend: opt_spec.cache's contract, with torch tensors.
 
-`StaticCache(config, batch_size, max_length)` holds keys and values for every layer in fixed buffers
-of shape (L, B, nh, max_length, hs). A forward pass given `past_key_values=cache` must also get
-`cache_position` (T,): the slots its T new tokens are written to, and an `attention_mask` of shape
-(B, max_length) covering every slot (0 for slots not written yet and for padding). The model then
-returns the same cache object, updated in place.
+`KVCache(config, batch_size, capacity=None)`, or `model.init_cache(batch_size, capacity)`:
+- capacity None, a dynamic cache: each layer's keys and values grow by concatenation, (B, nh, length, hs).
+  A forward with use_cache=True and no cache starts one and returns it; pass it back as past_key_values.
+- capacity N, a preallocated cache: fixed buffers (L, B, nh, N, hs) written in place, so decoding
+  allocates nothing per token and a compiled step has fixed shapes (generate decodes into one).
 
-Without a StaticCache the model uses the plain format: a tuple per layer of (keys, values), each
-(B, nh, S, hs), grown by concatenation.
+`update(layer, k, v)` writes a layer's T new keys and values at the write position and returns what the
+queries attend to: past + new (dynamic) or the whole buffer (preallocated; slots not written yet are
+hidden by the mask rule). The decoder calls `advance(T)` after its last layer. A preallocated cache keeps
+its write position as a (1,) tensor on its device, so that a step compiled by torch.compile
+(generate(compile=True)) reads and moves it inside the graph: a Python int there would be baked into the
+graph and recompile it every step. `length` reads it back on the host.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from opt_spec import OPTConfig
+from opt_spec.cache import cache_mask_width
 
 
-class StaticCache:
-    def __init__(self, config: OPTConfig, batch_size: int, max_length: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", num_heads: int | None = None):
+class KVCache:
+    def __init__(self, config: OPTConfig, batch_size: int, capacity: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 num_heads: Optional[int] = None):
         """num_heads: the heads one process keeps (model.kv_heads; fewer than the config's under tensor
-        parallelism), default all."""
-        if max_length > config.max_position_embeddings:
-            raise ValueError(f"cache of {max_length} tokens is longer than max_position_embeddings="
+        parallelism), default all. dtype and device matter for a preallocated cache only."""
+        if capacity is not None and capacity > config.max_position_embeddings:
+            raise ValueError(f"cache of {capacity} tokens is longer than max_position_embeddings="
                              f"{config.max_position_embeddings}")
-        nh = config.num_attention_heads if num_heads is None else num_heads
-        shape = (config.num_hidden_layers, batch_size, nh, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)    # (L, B, nh, max_length, hs)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, max_length, hs)
-        self.max_length = max_length
+        self.num_layers, self.batch_size, self.capacity = config.num_hidden_layers, batch_size, capacity
+        self.num_heads = config.num_attention_heads if num_heads is None else num_heads
+        if capacity is None:
+            self.keys: list = [None] * self.num_layers    # per layer (B, nh, length, hs)
+            self.values: list = [None] * self.num_layers
+            self._length = 0
+        else:
+            shape = (self.num_layers, batch_size, self.num_heads, capacity, config.head_dim)
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)    # (L, B, nh, capacity, hs)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, capacity, hs)
+            self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the write slot
 
     @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
+    def length(self) -> int:
+        """Tokens written so far (the write position)."""
+        return self._length if self.capacity is None else int(self.position)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
-        """Writes (B, nh, T, hs) keys/values at cache_position (T,); returns the layer's full buffers."""
-        self.keys[layer].index_copy_(2, cache_position, k)
-        self.values[layer].index_copy_(2, cache_position, v)
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes a layer's new keys and values (B, nh, T, hs); returns keys and values (B, nh, S, hs)."""
+        if self.capacity is None:
+            if self.keys[layer] is not None:
+                k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        T = k.shape[2]  # one new token (a decoding step) is written at the position itself
+        slots = self.position if T == 1 else self.position + torch.arange(T, device=self.position.device)
+        self.keys[layer].index_copy_(2, slots, k)
+        self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer], self.values[layer]
+
+    def advance(self, new: int) -> None:
+        """Moves the write position on by the `new` tokens every layer has now written."""
+        if self.capacity is None:
+            self._length += new
+        else:
+            self.position += new
+
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        """(new,) the slots, hence the causal positions, of the next `new` tokens (on `device`)."""
+        if self.capacity is None:
+            return torch.arange(self._length, self._length + new, device=device)
+        return self.position + torch.arange(new, device=self.position.device)
+
+    def mask_width(self, mask_length: int, new: int) -> int:
+        """The keys' S, to which the given attention mask is widened (opt_spec.cache.cache_mask_width).
+        Traced by torch.compile the write position is not known: the mask must then cover the buffer."""
+        if self.capacity is not None and torch.compiler.is_compiling():
+            if mask_length != self.capacity:
+                raise ValueError(f"a compiled step takes an attention_mask over the cache's {self.capacity} "
+                                 f"slots, got {mask_length}")
+            return self.capacity
+        return cache_mask_width(mask_length, self.length, new, self.capacity)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps batch rows `index` (beam search: each beam continues from its parent's cache)."""
-        self.keys = self.keys.index_select(1, index)
-        self.values = self.values.index_select(1, index)
+        if self.capacity is None:
+            self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+            self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+        else:
+            self.keys = self.keys.index_select(1, index)
+            self.values = self.values.index_select(1, index)
+        self.batch_size = index.shape[0]

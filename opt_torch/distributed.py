@@ -31,7 +31,7 @@ Where everything goes (opt_spec.parallel decides; this module spells it with tor
 - dp: FSDP2 `fully_shard` per decoder layer, then at the root, each parameter sharded on the dimension
   the table splits over fsdp (a column-parallel matrix on its input side, Shard(1)), or on dim 0 where
   the table keeps it whole (biases, norms: FSDP2 reduces the gradients only of what it shards).
-- The weights are plain contiguous (out, in) tensors: the CPU layout of opt_torch.layout (views into a
+- The weights are plain contiguous (out, in) tensors: the CPU layout of opt_torch.fast_paths (views into a
   shared buffer), which DTensor and FSDP2 cannot slice, is undone, and the forward and generate take
   the module path (the fast paths step aside for DTensor parameters and hooks; one device's decoding
   keeps them).
@@ -65,7 +65,7 @@ from opt_spec.parallel import COLUMN, FSDP, ROW, VOCAB, check_plan, tensor_paral
 from opt_spec.weights import LoadPlan, Role, WeightSpec
 
 from .checkpoint import numpy_to_torch, torch_to_numpy
-from .layout import unpack_weights
+from .fast_paths import unpack_weights
 
 DIMS = ("dp", "tp")  # torch's names for the spec's (fsdp, tp)
 # FSDP2 warns, at a layer's first call, that it returns views (a decoder layer's keys and values): an
@@ -125,7 +125,7 @@ def is_split(model: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------- the split
 def plain_layout(model: nn.Module) -> None:
-    """Every parameter plain and contiguous, and kept so by `.to()` and loading (opt_torch.layout)."""
+    """Every parameter plain and contiguous, and kept so by `.to()` and loading (opt_torch.fast_paths)."""
     from .modeling import OPTPreTrainedModel
 
     for m in model.modules():

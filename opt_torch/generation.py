@@ -1,6 +1,6 @@
 """`generate` for the PyTorch backend, following opt_spec.generation's semantics.
 
-Decoding writes into a preallocated StaticCache (no re-allocation per token); the one-token step has
+Decoding writes into a preallocated KVCache (no re-allocation per token); the one-token step has
 fixed shapes, so on a GPU `compile=True` lets torch.compile capture it (CUDA graphs); on the CPU the
 loop runs eagerly. The loop is on the host anyway, so logits processors, stop strings and streamers
 (Hugging Face's put/end protocol, CPU tensors as Hugging Face puts them, or a plain callable) cost
@@ -16,7 +16,6 @@ import torch
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
                                  check_extras, check_prompt, length_norms, prompt_inputs)
 
-from .cache import StaticCache
 
 NEG_INF = float("-inf")
 
@@ -85,9 +84,9 @@ def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tens
 class GenerationMixin(GenerationDefaults):
     """Adds generate / stream to OPTForCausalLM (generation_config from opt_spec.GenerationDefaults)."""
 
-    def _last_logits(self, ids, mask, cache, positions) -> torch.Tensor:
+    def _last_logits(self, ids, mask, cache) -> torch.Tensor:
         """float32 logits (B, V) of the last new position, filling the cache."""
-        out = self.model(ids, attention_mask=mask, past_key_values=cache, cache_position=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     def _fresh_seed(self) -> int:
@@ -101,27 +100,23 @@ class GenerationMixin(GenerationDefaults):
 
     def _step_fn(self, compile: bool) -> Callable:
         """step(tokens (B,), mask (B, L), cache, slot: int) -> float32 logits (B, V) of one new token per
-        row, written to cache slot `slot`. Eager: opt_torch.modeling.DecodeStep over tensors gathered
-        now (no module calls per step), attending over the slots written so far. compile=True: the
-        model's forward over the whole buffer (fixed shapes), captured by torch.compile (CUDA graphs).
-        A decoder whose layers are swapped or hooked (LoRA, probes) takes that forward uncompiled, so
-        that every module runs (DecodeStep reads weights and would skip them)."""
-        from .layout import modules_are_stock
+        row, written to the cache at its write position, `slot`. Eager: opt_torch.fast_paths.DecodeStep
+        over tensors gathered now (no module calls per step), attending over the slots written so far.
+        compile=True: the model's forward over the whole buffer (fixed shapes), captured by torch.compile
+        (CUDA graphs). A decoder whose layers are swapped or hooked (LoRA, probes) takes that forward
+        uncompiled, so that every module runs (DecodeStep reads weights and would skip them)."""
+        from .fast_paths import DecodeStep, modules_are_stock
 
         if compile or not modules_are_stock(self.model.decoder):
             forward = self._last_logits
             if compile:
                 forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            return lambda tokens, mask, cache, slot: forward(tokens[:, None], mask, cache,
-                                                             torch.tensor([slot], device=mask.device))
-        from .modeling import DecodeStep  # modeling imports this module
-
+            return lambda tokens, mask, cache, slot: forward(tokens[:, None], mask, cache)
         decode = DecodeStep(self.model.decoder, self.attn_implementation)
 
         def step(tokens, mask, cache, slot):  # the new token's position: the real tokens before it
             allowed = mask[:, :slot + 1].bool()[:, None, None, :]  # (B, 1, 1, slot + 1)
-            hidden = decode(tokens, mask.sum(1) - 1, allowed, cache, torch.tensor([slot], device=mask.device))
-            return self.lm_head(hidden).float()
+            return self.lm_head(decode(tokens, mask.sum(1) - 1, allowed, cache)).float()
         return step
 
     def _prepare(self, input_ids, attention_mask, generation_config, kwargs) -> tuple:
@@ -184,7 +179,7 @@ class GenerationMixin(GenerationDefaults):
         B, T = input_ids.shape
         N, V = d.max_new_tokens, self.config.vocab_size
         L, device = T + N, input_ids.device
-        cache = StaticCache(self.config, B, L, self.dtype, device, self.kv_heads)
+        cache = self.init_cache(B, L)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :T] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far
@@ -196,7 +191,7 @@ class GenerationMixin(GenerationDefaults):
         seen = _prompt_seen(input_ids, attention_mask, V) if d.repetition_penalty != 1.0 else None
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         step_fn = self._step_fn(compile)
-        logits = self._last_logits(input_ids, mask, cache, torch.arange(T, device=device))
+        logits = self._last_logits(input_ids, mask, cache)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(N):
             now = T + step
@@ -229,12 +224,12 @@ class GenerationMixin(GenerationDefaults):
         K, N, V, C = d.num_beams, d.max_new_tokens, self.config.vocab_size, d.candidates
         L, device = T + N, input_ids.device
         rows = torch.arange(B, device=device)
-        cache = StaticCache(self.config, B * K, L, self.dtype, device, self.kv_heads)
+        cache = self.init_cache(B * K, L)
         mask = torch.zeros(B * K, L, dtype=torch.long, device=device)
         mask[:, :T] = attention_mask.repeat_interleave(K, 0)
         prompt = input_ids.repeat_interleave(K, 0)                           # (BK, T)
         seen = _prompt_seen(prompt, mask[:, :T], V) if d.repetition_penalty != 1.0 else None
-        logits = self._last_logits(prompt, mask, cache, torch.arange(T, device=device))
+        logits = self._last_logits(prompt, mask, cache)
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats

@@ -23,8 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import surface
-
-from .cache import StaticCache
+from opt_spec.cache import refuse_legacy_cache
 
 
 class HFModelMethods:
@@ -105,14 +104,9 @@ class CausalLMMethods:
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       cache_position=None, use_cache: bool = True, **kwargs) -> dict:
         """The forward's inputs for the next step of a decode loop (opt_spec.surface.generation_inputs): the
-        tokens the cache `past_key_values` (a per-layer (k, v) tuple, or a StaticCache with cache_position)
-        has not seen."""
-        if isinstance(past_key_values, StaticCache):
-            if cache_position is None:
-                raise ValueError("a StaticCache needs cache_position: the slots of the new tokens")
-            past = int(cache_position[0])
-            kwargs["cache_position"] = cache_position
-        else:
-            past = past_key_values[0][0].shape[2] if past_key_values else 0
+        tokens the cache `past_key_values` (the model's KVCache) has not seen. Hugging Face's loop also
+        passes cache_position; the cache keeps its own write position, so it is not needed."""
+        refuse_legacy_cache(past_key_values)
+        past = past_key_values.length if past_key_values is not None else 0
         return surface.generation_inputs(input_ids, past, attention_mask, inputs_embeds,
                                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)

@@ -1,14 +1,16 @@
 """OPT in PyTorch, read top to bottom: attention, layer, decoder, base model, heads.
 
 Attribute names are the canonical checkpoint names, so `state_dict()` keys equal the spec's weight
-table. Dimension letters: B batch, T new tokens, S keys (past + new), H hidden, nh heads, hs head
-size, E embedding width, F ffn width, V vocabulary.
+table. Dimension letters: B batch, T new tokens, S keys (past + new, or a preallocated cache's slots),
+H hidden, nh heads, hs head size, E embedding width, F ffn width, V vocabulary. What runs instead of
+these modules for speed (the weight layout, one q/k/v product, generate's decode step) is in
+opt_torch/fast_paths.py; past keys and values live in a KVCache (opt_torch/cache.py).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +18,20 @@ import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import Head, OPTConfig
+from opt_spec.cache import refuse_legacy_cache
 from opt_spec.inputs import check_positions, check_token_ids, not_integers, token_range_message
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
 
-from .cache import StaticCache
+from .cache import KVCache
 from .checkpoint import PretrainedMixin
+from .fast_paths import PackedWeights, project_qkv
 from .generation import GenerationMixin
 from .hf_compat import CausalLMMethods, HFModelMethods
-from .layout import column_blocks, modules_are_stock, pack_embedding_for_head, pack_linears, vector_blocks
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k, v), each (B, nh, S, hs)
 
 
 def activation_fn(formula: str):
@@ -69,17 +71,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[
     return torch.matmul(probs, v), probs if need_probs else None  # (B, nh, T, hs)
 
 
-def project_qkv(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, k, v) from OPTAttention.qkv_weights: one product split in three, or three products."""
-    if len(weights) == 1:
-        return F.linear(x, *weights[0]).chunk(3, dim=-1)
-    return tuple(F.linear(x, *wb) for wb in weights)
-
-
 class OPTAttention(nn.Module):
-    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: OPTConfig, layer_idx: int, attn_implementation: str = "sdpa"):
         super().__init__()
         H, bias = config.hidden_size, config.enable_bias
+        self.layer_idx = layer_idx  # which of the cache's layers holds this attention's keys and values
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.scaling = attention_scale(config.head_dim)
         self.dropout = config.attention_dropout
@@ -93,57 +89,39 @@ class OPTAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-    def qkv_weights(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """F.linear's (weight, bias) pairs that give q, k, v: one (3H, H) pair, whose product is then
-        split, when the weights are laid out as column blocks of one matrix (opt_torch.layout), else
-        three."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        w = column_blocks([p.weight for p in projections])
-        b = vector_blocks([p.bias for p in projections])
-        if w is not None and (b is not None or self.q_proj.bias is None):
-            return [(w.t(), b)]
-        return [(p.weight, p.bias) for p in projections]
-
-    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v), each (B, T, H): without autograd, through qkv_weights (the fused product), unless a
-        projection is swapped or hooked (LoRA, probes): then through the modules, as with autograd."""
-        if torch.is_grad_enabled() or not modules_are_stock(self.q_proj, self.k_proj, self.v_proj):
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return project_qkv(x, self.qkv_weights())
-
-    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], kv_update: Optional[Callable] = None,
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor], cache: Optional[KVCache] = None,
                 output_attentions: bool = False):
-        """kv_update(k, v) -> keys and values over all S positions (the cache's concern). Returns the
-        output, (k, v) and, with output_attentions, the probabilities (B, nh, T, S) (else None)."""
+        """The output (B, T, H) and, with output_attentions, the probabilities (B, nh, T, S) (else None).
+        With a cache, the new keys and values are written there and attention covers the past ones too."""
         B, T, _ = x.shape
-        q, k, v = self._project_qkv(x)
+        q, k, v = project_qkv(self, x)                  # q_proj(x), k_proj(x), v_proj(x), each (B, T, H)
         q = self._heads(q * self.scaling)               # (B, nh, T, hs)
         k, v = self._heads(k), self._heads(v)           # (B, nh, T, hs)
-        if kv_update is not None:
-            k, v = kv_update(k, v)                      # (B, nh, S, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)   # (B, nh, S, hs): the past and the new
         y, probs = attend(q, k, v, allowed, self.attn_implementation, self.dropout if self.training else 0.0,
                           output_attentions)
         y = y.transpose(1, 2).reshape(B, T, -1)     # (B, T, nh * hs): this process's heads (nh / tp under TP)
-        return self.out_proj(y), (k, v), probs
+        return self.out_proj(y), probs
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: OPTConfig, layer_idx: int, attn_implementation: str = "sdpa"):
         super().__init__()
         H, F_, bias, affine = (config.hidden_size, config.ffn_dim, config.enable_bias,
                                config.layer_norm_elementwise_affine)
         self.pre_ln = config.do_layer_norm_before
         self.dropout = config.dropout
         self.act = activation_fn(config.activation)
-        self.self_attn = OPTAttention(config, attn_implementation)
+        self.self_attn = OPTAttention(config, layer_idx, attn_implementation)
         self.self_attn_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
         self.fc1 = nn.Linear(H, F_, bias=bias)
         self.fc2 = nn.Linear(F_, H, bias=bias)
         self.final_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS, elementwise_affine=affine)
 
-    def forward(self, x, allowed, kv_update=None, output_attentions=False):
+    def forward(self, x, allowed, cache=None, output_attentions=False):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv, probs = self.self_attn(h, allowed, kv_update, output_attentions)
+        h, probs = self.self_attn(h, allowed=allowed, cache=cache, output_attentions=output_attentions)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -152,7 +130,7 @@ class OPTDecoderLayer(nn.Module):
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
-        return x, kv, probs
+        return x, probs
 
 
 class OPTDecoder(nn.Module):
@@ -168,14 +146,16 @@ class OPTDecoder(nn.Module):
         self.final_layer_norm = (nn.LayerNorm(H, eps=LAYER_NORM_EPS,
                                               elementwise_affine=config.layer_norm_elementwise_affine)
                                  if config.has_final_layer_norm else None)
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, attn_implementation)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i, attn_implementation)
+                                    for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False  # recompute each layer in backward (training, no cache)
         self.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, output_hidden_states=False, cache_position=None,
-                output_attentions=False):
+                inputs_embeds=None, use_cache=False, output_hidden_states=False, output_attentions=False):
+        """past_key_values: a KVCache (opt_torch.cache), written in place and returned; use_cache=True
+        without one starts a dynamic cache. attention_mask (B, past + new), or (B, capacity) with a
+        preallocated cache (opt_spec.cache.cache_mask_width)."""
         config = self.config
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a cache would keep every layer's keys alive (Hugging Face turns it off too)
@@ -186,17 +166,22 @@ class OPTDecoder(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
         B, T = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        static = isinstance(past_key_values, StaticCache)
-        if static:  # fixed buffers: the new tokens go to slots cache_position of max_length
-            if cache_position is None or attention_mask is None:
-                raise ValueError("a StaticCache needs cache_position (T,) and an attention_mask over all its slots")
-            S, q_pos = past_key_values.max_length, cache_position
-        else:
-            past_len = _check_past(past_key_values, config, B, self.layers[0].self_attn.num_heads)
-            S, q_pos = past_len + T, torch.arange(past_len, past_len + T, device=device)
+        heads = self.layers[0].self_attn.num_heads  # num_attention_heads / tp under tensor parallelism
+        cache = past_key_values
+        given = None if attention_mask is None else tuple(attention_mask.shape)
+        if cache is None:
+            S, q_pos = T, torch.arange(T, device=device)
+            cache = KVCache(config, B, num_heads=heads) if use_cache else None
+        else:  # the keys: past + new, or the preallocated buffer (opt_spec.cache.cache_mask_width)
+            _check_cache(cache, config, B, heads)
+            width = attention_mask.shape[-1] if attention_mask is not None else cache.length + T
+            S, q_pos = cache.mask_width(width, T), cache.positions(T, device)
+            if attention_mask is None:  # attending over a past: the mask says which slots are written
+                attention_mask = torch.ones(B, width, dtype=torch.long, device=device)
+            if S > width:  # slots not written yet: 0
+                attention_mask = F.pad(attention_mask, (0, S - width))
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) "
-                             f"= ({B}, {S})")
+            raise ValueError(f"attention_mask has shape {given}; expected (batch, past + new) = ({B}, {S})")
         if position_ids is None:  # positions never exceed S - 1: a shape check suffices
             if S > config.max_position_embeddings:
                 raise ValueError(f"{S} tokens (past + new) are more than the model's max_position_embeddings="
@@ -206,114 +191,35 @@ class OPTDecoder(nn.Module):
         else:
             _check_positions(position_ids, config.max_position_embeddings)
         # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
-        allowed = None if attention_mask is None and not past_key_values else attention_allowed(
-            attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device), q_pos)
+        allowed = None if attention_mask is None else attention_allowed(attention_mask, q_pos)
 
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET).to(x.dtype)
         hidden_states = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        cache = [] if use_cache else None
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.training and config.layerdrop > 0 and torch.rand([]).item() < config.layerdrop:
                 continue
-            if static:
-                kv_update = functools.partial(past_key_values.update, i, cache_position=cache_position)
-            elif past_key_values:
-                kv_update = functools.partial(_concat_kv, past_key_values[i])
+            if self.gradient_checkpointing and self.training and cache is None:
+                forward = functools.partial(layer, allowed=allowed, output_attentions=output_attentions)
+                x, probs = self.checkpoint_fn(forward, x)
             else:
-                kv_update = None
-            if self.gradient_checkpointing and self.training and kv_update is None:
-                x, kv, probs = self.checkpoint_fn(layer, x, allowed, None, output_attentions)
-            else:
-                x, kv, probs = layer(x, allowed, kv_update, output_attentions)
-            if cache is not None:
-                cache.append(kv)
+                x, probs = layer(x, allowed=allowed, cache=cache, output_attentions=output_attentions)
             if attentions is not None:
                 attentions.append(probs)
+        if cache is not None:
+            cache.advance(T)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)  # (B, T, E)
         if hidden_states is not None:
             hidden_states.append(x)
-        if static:
-            cache = past_key_values
-        elif cache is not None:
-            cache = tuple(cache)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None,
                                        attentions=tuple(attentions) if attentions is not None else None)
-
-
-class DecodeStep:
-    """One new token per row through the decoder, for generation: the operations of OPTDecoder.forward
-    for T = 1 without autograd or dropout, on tensors gathered once (per generate call), so that a step
-    spends its time in the matrix products rather than in module calls, attribute lookups and mask
-    building (those took 3-5 ms of a ~19 ms 125m step on a 2-core CPU, next to 14 ms of products).
-
-    step(tokens (B,), positions (B,), allowed (B, 1, 1, S) bool, cache, slot (1,)) -> (B, E), the
-    final hidden state, with the tokens' keys and values written to `slot` of the StaticCache. The
-    attention covers the cache's first S slots (S = allowed's last size, at most the cache length):
-    generate passes the slots written so far, so a step does not read the unused rest of the buffer.
-    Traceable by torch.compile (fullgraph).
-    """
-
-    def __init__(self, decoder: "OPTDecoder", implementation: str):
-        config = decoder.config
-        self.implementation = implementation
-        self.pre_ln = config.do_layer_norm_before
-        self.shape = (config.num_attention_heads, config.head_dim)
-        self.embed_tokens = decoder.embed_tokens.weight
-        self.embed_positions = decoder.embed_positions.weight
-        self.project_in = decoder.project_in.weight if decoder.project_in is not None else None
-        self.project_out = decoder.project_out.weight if decoder.project_out is not None else None
-        self.final_norm = _norm_args(decoder.final_layer_norm)
-        self.layers = []
-        for layer in decoder.layers:
-            attn = layer.self_attn
-            self.layers.append(dict(
-                attn_norm=_norm_args(layer.self_attn_layer_norm), qkv=attn.qkv_weights(), scaling=attn.scaling,
-                out=(attn.out_proj.weight, attn.out_proj.bias), act=layer.act,
-                fc1=(layer.fc1.weight, layer.fc1.bias), fc2=(layer.fc2.weight, layer.fc2.bias),
-                final_norm=_norm_args(layer.final_layer_norm)))
-
-    def __call__(self, tokens, positions, allowed, cache: StaticCache, slot) -> torch.Tensor:
-        B, S = tokens.shape[0], allowed.shape[-1]
-        nh, hs = self.shape
-        x = F.embedding(tokens, self.embed_tokens)  # (B, E)
-        if self.project_in is not None:
-            x = F.linear(x, self.project_in)
-        x = x + F.embedding(positions + POSITION_OFFSET, self.embed_positions).to(x.dtype)  # (B, H)
-        for i, layer in enumerate(self.layers):
-            h = F.layer_norm(x, *layer["attn_norm"]) if self.pre_ln else x
-            q, k, v = project_qkv(h, layer["qkv"])  # (B, H) each
-            keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs), slot)  # (B, nh, L, hs)
-            keys, values = keys[:, :, :S], values[:, :, :S]                                    # (B, nh, S, hs)
-            y, _ = attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
-            x = x + F.linear(y.reshape(B, nh * hs), *layer["out"])
-            if not self.pre_ln:
-                x = F.layer_norm(x, *layer["attn_norm"])
-            h = F.layer_norm(x, *layer["final_norm"]) if self.pre_ln else x
-            x = x + F.linear(layer["act"](F.linear(h, *layer["fc1"])), *layer["fc2"])
-            if not self.pre_ln:
-                x = F.layer_norm(x, *layer["final_norm"])
-        if self.final_norm is not None:
-            x = F.layer_norm(x, *self.final_norm)
-        if self.project_out is not None:
-            x = F.linear(x, self.project_out)
-        return x
-
-
-def _norm_args(norm: Optional[nn.LayerNorm]):
-    """F.layer_norm's arguments after the input, or None without a norm."""
-    return None if norm is None else (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _concat_kv(past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor):
-    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -328,18 +234,16 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), token_range_message(vocab_size))
 
 
-def _check_past(past_key_values, config: OPTConfig, B: int, heads: int) -> int:
-    """The past length; `heads` is the layers' own count (num_attention_heads / tp under tensor parallelism)."""
-    if not past_key_values:
-        return 0
-    if len(past_key_values) != config.num_hidden_layers:
-        raise ValueError(f"past_key_values has {len(past_key_values)} layers; the model has "
-                         f"{config.num_hidden_layers}")
-    k = past_key_values[0][0]
-    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != heads:
-        raise ValueError(f"past_key_values[0] keys have shape {tuple(k.shape)}; expected "
-                         f"({B}, {heads}, past, {config.head_dim})")
-    return k.shape[2]
+def _check_cache(cache, config: OPTConfig, B: int, heads: int) -> None:
+    """The cache is this model's: a KVCache of its layers, the batch's rows and the layers' own heads
+    (num_attention_heads / tp under tensor parallelism)."""
+    refuse_legacy_cache(cache)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"past_key_values must be the model's KVCache (opt_torch.cache), got {type(cache).__name__}")
+    if (cache.num_layers, cache.batch_size, cache.num_heads) != (config.num_hidden_layers, B, heads):
+        raise ValueError(f"the cache holds {cache.num_layers} layers x {cache.batch_size} rows x {cache.num_heads} "
+                         f"heads; the model has {config.num_hidden_layers} layers x {heads} heads and the batch "
+                         f"{B} rows (build it with model.init_cache)")
 
 
 def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
@@ -347,11 +251,11 @@ def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         check_positions(int(position_ids.max()), max_positions)
 
 
-class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
-    """Shared construction: config, attention choice, OPT's initialization."""
+class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, PackedWeights, nn.Module):
+    """Shared construction: config, attention choice, OPT's initialization (the weight layout that
+    pack_weights establishes: opt_torch.fast_paths)."""
 
     head: Head = Head.BASE
-    packed_layout: bool = True  # False once opt_torch.distributed splits or dispatches the model: plain weights
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -364,36 +268,10 @@ class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._after_load())
 
     def _after_load(self) -> None:
-        """A load with assign=True replaces parameters: a tied head is tied again, the layout restored."""
+        """A load with assign=True replaces parameters: a tied head is tied again (then the layout restored)."""
         if hasattr(self, "tie_weights"):
             self.tie_weights()
-        self.pack_weights()
-
-    def pack_weights(self) -> None:
-        """Lays the weights out in the memory order decoding reads fastest (opt_torch.layout): every
-        linear weight (in, out) row-major, each attention's q/k/v as one matrix, a tied embedding (E, V).
-        Values and shapes are unchanged. Called by construction, loading and `.to()`; idempotent. Not for
-        a model split over processes or devices (packed_layout False): DTensor and FSDP2 need each
-        parameter plain and contiguous."""
-        if not self.packed_layout:
-            return
-        fused = set()
-        for m in self.modules():
-            if isinstance(m, OPTAttention):
-                pack_linears((m.q_proj, m.k_proj, m.v_proj))
-                fused.update((id(m.q_proj), id(m.k_proj), id(m.v_proj)))
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and id(m) not in fused:
-                pack_linears((m,))
-        lm_head = getattr(self, "lm_head", None)
-        if lm_head is not None and lm_head.weight is self.get_input_embeddings().weight:
-            pack_embedding_for_head(self.get_input_embeddings())
-
-    def _apply(self, fn, recurse=True):
-        """`.to()`, `.half()`, `.cuda()`... convert each tensor on its own; the layout is then restored."""
-        super()._apply(fn, recurse)
-        self.pack_weights()
-        return self
+        super()._after_load()
 
     def init_weights(self, modules: Optional[Sequence[nn.Module]] = None) -> None:
         """OPT's initialization: normal(0, init_std) for linear and embedding weights, zero biases and
@@ -442,6 +320,11 @@ class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, nn.Module):
         them, or num_attention_heads / tp under tensor parallelism (opt_torch.distributed)."""
         return next(m.num_heads for m in self.modules() if isinstance(m, OPTAttention))
 
+    def init_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+        """An empty KVCache for this model (its dtype, device and kv_heads): preallocated for max_length
+        tokens, or dynamic with max_length None (opt_torch.cache)."""
+        return KVCache(self.config, batch_size, max_length, self.dtype, self.device, self.kv_heads)
+
 
 class OPTModel(OPTPreTrainedModel):
     head = Head.BASE
@@ -456,11 +339,12 @@ class OPTModel(OPTPreTrainedModel):
         return self.decoder.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=False, cache_position=None,
-                output_attentions=False, return_dict=None):
+                inputs_embeds=None, use_cache=None, output_hidden_states=False, output_attentions=False,
+                return_dict=None):
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        out = self.decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                           use_cache, output_hidden_states, cache_position, output_attentions)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return returned(out, return_dict)
 
 
@@ -474,10 +358,9 @@ class _OPTWithHead(OPTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
 
-    def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-              output_hidden_states, cache_position, output_attentions=False):
-        return self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                          use_cache, output_hidden_states, cache_position, output_attentions)
+    def _base(self, **inputs) -> BaseModelOutputWithPast:
+        """The base model's output; inputs by name only, so that no signature's order can misroute one."""
+        return self.model(**inputs)
 
 
 class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
@@ -495,10 +378,11 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
                 output_attentions=False, return_dict=None):
-        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position, output_attentions)
+        out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
@@ -517,10 +401,11 @@ class OPTForSequenceClassification(_OPTWithHead):
         self.pack_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False, cache_position=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
                 output_attentions=False, return_dict=None):
-        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position, output_attentions)
+        out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         if input_ids is not None and self.config.pad_token_id is not None:
@@ -547,9 +432,10 @@ class OPTForQuestionAnswering(_OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-                output_hidden_states=False, cache_position=None, output_attentions=False, return_dict=None):
-        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position, output_attentions)
+                output_hidden_states=False, output_attentions=False, return_dict=None):
+        out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
         loss = None

@@ -182,7 +182,7 @@ class Trainer:
         # fused: one pass over each parameter, its gradient and moments instead of foreach's ~8 (the 125m
         # update took 0.5 s instead of 1.2 s on 2 CPU cores); a split model's DTensors take foreach's.
         # The fused kernel walks each tensor as one flat block, so q/k/v, column blocks of one matrix
-        # (opt_torch.layout), get dense storage of their own (the general path; decoding packs again).
+        # (opt_torch.fast_paths), get dense storage of their own (the general path; decoding packs again).
         self.fused = self.mesh is None
         if self.fused:
             with torch.no_grad():

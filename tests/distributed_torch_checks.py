@@ -74,7 +74,7 @@ def _lm_checks(path: str, mesh, ids, mask) -> dict:
         got = split(ids_t, attention_mask=mask_t, use_cache=True)
         real = mask_t.bool()
         out["logits"] = _diff(got.logits[real], want.logits[real])
-        out["cache_heads"] = int(got.past_key_values[0][0].shape[1])
+        out["cache_heads"] = int(got.past_key_values.keys[0].shape[1])
         nxt = torch.argmax(want.logits[:, -1], -1)[:, None]
         mask2 = torch.cat([mask_t, torch.ones_like(nxt)], 1)
         step_want = one(nxt, attention_mask=mask2, past_key_values=want.past_key_values).logits

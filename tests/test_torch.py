@@ -186,7 +186,51 @@ def test_incremental_decoding_equals_full_forward(tmp_path, name, attn):
             steps.append(out.logits)
             past = out.past_key_values
     assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
-    assert past[0][0].shape == (3, config.num_attention_heads, 10, config.head_dim)
+    assert past.length == 10 and past.keys[0].shape == (3, config.num_attention_heads, 10, config.head_dim)
+
+
+@pytest.mark.parametrize("capacity", [None, 9])
+def test_kv_cache_follows_the_spec_reference(capacity):
+    """opt_torch's KVCache against opt_spec.cache's NumPy reference: what update returns, the write
+    position, the mask width rule."""
+    from opt_spec import cache as spec_cache
+    from opt_torch.cache import KVCache
+
+    config = VARIANTS["pre_ln"].replace(num_hidden_layers=2)
+    ours, ref = KVCache(config, 2, capacity), spec_cache.KVCache(2, capacity)
+    rng = np.random.default_rng(0)
+    for T in (4, 1, 3):
+        k, v = (rng.normal(size=(2, config.num_attention_heads, T, config.head_dim)).astype(np.float32)
+                for _ in range(2))
+        assert ours.mask_width(ours.length + T, T) == ref.attention_mask(np.ones((2, ref.length + T)), T).shape[1]
+        for layer in range(2):
+            got, want = ours.update(layer, torch.from_numpy(k), torch.from_numpy(v)), ref.update(layer, k, v)
+            for a, b in zip(got, want):
+                assert np.array_equal(a.numpy(), b)
+        ours.advance(T)
+        ref.advance(T)
+        assert ours.length == ref.length
+    with pytest.raises(ValueError, match="with a cache it must cover 9"):
+        ours.mask_width(5, 1)
+
+
+def test_a_cache_that_is_not_the_models_is_refused_in_words():
+    from opt_torch.cache import KVCache
+
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config).eval()
+    ids, mask = batch(config)
+    with torch.no_grad():
+        past = model(ids, mask, use_cache=True).past_key_values
+        legacy = tuple(zip(past.keys, past.values))
+        with pytest.raises(TypeError, match="not a tuple of"):
+            model(ids[:, :1], past_key_values=legacy)
+        with pytest.raises(ValueError, match="the cache holds .* 2 rows"):
+            model(ids[:, :1], past_key_values=KVCache(config, 2))
+        with pytest.raises(ValueError, match="with a cache it must cover"):
+            model(ids[:, :1], mask, past_key_values=past)  # the mask lacks the new token
+        with pytest.raises(ValueError, match="do not fit"):
+            model(ids, past_key_values=model.init_cache(ids.shape[0], ids.shape[1] - 1))
 
 
 def test_left_padding_leaves_real_tokens_unchanged(tmp_path):
@@ -288,7 +332,7 @@ def test_opt_torch_imports_no_other_framework():
 
 # ------------------------------------------------------------------------------ weight memory layout
 def _qkv_fused(model) -> bool:
-    from opt_torch.layout import column_blocks
+    from opt_torch.fast_paths import column_blocks
 
     attn = model.model.decoder.layers[0].self_attn
     return column_blocks((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)) is not None
@@ -353,19 +397,31 @@ def test_training_updates_reach_the_fused_matrix():
         assert max_abs_diff(fused, plain(ids, attention_mask=mask).logits) < 1e-5
 
 
-def test_decoding_step_traces_as_one_graph():
-    """torch.compile (fullgraph, as generate(compile=True) uses it on a GPU) captures a cached step
-    with the fused q/k/v product; backend="eager" checks the capture without a C++ compiler."""
-    from opt_torch.cache import StaticCache
+def test_decoding_step_traces_as_one_graph_for_every_step():
+    """torch.compile (fullgraph, fixed shapes, as generate(compile=True) uses it on a GPU) captures a
+    cached step with the fused q/k/v product once for all steps: the cache's write position is a tensor
+    moved inside the graph, not a Python int the graph would be specialized on (a recompile per token).
+    A counting backend checks the capture without a C++ compiler."""
+    from torch._dynamo.testing import CompileCounter
 
     config = VARIANTS["pre_ln"]
     model = OPTForCausalLM.from_config(config, seed=0).eval()
     ids, _ = batch(config)
     B, T = ids.shape
-    mask = torch.zeros(B, T + 2, dtype=torch.long)
+    L = T + 3
+    mask = torch.zeros(B, L, dtype=torch.long)
     mask[:, :T] = 1
+    counter = CompileCounter()
+    step = torch.compile(model._last_logits, backend=counter, fullgraph=True, dynamic=False)
+    caches = [model.init_cache(B, L), model.init_cache(B, L)]
     with torch.no_grad():
-        eager = model._last_logits(ids, mask, StaticCache(config, B, T + 2), torch.arange(T))
-        step = torch.compile(model._last_logits, backend="eager", fullgraph=True, dynamic=False)
-        traced = step(ids, mask, StaticCache(config, B, T + 2), torch.arange(T))
-    assert max_abs_diff(eager, traced) < 1e-6
+        for cache in caches:
+            model._last_logits(ids, mask, cache)  # the prompt, eagerly (as generate does)
+        tokens = ids[:, -1].clone()
+        for t in range(T, L):
+            mask[:, t] = 1
+            eager, traced = model._last_logits(tokens[:, None], mask, caches[0]), step(tokens[:, None], mask, caches[1])
+            assert max_abs_diff(eager, traced) < 1e-6
+            tokens = eager.argmax(-1)
+    assert counter.frame_count == 1 and caches[1].length == L
+    assert torch.equal(caches[0].keys, caches[1].keys)

@@ -11,7 +11,7 @@ from torch import nn
 from opt_spec import io as spec_io
 from opt_spec.testing import VARIANTS, random_batch, random_weights
 from opt_torch import OPTForCausalLM
-from opt_torch.layout import modules_are_stock
+from opt_torch.fast_paths import modules_are_stock
 
 from .conftest import max_abs_diff
 

@@ -1,4 +1,4 @@
-"""Generation in the PyTorch backend: the opt_spec semantics, the static cache, Hugging Face parity."""
+"""Generation in the PyTorch backend: the opt_spec semantics, the KV cache, Hugging Face parity."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from opt_spec import generation as gen
 from opt_spec import io as spec_io
 from opt_spec.testing import VARIANTS, random_batch, random_weights
 from opt_torch import OPTForCausalLM
-from opt_torch.cache import StaticCache
+from opt_torch.cache import KVCache
 
 from .conftest import max_abs_diff
 
@@ -27,21 +27,23 @@ def prompts(config, seed=2):
     return tuple(torch.from_numpy(a).long() for a in random_batch(config, seed=seed))
 
 
-def test_static_cache_decoding_equals_full_forward(checkpoints):
+@pytest.mark.parametrize("whole_buffer", [True, False])
+def test_preallocated_cache_decoding_equals_full_forward(checkpoints, whole_buffer):
+    """A preallocated cache keeps its write position: the mask covers its every slot, or past + new."""
     config = VARIANTS["post_ln_proj"]
     model = OPTForCausalLM.from_pretrained(checkpoints["post_ln_proj"])
     ids, mask = prompts(config)
     B, T = ids.shape
     with torch.no_grad():
         full = model(ids, mask).logits
-        cache = StaticCache(config, B, T + 4)
+        cache = model.init_cache(B, T + 4)
         slots = torch.zeros(B, T + 4, dtype=torch.long)
         slots[:, :6] = mask[:, :6]
-        steps = [model(ids[:, :6], slots, past_key_values=cache, cache_position=torch.arange(6)).logits]
+        steps = [model(ids[:, :6], slots if whole_buffer else slots[:, :6], past_key_values=cache).logits]
         for t in range(6, T):
             slots[:, t] = mask[:, t]
-            out = model(ids[:, t:t + 1], slots, past_key_values=cache, cache_position=torch.tensor([t]))
-            assert out.past_key_values is cache
+            out = model(ids[:, t:t + 1], slots if whole_buffer else slots[:, :t + 1], past_key_values=cache)
+            assert out.past_key_values is cache and cache.length == t + 1
             steps.append(out.logits)
     assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
 
@@ -62,19 +64,19 @@ def test_decode_step_equals_the_forward_pass(name, packed, attn):
     L = T + 3
     slots = torch.zeros(B, L, dtype=torch.long)
     slots[:, :T] = mask
-    caches = [StaticCache(config, B, L), StaticCache(config, B, L)]
+    caches = [KVCache(config, B, L), KVCache(config, B, L)]
     with torch.no_grad():
         for cache in caches:
-            model._last_logits(ids, slots, cache, torch.arange(T))
+            model._last_logits(ids, slots, cache)
         step = model._step_fn(compile=False)
         tokens = torch.tensor([5, 7, 9][:B])
         for t in range(T, L):
             slots[:, t] = 1
             fast = step(tokens, slots, caches[0], t)  # attends over slots [0, t]
-            reference = model._last_logits(tokens[:, None], slots, caches[1], torch.tensor([t]))
+            reference = model._last_logits(tokens[:, None], slots, caches[1])
             assert max_abs_diff(fast, reference) < 1e-5
             tokens = reference.argmax(-1)
-    assert max_abs_diff(caches[0].keys, caches[1].keys) < 1e-6
+    assert max_abs_diff(caches[0].keys, caches[1].keys) < 1e-6 and caches[0].length == caches[1].length == L
 
 
 @pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj", "untied_head"])

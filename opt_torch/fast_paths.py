@@ -1,0 +1,292 @@
+"""The PyTorch backend's fast paths: what runs instead of the plain modules of opt_torch/modeling.py, and why.
+
+Each is the modules' computation in another order of memory or calls (the tests named below compare
+them), and steps aside where it could not be: under autograd, for a swapped or hooked module (LoRA,
+probes, accelerate's dispatch: `modules_are_stock`), and for a model split over processes (DTensor,
+FSDP2: `packed_layout` False). Times from a 2-core Xeon (MKL, float32, 125m shapes); generate's speed
+against Hugging Face's is bench/bench_generate.py.
+
+1. The weight layout (`PackedWeights.pack_weights`): each linear weight keeps nn.Linear's logical shape
+   (out, in), but its memory is the transpose, (in, out) row-major; an attention block's q/k/v weights
+   are adjacent column blocks of one (in, 3 * out) matrix (their biases one vector); a tied embedding is
+   laid out (E, V) for the LM head. A decoding step multiplies a few rows by every weight matrix, and
+   MKL reads an (in, out) matrix faster there: batch 8 runs 25-35% faster per layer matrix, and batch
+   1's tied LM head 20-25% faster, than with (out, in).
+   The layout is invisible otherwise: `state_dict()` keys, shapes and values are unchanged (views;
+   `save_pretrained` writes them contiguously), training updates the views in place, and a weight that
+   lost the layout (`param.data = ...`, a load with assign=True into a submodule) takes the general
+   path. Models re-establish it after construction, loading (a load_state_dict post-hook) and `.to()` /
+   `.half()` / `.cuda()` (`_apply`). Pinned by tests/test_torch.py:
+   test_packed_layout_after_construction_loading_and_to, test_packed_and_plain_layouts_give_equal_logits_and_files,
+   test_training_updates_reach_the_fused_matrix.
+2. One q/k/v product without autograd (`project_qkv`): OPTAttention's forward under torch.no_grad
+   multiplies by the packed (in, 3 * out) matrix once and splits, instead of three products (one BLAS
+   call reading one matrix; DecodeStep uses the same product).
+   With autograd it calls the three modules (their backward is the plain one). Pinned by
+   tests/test_torch.py::test_packed_and_plain_layouts_give_equal_logits_and_files.
+3. `DecodeStep`: generate's one-token step through the decoder as functional calls on weights gathered
+   once per generate call, attending over the cache slots written so far: a 125m step spends its time
+   in the matrix products instead of module calls, attribute lookups and mask building (those took
+   3-5 ms of a ~19 ms step, next to 14 ms of products).
+   Pinned by tests/test_torch_generation.py::test_decode_step_equals_the_forward_pass (every variant,
+   both attention kernels, packed or plain weights) and, for when it steps aside,
+   tests/test_torch_adapters.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt_spec.numerics import POSITION_OFFSET
+
+
+# ------------------------------------------------------------------------------------ the layout
+def _consecutive(tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> bool:
+    """Whether `tensors` start `sizes` elements apart in one storage. Not traceable by torch.compile,
+    which then relies on the strides alone (a stride that matches is the mark of pack_linears)."""
+    if torch.compiler.is_compiling():
+        return True
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t, size in zip(tensors, sizes):
+        if t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
+            return False
+        offset += size
+    return True
+
+
+def column_blocks(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (in, sum of outs) row-major matrix whose column blocks are `weights` (each (out, in), as
+    transposed views), or None when they are not laid out that way."""
+    first = weights[0]
+    total = sum(w.shape[0] for w in weights)
+    if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.stride() != (1, total)
+           for w in weights) or not _consecutive(weights, [w.shape[0] for w in weights]):
+        return None
+    return first.as_strided((first.shape[1], total), (total, 1))
+
+
+def vector_blocks(vectors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The one vector whose consecutive pieces are `vectors`, or None (also when any is None)."""
+    if any(v is None for v in vectors):
+        return None
+    first = vectors[0]
+    if any(v.dim() != 1 or v.dtype != first.dtype or v.stride() != (1,) for v in vectors) \
+            or not _consecutive(vectors, [v.shape[0] for v in vectors]):
+        return None
+    return first.as_strided((sum(v.shape[0] for v in vectors),), (1,))
+
+
+def pack_linears(linears: Sequence[nn.Linear]) -> None:
+    """Lays the weights of `linears` (equal in-features) out as column blocks of one (in, sum of outs)
+    row-major matrix, and their biases as one vector. Values, shapes and Parameter objects (hence an
+    optimizer's references) are kept; only the memory behind them changes. No-op when already so."""
+    weights = [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears]
+    has_bias = all(b is not None for b in biases)
+    if column_blocks(weights) is not None and (not has_bias or len(linears) == 1 or vector_blocks(biases) is not None):
+        return
+    with torch.no_grad():
+        fused = torch.cat([w.t() for w in weights], dim=1)  # (in, sum of outs), contiguous
+        start = 0
+        for lin in linears:
+            out = lin.weight.shape[0]
+            lin.weight.data = fused[:, start:start + out].t()
+            start += out
+        if has_bias and len(linears) > 1:
+            fused_bias = torch.cat(biases)
+            start = 0
+            for lin in linears:
+                out = lin.bias.shape[0]
+                lin.bias.data = fused_bias[start:start + out]
+                start += out
+
+
+def pack_embedding_for_head(embedding: nn.Embedding) -> None:
+    """A tied embedding (V, E) laid out (E, V) row-major: the LM head's product then reads it in BLAS's
+    fast order; a lookup gathers E strided values per token, which decoding and training barely see."""
+    w = embedding.weight
+    if w.stride() == (1, w.shape[0]):
+        return
+    with torch.no_grad():
+        w.data = w.t().contiguous().t()
+
+
+def unpack_weights(root: nn.Module) -> None:
+    """Undoes the layout: every parameter of `root` contiguous in its own (out, in) storage, as nn.Linear
+    makes it. Tensor parallelism (DTensor) and FSDP2 need this: they slice and flatten parameters and
+    refuse views into a shared buffer. Values, shapes and Parameter objects are kept."""
+    with torch.no_grad():
+        for p in root.parameters():  # a tied parameter is listed once
+            if not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+
+
+class PackedWeights:
+    """Mixed into OPTPreTrainedModel: the layout established and kept (fast path 1)."""
+
+    packed_layout: bool = True  # False once opt_torch.distributed splits or dispatches the model: plain weights
+
+    def pack_weights(self) -> None:
+        """Lays the weights out in the memory order decoding reads fastest: every linear weight (in, out)
+        row-major, each attention's q/k/v as one matrix, a tied embedding (E, V). Values and shapes are
+        unchanged. Called by construction, loading and `.to()`; idempotent. Not for a model split over
+        processes or devices (packed_layout False): DTensor and FSDP2 need each parameter plain and
+        contiguous."""
+        if not self.packed_layout:
+            return
+        fused = set()
+        for m in self.modules():
+            if _is_attention(m):
+                pack_linears((m.q_proj, m.k_proj, m.v_proj))
+                fused.update((id(m.q_proj), id(m.k_proj), id(m.v_proj)))
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and id(m) not in fused:
+                pack_linears((m,))
+        lm_head = getattr(self, "lm_head", None)
+        if lm_head is not None and lm_head.weight is self.get_input_embeddings().weight:
+            pack_embedding_for_head(self.get_input_embeddings())
+
+    def _after_load(self) -> None:
+        """A load with assign=True replaced parameters: the layout is restored."""
+        self.pack_weights()
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()`... convert each tensor on its own; the layout is then restored."""
+        super()._apply(fn, recurse)
+        self.pack_weights()
+        return self
+
+
+def _is_attention(m: nn.Module) -> bool:
+    from .modeling import OPTAttention  # modeling imports this module
+
+    return isinstance(m, OPTAttention)
+
+
+# ---------------------------------------------------------------------------- the q/k/v product
+def qkv_weights(attn: nn.Module) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """F.linear's (weight, bias) pairs that give an OPTAttention's q, k, v: one (3H, H) pair, whose
+    product is then split, when the weights are laid out as column blocks of one matrix, else three."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    w = column_blocks([p.weight for p in projections])
+    b = vector_blocks([p.bias for p in projections])
+    if w is not None and (b is not None or attn.q_proj.bias is None):
+        return [(w.t(), b)]
+    return [(p.weight, p.bias) for p in projections]
+
+
+def linear_qkv(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) from qkv_weights: one product split in three, or three products."""
+    if len(weights) == 1:
+        return F.linear(x, *weights[0]).chunk(3, dim=-1)
+    return tuple(F.linear(x, *wb) for wb in weights)
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An OPTAttention's (q, k, v), each (B, T, H): its three modules, or without autograd (fast path 2)
+    one product over the packed matrix, unless a projection is swapped or hooked (LoRA, probes)."""
+    if torch.is_grad_enabled() or not modules_are_stock(attn.q_proj, attn.k_proj, attn.v_proj):
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    return linear_qkv(x, qkv_weights(attn))
+
+
+# -------------------------------------------------------------------------- when fast paths may run
+_STOCK_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ModuleList)
+
+
+def modules_are_stock(*roots: nn.Module) -> bool:
+    """Whether reading the weights of `roots` directly computes exactly what calling them would.
+
+    The fast paths (the q/k/v product without autograd, generate's DecodeStep) read weights and
+    skip the module calls. That is only the same computation while every module below `roots` is a
+    stock nn.Linear / LayerNorm / Embedding / ModuleList or one of optkit's own classes, and nothing
+    is hooked: a LoRA adapter (peft swaps q_proj for its own Linear), a quantized Linear, a forward
+    hook or pre-hook (activation probes), a parametrization (which changes the class), a global forward
+    hook, a forward replaced on the instance (accelerate's dispatch hooks, which load offloaded weights)
+    or a parameter that is a tensor subclass (a DTensor: tensor parallelism, FSDP2) each make this
+    False, and the callers then take the module path.
+    """
+    from torch.nn.modules import module as module_state
+
+    if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
+        return False
+    for root in roots:
+        for m in root.modules():
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return False
+            cls = type(m)
+            if cls not in _STOCK_CLASSES and not cls.__module__.startswith("opt_torch."):
+                return False
+            if any(type(p) is not nn.Parameter for p in m._parameters.values() if p is not None):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- the decode step
+class DecodeStep:
+    """One new token per row through the decoder, for generation (fast path 3): the operations of
+    OPTDecoder.forward for T = 1 without autograd or dropout, on tensors gathered once (per generate call).
+
+    step(tokens (B,), positions (B,), allowed (B, 1, 1, S) bool, cache) -> (B, E), the final hidden
+    state, with the tokens' keys and values written to the preallocated KVCache at its write position
+    (then advanced by one). The attention covers the cache's first S slots (S = allowed's last size, the
+    slots written so far and the new one), so a step does not read the unused rest of the buffer.
+    """
+
+    def __init__(self, decoder: nn.Module, implementation: str):
+        from .modeling import attend  # modeling imports this module
+
+        config = decoder.config
+        self.attend, self.implementation = attend, implementation
+        self.pre_ln = config.do_layer_norm_before
+        self.shape = (config.num_attention_heads, config.head_dim)
+        self.embed_tokens = decoder.embed_tokens.weight
+        self.embed_positions = decoder.embed_positions.weight
+        self.project_in = decoder.project_in.weight if decoder.project_in is not None else None
+        self.project_out = decoder.project_out.weight if decoder.project_out is not None else None
+        self.final_norm = _norm_args(decoder.final_layer_norm)
+        self.layers = []
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            self.layers.append(dict(
+                attn_norm=_norm_args(layer.self_attn_layer_norm), qkv=qkv_weights(attn), scaling=attn.scaling,
+                out=(attn.out_proj.weight, attn.out_proj.bias), act=layer.act,
+                fc1=(layer.fc1.weight, layer.fc1.bias), fc2=(layer.fc2.weight, layer.fc2.bias),
+                final_norm=_norm_args(layer.final_layer_norm)))
+
+    def __call__(self, tokens, positions, allowed, cache) -> torch.Tensor:
+        B, S = tokens.shape[0], allowed.shape[-1]
+        nh, hs = self.shape
+        x = F.embedding(tokens, self.embed_tokens)  # (B, E)
+        if self.project_in is not None:
+            x = F.linear(x, self.project_in)
+        x = x + F.embedding(positions + POSITION_OFFSET, self.embed_positions).to(x.dtype)  # (B, H)
+        for i, layer in enumerate(self.layers):
+            h = F.layer_norm(x, *layer["attn_norm"]) if self.pre_ln else x
+            q, k, v = linear_qkv(h, layer["qkv"])  # (B, H) each
+            keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs))  # (B, nh, L, hs)
+            keys, values = keys[:, :, :S], values[:, :, :S]                              # (B, nh, S, hs)
+            y, _ = self.attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
+            x = x + F.linear(y.reshape(B, nh * hs), *layer["out"])
+            if not self.pre_ln:
+                x = F.layer_norm(x, *layer["attn_norm"])
+            h = F.layer_norm(x, *layer["final_norm"]) if self.pre_ln else x
+            x = x + F.linear(layer["act"](F.linear(h, *layer["fc1"])), *layer["fc2"])
+            if not self.pre_ln:
+                x = F.layer_norm(x, *layer["final_norm"])
+        cache.advance(1)
+        if self.final_norm is not None:
+            x = F.layer_norm(x, *self.final_norm)
+        if self.project_out is not None:
+            x = F.linear(x, self.project_out)
+        return x
+
+
+def _norm_args(norm: Optional[nn.LayerNorm]):
+    """F.layer_norm's arguments after the input, or None without a norm."""
+    return None if norm is None else (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
