@@ -40,7 +40,7 @@ from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, appl
                                  prompt_inputs)
 
 from .fast_paths import loop_cache, model_cache
-from .modeling import KVCache
+from .modeling import KVCache, OPTModule
 
 
 # ------------------------------------------------------------------------- one step's rules (B, V)
@@ -268,9 +268,17 @@ class GenerationMixin(GenerationDefaults):
     def _last_logits(self, params, ids, slots, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """float32 logits (B, V) of the last of the new tokens `ids` (B, T); the cache filled with them.
         slots (B, S) is the attention mask over every cache slot."""
-        out = self.module.apply({"params": params}, ids, attention_mask=slots, past_key_values=cache,
-                                logits_to_keep=1)
-        return out.logits[:, -1].astype(jnp.float32), out.past_key_values  # (B, V)
+        config, numerics = self.config, self.module.numerics
+        base = OPTModule(config, numerics)
+        out = base.apply({"params": params["model"]}, ids, attention_mask=slots, past_key_values=cache)
+        x = out.last_hidden_state[:, -1]  # (B, E): the head on the last position only
+        if config.tie_word_embeddings:
+            embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
+            logits = jnp.einsum("be,ve->bv", x, embedding.astype(numerics.dtype), precision=numerics.precision)
+        else:
+            kernel = params["lm_head"]["kernel"]  # (E, V)
+            logits = jnp.einsum("be,ev->bv", x, kernel.astype(numerics.dtype), precision=numerics.precision)
+        return logits.astype(jnp.float32), out.past_key_values  # (B, V)
 
     def _prefill(self, params, ids, mask, L: int):
         """Runs the prompt (B, T) into a fresh cache of L slots: (logits, cache, slot mask (B, L))."""

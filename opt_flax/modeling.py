@@ -17,7 +17,6 @@ This file holds the plain modules only; what exists for speed is in opt_flax/fas
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -162,6 +161,17 @@ def _dense(features: int, config: OPTConfig, numerics: Numerics, use_bias: bool,
                     precision=numerics.precision, kernel_init=jax.nn.initializers.normal(config.init_std), name=name)
 
 
+class Embed(nn.Embed):
+    """nn.Embed whose `attend` (a tied LM head: logits = x @ embedding^T) runs at the model's matrix-product
+    precision like every other product (flax's own attend takes none: TF32 for float32 on recent GPUs)."""
+
+    precision: Precision = None
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return jnp.einsum("...e,ve->...v", query, embedding, precision=self.precision)  # (..., V)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis, statistics and affine in float32, the result in `numerics.dtype`.
 
@@ -303,8 +313,8 @@ class OPTDecoder(nn.Module):
         V, E, H, P = (config.vocab_size, config.word_embed_proj_dim, config.hidden_size,
                       config.max_position_embeddings)
         normal = jax.nn.initializers.normal(config.init_std)
-        self.embed_tokens = nn.Embed(V, E, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
-                                     embedding_init=normal)
+        self.embed_tokens = Embed(V, E, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
+                                  embedding_init=normal, precision=numerics.precision)
         self.embed_positions = nn.Embed(P + POSITION_OFFSET, H, dtype=numerics.dtype,
                                         param_dtype=numerics.param_dtype, embedding_init=normal)
         self.project_out = _dense(E, config, numerics, False) if config.has_projections else None
@@ -404,18 +414,14 @@ class OPTForCausalLMModule(_HeadModule):
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, labels=None, deterministic: bool = True, output_hidden_states: bool = False,
-                 logits_to_keep: int = 0):
-        """logits_to_keep: only the last that many positions' logits (0: all), as Hugging Face's argument."""
+                 inputs_embeds=None, labels=None, deterministic: bool = True, output_hidden_states: bool = False):
         config, numerics = self.config, self.numerics
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, deterministic=deterministic,
                          output_hidden_states=output_hidden_states)
-        x = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state  # (B, T, E)
+        x = out.last_hidden_state  # (B, T, E)
         if config.tie_word_embeddings:  # the head is the token embedding: logits = x @ embedding^T
-            precision = numerics.precision  # nn.Embed.attend takes none of its own: the products' default
-            with jax.default_matmul_precision(precision) if precision is not None else contextlib.nullcontext():
-                logits = self.model.decoder.embed_tokens.attend(x)  # (B, T, V)
+            logits = self.model.decoder.embed_tokens.attend(x)  # (B, T, V)
         else:
             logits = _dense(config.vocab_size, config, numerics, False, "lm_head")(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
