@@ -10,34 +10,36 @@ kernels stored (in, out): `model.decoder.layers.0.fc1.weight` is `params["model"
     model.save_pretrained("out/")                         # loads in opt_torch / Hugging Face unchanged
     model.module, model.params                            # the linen module and a plain nested dict
 
-KV cache (preallocated, static shapes, for incremental decoding under jax.jit):
+KV cache (opt_spec.cache's contract; preallocated, static shapes, for incremental decoding under jax.jit):
 
     cache = model.init_cache(batch_size, max_length)    # KVCache: per layer keys/values (B, nh, S, hs),
-                                                          # S = max_length, plus `index` (int32 scalar)
-    mask = jnp.zeros((B, max_length), jnp.int32).at[:, :T].set(prompt_mask)
-    out = model(prompt_ids, attention_mask=mask, past_key_values=cache)       # fills [0, T)
+                                                          # S = max_length (its capacity), and `length`
+    out = model(prompt_ids, attention_mask=prompt_mask, past_key_values=cache)  # fills [0, T)
+    mask = jnp.zeros((B, max_length), jnp.int32).at[:, :T + 1].set(1)          # the capacity, for jit
     step = jax.jit(lambda p, ids, mask, cache: model(ids, mask, params=p, past_key_values=cache))
-    mask = mask.at[:, T].set(1)
-    out = step(model.params, next_ids, mask, out.past_key_values)            # one token at index T
+    out = step(model.params, next_ids, mask, out.past_key_values)            # one token at length T
 
-With a cache, `attention_mask` covers the cache positions from the first one: (B, max_length), or
-any length from index + T up to max_length (it is padded with zeros, which only touches future
-positions). Positions come from that mask (`cumsum(mask) * mask - 1`), the new tokens are written
-at [index, index + T) and each returned cache has `index + T`. A step that does not fit raises
-eagerly; under jit the caller keeps index + T <= max_length.
+With a cache, `attention_mask` covers the past and the new tokens (B, length + T), as in Hugging Face, or
+the cache's whole capacity (B, max_length); any other width is an error naming both. Under jit the
+length is traced, so there the mask must cover the capacity. Positions come from that mask
+(`cumsum(mask) * mask - 1`), the new tokens are written at [length, length + T) and the returned cache
+(a new object: the one passed in is left as it was) has length + T. A step that does not fit raises
+eagerly; under jit the caller keeps length + T <= max_length. A tuple of (keys, values) per layer is
+refused: the KVCache is the one format.
 
 Importing opt_flax imports neither torch nor tensorflow.
 """
 
 from opt_spec import OPTConfig
 
-from .modeling import (KVCache, OPTForCausalLMModule, OPTForQuestionAnsweringModule, OPTForSequenceClassificationModule,
-                       OPTModule)
+from .modeling import (KVCache, Numerics, OPTForCausalLMModule, OPTForQuestionAnsweringModule,
+                       OPTForSequenceClassificationModule, OPTModule)
 from .pretrained import (FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification,
                          FlaxOPTModel, FlaxOPTPreTrainedModel, canonical_to_params, params_to_canonical)
 
 __all__ = [
     "FlaxOPTForCausalLM", "FlaxOPTForQuestionAnswering", "FlaxOPTForSequenceClassification", "FlaxOPTModel",
-    "FlaxOPTPreTrainedModel", "KVCache", "OPTConfig", "OPTForCausalLMModule", "OPTForQuestionAnsweringModule",
-    "OPTForSequenceClassificationModule", "OPTModule", "canonical_to_params", "params_to_canonical",
+    "FlaxOPTPreTrainedModel", "KVCache", "Numerics", "OPTConfig", "OPTForCausalLMModule",
+    "OPTForQuestionAnsweringModule", "OPTForSequenceClassificationModule", "OPTModule", "canonical_to_params",
+    "params_to_canonical",
 ]

@@ -152,10 +152,10 @@ class MeshPlan:
         return NamedSharding(self.mesh, P(batch_axis(rows, self.fsdp), *([None] * (ndim - 1))))
 
     def cache(self, rows: int) -> KVCache:
-        """Shardings of a KVCache of `rows` rows: (B, nh, S, hs) on (batch, tp), the index replicated."""
+        """Shardings of a KVCache of `rows` rows: (B, nh, S, hs) on (batch, tp), the length replicated."""
         kv = NamedSharding(self.mesh, P(batch_axis(rows, self.fsdp), TP if self.tp > 1 else None, None, None))
         L = self.config.num_hidden_layers
-        return KVCache(keys=(kv,) * L, values=(kv,) * L, index=self.replicated)
+        return KVCache(keys=[kv] * L, values=[kv] * L, length=self.replicated)
 
     def outputs(self, shapes) -> Any:
         """Shardings for a model output (a tree of ShapeDtypeStructs): the cache as `cache`, causal-LM
@@ -205,12 +205,12 @@ class MeshPlan:
             return out
         module = context.module
         if isinstance(module, OPTDecoderLayer):
-            x, new_kv = out
-            x = self._pin(x, None)
-            if new_kv is not None:
-                kv = self.cache(new_kv[0].shape[0]).keys[0]
-                new_kv = tuple(jax.lax.with_sharding_constraint(a, kv) for a in new_kv)
-            return x, new_kv
+            cache, i = kwargs.get("cache"), module.layer_idx
+            if cache is not None:  # the buffers this layer's update wrote
+                kv = self.cache(cache.batch_size).keys[0]
+                cache.keys[i], cache.values[i] = (jax.lax.with_sharding_constraint(a, kv)
+                                                  for a in (cache.keys[i], cache.values[i]))
+            return self._pin(out, None)
         if isinstance(module, nn.Dense):
             return self._pin(out, self.linear_out.get(strip_base_prefix(".".join(module.path))))
         if isinstance(module, nn.Embed):
@@ -317,6 +317,9 @@ def apply(model, params, deterministic: bool, rngs: dict, kwargs: dict):
     cache = kwargs.pop("past_key_values", None)
     hidden = bool(kwargs.pop("output_hidden_states", False))
     arrays = {k: v for k, v in kwargs.items() if v is not None}
+    if cache is not None and "attention_mask" in arrays:  # as wide as the cache: its length is traced under the jit
+        new = np.shape(arrays.get("input_ids", arrays.get("inputs_embeds")))[1]
+        arrays["attention_mask"] = cache.attention_mask(jnp.asarray(arrays["attention_mask"]), new)
     rows = np.shape(next(iter(arrays.values())))[0] if arrays else 1
     key = (deterministic, hidden, tuple(sorted(arrays)), cache is not None, tuple(sorted(rngs)),
            batch_axis(rows, sharding.fsdp), tuple(np.ndim(v) for _, v in sorted(arrays.items())))

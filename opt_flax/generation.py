@@ -39,6 +39,7 @@ from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, appl
                                  check_extras, check_prompt, length_norms, needs_host,
                                  prompt_inputs)
 
+from .fast_paths import loop_cache, model_cache
 from .modeling import KVCache, OPTModule
 
 
@@ -95,26 +96,6 @@ def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_
         drop = jnp.zeros_like(drop_sorted).at[jnp.arange(B)[:, None], order].set(drop_sorted)
         logits = jnp.where(drop, -jnp.inf, logits)
     return logits
-
-
-# ------------------------------------------------------------------------------ the loop's cache
-def _squeeze(cache: KVCache, B: int) -> KVCache:
-    """The cache as the decode loop carries it: at batch 1 without the batch axis, (nh, S, hs).
-    XLA's CPU compiler drops a size-1 axis from the attention products' operands, so a (1, nh, S, hs)
-    carry gives the cache update two consumers of different shapes, and XLA then copied every buffer
-    four times per step (~2 ms of a 125m step). Carried in the products' shape, one copy per buffer
-    remains, onto its own storage (the loop's copy time fell from 124 to 2 ms per 64 tokens).
-    At batch > 1 nothing is copied and the carry keeps the model's shape."""
-    if B != 1:
-        return cache
-    return cache.replace(keys=tuple(k[0] for k in cache.keys), values=tuple(v[0] for v in cache.values))
-
-
-def _unsqueeze(cache: KVCache, B: int) -> KVCache:
-    """The inverse of _squeeze: the model's (B, nh, S, hs) buffers."""
-    if B != 1:
-        return cache
-    return cache.replace(keys=tuple(k[None] for k in cache.keys), values=tuple(v[None] for v in cache.values))
 
 
 # --------------------------------------------------------------------------------- settings
@@ -174,7 +155,7 @@ class _State(NamedTuple):
 
     step: jax.Array             # int32 (): tokens chosen so far
     tokens: jax.Array           # (B,) the last step's tokens
-    cache: KVCache              # squeezed at batch 1 (_squeeze)
+    cache: KVCache              # as the loop carries it (opt_flax.fast_paths.loop_cache)
     slots: jax.Array            # (B, T + N) int32: real tokens among the cache slots
     seen: Optional[jax.Array]   # (B, V) bool, with a repetition penalty
     finished: jax.Array         # (B,) bool
@@ -287,16 +268,16 @@ class GenerationMixin(GenerationDefaults):
     def _last_logits(self, params, ids, slots, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """float32 logits (B, V) of the last of the new tokens `ids` (B, T); the cache filled with them.
         slots (B, S) is the attention mask over every cache slot."""
-        config = self.config
-        base = OPTModule(config, self.dtype, self.param_dtype, self.precision)
-        out = base.apply({"params": params["model"]}, ids, slots, None, cache)
-        x = out.last_hidden_state[:, -1]  # (B, E)
+        config, numerics = self.config, self.module.numerics
+        base = OPTModule(config, numerics)
+        out = base.apply({"params": params["model"]}, ids, attention_mask=slots, past_key_values=cache)
+        x = out.last_hidden_state[:, -1]  # (B, E): the head on the last position only
         if config.tie_word_embeddings:
             embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
-            logits = jnp.einsum("be,ve->bv", x, embedding.astype(self.dtype), precision=self.precision)
+            logits = jnp.einsum("be,ve->bv", x, embedding.astype(numerics.dtype), precision=numerics.precision)
         else:
             kernel = params["lm_head"]["kernel"]  # (E, V)
-            logits = jnp.einsum("be,ev->bv", x, kernel.astype(self.dtype), precision=self.precision)
+            logits = jnp.einsum("be,ev->bv", x, kernel.astype(numerics.dtype), precision=numerics.precision)
         return logits.astype(jnp.float32), out.past_key_values  # (B, V)
 
     def _prefill(self, params, ids, mask, L: int):
@@ -331,7 +312,7 @@ class GenerationMixin(GenerationDefaults):
         B, T, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
         logits, cache, slots = self._prefill(params, ids, mask, T + N)
         seen = self._prompt_seen(ids, mask, V) if static.repetition else None
-        state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=_squeeze(cache, B), slots=slots,
+        state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=loop_cache(cache), slots=slots,
                        seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32))
         return logits, state
 
@@ -362,8 +343,8 @@ class GenerationMixin(GenerationDefaults):
         """The last tokens through the model: (next logits, state)."""
         B = static.batch
         slots = lax.dynamic_update_slice(state.slots, jnp.ones((B, 1), jnp.int32), (0, static.prompt + state.step - 1))
-        logits, cache = self._last_logits(params, state.tokens[:, None], slots, _unsqueeze(state.cache, B))
-        return logits, state._replace(cache=_squeeze(cache, B), slots=slots)
+        logits, cache = self._last_logits(params, state.tokens[:, None], slots, model_cache(state.cache))
+        return logits, state._replace(cache=loop_cache(cache), slots=slots)
 
     def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
         """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 ())."""
@@ -506,8 +487,8 @@ class GenerationMixin(GenerationDefaults):
         """Each running beam continues from its parent's cache with its new token."""
         B, K = static.batch, static.num_beams
         cache, parent = state.cache, state.flat_parent
-        cache = cache.replace(keys=tuple(jnp.take(k, parent, axis=0) for k in cache.keys),
-                              values=tuple(jnp.take(v, parent, axis=0) for v in cache.values))
+        cache = KVCache([jnp.take(k, parent, axis=0) for k in cache.keys],
+                        [jnp.take(v, parent, axis=0) for v in cache.values], cache.length)
         seen = state.seen
         if seen is not None:
             seen = seen[parent].at[jnp.arange(B * K), state.tokens].set(True)

@@ -3,27 +3,31 @@
 Submodule names are the scopes of the canonical checkpoint names and leaves are Flax's own
 (`kernel` (in, out), `bias`, `embedding`, `scale`), so a parameter's tree path joined by dots is
 `opt_spec.layouts.native_path` of its weight: loading is a transpose of linear weights and nothing else.
-Dimension letters: B batch, T new tokens, S keys (cache length, or T without a cache), H hidden,
+Dimension letters: B batch, T new tokens, S keys (the cache's capacity, or T without a cache), H hidden,
 nh heads, hs head size, E embedding width, F ffn width, V vocabulary.
 
-`dtype` is the compute dtype, `param_dtype` the dtype parameters are created in; the attention
-softmax always runs in float32. Each attention sows its probabilities (B, nh, T, S) into the
+How the modules compute is one attribute, `numerics` (a `Numerics`: `dtype` the compute dtype,
+`param_dtype` the dtype parameters are created in, `precision` every matrix product's); the attention
+softmax always runs in float32. Calls from one module to the next pass everything after the first
+input by keyword. Each attention sows its probabilities (B, nh, T, S) into the
 "intermediates" collection (kept only when the caller makes it mutable: `output_attentions`), and
 `remat=True` recomputes every decoder layer in the backward pass (gradient checkpointing, nn.remat).
+This file holds the plain modules only; what exists for speed is in opt_flax/fast_paths.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import flax.struct
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from opt_spec import Head, OPTConfig
+from opt_spec.cache import cache_mask_width, refuse_legacy_cache
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
@@ -33,10 +37,21 @@ Dtype = Any
 Precision = Any  # None (JAX's default for the device) or a jax.lax.Precision / "highest"
 
 
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How every module of a model computes (one attribute instead of three threaded through each module).
+
+    dtype: the compute dtype; param_dtype: the dtype parameters are created in; precision: the precision of
+    every matrix product (None: JAX's default for the device; "highest": full float32 on GPUs too).
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+
 def _register_output_pytrees() -> None:
     """The spec's output records become pytrees, so a jitted function may return them."""
-    import dataclasses
-
     for cls in (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast,
                 QuestionAnsweringModelOutput):
         try:
@@ -50,34 +65,75 @@ _register_output_pytrees()
 
 
 # ------------------------------------------------------------------------------------- KV cache
-@flax.struct.dataclass
+@jax.tree_util.register_pytree_node_class
 class KVCache:
-    """A preallocated key/value cache: per layer a key and a value buffer of shape (B, nh, S, hs),
-    S = max_length, and `index`, the number of positions already written (an int32 scalar).
+    """opt_spec.cache's contract, preallocated: per layer a key and a value buffer (B, nh, S, hs) of
+    S = capacity slots, and `length`, the tokens written so far (an int32 scalar: traced under jit, so one
+    compiled step serves every position; the shapes never change).
 
-    A forward pass over T new tokens writes their keys and values at [index, index + T) and returns
-    a cache whose index is index + T; shapes never change, so one jitted step serves every position.
+    `update(layer, k, v)` writes T new tokens' keys and values at [length, length + T) and returns the
+    layer's whole buffers; the decoder calls `advance(T)` after its last layer. JAX arrays are values, so
+    update replaces a buffer of this object; the model works on a `copy()` of the cache it is given and
+    returns that copy, which leaves the caller's cache as it was, eagerly and under jit alike. A pytree:
+    it goes in and out of jit, loop carries and shardings.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    index: jax.Array
+    def __init__(self, keys, values, length):
+        self.keys, self.values, self.length = list(keys), list(values), length
 
     @classmethod
-    def zeros(cls, config: OPTConfig, batch_size: int, max_length: int, dtype: Dtype = jnp.float32) -> "KVCache":
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # (B, nh, S, hs)
+    def zeros(cls, config: OPTConfig, batch_size: int, capacity: int, dtype: Dtype = jnp.float32) -> "KVCache":
+        shape = (batch_size, config.num_attention_heads, capacity, config.head_dim)  # (B, nh, S, hs)
         L = config.num_hidden_layers
-        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(L)),
-                   index=jnp.zeros((), jnp.int32))
+        return cls(keys=[jnp.zeros(shape, dtype) for _ in range(L)], values=[jnp.zeros(shape, dtype) for _ in range(L)],
+                   length=jnp.zeros((), jnp.int32))
 
     @property
-    def max_length(self) -> int:
+    def capacity(self) -> int:
         return self.keys[0].shape[2]
 
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    def copy(self) -> "KVCache":
+        """A new cache object holding the same (immutable) arrays."""
+        return KVCache(self.keys, self.values, self.length)
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """k, v (B, nh, T, hs) written at the write position -> the layer's keys and values (B, nh, S, hs)."""
+        start = (0, 0, self.length, 0)
+        self.keys[layer] = lax.dynamic_update_slice(self.keys[layer], k.astype(self.keys[layer].dtype), start)
+        self.values[layer] = lax.dynamic_update_slice(self.values[layer], v.astype(self.values[layer].dtype), start)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, new: int) -> None:
+        self.length = self.length + new
+
+    def attention_mask(self, attention_mask: Optional[jax.Array], new: int) -> jax.Array:
+        """The mask given with this cache widened to its S slots (B, capacity), int32; unwritten slots 0.
+
+        The given mask covers past + new or the capacity (opt_spec.cache.cache_mask_width, anything else
+        refused in words). Under jit the write position is traced, so only the capacity can be checked: a
+        narrower mask is refused there (widen it before the jit, as the compiled decode loops do)."""
+        B, S = self.batch_size, self.capacity
+        if attention_mask is None:  # every slot: the causal rule hides the ones not written yet
+            return jnp.ones((B, S), jnp.int32)
+        width = attention_mask.shape[1]
+        if isinstance(self.length, jax.core.Tracer):
+            if width != S:
+                raise ValueError(f"attention_mask covers {width} positions; under jit the cache's length is traced, "
+                                 f"so the mask must cover the cache's capacity {S} (pad it with zeros before the jit)")
+        else:
+            S = cache_mask_width(width, int(self.length), new, S)
+        return jnp.pad(attention_mask.astype(jnp.int32), ((0, 0), (0, S - width)))
+
+    def tree_flatten(self):
+        return (tuple(self.keys), tuple(self.values), self.length), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children) -> "KVCache":
+        return cls(*children)
 
 
 def activation_fn(formula: str):
@@ -89,32 +145,42 @@ def activation_fn(formula: str):
     }[formula]
 
 
-def attention_allowed(attention_mask: jax.Array, q_start: jax.Array | int, T: int) -> jax.Array:
-    """(B, S) mask -> (B, 1, T, S) bool for queries at positions q_start .. q_start + T - 1:
-    causal, mask kept, and a query always sees itself (opt_spec.numerics.attention_allowed)."""
-    S = attention_mask.shape[1]
-    q_pos = (q_start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, 1)
+def attention_allowed(attention_mask: jax.Array, query_length: int, query_start: jax.Array | int) -> jax.Array:
+    """(B, S) mask -> (B, 1, T, S) bool for the T = query_length queries at positions query_start ..
+    query_start + T - 1: causal, mask kept, and a query always sees itself (opt_spec.numerics.attention_allowed)."""
+    S, T = attention_mask.shape[1], query_length
+    q_pos = (query_start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, 1)
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]              # (1, S)
     allowed = (k_pos <= q_pos) & attention_mask.astype(bool)[:, None, :]  # (B, T, S)
     return (allowed | (k_pos == q_pos))[:, None]
 
 
-def _dense(features: int, config: OPTConfig, dtype, param_dtype, use_bias: bool, name: str,
-           precision: Precision = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                    kernel_init=jax.nn.initializers.normal(config.init_std), name=name)
+def _dense(features: int, config: OPTConfig, numerics: Numerics, use_bias: bool, name: str | None = None) -> nn.Dense:
+    """A linear layer (name None inside setup, where the attribute names it)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
+                    precision=numerics.precision, kernel_init=jax.nn.initializers.normal(config.init_std), name=name)
+
+
+class Embed(nn.Embed):
+    """nn.Embed whose `attend` (a tied LM head: logits = x @ embedding^T) runs at the model's matrix-product
+    precision like every other product (flax's own attend takes none: TF32 for float32 on recent GPUs)."""
+
+    precision: Precision = None
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return jnp.einsum("...e,ve->...v", query, embedding, precision=self.precision)  # (..., V)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, statistics and affine in float32, the result in `dtype`.
+    """LayerNorm over the last axis, statistics and affine in float32, the result in `numerics.dtype`.
 
     (flax.linen.LayerNorm promotes half precision to float32 implicitly, which strict dtype
     promotion forbids; this one casts explicitly.) Parameters: `scale` and `bias`, when affine.
     """
 
     affine: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    numerics: Numerics = Numerics()
 
     @nn.compact
     def __call__(self, x):
@@ -124,75 +190,71 @@ class LayerNorm(nn.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * lax.rsqrt(var + LAYER_NORM_EPS)
         if self.affine:
-            y = y * self.param("scale", nn.initializers.ones, (H,), self.param_dtype).astype(jnp.float32)
-            y = y + self.param("bias", nn.initializers.zeros, (H,), self.param_dtype).astype(jnp.float32)
-        return y.astype(self.dtype)
+            y = y * self.param("scale", nn.initializers.ones, (H,), self.numerics.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (H,), self.numerics.param_dtype).astype(jnp.float32)
+        return y.astype(self.numerics.dtype)
 
 
-def _layer_norm(config: OPTConfig, dtype, param_dtype, name: str) -> LayerNorm:
-    return LayerNorm(config.layer_norm_elementwise_affine, dtype, param_dtype, name=name)
+def _layer_norm(config: OPTConfig, numerics: Numerics, name: str | None = None) -> LayerNorm:
+    return LayerNorm(config.layer_norm_elementwise_affine, numerics, name=name)
 
 
 # ------------------------------------------------------------------------------------ attention
 class OPTAttention(nn.Module):
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
+    layer_idx: int = 0  # which of the cache's layers this attention writes
 
     @nn.compact
-    def __call__(self, x, allowed, cache_kv=None, cache_index=None, deterministic: bool = True):
-        config = self.config
+    def __call__(self, x, *, allowed, cache: Optional[KVCache] = None, deterministic: bool = True):
+        config, numerics = self.config, self.numerics
         B, T, H = x.shape
         nh, hs = config.num_attention_heads, config.head_dim
-        k_proj, v_proj, q_proj, out_proj = (
-            _dense(H, config, self.dtype, self.param_dtype, config.enable_bias, name, self.precision)
-            for name in ("k_proj", "v_proj", "q_proj", "out_proj"))
+        k_proj, v_proj, q_proj, out_proj = (_dense(H, config, numerics, config.enable_bias, name)
+                                            for name in ("k_proj", "v_proj", "q_proj", "out_proj"))
 
         q = (q_proj(x) * attention_scale(hs)).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = k_proj(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                           # (B, nh, T, hs)
         v = v_proj(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                           # (B, nh, T, hs)
-        if cache_kv is not None:  # write the new keys/values at cache_index; attend over the whole buffer
-            k_buf, v_buf = cache_kv
-            start = (0, 0, cache_index, 0)
-            k = lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), start)  # (B, nh, S, hs)
-            v = lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), start)
-            new_kv = (k, v)
-        else:
-            new_kv = None
+        if cache is not None:  # the cache writes the new keys/values at its length; attend over all its slots
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
 
         scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32, precision=self.precision)  # (B, nh, T, S), f32
+                            preferred_element_type=jnp.float32, precision=numerics.precision)  # (B, nh, T, S), f32
         scores = jnp.where(allowed, scores, mask_value(SOFTMAX_DTYPE))
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(numerics.dtype)
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
         self.sow("intermediates", "attention_probs", probs)  # after dropout, as Hugging Face returns them
-        y = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(self.dtype), precision=self.precision)  # (B, T, nh, hs)
+        y = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(numerics.dtype),
+                       precision=numerics.precision)  # (B, T, nh, hs)
         y = y.reshape(B, T, H)
-        return out_proj(y), new_kv
+        return out_proj(y)
 
 
 # ---------------------------------------------------------------------------------------- layer
 class OPTDecoderLayer(nn.Module):
+    """One layer. `deterministic` is an attribute, not a call argument: nn.remat traces every argument of
+    the call it recomputes, and dropout needs to know it while tracing."""
+
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
+    layer_idx: int = 0
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, allowed, cache_kv=None, cache_index=None, deterministic: bool = True):
-        config = self.config
+    def __call__(self, x, *, allowed, cache: Optional[KVCache] = None):
+        config, numerics, deterministic = self.config, self.numerics, self.deterministic
         H, F_, bias, pre_ln = config.hidden_size, config.ffn_dim, config.enable_bias, config.do_layer_norm_before
-        self_attn = OPTAttention(config, self.dtype, self.param_dtype, self.precision, name="self_attn")
-        self_attn_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "self_attn_layer_norm")
-        fc1 = _dense(F_, config, self.dtype, self.param_dtype, bias, "fc1", self.precision)
-        fc2 = _dense(H, config, self.dtype, self.param_dtype, bias, "fc2", self.precision)
-        final_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "final_layer_norm")
+        self_attn = OPTAttention(config, numerics, self.layer_idx, name="self_attn")
+        self_attn_layer_norm = _layer_norm(config, numerics, "self_attn_layer_norm")
+        fc1 = _dense(F_, config, numerics, bias, "fc1")
+        fc2 = _dense(H, config, numerics, bias, "fc2")
+        final_layer_norm = _layer_norm(config, numerics, "final_layer_norm")
         dropout = nn.Dropout(config.dropout)
         act = activation_fn(config.activation)
 
         h = self_attn_layer_norm(x) if pre_ln else x
-        h, new_kv = self_attn(h, allowed, cache_kv, cache_index, deterministic)
+        h = self_attn(h, allowed=allowed, cache=cache, deterministic=deterministic)
         x = x + dropout(h, deterministic=deterministic)
         if not pre_ln:
             x = self_attn_layer_norm(x)
@@ -201,109 +263,119 @@ class OPTDecoderLayer(nn.Module):
         x = x + dropout(h, deterministic=deterministic)
         if not pre_ln:
             x = final_layer_norm(x)
-        return x, new_kv
+        return x
 
 
 class OPTDecoderLayers(nn.Module):
-    """The stack of layers, named "0", "1", ... so that paths read `layers.{i}.*` as in the checkpoint.
-    remat: each layer's activations are recomputed in the backward pass (the same dropout keys)."""
+    """The stack of layers, named "0", "1", ... so that paths read `layers.{i}.*` as in the checkpoint (this
+    module is the `layers` scope of those paths, so it stays a module rather than a list attribute, whose
+    entries Flax would name `layers_{i}`). remat: each layer's activations are recomputed in the backward
+    pass (the same dropout keys); not with a cache, which is inference and whose update jax.checkpoint's
+    trace would keep to itself."""
 
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, allowed, cache: Optional[KVCache] = None, deterministic: bool = True,
+    def __call__(self, x, *, allowed, cache: Optional[KVCache] = None, deterministic: bool = True,
                  output_hidden_states: bool = False):
         config = self.config
         hidden_states = []
-        keys, values = [], []
+        layer_class = nn.remat(OPTDecoderLayer) if self.remat and cache is None else OPTDecoderLayer
         for i in range(config.num_hidden_layers):
             if output_hidden_states:
                 hidden_states.append(x)
-            layer_class = nn.remat(OPTDecoderLayer, static_argnums=(5,)) if self.remat else OPTDecoderLayer
-            layer = layer_class(config, self.dtype, self.param_dtype, self.precision, name=str(i))
-            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            y, new_kv = layer(x, allowed, kv, cache.index if cache is not None else None, deterministic)
+            layer = layer_class(config, self.numerics, layer_idx=i, deterministic=deterministic, name=str(i))
+            before = (cache.keys[i], cache.values[i]) if cache is not None else None
+            y = layer(x, allowed=allowed, cache=cache)
             if not deterministic and config.layerdrop > 0:  # LayerDrop: skip the whole layer at random
                 skip = jax.random.bernoulli(self.make_rng("dropout"), config.layerdrop)
                 y = jnp.where(skip, x, y)
-                if new_kv is not None:
-                    new_kv = tuple(jnp.where(skip, old, new) for old, new in zip(kv, new_kv))
+                if cache is not None:  # a skipped layer writes nothing either
+                    cache.keys[i], cache.values[i] = (jnp.where(skip, old, new) for old, new in
+                                                      zip(before, (cache.keys[i], cache.values[i])))
             x = y
-            if new_kv is not None:
-                keys.append(new_kv[0])
-                values.append(new_kv[1])
-        return x, (tuple(keys), tuple(values)), hidden_states
+        return x, hidden_states
 
 
 # -------------------------------------------------------------------------------------- decoder
 class OPTDecoder(nn.Module):
+    """Embeddings, the layers and what follows them. Submodules are made in setup, so that the causal-LM
+    head can reach `embed_tokens` (its tied weight, nn.Embed.attend)."""
+
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
     remat: bool = False
 
-    @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                 inputs_embeds=None, deterministic: bool = True, output_hidden_states: bool = False):
-        config = self.config
+    def setup(self):
+        config, numerics = self.config, self.numerics
         V, E, H, P = (config.vocab_size, config.word_embed_proj_dim, config.hidden_size,
                       config.max_position_embeddings)
         normal = jax.nn.initializers.normal(config.init_std)
-        embed_tokens = nn.Embed(V, E, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal,
-                                name="embed_tokens")
-        embed_positions = nn.Embed(P + POSITION_OFFSET, H, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   embedding_init=normal, name="embed_positions")
-        project_out = _dense(E, config, self.dtype, self.param_dtype, False, "project_out", self.precision) \
-            if config.has_projections else None
-        project_in = _dense(H, config, self.dtype, self.param_dtype, False, "project_in", self.precision) \
-            if config.has_projections else None
-        final_layer_norm = _layer_norm(config, self.dtype, self.param_dtype, "final_layer_norm") \
-            if config.has_final_layer_norm else None
-        layers = OPTDecoderLayers(config, self.dtype, self.param_dtype, self.precision, self.remat, name="layers")
+        self.embed_tokens = Embed(V, E, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
+                                  embedding_init=normal, precision=numerics.precision)
+        self.embed_positions = nn.Embed(P + POSITION_OFFSET, H, dtype=numerics.dtype,
+                                        param_dtype=numerics.param_dtype, embedding_init=normal)
+        self.project_out = _dense(E, config, numerics, False) if config.has_projections else None
+        self.project_in = _dense(H, config, numerics, False) if config.has_projections else None
+        self.final_layer_norm = _layer_norm(config, numerics) if config.has_final_layer_norm else None
+        self.layers = OPTDecoderLayers(config, numerics, self.remat)
 
+    def __call__(self, input_ids=None, *, attention_mask=None, position_ids=None,
+                 past_key_values: Optional[KVCache] = None, inputs_embeds=None, deterministic: bool = True,
+                 output_hidden_states: bool = False):
+        config, numerics = self.config, self.numerics
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = embed_tokens(input_ids)  # (B, T, E)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
             if config.pad_token_id is not None:  # as torch's padding_idx: lookups of the pad row get no gradient
                 is_pad = (input_ids == config.pad_token_id)[..., None]  # (B, T, 1)
                 inputs_embeds = jnp.where(is_pad, jax.lax.stop_gradient(inputs_embeds), inputs_embeds)
         else:
-            inputs_embeds = inputs_embeds.astype(self.dtype)
+            inputs_embeds = inputs_embeds.astype(numerics.dtype)
         B, T = inputs_embeds.shape[:2]
-        # Without a cache the keys are the T new tokens; with one they are the S cache slots and the
-        # new tokens sit at [index, index + T). The mask covers the keys (a shorter one is padded).
-        S = cache.max_length if cache is not None else T
-        q_start = cache.index if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, S), jnp.int32)
-        attention_mask = attention_mask.astype(jnp.int32)
-        if attention_mask.shape[1] < S and cache is not None:
-            attention_mask = jnp.pad(attention_mask, ((0, 0), (0, S - attention_mask.shape[1])))
-        if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected ({B}, {S})"
-                             + (" (batch, cache max_length)" if cache is not None else " (batch, tokens)"))
+        # Without a cache the keys are the T new tokens; with one they are the S cache slots and the new
+        # tokens sit at [length, length + T). The mask covers the keys (the cache widens a past + new one).
+        cache = None
+        if past_key_values is not None:
+            refuse_legacy_cache(past_key_values)
+            if not isinstance(past_key_values, KVCache):
+                raise TypeError(f"past_key_values must be a KVCache, got {type(past_key_values).__name__}")
+            cache = past_key_values.copy()  # the returned cache; the given one stays as it was
+        if cache is not None:
+            if attention_mask is not None and attention_mask.shape[0] != B or cache.batch_size != B:
+                raise ValueError(f"the cache holds {cache.batch_size} rows and attention_mask "
+                                 f"{None if attention_mask is None else attention_mask.shape[0]}; the inputs have {B}")
+            attention_mask = cache.attention_mask(attention_mask, T)  # (B, S)
+            query_start = cache.length
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones((B, T), jnp.int32)
+            attention_mask = attention_mask.astype(jnp.int32)
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected ({B}, {T}) "
+                                 "(batch, tokens)")
+            query_start = 0
         if position_ids is None:
             positions = jnp.cumsum(attention_mask, axis=1) * attention_mask - 1  # (B, S), pads -1
-            position_ids = lax.dynamic_slice_in_dim(positions, q_start, T, axis=1)  # (B, T)
-        allowed = attention_allowed(attention_mask, q_start, T)  # (B, 1, T, S)
+            position_ids = lax.dynamic_slice_in_dim(positions, query_start, T, axis=1)  # (B, T)
+        allowed = attention_allowed(attention_mask, T, query_start)  # (B, 1, T, S)
 
-        x = project_in(inputs_embeds) if project_in is not None else inputs_embeds  # (B, T, H)
-        x = x + embed_positions(position_ids.astype(jnp.int32) + POSITION_OFFSET)
-        x, (keys, values), hidden_states = layers(x, allowed, cache, deterministic, output_hidden_states)
-        if final_layer_norm is not None:
-            x = final_layer_norm(x)
-        if project_out is not None:
-            x = project_out(x)  # (B, T, E)
+        x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
+        x = x + self.embed_positions(position_ids.astype(jnp.int32) + POSITION_OFFSET)
+        x, hidden_states = self.layers(x, allowed=allowed, cache=cache, deterministic=deterministic,
+                                       output_hidden_states=output_hidden_states)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, E)
         if output_hidden_states:
             hidden_states.append(x)
-        new_cache = KVCache(keys, values, cache.index + T) if cache is not None else None
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=new_cache,
+        if cache is not None:
+            cache.advance(T)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=tuple(hidden_states) if output_hidden_states else None)
 
 
@@ -312,34 +384,29 @@ class OPTModule(nn.Module):
     """The base model: the decoder under `decoder` (checkpoint names `decoder.*`)."""
 
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
     remat: bool = False
     head = Head.BASE
 
-    @nn.compact
+    def setup(self):
+        self.decoder = OPTDecoder(self.config, self.numerics, self.remat)
+
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, deterministic: bool = True, output_hidden_states: bool = False):
-        decoder = OPTDecoder(self.config, self.dtype, self.param_dtype, self.precision, self.remat, name="decoder")
-        return decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-                       output_hidden_states)
+        return self.decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                            deterministic=deterministic, output_hidden_states=output_hidden_states)
 
 
 class _HeadModule(nn.Module):
     """Shared by the head models: the base model under `model`."""
 
     config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    numerics: Numerics = Numerics()
     remat: bool = False
 
-    def base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-             output_hidden_states) -> BaseModelOutputWithPast:
-        model = OPTModule(self.config, self.dtype, self.param_dtype, self.precision, self.remat, name="model")
-        return model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-                     output_hidden_states)
+    def setup(self):
+        self.model = OPTModule(self.config, self.numerics, self.remat)
 
 
 class OPTForCausalLMModule(_HeadModule):
@@ -348,17 +415,15 @@ class OPTForCausalLMModule(_HeadModule):
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, deterministic: bool = True, output_hidden_states: bool = False):
-        config = self.config
-        out = self.base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-                        output_hidden_states)
+        config, numerics = self.config, self.numerics
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, deterministic=deterministic,
+                         output_hidden_states=output_hidden_states)
         x = out.last_hidden_state  # (B, T, E)
         if config.tie_word_embeddings:  # the head is the token embedding: logits = x @ embedding^T
-            embedding = self.variables["params"]["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
-            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(self.dtype),
-                                precision=self.precision)  # (B, T, V)
+            logits = self.model.decoder.embed_tokens.attend(x)  # (B, T, V)
         else:
-            lm_head = _dense(config.vocab_size, config, self.dtype, self.param_dtype, False, "lm_head", self.precision)
-            logits = lm_head(x)  # (B, T, V)
+            logits = _dense(config.vocab_size, config, numerics, False, "lm_head")(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
@@ -371,9 +436,10 @@ class OPTForSequenceClassificationModule(_HeadModule):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, deterministic: bool = True, output_hidden_states: bool = False):
         config = self.config
-        out = self.base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-                        output_hidden_states)
-        logits = _dense(config.num_labels, config, self.dtype, self.param_dtype, False, "score", self.precision)(
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, deterministic=deterministic,
+                         output_hidden_states=output_hidden_states)
+        logits = _dense(config.num_labels, config, self.numerics, False, "score")(
             out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         if input_ids is not None and config.pad_token_id is not None:
@@ -396,10 +462,10 @@ class OPTForQuestionAnsweringModule(_HeadModule):
                  inputs_embeds=None, start_positions=None, end_positions=None, deterministic: bool = True,
                  output_hidden_states: bool = False):
         config = self.config
-        out = self.base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, deterministic,
-                        output_hidden_states)
-        logits = _dense(2, config, self.dtype, self.param_dtype, True, "qa_outputs", self.precision)(
-            out.last_hidden_state)  # (B, T, 2)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, deterministic=deterministic,
+                         output_hidden_states=output_hidden_states)
+        logits = _dense(2, config, self.numerics, True, "qa_outputs")(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:

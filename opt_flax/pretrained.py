@@ -23,6 +23,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
+from opt_spec.cache import cache_mask_width, refuse_legacy_cache
 from opt_spec.hub import resolve_pretrained
 from opt_spec.inputs import check_positions, check_seed, check_token_ids
 from opt_spec.surface import dtype_argument
@@ -31,7 +32,7 @@ from opt_spec.weights import WeightSpec
 
 from .generation import GenerationMixin
 from .hf_compat import FlaxModelMethods
-from .modeling import MODULE_CLASSES, KVCache, sown_attentions
+from .modeling import MODULE_CLASSES, KVCache, Numerics, sown_attentions
 
 CONVENTION = "flax"
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -151,8 +152,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         if precision == "auto":  # full float32 products for float32 (GPUs would use TF32), default otherwise
             precision = "highest" if self.dtype == jnp.float32 else None
         self.precision = precision
-        self.module = MODULE_CLASSES[self.head](config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                                precision=precision)
+        self.module = MODULE_CLASSES[self.head](config, numerics=Numerics(self.dtype, self.param_dtype, precision))
         if params is None:
             params = self.init_params(seed)
         else:
@@ -257,7 +257,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
 
     # ---------------------------------------------------------------------------------- running
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty KV cache of max_length positions for batch_size rows (compute dtype)."""
+        """An empty KV cache of max_length slots (its capacity) for batch_size rows (compute dtype)."""
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} is past the model's max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
@@ -277,6 +277,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
                 raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
         cache = past_key_values
         if cache is not None:
+            refuse_legacy_cache(cache)
             if not isinstance(cache, KVCache):
                 raise TypeError(f"past_key_values must be a KVCache from init_cache(), got {type(cache).__name__}")
             if len(cache.keys) != config.num_hidden_layers:
@@ -286,22 +287,19 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             return
         B, T = np.shape(input_ids)
         past = None
-        if cache is not None and not _is_tracer(cache.index):
-            past = int(cache.index)
+        if cache is not None and not _is_tracer(cache.length):
+            past = int(cache.length)
             if cache.batch_size != B:
                 raise ValueError(f"past_key_values holds {cache.batch_size} rows; input_ids has {B}")
-            if past + T > cache.max_length:
-                raise ValueError(f"the cache holds {past} of {cache.max_length} positions; {T} more do not fit")
+            width = past + T if attention_mask is None else np.shape(attention_mask)[-1]
+            cache_mask_width(width, past, T, cache.capacity)  # the spec's rule: past + new or the capacity
         if attention_mask is not None and not _is_tracer(attention_mask):
             mask_shape = np.shape(attention_mask)
             if cache is None and mask_shape != (B, T):
                 raise ValueError(f"attention_mask has shape {mask_shape}; expected (batch, tokens) = ({B}, {T})")
-            if cache is not None and (len(mask_shape) != 2 or mask_shape[0] != B
-                                      or mask_shape[1] > cache.max_length
-                                      or (past is not None and mask_shape[1] < past + T)):
-                raise ValueError(f"attention_mask has shape {mask_shape}; with a cache it covers every position "
-                                 f"from the first: (batch, past + new .. max_length) = ({B}, "
-                                 f"{'past + ' if past is None else past}{T} .. {cache.max_length})")
+            if cache is not None and (len(mask_shape) != 2 or mask_shape[0] != B):
+                raise ValueError(f"attention_mask has shape {mask_shape}; expected ({B}, past + new or the cache's "
+                                 f"capacity {cache.capacity})")
         if position_ids is not None and not _is_tracer(position_ids):
             top = int(np.max(position_ids)) if np.size(position_ids) else -1
         elif (attention_mask is None or not _is_tracer(attention_mask)) and (cache is None or past is not None):

@@ -53,7 +53,7 @@ from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, a
                                micro_batch_list, task_head)
 
 from . import cpu_speed, train_speed
-from .modeling import MODULE_CLASSES
+from .modeling import MODULE_CLASSES, Numerics
 from .pretrained import MODEL_CLASSES, _params_table
 
 CONVENTION = "flax"
@@ -154,7 +154,7 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
     key = (Head(head), config, jnp.dtype(dtype).name, precision, cfg, sharding.key if sharding is not None else None)
     if key in _STEP_FUNCTIONS:
         return _STEP_FUNCTIONS[key]
-    module = MODULE_CLASSES[Head(head)](config, dtype=dtype, param_dtype=jnp.float32, precision=precision)
+    module = MODULE_CLASSES[Head(head)](config, numerics=Numerics(dtype, jnp.float32, precision))
     tx = adamw(cfg, decay_mask(config, head))
     cpu = sharding is None and cpu_speed.enabled()  # XLA CPU rewrites (opt_flax.cpu_speed): the same math
     lm_loss = cpu and Head(head) == Head.CAUSAL_LM  # the same loss in fewer passes (opt_flax.train_speed)

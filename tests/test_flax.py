@@ -177,14 +177,16 @@ def test_cached_decoding_equals_full_forward(checkpoint, name):
     full_mask = np.zeros((3, max_length), np.int32)
     full_mask[:, :10] = mask
     out = model(ids[:, :6], full_mask, past_key_values=cache)  # prompt, eager, mask (B, max_length)
+    assert int(cache.length) == 0 and int(out.past_key_values.length) == 6  # the given cache is left as it was
     steps = [np.asarray(out.logits)]
-    step = jax.jit(lambda p, i, m, c: model(i, m, params=p, past_key_values=c))
+    traces = []
+    step = jax.jit(lambda p, i, m, c: traces.append(1) or model(i, m, params=p, past_key_values=c))
     cache = out.past_key_values
     for t in range(6, 10):  # one token at a time under jit: one compilation for every step
         out = step(model.params, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(full_mask), cache)
         steps.append(np.asarray(out.logits))
         cache = out.past_key_values
-    assert int(cache.index) == 10
+    assert int(cache.length) == 10 and len(traces) == 1
     assert max_abs_diff(np.concatenate(steps, 1), full, mask) <= TOL
     # a short mask (past + new) is accepted eagerly and gives the same answer
     short = model(ids[:, 6:8], mask[:, :8], past_key_values=model(ids[:, :6], mask[:, :6],
@@ -198,12 +200,74 @@ def test_cache_overflow_and_mismatch_are_errors():
     ids, mask = random_batch(config, length=6)
     cache = model.init_cache(3, 8)
     cache = model(ids, past_key_values=cache).past_key_values
-    with pytest.raises(ValueError, match="the cache holds 6 of 8 positions; 3 more do not fit"):
+    with pytest.raises(ValueError, match="the cache holds 8 tokens: 6 written and 3 new do not fit"):
         model(ids[:, :3], past_key_values=cache)
     with pytest.raises(ValueError, match="past_key_values holds 3 rows; input_ids has 1"):
         model(ids[:1, :1], past_key_values=cache)
     with pytest.raises(ValueError, match="max_length=41 is past the model's max_position_embeddings=40"):
         model.init_cache(1, 41)
+
+
+def test_cache_mask_width_and_format_follow_the_spec(checkpoint):
+    """The mask given with a cache covers past + new or the capacity (opt_spec.cache.cache_mask_width):
+    any other width is refused in words, eagerly, from the module and under jit; a tuple cache is refused."""
+    config = VARIANTS["pre_ln"]
+    model = FlaxOPTForCausalLM.from_pretrained(checkpoint("pre_ln"))
+    ids, mask = random_batch(config, length=6)
+    cache = model(ids[:, :4], mask[:, :4], past_key_values=model.init_cache(3, 8)).past_key_values
+    for width in (5, 7):  # past + new is 6, the capacity 8
+        bad = np.pad(mask, ((0, 0), (0, 2)))[:, :width]
+        with pytest.raises(ValueError, match=rf"attention_mask covers {width} positions; with a cache it must cover "
+                                             r"6 \(past 4 \+ new 2\) or 8 \(the cache's capacity\)"):
+            model(ids[:, 4:], bad, past_key_values=cache)
+        with pytest.raises(ValueError, match=f"attention_mask covers {width} positions"):  # the module's own check
+            model.module.apply({"params": model.params}, jnp.asarray(ids[:, 4:]), jnp.asarray(bad),
+                               past_key_values=cache)
+    step = jax.jit(lambda i, m, c: model(i, m, past_key_values=c).logits)
+    with pytest.raises(ValueError, match="under jit the cache's length is traced, so the mask must cover the "
+                                         "cache's capacity 8"):
+        step(jnp.asarray(ids[:, 4:]), jnp.asarray(mask), cache)
+    wide = np.zeros((3, 8), np.int32)
+    wide[:, :6] = mask
+    assert max_abs_diff(np.asarray(step(jnp.asarray(ids[:, 4:]), jnp.asarray(wide), cache)),
+                        np.asarray(model(ids[:, 4:], mask, past_key_values=cache).logits), mask[:, 4:]) <= TOL
+    legacy = tuple((k, v) for k, v in zip(cache.keys, cache.values))
+    for call in (lambda: model(ids[:, 4:], mask, past_key_values=legacy),
+                 lambda: model.module.apply({"params": model.params}, jnp.asarray(ids[:, 4:]), jnp.asarray(mask),
+                                            past_key_values=legacy)):
+        with pytest.raises(TypeError, match="not a tuple of \\(keys, values\\) per layer"):
+            call()
+
+
+def test_cache_update_equals_the_spec_reference():
+    """KVCache.update / advance against opt_spec.cache.KVCache (capacity slots): the same buffers returned."""
+    from opt_spec.cache import KVCache as Reference
+
+    config = VARIANTS["pre_ln"]
+    rng = np.random.default_rng(0)
+    ours, ref = KVCache.zeros(config, 2, 7), Reference(config.num_hidden_layers, capacity=7)
+    for T in (3, 1, 2):
+        for layer in range(config.num_hidden_layers):
+            k, v = (rng.standard_normal((2, config.num_attention_heads, T, config.head_dim)).astype(np.float32)
+                    for _ in range(2))
+            got, want = ours.update(layer, jnp.asarray(k), jnp.asarray(v)), ref.update(layer, k, v)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(a), b)
+        ours.advance(T)
+        ref.advance(T)
+        assert int(ours.length) == ref.length
+
+
+@pytest.mark.parametrize("query_start", [None, 0, 2, 5])
+def test_attention_allowed_equals_the_spec(query_start):
+    from opt_flax.modeling import attention_allowed
+    from opt_spec.numerics import attention_allowed as reference
+
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    T = 3
+    start = mask.shape[1] - T if query_start is None else query_start
+    np.testing.assert_array_equal(np.asarray(attention_allowed(jnp.asarray(mask), T, start))[:, 0],
+                                  reference(mask, T, query_start))
 
 
 # ---------------------------------------------------------------------------------- checkpoints

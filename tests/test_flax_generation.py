@@ -86,7 +86,7 @@ def test_greedy_matches_torch(models, name):
 
 
 def test_batch_of_one_matches_torch(models):
-    """Batch 1 decodes with its cache carried in another shape (opt_flax.generation._squeeze): each
+    """Batch 1 decodes with its cache carried in another shape (opt_flax.fast_paths.loop_cache): each
     row of the batch alone, its padding dropped, gives torch's tokens."""
     flax_model, torch_model = models("pre_ln")
     ids, mask = prompts("pre_ln")

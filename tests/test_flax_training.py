@@ -170,7 +170,7 @@ def test_fine_tuning_drives_the_loss_down(task):
 
 def test_bf16_mixed_precision_trains_float32_weights():
     bf16 = _trainer(learning_rate=1e-2, schedule="constant", mixed_precision="bf16")
-    assert bf16.module.dtype == jnp.bfloat16
+    assert bf16.module.numerics.dtype == jnp.bfloat16
     batch = synthetic_batch("causal_lm")
     loss32 = float(bf16.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss)
     m16 = bf16.train_step(batch)

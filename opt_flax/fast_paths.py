@@ -1,0 +1,160 @@
+"""What the Flax backend does only for speed, each with its measured reason and the test that pins it.
+
+opt_flax.modeling holds the plain modules; the programs built on them (generation, the trainer) apply
+these rewrites, which keep the math. Each is switched on only where it was measured to help (`enabled()`:
+XLA's CPU backend; none was measured on a GPU, where they are off).
+
+- `loop_cache` / `model_cache` (opt_flax.generation's compiled decode loop, batch 1): the KV cache carried
+  by the while_loop without its batch axis, (nh, S, hs). XLA's CPU compiler drops a size-1 axis from the
+  attention products' operands, so a (1, nh, S, hs) carry gives the cache update two consumers of different
+  shapes, and XLA then copied every buffer four times per step (~2 ms of a 125m step). Carried in the
+  products' shape, one copy per buffer remains, onto its own storage (the loop's copy time fell from 124 to
+  2 ms per 64 tokens). At batch > 1 nothing is copied and the carry keeps the model's shape.
+  Re-measured when it moved here (the compiled loop of a tiny pre_ln model, 2 layers, batch 1, jax 0.10.2 on
+  the CPU): 4 copies of cache buffers per step squeezed, 16 carried as (1, nh, S, hs), for 4 buffers.
+  Pinned by tests/test_flax_generation.py::test_batch_of_one_loop_copies_each_cache_buffer_at_most_once
+  (the compiled loop's copies of cache buffers) and ::test_batch_of_one_matches_torch (the tokens).
+
+Training on XLA's CPU backend (opt_flax.training applies these when `enabled()`); each was found by
+profiling the 125m train step (bench/bench_train.py: batch 8 x 128, AdamW; a 2-core AMD EPYC with
+AVX512-BF16, jax 0.10.2) and measured in CPU seconds of the compiled value_and_grad, the variants
+interleaved in one process (the machine was shared, so wall time was not):
+
+- `materialized_layers()`: XLA's CPU fusion copies cheap elementwise producers into every consumer.
+  The residual stream and its gradient are chains of adds through all the layers, so every transpose
+  in the backward pass (a kernel's gradient contracts over tokens, which XLA's dot library takes only
+  after a copy) recomputed the gradient from the top layer down: 157 copy fusions with up to ~200
+  inputs, 23% of the op time. Each decoder layer's input now passes through `materialize`, an identity
+  as a lax.cond that fusion cannot cross (lax.optimization_barrier is dropped by the CPU pipeline
+  before fusion); its gradient is a cond too. float32: 14.7 -> 10.9 CPU s per value_and_grad (the
+  results move by float32 rounding only: XLA fuses, so rounds, a little differently around a cond).
+- `f32_accumulated_dots(fn)`: a bfloat16 dot_general with a bfloat16 result runs on XLA's generic dot
+  (~75 GFLOP per CPU second); the same product accumulated into float32 and then rounded to bfloat16
+  runs on the bf16 kernels (~145). `fn`'s jaxpr, backward pass included, is evaluated with every such
+  dot rewritten that way (bf16 mixed precision only; a float32 model has none).
+  Pinned by tests/test_flax_cpu_speed.py (identity and gradients of `materialize`, one cond per layer,
+  the loss and gradients unchanged; every bf16 product rewritten, the same results as a float32-accumulated
+  product) and tests/test_flax_training.py (the trainer's steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import ClosedJaxpr, Literal
+from jax.extend.core.primitives import cond_p, dot_general_p
+
+from .modeling import KVCache, OPTDecoderLayer
+
+
+def enabled() -> bool:
+    """These rewrites are for XLA's CPU backend, where they were measured (a GPU would pay a host round trip
+    per lax.cond)."""
+    return jax.default_backend() == "cpu"
+
+
+# ------------------------------------------------------------------------ the decode loop's cache
+def loop_cache(cache: KVCache) -> KVCache:
+    """The cache as the compiled decode loop carries it: at batch 1 on the CPU without the batch axis,
+    (nh, S, hs) per buffer; otherwise as it is."""
+    if cache.batch_size != 1 or not enabled():
+        return cache
+    return KVCache([k[0] for k in cache.keys], [v[0] for v in cache.values], cache.length)
+
+
+def model_cache(cache: KVCache) -> KVCache:
+    """The inverse of loop_cache: the model's (B, nh, S, hs) buffers."""
+    if cache.keys[0].ndim == 4:
+        return cache
+    return KVCache([k[None] for k in cache.keys], [v[None] for v in cache.values], cache.length)
+
+
+# ------------------------------------------------------------------------- materialized layers
+def materialize(x: jax.Array) -> jax.Array:
+    """x, computed once into its own buffer: an identity that XLA's fusion does not see through.
+    Both branches return x exactly (the second, taken only for a NaN first element, as x * 1: with
+    two identical branches XLA drops the cond); its derivative is the same kind of cond on the gradient."""
+    first = x.reshape(-1)[0]
+    return lax.cond(first == first, lambda y: y, lambda y: y * 1, x)
+
+
+def _materialize_layer_input(next_fun, args, kwargs, context):
+    if isinstance(context.module, OPTDecoderLayer) and context.method_name == "__call__" and args:
+        args = (materialize(args[0]), *args[1:])
+    return next_fun(*args, **kwargs)
+
+
+def materialized_layers(on: bool = True):
+    """A context in which every OPTDecoderLayer's input (B, T, H) is `materialize`d (flax method
+    interception: it applies to module.apply calls traced inside it)."""
+    return nn.intercept_methods(_materialize_layer_input) if on else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------ f32-accumulated dots
+def f32_accumulated_dots(fn):
+    """`fn` with every bfloat16-result dot_general computed as a float32-accumulated product rounded
+    to bfloat16 (for use under jit; the function is traced once per input shapes)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        out = _eval(closed, jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+
+    return wrapped
+
+
+def _bf16_result(eqn) -> bool:
+    return (eqn.primitive is dot_general_p and eqn.outvars[0].aval.dtype == jnp.bfloat16
+            and eqn.params.get("preferred_element_type") in (None, jnp.bfloat16))
+
+
+def _eval(closed: ClosedJaxpr, args) -> list:
+    """Evaluate a closed jaxpr, rewriting bf16-result dots; calls are inlined and cond branches
+    rewritten, so the dots of the backward pass (inside them or not) are reached too."""
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        params = eqn.params
+        if _bf16_result(eqn):
+            out = dot_general_p.bind(*invals, **dict(params, preferred_element_type=jnp.float32))
+            outs = [lax.convert_element_type(out, jnp.bfloat16)]
+        elif eqn.primitive is cond_p:
+            index, *operands = invals
+            branches = [functools.partial(_eval_branch, b) for b in params["branches"]]
+            outs = lax.switch(index, branches, *operands)
+        elif (sub := _called_jaxpr(eqn)) is not None:  # jit, custom_jvp_call, closed_call, ...: inlined
+            outs = _eval(sub, invals)
+        else:
+            outs = eqn.primitive.bind(*invals, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_branch(closed: ClosedJaxpr, *operands):
+    return _eval(closed, operands)
+
+
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+          "remat": "jaxpr", "checkpoint": "jaxpr"}
+
+
+def _called_jaxpr(eqn) -> ClosedJaxpr | None:
+    """The jaxpr a call-like equation runs on its operands as they are (None for anything else)."""
+    key = _CALLS.get(eqn.primitive.name)
+    sub = eqn.params.get(key) if key else None
+    if sub is None:
+        return None
+    return sub if isinstance(sub, ClosedJaxpr) else ClosedJaxpr(sub, ())
