@@ -52,7 +52,7 @@ from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                micro_batch_list, task_head)
 
-from . import cpu_speed, train_speed
+from . import fast_paths
 from .modeling import MODULE_CLASSES, Numerics
 from .pretrained import MODEL_CLASSES, _params_table
 
@@ -156,15 +156,15 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return _STEP_FUNCTIONS[key]
     module = MODULE_CLASSES[Head(head)](config, numerics=Numerics(dtype, jnp.float32, precision))
     tx = adamw(cfg, decay_mask(config, head))
-    cpu = sharding is None and cpu_speed.enabled()  # XLA CPU rewrites (opt_flax.cpu_speed): the same math
-    lm_loss = cpu and Head(head) == Head.CAUSAL_LM  # the same loss in fewer passes (opt_flax.train_speed)
+    cpu = sharding is None and fast_paths.enabled()  # XLA CPU rewrites (opt_flax.fast_paths): the same math
+    lm_loss = cpu and Head(head) == Head.CAUSAL_LM  # the same loss in fewer passes (opt_flax.fast_paths)
 
     def loss(params, batch, key):
-        with cpu_speed.materialized_layers(cpu):
+        with fast_paths.materialized_layers(cpu):
             if lm_loss and "labels" in batch:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 logits = module.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": key}).logits
-                return train_speed.causal_lm_loss(logits, batch["labels"])
+                return fast_paths.causal_lm_loss(logits, batch["labels"])
             return module.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": key}).loss
 
     def grad(params, batch, rng):
@@ -183,15 +183,15 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return params, opt_state, rng, value, norm
 
     def forward(params, batch):
-        with cpu_speed.materialized_layers(cpu):
+        with fast_paths.materialized_layers(cpu):
             return module.apply({"params": params}, **batch, deterministic=True)
 
     def gradients(params, batch):
         return jax.value_and_grad(lambda p: forward(p, batch).loss)(params)
 
     if sharding is None:
-        # bf16 on the CPU: every bf16 product accumulates in float32 (the fast kernels; opt_flax.cpu_speed)
-        fast = cpu_speed.f32_accumulated_dots if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
+        # bf16 on the CPU: every bf16 product accumulates in float32 (the fast kernels; opt_flax.fast_paths)
+        fast = fast_paths.f32_accumulated_dots if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
         # Parameters and optimizer state are updated in place (donated; the CPU too: no fresh 3 x 125m
         # buffers to allocate and fault in every step). The trainer owns its copies (FlaxTrainer.__init__).
         fns = StepFunctions(module, tx, loss, jax.jit(fast(grad)),

@@ -15,7 +15,7 @@ seconds (the machine was shared, so wall time was not):
 - That kernel takes only products whose left operand contracts its last (contiguous) axis. A weight's
   gradient x^T @ dy contracts over the tokens, the first axis of x: XLA folds any transpose written
   before it back into the product, which then falls to the float32 path again. `materialize`d first (a
-  cond that XLA's simplifier does not see through, as opt_flax.cpu_speed does), x^T is a real
+  cond that XLA's simplifier does not see through, as opt_flax.fast_paths does), x^T is a real
   (in, tokens) buffer (a bf16 copy of 1.5-6 MB per weight gradient) and the product runs on the bf16 kernel:
   90 -> 163 GFLOP per CPU second.
 

@@ -12,7 +12,7 @@
   state and the losses stay float32.
 - Dropout draws from torch's global generator, seeded with cfg.seed when the trainer is made; its
   state is saved with every checkpoint, so a resumed run draws the same masks.
-- Speed: the training forward runs through torch.compile (opt_torch.train_speed) for models of 20M
+- Speed: the training forward runs through torch.compile (opt_torch.fast_paths) for models of 20M
   parameters or more on one process (`compile=None`; True/False force it), falling back to the eager
   model if compiling fails; the first compiled update's time is returned as `compile_s`.
 
@@ -55,7 +55,7 @@ from opt_spec.torch_pickle import TorchZipReader
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                loss_count, micro_batch_list, task_head)
 
-from . import train_speed
+from . import fast_paths
 from .distributed import VIEW_WARNING
 from .modeling import MODEL_CLASSES
 
@@ -194,7 +194,7 @@ class Trainer:
                                            weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.scheduler = SpecSchedule(self.optimizer, cfg)
         self.step = 0
-        self.compiled = (train_speed.CompiledForward(model) if train_speed.wants_compile(
+        self.compiled = (fast_paths.CompiledForward(model) if fast_paths.wants_compile(
             model, compile, self.mesh is not None, gradient_checkpointing) else None)
 
     # ------------------------------------------------------------------------------- construction

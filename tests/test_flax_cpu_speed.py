@@ -1,4 +1,4 @@
-"""opt_flax.cpu_speed and the trainer's use of it: the rewrites change how XLA's CPU backend runs a step
+"""opt_flax.fast_paths and the trainer's use of it: the rewrites change how XLA's CPU backend runs a step
 (their speed is measured in bench/), not the math; these tests pin what each one does."""
 
 import numpy as np
@@ -12,7 +12,7 @@ from jax import lax  # noqa: E402
 
 from opt_spec.testing import VARIANTS, random_weights, synthetic_batch  # noqa: E402
 from opt_spec.training import TrainConfig  # noqa: E402
-from opt_flax import FlaxOPTForCausalLM, canonical_to_params, cpu_speed  # noqa: E402
+from opt_flax import FlaxOPTForCausalLM, canonical_to_params, fast_paths  # noqa: E402
 from opt_flax.modeling import OPTForCausalLMModule  # noqa: E402
 from opt_flax.training import FlaxTrainer, _as_jax  # noqa: E402
 
@@ -40,13 +40,13 @@ def _dots(jaxpr) -> list:
 @on_cpu
 def test_materialize_is_an_identity_that_xla_keeps():
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
-    f = lambda x: jnp.sum(jnp.sin(cpu_speed.materialize(x * 2.0)) ** 2)  # noqa: E731
-    np.testing.assert_array_equal(cpu_speed.materialize(x), x)
+    f = lambda x: jnp.sum(jnp.sin(fast_paths.materialize(x * 2.0)) ** 2)  # noqa: E731
+    np.testing.assert_array_equal(fast_paths.materialize(x), x)
     np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2))(x))
     nan_first = x.at[0, 0].set(jnp.nan)  # the other branch: still x
-    np.testing.assert_array_equal(cpu_speed.materialize(nan_first), nan_first)
+    np.testing.assert_array_equal(fast_paths.materialize(nan_first), nan_first)
     # the point of it: a conditional survives XLA's optimizations, forward and in the gradient
-    assert jax.jit(cpu_speed.materialize).lower(x).compile().as_text().count("conditional(") == 1
+    assert jax.jit(fast_paths.materialize).lower(x).compile().as_text().count("conditional(") == 1
     assert jax.jit(jax.grad(f)).lower(x).compile().as_text().count("conditional(") == 2
 
 
@@ -59,13 +59,13 @@ def test_materialized_layers_leave_the_loss_and_gradients_unchanged():
         return module.apply({"params": p}, **batch).loss
 
     def loss_materialized(p):
-        with cpu_speed.materialized_layers():
+        with fast_paths.materialized_layers():
             return loss(p)
 
     _tree_close(jax.jit(jax.value_and_grad(loss_materialized))(params), jax.jit(jax.value_and_grad(loss))(params))
     conds = str(jax.make_jaxpr(loss_materialized)(params)).count("cond[")
     assert conds == CONFIG.num_hidden_layers and "cond[" not in str(jax.make_jaxpr(loss)(params))
-    with cpu_speed.materialized_layers(on=False):
+    with fast_paths.materialized_layers(on=False):
         assert "cond[" not in str(jax.make_jaxpr(loss)(params))
 
 
@@ -80,7 +80,7 @@ def test_f32_accumulated_dots_rewrites_every_bf16_product():
         h = lax.cond(h[0, 0] > -1e9, lambda y: jax.nn.relu(y) @ w2, lambda y: y[:, :8], h)
         return jnp.sum((h.astype(jnp.float32) @ x.T[:8, :3]) ** 2)
 
-    fast = cpu_speed.f32_accumulated_dots(jax.value_and_grad(f, argnums=(0, 1)))
+    fast = fast_paths.f32_accumulated_dots(jax.value_and_grad(f, argnums=(0, 1)))
     value, grads = jax.jit(fast)(x, w1, w2)
     want_value, want_grads = jax.value_and_grad(f, argnums=(0, 1))(x, w1, w2)
     np.testing.assert_allclose(value, want_value, rtol=2e-2)  # bf16 rounding of the intermediate products
@@ -97,7 +97,7 @@ def test_f32_accumulated_dots_rewrites_every_bf16_product():
     # the product itself: float32 accumulation, rounded once to bf16
     a, b = x.astype(jnp.bfloat16), w1
     want = lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(jax.jit(cpu_speed.f32_accumulated_dots(lambda a, b: a @ b))(a, b), want)
+    np.testing.assert_array_equal(jax.jit(fast_paths.f32_accumulated_dots(lambda a, b: a @ b))(a, b), want)
 
 
 def _trainer(**cfg) -> FlaxTrainer:

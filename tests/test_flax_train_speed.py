@@ -1,4 +1,4 @@
-"""opt_flax.train_speed: the train step's causal-LM loss equals opt_flax.modeling's and the spec's, value
+"""opt_flax.fast_paths: the train step's causal-LM loss equals opt_flax.modeling's and the spec's, value
 and gradient, in float32 and from bf16 logits, with ignored labels, and 0 over nothing."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opt_flax import modeling, train_speed
+from opt_flax import fast_paths, modeling
 from opt_spec import IGNORE_INDEX, numerics
 
 
@@ -20,7 +20,7 @@ def test_causal_lm_loss_equals_the_model_s(dtype):
     labels[1, 0] = IGNORE_INDEX
     labels = jnp.asarray(labels)
     want, want_grad = jax.value_and_grad(modeling.causal_lm_loss)(logits, labels)
-    got, got_grad = jax.value_and_grad(train_speed.causal_lm_loss)(logits, labels)
+    got, got_grad = jax.value_and_grad(fast_paths.causal_lm_loss)(logits, labels)
     assert got.dtype == jnp.float32 and got_grad.dtype == dtype
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(got), numerics.causal_lm_loss(np.asarray(logits, np.float32), labels), rtol=1e-6)
@@ -32,6 +32,6 @@ def test_causal_lm_loss_equals_the_model_s(dtype):
 def test_nothing_kept_is_zero_with_zero_gradients_as_the_model_s():
     logits = jnp.ones((1, 3, 5))
     labels = jnp.full((1, 3), IGNORE_INDEX)
-    for loss in (train_speed.causal_lm_loss, modeling.causal_lm_loss):
+    for loss in (fast_paths.causal_lm_loss, modeling.causal_lm_loss):
         value, grad = jax.value_and_grad(loss)(logits, labels)
         assert float(value) == 0.0 and not np.any(np.asarray(grad))

@@ -1,4 +1,4 @@
-"""opt_torch.train_speed: the compiled training forward gives the eager trainer's updates (same dropout
+"""opt_torch.fast_paths: the compiled training forward gives the eager trainer's updates (same dropout
 masks, same losses and parameters to float32 rounding), and a failing compiler falls back to eager."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from opt_spec.testing import VARIANTS
 from opt_spec.training import TrainConfig
-from opt_torch import train_speed
+from opt_torch import fast_paths
 from opt_torch.modeling import MODEL_CLASSES
 from opt_torch.training import TASK_HEADS, Trainer
 
@@ -61,7 +61,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_updates(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return fn
 
-    monkeypatch.setattr(train_speed.torch, "compile", broken)
+    monkeypatch.setattr(fast_paths.torch, "compile", broken)
     _, want = train(False)
     with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
         trainer, got = train(True)
@@ -72,10 +72,10 @@ def test_a_failing_compiler_falls_back_to_the_eager_updates(monkeypatch):
 
 def test_auto_compiles_only_large_unsplit_models():
     small = MODEL_CLASSES[TASK_HEADS["causal_lm"]].from_config(CONFIG, seed=0)
-    assert not train_speed.wants_compile(small, None, split=False, checkpointing=False)
-    assert train_speed.wants_compile(small, True, split=False, checkpointing=False)
+    assert not fast_paths.wants_compile(small, None, split=False, checkpointing=False)
+    assert fast_paths.wants_compile(small, True, split=False, checkpointing=False)
     big = torch.nn.Linear(5000, 4000)  # 20,004,000 parameters
-    assert train_speed.wants_compile(big, None, split=False, checkpointing=False)
-    assert not train_speed.wants_compile(big, None, split=True, checkpointing=False)
-    assert not train_speed.wants_compile(big, None, split=False, checkpointing=True)
-    assert not train_speed.wants_compile(big, False, split=False, checkpointing=False)
+    assert fast_paths.wants_compile(big, None, split=False, checkpointing=False)
+    assert not fast_paths.wants_compile(big, None, split=True, checkpointing=False)
+    assert not fast_paths.wants_compile(big, None, split=False, checkpointing=True)
+    assert not fast_paths.wants_compile(big, False, split=False, checkpointing=False)
