@@ -400,15 +400,15 @@ class TFOPTDecoder(keras.layers.Layer):
 
         checkpointing = self.gradient_checkpointing and training and past_key_values is None
         cache = _check_cache(past_key_values, config, inputs_embeds)
-        if cache is None and use_cache and not checkpointing:
-            cache = KVCache.dynamic(config.num_hidden_layers)
-        if cache is not None:  # (B, S): over the cache's keys
-            q_start, mask = cache.length, cache.attention_mask(attention_mask, B, T)
-            _check_mask(mask, B, None)
-        else:
+        if cache is None:  # the mask covers the new tokens; use_cache starts a dynamic cache holding them
             q_start = 0
             mask = tf.ones((B, T), tf.int32) if attention_mask is None else tf.cast(attention_mask, tf.int32)
             _check_mask(mask, B, T)
+            if use_cache and not checkpointing:
+                cache = KVCache.dynamic(config.num_hidden_layers)
+        else:  # (B, S): over the cache's keys
+            q_start, mask = cache.length, cache.attention_mask(attention_mask, B, T)
+            _check_mask(mask, B, None)
         if position_ids is None:
             pos = tf.cumsum(mask, axis=1) * mask - 1                     # (B, S), pads -1
             position_ids = tf.gather(pos, q_start + tf.range(T), axis=1)  # (B, T); a gather, not a slice:
