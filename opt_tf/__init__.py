@@ -5,8 +5,9 @@ map to the canonical weight names through opt_spec.layouts.
     out = model(input_ids, attention_mask=mask)                          # out.logits (B, T, V)
     step = tf.function(lambda ids, mask: model(ids, attention_mask=mask).logits, jit_compile=True)
 
-Incremental decoding uses a preallocated `KVCache` (`model.init_cache(B, max_length)`), which works
-eagerly and under XLA; its API is described in `opt_tf.modeling`.
+Incremental decoding uses `KVCache`, opt_spec.cache's contract (`model.init_cache(B, max_length)`
+preallocates one), which works eagerly and under XLA; its API is described in `opt_tf.modeling`. What
+exists only for speed lives in `opt_tf.fast_paths`.
 
     tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=20, num_beams=4)  # (B, T + N)
 

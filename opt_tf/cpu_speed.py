@@ -37,7 +37,7 @@ import types
 import keras
 import tensorflow as tf
 
-from . import modeling
+from . import fast_paths, modeling
 
 
 def enabled() -> bool:
@@ -107,7 +107,7 @@ def linear(layer: modeling.Linear, x: tf.Tensor) -> tf.Tensor:
     y = tf.reshape(_product(rows, layer.kernel), tf.concat([lead, [layer.out_dim]], 0))
     if layer.bias is None:
         return y
-    return y - tf.negative(tf.cast(layer.bias, layer.compute_dtype))  # as Linear.call (y + bias bit for bit)
+    return fast_paths.add_bias(y, tf.cast(layer.bias, layer.compute_dtype))  # as Linear.call
 
 
 def tied_logits(model, h: tf.Tensor) -> tf.Tensor:

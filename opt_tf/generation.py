@@ -142,7 +142,7 @@ def _length_norms(d: Decoding) -> tf.Tensor:
 def _reorder(cache, index: tf.Tensor):
     """Keeps cache rows `index` (each beam continues from its parent's keys and values)."""
     return type(cache)(tuple(tf.gather(k, index) for k in cache.keys),
-                       tuple(tf.gather(v, index) for v in cache.values), cache.index)
+                       tuple(tf.gather(v, index) for v in cache.values), cache.length, cache.capacity)
 
 
 # --------------------------------------------------------------------------------------- the mixin

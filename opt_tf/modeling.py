@@ -11,44 +11,50 @@ call) and casts its variables to the compute dtype itself (Keras autocasting is 
 `mixed_bfloat16` policy keeps float32 variables and computes in bfloat16, while LayerNorm statistics
 and the attention softmax always run in float32.
 
-KV cache for incremental decoding (works eagerly and under `tf.function(jit_compile=True)`):
+KV cache for incremental decoding (works eagerly and under `tf.function(jit_compile=True)`), the
+contract of opt_spec.cache:
 
-    cache = model.init_cache(batch_size=B, max_length=L)     # KVCache, index 0
+    cache = model.init_cache(batch_size=B, max_length=L)     # KVCache, length 0, capacity L
     mask = tf.constant(...)                                   # (B, L): 1 = real token, 0 = pad
     out = model(prompt_ids, attention_mask=mask, past_key_values=cache)   # prompt (B, T0)
-    cache = out.past_key_values                               # index T0
-    out = model(next_ids, attention_mask=mask, past_key_values=cache)     # (B, 1), index T0 + 1
+    cache = out.past_key_values                               # length T0
+    out = model(next_ids, attention_mask=mask, past_key_values=cache)     # (B, 1), length T0 + 1
 
-`KVCache(keys, values, index)` holds one preallocated (B, nh, L, hs) key and value buffer per layer
-and an int32 scalar `index`, the number of slots already written. A call with T new tokens writes
-them at slots [index, index + T) (a scatter, so shapes never change and XLA compiles one program per
-T) and returns a new KVCache with index + T; the input cache is not modified. With a KVCache the
-attention mask always covers the full max length L: only its first index + T entries matter
-(positions come from its cumulative sum, later slots are hidden by causality), so one mask can be
-built up front and reused for every step; without a mask every slot counts as a real token.
-Left-padded prompts work as in the full forward: pads get position -1 and real tokens never see them.
+A KVCache holds per layer the keys and values (B, nh, S, hs) and its write position `length`, an int32
+scalar. Each attention layer calls `cache.update(layer, k, v)`, which writes the T new tokens at the
+write position and returns the keys and values to attend to; the decoder calls `cache.advance(T)` after
+the last layer. `init_cache` preallocates L slots: the new tokens are scattered into them, so shapes
+never change and XLA compiles one program per T for every step. A call with `use_cache=True` (the
+config's default) and no cache starts a dynamic one (capacity None), whose keys grow by concatenation.
+TensorFlow's tensors are immutable: `update` replaces the cache's tensors, the model updates a copy of
+the cache it is given and returns that copy (the given one is unchanged, as a tf.function requires).
 
-Without a KVCache, `past_key_values` may also be the growing form the PyTorch backend uses: one
-(k, v) pair per layer, each (B, nh, P, hs), concatenated with the new keys; the attention mask then
-covers P + T tokens. With `use_cache=True` (the config's default) a call without a KVCache returns
-that form.
+The mask given with a cache covers the past and the new tokens (B, length + T) or, preallocated, the
+whole capacity (B, L) (opt_spec.cache.cache_mask_width; anything else is an error), so one mask can be
+built up front and reused for every step; slots not yet written are masked. Inside a tf.function that
+takes the cache as an input the write position is only known when the program runs, so there the mask
+must cover the capacity. Without a mask every token counts as real. Positions come from the mask's
+cumulative sum: left-padded prompts work as in the full forward (pads get position -1 and real tokens
+never see them). Per-layer (keys, values) tuples are refused (opt_spec.cache.refuse_legacy_cache).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
+from opt_spec.cache import cache_mask_width, refuse_legacy_cache
 from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
 
+from . import fast_paths
 from .checkpoint import TFPretrainedMixin
 from .generation import TFGenerationMixin
 from .hf_compat import TFModelMethods
@@ -94,10 +100,7 @@ class Linear(keras.layers.Layer):
         y = tf.matmul(x, tf.cast(self.kernel, self.compute_dtype))  # (..., in) @ (in, out)
         if self.bias is None:
             return y
-        # y - (-bias) is y + bias bit for bit. Written as a subtraction because XLA's CPU compiler fuses
-        # an addition into a matrix-vector product (one new token per row at batch 1) and then runs
-        # the product on one thread; unfused it uses every core (decoding 1.4x faster on 2 cores).
-        return y - tf.negative(tf.cast(self.bias, self.compute_dtype))
+        return fast_paths.add_bias(y, tf.cast(self.bias, self.compute_dtype))  # y + bias
 
 
 class LayerNorm(keras.layers.Layer):
@@ -159,28 +162,92 @@ def _draw_seed() -> tf.Tensor:
 
 
 # ------------------------------------------------------------------------------------- attention
-class KVCache(NamedTuple):
-    """Preallocated keys and values (see the module docstring): per layer (B, nh, L, hs) buffers and
-    the int32 scalar number of slots written."""
+class KVCache:
+    """Keys and values of every layer and the write position (opt_spec.cache's contract; see the module
+    docstring). Preallocated: `capacity` slots per layer (init_cache); dynamic: capacity None, each
+    layer's keys start as None and grow. `length` is an int32 scalar tensor: under XLA one compiled
+    program serves every write position."""
 
-    keys: tuple
-    values: tuple
-    index: tf.Tensor
+    def __init__(self, keys, values, length=0, capacity: Optional[int] = None):
+        self.keys, self.values = tuple(keys), tuple(values)  # per layer (B, nh, S, hs), or None
+        self.length = tf.constant(length, tf.int32) if isinstance(length, int) else length
+        self.capacity = capacity
 
-    @property
-    def max_length(self) -> int:
-        return self.keys[0].shape[2]
+    @classmethod
+    def dynamic(cls, num_layers: int) -> "KVCache":
+        return cls((None,) * num_layers, (None,) * num_layers)
+
+    def update(self, layer: int, k: tf.Tensor, v: tf.Tensor) -> tuple:
+        """k, v (B, nh, T, hs) of `layer` written at the write position -> this layer's keys and values
+        (B, nh, S, hs): the whole buffer (S = capacity) or past + new (S = length + T)."""
+        old_k, old_v = self.keys[layer], self.values[layer]
+        if self.capacity is not None:
+            k, v = write_cache(old_k, k, self.length), write_cache(old_v, v, self.length)
+        elif old_k is not None:
+            k = tf.concat([tf.cast(old_k, k.dtype), k], axis=2)
+            v = tf.concat([tf.cast(old_v, v.dtype), v], axis=2)
+        self.keys = self.keys[:layer] + (k,) + self.keys[layer + 1:]
+        self.values = self.values[:layer] + (v,) + self.values[layer + 1:]
+        return k, v
+
+    def advance(self, new) -> None:
+        """The write position moves on by the `new` tokens every layer has written (once per forward)."""
+        self.length = self.length + new
+
+    def written(self) -> Optional[int]:
+        """The write position as a Python int where it is known before running (eagerly; a dynamic cache's
+        keys' static length under tracing), else None."""
+        past = tf.get_static_value(self.length)
+        if past is None and self.capacity is None and self.keys[0] is not None:
+            past = self.keys[0].shape[2]
+        return None if past is None else int(past)
+
+    def attention_mask(self, attention_mask: Optional[tf.Tensor], B, T) -> tf.Tensor:
+        """The mask given with this cache (None: every token real) widened to the keys' S, (B, S) int32;
+        slots not written yet are 0, which the mask rule hides. Its length follows
+        opt_spec.cache.cache_mask_width, checked here."""
+        past = self.written()
+        if attention_mask is None:
+            S = self.capacity if self.capacity is not None else self.length + T
+            if past is not None and isinstance(T, int):
+                cache_mask_width(past + T, past, T, self.capacity)  # the new tokens must fit
+            return tf.ones((B, S), tf.int32)
+        mask = tf.cast(attention_mask, tf.int32)
+        if mask.shape.rank != 2:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected (batch, past + new) or "
+                             "(batch, the cache's capacity)")
+        width = mask.shape[1]
+        if past is None or width is None or not isinstance(T, int):
+            if self.capacity is None or width == self.capacity:
+                return mask
+            raise ValueError(f"attention_mask covers {width} positions; inside a tf.function that takes the "
+                             f"cache as an input the write position is not known when tracing, so the mask must "
+                             f"cover the cache's capacity {self.capacity}")
+        S = cache_mask_width(width, past, T, self.capacity)
+        return tf.pad(mask, [[0, 0], [0, S - width]]) if S > width else mask
+
+    def copy(self) -> "KVCache":
+        """A new KVCache holding the same tensors (the model updates a copy, never the cache it is given)."""
+        return KVCache(self.keys, self.values, self.length, self.capacity)
+
+    # tf.nest / tf.function / tf.while_loop: the tensors are the components, the capacity is static
+    def __tf_flatten__(self):
+        return (self.capacity,), (self.keys, self.values, self.length)
+
+    @classmethod
+    def __tf_unflatten__(cls, metadata, components):
+        return cls(*components, capacity=metadata[0])
 
 
 def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
-    """An empty KVCache (zeros, index 0) for `batch_size` rows of up to `max_length` tokens."""
+    """An empty preallocated KVCache (zeros, length 0, capacity max_length) for `batch_size` rows."""
     if max_length > config.max_position_embeddings:
         raise ValueError(f"max_length={max_length} exceeds max_position_embeddings="
                          f"{config.max_position_embeddings}")
     shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # (B, nh, L, hs)
     zeros = lambda: tf.zeros(shape, dtype)  # noqa: E731
     n = config.num_hidden_layers
-    return KVCache(tuple(zeros() for _ in range(n)), tuple(zeros() for _ in range(n)), tf.constant(0, tf.int32))
+    return KVCache(tuple(zeros() for _ in range(n)), tuple(zeros() for _ in range(n)), 0, capacity=max_length)
 
 
 def write_cache(buffer: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -190,19 +257,22 @@ def write_cache(buffer: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tenso
     return tf.tensor_scatter_nd_update(buffer, tf.stack([b, h, t], axis=-1), tf.cast(new, buffer.dtype))
 
 
-def attention_allowed(attention_mask: tf.Tensor, q_start, T) -> tf.Tensor:
-    """(B, S) mask -> (B, T, S) bool for queries at positions q_start .. q_start + T - 1: causal, mask
-    kept, and a query always sees itself (opt_spec.numerics.attention_allowed)."""
+def attention_allowed(attention_mask: tf.Tensor, query_length, query_start=None) -> tf.Tensor:
+    """(B, S) mask -> (B, T, S) bool for the T queries at positions query_start .. query_start + T - 1 (by
+    default the last T of the S): causal, mask kept, and a query always sees itself
+    (opt_spec.numerics.attention_allowed)."""
     S = _dim(attention_mask, 1)
-    q_pos = (q_start + tf.range(T))[:, None]  # (T, 1)
-    k_pos = tf.range(S)[None, :]              # (1, S)
+    start = S - query_length if query_start is None else query_start
+    q_pos = (start + tf.range(query_length))[:, None]  # (T, 1)
+    k_pos = tf.range(S)[None, :]                        # (1, S)
     allowed = (k_pos <= q_pos)[None] & tf.cast(attention_mask, tf.bool)[:, None, :]  # (B, T, S)
     return allowed | (k_pos == q_pos)[None]
 
 
 class TFOPTAttention(keras.layers.Layer):
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, layer_index: int, **kwargs):
         super().__init__(autocast=False, **kwargs)
+        self.layer_index = layer_index  # this layer's keys and values in a KVCache
         H, bias, policy = config.hidden_size, config.enable_bias, self.dtype_policy
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.scaling = attention_scale(config.head_dim)
@@ -221,36 +291,32 @@ class TFOPTAttention(keras.layers.Layer):
         x = tf.reshape(x, (B, T, self.num_heads, self.head_dim))  # (B, T, nh, hs)
         return tf.transpose(x, (0, 2, 1, 3))                     # (B, nh, T, hs)
 
-    def call(self, x, allowed, past=None, cache_index=None, training=False, seeds=None):
-        """-> output, (k, v), attention probabilities (B, nh, T, S) (after dropout, as Hugging Face)."""
+    def call(self, x, *, allowed, cache: Optional[KVCache] = None, training=False, seeds=None):
+        """-> output, attention probabilities (B, nh, T, S) (after dropout, as Hugging Face)."""
         B, T, H = _dim(x, 0), _dim(x, 1), x.shape[-1]
         q = self._heads(self.q_proj(x) * tf.cast(self.scaling, x.dtype))  # (B, nh, T, hs)
         k = self._heads(self.k_proj(x))                                   # (B, nh, T, hs)
         v = self._heads(self.v_proj(x))                                   # (B, nh, T, hs)
-        if past is not None and cache_index is not None:  # preallocated: write into (B, nh, L, hs)
-            k = write_cache(past[0], k, cache_index)
-            v = write_cache(past[1], v, cache_index)
-        elif past is not None:                             # growing: concatenate to (B, nh, P + T, hs)
-            k = tf.concat([tf.cast(past[0], k.dtype), k], axis=2)
-            v = tf.concat([tf.cast(past[1], v.dtype), v], axis=2)
+        if cache is not None:  # the new keys written, all S the queries attend to returned
+            k, v = cache.update(self.layer_index, k, v)                   # (B, nh, S, hs)
         scores = tf.cast(tf.matmul(q, tf.cast(k, q.dtype), transpose_b=True), tf.float32)  # (B, nh, T, S)
         scores = tf.where(allowed[:, None], scores, F32_MIN)
         probs = _dropout(tf.nn.softmax(scores, axis=-1), self.dropout, training, seeds)
         y = tf.matmul(tf.cast(probs, x.dtype), tf.cast(v, x.dtype))  # (B, nh, T, hs)
         y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, T, H))     # (B, T, H)
-        return self.out_proj(y), (k, v), probs
+        return self.out_proj(y), probs
 
 
 # ----------------------------------------------------------------------------------------- layers
 class TFOPTDecoderLayer(keras.layers.Layer):
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, layer_index: int, **kwargs):
         super().__init__(autocast=False, **kwargs)
         H, F, bias, affine, policy = (config.hidden_size, config.ffn_dim, config.enable_bias,
                                       config.layer_norm_elementwise_affine, self.dtype_policy)
         self.pre_ln = config.do_layer_norm_before
         self.dropout = config.dropout
         self.act = ACTIVATIONS[config.activation]
-        self.self_attn = TFOPTAttention(config, name="self_attn", dtype=policy)
+        self.self_attn = TFOPTAttention(config, layer_index, name="self_attn", dtype=policy)
         self.self_attn_layer_norm = LayerNorm(H, affine, name="self_attn_layer_norm", dtype=policy)
         self.fc1 = Linear(H, F, bias, name="fc1", dtype=policy)
         self.fc2 = Linear(F, H, bias, name="fc2", dtype=policy)
@@ -266,10 +332,10 @@ class TFOPTDecoderLayer(keras.layers.Layer):
         rates = (self.self_attn.dropout, self.dropout, self.dropout)  # attention, then the two residual branches
         return [_draw_seed() for rate in rates if training and rate > 0]
 
-    def call(self, x, allowed, past=None, cache_index=None, training=False, seeds=None):
+    def call(self, x, *, allowed, cache: Optional[KVCache] = None, training=False, seeds=None):
         seeds = iter(seeds) if seeds is not None else None
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, kv, probs = self.self_attn(h, allowed, past=past, cache_index=cache_index, training=training, seeds=seeds)
+        h, probs = self.self_attn(h, allowed=allowed, cache=cache, training=training, seeds=seeds)
         x = x + _dropout(h, self.dropout, training, seeds)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -278,7 +344,7 @@ class TFOPTDecoderLayer(keras.layers.Layer):
         x = x + _dropout(h, self.dropout, training, seeds)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
-        return x, kv, probs
+        return x, probs
 
 
 class TFOPTDecoder(keras.layers.Layer):
@@ -294,10 +360,17 @@ class TFOPTDecoder(keras.layers.Layer):
         self.project_in = Linear(E, H, False, name="project_in", dtype=policy) if config.has_projections else None
         self.final_layer_norm = (LayerNorm(H, affine, name="final_layer_norm", dtype=policy)
                                  if config.has_final_layer_norm else None)
-        # named "0", "1", ... and built under the scope "layers": paths decoder/layers/{i}/...
-        self.blocks = [TFOPTDecoderLayer(config, name=str(i), dtype=policy)
+        # named "0", "1", ... and built under the scope "layers": paths decoder/layers/{i}/.... Stored as
+        # `blocks`: Keras's .weights.h5 files name the group after the attribute (decoder/blocks/...), so
+        # that name stays for files saved before; `layers` is the name to use.
+        self.blocks = [TFOPTDecoderLayer(config, i, name=str(i), dtype=policy)
                        for i in range(config.num_hidden_layers)]
         self.gradient_checkpointing = False  # recompute each layer in backward (training, no cache)
+
+    @property
+    def layers(self) -> list:
+        """The decoder layers, in order."""
+        return self.blocks
 
     def build(self, input_shape=None):
         for sub in (self.embed_tokens, self.embed_positions, self.project_out, self.project_in,
@@ -305,8 +378,8 @@ class TFOPTDecoder(keras.layers.Layer):
             if sub is not None:
                 sub.build()
         with keras.name_scope("layers"):
-            for block in self.blocks:
-                block.build()
+            for layer in self.layers:
+                layer.build()
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, use_cache=False, output_hidden_states=False, training=False,
@@ -325,20 +398,17 @@ class TFOPTDecoder(keras.layers.Layer):
             inputs_embeds = tf.cast(inputs_embeds, self.compute_dtype)
         B, T = _dim(inputs_embeds, 0), _dim(inputs_embeds, 1)
 
-        preallocated = isinstance(past_key_values, KVCache)
-        if preallocated:
-            _check_cache(past_key_values, config, inputs_embeds)
-            q_start, S = past_key_values.index, past_key_values.max_length
-        elif past_key_values:
-            q_start = _check_past(past_key_values, config, inputs_embeds)
-            S = q_start + T
-        else:
-            past_key_values, q_start, S = None, 0, T
-        if attention_mask is None:
-            mask = tf.ones((B, S), tf.int32)
-        else:
-            mask = tf.cast(attention_mask, tf.int32)
-            _check_mask(mask, B, S, preallocated)
+        checkpointing = self.gradient_checkpointing and training and past_key_values is None
+        cache = _check_cache(past_key_values, config, inputs_embeds)
+        if cache is None:  # the mask covers the new tokens; use_cache starts a dynamic cache holding them
+            q_start = 0
+            mask = tf.ones((B, T), tf.int32) if attention_mask is None else tf.cast(attention_mask, tf.int32)
+            _check_mask(mask, B, T)
+            if use_cache and not checkpointing:
+                cache = KVCache.dynamic(config.num_hidden_layers)
+        else:  # (B, S): over the cache's keys
+            q_start, mask = cache.length, cache.attention_mask(attention_mask, B, T)
+            _check_mask(mask, B, None)
         if position_ids is None:
             pos = tf.cumsum(mask, axis=1) * mask - 1                     # (B, S), pads -1
             position_ids = tf.gather(pos, q_start + tf.range(T), axis=1)  # (B, T); a gather, not a slice:
@@ -346,58 +416,45 @@ class TFOPTDecoder(keras.layers.Layer):
         else:
             position_ids = tf.cast(position_ids, tf.int32)
         _check_positions(position_ids, config.max_position_embeddings)
-        allowed = attention_allowed(mask, q_start, T)  # (B, T, S)
+        allowed = attention_allowed(mask, T, query_start=q_start)  # (B, T, S)
 
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET)
         hidden_states = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        checkpointing = self.gradient_checkpointing and training and past_key_values is None
-        keys, values = [], []
-        for i, block in enumerate(self.blocks):
+        for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            past = None
-            if preallocated:
-                past = (past_key_values.keys[i], past_key_values.values[i])
-            elif past_key_values is not None:
-                past = past_key_values[i]
             if checkpointing:  # the layer runs again in backward, replaying its dropout seeds
-                y, (k, v), probs = _recomputed(block, x, allowed, block.dropout_seeds(training))
+                y, probs = _recomputed(layer, x, allowed=allowed, seeds=layer.dropout_seeds(training))
             else:
-                y, (k, v), probs = block(x, allowed, past=past, cache_index=q_start if preallocated else None,
-                                         training=training)
+                y, probs = layer(x, allowed=allowed, cache=cache, training=training)
             if attentions is not None:
                 attentions.append(probs)
             if training and config.layerdrop > 0:  # LayerDrop: skip the whole layer with this probability
                 y = tf.where(tf.random.uniform([]) < config.layerdrop, x, y)
             x = y
-            keys.append(k)
-            values.append(v)
+        if cache is not None:
+            cache.advance(T)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)  # (B, T, E)
         if hidden_states is not None:
             hidden_states.append(x)
-        if preallocated:
-            cache = KVCache(tuple(keys), tuple(values), past_key_values.index + T)
-        else:
-            cache = tuple(zip(keys, values)) if use_cache and not checkpointing else None
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None,
                                        attentions=tuple(attentions) if attentions is not None else None)
 
 
-def _recomputed(block: TFOPTDecoderLayer, x: tf.Tensor, allowed: tf.Tensor, seeds: list):
-    """block(x) in training whose activations are not kept but recomputed in the backward pass
-    (tf.recompute_grad), with the same dropout seeds. -> (y, (k, v), probs) like the block."""
+def _recomputed(layer: TFOPTDecoderLayer, x: tf.Tensor, *, allowed: tf.Tensor, seeds: list):
+    """layer(x) in training whose activations are not kept but recomputed in the backward pass
+    (tf.recompute_grad), with the same dropout seeds. -> (y, probs) like the layer."""
     def run(h):
-        y, (k, v), probs = block(h, allowed, training=True, seeds=seeds)
-        return y, k, v, probs
+        return layer(h, allowed=allowed, training=True, seeds=seeds)
 
-    y, k, v, probs = tf.recompute_grad(run)(x)
-    return y, (k, v), probs
+    y, probs = tf.recompute_grad(run)(x)
+    return y, probs
 
 
 # ------------------------------------------------------------------------------------ input checks
@@ -409,41 +466,32 @@ def _check_token_ids(input_ids: tf.Tensor, vocab_size: int) -> None:
         check_token_ids(input_ids.numpy(), vocab_size)
 
 
-def _check_mask(mask: tf.Tensor, B, S, preallocated: bool) -> None:
-    want = "(batch, cache max_length)" if preallocated else "(batch, past + new)"
+def _check_mask(mask: tf.Tensor, B, T) -> None:
+    """mask (B, T) as given without a cache (T None: the batch only)."""
     if mask.shape.rank != 2:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {want}")
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected (batch, length)")
     got = tuple(int(d) for d in tf.shape(mask)) if tf.executing_eagerly() else tuple(mask.shape)
-    for g, e in zip(got, (B, S)):
+    for g, e in zip(got, (B, T)):
         if isinstance(g, int) and isinstance(e, int) and g != e:
-            raise ValueError(f"attention_mask has shape {got}; expected {want} = ({B}, {S})")
+            raise ValueError(f"attention_mask has shape {got}; expected (batch, length) = ({B}, {T})")
 
 
-def _check_past(past_key_values, config: OPTConfig, x: tf.Tensor):
-    if len(past_key_values) != config.num_hidden_layers:
-        raise ValueError(f"past_key_values has {len(past_key_values)} layers; the model has "
-                         f"{config.num_hidden_layers}")
-    k = past_key_values[0][0]
-    B = x.shape[0]
-    if k.shape.rank != 4 or k.shape[1] != config.num_attention_heads or k.shape[3] != config.head_dim or \
-            (B is not None and k.shape[0] is not None and k.shape[0] != B):
-        raise ValueError(f"past_key_values[0] keys have shape {tuple(k.shape)}; expected "
-                         f"({B}, {config.num_attention_heads}, past, {config.head_dim})")
-    return _dim(k, 2)
-
-
-def _check_cache(cache: KVCache, config: OPTConfig, x: tf.Tensor) -> None:
+def _check_cache(cache, config: OPTConfig, x: tf.Tensor) -> Optional[KVCache]:
+    """The KVCache given as past_key_values, a copy the forward may update (None without one)."""
+    if cache is None:
+        return None
+    refuse_legacy_cache(cache)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"past_key_values must be a KVCache (model.init_cache or a previous output's "
+                        f"past_key_values), got {type(cache).__name__}")
     if len(cache.keys) != config.num_hidden_layers or len(cache.values) != config.num_hidden_layers:
         raise ValueError(f"KVCache has {len(cache.keys)} layers; the model has {config.num_hidden_layers}")
     k, B = cache.keys[0], x.shape[0]
-    if k.shape.rank != 4 or k.shape[1] != config.num_attention_heads or k.shape[3] != config.head_dim or \
-            k.shape[2] is None or (B is not None and k.shape[0] != B):
+    if k is not None and (k.shape.rank != 4 or k.shape[1] != config.num_attention_heads or
+                          k.shape[3] != config.head_dim or (B is not None and k.shape[0] not in (None, B))):
         raise ValueError(f"KVCache keys have shape {tuple(k.shape)}; expected "
-                         f"({B}, {config.num_attention_heads}, max_length, {config.head_dim})")
-    T = x.shape[1]
-    if tf.executing_eagerly() and T is not None and int(cache.index) + T > k.shape[2]:
-        raise ValueError(f"KVCache is full: {int(cache.index)} slots used + {T} new tokens > max_length "
-                         f"{k.shape[2]}")
+                         f"({B}, {config.num_attention_heads}, length, {config.head_dim})")
+    return cache.copy()
 
 
 def _check_positions(position_ids: tf.Tensor, max_positions: int) -> None:
@@ -556,7 +604,7 @@ class _TFOPTWithHead(TFOPTPreTrainedModel):
     def get_input_embeddings(self) -> Embedding:
         return self.model.decoder.embed_tokens
 
-    def _base(self, input_ids, kwargs: dict, use_cache, output_hidden_states, training):
+    def _base(self, input_ids, *, use_cache, output_hidden_states, training, **kwargs):
         return self.model(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
                           training=training, **kwargs)
 
@@ -634,7 +682,8 @@ class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         labels = kw.pop("labels")
-        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        out = self._base(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         training=training, **kw)
         logits = self.lm_logits(out.last_hidden_state)  # (B, T, E) -> (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
@@ -665,7 +714,8 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         labels = kw.pop("labels")
-        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        out = self._base(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         training=training, **kw)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = _dim(logits, 0), _dim(logits, 1)
         if input_ids is not None and self.config.pad_token_id is not None:
@@ -703,7 +753,8 @@ class TFOPTForQuestionAnswering(_TFOPTWithHead):
                   output_attentions=output_attentions)
         input_ids = self._unpack(input_ids, kw)
         start_positions, end_positions = kw.pop("start_positions"), kw.pop("end_positions")
-        out = self._base(input_ids, kw, use_cache, output_hidden_states, training)
+        out = self._base(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         training=training, **kw)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None

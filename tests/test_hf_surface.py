@@ -142,8 +142,8 @@ def assert_same_fields(ours: tuple, theirs: tuple, names: list, mask):
             assert len(a) == len(b)
             for x, y in zip(a, b):
                 assert max_abs_diff(numpy(x), numpy(y), mask) <= 1e-5
-        elif name == "past_key_values":  # Hugging Face's Cache; ours a (k, v) per layer (torch: a KVCache)
-            a = list(zip(a.keys, a.values)) if type(a).__module__ == "opt_torch.cache" else a
+        elif name == "past_key_values":  # Hugging Face's Cache; ours a KVCache (Flax: a (k, v) per layer)
+            a = list(zip(a.keys, a.values)) if type(a).__module__ in ("opt_torch.cache", "opt_tf.modeling") else a
             assert len(a) == len(b.layers)
             keys = np.broadcast_to(mask[:, None, :], numpy(a[0][0]).shape[:3])
             for (k, v), layer in zip(a, b.layers):
@@ -285,7 +285,7 @@ def layer_runs(backend: str, model, ids, mask) -> int:
         train_step(backend, model, ids, mask, seed=0)
         handle.remove()
     else:
-        block = model.model.decoder.blocks[0]
+        block = model.model.decoder.layers[0]
         call = block.call
         block.call = lambda *args, **kwargs: calls.append(1) or call(*args, **kwargs)
         train_step(backend, model, ids, mask, seed=0)

@@ -149,7 +149,7 @@ def _decode(step, model, ids, mask, L, prefill):
         out = step(tf.constant(ids[:, s:e]), full_mask, cache)
         cache = out.past_key_values
         logits.append(np.asarray(out.logits))
-    assert int(cache.index) == T
+    assert int(cache.length) == T
     return np.concatenate(logits, axis=1)
 
 
@@ -167,9 +167,10 @@ def test_cached_decoding_matches_full_forward(variant, checkpoint):
     # under XLA one token at a time from the start: a single program serves every step
     d_xla = max_abs_diff(_decode(xla, model, ids, mask, L=12, prefill=1), full, mask)
     assert xla.experimental_get_tracing_count() == 1
-    # the growing (PyTorch-style) cache, eagerly
+    # the dynamic cache a forward starts with use_cache=True, eagerly
     out = model(ids[:, :4], attention_mask=mask[:, :4])
     logits, past = [np.asarray(out.logits)], out.past_key_values
+    assert isinstance(past, opt_tf.KVCache) and past.capacity is None and int(past.length) == 4
     for t in range(4, ids.shape[1]):
         out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=past)
         logits.append(np.asarray(out.logits))
@@ -208,17 +209,104 @@ def test_xla_matrix_vector_products_stay_unfused_and_exact():
     np.testing.assert_array_equal(step(x).numpy(), product + layer.bias.numpy())
 
 
-def test_cache_rejects_overflow_and_bad_mask():
+def test_bias_subtraction_is_gated_and_changes_no_number(checkpoint, monkeypatch):
+    """opt_tf.fast_paths: the gate turns the bias subtraction on where TensorFlow sees no GPU (this
+    machine); forced off, XLA fuses the addition into the batch-1 product (what the trick avoids); on and
+    off give the same logits bit for bit, eagerly and under XLA."""
+    from opt_tf import fast_paths
+
+    gpus = tf.config.list_logical_devices("GPU")
+    assert fast_paths.bias_as_subtraction() == (not gpus)
+    if not gpus:
+        assert fast_paths.bias_as_subtraction()
+    layer = opt_tf.modeling.Linear(64, 48, True)
+    layer.build()
+    x = tf.ones((1, 1, 64))
+    monkeypatch.setattr(fast_paths, "BIAS_AS_SUBTRACTION", False)
+    if not gpus:
+        hlo = tf.function(layer.call, jit_compile=True).experimental_get_compiler_ir(x)(stage="optimized_hlo")
+        assert "kind=kOutput" in hlo, hlo
+    config = VARIANTS["post_ln_proj"]
+    ids, mask = random_batch(config)
+    model = opt_tf.TFOPTForCausalLM.from_pretrained(checkpoint("post_ln_proj", "causal_lm"))
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fast_paths, "BIAS_AS_SUBTRACTION", on)
+        xla = tf.function(lambda i, m: model(i, attention_mask=m).logits, jit_compile=True)
+        runs[on] = (model(ids, attention_mask=mask).logits.numpy(), xla(ids, mask).numpy(),
+                    model.generate(ids[:1], max_new_tokens=4).numpy())
+        model._forget_traces()  # generate's compiled loop keeps the choice it was traced with
+    for off, on in zip(runs[False], runs[True]):
+        np.testing.assert_array_equal(off, on)
+
+
+def test_cache_rejects_overflow_bad_mask_and_tuples():
     config = VARIANTS["pre_ln"]
     model = opt_tf.TFOPTForCausalLM.from_config(config, seed=0)
     ids, mask = random_batch(config)
     cache = model.init_cache(3, 10)
-    with pytest.raises(ValueError, match="KVCache is full"):
-        model(ids[:, :5], attention_mask=np.ones((3, 10)), past_key_values=cache._replace(index=tf.constant(8)))
-    with pytest.raises(ValueError, match="attention_mask has shape"):
+    full = opt_tf.KVCache(cache.keys, cache.values, 8, capacity=10)
+    with pytest.raises(ValueError, match="the cache holds 10 tokens: 8 written and 5 new do not fit"):
+        model(ids[:, :5], attention_mask=np.ones((3, 10)), past_key_values=full)
+    with pytest.raises(ValueError, match="covers 5 positions; with a cache it must cover 9 .* or 10"):
         model(ids, attention_mask=mask[:, :5], past_key_values=cache)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.init_cache(3, config.max_position_embeddings + 1)
+    past = model(ids[:, :4], attention_mask=mask[:, :4]).past_key_values
+    legacy = tuple(zip(past.keys, past.values))
+    with pytest.raises(TypeError, match="not a tuple of"):
+        model(ids[:, 4:5], attention_mask=mask[:, :5], past_key_values=legacy)
+    with pytest.raises(ValueError, match="covers 4 positions; with a cache it must cover 5"):
+        model(ids[:, 4:5], attention_mask=mask[:, :4], past_key_values=past)
+    # traced with the cache as an input, the write position is known only at run time: capacity-wide masks
+    xla = tf.function(lambda i, m, c: model(i, attention_mask=m, past_key_values=c), jit_compile=True)
+    with pytest.raises(ValueError, match="must cover the cache's capacity 10"):
+        xla(ids[:, :5], mask[:, :5], cache)
+
+
+def test_cache_update_follows_the_spec_reference():
+    """KVCache.update/advance against opt_spec.cache's NumPy reference, preallocated and dynamic: the
+    returned keys and values, the write position, and the mask widened to the keys (unwritten slots 0)."""
+    from opt_spec.cache import KVCache as Reference
+
+    rng = np.random.default_rng(0)
+    mask = np.array([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    for capacity in (None, 9):
+        ours, ref = opt_tf.KVCache.dynamic(2), Reference(2, capacity)
+        if capacity is not None:
+            zeros = tf.zeros((2, 3, capacity, 4))
+            ours = opt_tf.KVCache((zeros, zeros), (zeros, zeros), 0, capacity=capacity)
+        for T in (3, 1, 2):
+            past = ref.length
+            for layer in (0, 1):
+                k, v = (rng.standard_normal((2, 3, T, 4)).astype(np.float32) for _ in range(2))
+                got, want = ours.update(layer, tf.constant(k), tf.constant(v)), ref.update(layer, k, v)
+                np.testing.assert_array_equal(got[0].numpy(), want[0])
+                np.testing.assert_array_equal(got[1].numpy(), want[1])
+            np.testing.assert_array_equal(ours.attention_mask(mask[:, :past + T], 2, T).numpy(),
+                                          ref.attention_mask(mask[:, :past + T], T))
+            ours.advance(T)
+            ref.advance(T)
+            assert int(ours.length) == ref.length
+
+
+def test_a_mask_over_past_and_new_equals_one_over_the_capacity(checkpoint):
+    """With a preallocated cache the mask may cover past + new tokens (Hugging Face's way) or the capacity:
+    the same logits, bit for bit, eagerly."""
+    config = VARIANTS["post_ln_proj"]
+    ids, mask = random_batch(config)
+    model = opt_tf.TFOPTForCausalLM.from_pretrained(checkpoint("post_ln_proj", "causal_lm"))
+    B, T = ids.shape
+    wide = np.concatenate([mask, np.ones((B, 12 - T), np.int32)], axis=1)
+    runs = []
+    for grow in (False, True):
+        cache, logits = model.init_cache(B, 12), []
+        for s, e in [(0, 4)] + [(t, t + 1) for t in range(4, T)]:
+            out = model(ids[:, s:e], attention_mask=mask[:, :e] if grow else wide, past_key_values=cache)
+            cache = out.past_key_values
+            logits.append(out.logits.numpy())
+        runs.append(np.concatenate(logits, axis=1))
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 # ------------------------------------------------------------------------------- save / load
