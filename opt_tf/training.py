@@ -57,7 +57,7 @@ from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
                                micro_batch_list, task_head)
 
-from . import cpu_speed
+from . import fast_paths
 from .checkpoint import variable_map
 from .modeling import MODEL_CLASSES
 
@@ -358,9 +358,9 @@ class TFTrainer:
             self.keras_model.compile(optimizer=self.optimizer, jit_compile=self.jit_compile)
             self.optimizer.build(self.keras_model.trainable_weights)
         # XLA on the CPU in bf16: the model's products accumulate in float32 on XLA's bf16 kernels (the same
-        # numbers, ~1.8x the product rate: opt_tf.cpu_speed), entered around the compiled train step only.
-        fast = self.jit_compile and cfg.mixed_precision == "bf16" and cpu_speed.enabled()
-        self._speed = (lambda: cpu_speed.f32_accumulated_dots(model)) if fast else contextlib.nullcontext
+        # numbers, ~1.8x the product rate: opt_tf.fast_paths), entered around the compiled train step only.
+        fast = self.jit_compile and cfg.mixed_precision == "bf16" and fast_paths.enabled()
+        self._speed = (lambda: fast_paths.f32_accumulated_dots(model)) if fast else contextlib.nullcontext
         self._keys = ("input_ids", "attention_mask", *TASK_INPUTS[self.task])
         self._forward = tf.function(self._forward_fn, reduce_retracing=True)
 

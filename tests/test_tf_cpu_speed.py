@@ -1,4 +1,4 @@
-"""opt_tf.cpu_speed: the bf16 products accumulated in float32 compute the model's own forward and
+"""opt_tf.fast_paths: the bf16 products accumulated in float32 compute the model's own forward and
 gradients (to bf16 rounding), and the trainer uses them for its XLA-compiled bf16 step only."""
 
 import contextlib
@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 from opt_spec import testing  # noqa: E402
 from opt_spec.testing import VARIANTS, random_weights  # noqa: E402
 from opt_spec.training import TrainConfig  # noqa: E402
-from opt_tf import TFOPTForCausalLM, cpu_speed, modeling  # noqa: E402
+from opt_tf import TFOPTForCausalLM, fast_paths, modeling  # noqa: E402
 from opt_tf.training import TFTrainer  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def _loss_and_grads(model, batch, fast: bool):
         grads = tape.gradient(out.loss, model.trainable_variables)
         return out.loss, out.logits, [tf.convert_to_tensor(g) for g in grads]
 
-    with cpu_speed.f32_accumulated_dots(model) if fast else contextlib.nullcontext():
+    with fast_paths.f32_accumulated_dots(model) if fast else contextlib.nullcontext():
         loss, logits, grads = run()
     return float(loss), np.asarray(tf.cast(logits, tf.float32)), [np.asarray(g) for g in grads]
 
@@ -61,7 +61,7 @@ def _products(dtype: str) -> list:
     model, batch = _model("pre_ln", dtype)
     inputs = {k: tf.constant(v) for k, v in batch.items()}
     fn = tf.function(lambda: model(inputs, training=False, use_cache=False).logits)
-    with cpu_speed.f32_accumulated_dots(model):
+    with fast_paths.f32_accumulated_dots(model):
         graph = fn.get_concrete_function().graph
     linears = sum(isinstance(layer, modeling.Linear) for layer in model._flatten_layers())
     return [op for op in graph.get_operations() if op.type.startswith("BatchMatMul") or op.type == "MatMul"], linears
