@@ -8,12 +8,9 @@ measured to help, and names the test that pins it.
    token per row) into the product and then runs the fused product on one thread; a subtraction is left
    unfused, so the product stays a standalone, multithreaded dot. y - (-b) equals y + b bit for bit
    (negation is exact). Measured with bench/bench_generate.py (tf, 125m float32, 2-core CPU, batch 1):
-   37 -> 54 tok/s when it was introduced; again by bench/bench_tf_fast_paths.py (on and off in one run,
-   the shared machine at load ~20): batch 1 7.9 vs 5.5 tok/s (1.43x), batch 8 19.6 vs 22.6 (0.87x); a
-   second run at load ~6: batch 1 23.9 vs 25.7 (0.93x), batch 8 80.0 vs 83.1 (0.96x). Two noisy runs that
-   disagree: whether it still helps with this TensorFlow is not settled (re-measure on a quiet machine
-   before keeping or dropping it). Never measured on a GPU (the GPU machine has no TensorFlow), so it is
-   off wherever TensorFlow sees a GPU.
+   37 -> 54 tok/s when it was introduced; again with bench/bench_tf_fast_paths.py (on and off in one run,
+   TF 2.21, a quiet machine): batch 1 54.3 vs 46.2 tok/s (1.17x), batch 8 217.1 vs 216.5 (1.00x). Never
+   measured on a GPU (the GPU machine has no TensorFlow), so it is off wherever TensorFlow sees a GPU.
    Pinned by tests/test_tf.py::test_xla_matrix_vector_products_stay_unfused_and_exact (the optimized HLO
    keeps the dot unfused and the result is x @ kernel + bias bit for bit) and
    tests/test_tf.py::test_bias_subtraction_is_gated_and_changes_no_number (on and off give identical
