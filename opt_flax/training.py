@@ -147,14 +147,16 @@ _STEP_FUNCTIONS: dict = {}  # insertion-ordered: the oldest entry goes first whe
 _MAX_STEP_FUNCTIONS = 8
 
 
-def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, sharding=None) -> StepFunctions:
+def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, sharding=None,
+                   remat: bool = False) -> StepFunctions:
     """Built once per (head, config, compute dtype, precision, cfg, mesh), so that trainers of the same
     model and settings (a resumed one, one per evaluation) reuse the compiled programs. With a
     sharding (opt_flax.distributed.MeshPlan) every program is jitted with explicit shardings."""
-    key = (Head(head), config, jnp.dtype(dtype).name, precision, cfg, sharding.key if sharding is not None else None)
+    key = (Head(head), config, jnp.dtype(dtype).name, precision, cfg, sharding.key if sharding is not None else None,
+           remat)
     if key in _STEP_FUNCTIONS:
         return _STEP_FUNCTIONS[key]
-    module = MODULE_CLASSES[Head(head)](config, numerics=Numerics(dtype, jnp.float32, precision))
+    module = MODULE_CLASSES[Head(head)](config, numerics=Numerics(dtype, jnp.float32, precision), remat=remat)
     tx = adamw(cfg, decay_mask(config, head))
     cpu = sharding is None and fast_paths.enabled()  # XLA CPU rewrites (opt_flax.fast_paths): the same math
     lm_loss = cpu and Head(head) == Head.CAUSAL_LM  # the same loss in fewer passes (opt_flax.fast_paths)
@@ -243,7 +245,8 @@ class FlaxTrainer:
             compute, precision = jnp.bfloat16, None
         else:
             compute, precision = model.dtype, model.precision
-        self.fns = step_functions(head, model.config, compute, precision, cfg, self.sharding)
+        # gradient checkpointing as the model has it (model.gradient_checkpointing_enable(): nn.remat per layer)
+        self.fns = step_functions(head, model.config, compute, precision, cfg, self.sharding, model.module.remat)
         self.module, self.tx = self.fns.module, self.fns.tx
         self.params = jax.tree_util.tree_map(jnp.asarray, model.params)
         self.rng = jax.random.PRNGKey(cfg.seed)
@@ -263,12 +266,15 @@ class FlaxTrainer:
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
-                        mesh=None) -> "FlaxTrainer":
+                        mesh=None, gradient_checkpointing: bool = False) -> "FlaxTrainer":
         model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, mesh=mesh)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         return cls(model, cfg, task)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None, mesh=None) -> "FlaxTrainer":
+    def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None, mesh=None,
+                        gradient_checkpointing: bool = False) -> "FlaxTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on `mesh` (None:
         one device) whatever the mesh it was saved from."""
         info = _read_info(directory)
@@ -278,6 +284,8 @@ class FlaxTrainer:
             raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
                              "resume with the same ones")
         model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory, mesh=mesh)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         trainer = cls(model, saved, info["task"])
         if info.get("state") == "orbax":
             trainer._restore_orbax(directory)

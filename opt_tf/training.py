@@ -372,15 +372,19 @@ class TFTrainer:
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, task: str, cfg: TrainConfig, config=None,
-                        jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None) -> "TFTrainer":
+                        jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None,
+                        gradient_checkpointing: bool = False) -> "TFTrainer":
         dtype = "mixed_bfloat16" if cfg.mixed_precision == "bf16" else None
         with _scope(strategy):
             model = MODEL_CLASSES[task_head(task)].from_pretrained(model_dir, config=config, dtype=dtype)
+        if gradient_checkpointing:  # each decoder layer recomputed in the backward pass
+            model.gradient_checkpointing_enable()
         return cls(model, cfg, task, jit_compile, strategy)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, cfg: TrainConfig | None = None,
-                        jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None) -> "TFTrainer":
+                        jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None,
+                        gradient_checkpointing: bool = False) -> "TFTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
         info = _read_info(directory)
         saved = TrainConfig(**info["train_config"])
@@ -388,7 +392,8 @@ class TFTrainer:
             changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
             raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
                              "resume with the same ones")
-        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy)
+        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy,
+                                      gradient_checkpointing=gradient_checkpointing)
         path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)
         # Files that may come from anyone: read only arrays of exactly this trainer's shapes and dtypes.
         variables = {str(i): (tuple(v.shape), np.dtype(v.dtype)) for i, v in enumerate(trainer.optimizer.variables)}

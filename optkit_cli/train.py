@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, metavar="G", help="global-norm clip; 0 = off")
     p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per update (default 1)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (float32 weights)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (torch)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (less memory, more time)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch backend: run the training forward through torch.compile (auto: models of 20M "
                         "parameters or more on one process; compiling takes a minute or more once)")
@@ -198,8 +199,6 @@ def run(args, console: Console) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
     kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
-    if args.gradient_checkpointing and args.backend != "torch":
-        raise CLIError("--gradient-checkpointing is offered by the torch backend only")
     if args.compile != "auto":
         if args.backend != "torch":
             raise CLIError(f"--compile {args.compile} is a torch backend option (TF and Flax always compile with XLA)")

@@ -195,3 +195,23 @@ def test_evaluate_and_save_load(tmp_path):
     path = trainer.save_checkpoint(tmp_path / "c")
     arrays = spec_io.load_checkpoint_dir(path)
     assert sorted(arrays) == sorted(random_weights(CONFIG, Head.CAUSAL_LM))
+
+
+def test_gradient_checkpointing_gives_the_same_updates():
+    """A model with gradient checkpointing enabled trains with nn.remat per layer (the trainer builds its
+    programs with the model's setting) and makes the same updates, dropout included."""
+    # adam_epsilon 1e-4: a bias whose gradient is rounding noise (zero in exact arithmetic) would otherwise
+    # have it amplified by up to 1 / eps, and recomputation rounds differently (see test_training_parity.py)
+    cfg = dict(learning_rate=1e-3, warmup_steps=0, total_steps=4, adam_epsilon=1e-4)
+    plain = _trainer(**cfg)
+    model = MODELS["causal_lm"](CONFIG, canonical_to_params(random_weights(CONFIG, "causal_lm", seed=0), CONFIG,
+                                                            "causal_lm"))
+    model.gradient_checkpointing_enable()
+    remat = FlaxTrainer(model, TrainConfig(**cfg), "causal_lm")
+    assert remat.module.remat and not plain.module.remat
+    for step in range(2):
+        batch = synthetic_batch("causal_lm", seed=step)
+        a, b = plain.train_step([batch]), remat.train_step([batch])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    for (path, x), y in zip(_leaves(plain.params).items(), _leaves(remat.params).values()):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6, err_msg=path)

@@ -202,3 +202,23 @@ def test_the_train_step_is_xla_compiled_unless_asked_not_to():
     model.set_weights_dict(random_weights(CONFIG, "causal_lm"))
     plain = TFTrainer(model, TrainConfig(learning_rate=1e-3), jit_compile=False)
     assert plain.keras_model.jit_compile is False
+
+
+def test_gradient_checkpointing_gives_the_same_updates(tmp_path):
+    """TFTrainer.from_pretrained(gradient_checkpointing=True) recomputes each layer in the backward pass and
+    makes the same updates, dropout included."""
+    # adam_epsilon 1e-4: a bias whose gradient is rounding noise (zero in exact arithmetic) would otherwise
+    # have it amplified by up to 1 / eps, and recomputation rounds differently (see test_training_parity.py)
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, total_steps=4, adam_epsilon=1e-4)
+    model = MODELS["causal_lm"](CONFIG)
+    model.set_weights_dict(random_weights(CONFIG, "causal_lm", seed=0))
+    model.save_pretrained(tmp_path / "m")
+    plain = TFTrainer.from_pretrained(tmp_path / "m", "causal_lm", cfg)
+    remat = TFTrainer.from_pretrained(tmp_path / "m", "causal_lm", cfg, gradient_checkpointing=True)
+    assert remat.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    for step in range(2):
+        batch = synthetic_batch("causal_lm", seed=step)
+        a, b = plain.train_step([batch]), remat.train_step([batch])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for x, y in zip(plain.model.weights, remat.model.weights):
+        np.testing.assert_allclose(y.numpy(), x.numpy(), rtol=1e-5, atol=1e-6, err_msg=x.path)

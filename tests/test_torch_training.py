@@ -358,3 +358,19 @@ def test_cli_compile_option_is_torch_only(tiny_model_dir, tmp_path):
     r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", data, "--backend", "flax",
                "--output", tmp_path / "o", "--steps", 1, "--seq-len", 16, "--compile", "on")
     assert r.returncode == 2 and "--compile on is a torch backend option" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_cli_gradient_checkpointing_in_every_backend(tiny_model_dir, tmp_path, backend):
+    """--gradient-checkpointing reaches the TF and Flax trainers too (same losses as without it)."""
+    text = tmp_path / "train.txt"
+    text.write_text("Hello, my name is Ada and I like tea.\n\nThe quick brown fox jumps over the lazy dog!\n" * 3)
+    losses = []
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"o{len(flag)}"
+        r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", text, "--backend", backend,
+                   "--output", out, "--steps", 2, "--seq-len", 16, *flag)
+        assert r.returncode == 0, r.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append([x["loss"] for x in records if x["kind"] == "train"])
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
