@@ -61,6 +61,13 @@ def weight_bytes_per_token(config: OPTConfig) -> int:
     return (count_parameters(config) - positions) * 4
 
 
+def make_prompts(config: OPTConfig, rows: int, dtype=np.int64) -> np.ndarray:
+    """(rows, PROMPT) random token ids starting with BOS, the same in every benchmark that decodes."""
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, size=(rows, PROMPT)).astype(dtype)
+    ids[:, 0] = config.bos_token_id
+    return ids
+
+
 def make_checkpoint(config: OPTConfig, path: str) -> None:
     tensors = ((w.name, random_weight(w, config, seed=0) * 0.5) for w in weight_table(config, "causal_lm")
                if w.name != "lm_head.weight")
@@ -177,9 +184,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = OPTConfig.from_preset(args.preset).replace(dropout=0.0)
     batches = [int(b) for b in args.batches.split(",")]
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, config.vocab_size, size=(max(batches), PROMPT)).astype(np.int64)
-    ids[:, 0] = config.bos_token_id
+    ids = make_prompts(config, max(batches))
     mask = np.ones_like(ids)
     wb = weight_bytes_per_token(config)
     rates = []

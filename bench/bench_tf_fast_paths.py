@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_generate import NEW, PROMPT, interleaved, make_checkpoint  # noqa: E402
+from bench.bench_generate import NEW, PROMPT, interleaved, make_checkpoint, make_prompts  # noqa: E402
 from opt_spec import OPTConfig  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -37,9 +37,7 @@ def main(argv=None) -> int:
 
     config = OPTConfig.from_preset(args.preset).replace(dropout=0.0)
     batches = [int(b) for b in args.batches.split(",")]
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, config.vocab_size, size=(max(batches), PROMPT)).astype(np.int32)
-    ids[:, 0] = config.bos_token_id
+    ids = make_prompts(config, max(batches), np.int32)
     eos = config.vocab_size - 1  # a token the random model effectively never picks: every run decodes NEW
     fns = {}
     with tempfile.TemporaryDirectory() as path:
