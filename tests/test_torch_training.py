@@ -352,6 +352,30 @@ def test_fused_adamw_and_its_fallback_give_the_same_updates():
         np.testing.assert_allclose(q.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
 
 
+def test_the_fused_update_clips_in_its_own_pass_on_row_major_weights():
+    """The trainer stores every parameter row-major (so autograd never copies a gradient into another
+    layout) and hands the clip scale to the fused AdamW kernel (grad_scale) instead of multiplying the
+    gradients first: the same update and the same clipped gradients as clipping, then stepping."""
+    # adam_epsilon 1e-4: k_proj.bias's gradient is rounding noise (see the test above)
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, warmup_steps=0, total_steps=5, max_grad_norm=0.05,
+                      adam_epsilon=1e-4)
+    batch = spec_data.BatchStream(synthetic("causal_lm"), 4).batch(0)
+    trainer, reference = Trainer(make_model("causal_lm"), cfg, compile=False), make_model("causal_lm")
+    assert all(p.is_contiguous() for p in trainer.model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(reference, cfg), lr=learning_rate(0, cfg), eps=cfg.adam_epsilon,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
+    out = trainer.train_step(batch)
+    reference(input_ids=torch.as_tensor(batch["input_ids"]), labels=torch.as_tensor(batch["labels"])).loss.backward()
+    norm, scale = clip_gradients(list(reference.parameters()), cfg.max_grad_norm)
+    assert float(scale) < 0.5 and out["grad_norm"] == pytest.approx(float(norm), rel=1e-5)  # clipping was active
+    optimizer.step()
+    assert trainer.optimizer.grad_scale is not None
+    for (n, p), r in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert p.grad.stride() == p.stride(), n
+        np.testing.assert_allclose(p.grad.numpy(), r.grad.numpy(), rtol=1e-5, atol=1e-9, err_msg=n)
+        np.testing.assert_allclose(p.detach().numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=n)
+
+
 def test_cli_compile_option_is_torch_only(tiny_model_dir, tmp_path):
     data = tmp_path / "train.txt"
     data.write_text("hello world\n" * 50)
