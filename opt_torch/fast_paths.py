@@ -37,13 +37,16 @@ against Hugging Face's is bench/bench_generate.py.
    in 832 calls), dropout's masks (0.14 s), LayerNorm, GELU, residual adds, the float32 log-softmax of the 1024 x
    50272 logits. Inductor fuses those into a few loops per layer; the products stay on the same oneDNN/MKL kernels.
    Measured interleaved in one process (eager and compiled updates of the same trainer taking turns, 10 each,
-   machine load 12-21): median 13.9 -> 12.2 CPU seconds per update (-12%). That run let inductor draw dropout
-   itself; with fallback_random (below) the eager bernoulli kernel (0.14 s of the eager profile) stays: not timed
-   apart.
+   machine load 12-21): median 13.9 -> 12.2 CPU seconds per update (-12%).
 
-   What it keeps: the model's math, the optimizer, clipping and accumulation are the trainer's as they are; dropout
-   draws the same masks as the eager model from torch's global generator (fallback_random), so a run, its resume and
-   its checkpoints do not depend on whether it compiled.
+   Dropout: inductor draws the masks inside its fused loops (a counter-based generator seeded from torch's global
+   generator at every call) instead of calling the eager bernoulli kernel and keeping float masks: in the compiled
+   bf16 update's profile the eager way cost bernoulli_ (24 calls), a mask multiply forward and backward and a mask
+   copy (~1 s of a 16 s update on a loaded machine, 6%). The masks differ from the eager model's (equally random,
+   the same keep probability); a run and its resume draw the same ones as long as both compile (the generator
+   state is in every checkpoint), as they do by default. Pinned by tests/test_torch_train_speed.py.
+
+   What it keeps: the model's math, the optimizer, clipping and accumulation are the trainer's as they are.
 
    When: `compile=None` (the trainer's default) compiles a model of at least MIN_PARAMETERS on one process without
    gradient checkpointing: compiling takes tens of seconds (minutes on a busy 2-core machine; inductor caches its
@@ -330,8 +333,7 @@ class CompiledForward:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        # fallback_random: dropout through torch's generator (eager's masks), not inductor's own seeds
-        self.fn = torch.compile(model, options={"fallback_random": True})
+        self.fn = torch.compile(model)  # dropout: inductor's own masks, seeded from torch's generator (see above)
         self.failed: Exception | None = None
         self.seconds: float | None = None
 

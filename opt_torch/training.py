@@ -11,7 +11,8 @@
 - bf16 mixed precision: forward and backward under torch.autocast(bfloat16); weights, optimizer
   state and the losses stay float32.
 - Dropout draws from torch's global generator, seeded with cfg.seed when the trainer is made; its
-  state is saved with every checkpoint, so a resumed run draws the same masks.
+  state is saved with every checkpoint, so a resumed run draws the same masks (the compiled forward
+  draws its own masks from it, other ones than the eager model's: resume compiled as you started).
 - Speed: the training forward runs through torch.compile (opt_torch.fast_paths) for models of 20M
   parameters or more on one process (`compile=None`; True/False force it), falling back to the eager
   model if compiling fails; the first compiled update's time is returned as `compile_s`.
