@@ -46,6 +46,12 @@ against Hugging Face's is bench/bench_generate.py.
    the same keep probability); a run and its resume draw the same ones as long as both compile (the generator
    state is in every checkpoint), as they do by default. Pinned by tests/test_torch_train_speed.py.
 
+   Attention: the compiled graph computes it explicitly (the model's "eager" implementation: q k^T, the float32
+   softmax, p v), whatever the model is set to outside it: inductor fuses the mask and softmax into its loops and
+   runs the products as batched GEMMs. SDPA's CPU flash kernel took ~3x longer there (the bf16 update's loaded
+   profile: flash forward + backward + zero-filling its gradient buffers 1.39 s, the explicit products and fused
+   softmax 0.80 s, of ~15 s). Under autocast the scores are bf16 products, as in Hugging Face's eager attention.
+
    What it keeps: the model's math, the optimizer, clipping and accumulation are the trainer's as they are.
 
    When: `compile=None` (the trainer's default) compiles a model of at least MIN_PARAMETERS on one process without
@@ -342,7 +348,17 @@ class CompiledForward:
         return self.failed is None
 
     def __call__(self, **inputs):
-        return self.fn(**inputs) if self.failed is None else self.model(**inputs)
+        if self.failed is not None:
+            return self.model(**inputs)
+        explicit = getattr(self.model, "set_attn_implementation", None)
+        if explicit is None:
+            return self.fn(**inputs)
+        previous = self.model.attn_implementation
+        explicit("eager")  # the explicit attention inside the compiled graph (see "Attention" above)
+        try:
+            return self.fn(**inputs)
+        finally:
+            explicit(previous)
 
     def run_first(self, step):
         """step() (one update's forward and backward) with compilation timed; on an exception the RNG is

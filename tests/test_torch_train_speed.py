@@ -24,11 +24,11 @@ def batches(n=3, B=4, T=16, seed=0):
     return out
 
 
-def train(compile, mixed_precision=None, steps=3, dropout=0.1, seed=42):
+def train(compile, mixed_precision=None, steps=3, dropout=0.1, seed=42, attention="sdpa"):
     cfg = TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=steps, max_grad_norm=1.0,
                       mixed_precision=mixed_precision, seed=seed)
     config = CONFIG.replace(dropout=dropout, attention_dropout=dropout)
-    model = MODEL_CLASSES[TASK_HEADS["causal_lm"]].from_config(config, seed=0)
+    model = MODEL_CLASSES[TASK_HEADS["causal_lm"]].from_config(config, seed=0, attn_implementation=attention)
     trainer = Trainer(model, cfg, "causal_lm", compile=compile)
     outs = [trainer.train_step([b]) for b in batches(steps)]
     return trainer, outs
@@ -37,10 +37,11 @@ def train(compile, mixed_precision=None, steps=3, dropout=0.1, seed=42):
 @pytest.mark.slow  # compiling a forward and backward takes ~20-60 s on 2 CPU cores
 @pytest.mark.parametrize("mixed_precision", [None, "bf16"])
 def test_compiled_updates_equal_eager_updates(mixed_precision):
-    eager, want = train(False, mixed_precision, dropout=0.0)
+    eager, want = train(False, mixed_precision, dropout=0.0, attention="eager")  # what the compiled graph runs
     compiled, got = train(True, mixed_precision, dropout=0.0)
     assert eager.compiled is None and compiled.compiled is not None and compiled.compiled.active
     assert "compile_s" in got[0] and got[0]["compile_s"] > 0 and all("compile_s" not in o for o in got[1:])
+    assert compiled.model.attn_implementation == "sdpa"  # explicit attention inside the compiled graph only
     tol = 1e-5 if mixed_precision is None else 2e-2  # bf16: fused casts round a little differently
     for w, g in zip(want, got):
         assert g["loss"] == pytest.approx(w["loss"], rel=tol)
