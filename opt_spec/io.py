@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from typing import Callable, Iterable, Iterator, Mapping
@@ -494,6 +495,12 @@ def parse_size(size: int | str) -> int:
 #      the folder is a snapshot of (<cache>/models--org--name/snapshots/<rev>/ -> ../../blobs/<hash>).
 #      A symlink anywhere else (a cloned repository can hold `model.safetensors -> ~/.ssh/id_rsa`) is refused;
 #   3. it is a regular file (not a FIFO, device or folder).
+def _plain_name(name: str) -> bool:
+    """Rule 1: '/'-separated parts, none empty, '.' or '..', no backslash or NUL (so not absolute either)."""
+    return bool(name) and "\\" not in name and "\0" not in name and \
+        all(p not in ("", ".", "..") for p in name.split("/"))
+
+
 def _allowed_roots(directory: str) -> list[str]:
     real = os.path.realpath(directory)
     roots = [real]
@@ -515,11 +522,10 @@ def checkpoint_file(directory: str | os.PathLike, name: str, entry: str | None =
     entry = entry or f"{directory}: {name!r:.200}"
     if not isinstance(name, str):
         raise CheckpointError(f"{entry} is {name!r:.200} (a {type(name).__name__}), not a file name")
-    parts = name.split("/")
-    if not name or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+    if not _plain_name(name):
         raise CheckpointError(f"{entry} = {name!r:.200}: a file name must be a plain relative path inside the "
                               "checkpoint folder (no '..', no absolute path)")
-    path = os.path.join(directory, *parts)
+    path = os.path.join(directory, *name.split("/"))
     if not os.path.lexists(path):
         raise CheckpointError(f"{entry} names {path}, which is missing")
     real = os.path.realpath(path)
@@ -528,6 +534,42 @@ def checkpoint_file(directory: str | os.PathLike, name: str, entry: str | None =
                               f"{directory}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{entry} names {path}, which is not a regular file")
+    return path
+
+
+MAX_STATE_FILES = 100_000  # Orbax / DCP write a few files per device and array
+
+
+def state_folder(directory: str | os.PathLike, name: str, max_bytes: int, entry: str | None = None) -> str:
+    """The path of the folder `name` inside `directory` that an engine (Orbax, torch.distributed.checkpoint)
+    is about to read a trainer's state from, checked first because the folder may come from anyone: a plain
+    relative name (as checkpoint_file's rule 1), a real folder inside `directory` (no symlink), and inside it
+    only regular files and folders, no symlink at any depth (the engine would follow it out of the folder),
+    at most MAX_STATE_FILES files of at most `max_bytes` together (what this trainer's state can take; the
+    engine reads the files, so a larger folder is refused before it starts). CheckpointError otherwise."""
+    directory = os.fspath(directory)
+    entry = entry or f"{directory}: {name!r:.200}"
+    if not isinstance(name, str) or not _plain_name(name):
+        raise CheckpointError(f"{entry}: the trainer state must be a folder inside the checkpoint, named by a "
+                              f"plain relative path (got {name!r:.200})")
+    path = os.path.join(directory, *name.split("/"))
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise CheckpointError(f"{entry}: {path} is missing or not a folder of its own (a symlink is refused)")
+    files, total = 0, 0
+    for root, dirs, names in os.walk(path):
+        for n in dirs + names:
+            item = os.path.join(root, n)
+            if os.path.islink(item):
+                raise CheckpointError(f"{item}: a symlink inside the trainer state; refused (it could point "
+                                      "outside the checkpoint)")
+            st = os.lstat(item)
+            if n in names and not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{item}: not a regular file")
+            if n in names:
+                files, total = files + 1, total + st.st_size
+        if files > MAX_STATE_FILES or total > max_bytes:
+            raise CheckpointError(f"{path}: {files:,} files of {total:,} bytes so far, more than this trainer's "
+                                  f"state can take ({MAX_STATE_FILES:,} files, {max_bytes:,} bytes)")
     return path
 
 

@@ -49,6 +49,7 @@ import torch
 
 from opt_spec import weight_table
 from opt_spec import data as spec_data
+from opt_spec import io as spec_io
 from opt_spec import training as spec_training
 from opt_spec.errors import CheckpointError
 from opt_spec.parallel import batch_axis
@@ -381,7 +382,7 @@ class Trainer:
 
     def _load_state(self, state: Mapping, directory: str | os.PathLike | None = None) -> None:
         if "optimizer_dcp" in state:
-            self._load_dcp_optimizer(os.path.join(os.fspath(directory), state["optimizer_dcp"]))
+            self._load_dcp_optimizer(directory, state["optimizer_dcp"])
         elif self.mesh is not None:
             raise ValueError(f"{directory}: a single-process checkpoint; resume it without device_mesh (a split "
                              "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
@@ -399,15 +400,17 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    def _load_dcp_optimizer(self, path: str) -> None:
+    def _load_dcp_optimizer(self, directory, name: str) -> None:
         """The optimizer state of a split trainer's checkpoint, resharded onto this trainer's mesh (or
         gathered whole onto one process): DCP reads each rank's blocks of the saved shards."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         from .distributed import dcp_load
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: the checkpoint's optimizer state is missing")
+        # the name and the folder come from the file: a plain folder inside the checkpoint, no symlinks, and no
+        # more bytes than twice the whole optimizer state (the moments are twice the parameters) + DCP's metadata
+        nbytes = sum(p.numel() * 4 for p in self.params)  # whole (global) parameters, float32
+        path = spec_io.state_folder(directory, name, 2 * 2 * nbytes + (64 << 20), f"{STATE_FILE}: optimizer_dcp")
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to fill: this run's shards
         dcp_load({"optimizer": optimizer}, path, single_process=self.mesh is None)  # runs no code from the files
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)

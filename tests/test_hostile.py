@@ -426,3 +426,32 @@ def test_integer_weights_are_refused_by_name(tmp_path):
     spec_io.save_safetensors_dir(tmp_path / "ckpt", weights, CONFIG.to_dict())
     with pytest.raises(ConversionError, match="layers.0.fc1.weight is stored as int32"):
         read_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_trainer_state_folder_is_checked_before_an_engine_reads_it(tmp_path):
+    """Orbax and DCP read every file of the folder they are given: spec_io.state_folder first refuses a
+    name leaving the checkpoint, symlinks at any depth, other special files and more bytes than the
+    trainer's state can take, naming the file."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "state" / "d").mkdir(parents=True)
+    (ckpt / "state" / "d" / "blob").write_bytes(b"x" * 1000)
+    assert spec_io.state_folder(ckpt, "state", 1000) == os.path.join(ckpt, "state")
+    with pytest.raises(CheckpointError, match="1,000 bytes"):
+        spec_io.state_folder(ckpt, "state", 999)
+    for name in ["/etc", "../ckpt/state", "state/../state", "", "a\\b"]:
+        with pytest.raises(CheckpointError, match="plain relative path"):
+            spec_io.state_folder(ckpt, name, 1 << 20)
+    with pytest.raises(CheckpointError, match="missing or not a folder"):
+        spec_io.state_folder(ckpt, "nothing", 1 << 20)
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    os.symlink(secret, ckpt / "state" / "d" / "manifest")
+    with pytest.raises(CheckpointError, match="manifest: a symlink inside the trainer state"):
+        spec_io.state_folder(ckpt, "state", 1 << 20)
+    os.remove(ckpt / "state" / "d" / "manifest")
+    os.symlink(ckpt / "state", ckpt / "linked")
+    with pytest.raises(CheckpointError, match="a symlink is refused"):
+        spec_io.state_folder(ckpt, "linked", 1 << 20)
+    os.mkfifo(ckpt / "state" / "pipe")
+    with pytest.raises(CheckpointError, match="pipe: not a regular file"):
+        spec_io.state_folder(ckpt, "state", 1 << 20)

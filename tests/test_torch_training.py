@@ -224,6 +224,28 @@ def test_a_hostile_trainer_state_is_refused(tmp_path):
         Trainer.from_checkpoint(tmp_path / "c")
 
 
+def test_a_trainer_state_naming_an_optimizer_folder_outside_is_refused(tmp_path):
+    """trainer_state.pt names the folder of a split trainer's optimizer state (optimizer_dcp): a name that
+    leaves the checkpoint, or a folder holding a symlink, is refused before DCP reads anything."""
+    from opt_spec.errors import CheckpointError
+
+    cfg = TrainConfig(learning_rate=1e-3, total_steps=4)
+    trainer = Trainer(make_model("causal_lm"), cfg)
+    trainer.save_checkpoint(tmp_path / "c")
+    state = torch.load(tmp_path / "c" / "trainer_state.pt", weights_only=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name, match in [(str(outside), "plain relative path"), ("../elsewhere", "plain relative path"),
+                        ("trainer_state.dcp", "symlink")]:
+        inside = tmp_path / "c" / "trainer_state.dcp"
+        inside.mkdir(exist_ok=True)
+        if not (inside / ".metadata").exists():
+            os.symlink(outside, inside / ".metadata")
+        torch.save({**state, "optimizer_dcp": name}, tmp_path / "c" / "trainer_state.pt")
+        with pytest.raises(CheckpointError, match=match):
+            Trainer.from_checkpoint(tmp_path / "c")
+
+
 def test_bf16_mixed_precision_trains_with_float32_weights():
     cfg = TrainConfig(learning_rate=2e-2, total_steps=8, schedule="constant", mixed_precision="bf16")
     trainer = Trainer(make_model("sequence_classification"), cfg)
