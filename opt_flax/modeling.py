@@ -120,12 +120,8 @@ class KVCache:
         if attention_mask is None:  # every slot: the causal rule hides the ones not written yet
             return jnp.ones((B, S), jnp.int32)
         width = attention_mask.shape[1]
-        if isinstance(self.length, jax.core.Tracer):
-            if width != S:
-                raise ValueError(f"attention_mask covers {width} positions; under jit the cache's length is traced, "
-                                 f"so the mask must cover the cache's capacity {S} (pad it with zeros before the jit)")
-        else:
-            S = cache_mask_width(width, int(self.length), new, S)
+        past = None if isinstance(self.length, jax.core.Tracer) else int(self.length)  # traced under jit
+        S = cache_mask_width(width, past, new, S)
         return jnp.pad(attention_mask.astype(jnp.int32), ((0, 0), (0, S - width)))
 
     def tree_flatten(self):

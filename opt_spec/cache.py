@@ -23,12 +23,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def cache_mask_width(mask_length: int, past: int, new: int, capacity: int | None) -> int:
+def cache_mask_width(mask_length: int, past: int | None, new: int | None, capacity: int | None) -> int:
     """How wide the attention mask given with a cache must be made (the S of the keys), or a ValueError.
 
     mask_length: the given mask's length; past: cache.length; new: the T new tokens; capacity: the
-    preallocated buffer's slots, None for a dynamic cache.
+    preallocated buffer's slots, None for a dynamic cache. past None: the write position is not known
+    (traced, inside jit or a tf.function that takes the cache): then only a mask covering the capacity can
+    be checked and is accepted; a dynamic cache's mask is taken as past + new, unchecked.
     """
+    if past is None:
+        if capacity is None or mask_length == capacity:
+            return mask_length
+        raise ValueError(f"attention_mask covers {mask_length} positions; where the cache's length is traced "
+                         "(inside jit, or a tf.function taking the cache) the write position is unknown, so the "
+                         f"mask must cover the cache's capacity {capacity} (widen it with zeros first)")
     if capacity is not None and past + new > capacity:
         raise ValueError(f"the cache holds {capacity} tokens: {past} written and {new} new do not fit")
     if mask_length == past + new:

@@ -217,13 +217,13 @@ class KVCache:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected (batch, past + new) or "
                              "(batch, the cache's capacity)")
         width = mask.shape[1]
-        if past is None or width is None or not isinstance(T, int):
-            if self.capacity is None or width == self.capacity:
-                return mask
-            raise ValueError(f"attention_mask covers {width} positions; inside a tf.function that takes the "
-                             f"cache as an input the write position is not known when tracing, so the mask must "
-                             f"cover the cache's capacity {self.capacity}")
-        S = cache_mask_width(width, past, T, self.capacity)
+        if width is None:  # a length unknown when tracing (a tf.function's input signature)
+            if self.capacity is None:
+                return mask  # a dynamic cache takes it as past + new
+            raise ValueError("attention_mask's length is unknown when tracing; with a preallocated cache it must be "
+                             f"the cache's capacity {self.capacity}")
+        known = past is not None and isinstance(T, int)  # else traced, inside a tf.function taking the cache
+        S = cache_mask_width(width, past if known else None, T if known else None, self.capacity)
         return tf.pad(mask, [[0, 0], [0, S - width]]) if S > width else mask
 
     def copy(self) -> "KVCache":

@@ -38,5 +38,10 @@ def test_mask_width_rule_refuses_in_words():
         cache_mask_width(5, 4, 2, 8)
     with pytest.raises(ValueError, match="holds 8 tokens: 7 written and 2 new do not fit"):
         cache_mask_width(9, 7, 2, 8)
+    # a traced write position (jit, tf.function): only the capacity can be checked; a dynamic cache's mask is
+    # taken as past + new
+    assert cache_mask_width(8, None, None, 8) == 8 and cache_mask_width(5, None, None, None) == 5
+    with pytest.raises(ValueError, match="length is traced .* must cover the cache's capacity 8"):
+        cache_mask_width(6, None, None, 8)
     with pytest.raises(TypeError, match="not a tuple of"):
         refuse_legacy_cache(((np.zeros(1), np.zeros(1)),))
