@@ -193,8 +193,8 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return jax.value_and_grad(lambda p: forward(p, batch).loss)(params)
 
     if sharding is None:
-        # bf16 on the CPU: every bf16 product accumulates in float32 (the fast kernels; opt_flax.fast_paths)
-        fast = fast_paths.f32_accumulated_dots if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
+        # bf16 on the CPU: every bf16 product and sum accumulates in float32 (the fast kernels; opt_flax.fast_paths)
+        fast = fast_paths.f32_accumulated if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
         # Parameters and optimizer state are updated in place (donated; the CPU too: no fresh 3 x 125m
         # buffers to allocate and fault in every step). The trainer owns its copies (FlaxTrainer.__init__).
         fns = StepFunctions(module, tx, loss, jax.jit(fast(grad)),
