@@ -170,9 +170,12 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
                 return fast_paths.causal_lm_loss(logits, batch["labels"])
             return module.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": key}).loss
 
+    tied = lm_loss and config.tie_word_embeddings  # the lookup's gradient added into the head's (fast_paths)
+    value_and_grad = fast_paths.value_and_grad_lookup_into_head(loss, dtype) if tied else jax.value_and_grad(loss)
+
     def grad(params, batch, rng):
         rng, key = jax.random.split(rng)
-        value, grads = jax.value_and_grad(loss)(params, batch, key)
+        value, grads = value_and_grad(params, batch, key)
         return value, grads, rng
 
     def apply(params, opt_state, grad_sum, n: int):
