@@ -170,9 +170,12 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
                 return fast_paths.causal_lm_loss(logits, batch["labels"])
             return module.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": key}).loss
 
+    tied = lm_loss and config.tie_word_embeddings  # the lookup's gradient added into the head's (fast_paths)
+    value_and_grad = fast_paths.value_and_grad_lookup_into_head(loss, dtype) if tied else jax.value_and_grad(loss)
+
     def grad(params, batch, rng):
         rng, key = jax.random.split(rng)
-        value, grads = jax.value_and_grad(loss)(params, batch, key)
+        value, grads = value_and_grad(params, batch, key)
         return value, grads, rng
 
     def apply(params, opt_state, grad_sum, n: int):
@@ -193,8 +196,8 @@ def step_functions(head: Head, config, dtype, precision, cfg: TrainConfig, shard
         return jax.value_and_grad(lambda p: forward(p, batch).loss)(params)
 
     if sharding is None:
-        # bf16 on the CPU: every bf16 product accumulates in float32 (the fast kernels; opt_flax.fast_paths)
-        fast = fast_paths.f32_accumulated_dots if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
+        # bf16 on the CPU: every bf16 product and sum accumulates in float32 (the fast kernels; opt_flax.fast_paths)
+        fast = fast_paths.f32_accumulated if cpu and jnp.dtype(dtype) == jnp.bfloat16 else (lambda f: f)
         # Parameters and optimizer state are updated in place (donated; the CPU too: no fresh 3 x 125m
         # buffers to allocate and fault in every step). The trainer owns its copies (FlaxTrainer.__init__).
         fns = StepFunctions(module, tx, loss, jax.jit(fast(grad)),

@@ -100,6 +100,38 @@ def test_f32_accumulated_dots_rewrites_every_bf16_product():
     np.testing.assert_array_equal(jax.jit(fast_paths.f32_accumulated_dots(lambda a, b: a @ b))(a, b), want)
 
 
+def _bf16_sums(jaxpr) -> list:
+    """Every reduce_sum of bfloat16 values in a jaxpr, nested ones included."""
+    found = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.dtype == jnp.bfloat16]
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _bf16_sums(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_f32_accumulated_sums_bf16_gradients_in_float32():
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 128, 16)).astype(jnp.bfloat16)
+    bias = jnp.linspace(-1.0, 1.0, 16)
+
+    def f(bias, x):  # a bf16 bias add: its gradient is a bf16 sum over the tokens
+        y = jax.jit(lambda a, b: a + b.astype(jnp.bfloat16))(x, bias)
+        return jnp.sum(y.astype(jnp.float32) * jnp.arange(16.0))
+
+    plain = jax.grad(f)
+    assert _bf16_sums(jax.make_jaxpr(plain)(bias, x).jaxpr)
+    fast = fast_paths.f32_accumulated(plain)
+    assert not _bf16_sums(jax.make_jaxpr(fast)(bias, x).jaxpr)
+    # the sum of each column's 1024 bf16 gradients (x is not involved: d/dbias of y = 1), rounded once to bf16
+    want = (np.full((8 * 128, 16), 1.0, np.float32) * np.asarray(jnp.arange(16.0).astype(jnp.bfloat16),
+                                                                 np.float32)).sum(0)
+    got = jax.jit(fast)(bias, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32))
+    # products are rewritten as by f32_accumulated_dots
+    w = jnp.ones((16, 4), jnp.bfloat16)
+    assert all(e.outvars[0].aval.dtype == jnp.float32
+               for e in _dots(jax.make_jaxpr(fast_paths.f32_accumulated(lambda a: a @ w))(x).jaxpr))
+
+
 def _trainer(**cfg) -> FlaxTrainer:
     model = FlaxOPTForCausalLM(CONFIG, canonical_to_params(random_weights(CONFIG, "causal_lm", seed=0), CONFIG,
                                                            "causal_lm"))
@@ -118,6 +150,10 @@ def test_the_cpu_train_step_is_rewritten(precision):
     assert dots and all(e.outvars[0].aval.dtype == jnp.float32 for e in dots)  # bf16 inputs accumulate in f32
     if precision == "bf16":
         assert any(e.invars[0].aval.dtype == jnp.bfloat16 for e in dots)
+        plain = jax.make_jaxpr(jax.grad(trainer.fns.loss))(trainer.params, batch, trainer.rng)
+        assert _bf16_sums(plain.jaxpr)  # the bias gradients
+        step = jax.make_jaxpr(trainer.fns.fused)(trainer.params, trainer.opt_state, batch, trainer.rng)
+        assert not _bf16_sums(step.jaxpr)  # every bf16 sum accumulates in float32
 
 
 def test_the_step_updates_the_trainer_s_own_buffers_in_place():
