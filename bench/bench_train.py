@@ -6,6 +6,7 @@ linear decay), global-norm clipping at 1.0, dropout as the config says (0.1). Ev
 as a user builds it (its defaults), takes --warmup untimed updates, then --rounds timed ones.
 
     python bench/bench_train.py [--backends hf,torch,tf,flax] [--rounds 3] [--warmup 1] [--bf16] [--sequential]
+                                [--retain-memory]
 
 The rows take turns: round r times one update of every row (hf, torch, tf, flax, hf, ...), so other
 work on a shared machine slows them alike, and each row's tokens/s is 8 x 128 / its median seconds per
@@ -19,6 +20,9 @@ The "floor" line under the table is the roofline: the update's matrix-product FL
 divided by the rate torch's GEMM reaches on the step's own shapes in this run, float32 or bf16 as the
 run trains (measured before and after the rows, the better kept). No trainer can beat it without
 changing the math; a row's "of floor" is floor / its seconds.
+
+--retain-memory keeps freed memory in the process (opt_spec/host.py, what `optkit train` does by default) for
+every row alike; the "faults" column counts the page faults of a row's updates either way.
 
 BUILDERS maps a row name to `fn(path, cfg, device) -> step`, where `step(batch)` makes one update and
 returns once it is done; a backend adds its row by adding its function there.
@@ -170,11 +174,15 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(step, batch) -> tuple[float, float, float]:
-    """(wall seconds, load average, CPU seconds of this process: all its threads, the step's work)."""
-    t, c = time.perf_counter(), _cpu_seconds()
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(step, batch) -> tuple[float, float, float, int]:
+    """(wall seconds, load average, CPU seconds of this process: all its threads, the step's work; page faults)."""
+    t, c, f = time.perf_counter(), _cpu_seconds(), _faults()
     step(batch)
-    return time.perf_counter() - t, os.getloadavg()[0], _cpu_seconds() - c
+    return time.perf_counter() - t, os.getloadavg()[0], _cpu_seconds() - c, _faults() - f
 
 
 def run_rows(names, path, cfg, batches, device, warmup: int, sequential: bool) -> dict[str, list[tuple]]:
@@ -220,7 +228,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="torch device for the torch and hf rows (default cpu)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast; float32 weights)")
     p.add_argument("--sequential", action="store_true", help="one row after the other (less memory, not interleaved)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="keep freed memory in the process for every row (opt_spec/host.py; optkit train's default)")
     args = p.parse_args(argv)
+    if args.retain_memory:
+        from opt_spec.host import retain_freed_memory
+
+        retain_freed_memory()
     names = args.backends.split(",") if args.backends else list(BUILDERS)
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
@@ -232,6 +246,7 @@ def main(argv=None) -> int:
     batches = make_batches(config, n, seq_len=args.seq_len)
     precision = "bf16 mixed" if args.bf16 else "float32"
     print(f"training {args.preset}: batch {BATCH} x {args.seq_len}, AdamW, clip 1.0, {precision}, "
+          f"{'freed memory retained, ' if args.retain_memory else ''}"
           f"{args.warmup} warm-up + {args.rounds} timed updates, "
           f"{'one row after the other' if args.sequential else 'rows interleaved'}, "
           f"device {args.device}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -246,14 +261,15 @@ def main(argv=None) -> int:
         return 1
     rows = {name: statistics.median(t for t, *_ in ts) for name, ts in times.items()}
     base = rows.get("hf")
-    cpu = {name: statistics.median(c for *_, c in ts) for name, ts in times.items()}
-    print("\n| row | s / update (median) | tokens/s | vs hf | of floor | CPU s / update | load during |\n"
-          "|---|---|---|---|---|---|---|")
+    cpu = {name: statistics.median(c for _, _, c, _ in ts) for name, ts in times.items()}
+    faults = {name: statistics.median(f for *_, f in ts) for name, ts in times.items()}
+    print("\n| row | s / update (median) | tokens/s | vs hf | of floor | CPU s / update | page faults / update "
+          "| load during |\n|---|---|---|---|---|---|---|---|")
     for name, t in rows.items():
         rel = f"{base / t:.2f}x" if base else "-"
-        loads = [load for _, load, _ in times[name]]
+        loads = [load for _, load, *_ in times[name]]
         print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {rel} | {floor / t:.2f} | {cpu[name]:.2f} | "
-              f"{min(loads):.1f}-{max(loads):.1f} |")
+              f"{faults[name]:,.0f} | {min(loads):.1f}-{max(loads):.1f} |")
     flops, kind = step_flops(config, BATCH, args.seq_len), "bf16" if args.bf16 else "float32"
     print(f"\nfloor: {floor:.2f} s / update ({tokens / floor:,.0f} tokens/s): {flops:.3g} matrix-product FLOPs "
           f"at {rate / 1e9:.0f} GFLOP/s ({kind} GEMM, torch, this run)")

@@ -9,6 +9,10 @@ the updates after the first --skip ones (compilation, warm-up) of every round; r
 a round so that a shared machine's load falls on all of them. Each run's load average is printed.
 
     python bench/bench_train_cli.py [--backends hf,torch,tf,flax] [--rounds 2] [--steps 5] [--skip 2] [--bf16]
+                                    [--no-retain-memory] [--hf-retain-memory]
+
+`optkit train` keeps freed memory in its process by default (opt_spec/host.py: no page faults every
+step); --no-retain-memory runs it without, --hf-retain-memory gives the Hugging Face loop the same setting.
 """
 
 from __future__ import annotations
@@ -61,14 +65,17 @@ def make_model(path: str, preset: str) -> str:
     return data
 
 
-def hf_loop(model: str, data: str, output: str, steps: int, bf16: bool, seq_len: int = SEQ) -> None:
+def hf_loop(model: str, data: str, output: str, steps: int, bf16: bool, seq_len: int = SEQ, retain: bool = False) -> None:
     """transformers' model, torch AdamW (decay on weights), LambdaLR, clip_grad_norm_, the CLI's batches."""
     import torch
     import transformers
 
     from opt_spec import data as spec_data
+    from opt_spec.host import retain_freed_memory
     from opt_spec.tokenizer import OPTTokenizer
 
+    if retain:
+        retain_freed_memory()
     config = OPTConfig.from_pretrained(model)
     dataset = spec_data.load("causal_lm", [data], OPTTokenizer.from_pretrained(model, config), seq_len)
     stream = spec_data.BatchStream(dataset, BATCH, seed=0)
@@ -99,14 +106,17 @@ def hf_loop(model: str, data: str, output: str, steps: int, bf16: bool, seq_len:
                                   "tokens_per_s": tokens / dt}) + "\n")
 
 
-def run_row(name: str, model: str, data: str, output: str, steps: int, bf16: bool, seq_len: int = SEQ) -> list[float]:
+def run_row(name: str, model: str, data: str, output: str, steps: int, bf16: bool, seq_len: int = SEQ,
+            retain: bool = True, hf_retain: bool = False) -> list[float]:
     """tokens_per_s of every update of one fresh run of row `name`."""
     if name == "hf":
         cmd = [sys.executable, os.path.abspath(__file__), "--hf-loop", model, data, output, str(steps), str(seq_len)]
+        cmd += ["--retain-memory"] if hf_retain else []
     else:
         cmd = [sys.executable, "-m", "optkit_cli.main", "train", "--model", model, "--task", "causal_lm", "--data",
                data, "--backend", name, "--output", output, "--steps", str(steps), "--batch-size", str(BATCH),
                "--seq-len", str(seq_len), "--lr", "1e-4", "--warmup", "1", "--weight-decay", "0.01", "-q"]
+        cmd += [] if retain else ["--no-retain-memory"]
     cmd += ["--bf16"] if bf16 else []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -120,7 +130,7 @@ def run_row(name: str, model: str, data: str, output: str, steps: int, bf16: boo
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--hf-loop":
         model, data, output, steps, seq_len = sys.argv[2:7]
-        hf_loop(model, data, output, int(steps), "--bf16" in sys.argv[7:], int(seq_len))
+        hf_loop(model, data, output, int(steps), "--bf16" in sys.argv[7:], int(seq_len), "--retain-memory" in sys.argv[7:])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(ROWS), help="comma-separated rows (default: hf,torch,tf,flax)")
@@ -130,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="updates per run (default 5)")
     p.add_argument("--skip", type=int, default=2, help="first updates of a run left out (default 2)")
     p.add_argument("--bf16", action="store_true", help="--bf16 (bf16 mixed precision)")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="optkit train's --retain-memory (its default: on)")
+    p.add_argument("--hf-retain-memory", action="store_true", help="the same setting for the Hugging Face loop")
     args = p.parse_args(argv)
     names = args.backends.split(",")
     unknown = [n for n in names if n not in ROWS]
@@ -138,7 +151,8 @@ def main(argv=None) -> int:
     if args.steps <= args.skip:
         p.error("--steps must be more than --skip")
     print(f"optkit train, {args.preset}: batch {BATCH} x {args.seq_len}, {'bf16 mixed' if args.bf16 else 'float32'}, "
-          f"{args.rounds} rounds of {args.steps} updates (first {args.skip} left out), {os.cpu_count()} CPUs",
+          f"{args.rounds} rounds of {args.steps} updates (first {args.skip} left out), {os.cpu_count()} CPUs, "
+          f"retained memory: optkit {'on' if args.retain_memory else 'off'}, hf {'on' if args.hf_retain_memory else 'off'}",
           flush=True)
     speeds: dict[str, list[float]] = {n: [] for n in names}
     loads: dict[str, list[float]] = {n: [] for n in names}
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
             for name in names:
                 try:
                     got = run_row(name, model, data, os.path.join(tmp, f"{name}-{r}"), args.steps, args.bf16,
-                                  args.seq_len)
+                                  args.seq_len, args.retain_memory, args.hf_retain_memory)
                 except RuntimeError as err:
                     print(f"{name}: failed: {err}", flush=True)
                     continue
