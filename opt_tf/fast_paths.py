@@ -36,6 +36,17 @@ measured to help, and names the test that pins it.
      (in, tokens) buffer (a bf16 copy of 1.5-6 MB per weight gradient) and the product runs on the bf16 kernel:
      90 -> 163 GFLOP per CPU second.
 
+   A bias's gradient is the column sums of dy over the tokens (8 x 128). XLA's CPU backend rewrites that sum
+   into a reduce-window over (8, 128, out) windows of 8 x 32 that it runs slowly when the bias is wide: in the
+   step's profile fc1's (out 3072) took 2.3% of the op time (12.3 CPU ms each in isolation, 1.9 for the same sum
+   over a 2-D (1024, 3072) operand, which XLA's simplifier folds back into the 3-D one). For a Linear wider
+   than its input (fc1) the sums are one more row of the weight gradient's product instead,
+   [x^T; 1] @ dy (in + 1, out), materialized with x^T: +0.5 CPU ms on the product instead of +11.5 for the
+   sum. For the others the sum is cheap (768 wide: ~1 ms) and the extra row costs more (3072 -> 3073 rows:
+   +3 ms), so they keep it. In the step's profile the fc1 sums' 2.3% became 0.2% (the materialized [x^T; 1]
+   copy). Pinned with the rest by tests/test_tf_cpu_speed.py::test_f32_accumulated_products_give_the_models_forward_and_gradients
+   (every variable's gradient, fc1's bias included).
+
    Every product of a Linear layer and of the tied LM head (forward, input gradient, weight gradient) is
    computed this way: inside `f32_accumulated_dots(model)`, which the trainer enters around its compiled
    step, `Linear.call` and `lm_logits` of that model instance are `linear` / `tied_logits` below. They
@@ -152,6 +163,23 @@ def _product_transposed(x: tf.Tensor, table: tf.Tensor):
     return y, grad
 
 
+@tf.custom_gradient
+def _product_and_bias(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor):
+    """`_product` plus the bias (rounded to bfloat16 as the model's `tf.cast` does), whose gradient, the column
+    sums of dy, is one more row of the weight gradient's product: [x^T; 1] @ dy (see the module docstring)."""
+    w = tf.cast(kernel, x.dtype)
+    y = add_bias(tf.cast(_dot(x, w), x.dtype), tf.cast(bias, x.dtype))
+
+    def grad(dy):
+        dx = tf.cast(_dot(dy, w, transpose_b=True), x.dtype)                          # (N, in)
+        ones = tf.ones([1, tf.shape(x)[0]], x.dtype)
+        both = _dot(materialize(tf.concat([tf.transpose(x), ones], 0)), dy)           # (in + 1, out)
+        both = tf.cast(tf.cast(both, x.dtype), tf.float32)
+        return dx, both[:-1], both[-1]
+
+    return y, grad
+
+
 def _rows(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """x (..., K) -> (x as (N, K), the leading shape)."""
     lead = tf.shape(x)[:-1]
@@ -165,7 +193,10 @@ def linear(layer: "modeling.Linear", x: tf.Tensor) -> tf.Tensor:
     if x.dtype != tf.bfloat16:
         return modeling.Linear.call(layer, x)
     rows, lead = _rows(x)
-    y = tf.reshape(_product(rows, layer.kernel), tf.concat([lead, [layer.out_dim]], 0))
+    shape = tf.concat([lead, [layer.out_dim]], 0)
+    if layer.bias is not None and layer.out_dim > layer.in_dim:  # fc1: the bias's gradient from the product
+        return tf.reshape(_product_and_bias(rows, layer.kernel, layer.bias), shape)
+    y = tf.reshape(_product(rows, layer.kernel), shape)
     if layer.bias is None:
         return y
     return add_bias(y, tf.cast(layer.bias, layer.compute_dtype))  # as Linear.call
