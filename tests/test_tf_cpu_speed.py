@@ -53,6 +53,8 @@ def test_f32_accumulated_products_give_the_models_forward_and_gradients(name):
         assert np.linalg.norm(f - g) <= 2e-2 * np.linalg.norm(g) + 1e-6, var.path
     # outside the context the model is its own again
     assert all("call" not in vars(layer) for layer in model._flatten_layers() if isinstance(layer, modeling.Linear))
+    assert all("scores" not in vars(layer) and "mix" not in vars(layer) for layer in model._flatten_layers()
+               if isinstance(layer, modeling.TFOPTAttention))
     assert "lm_logits" not in vars(model)
 
 
@@ -71,7 +73,9 @@ def test_the_products_are_bf16_with_a_float32_result():
     """What makes it fast (the module docstring): XLA gets BatchMatMulV3 bf16 x bf16 -> float32."""
     products, linears = _products("mixed_bfloat16")
     v3 = [op for op in products if op.type == "BatchMatMulV3" and op.get_attr("Tout") == tf.float32]
-    assert len(v3) == linears + 1  # every Linear and the tied head; attention's own products stay as they are
+    # every Linear, the tied head and attention's own two products per layer
+    assert len(v3) == linears + 1 + 2 * VARIANTS["pre_ln"].num_hidden_layers
+    assert not [op for op in products if op not in v3]
     assert {op.inputs[0].dtype for op in v3} == {tf.bfloat16}
 
 
@@ -171,3 +175,4 @@ def test_the_trainer_draws_hashed_masks_in_its_compiled_step(monkeypatch):
     first, second = trainer.train_step(batch), trainer.train_step(batch)
     assert len(drawn) == 3 * config.num_hidden_layers  # traced once: attention and two residual dropouts per layer
     assert first["loss"] != second["loss"] and not fast_paths.HASHED_DROPOUT
+
