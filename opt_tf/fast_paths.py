@@ -44,8 +44,9 @@ measured to help, and names the test that pins it.
    [x^T; 1] @ dy (in + 1, out), materialized with x^T: +0.5 CPU ms on the product instead of +11.5 for the
    sum. For the others the sum is cheap (768 wide: ~1 ms) and the extra row costs more (3072 -> 3073 rows:
    +3 ms), so they keep it. In the step's profile the fc1 sums' 2.3% became 0.2% (the materialized [x^T; 1]
-   copy). Pinned with the rest by tests/test_tf_cpu_speed.py::test_f32_accumulated_products_give_the_models_forward_and_gradients
-   (every variable's gradient, fc1's bias included).
+   copy). Pinned with the rest by
+   tests/test_tf_cpu_speed.py::test_f32_accumulated_products_give_the_models_forward_and_gradients (every
+   variable's gradient, fc1's bias included).
 
    Every product of a Linear layer and of the tied LM head (forward, input gradient, weight gradient) is
    computed this way: inside `f32_accumulated_dots(model)`, which the trainer enters around its compiled
@@ -53,12 +54,16 @@ measured to help, and names the test that pins it.
    attention's own products (`TFOPTAttention.scores` q.k and `.mix` p.v: `attention_scores` / `attention_mix`),
    their gradients' transposed left operands (ds^T, p^T per head) materialized: micro-benchmark of one 125m
    layer's attention (8 x 12 heads x 128 x 64, forward + backward, softmax included) 46 -> 19 CPU ms; in the
-   step's profile attention's products went from 3.6% of the op time to 1.3%. They
-   compute what the model computes (results rounded to the compute dtype where the model rounds them; a
-   weight's gradient rounded to bfloat16, as the gradient of the model's bf16 product is, then handed to
-   the float32 master weight). 125m bf16 train step: 11.7 -> 6.7 CPU s. What remains (an XLA profile of that
-   step): the products ~64% of the op time, dropout's random bits ~8%, reductions ~5%, casts ~5%, the
-   materializing conds and copies ~4%, attention's own (bf16-result) products ~4%.
+   step's profile attention's products went from 3.6% of the op time to 1.3%. All of them compute what the
+   model computes (results rounded to the compute dtype where the model rounds them; a weight's gradient
+   rounded to bfloat16, as the gradient of the model's bf16 product is, then handed to the float32 master
+   weight). 125m bf16 train step: 11.7 -> 6.7 CPU s. What remained then (an XLA profile of that step): the
+   products ~64% of the op time, dropout's random bits ~8%, reductions ~5%, casts ~5%, the materializing
+   conds and copies ~4%, attention's own (bf16-result) products ~4%. After the hashed dropout (3.), fc1's bias
+   and attention's products (thunk profile, a machine at load ~4.5): the linear products 59%, the tied head's
+   13%, casts of the float32 weights and logits 7%, materializing copies 6.5% (the tied head's float32
+   (768, 50272) gradient transposed alone 1.2%), the optimizer and the global norm ~5%, the loss's softmax and
+   its reduce-windows ~4%, dropout 0.4%.
 3. Dropout masks from a counter hash (`dropout`), in the trainer's XLA-compiled step on the CPU (float32 and bf16).
    tf.nn.experimental.stateless_dropout draws its uniforms with Philox, which XLA's CPU backend runs as a
    called computation writing a uint32 buffer that a second pass turns into the mask: in an XLA profile of the
