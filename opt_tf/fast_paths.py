@@ -315,7 +315,8 @@ def hashed_bits(shape, seed: tf.Tensor) -> tf.Tensor:
 def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     """tf.nn.experimental.stateless_dropout(x, rate, seed); inside `hashed_dropout()` with a hashed mask
     (see the module docstring)."""
-    if not HASHED_DROPOUT or x.shape.num_elements() is None or x.shape.num_elements() >= 2**31:
+    size = x.shape.num_elements()  # None for a dynamic shape (Keras fit): int32 indices reach 2^31 elements
+    if not HASHED_DROPOUT or size is not None and size >= 2**31:
         return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
     drop_below = tf.constant(min(round(rate * 2**32), 2**32 - 1), tf.uint32)
     keep = hashed_bits(tf.shape(x), seed) >= drop_below

@@ -155,6 +155,11 @@ def test_hashed_dropout_gradient_is_the_mask():
             return y, tape.gradient(loss, x)
         y, g = run(x)
     np.testing.assert_allclose(g.numpy(), np.where(y.numpy() != 0, 3.0 / 0.75, 0.0), rtol=1e-6)
+    # shapes known only when the program runs (Keras fit's dataset): the same mask
+    dynamic = tf.function(lambda x: fast_paths.dropout(x, 0.25, seed), jit_compile=True,
+                          input_signature=[tf.TensorSpec([None] * 3, tf.float32)])
+    with fast_paths.hashed_dropout():
+        np.testing.assert_array_equal(dynamic(x).numpy(), y.numpy())
     # outside the context: TF's own stateless dropout
     np.testing.assert_array_equal(fast_paths.dropout(x, 0.25, seed).numpy(),
                                   tf.nn.experimental.stateless_dropout(x, 0.25, seed).numpy())
