@@ -154,7 +154,7 @@ def _dropout(x: tf.Tensor, rate: float, training, seeds=None) -> tf.Tensor:
     if not (training and rate > 0):
         return x
     seed = next(seeds) if seeds is not None else _draw_seed()
-    return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
+    return fast_paths.dropout(x, rate, seed)  # tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
 
 
 def _draw_seed() -> tf.Tensor:
@@ -299,12 +299,19 @@ class TFOPTAttention(keras.layers.Layer):
         v = self._heads(self.v_proj(x))                                   # (B, nh, T, hs)
         if cache is not None:  # the new keys written, all S the queries attend to returned
             k, v = cache.update(self.layer_index, k, v)                   # (B, nh, S, hs)
-        scores = tf.cast(tf.matmul(q, tf.cast(k, q.dtype), transpose_b=True), tf.float32)  # (B, nh, T, S)
-        scores = tf.where(allowed[:, None], scores, F32_MIN)
+        scores = tf.where(allowed[:, None], self.scores(q, k), F32_MIN)  # (B, nh, T, S)
         probs = _dropout(tf.nn.softmax(scores, axis=-1), self.dropout, training, seeds)
-        y = tf.matmul(tf.cast(probs, x.dtype), tf.cast(v, x.dtype))  # (B, nh, T, hs)
+        y = self.mix(probs, v, x.dtype)                                # (B, nh, T, hs)
         y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, T, H))     # (B, T, H)
         return self.out_proj(y), probs
+
+    def scores(self, q: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+        """q (B, nh, T, hs) . k (B, nh, S, hs) -> (B, nh, T, S) float32, the product in q's dtype."""
+        return tf.cast(tf.matmul(q, tf.cast(k, q.dtype), transpose_b=True), tf.float32)
+
+    def mix(self, probs: tf.Tensor, v: tf.Tensor, dtype) -> tf.Tensor:
+        """probs (B, nh, T, S) @ v (B, nh, S, hs) -> (B, nh, T, hs) in `dtype`."""
+        return tf.matmul(tf.cast(probs, dtype), tf.cast(v, dtype))
 
 
 # ----------------------------------------------------------------------------------------- layers
