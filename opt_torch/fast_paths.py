@@ -13,7 +13,8 @@ against Hugging Face's is bench/bench_generate.py.
    MKL reads an (in, out) matrix faster there: batch 8 runs 25-35% faster per layer matrix, and batch
    1's tied LM head 20-25% faster, than with (out, in).
    The layout is invisible otherwise: `state_dict()` keys, shapes and values are unchanged (views;
-   `save_pretrained` writes them contiguously), training updates the views in place, and a weight that
+   `save_pretrained` writes them contiguously), an optimizer updates the views in place (opt_torch.training's
+   Trainer lays every weight out row-major instead, where its gradients come out), and a weight that
    lost the layout (`param.data = ...`, a load with assign=True into a submodule) takes the general
    path. Models re-establish it after construction, loading (a load_state_dict post-hook) and `.to()` /
    `.half()` / `.cuda()` (`_apply`). Pinned by tests/test_torch.py:
