@@ -185,12 +185,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # fused: one pass over each parameter, its gradient and moments instead of foreach's ~8 (the 125m
         # update took 0.5 s instead of 1.2 s on 2 CPU cores); a split model's DTensors take foreach's.
-        # The fused kernel walks each tensor as one flat block, so q/k/v, column blocks of one matrix
-        # (opt_torch.fast_paths), get dense storage of their own (the general path; decoding packs again).
-        # Row-major storage (nn.Linear's own) for every parameter: the backward's products give each weight
-        # gradient row-major, and autograd copies a gradient into its parameter's layout when they differ
-        # (the decoding layout, opt_torch.fast_paths, holds weights transposed: 73 gradient copies, 0.3-0.5 s of
-        # a 125m bf16 update). Decoding packs again (pack_weights, .to()).
+        # The fused kernel walks each tensor as one flat block, and the backward's products give each weight
+        # gradient row-major: every parameter gets row-major storage of its own (nn.Linear's). The decoding
+        # layout (opt_torch.fast_paths: transposed weights, q/k/v column blocks of one matrix) made autograd copy
+        # 73 gradients into it per update, 0.3-0.5 s of a 125m bf16 update. Decoding packs again (pack_weights).
         self.fused = self.mesh is None
         if self.fused:
             with torch.no_grad():
