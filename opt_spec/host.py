@@ -4,7 +4,7 @@
 (mmap) and returns it on free, so a training step that allocates the same large buffers every update
 (activations, gradients, XLA's block of temporaries) faults in every page of them again each time: the
 125m bf16 update on a 2-core CPU took 340k-410k page faults and 0.7-1.0 s of system time per step in TF and
-Flax, 150k-200k in PyTorch (`bench/bench_train.py --retain-memory` measures the effect on every row).
+Flax, 90k-200k in PyTorch, 570k in the Hugging Face loop (`bench/bench_train.py` counts them per row).
 Retained, freed memory stays in the process and the next step reuses those pages: no faults, no system
 time; the price is memory not handed back to the system between steps (peak RSS of the TF trainer 4.3 ->
 5.5 GB). glibc's knobs (mallopt): no mmap for large blocks, one arena for all threads (a thread's own arena
