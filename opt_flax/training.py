@@ -59,7 +59,6 @@ from .pretrained import MODEL_CLASSES, _params_table
 CONVENTION = "flax"
 STATE_FILE = "trainer_state.msgpack"
 STATE_DIR = "trainer_state.orbax"  # the optimizer state of a trainer on a mesh (opt_flax.distributed)
-STATE_SLACK_BYTES = 64 << 20  # Orbax's metadata and manifests, next to the arrays' own bytes
 INFO_FILE = "trainer_state.json"
 
 
@@ -319,7 +318,7 @@ class FlaxTrainer:
             shardings, rng_sharding = jax.tree_util.tree_map(lambda _: device, self.opt_state), device
         # the folder may come from anyone: no symlinks, no more bytes than twice this state (+ Orbax's metadata)
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.opt_state))
-        path = spec_io.state_folder(directory, STATE_DIR, 2 * nbytes + STATE_SLACK_BYTES)
+        path = spec_io.state_folder(directory, STATE_DIR, spec_io.state_folder_limit(nbytes))
         self.opt_state, self.rng = restore_state(path, self.opt_state, shardings, rng_sharding)
 
     def _inputs(self, batch: Mapping[str, np.ndarray], process_local: bool = False) -> dict:

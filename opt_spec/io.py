@@ -538,6 +538,13 @@ def checkpoint_file(directory: str | os.PathLike, name: str, entry: str | None =
 
 
 MAX_STATE_FILES = 100_000  # Orbax / DCP write a few files per device and array
+STATE_METADATA_BYTES = 64 << 20  # an engine's metadata and manifests, next to the arrays' own bytes
+
+
+def state_folder_limit(state_bytes: int) -> int:
+    """The most bytes a trainer-state folder may hold for a state of `state_bytes` (for `state_folder`):
+    twice the state (an engine may keep a copy per write) plus the engine's metadata."""
+    return 2 * state_bytes + STATE_METADATA_BYTES
 
 
 def state_folder(directory: str | os.PathLike, name: str, max_bytes: int, entry: str | None = None) -> str:

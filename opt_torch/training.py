@@ -407,8 +407,9 @@ class Trainer:
 
         # the name and the folder come from the file: a plain folder inside the checkpoint, no symlinks, and no
         # more bytes than twice the whole optimizer state (the moments are twice the parameters) + DCP's metadata
-        nbytes = sum(p.numel() * 4 for p in self.params)  # whole (global) parameters, float32
-        path = spec_io.state_folder(directory, name, 2 * 2 * nbytes + (64 << 20), f"{STATE_FILE}: optimizer_dcp")
+        moments = 2 * sum(p.numel() * 4 for p in self.params)  # of the whole (global) float32 parameters
+        path = spec_io.state_folder(directory, name, spec_io.state_folder_limit(moments),
+                                    f"{STATE_FILE}: optimizer_dcp")
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to fill: this run's shards
         dcp_load({"optimizer": optimizer}, path, single_process=self.mesh is None)  # runs no code from the files
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)
