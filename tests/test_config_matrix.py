@@ -105,9 +105,8 @@ class Reference:
         self.paths, self.outputs = {}, {}
         for head in HEADS:
             path = self.paths[head] = os.path.join(root, name, head)
-            spec_io.save_safetensors_dir(path, random_weights(config, head, seed=5,
-                                                              dtype=WEIGHT_DTYPES.get(name, np.float32)),
-                                      config.to_dict())
+            weights = random_weights(config, head, seed=5, dtype=WEIGHT_DTYPES.get(name, np.float32))
+            spec_io.save_safetensors_dir(path, weights, config.to_dict())
             hf = getattr(transformers, HF_CLASSES[head]).from_pretrained(path).eval()  # float32, as ours
             rows = self.rows(head)
             with torch.no_grad():
