@@ -182,12 +182,17 @@ class OPTDecoder(nn.Module):
                 attention_mask = F.pad(attention_mask, (0, S - width))
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {given}; expected (batch, past + new) = ({B}, {S})")
-        if position_ids is None:  # positions never exceed S - 1: a shape check suffices
-            if S > config.max_position_embeddings:
-                raise ValueError(f"{S} tokens (past + new) are more than the model's max_position_embeddings="
-                                 f"{config.max_position_embeddings}")
+        if position_ids is None:
             mask = (attention_mask if attention_mask is not None else torch.ones(B, S, device=device)).long()
             position_ids = (torch.cumsum(mask, dim=1) * mask - 1)[:, q_pos]  # (B, T), pads -1
+            # Positions never exceed S - 1, so only a longer S needs its positions read (a host sync): pads
+            # take none, so a batch whose every row is padded may be longer than the table, as in Hugging Face
+            # and the other backends. A compiled graph cannot read them and refuses by the shape alone.
+            if S > config.max_position_embeddings:
+                if torch.compiler.is_compiling():
+                    raise ValueError(f"{S} tokens (past + new) are more than the model's max_position_embeddings="
+                                     f"{config.max_position_embeddings}")
+                _check_positions(position_ids, config.max_position_embeddings)
         else:
             _check_positions(position_ids, config.max_position_embeddings)
         # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
