@@ -23,7 +23,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
-from opt_spec.cache import cache_mask_width, refuse_legacy_cache
+from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.hub import resolve_pretrained
 from opt_spec.inputs import check_positions, check_seed, check_token_ids
 from opt_spec.surface import dtype_argument
@@ -258,9 +258,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
     # ---------------------------------------------------------------------------------- running
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty KV cache of max_length slots (its capacity) for batch_size rows (compute dtype)."""
-        if max_length > self.config.max_position_embeddings:
-            raise ValueError(f"max_length={max_length} is past the model's max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+        check_capacity(max_length, self.config.max_position_embeddings)
         if self.sharding is not None:  # laid out (batch, heads) over the mesh
             from .distributed import zeros_cache
 

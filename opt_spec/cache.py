@@ -48,6 +48,16 @@ def cache_mask_width(mask_length: int, past: int | None, new: int | None, capaci
     raise ValueError(f"attention_mask covers {mask_length} positions; with a cache it must cover {allowed}")
 
 
+def check_capacity(capacity: int, max_positions: int) -> None:
+    """A preallocated cache holds at most max_position_embeddings tokens: a slot past the position table
+    could never be written by a real token. ValueError in words (every backend's init_cache / KVCache)."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        raise ValueError(f"a cache's capacity must be an int >= 1, got {capacity!r:.100}")
+    if capacity > max_positions:
+        raise ValueError(f"a cache of {capacity} tokens is longer than the model's max_position_embeddings="
+                         f"{max_positions}")
+
+
 def refuse_legacy_cache(past_key_values) -> None:
     """A tuple/list of per-layer (keys, values) is refused in words (the cache object is the one format)."""
     if isinstance(past_key_values, (tuple, list)):

@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
-from opt_spec.cache import cache_mask_width, refuse_legacy_cache
+from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
@@ -241,9 +241,7 @@ class KVCache:
 
 def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
     """An empty preallocated KVCache (zeros, length 0, capacity max_length) for `batch_size` rows."""
-    if max_length > config.max_position_embeddings:
-        raise ValueError(f"max_length={max_length} exceeds max_position_embeddings="
-                         f"{config.max_position_embeddings}")
+    check_capacity(max_length, config.max_position_embeddings)
     shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # (B, nh, L, hs)
     zeros = lambda: tf.zeros(shape, dtype)  # noqa: E731
     n = config.num_hidden_layers

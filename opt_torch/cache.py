@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from opt_spec import OPTConfig
-from opt_spec.cache import cache_mask_width
+from opt_spec.cache import cache_mask_width, check_capacity
 
 
 class KVCache:
@@ -30,9 +30,8 @@ class KVCache:
                  num_heads: Optional[int] = None):
         """num_heads: the heads one process keeps (model.kv_heads; fewer than the config's under tensor
         parallelism), default all. dtype and device matter for a preallocated cache only."""
-        if capacity is not None and capacity > config.max_position_embeddings:
-            raise ValueError(f"cache of {capacity} tokens is longer than max_position_embeddings="
-                             f"{config.max_position_embeddings}")
+        if capacity is not None:
+            check_capacity(capacity, config.max_position_embeddings)
         self.num_layers, self.batch_size, self.capacity = config.num_hidden_layers, batch_size, capacity
         self.num_heads = config.num_attention_heads if num_heads is None else num_heads
         if capacity is None:

@@ -204,7 +204,7 @@ def test_cache_overflow_and_mismatch_are_errors():
         model(ids[:, :3], past_key_values=cache)
     with pytest.raises(ValueError, match="past_key_values holds 3 rows; input_ids has 1"):
         model(ids[:1, :1], past_key_values=cache)
-    with pytest.raises(ValueError, match="max_length=41 is past the model's max_position_embeddings=40"):
+    with pytest.raises(ValueError, match="cache of 41 tokens is longer than the model.s max_position_embeddings=40"):
         model.init_cache(1, 41)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from opt_spec.cache import KVCache, cache_mask_width, refuse_legacy_cache
+from opt_spec.cache import KVCache, cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.numerics import attention_allowed
 
 
@@ -45,3 +45,39 @@ def test_mask_width_rule_refuses_in_words():
         cache_mask_width(6, None, None, 8)
     with pytest.raises(TypeError, match="not a tuple of"):
         refuse_legacy_cache(((np.zeros(1), np.zeros(1)),))
+
+
+def test_a_cache_fits_the_position_table():
+    check_capacity(40, 40)
+    check_capacity(np.int64(1), 40)
+    with pytest.raises(ValueError, match="cache of 41 tokens is longer than the model's max_position_embeddings=40"):
+        check_capacity(41, 40)
+    for bad in (0, -3, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+            check_capacity(bad, 40)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "flax"])
+def test_every_backend_sizes_its_cache_by_the_spec_rule(backend):
+    """Each backend's preallocated cache asks check_capacity, so all three refuse alike and in its words."""
+    from opt_spec.testing import VARIANTS
+
+    config = VARIANTS["pre_ln"]
+    P = config.max_position_embeddings
+    if backend == "torch":
+        from opt_torch.cache import KVCache as TorchCache
+
+        build = lambda n: TorchCache(config, 1, capacity=n)  # noqa: E731
+    elif backend == "tf":
+        from opt_tf.modeling import init_cache
+
+        build = lambda n: init_cache(config, 1, n)  # noqa: E731
+    else:
+        from opt_flax import FlaxOPTForCausalLM
+
+        init = FlaxOPTForCausalLM.from_config(config, seed=0).init_cache
+        build = lambda n: init(1, n)  # noqa: E731
+    build(P)
+    for n, words in ((P + 1, f"cache of {P + 1} tokens is longer"), (0, "capacity must be an int >= 1")):
+        with pytest.raises(ValueError, match=words):
+            build(n)
