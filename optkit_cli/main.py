@@ -25,9 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import generate, parity, train
-from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
-from .common import CLIError, Console, seed_type
+try:  # NumPy and the spec load here (~0.2 s): Ctrl-C meanwhile ends quietly too, not with a traceback
+    from . import generate, parity, train
+    from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
+    from .common import CLIError, Console, seed_type
+except KeyboardInterrupt:
+    print("optkit: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -180,6 +184,14 @@ def _run(command: str, work, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command's handler runs: importing conversion, parsing, ...
+        print("optkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # TensorFlow's C++ start-up chatter and oneDNN's run-to-run differences are noise for a CLI.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
