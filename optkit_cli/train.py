@@ -14,8 +14,11 @@ model folder's. A bad data file is refused as FILE:LINE: reason (exit 1).
 Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": loss, learning_rate,
 grad_norm, tokens, tokens_per_s, and compile_s on an update that compiled; per evaluation, kind "eval"),
 OUTPUT/checkpoint-STEP every --save-every updates and OUTPUT/final: Hugging Face folders (with the
-tokenizer files) plus the backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues
-such a run exactly (same settings; the batches continue where they stopped).
+tokenizer files) plus the backend's optimizer, schedule and RNG state, each written into a temporary
+sibling and renamed into place when complete. --resume CHECKPOINT continues such a run exactly (same
+settings, else exit 2 naming the options; the batches continue where they stopped). An OUTPUT holding an
+earlier run (metrics.jsonl, checkpoint-N, final) is refused unless --resume is given; resuming in the run's
+own folder drops the metrics records it wrote after the checkpoint's step.
 
 --replicas N (tf backend): data parallelism with tf.distribute, MirroredStrategy over N local devices
 (the first N GPUs, or N logical devices carved from the CPU), or MultiWorkerMirroredStrategy across
