@@ -127,11 +127,15 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         _clean_leftovers(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    os.makedirs(parent, exist_ok=True)
     done = False
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp",
-                               dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp",
+                                   dir=parent)
+        except PermissionError as err:  # named by the destination, not by the temporary name it failed on
+            where = os.path.dirname(err.filename) if err.filename else parent
+            raise PermissionError(f"cannot write {path}: no permission to create files in {where}") from None
         target = os.path.join(tmp, "out")
         try:
             yield target

@@ -78,6 +78,21 @@ def test_atomic_path_replaces_a_destination_of_any_kind(tmp_path):
             pass
 
 
+def test_an_unwritable_destination_folder_is_named(tmp_path, monkeypatch, capsys):
+    """A read-only parent (as a user without root, where chmod binds) was reported by the temporary name the
+    write failed on: "[Errno 13] Permission denied: '.../.out.3kf8_2.tmp'"."""
+    def refused(prefix, suffix, dir):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "x1y2z3" + suffix))
+
+    src = tmp_path / "src"
+    spec_io.save_safetensors_dir(src, random_weights(VARIANTS["pre_ln"]), VARIANTS["pre_ln"].to_dict())
+    monkeypatch.setattr(spec_io.tempfile, "mkdtemp", refused)
+    code, _, err = run_main(capsys, "convert", src, tmp_path / "ro" / "sub" / "out", "--quiet")
+    assert code == 1 and err == (f"optkit convert: error: cannot write {tmp_path}/ro/sub/out: no permission to "
+                                 f"create files in {tmp_path}/ro/sub\n")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # the folders made for it are gone again
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
