@@ -124,10 +124,12 @@ def test_atomic_path_cleans_up_what_a_killed_writer_left(tmp_path):
     assert (tmp_path / "dst").read_text() == "old" and not [n for n in os.listdir(tmp_path) if "dst." in n]
 
 
-def _big_checkpoint(path) -> str:
-    """~55 MB of float32 weights: large enough that a kill lands inside the writing."""
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> str:
+    """~55 MB of float32 weights: writing it takes a while, and past any small file-size limit."""
     config = OPTConfig(vocab_size=8192, hidden_size=512, num_hidden_layers=3, ffn_dim=2048, num_attention_heads=8,
                        max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("big")
     spec_io.save_safetensors_dir(path, random_weights(config, seed=1), config.to_dict())
     return str(path)
 
@@ -163,13 +165,13 @@ def _convert_process(src, dst, kill_after: float | None = None) -> float:
     return time.monotonic() - started if started is not None else 0.0
 
 
-def test_convert_killed_at_random_moments_leaves_old_or_new_and_the_next_run_cleans_up(tmp_path):
+def test_convert_killed_at_random_moments_leaves_old_or_new_and_the_next_run_cleans_up(tmp_path, big_checkpoint):
     """SIGKILL `python -m conversion ... --force` at a random moment while it writes, several times: the
     destination always holds the old checkpoint or the complete new one (never a half-written folder that
     loads), and the next run leaves no temporary folder behind."""
     from conversion import convert
 
-    src = _big_checkpoint(tmp_path / "big")
+    src = big_checkpoint
     spec_io.save_safetensors_dir(tmp_path / "small", random_weights(VARIANTS["pre_ln"]), VARIANTS["pre_ln"].to_dict())
     dst = tmp_path / "out" / "dst"
     convert(tmp_path / "small", dst, to="hf-pytorch", progress=False)
@@ -189,6 +191,33 @@ def test_convert_killed_at_random_moments_leaves_old_or_new_and_the_next_run_cle
     assert "old" in outcomes and leftovers(dst.parent)  # the kills did land inside the writing
     _convert_process(src, dst)
     assert tree(dst) == new and leftovers(dst.parent) == []
+
+
+_SIZE_LIMITED = """import resource, sys
+from optkit_cli.main import main
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # no file over `limit` bytes: a write fails midway
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["hf-safetensors", "hf-flax", "hf-tf"])
+def test_a_write_that_fails_midway_is_named_and_leaves_nothing(tmp_path, fmt, big_checkpoint):
+    """RLIMIT_FSIZE (a quota, a full disk) stops the writer: the error was "[Errno 27] File too large" without
+    a path, and for HDF5 an internal error (h5py's RuntimeError); now one line naming the destination.
+    (HDF5 is given the large checkpoint: a write failing on a small file's last flush crashes libhdf5 itself
+    when h5py closes the file, SIGSEGV, which no caller can catch; the atomic write still leaves nothing.)"""
+    if fmt == "hf-tf":
+        src, limit = big_checkpoint, 20_000_000
+    else:
+        src, limit = tmp_path / "src", 20_000
+        spec_io.save_safetensors_dir(src, random_weights(VARIANTS["pre_ln"]), VARIANTS["pre_ln"].to_dict())
+    dst = tmp_path / "out" / "dst"
+    res = subprocess.run([sys.executable, "-c", _SIZE_LIMITED, str(limit), "convert", str(src), str(dst), "--to", fmt,
+                          "--quiet"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith(f"optkit convert: error: {dst}: writing failed, nothing "
+                                                         "was written (") and res.stderr.count("\n") == 1, res.stderr
+    assert "File too large" in res.stderr and sorted(os.listdir(tmp_path)) == (["src"] if fmt != "hf-tf" else [])
 
 
 def test_convert_destination_kinds_and_usage_errors(tmp_path, capsys):
