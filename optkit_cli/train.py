@@ -213,11 +213,18 @@ def _save(trainer, directory: str, model_dir: str, files: bool = True, collectiv
     from opt_spec.io import atomic_path
 
     with contextlib.nullcontext(directory) if collective else atomic_path(directory) as target:
-        trainer.save_checkpoint(target)
-        for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
-            src = os.path.join(model_dir, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(target, name))
+        try:
+            trainer.save_checkpoint(target)
+            for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
+                src = os.path.join(model_dir, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(target, name))
+        except OSError as err:  # a full disk, a quota: said of the checkpoint, not of a temporary file
+            raise OSError(f"{directory}: saving the checkpoint failed ({err})") from None
+        except RuntimeError as err:  # torch.save's zip writer reports a failed write as a RuntimeError
+            if not any(word in str(err) for word in ("inline_container", "PytorchStreamWriter")):
+                raise
+            raise OSError(f"{directory}: saving the checkpoint failed (torch.save: {err})") from None
 
 
 def _torch_mesh(text: str | None, config):

@@ -431,18 +431,25 @@ class _FailingTrainer:
         raise self.error
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
-def test_a_failed_checkpoint_save_leaves_the_earlier_one(tmp_path, error):
+@pytest.mark.parametrize("error,raised,says", [
+    (KeyboardInterrupt(), KeyboardInterrupt, ""),
+    (OSError(28, "No space left on device"), OSError, "saving the checkpoint failed ([Errno 28] No space left"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 144256 vs 144144"), OSError,
+     "saving the checkpoint failed (torch.save: [enforce fail"),  # torch.save on a full disk: was an internal error
+    (RuntimeError("a bug"), RuntimeError, "a bug"),  # anything else stays what it is
+])
+def test_a_failed_checkpoint_save_leaves_the_earlier_one(tmp_path, error, raised, says):
     """A save cut short used to leave the new weights next to the earlier save's trainer state (or none): a
-    folder that loads and resumes as something that never existed."""
+    folder that loads and resumes as something that never existed; a full disk was "[Errno 28] ..." alone."""
     ck = tmp_path / "run" / "checkpoint-2"
     ck.mkdir(parents=True)
     (ck / "model.safetensors").write_text("old weights")
     (ck / "trainer_state.pt").write_text("old state")
     before = tree(ck)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised) as err:
         cli_train._save(_FailingTrainer(error), str(ck), str(tmp_path))
+    assert str(err.value).startswith(f"{ck}: {says}" if raised is OSError else says)
     assert tree(ck) == before and leftovers(ck.parent) == []
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         cli_train._save(_FailingTrainer(error), str(tmp_path / "run" / "checkpoint-4"), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2"]
