@@ -333,6 +333,8 @@ def test_nan_and_inf_options_are_usage_errors(capsys, tmp_path, monkeypatch):
         code, _, err = run_main(capsys, *common, *flags)
         assert code == 2 and says in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "o")
+    code, _, err = run_main(capsys, *common[:-1], data)  # --output names a file: was "[Errno 17] File exists"
+    assert code == 2 and err == f"optkit train: error: --output {data}: a file, not a folder\n"
     with pytest.raises(ValueError, match="learning_rate=inf"):  # the rule is the spec's
         TrainConfig(learning_rate=float("inf"))
 
