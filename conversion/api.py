@@ -64,6 +64,7 @@ ALIASES = {"hf": "hf-safetensors", "safetensors": "hf-safetensors", "pytorch": "
            "tf": "hf-tf", "h5": "hf-tf", "flax": "hf-flax", "msgpack": "hf-flax", "torch": "torch-state-dict",
            "state-dict": "torch-state-dict", "keras": "keras-weights", "params": "flax-params"}
 DEFAULT_TARGET = "hf-safetensors"
+HDF5_FORMATS = ("hf-tf", "keras-weights")  # written with h5py
 
 
 def format_names() -> list[str]:
@@ -193,9 +194,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
                 kwargs = {"max_shard_size": max_shard_size}
             else:
                 kwargs = {"as_file": native.format_for_suffix(dst) is not None}
-            files = writer.write(ckpt, tmp, out_dtype, lambda ref: bar.update(1), **kwargs)
-            files += copy_side_files(src, tmp)
-            hf.fsync_tree(tmp)
+            try:
+                files = writer.write(ckpt, tmp, out_dtype, lambda ref: bar.update(1), **kwargs)
+                files += copy_side_files(src, tmp)
+                hf.fsync_tree(tmp)
+            except OSError as err:  # a full disk, a size limit, a quota: said of dst, not of a temporary file
+                raise OSError(f"{dst}: writing failed, nothing was written ({err})") from None
+            except RuntimeError as err:  # h5py reports a failed HDF5 write (errno inside) as a RuntimeError
+                if writer.name not in HDF5_FORMATS:
+                    raise
+                raise OSError(f"{dst}: writing failed, nothing was written (HDF5: {err})") from None
             verify(tmp, out_name, ckpt, out_dtype)
             nbytes = _size(tmp)
             files = [os.path.join(dst, os.path.relpath(f, tmp)) if f != tmp else dst for f in files]

@@ -27,6 +27,7 @@ import pickle
 import sys
 
 from opt_spec.hub import HubUnavailableError, resolve_pretrained
+from opt_spec.io import parse_size
 
 from .api import DEFAULT_TARGET, FORMATS, convert
 from .base import OUTPUT_DTYPES
@@ -47,24 +48,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="cast floating-point tensors (default: keep the source's dtype)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes, only the summary line")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
                         help="override a config field (JSON value), e.g. --set num_attention_heads=12; "
                              "for formats that carry no config.json")
-    parser.add_argument("--max-shard-size", default="5GB", help="shard Hugging Face outputs above this (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=_shard_size,
+                        help="shard Hugging Face outputs above this (default 5GB)")
     return parser
 
 
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+def _override(item: str) -> tuple[str, object]:
+    """argparse's type for --set: (key, JSON value, or the text itself); a malformed one is a usage error."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE, e.g. num_attention_heads=12")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _shard_size(text: str) -> str:
+    """argparse's type for --max-shard-size: opt_spec.io's size rule, checked while the command line is read."""
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         src = resolve_pretrained(args.src, revision=getattr(args, "revision", None),
                                  cache_dir=getattr(args, "cache_dir", None))
         summary = convert(src, args.dst, to=args.to, dtype=args.dtype, force=args.force,
-                          progress=not args.quiet, config_overrides=_overrides(args.overrides) or None,
+                          progress=not args.quiet, config_overrides=dict(args.overrides) or None,
                           src_format=args.src_format, max_shard_size=args.max_shard_size,
                           log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     except KeyboardInterrupt:

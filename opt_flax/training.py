@@ -50,7 +50,7 @@ from opt_spec import io as spec_io
 from opt_spec.layouts import native_path
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               micro_batch_list, task_head)
+                               micro_batch_list, resume_config, task_head)
 
 from . import fast_paths
 from .modeling import MODULE_CLASSES, Numerics
@@ -281,11 +281,7 @@ class FlaxTrainer:
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on `mesh` (None:
         one device) whatever the mesh it was saved from."""
         info = _read_info(directory)
-        saved = TrainConfig(**info["train_config"])
-        if cfg is not None and cfg != saved:
-            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
-            raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
-                             "resume with the same ones")
+        saved = resume_config(directory, info.get("train_config"), cfg)
         model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory, mesh=mesh)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -63,32 +63,89 @@ def numpy_dtype(name: str | np.dtype) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------------- atomic writes
+# A writer's temporary sibling of PATH is named .NAME.HOST-PID.RANDOM.tmp (and .tmp.old for the content it
+# replaces, between two renames), so that the next write of PATH can tell the leftovers of a writer that was
+# killed (SIGKILL, power loss: no `finally` ran) from those of one still running, and clean them up.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", os.uname().nodename if hasattr(os, "uname") else "host") or "host"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's process, alive
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _clean_leftovers(path: str) -> None:
+    """Removes the temporary siblings of `path` that a writer on this machine left when it was killed (its
+    process is gone). Content a killed writer had moved aside (.tmp.old) and not yet replaced comes back
+    to `path` when `path` is missing, so nothing is lost; a running writer's files are left alone."""
+    parent, prefix = os.path.dirname(path), f".{os.path.basename(path)}.{_HOST}-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in sorted(names, key=lambda n: not n.endswith(".old")):  # a moved-aside original first
+        match = re.fullmatch(r"(\d+)\.[A-Za-z0-9_]+\.tmp(\.old)?", name[len(prefix):]) \
+            if name.startswith(prefix) else None
+        if match is None or _running(int(match[1])):
+            continue
+        leftover = os.path.join(parent, name)
+        if match[2] and not os.path.lexists(path):
+            os.replace(leftover, path)  # killed between moving the old content aside and the new one in
+        else:
+            _remove(leftover)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
     """Yields a temporary sibling of `path` (file or directory) to write; on success it is renamed
     onto `path`, on any error (Ctrl-C included) it is removed and `path` is untouched, and so are the
-    parent folders this call created (those that existed before are never touched)."""
+    parent folders this call created (those that existed before are never touched). With `overwrite`,
+    an existing `path` of either kind (a file, a folder, a symlink: replaced itself, not followed) is
+    replaced. What a killed writer left next to `path` is cleaned up here first (_clean_leftovers)."""
     path = os.path.abspath(os.fspath(path))
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
     parent = os.path.dirname(path)
     created = []  # the missing ancestors, deepest first
     folder = parent
     while not os.path.lexists(folder):
         created.append(folder)
         folder = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not created:
+        _clean_leftovers(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
     done = False
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp",
+                                   dir=parent)
+        except PermissionError as err:  # named by the destination, not by the temporary name it failed on
+            where = os.path.dirname(err.filename) if err.filename else parent
+            raise PermissionError(f"cannot write {path}: no permission to create files in {where}") from None
         target = os.path.join(tmp, "out")
         try:
             yield target
-            if os.path.isdir(path) and not os.path.islink(path):
+            # rename() replaces a file by a file; anything else (a folder, a file by a folder, a symlink by
+            # a folder) is moved aside first and removed once the new content is in place.
+            if os.path.lexists(path) and (os.path.isdir(target) or (os.path.isdir(path) and not os.path.islink(path))):
                 old = tmp + ".old"
                 os.replace(path, old)
                 os.replace(target, path)
-                shutil.rmtree(old)
+                _remove(old)
             else:
                 os.replace(target, path)
             done = True

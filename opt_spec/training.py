@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .errors import CheckpointError
 from .inputs import check_seed
 from .weights import Head, WeightKind
 
@@ -53,15 +54,15 @@ class TrainConfig:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
 
-        if not self.learning_rate > 0:
-            fail("learning_rate", "must be > 0")
-        if self.weight_decay < 0:
-            fail("weight_decay", "must be >= 0")
+        if not 0 < self.learning_rate < math.inf:  # nan and inf too: one update would make every weight nan
+            fail("learning_rate", "must be a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            fail("weight_decay", "must be a finite number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, "must be in [0, 1)")
-        if not self.adam_epsilon > 0:
-            fail("adam_epsilon", "must be > 0")
+        if not 0 < self.adam_epsilon < math.inf:
+            fail("adam_epsilon", "must be a finite number > 0")
         check_seed(self.seed, "TrainConfig.seed")
         for name in ("warmup_steps", "total_steps", "gradient_accumulation_steps"):
             value = getattr(self, name)
@@ -79,6 +80,32 @@ class TrainConfig:
             fail("max_grad_norm", "must be > 0 or None")
         if self.mixed_precision not in (None, "bf16"):
             fail("mixed_precision", "must be None or 'bf16'")
+
+
+class ResumeMismatchError(ValueError):
+    """A trainer checkpoint resumed with other settings than it was trained with: the run would not
+    continue the saved one (another schedule, optimizer or seed). The caller's mistake, not the file's."""
+
+
+def resume_config(directory, saved: object, cfg: TrainConfig | None) -> TrainConfig:
+    """The settings a resumed trainer continues with: `saved`, the train_config dict its checkpoint in
+    `directory` holds (refused with a CheckpointError naming the folder unless it makes a TrainConfig);
+    `cfg`, when given, must equal it (ResumeMismatchError naming each setting that differs). Every
+    backend's from_checkpoint calls this."""
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError(f"a {type(saved).__name__}, not a mapping")
+        saved = TrainConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory}: the saved train_config is not valid ({err})") from None
+    if cfg is not None and cfg != saved:
+        fields = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
+        changed = [f"{name}: {getattr(saved, name)!r} saved, {getattr(cfg, name)!r} given" for name in fields]
+        err = ResumeMismatchError(f"{directory}: the checkpoint was trained with different settings "
+                                  f"({'; '.join(changed)}); resume with the same ones")
+        err.fields = fields
+        raise err
+    return saved
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

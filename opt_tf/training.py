@@ -56,7 +56,7 @@ from opt_spec import data as spec_data
 from opt_spec import io as spec_io
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               micro_batch_list, task_head)
+                               micro_batch_list, resume_config, task_head)
 
 from . import fast_paths
 from .checkpoint import variable_map
@@ -390,11 +390,7 @@ class TFTrainer:
                         gradient_checkpointing: bool = False) -> "TFTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
         info = _read_info(directory)
-        saved = TrainConfig(**info["train_config"])
-        if cfg is not None and cfg != saved:
-            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
-            raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
-                             "resume with the same ones")
+        saved = resume_config(directory, info.get("train_config"), cfg)
         trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy,
                                       gradient_checkpointing=gradient_checkpointing)
         path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)

@@ -55,7 +55,7 @@ from opt_spec.errors import CheckpointError
 from opt_spec.parallel import batch_axis
 from opt_spec.torch_pickle import TorchZipReader
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               loss_count, micro_batch_list, task_head)
+                               loss_count, micro_batch_list, resume_config, task_head)
 
 from . import fast_paths
 from .distributed import VIEW_WARNING
@@ -219,11 +219,7 @@ class Trainer:
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on this mesh or
         on one process, whatever the mesh that saved it."""
         state = _read_state(directory)
-        saved = TrainConfig(**state["train_config"])
-        if cfg is not None and cfg != saved:
-            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
-            raise ValueError(f"{directory}: the checkpoint was trained with different settings ({', '.join(changed)}); "
-                             "resume with the same ones")
+        saved = resume_config(directory, state.get("train_config"), cfg)
         model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device,
                                                                         device_mesh=device_mesh)
         trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False, device_mesh=device_mesh,

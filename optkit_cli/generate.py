@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from opt_spec.backend import backend_name
+from opt_spec.generation import GenerationConfig
 from opt_spec.tokenizer import left_pad
 
 from .checkpoints import load_tokenizer, resolve_model, with_safetensors
@@ -65,6 +66,16 @@ def _check_options(args) -> None:
         raise CLIError(f"--min-new-tokens {args.min_new_tokens}: must be in [0, --max-new-tokens]")
     if args.num_beams < 1:
         raise CLIError(f"--num-beams {args.num_beams}: must be at least 1")
+    if args.do_sample and args.num_beams > 1:
+        raise CLIError(f"--num-beams {args.num_beams} with --do-sample: beam search does not sample; give one of them")
+    try:  # the rest of the spec's rule (finite numbers: nan and inf pass the comparisons above)
+        GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as err:  # "temperature=nan: must be a finite number" -> "--temperature nan: ..."
+        name, _, rest = str(err).partition("=")
+        raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 _IDS = re.compile(r"\s*-?\d+(\s*[,\s]\s*-?\d+)*\s*")

@@ -14,6 +14,7 @@ commands' checks of their arguments (CLIError), a missing file or folder named o
 missing framework or extra (the message names what to install). Each is one `optkit CMD: error: ...` line.
 Anything else is a bug in optkit: exit 1 with one line `optkit CMD: internal error: Type: message (run with
 --debug for the traceback)`; `optkit --debug CMD ...` (or OPTKIT_DEBUG=1) shows the traceback.
+Ctrl-C: one line `optkit CMD: interrupted`, exit 130, whatever the command was doing.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import generate, parity, train
-from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
-from .common import CLIError, Console, seed_type
+try:  # NumPy and the spec load here (~0.2 s): Ctrl-C meanwhile ends quietly too, not with a traceback
+    from . import generate, parity, train
+    from .checkpoints import DEFAULT_PRESET, PRESET_NAMES, hub_arguments
+    from .common import CLIError, Console, seed_type
+except KeyboardInterrupt:
+    print("optkit: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,7 +177,7 @@ def _run(command: str, work, debug: bool) -> int:
         return work()
     except KeyboardInterrupt:
         print(f"optkit {command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `optkit parity | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -180,6 +186,25 @@ def _run(command: str, work, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`optkit` with argv (default: the command line). As the program itself (argv None), an interrupted
+    command ends the process at once with status 130: a compile that Ctrl-C cut short (XLA's, under JAX)
+    leaves native threads that crash the interpreter's shutdown (SIGSEGV after the message, exit -11)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # before a command's handler runs: importing conversion, parsing, ...
+        print("optkit: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED and argv is None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # TensorFlow's C++ start-up chatter and oneDNN's run-to-run differences are noise for a CLI.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -148,7 +148,7 @@ def compare(a: np.ndarray, b: np.ndarray, mask: np.ndarray, tolerance: float) ->
 def run(args, console: Console) -> int:
     names = parse_backends(args.backends)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
-    if tolerance < 0:
+    if not tolerance >= 0:  # nan too: no difference would be within it
         raise CLIError(f"--tolerance {tolerance}: must be >= 0")
     source = with_safetensors(resolve_model(args, console), console)
     ids, mask, what = make_batch(args, source, console)

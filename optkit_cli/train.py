@@ -14,8 +14,11 @@ model folder's. A bad data file is refused as FILE:LINE: reason (exit 1).
 Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": loss, learning_rate,
 grad_norm, tokens, tokens_per_s, and compile_s on an update that compiled; per evaluation, kind "eval"),
 OUTPUT/checkpoint-STEP every --save-every updates and OUTPUT/final: Hugging Face folders (with the
-tokenizer files) plus the backend's optimizer, schedule and RNG state. --resume CHECKPOINT continues
-such a run exactly (same settings; the batches continue where they stopped).
+tokenizer files) plus the backend's optimizer, schedule and RNG state, each written into a temporary
+sibling and renamed into place when complete. --resume CHECKPOINT continues such a run exactly (same
+settings, else exit 2 naming the options; the batches continue where they stopped). An OUTPUT holding an
+earlier run (metrics.jsonl, checkpoint-N, final) is refused unless --resume is given; resuming in the run's
+own folder drops the metrics records it wrote after the checkpoint's step.
 
 --replicas N (tf backend): data parallelism with tf.distribute, MirroredStrategy over N local devices
 (the first N GPUs, or N logical devices carved from the CPU), or MultiWorkerMirroredStrategy across
@@ -37,9 +40,11 @@ from_pretrained, from_checkpoint, step, train_step, evaluate, save_checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -103,10 +108,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_trainer_class(backend: str):
     from opt_spec.backend import BACKENDS, EXTRAS, BackendUnavailableError, is_available
 
+    from .runners import BackendNotReady
+
     if not is_available(backend):
         raise BackendUnavailableError(f"the {backend} backend's framework is not installed: "
                                       f"pip install 'optkit[{EXTRAS[backend]}]'")
-    module = importlib.import_module(f"{BACKENDS[backend]}.training")
+    try:
+        module = importlib.import_module(f"{BACKENDS[backend]}.training")
+    except ImportError as err:  # the framework is there but a part of the extra is not (optax, keras, jax)
+        raise BackendNotReady(f"{BACKENDS[backend]}.training does not import ({err}); install the {backend} "
+                              f"backend's extra: pip install 'optkit[{EXTRAS[backend]}]'") from None
     return getattr(module, TRAINER_NAMES[backend])
 
 
@@ -123,14 +134,97 @@ def _check(args) -> None:
         raise CLIError(f"--replicas is the tf backend's data parallelism (tf.distribute), not {args.backend}'s")
     if args.replicas is not None and args.replicas < 1:
         raise CLIError(f"--replicas must be at least 1, got {args.replicas}")
+    if not args.max_grad_norm >= 0:  # nan too: it would turn clipping off without a word
+        raise CLIError(f"--max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise CLIError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+    for option, files in (("--data", args.data), ("--eval-data", args.eval_data or [])):
+        for path in files:
+            if not os.path.exists(path):
+                raise CLIError(f"{option} {path}: no such file")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise CLIError(f"--output {args.output}: a file, not a folder")
 
 
-def _save(trainer, directory: str, model_dir: str, files: bool = True) -> None:
-    trainer.save_checkpoint(directory)
-    for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(directory, name))
+def _train_config(args):
+    """The run's TrainConfig, checked before anything loads: its message names the field out of range."""
+    from opt_spec.training import TrainConfig
+
+    try:
+        return TrainConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+                           total_steps=args.steps, schedule=args.schedule,
+                           max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+                           gradient_accumulation_steps=args.grad_accum,
+                           mixed_precision="bf16" if args.bf16 else None, seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+# The option that sets each TrainConfig field, to name in a refused --resume.
+OPTIONS = {"learning_rate": "--lr", "weight_decay": "--weight-decay", "warmup_steps": "--warmup",
+           "total_steps": "--steps", "schedule": "--schedule", "max_grad_norm": "--max-grad-norm",
+           "gradient_accumulation_steps": "--grad-accum", "mixed_precision": "--bf16", "seed": "--seed"}
+
+
+def _run_files(output: str) -> list[str]:
+    """What an earlier run left in `output` (metrics, checkpoints), latest checkpoint last."""
+    if not os.path.isdir(output):
+        return []
+    names = [n for n in os.listdir(output) if n in (METRICS_FILE, "final") or re.fullmatch(r"checkpoint-\d+", n)]
+    return sorted(names, key=lambda n: (n.startswith("checkpoint-"), int(n[11:]) if n[11:].isdigit() else 0))
+
+
+def _refuse_earlier_run(output: str) -> None:
+    """A run writes into a fresh --output: one holding an earlier run's metrics and checkpoints would be
+    overwritten piecemeal (its metrics.jsonl emptied, some checkpoints replaced, others left), so it is
+    refused, and --resume continues that run instead."""
+    found = _run_files(output)
+    if found:
+        latest = [n for n in found if n.startswith("checkpoint-")][-1:]
+        hint = f"continue it with --resume {os.path.join(output, latest[0])}, or " if latest else ""
+        raise CLIError(f"--output {output} already holds a training run ({', '.join(found[:4])}"
+                       f"{', ...' if len(found) > 4 else ''}); nothing was changed: {hint}choose another --output")
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+    """Resuming at `step` in the folder of the run that wrote `path`: the records that run wrote after
+    `step` (it went on before it stopped) are dropped, so the file tells one history, not two."""
+    if not os.path.isfile(path):
+        return
+    from opt_spec.io import atomic_write_text
+
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short when that run was killed
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def _save(trainer, directory: str, model_dir: str, files: bool = True, collective: bool = False) -> None:
+    """A checkpoint folder, written into a temporary sibling and renamed into place when complete
+    (opt_spec.io.atomic_path): a run killed while saving leaves the earlier content of `directory` or
+    nothing, never weights without their trainer state nor one save's weights with another's state.
+    Under torch.distributed every rank writes into the one folder, so there it is written in place."""
+    from opt_spec.io import atomic_path
+
+    with contextlib.nullcontext(directory) if collective else atomic_path(directory) as target:
+        try:
+            trainer.save_checkpoint(target)
+            for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
+                src = os.path.join(model_dir, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(target, name))
+        except OSError as err:  # a full disk, a quota: said of the checkpoint, not of a temporary file
+            raise OSError(f"{directory}: saving the checkpoint failed ({err})") from None
+        except RuntimeError as err:  # torch.save's zip writer reports a failed write as a RuntimeError
+            if not any(word in str(err) for word in ("inline_container", "PytorchStreamWriter")):
+                raise
+            raise OSError(f"{directory}: saving the checkpoint failed (torch.save: {err})") from None
 
 
 def _torch_mesh(text: str | None, config):
@@ -159,9 +253,10 @@ def run(args, console: Console) -> int:
     from opt_spec import OPTConfig
     from opt_spec import data as spec_data
     from opt_spec.tokenizer import OPTTokenizer
-    from opt_spec.training import TrainConfig
+    from opt_spec.training import ResumeMismatchError
 
     _check(args)
+    cfg = _train_config(args)
     if args.retain_memory:  # before the backend allocates anything (opt_spec/host.py)
         from opt_spec.host import retain_freed_memory
 
@@ -197,14 +292,6 @@ def run(args, console: Console) -> int:
     console.info(f"{args.task}: {len(train_set)} training examples" +
                  (f", {len(eval_set)} for evaluation" if eval_set is not None else ""))
 
-    try:  # the options' ranges are TrainConfig's: its message names the field
-        cfg = TrainConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
-                          total_steps=args.steps, schedule=args.schedule,
-                          max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-                          gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else None,
-                          seed=args.seed)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
     kwargs = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
     if args.compile != "auto":
         if args.backend != "torch":
@@ -229,10 +316,16 @@ def run(args, console: Console) -> int:
         from .runners import flax_mesh, mesh_option
 
         kwargs["mesh"] = flax_mesh(mesh_option(args.mesh, args.backend))
+    if chief and not args.resume:  # the one process that writes metrics checks (the others write no run files)
+        _refuse_earlier_run(args.output)
     with console.step(f"loading the {args.backend} trainer"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.resume:
-            trainer = trainer_cls.from_checkpoint(args.resume, cfg, **kwargs)
+            try:
+                trainer = trainer_cls.from_checkpoint(args.resume, cfg, **kwargs)
+            except ResumeMismatchError as err:
+                options = ", ".join(OPTIONS.get(name, name) for name in err.fields)
+                raise CLIError(f"--resume {err} (set by {options})") from None
         else:
             trainer = trainer_cls.from_pretrained(args.model, args.task, cfg, config=config, **kwargs)
     for w in caught:  # e.g. a head the checkpoint lacks, freshly initialized: one line, not a stack location
@@ -242,6 +335,8 @@ def run(args, console: Console) -> int:
         raise CLIError(f"--resume {args.resume} is at step {trainer.step}; nothing left to do for --steps {args.steps}")
 
     os.makedirs(args.output, exist_ok=True)
+    if chief and args.resume:
+        _keep_metrics_until(os.path.join(args.output, METRICS_FILE), trainer.step)
     stream = spec_data.BatchStream(train_set, args.batch_size, seed=args.seed)
     eval_batch = args.eval_batch_size or args.batch_size
     accum = args.grad_accum
@@ -283,7 +378,8 @@ def run(args, console: Console) -> int:
                 evaluate(step)
                 last_eval = step
             if (chief or collective) and args.save_every and step % args.save_every == 0:
-                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model, files=chief)
+                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model, files=chief,
+                      collective=collective)
     finally:
         bar.close()
         log.flush()
@@ -291,7 +387,7 @@ def run(args, console: Console) -> int:
         evaluate(trainer.step)
     final = os.path.join(args.output, "final")
     if chief or collective:
-        _save(trainer, final, args.model, files=chief)
+        _save(trainer, final, args.model, files=chief, collective=collective)
     log.close()
     if torch_split and created:
         import torch.distributed as dist
