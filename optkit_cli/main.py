@@ -48,7 +48,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", metavar="NAME",
                    help=f"without --model: build (once, cached) and use a random checkpoint of this size "
                         f"(default {DEFAULT_PRESET}; one of {', '.join(PRESET_NAMES)})")
-    g.add_argument("--weights-seed", type=seed_type, default=0, metavar="N", help="seed of the random checkpoint (default 0)")
+    g.add_argument("--weights-seed", type=seed_type, default=0, metavar="N",
+                   help="seed of the random checkpoint (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 
