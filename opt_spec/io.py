@@ -14,6 +14,7 @@ naming the file and the entry.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -107,6 +108,25 @@ def _clean_leftovers(path: str) -> None:
             _remove(leftover)
 
 
+def _move_in_new(target: str, path: str) -> None:
+    """Renames `target` onto `path` only if nothing is there, in one step, so that a writer that started
+    before this one and finished first is not replaced (the check at the start cannot see it): link() refuses
+    an existing name for a file, rename() a non-empty folder or a file for a folder."""
+    try:
+        if os.path.isdir(target):
+            os.rename(target, path)
+        else:
+            os.link(target, path)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as err:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it") from err
+    except OSError as err:
+        if err.errno == errno.ENOTEMPTY:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it") from err
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK) or os.path.lexists(path):
+            raise
+        os.replace(target, path)  # a file system without hard links: checked just before, not in one step
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
     """Yields a temporary sibling of `path` (file or directory) to write; on success it is renamed
@@ -141,7 +161,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             yield target
             # rename() replaces a file by a file; anything else (a folder, a file by a folder, a symlink by
             # a folder) is moved aside first and removed once the new content is in place.
-            if os.path.lexists(path) and (os.path.isdir(target) or (os.path.isdir(path) and not os.path.islink(path))):
+            replaced_whole = os.path.isdir(target) or (os.path.isdir(path) and not os.path.islink(path))
+            if not overwrite:
+                _move_in_new(target, path)
+            elif os.path.lexists(path) and replaced_whole:
                 old = tmp + ".old"
                 os.replace(path, old)
                 os.replace(target, path)

@@ -124,6 +124,29 @@ def test_atomic_path_cleans_up_what_a_killed_writer_left(tmp_path):
     assert (tmp_path / "dst").read_text() == "old" and not [n for n in os.listdir(tmp_path) if "dst." in n]
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_writer_that_must_not_overwrite_loses_to_one_that_finished_first(tmp_path, kind):
+    """Without overwrite, the destination is checked at the start and again in the final rename itself: a
+    second writer (another convert to the same new DST) that finishes while this one writes keeps its result,
+    and this one says the destination exists instead of replacing it."""
+    dst = tmp_path / "dst"
+    with pytest.raises(FileExistsError, match="dst exists; refusing to overwrite it"):
+        with spec_io.atomic_path(dst, overwrite=False) as tmp:
+            if kind == "file":
+                open(tmp, "w").write("mine")
+                dst.write_text("theirs")
+            else:
+                os.makedirs(tmp)
+                open(os.path.join(tmp, "w"), "w").write("mine")
+                dst.mkdir()
+                (dst / "w").write_text("theirs")
+    assert (dst.read_text() if kind == "file" else (dst / "w").read_text()) == "theirs"
+    assert os.listdir(tmp_path) == ["dst"]
+    with spec_io.atomic_path(tmp_path / "fresh", overwrite=False) as tmp:  # nothing there: written as usual
+        open(tmp, "w").write("mine")
+    assert (tmp_path / "fresh").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["dst", "fresh"]
+
+
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory) -> str:
     """~55 MB of float32 weights: writing it takes a while, and past any small file-size limit."""
