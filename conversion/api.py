@@ -184,6 +184,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     for note in ckpt.notes:
         log(f"  note: {note}")
 
+    # dst is replaced only once the new one is complete: both are on the disk at the end
+    spec_io.check_free_space(dst, sum(t.spec.numel * output_dtype(t, out_dtype).itemsize
+                                      for t in ckpt.tensors.values()))
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(ckpt.tensors), unit="tensor", desc=f"{in_name} -> {out_name}", disable=not progress,

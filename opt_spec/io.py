@@ -108,6 +108,22 @@ def _clean_leftovers(path: str) -> None:
             _remove(leftover)
 
 
+def check_free_space(path: str | os.PathLike, nbytes: int, what: str = "the weights") -> None:
+    """Refuses, before anything is written, a write of `nbytes` to `path` that cannot fit on its file system:
+    finding out at the last shard costs the whole write (hours for 175b), and HDF5 may crash the process on
+    a full disk. A lower bound of the need is enough: the file formats add little to the tensors' bytes."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # not knowable here (a special file system): the write itself will tell
+        return
+    if nbytes > free:
+        raise OSError(f"{os.fspath(path)}: {what} need {nbytes / 1e9:,.2f} GB and {folder} has "
+                      f"{free / 1e9:,.2f} GB free; nothing was written")
+
+
 def _move_in_new(target: str, path: str) -> None:
     """Renames `target` onto `path` only if nothing is there, in one step, so that a writer that started
     before this one and finished first is not replaced (the check at the start cannot see it): link() refuses
@@ -756,6 +772,13 @@ _WEIGHT_FILE = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(
                           r"(\.index\.json)?|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json")
 
 
+def check_room_to_save(directory: str | os.PathLike, names: Iterable[str], nbytes: int) -> None:
+    """check_free_space for a save of `nbytes` into `names` of `directory`: each file is replaced as the save
+    goes, so the space the same-named files of an earlier save take counts as free."""
+    replaced = sum(os.path.getsize(p) for p in (os.path.join(directory, n) for n in names) if os.path.isfile(p))
+    check_free_space(directory, nbytes - replaced)
+
+
 def stale_weight_files(directory: str, keep: Iterable[str]) -> list[str]:
     """Weight files of an earlier save in `directory` that a new save (writing `keep`) replaces.
     Called before writing, and the files removed after, so a failed save loses nothing."""
@@ -788,6 +811,7 @@ def save_safetensors_entries(directory: str | os.PathLike, entries: Iterable[Ten
         files = {SAFE_WEIGHTS_NAME: shards[0]}
     else:
         files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+    check_room_to_save(directory, files, sum(b for _, b in sizes))
     stale = stale_weight_files(directory, keep=[*files, SAFE_INDEX_NAME] if len(files) > 1 else files)
     for fname, shard in files.items():
         with atomic_path(os.path.join(directory, fname)) as tmp:

@@ -260,6 +260,34 @@ def test_convert_destination_kinds_and_usage_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    """The free space is asked before the first byte: a 350 GB conversion onto a disk with less would fail at
+    its last shard (and HDF5 may crash on a full disk). Within the space, both writes go on as before."""
+    import collections
+    import shutil
+
+    src, config = tmp_path / "src", VARIANTS["pre_ln"]
+    spec_io.save_safetensors_dir(src, random_weights(config), config.to_dict())
+    need = sum(a.nbytes for a in random_weights(config).values())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2 - 1))  # float16 fits, not 32
+    code, _, err = run_main(capsys, "convert", src, tmp_path / "dst", "--quiet")
+    assert code == 1 and err.startswith(f"optkit convert: error: {tmp_path}/dst: the weights need ") and \
+        err.endswith(f"and {tmp_path} has 0.00 GB free; nothing was written\n"), err
+    with pytest.raises(OSError, match="the weights need .* GB free; nothing was written"):
+        spec_io.save_safetensors_dir(tmp_path / "saved", random_weights(config), config.to_dict())
+    from opt_torch import OPTForCausalLM
+
+    with pytest.raises(OSError, match="the weights need .* GB free; nothing was written"):  # the .bin writer too
+        OPTForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "saved", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2 + 64))
+    assert run_main(capsys, "convert", src, tmp_path / "dst", "--quiet", "--dtype", "float16")[0] == 0
+    # a save over the same files needs only what it adds: the same weights again fit in no free space at all
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 0))
+    spec_io.save_safetensors_dir(src, random_weights(config, seed=1), config.to_dict())
+
+
 # ------------------------------------------------------------------------------------------ Ctrl-C
 _INTERRUPT = """import builtins, runpy, sys
 real, target = builtins.__import__, sys.argv[1]
