@@ -303,3 +303,27 @@ def test_bad_jsonl_lines_are_data_errors(tmp_path, tok_files, line, words):
     with pytest.raises(spec_data.DataError) as err:
         spec_data.load_classification(tmp_path / "d.jsonl", tokenizer, 16)
     assert str(err.value).startswith(f"{tmp_path / 'd.jsonl'}:2: ") and words in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------ 5. the hub cache's refs
+def test_hub_refs_and_revisions_cannot_point_out_of_the_cache(tmp_path, monkeypatch):
+    """huggingface_hub joins refs/<revision>'s text to snapshots/ as it is: a ref holding '../../..' or an
+    absolute path loaded whatever folder it named; a revision argument with '..' read refs/../<anything>."""
+    pytest.importorskip("huggingface_hub")
+    from opt_spec.hub import HubModelNotFoundError, resolve_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--facebook--opt-x"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    spec_io.save_safetensors_dir(snapshot, random_weights(CONFIG), CONFIG.to_dict())
+    spec_io.save_safetensors_dir(tmp_path / "outside", random_weights(CONFIG), CONFIG.to_dict())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert resolve_pretrained("facebook/opt-x", cache_dir=tmp_path / "cache") == str(snapshot)
+    for ref in ("../../../outside", str(tmp_path / "outside")):
+        (repo / "refs" / "main").write_text(ref)
+        with pytest.raises(HubModelNotFoundError, match="which is not a snapshot of it"):
+            resolve_pretrained("facebook/opt-x", cache_dir=tmp_path / "cache")
+    for revision in ("../../../outside", str(tmp_path / "outside"), "a/./b"):
+        with pytest.raises(HubModelNotFoundError, match="is not a branch, tag or commit name"):
+            resolve_pretrained("facebook/opt-x", cache_dir=tmp_path / "cache", revision=revision)
