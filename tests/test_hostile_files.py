@@ -327,3 +327,18 @@ def test_hub_refs_and_revisions_cannot_point_out_of_the_cache(tmp_path, monkeypa
     for revision in ("../../../outside", str(tmp_path / "outside"), "a/./b"):
         with pytest.raises(HubModelNotFoundError, match="is not a branch, tag or commit name"):
             resolve_pretrained("facebook/opt-x", cache_dir=tmp_path / "cache", revision=revision)
+
+
+# ------------------------------------------------------------------------------ 6. many tensors
+def test_a_header_of_many_tiny_tensors_is_refused_in_a_short_message(tmp_path):
+    """8 MiB of header holds ~120,000 one-byte tensors: the load stays bounded (measured: ~310 MB, 4 s
+    through torch), and the refusal used to list every name, a 1 MB line; it names the first few."""
+    from opt_spec.weights import SHOWN_NAMES, WeightMismatchError, check_weights
+
+    weights = {n: a.shape for n, a in random_weights(CONFIG).items()}
+    names = [f"x{i:06d}" + "y" * 1000 for i in range(5000)]
+    with pytest.raises(WeightMismatchError) as err:
+        check_weights({**weights, **{n: (1,) for n in names}}, CONFIG, where="ckpt")
+    message = str(err.value)
+    assert "unexpected (5000): x000000" in message and f"({5000 - SHOWN_NAMES} more)" in message
+    assert len(message) < 6000 and len(err.value.unexpected) == 5000
