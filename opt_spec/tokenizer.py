@@ -19,8 +19,9 @@ Files read: `tokenizer.json`, or `vocab.json` + `merges.txt`; the special tokens
 `special_tokens_map.json` / `tokenizer_config.json` when present, and their ids from `config.json`
 when present. These files may come from strangers: each is named by opt_spec.io.checkpoint_file's rule
 (nothing outside the folder), the JSON ones and merges.txt are bounded by opt_spec.io's JSON limits,
-tokenizer.json may hold no regular expression, and the ids must be tokens of the vocabulary; anything else
-is a CheckpointError naming the file. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub (the Hugging Face
+tokenizer.json may hold only the components of OPT's byte-level BPE (TOKENIZER_COMPONENTS: no regular
+expression, no precompiled charsmap), and the ids must be tokens of the vocabulary; anything else is a
+CheckpointError naming the file. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub (the Hugging Face
 cache; only small files are fetched). Framework-free: NumPy and the `tokenizers` library (imported
 when a tokenizer is built, so `opt_spec` itself does not need it).
 """
@@ -100,27 +101,38 @@ def _read_json(directory: str, name: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+# What tokenizer.json may hold, component by component: OPT's byte-level BPE, as transformers and
+# save_pretrained write it. Every other component is a program the `tokenizers` library runs from the file:
+# a Split or Replace pattern is a backtracking regex (`(a+)+$` takes exponential time, then the library
+# panics), and a Precompiled normalizer's charsmap states its own size (2 KB of one asked for 4 GB).
+TOKENIZER_COMPONENTS = {"model": ("BPE",), "normalizer": (None,), "pre_tokenizer": (None, "ByteLevel"),
+                        "decoder": (None, "ByteLevel"),
+                        "post_processor": (None, "ByteLevel", "TemplateProcessing", "RobertaProcessing")}
+
+
 def _tokenizer_text(path: str) -> str:
     """tokenizer.json's text, checked before the `tokenizers` library parses it: the JSON reader's bounds
-    (MAX_JSON_BYTES: the library takes ~18x a file's size in memory; OPT's file is 2 MB) and no regular
-    expression anywhere (OPT's byte-level BPE has none: its pre-tokenizer's pattern is built in, while a
-    `{"Regex": ...}` pattern from the file runs on every text, and a backtracking one can take seconds per
-    call or make the library panic)."""
-    from .io import MAX_JSON_BYTES, load_json
+    (MAX_JSON_BYTES: the library takes ~18x a file's size in memory; OPT's file is 2 MB) and only the
+    components of TOKENIZER_COMPONENTS (a Sequence of them included)."""
+    from .io import MAX_JSON_BYTES, json_object
 
     with open(path, "rb") as f:
         data = f.read(MAX_JSON_BYTES + 1)
-    stack = [load_json(path, data)]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "Regex" in node:
-                raise CheckpointError(f"{path}: holds the regular expression {node['Regex']!r:.100}; optkit reads "
-                                      "OPT's byte-level BPE, which has none (a pattern from a file could take "
-                                      "unbounded time on a text)")
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    value = json_object(path, data)
+    for key, allowed in TOKENIZER_COMPONENTS.items():
+        stack = [value.get(key)]
+        while stack:
+            part = stack.pop()
+            kind = part.get("type") if isinstance(part, dict) else part  # a dict without a type is refused too
+            parts = [part.get(k) for k in ("normalizers", "pretokenizers", "processors", "decoders")
+                     if k in part] if kind == "Sequence" and key != "model" else None
+            if parts is not None and all(isinstance(p, list) for p in parts):
+                stack.extend(item for p in parts for item in p)
+            elif kind not in allowed or (kind is None) != (part is None):
+                raise CheckpointError(f"{path}: {key} {kind!r:.100} is not part of OPT's byte-level BPE (allowed: "
+                                      f"{', '.join(map(str, allowed))}); optkit does not run other tokenizer "
+                                      "components from a file (a pattern or a charsmap can take unbounded time "
+                                      "or memory)")
     return data.decode("utf-8")
 
 

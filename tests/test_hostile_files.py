@@ -4,6 +4,7 @@ naming the file and the entry (CheckpointError, or DataError for data), never re
 allocate without bound, never load silently wrong; the valid files next to them still load.
 """
 
+import base64
 import copy
 import hashlib
 import json
@@ -85,15 +86,28 @@ def test_a_hub_cache_snapshot_of_tokenizer_files_still_loads(tmp_path, tok_files
     assert ours.encode("The quick brown fox") == plain.encode("The quick brown fox")
 
 
-def test_tokenizer_json_may_hold_no_regular_expression(tmp_path, tok_files):
-    """A Split pre-tokenizer pattern runs on every text: `(a+)+$` backtracks exponentially (the library
-    panics past its retry limit, an exception no `except Exception` catches)."""
+COMPONENT_ATTACKS = {
+    # a backtracking pattern: exponential time, then the library panics (an exception `except Exception` misses)
+    "regex": ("pre_tokenizer", lambda old: {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}, old]}, "'Split'"),
+    # a charsmap states its own size: these 2 KB asked for 4 GB (Rust aborts the process when that fails)
+    "charsmap": ("normalizer", lambda old: {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(
+        np.random.default_rng(0).bytes(2000)).decode()}, "'Precompiled'"),
+    "untyped": ("pre_tokenizer", lambda old: {"pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated"}, "None"),
+    "replace-decoder": ("decoder", lambda old: {"type": "Replace", "pattern": {"Regex": "(a|a)+b"}, "content": ""},
+                        "'Replace'"),
+}
+
+
+@pytest.mark.parametrize("attack", list(COMPONENT_ATTACKS))
+def test_tokenizer_json_may_hold_only_opts_components(tmp_path, tok_files, attack):
+    """tokenizer.json is read as OPT's byte-level BPE only (TOKENIZER_COMPONENTS): other components are
+    programs the tokenizers library runs from the file, without bounds."""
+    key, change, words = COMPONENT_ATTACKS[attack]
     data = json.loads(tok_files["tokenizer.json"])
-    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
-        data["pre_tokenizer"]]}
+    data[key] = change(data[key])
     folder = _folder(tmp_path / "ckpt", {"tokenizer.json": json.dumps(data).encode()})
-    with pytest.raises(CheckpointError, match=r"tokenizer.json: holds the regular expression '\(a\+\)\+\$'"):
+    with pytest.raises(CheckpointError, match=f"tokenizer.json: {key} {words} is not part of OPT's byte-level BPE"):
         OPTTokenizer.from_pretrained(folder)
 
 
