@@ -47,6 +47,7 @@ from opt_spec import Head
 from opt_spec.errors import CheckpointError
 from opt_spec import data as spec_data
 from opt_spec import io as spec_io
+from opt_spec.inputs import check_token_ids
 from opt_spec.layouts import native_path
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
@@ -323,6 +324,8 @@ class FlaxTrainer:
     def _inputs(self, batch: Mapping[str, np.ndarray], process_local: bool = False) -> dict:
         """A batch as JAX arrays; on a mesh split over fsdp (process_local: this process's rows of the
         global batch, else the whole batch on every process)."""
+        # on the host first: an embedding lookup past the table gives NaN under XLA, and training would go on
+        check_token_ids(batch["input_ids"], self.model.config.vocab_size)
         if self.sharding is None:
             return _as_jax(batch, self._keys)
         return {k: self.sharding.put_batch(v, process_local)

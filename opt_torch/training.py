@@ -376,19 +376,25 @@ class Trainer:
     def _load_state(self, state: Mapping, step: int, directory: str | os.PathLike, path: str) -> None:
         """The optimizer, schedule and RNG state of trainer_state.pt (`state`, at update `step`), each checked
         against this trainer's own first: the file may come from anyone."""
+        own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if "optimizer_dcp" in state:
             self._load_dcp_optimizer(directory, state["optimizer_dcp"])
+            counts = [self.optimizer.state[p].get("step") for g in self.optimizer.param_groups for p in g["params"]
+                      if p in self.optimizer.state]
+            if len(counts) != (len(self.params) if step else 0) or any(
+                    not isinstance(c, torch.Tensor) or c.numel() != 1 or _local(c).item() != step for c in counts):
+                raise CheckpointError(f"{path}: optimizer_dcp holds AdamW state whose step counters are not the "
+                                      f"checkpoint's step {step} for each of the {len(self.params)} parameters")
         elif self.mesh is not None:
             raise ValueError(f"{directory}: a single-process checkpoint; resume it without device_mesh (a split "
                              "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
         else:
             self._check_optimizer_state(state.get("optimizer"), step, f"{path}: optimizer")
-            own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
-            for group, settings in zip(self.optimizer.param_groups, own):  # load_state_dict takes the file's
-                params = group["params"]  # betas, eps, weight decay and flags: this TrainConfig's are put back
-                group.clear()
-                group.update(settings, params=params)
+        for group, settings in zip(self.optimizer.param_groups, own):  # loading takes the file's betas, eps,
+            params = group["params"]  # weight decay and flags: this TrainConfig's are put back
+            group.clear()
+            group.update(settings, params=params)
         # the schedule is a function of the step (opt_spec.training.learning_rate): the file's own copy is not read
         self.scheduler.load_state_dict({"last_epoch": step, "_last_lr": [learning_rate(step, self.cfg)] *
                                         len(self.optimizer.param_groups)})
@@ -454,6 +460,11 @@ class Trainer:
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to fill: this run's shards
         dcp_load({"optimizer": optimizer}, path, single_process=self.mesh is None)  # runs no code from the files
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly distributed) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _read_state(directory) -> tuple[dict, str]:

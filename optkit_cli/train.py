@@ -49,7 +49,7 @@ import shutil
 import time
 import warnings
 
-from .checkpoints import hub_arguments, resolve_folder
+from .checkpoints import check_tokenizer_fits, hub_arguments, resolve_folder
 from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
@@ -286,6 +286,7 @@ def run(args, console: Console) -> int:
         raise CLIError(f"--seq-len {args.seq_len} is more than the model's max_position_embeddings="
                        f"{config.max_position_embeddings}")
     tokenizer = OPTTokenizer.from_pretrained(args.model, config)
+    check_tokenizer_fits(tokenizer, config, args.model)
     tokenizer_files = _tokenizer_files(args.model)
 
     options = {}

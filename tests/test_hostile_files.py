@@ -262,6 +262,42 @@ def test_torch_resume_takes_its_schedule_and_adam_settings_from_the_train_config
         Trainer.from_checkpoint(tmp_path / "ckpt")
 
 
+def test_torch_split_optimizer_state_gets_the_same_checks(tmp_path, torch_checkpoint):
+    """trainer_state.dcp (a split trainer's optimizer state, resumable on one process) carried its own
+    param_groups settings and step counters into the optimizer as well."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from opt_torch.training import DCP_DIR, STATE_FILE, Trainer
+
+    good, state, cfg, _ = torch_checkpoint
+    trainer = Trainer.from_checkpoint(good)
+    template = get_optimizer_state_dict(trainer.model, trainer.optimizer)
+
+    def folder(name, change):
+        shutil.copytree(good, tmp_path / name)
+        optimizer = copy.deepcopy(template)
+        change(optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP without a process group says so
+            dcp.save({"optimizer": optimizer}, checkpoint_id=tmp_path / name / DCP_DIR)
+        torch.save({**{k: v for k, v in state.items() if k != "optimizer"}, "optimizer_dcp": DCP_DIR},
+                   tmp_path / name / STATE_FILE)
+        return tmp_path / name
+
+    def settings(optimizer):
+        for group in optimizer["param_groups"]:
+            group.update(betas=(5.0, -3.0), weight_decay=1e9)
+
+    resumed = Trainer.from_checkpoint(folder("settings", settings))
+    assert all(g["betas"] == (cfg.adam_beta1, cfg.adam_beta2) for g in resumed.optimizer.param_groups)
+    first = next(iter(template["state"]))
+    with pytest.raises(CheckpointError, match="optimizer_dcp holds AdamW state whose step counters are not"):
+        Trainer.from_checkpoint(folder("count", lambda o: o["state"][first].update(step=torch.tensor(-1e30))))
+
+
 def test_flax_trainer_counts_must_be_the_checkpoint_step(tmp_path):
     """optax's counts decide Adam's bias correction and the schedule's rate: the msgpack reader checked
     their shapes and dtypes only, so a count of -5 loaded."""
@@ -356,3 +392,49 @@ def test_a_header_of_many_tiny_tensors_is_refused_in_a_short_message(tmp_path):
     message = str(err.value)
     assert "unexpected (5000): x000000" in message and f"({5000 - SHOWN_NAMES} more)" in message
     assert len(message) < 6000 and len(err.value.unexpected) == 5000
+
+
+# ------------------------------------------------------------------------------ 7. a tokenizer larger than the model
+def test_train_refuses_a_tokenizer_with_more_tokens_than_the_model(tmp_path, tok_files, capsys):
+    """Token ids past the embedding: torch stopped with an internal error, Flax trained on NaN (XLA's
+    lookup past the table) and saved the NaN weights with exit 0."""
+    from optkit_cli.main import main
+
+    model = _folder(tmp_path / "model", tok_files)
+    spec_io.save_safetensors_dir(model, random_weights(CONFIG), CONFIG.to_dict())  # 96 rows, 300 tokens
+    (tmp_path / "data.txt").write_text("Hello, my name is Ada. The quick brown fox.\n" * 4)
+    code = main(["train", "--model", model, "--task", "causal_lm", "--data", str(tmp_path / "data.txt"),
+                 "--backend", "flax", "--output", str(tmp_path / "out"), "--steps", "1", "--seq-len", "8", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 300 tokens but the model only 96" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flax_trainer_checks_token_ids_on_the_host(tmp_path):
+    pytest.importorskip("flax")
+    from opt_flax.training import FlaxTrainer
+
+    spec_io.save_safetensors_dir(tmp_path, random_weights(CONFIG, "causal_lm"), CONFIG.to_dict())
+    trainer = FlaxTrainer.from_pretrained(tmp_path, "causal_lm", TrainConfig(total_steps=2))
+    ids = np.array([[2, 5, 500, 7]], np.int64)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match=r"token id 500 at batch row 0, position 2 is outside the vocabulary \[0, 96\)"):
+        trainer.train_step(batch)
+
+
+def test_tf_trainer_state_json_is_checked_before_anything_is_built(tmp_path):
+    pytest.importorskip("tensorflow")
+    from opt_tf.training import INFO_FILE, OPTIMIZER_FILE, TFTrainer
+
+    (tmp_path / OPTIMIZER_FILE).write_bytes(b"")
+    info = {"backend": "tf", "task": "causal_lm", "step": -1, "train_config": {}}
+    (tmp_path / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="trainer_state.json: step=-1 is not a number of updates"):
+        TFTrainer.from_checkpoint(tmp_path)
+    (tmp_path / INFO_FILE).write_text(json.dumps(dict(info, step=0, backend="torch")))
+    with pytest.raises(CheckpointError, match="written by the 'torch' backend, not tf"):
+        TFTrainer.from_checkpoint(tmp_path)
+    os.replace(tmp_path / INFO_FILE, tmp_path.parent / "info-elsewhere.json")
+    os.symlink(tmp_path.parent / "info-elsewhere.json", tmp_path / INFO_FILE)
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        TFTrainer.from_checkpoint(tmp_path)
