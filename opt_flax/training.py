@@ -463,7 +463,8 @@ def _read_info(directory) -> tuple[dict, str]:
     """(trainer_state.json's object, its path) of a Flax training checkpoint written by this backend."""
     directory = os.fspath(directory)
     path = os.path.join(directory, INFO_FILE)
-    has_state = os.path.lexists(os.path.join(directory, STATE_FILE)) or os.path.isdir(os.path.join(directory, STATE_DIR))
+    has_state = os.path.lexists(os.path.join(directory, STATE_FILE)) or \
+        os.path.isdir(os.path.join(directory, STATE_DIR))
     if not os.path.lexists(path) or not has_state:
         raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE} "
                                 f"(or {STATE_DIR})")

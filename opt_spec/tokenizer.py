@@ -21,9 +21,9 @@ when present. These files may come from strangers: each is named by opt_spec.io.
 (nothing outside the folder), the JSON ones and merges.txt are bounded by opt_spec.io's JSON limits,
 tokenizer.json may hold only the components of OPT's byte-level BPE (TOKENIZER_COMPONENTS: no regular
 expression, no precompiled charsmap), and the ids must be tokens of the vocabulary; anything else is a
-CheckpointError naming the file. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub (the Hugging Face
-cache; only small files are fetched). Framework-free: NumPy and the `tokenizers` library (imported
-when a tokenizer is built, so `opt_spec` itself does not need it).
+CheckpointError naming the file. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub
+(the Hugging Face cache; only small files are fetched). Framework-free: NumPy and the `tokenizers`
+library (imported when a tokenizer is built, so `opt_spec` itself does not need it).
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ RESUME_ATTACKS = {
                          "state[0]['exp_avg'] is (1,) torch.float32; its parameter is (96, 32)"),
     "moment-float64": (lambda s: s["optimizer"]["state"][0].update(exp_avg_sq=torch.zeros(96, 32, dtype=torch.float64)),
                        "torch.float64"),
-    "adam-count": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(-1e30)), "not the checkpoint's step 1"),
+    "adam-count": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(-1e30)),
+                   "not the checkpoint's step 1"),
     "no-moments": (lambda s: s["optimizer"].update(state={}), "holds the state of 0 parameters"),
     "rng": (lambda s: s.update(rng_cpu=torch.zeros(3, dtype=torch.uint8)), "rng_cpu[0] is not a CPU generator state"),
 }
@@ -335,7 +336,8 @@ def test_flax_trainer_counts_must_be_the_checkpoint_step(tmp_path):
 def test_resume_info_is_the_one_check_of_every_backend(info, words):
     with pytest.raises(CheckpointError, match="state.json: .*" + words.replace("(", r"\(").replace("[", r"\[")):
         spec_training.resume_info(info, "state.json")
-    assert spec_training.resume_info({"task": "causal_lm", "step": 7, "train_config": {}}, "x")[1:] == (7, TrainConfig())
+    fine = {"task": "causal_lm", "step": 7, "train_config": {}}
+    assert spec_training.resume_info(fine, "x") == ("causal_lm", 7, TrainConfig())
 
 
 # ------------------------------------------------------------------------------ 4. training data
@@ -418,7 +420,7 @@ def test_flax_trainer_checks_token_ids_on_the_host(tmp_path):
     trainer = FlaxTrainer.from_pretrained(tmp_path, "causal_lm", TrainConfig(total_steps=2))
     ids = np.array([[2, 5, 500, 7]], np.int64)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    with pytest.raises(ValueError, match=r"token id 500 at batch row 0, position 2 is outside the vocabulary \[0, 96\)"):
+    with pytest.raises(ValueError, match=r"token id 500 at batch row 0, position 2 is outside the vocabulary"):
         trainer.train_step(batch)
 
 
