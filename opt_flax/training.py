@@ -47,10 +47,11 @@ from opt_spec import Head
 from opt_spec.errors import CheckpointError
 from opt_spec import data as spec_data
 from opt_spec import io as spec_io
+from opt_spec.inputs import check_token_ids
 from opt_spec.layouts import native_path
 from opt_spec import training as spec_training
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               micro_batch_list, resume_config, task_head)
+                               micro_batch_list, task_head)
 
 from . import fast_paths
 from .modeling import MODULE_CLASSES, Numerics
@@ -280,17 +281,20 @@ class FlaxTrainer:
                         gradient_checkpointing: bool = False) -> "FlaxTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on `mesh` (None:
         one device) whatever the mesh it was saved from."""
-        info = _read_info(directory)
-        saved = resume_config(directory, info.get("train_config"), cfg)
-        model = MODEL_CLASSES[task_head(info["task"])].from_pretrained(directory, mesh=mesh)
+        info, info_path = _read_info(directory)
+        task, step, saved = spec_training.resume_info(info, info_path, directory, cfg)
+        model = MODEL_CLASSES[task_head(task)].from_pretrained(directory, mesh=mesh)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        trainer = cls(model, saved, info["task"])
+        trainer = cls(model, saved, task)
         if info.get("state") == "orbax":
             trainer._restore_orbax(directory)
-            trainer.step = int(info["step"])
+            trainer.step = step
+            _check_counts(trainer.opt_state, step, f"{directory}: {STATE_DIR}")
             return trainer
-        state = read_state_file(os.path.join(os.fspath(directory), STATE_FILE), trainer._state_template())
+        path = spec_io.checkpoint_file(directory, STATE_FILE)
+        state = read_state_file(path, trainer._state_template())
+        _check_counts(state["opt_state"], step, path)
         trainer.opt_state = state["opt_state"]
         trainer.rng = jnp.asarray(state["rng"], jnp.uint32)
         if trainer.sharding is not None:  # a one-device checkpoint resumed on a mesh
@@ -298,8 +302,8 @@ class FlaxTrainer:
             trainer.opt_state = jax.tree_util.tree_map(sh.put, trainer.opt_state, sh.opt_state(trainer.tx))
             trainer.rng = sh.put(trainer.rng, sh.replicated)
         trainer.step = int(state["step"])
-        if trainer.step != info["step"]:
-            raise ValueError(f"{directory}: {STATE_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
+        if trainer.step != step:
+            raise CheckpointError(f"{directory}: {STATE_FILE} is at step {trainer.step}, {INFO_FILE} at {step}")
         return trainer
 
     resume = from_checkpoint
@@ -320,6 +324,8 @@ class FlaxTrainer:
     def _inputs(self, batch: Mapping[str, np.ndarray], process_local: bool = False) -> dict:
         """A batch as JAX arrays; on a mesh split over fsdp (process_local: this process's rows of the
         global batch, else the whole batch on every process)."""
+        # on the host first: an embedding lookup past the table gives NaN under XLA, and training would go on
+        check_token_ids(batch["input_ids"], self.model.config.vocab_size)
         if self.sharding is None:
             return _as_jax(batch, self._keys)
         return {k: self.sharding.put_batch(v, process_local)
@@ -441,14 +447,29 @@ def read_state_file(path: str, template: dict) -> dict:
     return state
 
 
-def _read_info(directory) -> dict:
+def _check_counts(opt_state, step: int, where: str) -> None:
+    """Every update count in the optax state (Adam's bias correction, the schedule's index) must be the
+    checkpoint's step: a count from a file decides the learning rate and Adam's correction of each update."""
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+        if getattr(keys[-1], "name", None) != "count":
+            continue
+        count = int(np.asarray(leaf.addressable_data(0) if hasattr(leaf, "addressable_data") else leaf))  # replicated
+        if count != step:
+            raise CheckpointError(f"{where}: entry {jax.tree_util.keystr(keys)} is {count}, not the checkpoint's "
+                                  f"step {step}")
+
+
+def _read_info(directory) -> tuple[dict, str]:
+    """(trainer_state.json's object, its path) of a Flax training checkpoint written by this backend."""
     directory = os.fspath(directory)
     path = os.path.join(directory, INFO_FILE)
-    has_state = os.path.isfile(os.path.join(directory, STATE_FILE)) or os.path.isdir(os.path.join(directory, STATE_DIR))
-    if not os.path.isfile(path) or not has_state:
+    has_state = os.path.lexists(os.path.join(directory, STATE_FILE)) or \
+        os.path.isdir(os.path.join(directory, STATE_DIR))
+    if not os.path.lexists(path) or not has_state:
         raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE} "
                                 f"(or {STATE_DIR})")
-    info = spec_io.json_object(path)  # a checkpoint may come from anyone: bounded size and depth
+    path = spec_io.checkpoint_file(directory, INFO_FILE)  # a checkpoint may come from anyone: inside the folder,
+    info = spec_io.json_object(path)  # bounded size and depth
     if info.get("backend") != "flax":
-        raise ValueError(f"{path}: written by the {info.get('backend')} backend, not flax")
-    return info
+        raise CheckpointError(f"{path}: written by the {info.get('backend')!r:.40} backend, not flax")
+    return info, path

@@ -37,6 +37,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .config import MAX_SIZES
 from .numerics import IGNORE_INDEX
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
@@ -72,9 +73,13 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:  # the C parser recurses per bracket
+            raise DataError(path, number, "invalid JSON (nested too deep)") from None
+        except ValueError as err:  # NaN / Infinity, an integer of over 4300 digits
+            raise DataError(path, number, f"invalid JSON ({err})") from None
         if not isinstance(obj, dict):
             raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
         seen = True
@@ -83,12 +88,24 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise DataError(path, None, "empty file (no JSON lines)")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _field(obj: dict, key: str, kind, path: str, line: int, what: str):
     if key not in obj:
         raise DataError(path, line, f"missing field {key!r}")
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise DataError(path, line, f"field {key!r} must be {what}, got {json.dumps(value)[:60]}")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 reads as inf
+        raise DataError(path, line, f"field {key!r} is {value}, not a finite number")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # "\ud800" in JSON: a lone surrogate, which no tokenizer takes
+            raise DataError(path, line, f"field {key!r} holds a lone surrogate (U+{ord(value[err.start]):04X} at "
+                                        f"character {err.start}), not text") from None
     return value
 
 
@@ -206,8 +223,9 @@ def load_classification(path, tokenizer, max_length: int, num_labels: int | None
         elif this != kind:
             raise DataError(path, line, f"label {json.dumps(label)} is {this}-label but earlier lines are {kind}")
         if this == "single":
-            if label < 0 or num_labels is not None and label >= num_labels:
-                raise DataError(path, line, f"label {label} is outside [0, {num_labels or 'inf'})")
+            most = num_labels if num_labels is not None else MAX_SIZES["num_labels"]  # an int64 label column
+            if not 0 <= label < most:
+                raise DataError(path, line, f"label {label} is outside [0, {most})")
         elif this == "multi":
             if not label or any(v not in (0, 1) or isinstance(v, bool) for v in label):
                 raise DataError(path, line, "a multi-label label must be a non-empty list of 0/1")
@@ -253,9 +271,10 @@ def load_question_answering(path, tokenizer, max_length: int, skip_overflow: boo
             raise DataError(path, line, f"answers has {len(texts)} texts and {len(starts)} answer_start values; "
                                         "need the same number, at least one")
         for text, start in zip(texts, starts):
-            if not isinstance(text, str) or not text or not isinstance(start, int) or isinstance(start, bool):
+            if not isinstance(text, str) or not text or not isinstance(start, int) or isinstance(start, bool) \
+                    or start < 0:
                 raise DataError(path, line, f"answer {json.dumps(text)} at {json.dumps(start)}: need a non-empty "
-                                            "string and an int")
+                                            "string and a non-negative int")
             if context[start:start + len(text)] != text:
                 raise DataError(path, line, f"answer {text!r} is not in the context at character {start} "
                                             f"(found {context[start:start + len(text)]!r})")

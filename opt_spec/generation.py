@@ -17,6 +17,8 @@ keys optkit does not use included. The length limit: max_new_tokens; else max_le
 length T (the padded length, Hugging Face's meaning; max_new_tokens wins when both are given); else 20
 new tokens, fewer if the model's positions end sooner. A config's max_length of exactly 20 counts as
 unset, since Hugging Face cannot tell it from its default. top_k defaults to 50, as in Hugging Face.
+num_beams and num_return_sequences are at most MAX_ROWS_PER_PROMPT (256; each row is a cache of its own,
+and a generation_config.json could otherwise ask for any number).
 Hugging Face settings optkit does not implement (UNSUPPORTED: early_stopping, bad_words_ids, ...) are
 refused in a call unless at their default value, and ignored with a warning in a file; keys nobody
 knows are an error in a call (TypeError) and kept in a file (`extra`), as Hugging Face keeps them.
@@ -87,6 +89,9 @@ from .inputs import check_seed, check_token_ids
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
+# Decoding rows per prompt (num_beams, num_return_sequences): each is a full cache, so a generation_config.json
+# asking for 10**8 would make generate allocate without bound; far above real use (beams ~4-16, samples ~100).
+MAX_ROWS_PER_PROMPT = 256
 HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config saying 20 counts as unset
 
 # Hugging Face GenerationConfig keys optkit does not implement, with their default values. A file may
@@ -163,6 +168,10 @@ class GenerationConfig:
             value = getattr(self, name)
             if not is_int(value) or value < least:
                 fail(name, f"must be an int >= {least}")
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(self, name) > MAX_ROWS_PER_PROMPT:
+                fail(name, f"is more than optkit's maximum {MAX_ROWS_PER_PROMPT} decoding rows per prompt "
+                           "(opt_spec.generation.MAX_ROWS_PER_PROMPT)")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             fail("do_sample", "must be true or false")
         for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
@@ -397,6 +406,10 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
         for i in ids:
             if not 0 <= i < vocab_size:
                 raise ValueError(f"{name}={i} is outside the vocabulary [0, {vocab_size})")
+    K = int(cfg.num_beams)
+    if K > 1 and max(2, 1 + len(eos_ids)) * K > K * vocab_size:  # Decoding.candidates, of the K * V continuations
+        raise ValueError(f"num_beams={K} with {len(eos_ids)} eos_token_id entries keeps {max(2, 1 + len(eos_ids)) * K} "
+                         f"candidates a step, more than the {K * vocab_size} continuations of the beams")
     stops = cfg.stop_strings
     stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
     return Decoding(max_new_tokens=int(new), min_new_tokens=int(min_new), do_sample=bool(cfg.do_sample),

@@ -106,14 +106,26 @@ def _hub():
     return huggingface_hub
 
 
+def _snapshot(folder: str, repo_id: str, revision: str, cache: str) -> str:
+    """`folder`, which huggingface_hub gave for (repo_id, revision), checked to be one of that repository's
+    snapshots in the cache: it joins refs/<revision>'s text to snapshots/ as it is, so a ref holding
+    '../../..' or an absolute path would send every loader to a folder anywhere on the machine."""
+    snapshots = os.path.realpath(os.path.join(cache, f"models--{repo_id.replace('/', '--')}", "snapshots"))
+    if os.path.dirname(os.path.realpath(folder)) != snapshots:
+        raise HubModelNotFoundError(f"{repo_id} (revision {revision!r}) in the Hugging Face cache {cache} resolves to "
+                                    f"{folder}, which is not a snapshot of it (a ref file naming a path?); refused")
+    return folder
+
+
 def _cached_snapshot(hub, repo_id: str, revision: str, cache: str) -> str | None:
     """The snapshot folder of (repo_id, revision) in the cache, or None when it is not there."""
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
-        return hub.snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        folder = hub.snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
         return None
+    return _snapshot(folder, repo_id, revision, cache)
 
 
 def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -131,6 +143,10 @@ def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None 
     if os.path.exists(path) or not is_hub_id(path):
         return path
     revision = revision or DEFAULT_REVISION
+    if not isinstance(revision, str) or "\\" in revision or "\0" in revision or \
+            any(part in ("", ".", "..") for part in revision.split("/")):  # "refs/pr/1" and "v1/x" are names
+        raise HubModelNotFoundError(f"revision {revision!r:.100} is not a branch, tag or commit name (no '..', no "
+                                    "absolute path)")
     cache = hub_cache_dir(cache_dir)
     where = f"{path} (revision {revision!r}) in the Hugging Face cache {cache}"
     hub = _hub()
@@ -152,8 +168,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None 
         pass
     try:
         listing = hub.HfApi(token=token).list_repo_files(path, revision=revision)
-        return hub.snapshot_download(path, revision=revision, cache_dir=cache, token=token,
-                                     allow_patterns=files_to_fetch(listing, weights))
+        folder = hub.snapshot_download(path, revision=revision, cache_dir=cache, token=token,
+                                       allow_patterns=files_to_fetch(listing, weights))
+        return _snapshot(folder, path, revision, cache)
     except RevisionNotFoundError:
         raise HubModelNotFoundError(f"{path} is not a local folder, and the Hub's {path} has no revision "
                                     f"{revision!r}") from None

@@ -405,17 +405,17 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             raise bad(f"shape {shape!r:.200} is not a list of at most {MAX_TENSOR_DIMS} integers")
         if any(d < 0 for d in shape):
             raise bad(f"shape {shape!r:.200} has a negative dimension")
-        numel, bound = 1, 1
-        for d in shape:  # Python ints: a product past int64 is seen, not wrapped (a 0 hides no huge dim)
-            numel, bound = numel * d, bound * max(d, 1)
+        dtype = _SAFETENSORS_DTYPES[code]
+        numel, bound = 1, dtype.itemsize
+        for d in shape:  # Python ints: a product past int64 is seen, not wrapped. A 0 hides no huge dim: NumPy
+            numel, bound = numel * d, bound * max(d, 1)  # refuses even an empty (0, 2**62) float32 array
             if bound > _INT64_MAX:
-                raise bad(f"shape {shape!r:.200} has more elements than an int64 can count")
+                raise bad(f"shape {shape!r:.200} of {code} takes more bytes than an int64 can count")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(x) for x in offsets)):
             raise bad(f"data_offsets {offsets!r:.200} is not a pair of integers")
         start, end = offsets
         if not 0 <= start <= end:
             raise bad(f"data_offsets {offsets} are not 0 <= begin <= end")
-        dtype = _SAFETENSORS_DTYPES[code]
         if end - start != dtype.itemsize * numel:
             raise bad(f"has {end - start} bytes for shape {tuple(shape)} {code} ({dtype.itemsize * numel} needed)")
         if end > data_size:

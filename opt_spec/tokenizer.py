@@ -17,9 +17,13 @@ transformers' AutoTokenizer (fast or slow) reads to the same ids.
 
 Files read: `tokenizer.json`, or `vocab.json` + `merges.txt`; the special tokens' strings from
 `special_tokens_map.json` / `tokenizer_config.json` when present, and their ids from `config.json`
-when present. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub (the Hugging Face
-cache; only small files are fetched). Framework-free: NumPy and the `tokenizers` library (imported
-when a tokenizer is built, so `opt_spec` itself does not need it).
+when present. These files may come from strangers: each is named by opt_spec.io.checkpoint_file's rule
+(nothing outside the folder), the JSON ones and merges.txt are bounded by opt_spec.io's JSON limits,
+tokenizer.json may hold only the components of OPT's byte-level BPE (TOKENIZER_COMPONENTS: no regular
+expression, no precompiled charsmap), and the ids must be tokens of the vocabulary; anything else is a
+CheckpointError naming the file. A Hub id ("facebook/opt-125m") is resolved to a folder by opt_spec.hub
+(the Hugging Face cache; only small files are fetched). Framework-free: NumPy and the `tokenizers`
+library (imported when a tokenizer is built, so `opt_spec` itself does not need it).
 """
 
 from __future__ import annotations
@@ -63,26 +67,81 @@ def _tokenizers():
     return tokenizers
 
 
+def _present(directory: str, name: str) -> str | None:
+    """The path of the file `name` in a tokenizer folder, or None when it has none. A file that is there
+    follows the weights' rule (opt_spec.io.checkpoint_file: a regular file inside the folder, or in the hub
+    cache's blobs), so a `tokenizer_config.json -> ~/.secrets.json` is a CheckpointError, not read."""
+    from .io import checkpoint_file
+
+    if not os.path.lexists(os.path.join(directory, name)):
+        return None
+    return checkpoint_file(directory, name)
+
+
 def find_tokenizer_files(directory: str | os.PathLike) -> dict[str, str] | None:
     """{'tokenizer': path} or {'vocab': path, 'merges': path} for a directory, or None if it has neither."""
     directory = os.fspath(directory)
-    path = os.path.join(directory, TOKENIZER_FILE)
-    if os.path.isfile(path):
+    path = _present(directory, TOKENIZER_FILE)
+    if path is not None:
         return {"tokenizer": path}
-    vocab, merges = os.path.join(directory, VOCAB_FILE), os.path.join(directory, MERGES_FILE)
-    if os.path.isfile(vocab) and os.path.isfile(merges):
+    vocab, merges = _present(directory, VOCAB_FILE), _present(directory, MERGES_FILE)
+    if vocab is not None and merges is not None:
         return {"vocab": vocab, "merges": merges}
     return None
 
 
-def _read_json(path: str) -> dict:
-    """A tokenizer settings file, read by the checkpoint JSON reader (bounded size and depth)."""
+def _read_json(directory: str, name: str) -> dict:
+    """A tokenizer settings file of the folder, read by the checkpoint JSON reader (bounded size and depth)."""
     from .io import load_json
 
-    if not os.path.isfile(path):
+    path = _present(directory, name)
+    if path is None:
         return {}
     data = load_json(path)
     return data if isinstance(data, dict) else {}
+
+
+# What tokenizer.json may hold, component by component: OPT's byte-level BPE, as transformers and
+# save_pretrained write it. Every other component is a program the `tokenizers` library runs from the file:
+# a Split or Replace pattern is a backtracking regex (`(a+)+$` takes exponential time, then the library
+# panics), and a Precompiled normalizer's charsmap states its own size (2 KB of one asked for 4 GB).
+TOKENIZER_COMPONENTS = {"model": ("BPE",), "normalizer": (None,), "pre_tokenizer": (None, "ByteLevel"),
+                        "decoder": (None, "ByteLevel"),
+                        "post_processor": (None, "ByteLevel", "TemplateProcessing", "RobertaProcessing")}
+
+
+def _tokenizer_text(path: str) -> str:
+    """tokenizer.json's text, checked before the `tokenizers` library parses it: the JSON reader's bounds
+    (MAX_JSON_BYTES: the library takes ~18x a file's size in memory; OPT's file is 2 MB) and only the
+    components of TOKENIZER_COMPONENTS (a Sequence of them included)."""
+    from .io import MAX_JSON_BYTES, json_object
+
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    value = json_object(path, data)
+    for key, allowed in TOKENIZER_COMPONENTS.items():
+        stack = [value.get(key)]
+        while stack:
+            part = stack.pop()
+            kind = part.get("type") if isinstance(part, dict) else part  # a dict without a type is refused too
+            parts = [part.get(k) for k in ("normalizers", "pretokenizers", "processors", "decoders")
+                     if k in part] if kind == "Sequence" and key != "model" else None
+            if parts is not None and all(isinstance(p, list) for p in parts):
+                stack.extend(item for p in parts for item in p)
+            elif kind not in allowed or (kind is None) != (part is None):
+                raise CheckpointError(f"{path}: {key} {kind!r:.100} is not part of OPT's byte-level BPE (allowed: "
+                                      f"{', '.join(map(str, allowed))}); optkit does not run other tokenizer "
+                                      "components from a file (a pattern or a charsmap can take unbounded time "
+                                      "or memory)")
+    return data.decode("utf-8")
+
+
+def _special_id(value: Any, key: str, where: str, vocab_size: int) -> int:
+    """A special token id as the config states it: an int naming a token of this tokenizer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size:
+        raise CheckpointError(f"{where}: {key}={value!r:.100} is not a token id of this tokenizer (an int in "
+                              f"[0, {vocab_size}))")
+    return int(value)
 
 
 def _token_string(value: Any) -> str | None:
@@ -148,21 +207,28 @@ class OPTTokenizer:
         tk = _tokenizers()
 
         special = dict(DEFAULT_SPECIAL_TOKENS)
-        settings = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
-        for source in (settings, _read_json(os.path.join(directory, SPECIAL_TOKENS_FILE))):
+        settings = _read_json(directory, TOKENIZER_CONFIG_FILE)
+        for source in (settings, _read_json(directory, SPECIAL_TOKENS_FILE)):
             for key in special:
                 token = _token_string(source.get(key))
                 if token:
                     special[key] = token
 
         if "tokenizer" in files:
+            text = _tokenizer_text(files["tokenizer"])
             try:
-                tokenizer = tk.Tokenizer.from_file(files["tokenizer"])
+                tokenizer = tk.Tokenizer.from_str(text)
             except Exception as err:  # the library raises a bare Exception on bad files
                 raise CheckpointError(f"{files['tokenizer']}: cannot be read as a tokenizer ({err})") from None
             tokenizer.no_padding()      # we pad (on the left) ourselves
             tokenizer.no_truncation()
         else:
+            from .io import MAX_JSON_BYTES, json_object
+
+            json_object(files["vocab"])  # the JSON reader's bounds; merges.txt is plain lines, bounded alike
+            if os.path.getsize(files["merges"]) > MAX_JSON_BYTES:
+                raise CheckpointError(f"{files['merges']}: {os.path.getsize(files['merges']):,} bytes; optkit reads "
+                                      f"at most {MAX_JSON_BYTES:,} (OPT's is 456 KB)")
             try:
                 bpe = tk.models.BPE.from_file(files["vocab"], files["merges"])
             except Exception as err:
@@ -176,15 +242,17 @@ class OPTTokenizer:
         present = [t for t in dict.fromkeys(special.values()) if tokenizer.token_to_id(t) is not None]
         tokenizer.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in present])
 
-        if config is None and os.path.isfile(os.path.join(directory, "config.json")):
-            config = _read_json(os.path.join(directory, "config.json"))
+        where = "config"
+        if config is None and os.path.lexists(os.path.join(directory, "config.json")):
+            config, where = _read_json(directory, "config.json"), os.path.join(directory, "config.json")
         ids = {}
         for key, token_key in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"),
                                ("pad_token_id", "pad_token")):
             value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
             if value is None:
                 value = tokenizer.token_to_id(special[token_key])
-            ids[key] = DEFAULT_IDS[key] if value is None else value
+            value = DEFAULT_IDS[key] if value is None else value
+            ids[key] = _special_id(value, key, where, tokenizer.get_vocab_size(with_added_tokens=True))
         side = settings.get("padding_side", "left")
         limit = settings.get("model_max_length")
         limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _NO_LIMIT else None

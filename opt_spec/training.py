@@ -108,6 +108,26 @@ def resume_config(directory, saved: object, cfg: TrainConfig | None) -> TrainCon
     return saved
 
 
+MAX_STEP = 2**31 - 1  # optax counts updates in an int32; no run comes near it
+TRAINER_STATE_KEYS = ("task", "step", "train_config")
+
+
+def resume_info(info, where: str, directory, cfg: TrainConfig | None) -> tuple[str, int, TrainConfig]:
+    """(task, step, TrainConfig) of what a trainer checkpoint in `directory` states about itself in the file
+    `where` (trainer_state.json, trainer_state.pt), checked once for every backend because the file may come
+    from anyone: a known task, a step that is an int in [0, MAX_STEP] (a negative one would give the warm-up
+    a negative learning rate), and its train_config through resume_config (equal to `cfg` when given).
+    CheckpointError naming `where` and the entry."""
+    if not isinstance(info, Mapping) or any(k not in info for k in TRAINER_STATE_KEYS):
+        raise CheckpointError(f"{where}: not a trainer state (needs {', '.join(TRAINER_STATE_KEYS)})")
+    task, step, train_config = (info[k] for k in TRAINER_STATE_KEYS)
+    if not isinstance(task, str) or task not in TASK_HEADS:
+        raise CheckpointError(f"{where}: task={task!r:.100} is not one of {', '.join(TASK_HEADS)}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{where}: step={step!r:.100} is not a number of updates (an int in [0, {MAX_STEP}])")
+    return task, int(step), resume_config(directory, train_config, cfg)
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """The rate of the update that follows `step` completed updates."""
     if step < cfg.warmup_steps:
@@ -142,7 +162,7 @@ EVAL_OUTPUTS = {"causal_lm": (), "sequence_classification": ("logits",),
 
 
 def task_head(task: str) -> Head:
-    if task not in TASK_HEADS:
+    if not isinstance(task, str) or task not in TASK_HEADS:
         raise ValueError(f"task={task!r}; choose one of {', '.join(TASK_HEADS)}")
     return TASK_HEADS[task]
 

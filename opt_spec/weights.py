@@ -192,12 +192,24 @@ class WeightMismatchError(CheckpointError):
         self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)
         lines = [f"{where} does not match the OPT weight table:"]
         if self.missing:
-            lines.append(f"  missing ({len(self.missing)}): " + ", ".join(self.missing))
+            lines.append(f"  missing ({len(self.missing)}): " + _some(self.missing))
         if self.unexpected:
-            lines.append(f"  unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
-        for name, got, want in self.mis_shaped:
-            lines.append(f"  wrong shape: {name} is {tuple(got)}, expected {tuple(want)}")
+            lines.append(f"  unexpected ({len(self.unexpected)}): " + _some(self.unexpected))
+        for name, got, want in self.mis_shaped[:SHOWN_NAMES]:
+            lines.append(f"  wrong shape: {str(name)[:NAME_CHARS]} is {tuple(got)}, expected {tuple(want)}")
+        if len(self.mis_shaped) > SHOWN_NAMES:
+            lines.append(f"  ... and {len(self.mis_shaped) - SHOWN_NAMES} more of the wrong shape")
         super().__init__("\n".join(lines))
+
+
+# A message names at most this many tensors, each cut to NAME_CHARS: a header from a stranger may hold
+# 100,000 tensors with names of any length, and the whole list would be megabytes on one error line.
+SHOWN_NAMES, NAME_CHARS = 20, 200
+
+
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(str(n)[:NAME_CHARS] for n in names[:SHOWN_NAMES])
+    return shown + (f", ... ({len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else "")
 
 
 def check_weights(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head | str = Head.CAUSAL_LM,

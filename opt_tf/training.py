@@ -55,8 +55,9 @@ import tensorflow as tf
 from opt_spec import data as spec_data
 from opt_spec import io as spec_io
 from opt_spec import training as spec_training
+from opt_spec.errors import CheckpointError
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               micro_batch_list, resume_config, task_head)
+                               micro_batch_list, task_head)
 
 from . import fast_paths
 from .checkpoint import variable_map
@@ -389,19 +390,19 @@ class TFTrainer:
                         jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None,
                         gradient_checkpointing: bool = False) -> "TFTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
-        info = _read_info(directory)
-        saved = resume_config(directory, info.get("train_config"), cfg)
-        trainer = cls.from_pretrained(directory, info["task"], saved, jit_compile=jit_compile, strategy=strategy,
+        info, info_path = _read_info(directory)
+        task, step, saved = spec_training.resume_info(info, info_path, directory, cfg)
+        trainer = cls.from_pretrained(directory, task, saved, jit_compile=jit_compile, strategy=strategy,
                                       gradient_checkpointing=gradient_checkpointing)
-        path = os.path.join(os.fspath(directory), OPTIMIZER_FILE)
+        path = spec_io.checkpoint_file(directory, OPTIMIZER_FILE)
         # Files that may come from anyone: read only arrays of exactly this trainer's shapes and dtypes.
         variables = {str(i): (tuple(v.shape), np.dtype(v.dtype)) for i, v in enumerate(trainer.optimizer.variables)}
         trainer.optimizer.load_own_variables(spec_io.read_npz(path, variables))
         rng = trainer.rng.state
-        trainer.rng.reset(spec_io.read_npy(os.path.join(os.fspath(directory), RNG_FILE),
+        trainer.rng.reset(spec_io.read_npy(spec_io.checkpoint_file(directory, RNG_FILE),
                                            (tuple(rng.shape), np.dtype(rng.dtype.as_numpy_dtype))))
-        if trainer.step != info["step"]:
-            raise ValueError(f"{directory}: {OPTIMIZER_FILE} is at step {trainer.step}, {INFO_FILE} at {info['step']}")
+        if trainer.step != step:  # the iteration count drives the schedule and Adam's bias correction
+            raise CheckpointError(f"{directory}: {OPTIMIZER_FILE} is at step {trainer.step}, {INFO_FILE} at {step}")
         return trainer
 
     resume = from_checkpoint
@@ -513,13 +514,14 @@ class TFTrainer:
     save = save_checkpoint
 
 
-def _read_info(directory) -> dict:
+def _read_info(directory) -> tuple[dict, str]:
+    """(trainer_state.json's object, its path) of a TF training checkpoint written by this backend."""
     directory = os.fspath(directory)
-    path = os.path.join(directory, INFO_FILE)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, OPTIMIZER_FILE)):
+    if not all(os.path.lexists(os.path.join(directory, f)) for f in (INFO_FILE, OPTIMIZER_FILE)):
         raise FileNotFoundError(f"{directory} is not a TensorFlow training checkpoint: no {INFO_FILE} / "
                                 f"{OPTIMIZER_FILE}")
-    info = spec_io.json_object(path)  # a checkpoint may come from anyone: bounded size and depth
+    path = spec_io.checkpoint_file(directory, INFO_FILE)  # a checkpoint may come from anyone: inside the folder,
+    info = spec_io.json_object(path)  # bounded size and depth
     if info.get("backend") != "tf":
-        raise ValueError(f"{path}: written by the {info.get('backend')} backend, not tf")
-    return info
+        raise CheckpointError(f"{path}: written by the {info.get('backend')!r:.40} backend, not tf")
+    return info, path

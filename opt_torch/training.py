@@ -55,7 +55,7 @@ from opt_spec.errors import CheckpointError
 from opt_spec.parallel import batch_axis
 from opt_spec.torch_pickle import TorchZipReader
 from opt_spec.training import (CLIP_EPS, TASK_HEADS, TASK_INPUTS, TrainConfig, applies_weight_decay, learning_rate,
-                               loss_count, micro_batch_list, resume_config, task_head)
+                               loss_count, micro_batch_list, task_head)
 
 from . import fast_paths
 from .distributed import VIEW_WARNING
@@ -218,13 +218,12 @@ class Trainer:
                         compile: bool | None = None) -> "Trainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on this mesh or
         on one process, whatever the mesh that saved it."""
-        state = _read_state(directory)
-        saved = resume_config(directory, state.get("train_config"), cfg)
-        model = MODEL_CLASSES[task_head(state["task"])].from_pretrained(directory, device=device,
-                                                                        device_mesh=device_mesh)
-        trainer = cls(model, saved, state["task"], gradient_checkpointing, seed_rng=False, device_mesh=device_mesh,
+        state, path = _read_state(directory)
+        task, step, saved = spec_training.resume_info(state, path, directory, cfg)
+        model = MODEL_CLASSES[task_head(task)].from_pretrained(directory, device=device, device_mesh=device_mesh)
+        trainer = cls(model, saved, task, gradient_checkpointing, seed_rng=False, device_mesh=device_mesh,
                       compile=compile)
-        trainer._load_state(state, directory)
+        trainer._load_state(state, step, directory, path)
         return trainer
 
     # ----------------------------------------------------------------------------------- training
@@ -374,25 +373,77 @@ class Trainer:
         dist.barrier()
         return directory
 
-    def _load_state(self, state: Mapping, directory: str | os.PathLike | None = None) -> None:
+    def _load_state(self, state: Mapping, step: int, directory: str | os.PathLike, path: str) -> None:
+        """The optimizer, schedule and RNG state of trainer_state.pt (`state`, at update `step`), each checked
+        against this trainer's own first: the file may come from anyone."""
+        own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if "optimizer_dcp" in state:
             self._load_dcp_optimizer(directory, state["optimizer_dcp"])
+            counts = [self.optimizer.state[p].get("step") for g in self.optimizer.param_groups for p in g["params"]
+                      if p in self.optimizer.state]
+            if len(counts) != (len(self.params) if step else 0) or any(
+                    not isinstance(c, torch.Tensor) or c.numel() != 1 or _local(c).item() != step for c in counts):
+                raise CheckpointError(f"{path}: optimizer_dcp holds AdamW state whose step counters are not the "
+                                      f"checkpoint's step {step} for each of the {len(self.params)} parameters")
         elif self.mesh is not None:
             raise ValueError(f"{directory}: a single-process checkpoint; resume it without device_mesh (a split "
                              "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
         else:
+            self._check_optimizer_state(state.get("optimizer"), step, f"{path}: optimizer")
             self.optimizer.load_state_dict(state["optimizer"])
-            for group in self.optimizer.param_groups:  # load_state_dict takes the saved groups' flags too
-                group["fused"], group["foreach"] = self.fused or None, None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rngs = state.get("rng_cpu_dp") or [state["rng_cpu"]]
+        for group, settings in zip(self.optimizer.param_groups, own):  # loading takes the file's betas, eps,
+            params = group["params"]  # weight decay and flags: this TrainConfig's are put back
+            group.clear()
+            group.update(settings, params=params)
+        # the schedule is a function of the step (opt_spec.training.learning_rate): the file's own copy is not read
+        self.scheduler.load_state_dict({"last_epoch": step, "_last_lr": [learning_rate(step, self.cfg)] *
+                                        len(self.optimizer.param_groups)})
+        self.step = step
+        rngs = state.get("rng_cpu_dp") or [state.get("rng_cpu")]
+        own = torch.get_rng_state()
+        for i, rng in enumerate(rngs if isinstance(rngs, (list, tuple)) else [rngs]):
+            if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
+                raise CheckpointError(f"{path}: rng_cpu[{i}] is not a CPU generator state ({own.numel()} bytes)")
         if self.dp_index < len(rngs):
             torch.set_rng_state(rngs[self.dp_index])
         else:  # a dp rank the saving run did not have: fresh dropout
             torch.manual_seed(self.cfg.seed + self.dp_index)
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            try:
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            except (RuntimeError, TypeError) as err:
+                raise CheckpointError(f"{path}: rng_cuda is not this machine's CUDA generator states ({err})") from None
+
+    def _check_optimizer_state(self, saved, step: int, where: str) -> None:
+        """What AdamW would hold after `step` updates of this trainer, or a CheckpointError naming the entry:
+        its groups over the same numbers of parameters (their settings are this TrainConfig's, put back after
+        loading), and for every parameter (none before the first update) both moments of its shape and dtype
+        (torch would broadcast a (1,) moment without a word) and a step counter at `step` (AdamW's bias
+        correction)."""
+        mine = self.optimizer.state_dict()["param_groups"]
+        groups, entries = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, Mapping) else (0, 0)
+        if not isinstance(groups, list) or not isinstance(entries, Mapping) or len(groups) != len(mine) or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), list) and len(g["params"]) == len(w["params"])
+                for g, w in zip(groups, mine)):
+            raise CheckpointError(f"{where}: not this trainer's AdamW state ({len(mine)} param_groups of "
+                                  f"{[len(w['params']) for w in mine]} parameters, and a state map)")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+        if set(entries) != (set(range(len(params))) if step else set()):
+            raise CheckpointError(f"{where}: holds the state of {len(entries)} parameters; after {step} updates this "
+                                  f"trainer has {len(params) if step else 0}")
+        for i, entry in entries.items():
+            p = params[i]
+            if not isinstance(entry, Mapping) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise CheckpointError(f"{where}: state[{i}] is not AdamW's (step, exp_avg, exp_avg_sq)")
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = entry[key]
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+                    got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise CheckpointError(f"{where}: state[{i}][{key!r}] is {got}; its parameter is "
+                                          f"{tuple(p.shape)} {p.dtype}")
+            count = entry["step"]
+            if not (isinstance(count, torch.Tensor) and count.numel() == 1 and float(count) == step):
+                raise CheckpointError(f"{where}: state[{i}]['step'] is {count!r:.60}, not the checkpoint's step {step}")
 
     def _load_dcp_optimizer(self, directory, name: str) -> None:
         """The optimizer state of a split trainer's checkpoint, resharded onto this trainer's mesh (or
@@ -411,15 +462,21 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)
 
 
-def _read_state(directory) -> dict:
-    path = os.path.join(os.fspath(directory), STATE_FILE)
-    if not os.path.isfile(path):
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly distributed) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _read_state(directory) -> tuple[dict, str]:
+    """(trainer_state.pt's dict, its path)."""
+    if not os.path.lexists(os.path.join(os.fspath(directory), STATE_FILE)):
         raise FileNotFoundError(f"{directory} is not a training checkpoint: no {STATE_FILE}")
+    path = spec_io.checkpoint_file(directory, STATE_FILE)  # inside the folder, a regular file
     # A checkpoint may come from anyone. torch.load(weights_only=True) runs no code, but it inflates a
     # compressed record whole and trusts the records' sizes: the spec's reader checks the zip, the pickle
     # and every storage record first (CheckpointError naming the record), then torch reads what passed.
     TorchZipReader(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), path
     except Exception as err:
         raise CheckpointError(f"{path}: cannot be read ({err})") from None

@@ -172,10 +172,15 @@ def load_tokenizer(directory: str | None, source: ModelSource, cache_dir: str | 
             raise CLIError(f"--tokenizer {directory}: no tokenizer.json, or vocab.json + merges.txt, there")
         return None
     tokenizer = OPTTokenizer.from_pretrained(where, config=source.config)
-    if tokenizer.vocab_size > source.config.vocab_size:
-        raise CLIError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but the model only "
-                       f"{source.config.vocab_size}: they do not belong together")
+    check_tokenizer_fits(tokenizer, source.config, where)
     return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, config: OPTConfig, where: str) -> None:
+    """A tokenizer with more tokens than the model's embedding rows makes ids the model has no row for."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CLIError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but the model only "
+                       f"{config.vocab_size}: they do not belong together")
 
 
 def with_safetensors(source: ModelSource, console: Console) -> ModelSource:

@@ -49,7 +49,7 @@ import shutil
 import time
 import warnings
 
-from .checkpoints import hub_arguments, resolve_folder
+from .checkpoints import check_tokenizer_fits, hub_arguments, resolve_folder
 from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
@@ -205,7 +205,17 @@ def _keep_metrics_until(path: str, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def _save(trainer, directory: str, model_dir: str, files: bool = True, collective: bool = False) -> None:
+def _tokenizer_files(model_dir: str) -> list[str]:
+    """The model folder's tokenizer files that every checkpoint gets a copy of, each checked by the weights'
+    rule (opt_spec.io.checkpoint_file) before training starts: a `merges.txt -> ~/.ssh/id_rsa` beside a
+    tokenizer.json is never read by the tokenizer, but a copy would put the key into every checkpoint."""
+    from opt_spec.io import checkpoint_file
+
+    return [checkpoint_file(model_dir, name) for name in TOKENIZER_FILES
+            if os.path.lexists(os.path.join(model_dir, name))]
+
+
+def _save(trainer, directory: str, tokenizer_files: list[str], collective: bool = False) -> None:
     """A checkpoint folder, written into a temporary sibling and renamed into place when complete
     (opt_spec.io.atomic_path): a run killed while saving leaves the earlier content of `directory` or
     nothing, never weights without their trainer state nor one save's weights with another's state.
@@ -215,10 +225,8 @@ def _save(trainer, directory: str, model_dir: str, files: bool = True, collectiv
     with contextlib.nullcontext(directory) if collective else atomic_path(directory) as target:
         try:
             trainer.save_checkpoint(target)
-            for name in TOKENIZER_FILES if files else ():  # a checkpoint is a complete Hugging Face folder
-                src = os.path.join(model_dir, name)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(target, name))
+            for src in tokenizer_files:  # a checkpoint is a complete Hugging Face folder
+                shutil.copyfile(src, os.path.join(target, os.path.basename(src)))
         except OSError as err:  # a full disk, a quota: said of the checkpoint, not of a temporary file
             raise OSError(f"{directory}: saving the checkpoint failed ({err})") from None
         except RuntimeError as err:  # torch.save's zip writer reports a failed write as a RuntimeError
@@ -278,6 +286,8 @@ def run(args, console: Console) -> int:
         raise CLIError(f"--seq-len {args.seq_len} is more than the model's max_position_embeddings="
                        f"{config.max_position_embeddings}")
     tokenizer = OPTTokenizer.from_pretrained(args.model, config)
+    check_tokenizer_fits(tokenizer, config, args.model)
+    tokenizer_files = _tokenizer_files(args.model)
 
     options = {}
     if args.task == "causal_lm":
@@ -378,7 +388,7 @@ def run(args, console: Console) -> int:
                 evaluate(step)
                 last_eval = step
             if (chief or collective) and args.save_every and step % args.save_every == 0:
-                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), args.model, files=chief,
+                _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), tokenizer_files if chief else [],
                       collective=collective)
     finally:
         bar.close()
@@ -387,7 +397,7 @@ def run(args, console: Console) -> int:
         evaluate(trainer.step)
     final = os.path.join(args.output, "final")
     if chief or collective:
-        _save(trainer, final, args.model, files=chief, collective=collective)
+        _save(trainer, final, tokenizer_files if chief else [], collective=collective)
     log.close()
     if torch_split and created:
         import torch.distributed as dist

@@ -500,9 +500,9 @@ def test_a_failed_checkpoint_save_leaves_the_earlier_one(tmp_path, error, raised
     (ck / "trainer_state.pt").write_text("old state")
     before = tree(ck)
     with pytest.raises(raised) as err:
-        cli_train._save(_FailingTrainer(error), str(ck), str(tmp_path))
+        cli_train._save(_FailingTrainer(error), str(ck), [])
     assert str(err.value).startswith(f"{ck}: {says}" if raised is OSError else says)
     assert tree(ck) == before and leftovers(ck.parent) == []
     with pytest.raises(raised):
-        cli_train._save(_FailingTrainer(error), str(tmp_path / "run" / "checkpoint-4"), str(tmp_path))
+        cli_train._save(_FailingTrainer(error), str(tmp_path / "run" / "checkpoint-4"), [])
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2"]

@@ -250,6 +250,8 @@ HEADER_ATTACKS = {
     "deep": (lambda h, d: (b"[" * 100_000 + b"]" * 100_000, d), "nested deeper than 64", None),
     "negative-dim": (lambda h, d: (h["a"].update(shape=[-2, -3]) or (h, d)), "negative", "a"),
     "int64-overflow": (lambda h, d: (h["a"].update(shape=[2**40, 2**40, 8]) or (h, d)), "int64", "a"),
+    "empty-but-huge": (lambda h, d: (h.update(e={"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]})
+                                     or (h, d)), "bytes than an int64 can count", "e"),
     "metadata-not-strings": (lambda h, d: (h.update(__metadata__={"format": 1}) or (h, d)), "__metadata__", None),
     "duplicate-key": (lambda h, d: (json.dumps(h).replace('"b":', '"a":').encode(), d), "twice", "a"),
     "unknown-dtype": (lambda h, d: (h["a"].update(dtype="F128") or (h, d)), "dtype", "a"),

@@ -182,7 +182,7 @@ def test_online_lists_the_repo_then_downloads_only_those_files(hub_cache, monkey
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    calls = []
+    calls, snapshot = [], "0" * 40
     listing = ["config.json", "pytorch_model.bin", "model.safetensors", "vocab.json", "merges.txt", "README.md"]
 
     class Api:
@@ -199,11 +199,12 @@ def test_online_lists_the_repo_then_downloads_only_those_files(hub_cache, monkey
         calls.append(("download", repo_id, revision, cache_dir, allow_patterns, local_files_only))
         if local_files_only:
             raise huggingface_hub.utils.LocalEntryNotFoundError("not cached")
-        return "/somewhere"
+        return os.path.join(cache_dir, f"models--{repo_id.replace('/', '--')}", "snapshots", snapshot)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
-    assert hub.resolve_pretrained(REPO, revision="v2", cache_dir="/c", token="t") == "/somewhere"
+    assert hub.resolve_pretrained(REPO, revision="v2", cache_dir="/c", token="t") == \
+        f"/c/models--{REPO.replace('/', '--')}/snapshots/{snapshot}"
     assert calls == [("api", "t"), ("list", REPO, "v2"),
                      ("download", REPO, "v2", "/c", ["config.json", "vocab.json", "merges.txt", "model.safetensors"],
                       False)]
@@ -214,6 +215,10 @@ def test_online_lists_the_repo_then_downloads_only_those_files(hub_cache, monkey
     with pytest.raises(hub.HubModelNotFoundError, match=r"offline/model .*could not be reached \(ConnectionError"):
         hub.resolve_pretrained("offline/model", cache_dir="/c")
     assert calls[-1] == ("download", "offline/model", "main", "/c", None, True)
+    # what huggingface_hub gives must be a snapshot of that repository: it joins refs/<revision>'s text as it is
+    snapshot = "../../../elsewhere"
+    with pytest.raises(hub.HubModelNotFoundError, match="which is not a snapshot of it"):
+        hub.resolve_pretrained(REPO, cache_dir="/c")
 
 
 def test_resolving_an_id_imports_no_framework(offline):

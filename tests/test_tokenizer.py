@@ -134,7 +134,7 @@ def test_missing_files_and_library(dirs, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"merges.txt.*found: vocab.json"):
         OPTTokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("not json")
-    with pytest.raises(ValueError, match="cannot be read as a tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer.json: not valid JSON"):
         OPTTokenizer.from_pretrained(tmp_path)
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if it were not installed
     with pytest.raises(TokenizerUnavailableError, match=r"pip install 'optkit\[tokenizer\]'"):
