@@ -166,7 +166,10 @@ def test_generation_config_cannot_ask_for_unbounded_rows(tmp_path, settings):
     key = next(k for k in settings if k != "do_sample")
     with pytest.raises(ConfigError, match=rf"generation_config.json: {key}=100000000: is more than optkit's maximum"):
         OPTForCausalLM.from_pretrained(tmp_path)
-    assert GenerationConfig(num_beams=MAX_ROWS_PER_PROMPT).num_beams == MAX_ROWS_PER_PROMPT
+    (tmp_path / "generation_config.json").write_text(json.dumps({**settings, key: MAX_ROWS_PER_PROMPT}))
+    assert getattr(OPTForCausalLM.from_pretrained(tmp_path).generation_config, key) == MAX_ROWS_PER_PROMPT
+    # the bound is a file's: a call sizes its own batch, and Hugging Face takes any number (pass@k sampling)
+    assert GenerationConfig(**{**settings, key: 1000}).validate() is None
 
 
 def test_beam_search_with_more_eos_ids_than_continuations_is_refused_in_words(tmp_path):
