@@ -283,9 +283,23 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, m
     assert sorted(os.listdir(tmp_path)) == ["src"]
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2 + 64))
     assert run_main(capsys, "convert", src, tmp_path / "dst", "--quiet", "--dtype", "float16")[0] == 0
-    # a save over the same files needs only what it adds: the same weights again fit in no free space at all
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 0))
-    spec_io.save_safetensors_dir(src, random_weights(config, seed=1), config.to_dict())
+    # A save over the same files writes each into a temporary sibling renamed onto the old file, whose space is
+    # freed only then: the same weights again need room for one file, or (sharded) for the largest shard.
+    before, weights = tree(src), random_weights(config, seed=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need - 1))
+    with pytest.raises(OSError, match="the weights need .* GB free; nothing was written"):
+        spec_io.save_safetensors_dir(src, weights, config.to_dict())
+    assert tree(src) == before
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need))
+    spec_io.save_safetensors_dir(src, weights, config.to_dict())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    spec_io.save_safetensors_dir(tmp_path / "sharded", weights, config.to_dict(), max_shard_size=need // 3)
+    shards = spec_io.plan_shards([(n, a.nbytes) for n, a in weights.items()], need // 3)
+    largest = max(sum(weights[n].nbytes for n in shard) for shard in shards)
+    assert len(shards) > 2 and largest < need // 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, largest))
+    spec_io.save_safetensors_dir(tmp_path / "sharded", random_weights(config, seed=2), config.to_dict(),
+                                 max_shard_size=need // 3)
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
