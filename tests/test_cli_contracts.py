@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,7 +265,6 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, m
     """The free space is asked before the first byte: a 350 GB conversion onto a disk with less would fail at
     its last shard (and HDF5 may crash on a full disk). Within the space, both writes go on as before."""
     import collections
-    import shutil
 
     src, config = tmp_path / "src", VARIANTS["pre_ln"]
     spec_io.save_safetensors_dir(src, random_weights(config), config.to_dict())
@@ -454,6 +454,11 @@ def test_train_never_overwrites_a_run_and_resumes_in_place(tiny_model, tmp_path,
     assert err == (f"optkit train: error: --output {out} already holds a training run (metrics.jsonl, final, "
                    f"checkpoint-1, checkpoint-2, ...); nothing was changed: continue it with --resume "
                    f"{out}/checkpoint-3, or choose another --output\n")
+
+    # Another run's checkpoint resumed into this --output would overwrite it piecemeal just the same.
+    shutil.copytree(out / "checkpoint-1", tmp_path / "elsewhere")
+    code, _, err = run_main(capsys, *_train(tiny_model, out, "--resume", tmp_path / "elsewhere"))
+    assert code == 2 and tree(out) == before and f"--output {out} already holds a training run" in err, err
 
     # Other settings on resume: the user's mistake (exit 2), naming the option, not an internal error.
     code, _, err = run_main(capsys, *_train(tiny_model, out, "--resume", out / "checkpoint-1", "--lr", "1e-3"))
