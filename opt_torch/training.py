@@ -399,18 +399,22 @@ class Trainer:
         self.scheduler.load_state_dict({"last_epoch": step, "_last_lr": [learning_rate(step, self.cfg)] *
                                         len(self.optimizer.param_groups)})
         self.step = step
-        rngs = state.get("rng_cpu_dp") or [state.get("rng_cpu")]
+        rngs, cuda = state.get("rng_cpu_dp"), state.get("rng_cuda")  # rng_cpu_dp: each dp rank's, of a split save
+        for key, value in (("rng_cpu_dp", rngs), ("rng_cuda", cuda)):
+            if value is not None and not isinstance(value, (list, tuple)):  # a tensor's truth value is an error
+                raise CheckpointError(f"{path}: {key} is not a list of generator states")
+        rngs = rngs or [state.get("rng_cpu")]
         own = torch.get_rng_state()
-        for i, rng in enumerate(rngs if isinstance(rngs, (list, tuple)) else [rngs]):
+        for i, rng in enumerate(rngs):
             if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
                 raise CheckpointError(f"{path}: rng_cpu[{i}] is not a CPU generator state ({own.numel()} bytes)")
         if self.dp_index < len(rngs):
             torch.set_rng_state(rngs[self.dp_index])
         else:  # a dp rank the saving run did not have: fresh dropout
             torch.manual_seed(self.cfg.seed + self.dp_index)
-        if state.get("rng_cuda") and torch.cuda.is_available():
+        if cuda and torch.cuda.is_available():
             try:
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
+                torch.cuda.set_rng_state_all(cuda)
             except (RuntimeError, TypeError) as err:
                 raise CheckpointError(f"{path}: rng_cuda is not this machine's CUDA generator states ({err})") from None
 

@@ -202,6 +202,9 @@ RESUME_ATTACKS = {
                    "not the checkpoint's step 1"),
     "no-moments": (lambda s: s["optimizer"].update(state={}), "holds the state of 0 parameters"),
     "rng": (lambda s: s.update(rng_cpu=torch.zeros(3, dtype=torch.uint8)), "rng_cpu[0] is not a CPU generator state"),
+    # a tensor where a list belongs: its truth value is a RuntimeError, which escaped as an internal error
+    "rng-dp-tensor": (lambda s: s.update(rng_cpu_dp=torch.zeros(2)), "rng_cpu_dp is not a list of generator states"),
+    "rng-cuda-tensor": (lambda s: s.update(rng_cuda=torch.zeros(2)), "rng_cuda is not a list of generator states"),
 }
 
 
