@@ -199,8 +199,13 @@ RESUME_ATTACKS = {
     "moment-float64": (lambda s: s["optimizer"]["state"][0].update(exp_avg_sq=torch.zeros(96, 32, dtype=torch.float64)),
                        "torch.float64"),
     "adam-count": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(-1e30)),
-                   "not the checkpoint's step 1"),
-    "no-moments": (lambda s: s["optimizer"].update(state={}), "holds the state of 0 parameters"),
+                   "not a count of updates in [1, 1]"),
+    "adam-count-ahead": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(2.0)),
+                         "not a count of updates in [1, 1]"),
+    "foreign-parameter": (lambda s: s["optimizer"]["state"].update({999: s["optimizer"]["state"][0]}),
+                          "holds the state of parameters this trainer does not have"),
+    "float-parameter-number": (lambda s: s["optimizer"]["state"].update({0.0: s["optimizer"]["state"].pop(0)}),
+                               "holds the state of parameters this trainer does not have"),
     "rng": (lambda s: s.update(rng_cpu=torch.zeros(3, dtype=torch.uint8)), "rng_cpu[0] is not a CPU generator state"),
     # a tensor where a list belongs: its truth value is a RuntimeError, which escaped as an internal error
     "rng-dp-tensor": (lambda s: s.update(rng_cpu_dp=torch.zeros(2)), "rng_cpu_dp is not a list of generator states"),
@@ -301,7 +306,7 @@ def test_torch_split_optimizer_state_gets_the_same_checks(tmp_path, torch_checkp
     resumed = Trainer.from_checkpoint(folder("settings", settings))
     assert all(g["betas"] == (cfg.adam_beta1, cfg.adam_beta2) for g in resumed.optimizer.param_groups)
     first = next(iter(template["state"]))
-    with pytest.raises(CheckpointError, match="optimizer_dcp holds AdamW state whose step counters are not"):
+    with pytest.raises(CheckpointError, match="optimizer_dcp holds AdamW state whose step counters are not counts"):
         Trainer.from_checkpoint(folder("count", lambda o: o["state"][first].update(step=torch.tensor(-1e30))))
 
 
