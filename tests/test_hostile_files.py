@@ -34,17 +34,13 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 @pytest.fixture(scope="module")
 def tok_files(tmp_path_factory):
     """{name: bytes} of a small byte-level BPE tokenizer with OPT's special ids, in both file formats."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Hello, my name is Ada.", "The quick brown fox jumps over the lazy dog."] * 4, trainer)
+    from tests.test_data import build_tokenizer
+
     root = tmp_path_factory.mktemp("tok")
-    tok.model.save(str(root))
-    tok.save(str(root / "tokenizer.json"))
+    build_tokenizer(root)  # tokenizer.json, 300 tokens
+    Tokenizer.from_file(str(root / "tokenizer.json")).model.save(str(root))  # vocab.json + merges.txt
     (root / "tokenizer_config.json").write_text(json.dumps({"padding_side": "left"}))
     (root / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
     return {name: (root / name).read_bytes() for name in TOKENIZER_FILES}
