@@ -183,7 +183,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             elif os.path.lexists(path) and replaced_whole:
                 old = tmp + ".old"
                 os.replace(path, old)
-                os.replace(target, path)
+                try:
+                    os.replace(target, path)
+                except BaseException:  # Ctrl-C included: `path` keeps its old content, as on any other error
+                    os.replace(old, path)
+                    raise
                 _remove(old)
             else:
                 os.replace(target, path)

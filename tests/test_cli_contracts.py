@@ -125,6 +125,28 @@ def test_atomic_path_cleans_up_what_a_killed_writer_left(tmp_path):
     assert (tmp_path / "dst").read_text() == "old" and not [n for n in os.listdir(tmp_path) if "dst." in n]
 
 
+def test_an_error_between_the_two_renames_puts_the_old_content_back(tmp_path, monkeypatch):
+    """A folder is replaced in two renames (the old one aside, the new one in): Ctrl-C or an error after the
+    first left the destination missing, its content under a temporary name that only another process's
+    next write put back."""
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "w.bin").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(src) == "out":  # the new content's rename
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with spec_io.atomic_path(tmp_path / "dst") as tmp:
+            os.makedirs(tmp)
+            open(os.path.join(tmp, "w.bin"), "w").write("new")
+    assert os.listdir(tmp_path) == ["dst"] and os.listdir(tmp_path / "dst") == ["w.bin"]
+    assert (tmp_path / "dst" / "w.bin").read_text() == "old"
+
+
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_a_writer_that_must_not_overwrite_loses_to_one_that_finished_first(tmp_path, kind):
     """Without overwrite, the destination is checked at the start and again in the final rename itself: a
