@@ -17,8 +17,9 @@ keys optkit does not use included. The length limit: max_new_tokens; else max_le
 length T (the padded length, Hugging Face's meaning; max_new_tokens wins when both are given); else 20
 new tokens, fewer if the model's positions end sooner. A config's max_length of exactly 20 counts as
 unset, since Hugging Face cannot tell it from its default. top_k defaults to 50, as in Hugging Face.
-num_beams and num_return_sequences are at most MAX_ROWS_PER_PROMPT (256; each row is a cache of its own,
-and a generation_config.json could otherwise ask for any number).
+In a generation_config.json file, num_beams and num_return_sequences are at most MAX_ROWS_PER_PROMPT (256;
+each row is a cache of its own, and a stranger's file could otherwise ask for any number); a call may ask
+for more, as it may pass a batch of any size.
 Hugging Face settings optkit does not implement (UNSUPPORTED: early_stopping, bad_words_ids, ...) are
 refused in a call unless at their default value, and ignored with a warning in a file; keys nobody
 knows are an error in a call (TypeError) and kept in a file (`extra`), as Hugging Face keeps them.
@@ -168,10 +169,6 @@ class GenerationConfig:
             value = getattr(self, name)
             if not is_int(value) or value < least:
                 fail(name, f"must be an int >= {least}")
-        for name in ("num_beams", "num_return_sequences"):
-            if getattr(self, name) > MAX_ROWS_PER_PROMPT:
-                fail(name, f"is more than optkit's maximum {MAX_ROWS_PER_PROMPT} decoding rows per prompt "
-                           "(opt_spec.generation.MAX_ROWS_PER_PROMPT)")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             fail("do_sample", "must be true or false")
         for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
@@ -298,9 +295,15 @@ class GenerationConfig:
         path = checkpoint_file(directory, GENERATION_CONFIG_NAME)
         data = json_object(path)
         try:
-            return cls.from_dict(data, strict=False, where=path)
+            cfg = cls.from_dict(data, strict=False, where=path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        for name in ("num_beams", "num_return_sequences"):  # the caches generate would allocate for a file's rows
+            if getattr(cfg, name) > MAX_ROWS_PER_PROMPT:
+                raise ConfigError(f"{path}: {name}={getattr(cfg, name)}: is more than optkit's maximum "
+                                  f"{MAX_ROWS_PER_PROMPT} decoding rows per prompt in a file "
+                                  "(opt_spec.generation.MAX_ROWS_PER_PROMPT)")
+        return cfg
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Writes generation_config.json into `directory` (atomically); returns its path."""

@@ -183,7 +183,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             elif os.path.lexists(path) and replaced_whole:
                 old = tmp + ".old"
                 os.replace(path, old)
-                os.replace(target, path)
+                try:
+                    os.replace(target, path)
+                except BaseException:  # Ctrl-C included: `path` keeps its old content, as on any other error
+                    os.replace(old, path)
+                    raise
                 _remove(old)
             else:
                 os.replace(target, path)
@@ -772,11 +776,16 @@ _WEIGHT_FILE = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(
                           r"(\.index\.json)?|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json")
 
 
-def check_room_to_save(directory: str | os.PathLike, names: Iterable[str], nbytes: int) -> None:
-    """check_free_space for a save of `nbytes` into `names` of `directory`: each file is replaced as the save
-    goes, so the space the same-named files of an earlier save take counts as free."""
-    replaced = sum(os.path.getsize(p) for p in (os.path.join(directory, n) for n in names) if os.path.isfile(p))
-    check_free_space(directory, nbytes - replaced)
+def check_room_to_save(directory: str | os.PathLike, sizes: Mapping[str, int]) -> None:
+    """check_free_space for a save that writes the files {name: bytes} of `directory` in this order, each into
+    a temporary sibling renamed onto the earlier save's file of that name: that old file's space is free only
+    after the rename, so the need is the peak, over the files, of what the save has added while writing one."""
+    need = added = 0
+    for name, nbytes in sizes.items():
+        need = max(need, added + nbytes)
+        old = os.path.join(directory, name)  # a symlink's target (a hub blob) is not freed by replacing it
+        added += nbytes - (os.path.getsize(old) if os.path.isfile(old) and not os.path.islink(old) else 0)
+    check_free_space(directory, need)
 
 
 def stale_weight_files(directory: str, keep: Iterable[str]) -> list[str]:
@@ -811,7 +820,8 @@ def save_safetensors_entries(directory: str | os.PathLike, entries: Iterable[Ten
         files = {SAFE_WEIGHTS_NAME: shards[0]}
     else:
         files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
-    check_room_to_save(directory, files, sum(b for _, b in sizes))
+    nbytes = dict(sizes)
+    check_room_to_save(directory, {f: sum(nbytes[n] for n in shard) for f, shard in files.items()})
     stale = stale_weight_files(directory, keep=[*files, SAFE_INDEX_NAME] if len(files) > 1 else files)
     for fname, shard in files.items():
         with atomic_path(os.path.join(directory, fname)) as tmp:

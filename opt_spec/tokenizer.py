@@ -123,7 +123,9 @@ def _tokenizer_text(path: str) -> str:
         stack = [value.get(key)]
         while stack:
             part = stack.pop()
-            kind = part.get("type") if isinstance(part, dict) else part  # a dict without a type is refused too
+            kind = part.get("type") if isinstance(part, dict) else part  # a dict without a type is refused too,
+            if key == "model" and isinstance(part, dict) and "type" not in part:  # but a model: older `tokenizers`
+                kind = "BPE"  # releases wrote none, and the library infers it; from_pretrained checks it built a BPE
             parts = [part.get(k) for k in ("normalizers", "pretokenizers", "processors", "decoders")
                      if k in part] if kind == "Sequence" and key != "model" else None
             if parts is not None and all(isinstance(p, list) for p in parts):
@@ -220,6 +222,9 @@ class OPTTokenizer:
                 tokenizer = tk.Tokenizer.from_str(text)
             except Exception as err:  # the library raises a bare Exception on bad files
                 raise CheckpointError(f"{files['tokenizer']}: cannot be read as a tokenizer ({err})") from None
+            if not isinstance(tokenizer.model, tk.models.BPE):  # a model without a type: what the library made of it
+                raise CheckpointError(f"{files['tokenizer']}: model {type(tokenizer.model).__name__} is not part of "
+                                      "OPT's byte-level BPE (allowed: BPE)")
             tokenizer.no_padding()      # we pad (on the left) ourselves
             tokenizer.no_truncation()
         else:

@@ -177,7 +177,8 @@ def _save_torch_bin(path: str, tensors: dict[str, torch.Tensor], config_dict: di
         files = {spec_io.TORCH_WEIGHTS_NAME: shards[0]}
     else:
         files = {f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin": s for i, s in enumerate(shards)}
-    spec_io.check_room_to_save(path, files, sum(b for _, b in sizes))
+    nbytes = dict(sizes)
+    spec_io.check_room_to_save(path, {f: sum(nbytes[n] for n in shard) for f, shard in files.items()})
     stale = spec_io.stale_weight_files(path, keep=[*files, spec_io.TORCH_INDEX_NAME] if len(files) > 1 else files)
     for fname, shard in files.items():
         with spec_io.atomic_path(os.path.join(path, fname)) as tmp:

@@ -381,10 +381,9 @@ class Trainer:
             self._load_dcp_optimizer(directory, state["optimizer_dcp"])
             counts = [self.optimizer.state[p].get("step") for g in self.optimizer.param_groups for p in g["params"]
                       if p in self.optimizer.state]
-            if len(counts) != (len(self.params) if step else 0) or any(
-                    not isinstance(c, torch.Tensor) or c.numel() != 1 or _local(c).item() != step for c in counts):
-                raise CheckpointError(f"{path}: optimizer_dcp holds AdamW state whose step counters are not the "
-                                      f"checkpoint's step {step} for each of the {len(self.params)} parameters")
+            if not all(_update_count(c, step) for c in counts):
+                raise CheckpointError(f"{path}: optimizer_dcp holds AdamW state whose step counters are not counts "
+                                      f"of updates in [1, {step}] (the checkpoint's step {step})")
         elif self.mesh is not None:
             raise ValueError(f"{directory}: a single-process checkpoint; resume it without device_mesh (a split "
                              "trainer reads the optimizer state that split trainers save, trainer_state.dcp)")
@@ -399,27 +398,30 @@ class Trainer:
         self.scheduler.load_state_dict({"last_epoch": step, "_last_lr": [learning_rate(step, self.cfg)] *
                                         len(self.optimizer.param_groups)})
         self.step = step
-        rngs = state.get("rng_cpu_dp") or [state.get("rng_cpu")]
+        rngs, cuda = state.get("rng_cpu_dp"), state.get("rng_cuda")  # rng_cpu_dp: each dp rank's, of a split save
+        for key, value in (("rng_cpu_dp", rngs), ("rng_cuda", cuda)):
+            if value is not None and not isinstance(value, (list, tuple)):  # a tensor's truth value is an error
+                raise CheckpointError(f"{path}: {key} is not a list of generator states")
+        rngs = rngs or [state.get("rng_cpu")]
         own = torch.get_rng_state()
-        for i, rng in enumerate(rngs if isinstance(rngs, (list, tuple)) else [rngs]):
+        for i, rng in enumerate(rngs):
             if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
                 raise CheckpointError(f"{path}: rng_cpu[{i}] is not a CPU generator state ({own.numel()} bytes)")
         if self.dp_index < len(rngs):
             torch.set_rng_state(rngs[self.dp_index])
         else:  # a dp rank the saving run did not have: fresh dropout
             torch.manual_seed(self.cfg.seed + self.dp_index)
-        if state.get("rng_cuda") and torch.cuda.is_available():
+        if cuda and torch.cuda.is_available():
             try:
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
+                torch.cuda.set_rng_state_all(cuda)
             except (RuntimeError, TypeError) as err:
                 raise CheckpointError(f"{path}: rng_cuda is not this machine's CUDA generator states ({err})") from None
 
     def _check_optimizer_state(self, saved, step: int, where: str) -> None:
         """What AdamW would hold after `step` updates of this trainer, or a CheckpointError naming the entry:
         its groups over the same numbers of parameters (their settings are this TrainConfig's, put back after
-        loading), and for every parameter (none before the first update) both moments of its shape and dtype
-        (torch would broadcast a (1,) moment without a word) and a step counter at `step` (AdamW's bias
-        correction)."""
+        loading), and for each parameter it holds state of (those that had a gradient) both moments of its shape
+        and dtype (torch would broadcast a (1,) moment without a word) and a step counter (_update_count)."""
         mine = self.optimizer.state_dict()["param_groups"]
         groups, entries = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, Mapping) else (0, 0)
         if not isinstance(groups, list) or not isinstance(entries, Mapping) or len(groups) != len(mine) or not all(
@@ -428,9 +430,9 @@ class Trainer:
             raise CheckpointError(f"{where}: not this trainer's AdamW state ({len(mine)} param_groups of "
                                   f"{[len(w['params']) for w in mine]} parameters, and a state map)")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-        if set(entries) != (set(range(len(params))) if step else set()):
-            raise CheckpointError(f"{where}: holds the state of {len(entries)} parameters; after {step} updates this "
-                                  f"trainer has {len(params) if step else 0}")
+        if not all(isinstance(i, int) and 0 <= i < len(params) for i in entries):
+            raise CheckpointError(f"{where}: holds the state of parameters this trainer does not have (it has "
+                                  f"{len(params)}, numbered from 0)")
         for i, entry in entries.items():
             p = params[i]
             if not isinstance(entry, Mapping) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
@@ -442,8 +444,9 @@ class Trainer:
                     raise CheckpointError(f"{where}: state[{i}][{key!r}] is {got}; its parameter is "
                                           f"{tuple(p.shape)} {p.dtype}")
             count = entry["step"]
-            if not (isinstance(count, torch.Tensor) and count.numel() == 1 and float(count) == step):
-                raise CheckpointError(f"{where}: state[{i}]['step'] is {count!r:.60}, not the checkpoint's step {step}")
+            if not _update_count(count, step):
+                raise CheckpointError(f"{where}: state[{i}]['step'] is {count!r:.60}, not a count of updates in "
+                                      f"[1, {step}] (the checkpoint's step {step})")
 
     def _load_dcp_optimizer(self, directory, name: str) -> None:
         """The optimizer state of a split trainer's checkpoint, resharded onto this trainer's mesh (or
@@ -460,6 +463,16 @@ class Trainer:
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to fill: this run's shards
         dcp_load({"optimizer": optimizer}, path, single_process=self.mesh is None)  # runs no code from the files
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)
+
+
+def _update_count(count, step: int) -> bool:
+    """Whether `count` is an AdamW step counter of a trainer `step` updates in: a one-element tensor holding an
+    int in [1, step] (it decides the bias correction). Below `step` for a parameter without a gradient in some
+    updates (LayerDrop skipped its layer): AdamW left it alone then, counter included."""
+    if not (isinstance(count, torch.Tensor) and count.numel() == 1):
+        return False
+    value = float(_local(count).item())
+    return value.is_integer() and 1 <= value <= step
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ OUTPUT/checkpoint-STEP every --save-every updates and OUTPUT/final: Hugging Face
 tokenizer files) plus the backend's optimizer, schedule and RNG state, each written into a temporary
 sibling and renamed into place when complete. --resume CHECKPOINT continues such a run exactly (same
 settings, else exit 2 naming the options; the batches continue where they stopped). An OUTPUT holding an
-earlier run (metrics.jsonl, checkpoint-N, final) is refused unless --resume is given; resuming in the run's
-own folder drops the metrics records it wrote after the checkpoint's step.
+earlier run (metrics.jsonl, checkpoint-N, final) is refused unless --resume names one of its checkpoints;
+resuming in the run's own folder drops the metrics records it wrote after the checkpoint's step.
 
 --replicas N (tf backend): data parallelism with tf.distribute, MirroredStrategy over N local devices
 (the first N GPUs, or N logical devices carved from the CPU), or MultiWorkerMirroredStrategy across
@@ -186,6 +186,12 @@ def _refuse_earlier_run(output: str) -> None:
                        f"{', ...' if len(found) > 4 else ''}); nothing was changed: {hint}choose another --output")
 
 
+def _continues_run_in(resume: str | None, output: str) -> bool:
+    """Whether --resume names a checkpoint of the run in --output (OUTPUT/checkpoint-N): only that run is
+    continued in place; another run's checkpoint resumed into it would overwrite it piecemeal too."""
+    return bool(resume) and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(output)
+
+
 def _keep_metrics_until(path: str, step: int) -> None:
     """Resuming at `step` in the folder of the run that wrote `path`: the records that run wrote after
     `step` (it went on before it stopped) are dropped, so the file tells one history, not two."""
@@ -326,7 +332,7 @@ def run(args, console: Console) -> int:
         from .runners import flax_mesh, mesh_option
 
         kwargs["mesh"] = flax_mesh(mesh_option(args.mesh, args.backend))
-    if chief and not args.resume:  # the one process that writes metrics checks (the others write no run files)
+    if chief and not _continues_run_in(args.resume, args.output):  # the one process that writes run files checks
         _refuse_earlier_run(args.output)
     with console.step(f"loading the {args.backend} trainer"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,28 @@ def test_atomic_path_cleans_up_what_a_killed_writer_left(tmp_path):
         with spec_io.atomic_path(tmp_path / "dst", overwrite=False):
             pass
     assert (tmp_path / "dst").read_text() == "old" and not [n for n in os.listdir(tmp_path) if "dst." in n]
+
+
+def test_an_error_between_the_two_renames_puts_the_old_content_back(tmp_path, monkeypatch):
+    """A folder is replaced in two renames (the old one aside, the new one in): Ctrl-C or an error after the
+    first left the destination missing, its content under a temporary name that only another process's
+    next write put back."""
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "w.bin").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(src) == "out":  # the new content's rename
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with spec_io.atomic_path(tmp_path / "dst") as tmp:
+            os.makedirs(tmp)
+            open(os.path.join(tmp, "w.bin"), "w").write("new")
+    assert os.listdir(tmp_path) == ["dst"] and os.listdir(tmp_path / "dst") == ["w.bin"]
+    assert (tmp_path / "dst" / "w.bin").read_text() == "old"
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
@@ -264,7 +287,6 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, m
     """The free space is asked before the first byte: a 350 GB conversion onto a disk with less would fail at
     its last shard (and HDF5 may crash on a full disk). Within the space, both writes go on as before."""
     import collections
-    import shutil
 
     src, config = tmp_path / "src", VARIANTS["pre_ln"]
     spec_io.save_safetensors_dir(src, random_weights(config), config.to_dict())
@@ -283,9 +305,23 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, m
     assert sorted(os.listdir(tmp_path)) == ["src"]
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2 + 64))
     assert run_main(capsys, "convert", src, tmp_path / "dst", "--quiet", "--dtype", "float16")[0] == 0
-    # a save over the same files needs only what it adds: the same weights again fit in no free space at all
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 0))
-    spec_io.save_safetensors_dir(src, random_weights(config, seed=1), config.to_dict())
+    # A save over the same files writes each into a temporary sibling renamed onto the old file, whose space is
+    # freed only then: the same weights again need room for one file, or (sharded) for the largest shard.
+    before, weights = tree(src), random_weights(config, seed=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need - 1))
+    with pytest.raises(OSError, match="the weights need .* GB free; nothing was written"):
+        spec_io.save_safetensors_dir(src, weights, config.to_dict())
+    assert tree(src) == before
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need))
+    spec_io.save_safetensors_dir(src, weights, config.to_dict())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    spec_io.save_safetensors_dir(tmp_path / "sharded", weights, config.to_dict(), max_shard_size=need // 3)
+    shards = spec_io.plan_shards([(n, a.nbytes) for n, a in weights.items()], need // 3)
+    largest = max(sum(weights[n].nbytes for n in shard) for shard in shards)
+    assert len(shards) > 2 and largest < need // 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, largest))
+    spec_io.save_safetensors_dir(tmp_path / "sharded", random_weights(config, seed=2), config.to_dict(),
+                                 max_shard_size=need // 3)
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
@@ -440,6 +476,11 @@ def test_train_never_overwrites_a_run_and_resumes_in_place(tiny_model, tmp_path,
     assert err == (f"optkit train: error: --output {out} already holds a training run (metrics.jsonl, final, "
                    f"checkpoint-1, checkpoint-2, ...); nothing was changed: continue it with --resume "
                    f"{out}/checkpoint-3, or choose another --output\n")
+
+    # Another run's checkpoint resumed into this --output would overwrite it piecemeal just the same.
+    shutil.copytree(out / "checkpoint-1", tmp_path / "elsewhere")
+    code, _, err = run_main(capsys, *_train(tiny_model, out, "--resume", tmp_path / "elsewhere"))
+    assert code == 2 and tree(out) == before and f"--output {out} already holds a training run" in err, err
 
     # Other settings on resume: the user's mistake (exit 2), naming the option, not an internal error.
     code, _, err = run_main(capsys, *_train(tiny_model, out, "--resume", out / "checkpoint-1", "--lr", "1e-3"))

@@ -34,17 +34,13 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 @pytest.fixture(scope="module")
 def tok_files(tmp_path_factory):
     """{name: bytes} of a small byte-level BPE tokenizer with OPT's special ids, in both file formats."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Hello, my name is Ada.", "The quick brown fox jumps over the lazy dog."] * 4, trainer)
+    from tests.test_data import build_tokenizer
+
     root = tmp_path_factory.mktemp("tok")
-    tok.model.save(str(root))
-    tok.save(str(root / "tokenizer.json"))
+    build_tokenizer(root)  # tokenizer.json, 300 tokens
+    Tokenizer.from_file(str(root / "tokenizer.json")).model.save(str(root))  # vocab.json + merges.txt
     (root / "tokenizer_config.json").write_text(json.dumps({"padding_side": "left"}))
     (root / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
     return {name: (root / name).read_bytes() for name in TOKENIZER_FILES}
@@ -166,7 +162,10 @@ def test_generation_config_cannot_ask_for_unbounded_rows(tmp_path, settings):
     key = next(k for k in settings if k != "do_sample")
     with pytest.raises(ConfigError, match=rf"generation_config.json: {key}=100000000: is more than optkit's maximum"):
         OPTForCausalLM.from_pretrained(tmp_path)
-    assert GenerationConfig(num_beams=MAX_ROWS_PER_PROMPT).num_beams == MAX_ROWS_PER_PROMPT
+    (tmp_path / "generation_config.json").write_text(json.dumps({**settings, key: MAX_ROWS_PER_PROMPT}))
+    assert getattr(OPTForCausalLM.from_pretrained(tmp_path).generation_config, key) == MAX_ROWS_PER_PROMPT
+    # the bound is a file's: a call sizes its own batch, and Hugging Face takes any number (pass@k sampling)
+    assert GenerationConfig(**{**settings, key: 1000}).validate() is None
 
 
 def test_beam_search_with_more_eos_ids_than_continuations_is_refused_in_words(tmp_path):
@@ -196,9 +195,17 @@ RESUME_ATTACKS = {
     "moment-float64": (lambda s: s["optimizer"]["state"][0].update(exp_avg_sq=torch.zeros(96, 32, dtype=torch.float64)),
                        "torch.float64"),
     "adam-count": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(-1e30)),
-                   "not the checkpoint's step 1"),
-    "no-moments": (lambda s: s["optimizer"].update(state={}), "holds the state of 0 parameters"),
+                   "not a count of updates in [1, 1]"),
+    "adam-count-ahead": (lambda s: s["optimizer"]["state"][0].update(step=torch.tensor(2.0)),
+                         "not a count of updates in [1, 1]"),
+    "foreign-parameter": (lambda s: s["optimizer"]["state"].update({999: s["optimizer"]["state"][0]}),
+                          "holds the state of parameters this trainer does not have"),
+    "float-parameter-number": (lambda s: s["optimizer"]["state"].update({0.0: s["optimizer"]["state"].pop(0)}),
+                               "holds the state of parameters this trainer does not have"),
     "rng": (lambda s: s.update(rng_cpu=torch.zeros(3, dtype=torch.uint8)), "rng_cpu[0] is not a CPU generator state"),
+    # a tensor where a list belongs: its truth value is a RuntimeError, which escaped as an internal error
+    "rng-dp-tensor": (lambda s: s.update(rng_cpu_dp=torch.zeros(2)), "rng_cpu_dp is not a list of generator states"),
+    "rng-cuda-tensor": (lambda s: s.update(rng_cuda=torch.zeros(2)), "rng_cuda is not a list of generator states"),
 }
 
 
@@ -295,7 +302,7 @@ def test_torch_split_optimizer_state_gets_the_same_checks(tmp_path, torch_checkp
     resumed = Trainer.from_checkpoint(folder("settings", settings))
     assert all(g["betas"] == (cfg.adam_beta1, cfg.adam_beta2) for g in resumed.optimizer.param_groups)
     first = next(iter(template["state"]))
-    with pytest.raises(CheckpointError, match="optimizer_dcp holds AdamW state whose step counters are not"):
+    with pytest.raises(CheckpointError, match="optimizer_dcp holds AdamW state whose step counters are not counts"):
         Trainer.from_checkpoint(folder("count", lambda o: o["state"][first].update(step=torch.tensor(-1e30))))
 
 

@@ -127,6 +127,22 @@ def test_special_ids_come_from_config(dirs, tmp_path):
     assert tok(["a", "dog jumps"], padding=True, return_tensors="np")["input_ids"][0, 0] == 3
 
 
+def test_a_tokenizer_json_whose_model_states_no_type_is_read_as_bpe(dirs, tmp_path):
+    """Older `tokenizers` releases wrote the model without its "type"; the library infers it from the keys.
+    Such a file reads to the same ids; one the library makes into another model (WordLevel here) is refused."""
+    from opt_spec.errors import CheckpointError
+
+    data = json.loads((dirs["json"] / "tokenizer.json").read_text())
+    del data["model"]["type"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    ours, typed = OPTTokenizer.from_pretrained(tmp_path), OPTTokenizer.from_pretrained(dirs["json"])
+    assert [ours.encode(t) for t in TEXTS] == [typed.encode(t) for t in TEXTS]
+    data["model"] = {"vocab": {"a": 0, "<unk>": 1}, "unk_token": "<unk>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="tokenizer.json: model WordLevel is not part of OPT's byte-level BPE"):
+        OPTTokenizer.from_pretrained(tmp_path)
+
+
 def test_missing_files_and_library(dirs, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         OPTTokenizer.from_pretrained(tmp_path / "nope")
