@@ -25,7 +25,9 @@ from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load
 from opt_spec import io as spec_io
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.hub import resolve_pretrained
-from opt_spec.inputs import check_positions, check_seed, check_token_ids
+from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
+                             check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
+                             check_span_positions, check_token_ids, is_integer_dtype, not_integers)
 from opt_spec.surface import dtype_argument
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
@@ -129,6 +131,19 @@ def _set_path(params: dict, path: tuple[str, ...], value) -> None:
 
 def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def _dtype(x):
+    """An input's dtype (lists and scalars as NumPy reads them)."""
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _host_values(x):
+    """An input's values as NumPy for a host check (None for a traced one); half precision as float32."""
+    if _is_tracer(x):
+        return None
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
 
 
 # ------------------------------------------------------------------------------------- the models
@@ -265,14 +280,34 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             return zeros_cache(self, batch_size, max_length)
         return KVCache.zeros(self.config, batch_size, max_length, self.dtype)
 
-    def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
-        """Eager checks with messages naming the problem (skipped for traced values under jit)."""
+    def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds=None,
+                      labels=None, spans=None) -> None:
+        """Checks with messages naming the problem (opt_spec.inputs): shapes and dtypes always, values eagerly
+        (under jit they are traced). labels: the head's (causal LM or classification); spans: QA's
+        (start_positions, end_positions)."""
         config = self.config
-        if input_ids is not None and not _is_tracer(input_ids):
-            ids = np.asarray(input_ids)
-            check_token_ids(ids, config.vocab_size)
-            if ids.ndim != 2:
-                raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
+        if input_ids is not None:
+            if not is_integer_dtype(_dtype(input_ids)):
+                raise not_integers(_dtype(input_ids))
+            check_batch_shape(np.shape(input_ids))
+            if not _is_tracer(input_ids):
+                check_token_ids(np.asarray(input_ids), config.vocab_size)
+        elif inputs_embeds is not None:
+            check_inputs_embeds(np.shape(inputs_embeds), _dtype(inputs_embeds), config.word_embed_proj_dim)
+        if attention_mask is not None:
+            check_attention_mask(_host_values(attention_mask))
+        given = input_ids if input_ids is not None else inputs_embeds  # both or neither: the module refuses
+        B, T = (None, None) if given is None else np.shape(given)[:2]
+        if position_ids is not None:
+            check_position_ids(np.shape(position_ids), _dtype(position_ids), B, T, config.max_position_embeddings,
+                               _host_values(position_ids))
+        if labels is not None and self.head is Head.CAUSAL_LM:
+            check_labels(np.shape(labels), _dtype(labels), B, T, config.vocab_size, _host_values(labels))
+        elif labels is not None:
+            check_classification_labels(np.shape(labels), _dtype(labels), B, config, _host_values(labels))
+        if spans is not None and all(given is not None for given in spans):
+            for name, given in zip(("start_positions", "end_positions"), spans):
+                check_span_positions(name, np.shape(given), _dtype(given), B)
         cache = past_key_values
         if cache is not None:
             refuse_legacy_cache(cache)
@@ -298,9 +333,9 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             if cache is not None and (len(mask_shape) != 2 or mask_shape[0] != B):
                 raise ValueError(f"attention_mask has shape {mask_shape}; expected ({B}, past + new or the cache's "
                                  f"capacity {cache.capacity})")
-        if position_ids is not None and not _is_tracer(position_ids):
-            top = int(np.max(position_ids)) if np.size(position_ids) else -1
-        elif (attention_mask is None or not _is_tracer(attention_mask)) and (cache is None or past is not None):
+        if position_ids is not None:
+            return  # checked above
+        if (attention_mask is None or not _is_tracer(attention_mask)) and (cache is None or past is not None):
             mask = np.ones((B, (past or 0) + T), np.int64) if attention_mask is None else \
                 np.asarray(attention_mask, np.int64)[:, :(past or 0) + T]
             top = int((np.cumsum(mask, axis=1) * mask - 1).max()) if mask.size else -1
@@ -345,7 +380,7 @@ class FlaxOPTModel(FlaxOPTPreTrainedModel):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
                  deterministic: bool = True, dropout_rng=None, inputs_embeds=None,
                  output_hidden_states: bool = False, output_attentions: bool = False, return_dict=None):
-        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
         return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
                            input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
@@ -362,7 +397,7 @@ class FlaxOPTForCausalLM(GenerationMixin, FlaxOPTPreTrainedModel):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, params=None, past_key_values=None,
                  deterministic: bool = True, dropout_rng=None, labels=None, inputs_embeds=None,
                  output_hidden_states: bool = False, output_attentions: bool = False, return_dict=None):
-        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
         return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
                            input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),
@@ -386,7 +421,8 @@ class FlaxOPTForQuestionAnswering(FlaxOPTPreTrainedModel):
                  deterministic: bool = True, dropout_rng=None, start_positions=None, end_positions=None,
                  inputs_embeds=None, output_hidden_states: bool = False, output_attentions: bool = False,
                  return_dict=None):
-        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values)
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                           spans=(start_positions, end_positions))
         return self._apply(params, deterministic, dropout_rng, output_attentions, return_dict,
                            input_ids=_maybe(input_ids),
                            attention_mask=_maybe(attention_mask), position_ids=_maybe(position_ids),

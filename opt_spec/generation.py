@@ -86,7 +86,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .inputs import check_seed, check_token_ids
+from .inputs import check_attention_mask, check_batch_shape, check_seed, check_token_ids
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
@@ -175,8 +175,9 @@ class GenerationConfig:
             value = getattr(self, name)
             if not is_number(value) or not math.isfinite(value):
                 fail(name, "must be a finite number")
-        if not self.temperature > 0:
-            fail("temperature", "must be > 0")
+        if not self.temperature >= 0 or (self.do_sample and self.temperature == 0):
+            fail("temperature", "must be > 0 when sampling (0 is greedy search: do_sample=False)"
+                 if self.temperature == 0 else "must be >= 0")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not self.repetition_penalty > 0:
@@ -425,19 +426,19 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
 
 
 def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), T >= 1, in
+    """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), B, T >= 1, in
     the vocabulary; a mask of the same shape holding only 0 (pad) and 1 (token), all ones by default."""
+    if input_ids is None:  # Hugging Face would start from BOS alone; an OPT prompt always has one
+        raise ValueError("generate needs input_ids: a (batch, length) batch of prompts, each starting with </s>")
     ids = np.asarray(input_ids)
     check_token_ids(ids, vocab_size)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
+    check_batch_shape(ids.shape)
     if attention_mask is None:
         return ids, np.ones(ids.shape, np.int32)
     mask = np.asarray(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    check_attention_mask(mask)
     return ids, mask
 
 

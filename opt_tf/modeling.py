@@ -49,7 +49,9 @@ import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
-from opt_spec.inputs import check_positions, check_seed, check_token_ids, not_integers
+from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
+                             check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
+                             check_span_positions, check_token_ids, not_integers)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
@@ -400,8 +402,12 @@ class TFOPTDecoder(keras.layers.Layer):
                 is_pad = tf.equal(tf.cast(input_ids, tf.int32), config.pad_token_id)[..., None]  # (B, T, 1)
                 inputs_embeds = tf.where(is_pad, tf.stop_gradient(inputs_embeds), inputs_embeds)
         else:
+            inputs_embeds = tf.convert_to_tensor(inputs_embeds)
+            check_inputs_embeds(tuple(inputs_embeds.shape), inputs_embeds.dtype, config.word_embed_proj_dim)
             inputs_embeds = tf.cast(inputs_embeds, self.compute_dtype)
         B, T = _dim(inputs_embeds, 0), _dim(inputs_embeds, 1)
+        if attention_mask is not None:
+            check_attention_mask(_host_values(attention_mask))
 
         checkpointing = self.gradient_checkpointing and training and past_key_values is None
         cache = _check_cache(past_key_values, config, inputs_embeds)
@@ -418,9 +424,12 @@ class TFOPTDecoder(keras.layers.Layer):
             pos = tf.cumsum(mask, axis=1) * mask - 1                     # (B, S), pads -1
             position_ids = tf.gather(pos, q_start + tf.range(T), axis=1)  # (B, T); a gather, not a slice:
             # XLA would treat a slice's start as a compile-time constant and recompile every step
+            _check_positions(position_ids, config.max_position_embeddings)
         else:
+            position_ids = tf.convert_to_tensor(position_ids)
+            check_position_ids(tuple(position_ids.shape), position_ids.dtype, *_static(B, T),
+                               config.max_position_embeddings, _host_values(position_ids))
             position_ids = tf.cast(position_ids, tf.int32)
-        _check_positions(position_ids, config.max_position_embeddings)
         allowed = attention_allowed(mask, T, query_start=q_start)  # (B, T, S)
 
         x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds  # (B, T, H)
@@ -467,8 +476,22 @@ def _check_token_ids(input_ids: tf.Tensor, vocab_size: int) -> None:
     """opt_spec.inputs' rule, on eager values (a traced call checks the dtype only)."""
     if input_ids.dtype.is_floating:
         raise not_integers(input_ids.dtype.name)
-    if tf.executing_eagerly() and tf.size(input_ids) > 0:
+    check_batch_shape(tuple(input_ids.shape))
+    if tf.executing_eagerly():
         check_token_ids(input_ids.numpy(), vocab_size)
+
+
+def _host_values(x) -> Optional[np.ndarray]:
+    """x as NumPy for a host check when its values are known (eagerly), else None (traced)."""
+    if isinstance(x, tf.Tensor) and not tf.executing_eagerly():
+        return None
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "V" or x.dtype.name == "bfloat16" else x
+
+
+def _static(*dims) -> tuple:
+    """Python ints for dimensions known before running, None for the others."""
+    return tuple(d if isinstance(d, int) else None for d in dims)
 
 
 def _check_mask(mask: tf.Tensor, B, T) -> None:
@@ -690,7 +713,12 @@ class TFOPTForCausalLM(TFGenerationMixin, _TFOPTWithHead):
         out = self._base(input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          training=training, **kw)
         logits = self.lm_logits(out.last_hidden_state)  # (B, T, E) -> (B, T, V)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            labels = tf.convert_to_tensor(labels)
+            B, T, V = _static(_dim(logits, 0), _dim(logits, 1), logits.shape[-1])
+            check_labels(tuple(labels.shape), labels.dtype, B, T, V, _host_values(labels))
+            loss = causal_lm_loss(logits, labels)
         return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                                hidden_states=out.hidden_states, attentions=out.attentions),
                         return_dict)
@@ -730,7 +758,12 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
         else:
             last = tf.fill([B], T - 1)
         pooled = tf.gather(logits, last, batch_dims=1)  # (B, num_labels)
-        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        loss = None
+        if labels is not None:
+            labels = tf.convert_to_tensor(labels)
+            check_classification_labels(tuple(labels.shape), labels.dtype, *_static(B), self.config,
+                                        _host_values(labels))
+            loss = sequence_classification_loss(pooled, labels, self.config)
         return returned(SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                          hidden_states=out.hidden_states, attentions=out.attentions),
                         return_dict)
@@ -764,6 +797,9 @@ class TFOPTForQuestionAnswering(_TFOPTWithHead):
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:
+            start_positions, end_positions = tf.convert_to_tensor(start_positions), tf.convert_to_tensor(end_positions)
+            for name, given in (("start_positions", start_positions), ("end_positions", end_positions)):
+                check_span_positions(name, tuple(given.shape), given.dtype, *_static(_dim(logits, 0)))
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return returned(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                                      past_key_values=out.past_key_values,

@@ -121,9 +121,9 @@ class GenerationMixin(GenerationDefaults):
 
     def _prepare(self, input_ids, attention_mask, generation_config, kwargs) -> tuple:
         """(input_ids, attention_mask) as long tensors on the model's device, and the call's Decoding."""
+        prompt_inputs(_host(input_ids), _host(attention_mask), self.config.vocab_size)
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(input_ids)
-        prompt_inputs(_host(input_ids), _host(attention_mask), self.config.vocab_size)
         d = self._decoding(generation_config, kwargs, input_ids.shape[1])
         check_prompt(tuple(input_ids.shape), d.max_new_tokens, self.config.max_position_embeddings)
         device = self.device

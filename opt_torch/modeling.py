@@ -19,7 +19,9 @@ from torch import nn
 
 from opt_spec import Head, OPTConfig
 from opt_spec.cache import refuse_legacy_cache
-from opt_spec.inputs import check_positions, check_token_ids, not_integers, token_range_message
+from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
+                             check_inputs_embeds, check_labels, check_position_ids, check_positions,
+                             check_span_positions, check_token_ids, not_integers, token_range_message)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
@@ -161,10 +163,16 @@ class OPTDecoder(nn.Module):
             use_cache = False  # a cache would keep every layer's keys alive (Hugging Face turns it off too)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        _check_tensors(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=position_ids)
         if inputs_embeds is None:
             _check_token_ids(input_ids, config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, E)
+        else:
+            check_inputs_embeds(tuple(inputs_embeds.shape), inputs_embeds.dtype, config.word_embed_proj_dim)
         B, T = inputs_embeds.shape[:2]
+        if attention_mask is not None:
+            check_attention_mask(_host_values(attention_mask))
         device = inputs_embeds.device
         heads = self.layers[0].self_attn.num_heads  # num_attention_heads / tp under tensor parallelism
         cache = past_key_values
@@ -194,7 +202,8 @@ class OPTDecoder(nn.Module):
                                      f"{config.max_position_embeddings}")
                 _check_positions(position_ids, config.max_position_embeddings)
         else:
-            _check_positions(position_ids, config.max_position_embeddings)
+            check_position_ids(tuple(position_ids.shape), position_ids.dtype, B, T, config.max_position_embeddings,
+                               _host_values(position_ids))
         # Plain causal attention needs no mask at all (fast kernels); otherwise build (B, 1, T, S).
         allowed = None if attention_mask is None else attention_allowed(attention_mask, q_pos)
 
@@ -232,11 +241,26 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     per forward), so its error names only the range."""
     if input_ids.dtype.is_floating_point:
         raise not_integers(input_ids.dtype)
-    if input_ids.numel() and not torch.compiler.is_compiling():
+    check_batch_shape(tuple(input_ids.shape))
+    if not torch.compiler.is_compiling():
         if input_ids.device.type == "cpu":
             check_token_ids(input_ids.numpy(), vocab_size)
         else:
             torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), token_range_message(vocab_size))
+
+
+def _check_tensors(**given) -> None:
+    """The inputs given are torch tensors (NumPy arrays and lists are for the TensorFlow and JAX models)."""
+    for name, x in given.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _host_values(x: torch.Tensor):
+    """x as NumPy for a host check when that needs no device sync (eager, on the CPU), else None."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).detach().numpy()
 
 
 def _check_cache(cache, config: OPTConfig, B: int, heads: int) -> None:
@@ -389,7 +413,12 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            _check_tensors(labels=labels)
+            B, T, V = logits.shape
+            check_labels(tuple(labels.shape), labels.dtype, B, T, V, _host_values(labels))
+            loss = causal_lm_loss(logits, labels)
         return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                                hidden_states=out.hidden_states, attentions=out.attentions),
                         return_dict)
@@ -420,7 +449,11 @@ class OPTForSequenceClassification(_OPTWithHead):
         else:
             last = torch.full((B,), T - 1, device=logits.device)
         pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
-        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        loss = None
+        if labels is not None:
+            _check_tensors(labels=labels)
+            check_classification_labels(tuple(labels.shape), labels.dtype, B, self.config, _host_values(labels))
+            loss = sequence_classification_loss(pooled, labels, self.config)
         return returned(SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                          hidden_states=out.hidden_states, attentions=out.attentions),
                         return_dict)
@@ -445,6 +478,9 @@ class OPTForQuestionAnswering(_OPTWithHead):
         start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
+            _check_tensors(start_positions=start_positions, end_positions=end_positions)
+            for name, given in (("start_positions", start_positions), ("end_positions", end_positions)):
+                check_span_positions(name, tuple(given.shape), given.dtype, logits.shape[0])
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return returned(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                                      past_key_values=out.past_key_values,
