@@ -53,9 +53,6 @@ def _check_options(args) -> None:
         raise CLIError(f"--backend {args.backend}: unknown backend; choose torch, tf or flax") from None
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature <= 0:
-        raise CLIError(f"--temperature {args.temperature}: must be > 0 (use greedy search, the default, "
-                       "for temperature 0)")
     if args.top_k < 0:
         raise CLIError(f"--top-k {args.top_k}: must be >= 0")
     if not 0.0 < args.top_p <= 1.0:
@@ -68,7 +65,8 @@ def _check_options(args) -> None:
         raise CLIError(f"--num-beams {args.num_beams}: must be at least 1")
     if args.do_sample and args.num_beams > 1:
         raise CLIError(f"--num-beams {args.num_beams} with --do-sample: beam search does not sample; give one of them")
-    try:  # the rest of the spec's rule (finite numbers: nan and inf pass the comparisons above)
+    try:  # the rest of the spec's rule: finite numbers (nan and inf pass the comparisons above); a temperature
+        # > 0 when sampling, 0 taken as greedy search otherwise (as generate and Hugging Face take it)
         GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                          do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          num_beams=args.num_beams, length_penalty=args.length_penalty,

@@ -401,12 +401,18 @@ def test_nan_and_inf_options_are_usage_errors(capsys, tmp_path, monkeypatch):
     for flags, says in ((["--temperature", "nan", "--do-sample"], "--temperature nan: must be a finite number"),
                         (["--repetition-penalty", "inf"], "--repetition-penalty inf: must be a finite number"),
                         (["--length-penalty", "nan", "--num-beams", "2"], "--length-penalty nan: must be a finite"),
-                        (["--num-beams", "2", "--do-sample"], "--num-beams 2 with --do-sample")):
+                        (["--num-beams", "2", "--do-sample"], "--num-beams 2 with --do-sample"),
+                        (["--temperature", "0", "--do-sample"], "--temperature 0.0: must be > 0 when sampling"),
+                        (["--temperature", "-1"], "--temperature -1.0: must be >= 0")):
         code, _, err = run_main(capsys, "generate", "--preset", "tiny", "-q", *flags, "2 3")
         assert code == 2 and err.startswith(f"optkit generate: error: {says}") and err.count("\n") == 1, err
     code, _, err = run_main(capsys, "parity", "--preset", "tiny", "-q", "--tolerance", "nan")
     assert code == 2 and "--tolerance nan: must be >= 0" in err
     assert not os.path.exists(tmp_path / "cache")  # refused before anything was built
+    # temperature 0 without sampling is greedy search, as the API and Hugging Face take it: the same tokens
+    greedy = [run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "4", *flags, "2 3")
+              for flags in ([], ["--temperature", "0"])]
+    assert greedy[0][0] == 0 and greedy[0][1] and greedy[1][:2] == greedy[0][:2], greedy
 
     data = tmp_path / "d.txt"
     data.write_text("hello\n")
