@@ -15,7 +15,8 @@ Output: OUTPUT/metrics.jsonl (one JSON object per training step, kind "train": l
 grad_norm, tokens, tokens_per_s, and compile_s on an update that compiled; per evaluation, kind "eval"),
 OUTPUT/checkpoint-STEP every --save-every updates and OUTPUT/final: Hugging Face folders (with the
 tokenizer files) plus the backend's optimizer, schedule and RNG state, each written into a temporary
-sibling and renamed into place when complete. --resume CHECKPOINT continues such a run exactly (same
+sibling and renamed into place when complete (under torchrun every process writes its part of that one
+sibling, renamed once all succeeded). --resume CHECKPOINT continues such a run exactly (same
 settings, else exit 2 naming the options; the batches continue where they stopped). An OUTPUT holding an
 earlier run (metrics.jsonl, checkpoint-N, final) is refused unless --resume names one of its checkpoints;
 resuming in the run's own folder drops the metrics records it wrote after the checkpoint's step.
@@ -225,10 +226,11 @@ def _save(trainer, directory: str, tokenizer_files: list[str], collective: bool 
     """A checkpoint folder, written into a temporary sibling and renamed into place when complete
     (opt_spec.io.atomic_path): a run killed while saving leaves the earlier content of `directory` or
     nothing, never weights without their trainer state nor one save's weights with another's state.
-    Under torch.distributed every rank writes into the one folder, so there it is written in place."""
+    Under torch.distributed every rank writes its part into the one temporary folder rank 0 made
+    (_collective_atomic_path)."""
     from opt_spec.io import atomic_path
 
-    with contextlib.nullcontext(directory) if collective else atomic_path(directory) as target:
+    with _collective_atomic_path(directory) if collective else atomic_path(directory) as target:
         try:
             trainer.save_checkpoint(target)
             for src in tokenizer_files:  # a checkpoint is a complete Hugging Face folder
@@ -239,6 +241,42 @@ def _save(trainer, directory: str, tokenizer_files: list[str], collective: bool 
             if not any(word in str(err) for word in ("inline_container", "PytorchStreamWriter")):
                 raise
             raise OSError(f"{directory}: saving the checkpoint failed (torch.save: {err})") from None
+
+
+@contextlib.contextmanager
+def _collective_atomic_path(directory: str):
+    """atomic_path for a save every torch.distributed rank takes part in: rank 0 makes the temporary
+    sibling and tells the others its name; once every rank has written its part and said whether it
+    succeeded, rank 0 renames it into place, or removes it when any rank failed (every rank then raises)."""
+    import torch
+    import torch.distributed as dist
+    from opt_spec.io import atomic_path
+
+    chief = dist.get_rank() == 0
+    writer, name = (atomic_path(directory) if chief else None), [None]
+    if chief:
+        try:
+            name[0] = writer.__enter__()
+        except OSError as err:  # said to every rank, which would otherwise wait for the name forever
+            name[0] = err
+    dist.broadcast_object_list(name, src=0)
+    if isinstance(name[0], BaseException):
+        raise name[0]
+    failed, elsewhere = None, False
+    try:
+        yield name[0]
+    except BaseException as err:
+        failed = err
+        raise
+    finally:
+        ok = torch.tensor([0 if failed is not None else 1])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank has finished writing, and says how it went
+        if failed is None and not ok.item():
+            failed, elsewhere = RuntimeError(f"{directory}: not saved, another rank failed while saving"), True
+        if chief:  # the rename, or the removal of the temporary folder
+            writer.__exit__(type(failed) if failed is not None else None, failed, None)
+        if elsewhere:
+            raise failed
 
 
 def _torch_mesh(text: str | None, config):

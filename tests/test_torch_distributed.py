@@ -164,6 +164,9 @@ def test_cli_train_under_torchrun_matches_one_process(two, cli_model, tmp_path, 
     split = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 2, 3, 4, 4]  # rank 0 alone wrote them; evaluations at 2, 4
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "tokenizer.json"))
+    # every rank wrote into rank 0's temporary sibling, renamed into place once all had finished
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "final", "metrics.jsonl"], os.listdir(out)
+    assert os.path.isdir(os.path.join(out, "final", "trainer_state.dcp"))
 
     model, data = cli_model
     one = tmp_path / "one"
@@ -181,6 +184,44 @@ def test_cli_train_under_torchrun_matches_one_process(two, cli_model, tmp_path, 
     np.testing.assert_allclose([r["loss"] for r in again if r["kind"] == "train"], [r["loss"] for r in split[2:]],
                                rtol=1e-5)
     capsys.readouterr()
+
+
+_COLLECTIVE_SAVE = """import os, sys
+import torch.distributed as dist
+from optkit_cli.train import _collective_atomic_path
+dist.init_process_group("gloo")
+rank, root = dist.get_rank(), sys.argv[1]
+for case in ("ok", "fails"):
+    try:
+        with _collective_atomic_path(os.path.join(root, case)) as target:
+            os.makedirs(target, exist_ok=True)
+            open(os.path.join(target, f"part-{rank}"), "w").write(case)
+            if case == "fails" and rank == 1:
+                raise OSError("disk full on rank 1")
+        print(f"rank {rank} {case}: saved", flush=True)
+    except (OSError, RuntimeError) as err:
+        print(f"rank {rank} {case}: {err}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_save_all_ranks_write_is_renamed_into_place_only_when_every_rank_succeeded(tmp_path):
+    """`optkit train` under torchrun: every rank writes its part into rank 0's temporary sibling, renamed
+    into place when all succeeded; when one rank fails nothing is put in place, the temporary folder is gone,
+    and every rank raises (the others too, which had written theirs)."""
+    script = tmp_path / "save.py"
+    script.write_text(_COLLECTIVE_SAVE)
+    root = tmp_path / "out"
+    root.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(root)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 fails: " + str(root / "fails") + ": not saved, another rank failed while saving",
+                     "rank 0 ok: saved", "rank 1 fails: disk full on rank 1", "rank 1 ok: saved"], r.stdout
+    assert os.listdir(root) == ["ok"] and sorted(os.listdir(root / "ok")) == ["part-0", "part-1"]
 
 
 # ------------------------------------------------------------------------------ device_map (one process)
