@@ -15,7 +15,8 @@ GPT2Tokenizer with OPT's settings): `padding` (False, True/"longest", "max_lengt
 PyTorch, int32 for TensorFlow and JAX, as HF gives). `save_pretrained` writes files that
 transformers' AutoTokenizer (fast or slow) reads to the same ids.
 
-Files read: `tokenizer.json`, or `vocab.json` + `merges.txt`; the special tokens' strings from
+Files read: `tokenizer.json`, or `vocab.json` + `merges.txt` (with the tokens a fine-tune added, from
+`tokenizer_config.json`'s added_tokens_decoder or `added_tokens.json`); the special tokens' strings from
 `special_tokens_map.json` / `tokenizer_config.json` when present, and their ids from `config.json`
 when present. These files may come from strangers: each is named by opt_spec.io.checkpoint_file's rule
 (nothing outside the folder), the JSON ones and merges.txt are bounded by opt_spec.io's JSON limits,
@@ -138,6 +139,51 @@ def _tokenizer_text(path: str) -> str:
     return data.decode("utf-8")
 
 
+ADDED_TOKENS_FILE = "added_tokens.json"
+_ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+
+
+def _add_saved_tokens(tokenizer, directory: str, settings: Mapping, special: Mapping[str, str]) -> None:
+    """The tokens a fine-tune added (`tokenizer.add_tokens`, new special tokens), as a folder without
+    tokenizer.json keeps them: tokenizer_config.json's `added_tokens_decoder` ({id: {content, special,
+    flags}}, transformers >= 4.34), else added_tokens.json ({content: id}). Added to the BPE in id order; the
+    ids must follow the vocabulary's (N, N + 1, ...), as Hugging Face assigns them, else a CheckpointError."""
+    tk = _tokenizers()
+    decoder = settings.get("added_tokens_decoder")
+    if isinstance(decoder, Mapping) and decoder:
+        where, entries = os.path.join(directory, TOKENIZER_CONFIG_FILE), []
+        for key, entry in decoder.items():
+            if not (isinstance(key, str) and key.isdigit() and isinstance(entry, Mapping)
+                    and isinstance(entry.get("content"), str) and entry["content"]):
+                raise CheckpointError(f"{where}: added_tokens_decoder entry {key!r:.40} is not id -> {{content, ...}}")
+            flags = {k: bool(entry[k]) for k in _ADDED_FLAGS if isinstance(entry.get(k), bool)}
+            entries.append((int(key), entry["content"], bool(entry.get("special", False)), flags))
+    else:
+        path = _present(directory, ADDED_TOKENS_FILE)
+        if path is None:
+            return
+        from .io import json_object
+
+        where, table = path, json_object(path)
+        extra = _read_json(directory, SPECIAL_TOKENS_FILE).get("additional_special_tokens") or []
+        named = set(special.values()) | {_token_string(t) for t in extra if isinstance(extra, list)}
+        if not all(isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool)
+                   for k, v in table.items()):
+            raise CheckpointError(f"{where}: not a map of token strings to ids")
+        entries = [(i, t, t in named, {}) for t, i in table.items()]
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    new = sorted(e for e in entries if tokenizer.token_to_id(e[1]) != e[0])  # the vocabulary's own are there
+    if [e[0] for e in new] != list(range(n, n + len(new))):
+        raise CheckpointError(f"{where}: added token ids {[e[0] for e in new][:8]} do not follow the vocabulary's "
+                              f"{n} entries in order ({n}, {n + 1}, ...), as Hugging Face assigns them")
+    for i, content, is_special, flags in new:
+        token = tk.AddedToken(content, special=is_special, **flags)
+        (tokenizer.add_special_tokens if is_special else tokenizer.add_tokens)([token])
+        if tokenizer.token_to_id(content) != i:  # a string the vocabulary holds under another id
+            raise CheckpointError(f"{where}: added token {content!r:.60} has id {i}, but the vocabulary gives it "
+                                  f"{tokenizer.token_to_id(content)}")
+
+
 def _special_id(value: Any, key: str, where: str, vocab_size: int) -> int:
     """A special token id as the config states it: an int naming a token of this tokenizer."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size:
@@ -243,6 +289,7 @@ class OPTTokenizer:
             # GPT-2's byte-level scheme as OPT uses it: no prefix space, bytes mapped to printable chars.
             tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
             tokenizer.decoder = tk.decoders.ByteLevel()
+            _add_saved_tokens(tokenizer, directory, settings, special)
         # The special strings are matched whole in text (never split by BPE), like Hugging Face does.
         present = [t for t in dict.fromkeys(special.values()) if tokenizer.token_to_id(t) is not None]
         tokenizer.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in present])

@@ -55,7 +55,6 @@ from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 TRAINER_NAMES = {"torch": "Trainer", "tf": "TFTrainer", "flax": "FlaxTrainer"}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -217,6 +216,8 @@ def _tokenizer_files(model_dir: str) -> list[str]:
     rule (opt_spec.io.checkpoint_file) before training starts: a `merges.txt -> ~/.ssh/id_rsa` beside a
     tokenizer.json is never read by the tokenizer, but a copy would put the key into every checkpoint."""
     from opt_spec.io import checkpoint_file
+
+    from opt_spec.hub import TOKENIZER_FILES
 
     return [checkpoint_file(model_dir, name) for name in TOKENIZER_FILES
             if os.path.lexists(os.path.join(model_dir, name))]

@@ -292,3 +292,39 @@ def test_save_pretrained_keeps_special_ids_from_the_config(dirs, tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(str(out))
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (0, 0, 3)
     assert theirs("dog jumps")["input_ids"] == ours.encode("dog jumps") and ours.encode("dog jumps")[0] == 0
+
+
+@pytest.mark.parametrize("kept_in", ["added_tokens_decoder", "added_tokens.json"])
+def test_tokens_a_fine_tune_added_are_read_from_a_folder_without_tokenizer_json(dirs, tmp_path, kept_in):
+    """A slow tokenizer's save (vocab.json + merges.txt) keeps added tokens in tokenizer_config.json's
+    added_tokens_decoder (transformers >= 4.34) or in added_tokens.json: they were ignored, so "<extra>"
+    became 8 BPE pieces where Hugging Face gives one id."""
+    transformers = pytest.importorskip("transformers")
+    hf = hf_gpt2(dirs["bpe"])
+    hf.add_tokens(["<extra>", "foo bar"])
+    hf.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    hf.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "tokenizer.json").exists()
+    if kept_in == "added_tokens.json":  # as older transformers wrote it
+        settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        del settings["added_tokens_decoder"]
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), use_fast=False)
+    fast = transformers.AutoTokenizer.from_pretrained(str(tmp_path), use_fast=True)
+    ours = OPTTokenizer.from_pretrained(tmp_path)
+    texts = ["hello <extra> world<sep>foo bar", "<sep><sep>", "foo barfoo bar <extra>", *TEXTS[:4]]
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids == fast(text)["input_ids"], text
+        # (the slow tokenizer's decode puts spaces around added tokens; the fast one, like ours, does not)
+        assert ours.decode(ids) == fast.decode(ids, skip_special_tokens=True), text
+    assert ours.vocab_size == len(theirs) and ours("<extra>")["input_ids"][1:] == [len(theirs) - 3]
+
+    # ids that do not follow the vocabulary's are refused in words (Hugging Face numbers them in order)
+    table = {"<extra>": len(theirs) + 5}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(table))
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings.pop("added_tokens_decoder", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"added_tokens.json: added token ids \[\d+\] do not follow the vocabulary"):
+        OPTTokenizer.from_pretrained(tmp_path)
