@@ -274,8 +274,15 @@ def _collective_atomic_path(directory: str):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank has finished writing, and says how it went
         if failed is None and not ok.item():
             failed, elsewhere = RuntimeError(f"{directory}: not saved, another rank failed while saving"), True
+        renamed = [None]
         if chief:  # the rename, or the removal of the temporary folder
-            writer.__exit__(type(failed) if failed is not None else None, failed, None)
+            try:
+                writer.__exit__(type(failed) if failed is not None else None, failed, None)
+            except OSError as err:  # the rename failed: every rank hears it, none waits in a later collective
+                renamed[0] = err
+        dist.broadcast_object_list(renamed, src=0)
+        if failed is None and renamed[0] is not None:
+            failed, elsewhere = renamed[0], True
         if elsewhere:
             raise failed
 

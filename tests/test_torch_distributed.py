@@ -191,13 +191,15 @@ import torch.distributed as dist
 from optkit_cli.train import _collective_atomic_path
 dist.init_process_group("gloo")
 rank, root = dist.get_rank(), sys.argv[1]
-for case in ("ok", "fails"):
+for case in ("ok", "fails", "rename"):
     try:
         with _collective_atomic_path(os.path.join(root, case)) as target:
             os.makedirs(target, exist_ok=True)
             open(os.path.join(target, f"part-{rank}"), "w").write(case)
             if case == "fails" and rank == 1:
                 raise OSError("disk full on rank 1")
+            if case == "rename" and rank == 0:  # a rename that fails after every rank wrote its part
+                os.replace = lambda a, b: (_ for _ in ()).throw(OSError("rename refused"))
         print(f"rank {rank} {case}: saved", flush=True)
     except (OSError, RuntimeError) as err:
         print(f"rank {rank} {case}: {err}", flush=True)
@@ -208,8 +210,8 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_a_save_all_ranks_write_is_renamed_into_place_only_when_every_rank_succeeded(tmp_path):
     """`optkit train` under torchrun: every rank writes its part into rank 0's temporary sibling, renamed
-    into place when all succeeded; when one rank fails nothing is put in place, the temporary folder is gone,
-    and every rank raises (the others too, which had written theirs)."""
+    into place when all succeeded; when one rank fails, or rank 0's rename does, nothing is put in place, the
+    temporary folder is gone, and every rank raises (none is left waiting in a later collective)."""
     script = tmp_path / "save.py"
     script.write_text(_COLLECTIVE_SAVE)
     root = tmp_path / "out"
@@ -220,7 +222,8 @@ def test_a_save_all_ranks_write_is_renamed_into_place_only_when_every_rank_succe
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0 fails: " + str(root / "fails") + ": not saved, another rank failed while saving",
-                     "rank 0 ok: saved", "rank 1 fails: disk full on rank 1", "rank 1 ok: saved"], r.stdout
+                     "rank 0 ok: saved", "rank 0 rename: rename refused", "rank 1 fails: disk full on rank 1",
+                     "rank 1 ok: saved", "rank 1 rename: rename refused"], r.stdout
     assert os.listdir(root) == ["ok"] and sorted(os.listdir(root / "ok")) == ["part-0", "part-1"]
 
 
