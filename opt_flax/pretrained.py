@@ -27,7 +27,8 @@ from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.hub import resolve_pretrained
 from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
-                             check_span_positions, check_token_ids, is_integer_dtype, not_integers)
+                             check_span_positions, check_token_ids, host_array, is_integer_dtype,
+                             not_integers)
 from opt_spec.surface import dtype_argument
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
@@ -139,11 +140,10 @@ def _dtype(x):
 
 
 def _host_values(x):
-    """An input's values as NumPy for a host check (None for a traced one); half precision as float32."""
+    """An input's values as NumPy for a host check (opt_spec.inputs.host_array), None for a traced one."""
     if _is_tracer(x):
         return None
-    x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+    return host_array(x)
 
 
 # ------------------------------------------------------------------------------------- the models

@@ -89,6 +89,13 @@ def check_inputs_embeds(shape, dtype, width: int) -> None:
                          f"width word_embed_proj_dim={width}")
 
 
+def host_array(x) -> np.ndarray:
+    """An input's known values as NumPy for the checks below; half precision (bfloat16 included, which NumPy
+    compares only through ml_dtypes) as float32, since 0/1 and integer values are exact there."""
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "V" or x.dtype.name in ("bfloat16", "float16") else x
+
+
 def check_attention_mask(mask) -> None:
     """The mask's values (anything np.asarray takes; None: not known here) are only 0 (pad) and 1 (token)."""
     if mask is None:

@@ -51,7 +51,7 @@ from opt_spec import Head, OPTConfig
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
-                             check_span_positions, check_token_ids, not_integers)
+                             check_span_positions, check_token_ids, host_array, not_integers)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.training import TASK_HEADS, TASK_INPUTS
@@ -485,8 +485,7 @@ def _host_values(x) -> Optional[np.ndarray]:
     """x as NumPy for a host check when its values are known (eagerly), else None (traced)."""
     if isinstance(x, tf.Tensor) and not tf.executing_eagerly():
         return None
-    x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype.kind == "V" or x.dtype.name == "bfloat16" else x
+    return host_array(x)
 
 
 def _static(*dims) -> tuple:
