@@ -281,7 +281,7 @@ class FlaxTrainer:
                         gradient_checkpointing: bool = False) -> "FlaxTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off, on `mesh` (None:
         one device) whatever the mesh it was saved from."""
-        info, info_path = _read_info(directory)
+        info, info_path = spec_training.read_trainer_info(directory, "flax", INFO_FILE, (STATE_FILE, STATE_DIR))
         task, step, saved = spec_training.resume_info(info, info_path, directory, cfg)
         model = MODEL_CLASSES[task_head(task)].from_pretrained(directory, mesh=mesh)
         if gradient_checkpointing:
@@ -457,19 +457,3 @@ def _check_counts(opt_state, step: int, where: str) -> None:
         if count != step:
             raise CheckpointError(f"{where}: entry {jax.tree_util.keystr(keys)} is {count}, not the checkpoint's "
                                   f"step {step}")
-
-
-def _read_info(directory) -> tuple[dict, str]:
-    """(trainer_state.json's object, its path) of a Flax training checkpoint written by this backend."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, INFO_FILE)
-    has_state = os.path.lexists(os.path.join(directory, STATE_FILE)) or \
-        os.path.isdir(os.path.join(directory, STATE_DIR))
-    if not os.path.lexists(path) or not has_state:
-        raise FileNotFoundError(f"{directory} is not a Flax training checkpoint: no {INFO_FILE} / {STATE_FILE} "
-                                f"(or {STATE_DIR})")
-    path = spec_io.checkpoint_file(directory, INFO_FILE)  # a checkpoint may come from anyone: inside the folder,
-    info = spec_io.json_object(path)  # bounded size and depth
-    if info.get("backend") != "flax":
-        raise CheckpointError(f"{path}: written by the {info.get('backend')!r:.40} backend, not flax")
-    return info, path

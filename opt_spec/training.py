@@ -112,6 +112,27 @@ MAX_STEP = 2**31 - 1  # optax counts updates in an int32; no run comes near it
 TRAINER_STATE_KEYS = ("task", "step", "train_config")
 
 
+def read_trainer_info(directory, backend: str, info_file: str, state: tuple[str, ...]) -> tuple[dict, str]:
+    """(info_file's object, its path) of a training checkpoint the TF or Flax trainer wrote: the file and
+    one of `state` (the backend's optimizer state, a file or a folder) must be there, the file is read by
+    the checkpoint rules (inside the folder, bounded JSON: it may come from anyone) and must name `backend`."""
+    import os
+
+    from .io import checkpoint_file, json_object
+
+    directory = os.fspath(directory)
+    if not os.path.lexists(os.path.join(directory, info_file)) or \
+            not any(os.path.lexists(os.path.join(directory, name)) for name in state):
+        framework = {"tf": "TensorFlow", "flax": "Flax"}.get(backend, backend)
+        raise FileNotFoundError(f"{directory} is not a {framework} training checkpoint: no {info_file} / "
+                                f"{' or '.join(state)}")
+    path = checkpoint_file(directory, info_file)
+    info = json_object(path)
+    if info.get("backend") != backend:
+        raise CheckpointError(f"{path}: written by the {info.get('backend')!r:.40} backend, not {backend}")
+    return info, path
+
+
 def resume_info(info, where: str, directory, cfg: TrainConfig | None) -> tuple[str, int, TrainConfig]:
     """(task, step, TrainConfig) of what a trainer checkpoint in `directory` states about itself in the file
     `where` (trainer_state.json, trainer_state.pt), checked once for every backend because the file may come

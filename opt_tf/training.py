@@ -390,7 +390,7 @@ class TFTrainer:
                         jit_compile: bool | None = None, strategy: tf.distribute.Strategy | None = None,
                         gradient_checkpointing: bool = False) -> "TFTrainer":
         """A trainer that continues exactly where `save_checkpoint(directory)` left off."""
-        info, info_path = _read_info(directory)
+        info, info_path = spec_training.read_trainer_info(directory, "tf", INFO_FILE, (OPTIMIZER_FILE,))
         task, step, saved = spec_training.resume_info(info, info_path, directory, cfg)
         trainer = cls.from_pretrained(directory, task, saved, jit_compile=jit_compile, strategy=strategy,
                                       gradient_checkpointing=gradient_checkpointing)
@@ -512,16 +512,3 @@ class TFTrainer:
         return directory
 
     save = save_checkpoint
-
-
-def _read_info(directory) -> tuple[dict, str]:
-    """(trainer_state.json's object, its path) of a TF training checkpoint written by this backend."""
-    directory = os.fspath(directory)
-    if not all(os.path.lexists(os.path.join(directory, f)) for f in (INFO_FILE, OPTIMIZER_FILE)):
-        raise FileNotFoundError(f"{directory} is not a TensorFlow training checkpoint: no {INFO_FILE} / "
-                                f"{OPTIMIZER_FILE}")
-    path = spec_io.checkpoint_file(directory, INFO_FILE)  # a checkpoint may come from anyone: inside the folder,
-    info = spec_io.json_object(path)  # bounded size and depth
-    if info.get("backend") != "tf":
-        raise CheckpointError(f"{path}: written by the {info.get('backend')!r:.40} backend, not tf")
-    return info, path
