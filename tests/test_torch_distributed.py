@@ -191,6 +191,7 @@ import torch.distributed as dist
 from optkit_cli.train import _collective_atomic_path
 dist.init_process_group("gloo")
 rank, root = dist.get_rank(), sys.argv[1]
+log = open(os.path.join(sys.argv[2], f"rank-{rank}.txt"), "w")  # one file per rank: a shared stdout interleaves
 for case in ("ok", "fails", "rename"):
     try:
         with _collective_atomic_path(os.path.join(root, case)) as target:
@@ -200,9 +201,10 @@ for case in ("ok", "fails", "rename"):
                 raise OSError("disk full on rank 1")
             if case == "rename" and rank == 0:  # a rename that fails after every rank wrote its part
                 os.replace = lambda a, b: (_ for _ in ()).throw(OSError("rename refused"))
-        print(f"rank {rank} {case}: saved", flush=True)
+        print(f"rank {rank} {case}: saved", file=log)
     except (OSError, RuntimeError) as err:
-        print(f"rank {rank} {case}: {err}", flush=True)
+        print(f"rank {rank} {case}: {err}", file=log)
+log.close()
 dist.destroy_process_group()
 """
 
@@ -218,12 +220,13 @@ def test_a_save_all_ranks_write_is_renamed_into_place_only_when_every_rank_succe
     root.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(script), str(root)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+                        str(script), str(root), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank-{rank}.txt").read_text().splitlines())
     assert lines == ["rank 0 fails: " + str(root / "fails") + ": not saved, another rank failed while saving",
                      "rank 0 ok: saved", "rank 0 rename: rename refused", "rank 1 fails: disk full on rank 1",
-                     "rank 1 ok: saved", "rank 1 rename: rename refused"], r.stdout
+                     "rank 1 ok: saved", "rank 1 rename: rename refused"], lines
     assert os.listdir(root) == ["ok"] and sorted(os.listdir(root / "ok")) == ["part-0", "part-1"]
 
 
