@@ -20,11 +20,16 @@ unset, since Hugging Face cannot tell it from its default. top_k defaults to 50,
 In a generation_config.json file, num_beams and num_return_sequences are at most MAX_ROWS_PER_PROMPT (256;
 each row is a cache of its own, and a stranger's file could otherwise ask for any number); a call may ask
 for more, as it may pass a batch of any size.
-Hugging Face settings optkit does not implement (UNSUPPORTED: early_stopping, bad_words_ids, ...) are
+Hugging Face settings optkit does not implement (UNSUPPORTED: max_time, penalty_alpha, ...) are
 refused in a call unless at their default value, and ignored with a warning in a file; keys nobody
 knows are an error in a call (TypeError) and kept in a file (`extra`), as Hugging Face keeps them.
 
-One decoding step, per row, on the logits of the row's last position (computed in float32):
+One decoding step, per row, on the logits of the row's last position (computed in float32); L is the
+row's length so far (prompt length T, pads included, plus the step, 0-based), as Hugging Face counts it:
+0. Sequence bias (sequence_bias, and bad_words_ids as a bias of -inf; an EOS id alone is never a bad
+   word): a one-token sequence's bias is added to that token's score; a longer one's to its last token's
+   when the row ends with the rest of it (pads included, as Hugging Face matches). Reference:
+   `sequence_bias_table`.
 1. Repetition penalty (when != 1): every token id that occurs among the row's real tokens so far
    (prompt tokens under the mask, and generated tokens) has its score divided by the penalty when
    positive and multiplied by it when negative. (Hugging Face also counts the prompt's pad ids.)
@@ -32,19 +37,33 @@ One decoding step, per row, on the logits of the row's last position (computed i
    present in the row is banned (score -inf). The n-grams are the runs of n consecutive positions that
    are all real tokens; the next token completes one when the last n - 1 positions equal its first
    n - 1 tokens (n = 1 bans every token the row holds). Reference: `banned_by_ngrams`.
-3. While fewer than min_new_tokens tokens have been generated, every EOS id's score is set to -inf.
+3. Length and token rules, in this order: every EOS id's score is -inf while L < min_length or fewer
+   than min_new_tokens tokens have been generated; when L == 1 every score is -inf but
+   forced_bos_token_id's (0); at the last step allowed (step N - 1) every score is -inf but those of
+   forced_eos_token_id (an id or a list; 0); remove_invalid_values: NaN becomes 0 and +-inf the largest
+   finite float32 of that sign; exponential_decay_length_penalty = (start, factor): from step start + 1
+   on, each EOS score s gets |s| * (factor ** (step - start) - 1) added, except -inf (a banned EOS stays
+   banned; Hugging Face makes it NaN, and then every probability); suppress_tokens get -inf; at the
+   first step (the second when a one-token prompt's first token is forced_bos_token_id)
+   begin_suppress_tokens get -inf.
 4. The user's logits processors, in order: `scores = processor(input_ids, scores)` with input_ids the
    rows so far (rows, T + step), prompt pads included as Hugging Face passes them, and scores (rows, V)
    float32, both the backend's own arrays; each must return scores of the same shape.
 5. Greedy (do_sample=False, num_beams=1): the next token is the argmax (lowest id on ties).
    Sampling (do_sample=True): scores / temperature, then top-k (keep the k largest; 0 keeps all),
    then top-p (keep the smallest set of most probable tokens whose probability reaches top_p, always
-   at least one), then draw from the softmax of what is kept, with the backend's own random stream
-   seeded by `seed` (reproducible within a backend, not across backends). With num_return_sequences
-   = n, each prompt is repeated n times (rows b*n .. b*n + n - 1) and every row draws on its own.
+   at least one), then min_p (keep the tokens at least min_p times as probable as the best), typical_p
+   (`typical_filter`), epsilon_cutoff and eta_cutoff (`epsilon_filter`, `eta_filter`), then draw from
+   the softmax of what is kept, with the backend's own random stream seeded by `seed` (reproducible
+   within a backend, not across backends). The sampling filters apply only when sampling. With
+   renormalize_logits the scores are then replaced by their log_softmax (last of all rules; it changes
+   no greedy or sampled token, but it does change beam scores and output_scores).
+   With num_return_sequences = n, each prompt is repeated n times (rows b*n .. b*n + n - 1) and every
+   row draws on its own.
 6. A row that emits one of the EOS ids (eos_token_id: an id or a list) is finished, and so is a row
    whose text now ends a stop string (below); from then on it emits pad_token_id (default: the first
    EOS id). Decoding stops when every row is finished or the length limit is reached.
+Reference of rules 0-5 (the scores a step chooses from): `reference_scores`.
 
 Beam search (num_beams = K > 1, no sampling): each row keeps K running beams, starting from one beam
 (the others scored -inf). As Hugging Face does, a step takes log_softmax of the logits first and applies
@@ -55,10 +74,28 @@ EOS id or a stop string becomes a finished hypothesis with score sum_logprobs / 
 length_penalty), generated_length counting its last token (only candidates among the first K may
 finish); the others fill the K running beams in order (when fewer than K remain, finished ones follow
 with their score lowered by 1e9, as in Hugging Face). A row is done once it has K finished hypotheses
-and its best running beam, normalized at the current length, can no longer beat the worst of them.
-At the length limit the running beams are finished with their normalized scores. The output per row
+and its best running beam, normalized at the current length (with early_stopping="never" and
+length_penalty > 0: at the length limit, `best_length`), can no longer beat the worst of them; with
+early_stopping=True, as soon as it has K finished hypotheses. At the length limit the running beams are
+finished with their normalized scores. The output per row
 is its num_return_sequences best hypotheses, best first, padded with pad_token_id. Beam search does
 not stream (Hugging Face refuses it too).
+
+Outputs. By default generate returns the sequences (an array). With return_dict_in_generate=True it returns
+a record (opt_spec.outputs.GenerateDecoderOnlyOutput; GenerateBeamDecoderOnlyOutput for beam search) whose
+`sequences` is that array, as Hugging Face does:
+- output_scores=True: `scores`, a tuple with one (rows, V) float32 array per step taken: the scores that
+  step chose from, after every rule (greedy and sampling: rules 0-5, sampling filters and renormalization
+  included; beam search: each running beam's processed log-probabilities, before its beam score is added;
+  rows = B * num_beams, in the order of the running beams at that step). Rows that are finished (or a
+  prompt whose search is done) still get scores, of the pad they are fed; their values are not specified.
+- output_logits=True: `logits`, the same shape, the model's raw float32 logits of each step.
+- beam search: `sequences_scores` (B * num_return_sequences,) float32, each returned hypothesis's
+  normalized score (with output_scores), and `beam_indices` (B * num_return_sequences, M): for each new
+  token of a returned hypothesis, the running beam it extended at that step, as b * num_beams + k, -1
+  past its end.
+Others are None (attentions, hidden_states, past_key_values: generate keeps no cache). A streamer still
+gets every step. `compute_transition_scores` (below) turns them into each chosen token's score.
 
 Stop strings (stop_strings=, with tokenizer= whose decode(ids, skip_special_tokens=False) gives text):
 a row stops when, after its new token, the text of its real tokens contains a stop string that was not
@@ -99,13 +136,8 @@ HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config sayi
 # hold them at any value (kept, ignored, with a warning when they would change the tokens); a call may
 # pass them only at their default values.
 UNSUPPORTED = {
-    "min_length": 0, "early_stopping": False, "max_time": None, "min_p": None, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "bad_words_ids": None,
-    "renormalize_logits": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "token_healing": False, "guidance_scale": None,
+    "max_time": None, "encoder_repetition_penalty": 1.0, "token_healing": False, "guidance_scale": None,
     "watermarking_config": None, "output_attentions": False, "output_hidden_states": False,
-    "output_scores": False, "output_logits": None, "return_dict_in_generate": False,
     "encoder_no_repeat_ngram_size": 0, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
 }
@@ -143,6 +175,26 @@ class GenerationConfig:
     bos_token_id: int | None = None
     stop_strings: str | list[str] | None = None
     seed: int | None = None
+    # the rules of steps 1-3 and 6 beyond the basics (module docstring, "More rules")
+    min_length: int = 0
+    early_stopping: bool | str = False
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: Any = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    remove_invalid_values: bool = False
+    exponential_decay_length_penalty: tuple | list | None = None
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    renormalize_logits: bool = False
+    # what generate returns (module docstring, "Outputs")
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,6 +263,56 @@ class GenerationConfig:
             fail("min_new_tokens", f"is more than max_new_tokens={self.max_new_tokens}")
         if not isinstance(self.extra, dict):
             fail("extra", "must be a dict")
+        self._validate_rules(fail, is_int, is_number)
+
+    def _validate_rules(self, fail, is_int, is_number) -> None:
+        """The checks of the settings of "More rules" and "Outputs" (token ids are checked against the
+        vocabulary when a call resolves them)."""
+        if not is_int(self.min_length) or self.min_length < 0:
+            fail("min_length", "must be an int >= 0")
+        if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+            fail("early_stopping", 'must be true, false or "never"')
+
+        def is_ids(value, least=1):
+            return isinstance(value, (list, tuple)) and len(value) >= least and all(is_int(i) and i >= 0 for i in value)
+
+        if self.bad_words_ids is not None:
+            if not isinstance(self.bad_words_ids, (list, tuple)) or not self.bad_words_ids or \
+                    not all(is_ids(word) for word in self.bad_words_ids):
+                fail("bad_words_ids", "must be a non-empty list of non-empty lists of token ids")
+        if self.sequence_bias is not None:
+            try:
+                sequence_bias_items(self.sequence_bias)
+            except ValueError as err:
+                fail("sequence_bias", str(err))
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and not is_ids(value, least=0):
+                fail(name, "must be a list of token ids (or None)")
+        if self.forced_bos_token_id is not None and not (is_int(self.forced_bos_token_id)
+                                                         and self.forced_bos_token_id >= 0):
+            fail("forced_bos_token_id", "must be a token id (an int) or None")
+        forced = self.forced_eos_token_id
+        if forced is not None and not (is_int(forced) and forced >= 0) and not is_ids(forced):
+            fail("forced_eos_token_id", "must be a token id (an int), a non-empty list of them, or None")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2 and is_int(decay[0])
+                                      and decay[0] >= 0 and is_number(decay[1]) and math.isfinite(decay[1])
+                                      and decay[1] > 0):
+            fail("exponential_decay_length_penalty", "must be (start: an int >= 0, factor: a number > 0) or None")
+        if self.min_p is not None and not (is_number(self.min_p) and 0 <= self.min_p <= 1):
+            fail("min_p", "must be a number in [0, 1] (or None)")
+        if not (is_number(self.typical_p) and 0 < self.typical_p <= 1):
+            fail("typical_p", "must be in (0, 1] (1 keeps every token)")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            value = getattr(self, name)
+            if not (is_number(value) and 0 <= value < 1):
+                fail(name, "must be in [0, 1) (0 keeps every token)")
+        for name in ("remove_invalid_values", "renormalize_logits", "return_dict_in_generate", "output_scores"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(name, "must be true or false")
+        if self.output_logits is not None and not isinstance(self.output_logits, (bool, np.bool_)):
+            fail("output_logits", "must be true, false or None")
 
     # ------------------------------------------------------------------------------ conversions
     @classmethod
@@ -268,8 +370,10 @@ class GenerationConfig:
         out = {}
         for name in self.field_names():
             value = getattr(self, name)
+            if name == "sequence_bias" and value is not None:
+                value = [[list(ids), bias] for ids, bias in sequence_bias_items(value)]  # JSON has no tuple keys
             if value != getattr(defaults, name):
-                out[name] = [_plain(v) for v in value] if isinstance(value, (list, tuple)) else _plain(value)
+                out[name] = _plain(value)
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -319,7 +423,9 @@ class GenerationConfig:
 
 
 def _plain(value):
-    """A NumPy scalar as the Python value JSON writes."""
+    """A value as JSON writes it: NumPy scalars as Python's, tuples as lists, nested."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value.item() if isinstance(value, np.generic) else value
 
 
@@ -343,6 +449,25 @@ class Decoding:
     pad_token_id: int = 0
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    # "More rules", resolved: token ids checked against the vocabulary, lists as tuples
+    min_length: int = 0
+    early_stopping: bool | str = False
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # bad words included, as bias -inf
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_step: int = 0          # the step begin_suppress_tokens apply at
+    forced_bos_token_id: int | None = None
+    forced_eos_token_ids: tuple[int, ...] = ()
+    remove_invalid_values: bool = False
+    exponential_decay: tuple[int, float] | None = None
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    renormalize_logits: bool = False
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
 
     @property
     def is_beam_search(self) -> bool:
@@ -422,7 +547,68 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     repetition_penalty=float(cfg.repetition_penalty),
                     no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
                     num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
-                    pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed))
+                    pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed),
+                    **_resolve_rules(cfg, eos_ids, prompt_length, vocab_size))
+
+
+def sequence_bias_items(value) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """sequence_bias as ((token ids, bias), ...): from Hugging Face's {(ids...): bias} or its file form
+    [[[ids...], bias], ...]; a sequence given twice keeps its first place and its last bias (a dict's rule)."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(pairs, (list, tuple, type({}.items()))) or not pairs:
+        raise ValueError("must be a non-empty {(token ids): bias} dict or [[token ids], bias] list")
+    out: dict[tuple[int, ...], float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{pair!r:.60} is not a (token ids, bias) pair")
+        ids, bias = pair
+        if not isinstance(ids, (list, tuple)) or not ids or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{ids!r:.60}: the biased sequence must be a non-empty list of token ids")
+        if not isinstance(bias, (int, float, np.integer, np.floating)) or isinstance(bias, bool) or math.isnan(bias):
+            raise ValueError(f"{bias!r:.60}: a bias must be a number")
+        out[tuple(int(i) for i in ids)] = float(bias)
+    return tuple(out.items())
+
+
+def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], prompt_length: int, vocab_size: int) -> dict:
+    """The Decoding fields of "More rules" and "Outputs", token ids checked against the vocabulary."""
+    def ids(name, values):
+        values = tuple(int(i) for i in values)
+        for i in values:
+            if not 0 <= i < vocab_size:
+                raise ValueError(f"{name}: token id {i} is outside the vocabulary [0, {vocab_size})")
+        return values
+
+    bias = sequence_bias_items(cfg.sequence_bias) if cfg.sequence_bias is not None else ()
+    for seq, _ in bias:
+        ids("sequence_bias", seq)
+    # a bad word is a bias of -inf (Hugging Face's rule; an EOS id alone is not banned), which no other rule
+    # can undo, so it joins sequence_bias
+    words = [ids("bad_words_ids", w) for w in cfg.bad_words_ids or ()]
+    merged = dict(bias)
+    merged.update((w, -math.inf) for w in words if not (len(w) == 1 and w[0] in eos_ids))
+    forced_eos = cfg.forced_eos_token_id
+    forced_eos = () if forced_eos is None else (forced_eos if isinstance(forced_eos, (list, tuple)) else [forced_eos])
+    forced_bos = cfg.forced_bos_token_id
+    decay = cfg.exponential_decay_length_penalty
+    # Hugging Face: begin_suppress_tokens apply to the first new token, or to the second when a one-token
+    # prompt's first new token is forced to forced_bos_token_id
+    begin_step = 1 if prompt_length == 1 and forced_bos is not None else 0
+    return dict(min_length=int(cfg.min_length), early_stopping=cfg.early_stopping if cfg.early_stopping == "never"
+                else bool(cfg.early_stopping), sequence_bias=tuple(merged.items()),
+                suppress_tokens=ids("suppress_tokens", cfg.suppress_tokens or ()),
+                begin_suppress_tokens=ids("begin_suppress_tokens", cfg.begin_suppress_tokens or ()),
+                begin_suppress_step=begin_step,
+                forced_bos_token_id=None if forced_bos is None else ids("forced_bos_token_id", [forced_bos])[0],
+                forced_eos_token_ids=ids("forced_eos_token_id", forced_eos),
+                remove_invalid_values=bool(cfg.remove_invalid_values),
+                exponential_decay=None if decay is None else (int(decay[0]), float(decay[1])),
+                min_p=None if cfg.min_p is None else float(cfg.min_p), typical_p=float(cfg.typical_p),
+                epsilon_cutoff=float(cfg.epsilon_cutoff), eta_cutoff=float(cfg.eta_cutoff),
+                renormalize_logits=bool(cfg.renormalize_logits),
+                return_dict_in_generate=bool(cfg.return_dict_in_generate), output_scores=bool(cfg.output_scores),
+                output_logits=bool(cfg.output_logits))
 
 
 def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -567,6 +753,142 @@ def banned_by_ngrams(tokens: np.ndarray, real: np.ndarray, n: int, vocab_size: i
     return banned
 
 
+def sequence_bias_table(tokens: np.ndarray, sequence_bias, vocab_size: int) -> np.ndarray:
+    """Rule 0: (R, V) float32, the bias added to each next token of rows `tokens` (R, L) (prompt pads
+    included, as Hugging Face matches them): a one-token sequence's bias always, a longer one's when the
+    row ends with all of it but its last token (and the row holds at least as many tokens as it)."""
+    tokens = np.asarray(tokens)
+    R, L = tokens.shape
+    bias = np.zeros((R, vocab_size), dtype=np.float32)
+    for ids, value in sequence_bias:
+        if len(ids) == 1:
+            bias[:, ids[0]] = value  # single tokens: the bias is set (a dict holds each once)
+    for ids, value in sequence_bias:
+        if 1 < len(ids) <= L:
+            match = (tokens[:, L - len(ids) + 1:] == np.asarray(ids[:-1])).all(-1)
+            bias[match, ids[-1]] += np.float32(value)
+    return bias
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    top = x.max(-1, keepdims=True)
+    return (x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(x))
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Keep the tokens at least min_p times as probable as the most probable one."""
+    probs = softmax(logits)
+    return np.where(probs < np.float32(min_p) * probs.max(-1, keepdims=True), -np.inf, logits).astype(np.float32)
+
+
+def typical_filter(logits: np.ndarray, mass: float) -> np.ndarray:
+    """Locally typical sampling: order the tokens by how far their surprisal is from the entropy, keep
+    them in that order until their probability reaches `mass` (the token that crosses it included, with
+    every token as close to the entropy as it), always the closest one."""
+    if mass >= 1.0:
+        return logits
+    logp = log_softmax(logits)
+    p = np.exp(logp)
+    entropy = -(np.where(p > 0, logp, 0) * p).sum(-1, keepdims=True)
+    shifted = np.abs(-logp - entropy)
+    order = np.argsort(shifted, axis=-1, kind="stable")
+    sorted_shifted = np.take_along_axis(shifted, order, -1)
+    cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, -1)), -1)
+    last = np.minimum((cumulative < mass).sum(-1), logits.shape[-1] - 1)
+    drop_sorted = sorted_shifted > np.take_along_axis(sorted_shifted, last[:, None], -1)
+    drop_sorted[:, 0] = False
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, -1)
+    return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+def epsilon_filter(logits: np.ndarray, epsilon: float) -> np.ndarray:
+    """Drop the tokens less probable than epsilon, never the most probable one."""
+    probs = softmax(logits)
+    drop = (probs < np.float32(epsilon)) & (logits < logits.max(-1, keepdims=True))
+    return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+def eta_filter(logits: np.ndarray, epsilon: float) -> np.ndarray:
+    """Drop the tokens less probable than min(epsilon, sqrt(epsilon) * exp(-entropy)), never the most
+    probable one (the entropy counts a -inf logit as contributing nothing)."""
+    logp = log_softmax(logits)
+    p = np.exp(logp)
+    entropy = -(np.maximum(logp, np.finfo(np.float32).min) * p).sum(-1, keepdims=True)
+    eta = np.minimum(np.float32(epsilon), np.float32(np.sqrt(epsilon)) * np.exp(-entropy))
+    drop = (p < eta) & (logits < logits.max(-1, keepdims=True))
+    return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d: Decoding, prompt_length: int,
+                     processors: Sequence[Callable] = (), beam: bool = False) -> np.ndarray:
+    """The scores (R, V) float32 one step chooses from, every rule of the module docstring in its order,
+    written plainly: the definition the backends' steps are tested against (and what output_scores holds).
+    logits (R, V): each row's next-token logits; tokens / real (R, L): the rows so far (prompt pads
+    included) and which positions are real tokens; the step is L - prompt_length. beam=True: beam search's
+    scores (log-probabilities first, no sampling filters)."""
+    x = np.asarray(logits, np.float32)
+    tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
+    R, L = tokens.shape
+    V, step = x.shape[1], L - prompt_length
+    eos = list(d.eos_token_ids)
+    if beam:
+        x = log_softmax(x)
+    if d.sequence_bias:                                                            # 0
+        x = x + sequence_bias_table(tokens, d.sequence_bias, V)
+    if d.repetition_penalty != 1.0:                                                # 1
+        seen = np.zeros((R, V), dtype=bool)
+        for r in range(R):
+            seen[r, tokens[r][real[r]]] = True
+        x = apply_repetition_penalty(x, seen, d.repetition_penalty)
+    if d.no_repeat_ngram_size:                                                     # 2
+        x = np.where(banned_by_ngrams(tokens, real, d.no_repeat_ngram_size, V), -np.inf, x)
+    if eos and (L < d.min_length or step < d.min_new_tokens):                      # 3
+        x = x.copy()
+        x[:, eos] = -np.inf
+    if d.forced_bos_token_id is not None and L == 1:                               # 3a
+        x = np.full_like(x, -np.inf)
+        x[:, d.forced_bos_token_id] = 0
+    if d.forced_eos_token_ids and step == d.max_new_tokens - 1:                    # 3b
+        x = np.full_like(x, -np.inf)
+        x[:, list(d.forced_eos_token_ids)] = 0
+    if d.remove_invalid_values:                                                    # 3c
+        big = np.finfo(np.float32).max
+        x = np.where(np.isnan(x), 0, np.where(x == np.inf, big, np.where(x == -np.inf, -big, x)))
+    if d.exponential_decay is not None and eos and step > d.exponential_decay[0]:  # 3d
+        start, factor = d.exponential_decay
+        x, scores = x.copy(), x[:, eos]
+        with np.errstate(invalid="ignore"):
+            boosted = scores + np.abs(scores) * np.float32(factor ** (step - start) - 1)
+        x[:, eos] = np.where(scores == -np.inf, scores, boosted)  # a banned EOS stays banned
+    if d.suppress_tokens:                                                          # 3e
+        x = x.copy()
+        x[:, list(d.suppress_tokens)] = -np.inf
+    if d.begin_suppress_tokens and step == d.begin_suppress_step:                 # 3f
+        x = x.copy()
+        x[:, list(d.begin_suppress_tokens)] = -np.inf
+    x = np.asarray(apply_processors(processors, tokens, x.astype(np.float32)), np.float32)  # 4
+    if d.do_sample and not beam:                                                   # 5
+        if d.temperature != 1.0:
+            x = (x / np.float32(d.temperature)).astype(np.float32)
+        x = top_p_filter(top_k_filter(x, d.top_k), d.top_p)
+        if d.min_p is not None:
+            x = min_p_filter(x, d.min_p)
+        x = typical_filter(x, d.typical_p)
+        if 0 < d.epsilon_cutoff:
+            x = epsilon_filter(x, d.epsilon_cutoff)
+        if 0 < d.eta_cutoff:
+            x = eta_filter(x, d.eta_cutoff)
+    if d.renormalize_logits:                                                       # 5a
+        x = log_softmax(x)
+    return x.astype(np.float32)
+
+
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -588,6 +910,28 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
+def transition_scores(sequences: np.ndarray, scores: Sequence[np.ndarray], beam_indices: np.ndarray | None = None,
+                      normalize_logits: bool = False) -> np.ndarray:
+    """(rows, steps) float32: the score of each generated token in the step's scores (output_scores),
+    Hugging Face's compute_transition_scores. sequences (rows, T + N) as generate returned them; with
+    beam_indices (beam search) each token's score is read from the running beam it extended, and is 0
+    past a hypothesis's end; normalize_logits takes log_softmax of each step's scores first."""
+    steps = np.stack([np.asarray(s, np.float32) for s in scores])          # (N, R, V)
+    if normalize_logits:
+        steps = log_softmax(steps.reshape(-1, steps.shape[-1])).reshape(steps.shape)
+    sequences = np.asarray(sequences)
+    N, R, V = steps.shape
+    if beam_indices is None:
+        beam_indices = np.broadcast_to(np.arange(R)[:, None], (R, N))
+    beam_indices = np.asarray(beam_indices)
+    past_end = beam_indices < 0
+    M = int((~past_end).sum(-1).max()) if past_end.size else 0
+    beams, past_end = np.where(past_end, 0, beam_indices)[:, :M], past_end[:, :M]
+    tokens = sequences[:, sequences.shape[1] - M:]
+    out = steps[np.arange(M)[None, :], beams, tokens]                        # (rows, M)
+    return np.where(past_end, 0, out).astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------- beam scoring
 def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
     """(N,) float32: generated_length ** length_penalty for lengths 1..N, computed in float64 and rounded
@@ -596,14 +940,23 @@ def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
     return np.array([float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], dtype=np.float32)
 
 
+def best_length(step: int, d: Decoding) -> int:
+    """The length a running beam is normalized at to see whether it could still beat the finished
+    hypotheses, at `step` (0-based): the current length (step + 1), or the length limit with
+    early_stopping="never" and a positive length_penalty (longer can only score higher then)."""
+    return d.max_new_tokens if d.early_stopping == "never" and d.length_penalty > 0 else step + 1
+
+
 def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], prompts: np.ndarray,
-                          d: Decoding, finished: list | None = None) -> list[list[list[int]]]:
+                          d: Decoding, finished: list | None = None,
+                          scores: list | None = None) -> list[list[list[int]]]:
     """The beam-search rules of the module docstring, written plainly, one prompt row at a time: for each
     of the B prompts (B, T) (all tokens real), its num_return_sequences best hypotheses, best first, each
     a list of new tokens (no padding). `next_logprobs(rows (R, L)) -> (R, V)` gives the processed
     log-probabilities of the next token after each row (rules 1-4 already applied). Scores are float32 as
     in the backends. This is the definition the backends' vectorized beam searches are tested against.
-    `finished`, when given, receives (row, step, tokens) for every hypothesis that finishes on an EOS id."""
+    `finished`, when given, receives (row, step, tokens) for every hypothesis that finishes on an EOS id;
+    `scores`, when given, receives each prompt's list of the returned hypotheses' scores (sequences_scores)."""
     K, C, N = d.num_beams, d.candidates, d.max_new_tokens
     norms = length_norms(N, d.length_penalty)
     eos = set(d.eos_token_ids)
@@ -635,14 +988,17 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
                        if i % V in eos]                                      # fill-ins when too few run on
             if not row_done:
                 beams = (running + stopped)[:K]
-            best_running = max(s for s, _ in beams) / norms[step]
-            row_done = row_done or (len(done) == K and min(s for s, _ in done) >= best_running)
+            best_running = max(s for s, _ in beams) / norms[best_length(step, d) - 1]
+            row_done = row_done or (len(done) == K and (d.early_stopping is True
+                                                        or min(s for s, _ in done) >= best_running))
             if row_done:
                 break
         if not row_done:  # at the length limit the running beams are finished hypotheses too
             done = done + [(np.float32(s / norms[step]), tokens) for s, tokens in beams]
         ranked = sorted(done, key=lambda h: -h[0])  # stable: earlier-finished first on equal scores
         out.append([tokens for _, tokens in ranked[:d.num_return_sequences]])
+        if scores is not None:
+            scores.append([score for score, _ in ranked[:d.num_return_sequences]])
     return out
 
 

@@ -63,3 +63,29 @@ class QuestionAnsweringModelOutput(ModelOutput):
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, k) for k in self.keys() if k != "past_key_values")
+
+
+@dataclasses.dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """generate(..., return_dict_in_generate=True) for greedy search and sampling (opt_spec.generation,
+    "Outputs"): scores / logits are tuples with one (rows, V) array per step, when asked for."""
+    sequences: Any = None
+    scores: Any = None
+    logits: Any = None
+    attentions: Any = None
+    hidden_states: Any = None
+    past_key_values: Any = None
+
+
+@dataclasses.dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """generate(..., return_dict_in_generate=True) for beam search: also each returned hypothesis's score
+    (sequences_scores, with output_scores) and the running beam each of its tokens extended (beam_indices)."""
+    sequences: Any = None
+    sequences_scores: Any = None
+    scores: Any = None
+    logits: Any = None
+    beam_indices: Any = None
+    attentions: Any = None
+    hidden_states: Any = None
+    past_key_values: Any = None

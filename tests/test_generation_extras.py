@@ -428,8 +428,8 @@ def test_settings_resolve_as_hugging_face_does():
     (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size=-1"),
     (dict(eos_token_id=[]), ValueError, "eos_token_id=\\[\\]"),
     (dict(stop_strings=[""]), ValueError, "stop_strings"),
-    (dict(return_dict_in_generate=True), ValueError, "does not implement return_dict_in_generate=True"),
-    (dict(early_stopping=True), ValueError, "does not implement early_stopping=True"),
+    (dict(penalty_alpha=0.6), ValueError, "does not implement penalty_alpha=0.6"),
+    (dict(num_beam_groups=2), ValueError, "does not implement num_beam_groups=2"),
     (dict(maximum_tokens=3), TypeError, "unexpected keyword arguments: maximum_tokens"),
 ])
 def test_bad_settings_are_refused_by_name(kwargs, error, words):
@@ -445,13 +445,13 @@ def test_harmless_hugging_face_keywords_are_accepted():
 
 def test_generation_config_file_rules(tmp_path):
     path = tmp_path / gen.GENERATION_CONFIG_NAME
-    path.write_text(json.dumps({"temperature": 0.7, "early_stopping": True, "odd": [1, 2]}))
-    with pytest.warns(UserWarning, match="early_stopping=True ignored"):
+    path.write_text(json.dumps({"temperature": 0.7, "penalty_alpha": 0.6, "odd": [1, 2]}))
+    with pytest.warns(UserWarning, match="penalty_alpha=0.6 ignored"):
         cfg = gen.GenerationConfig.from_pretrained(tmp_path)
-    assert cfg.temperature == 0.7 and cfg.extra == {"early_stopping": True, "odd": [1, 2]}
+    assert cfg.temperature == 0.7 and cfg.extra == {"penalty_alpha": 0.6, "odd": [1, 2]}
     cfg.save_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / gen.GENERATION_CONFIG_NAME).read_text()) == \
-        {"temperature": 0.7, "early_stopping": True, "odd": [1, 2]}
+        {"temperature": 0.7, "penalty_alpha": 0.6, "odd": [1, 2]}
     path.write_text(json.dumps({"num_beams": 0}))
     with pytest.raises(ConfigError, match=r"generation_config.json: num_beams=0: must be an int >= 1"):
         gen.GenerationConfig.from_pretrained(tmp_path)
