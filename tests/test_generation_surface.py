@@ -1,0 +1,211 @@
+"""The rest of Hugging Face's generate in every backend, against transformers 4.57.6 on the same random
+weights: the rules of opt_spec.generation ("More rules": sequence_bias, bad_words_ids, min_length, forced
+BOS/EOS, remove_invalid_values, exponential_decay_length_penalty, suppress tokens, the sampling filters
+min_p / typical_p / epsilon / eta, renormalize_logits, early_stopping) and the outputs
+(return_dict_in_generate, output_scores, output_logits, sequences_scores, beam_indices,
+compute_transition_scores).
+
+The token ids the rules name are taken from the model's own free-running output, so that every rule
+changes what it generates (test_each_rule_changes_the_tokens). Sampling cannot match Hugging Face's draws;
+its steps are checked against opt_spec.generation.reference_scores on the returned logits, and the
+returned logits against Hugging Face's forward of the returned sequences.
+"""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from opt_spec import generation as gen
+from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
+from .test_generation_extras import (BACKENDS, CONFIG, IDS, MASK, T, backend, checkpoint, hf,  # noqa: F401
+                                     models)
+
+V = CONFIG.vocab_size
+
+
+def to_numpy(x):
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(to_numpy(v) for v in x)
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+
+
+def run(models, backend, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TensorFlow's retracing notes
+        return models(backend).generate(IDS, MASK, **kwargs)
+
+
+def reference(hf, **kwargs):
+    kwargs.setdefault("pad_token_id", 1)
+    with torch.no_grad():
+        return hf.generate(input_ids=torch.from_numpy(IDS).long(), attention_mask=torch.from_numpy(MASK).long(),
+                           **kwargs)
+
+
+def tokens_of(out) -> np.ndarray:
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    return to_numpy(sequences).astype(np.int64)
+
+
+def close(a, b, atol=2e-4) -> bool:
+    """Equal -inf/+inf positions and finite values within atol (float32 forward passes of two frameworks)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return a.shape == b.shape and np.array_equal(np.isneginf(a), np.isneginf(b)) \
+        and np.array_equal(np.isposinf(a), np.isposinf(b)) \
+        and np.allclose(np.where(np.isinf(a), 0, a), np.where(np.isinf(b), 0, b), atol=atol, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- the settings
+def first_pair_that_matters(hf, settings: dict, key: str, values: tuple) -> list:
+    """EOS ids for a beam search case: the first pair of tokens its beams produce (without EOS ids) with
+    which every value of `key` gives different outputs."""
+    seen = reference(hf, **settings, eos_token_id=None).numpy()[:, T:]
+    for pair in itertools.combinations(sorted(set(seen[:, 1:5].ravel().tolist())), 2):
+        outs = [reference(hf, **settings, eos_token_id=list(pair), **{key: v}).numpy().tolist() for v in values]
+        if all(x != y for x, y in itertools.combinations(outs, 2)):
+            return list(pair)
+    raise AssertionError(f"no EOS pair makes {key} matter in {settings}")
+
+
+@pytest.fixture(scope="module")
+def cases(hf):
+    """Settings naming tokens the model really produces (free: greedy decoding that repeats no token), so
+    that every rule changes the tokens."""
+    free = reference(hf, max_new_tokens=8, eos_token_id=None, no_repeat_ngram_size=1).numpy()[:, T:]
+    a, b, c = (int(x) for x in free[:, 0])              # each row's first new token
+    eos = [int(free[0, 4]), int(free[2, 3])]
+    greedy = dict(max_new_tokens=8, eos_token_id=eos, bad_words_ids=[[a], [int(free[1, 0]), int(free[1, 1])]],
+                  min_length=T + 3, begin_suppress_tokens=[c], exponential_decay_length_penalty=(3, 3.0),
+                  renormalize_logits=True)
+    o = reference(hf, **greedy).numpy()[:, T:]          # what the rules so far give: suppress and bias those
+    greedy.update(suppress_tokens=[int(o[1, 2])], sequence_bias=[[[int(o[0, 1])], -8.0],
+                                                                 [[int(o[2, 0]), int(o[2, 1])], -8.0],
+                                                                 [[int(o[1, 1])], 2.0]])
+    beams = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, length_penalty=2.0, bad_words_ids=[[a], [b]],
+                 suppress_tokens=[c])
+    never = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, length_penalty=1.5,
+                 sequence_bias=[[[a], -3.0]], renormalize_logits=True)
+    return {
+        "greedy": greedy,
+        "forced": dict(max_new_tokens=5, eos_token_id=eos, forced_eos_token_id=[b, 9], remove_invalid_values=True,
+                       bad_words_ids=[[a]]),
+        "beams": dict(beams, early_stopping=True,
+                      eos_token_id=first_pair_that_matters(hf, beams, "early_stopping", (False, True))),
+        "beams_never": dict(never, early_stopping="never",
+                            eos_token_id=first_pair_that_matters(hf, never, "early_stopping", (False, "never"))),
+        "sampling": dict(max_new_tokens=6, do_sample=True, seed=5, temperature=0.8, top_k=0, min_p=0.05,
+                         typical_p=0.9, epsilon_cutoff=2e-3, eta_cutoff=2e-3, eos_token_id=eos,
+                         bad_words_ids=[[a]], suppress_tokens=[c], renormalize_logits=True),
+    }
+
+
+OUTPUTS = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+SEARCHES = ("greedy", "forced", "beams", "beams_never")
+
+
+def test_each_rule_changes_the_tokens(hf, cases):
+    """Without any one of its rules, each case's tokens change in Hugging Face: every rule is exercised."""
+    for name in SEARCHES:
+        settings = cases[name]
+        full = reference(hf, **settings).numpy()
+        for key in settings:
+            if key in ("max_new_tokens", "num_beams", "num_return_sequences", "eos_token_id", "length_penalty",
+                       "renormalize_logits", "remove_invalid_values"):  # the last two change scores, not tokens
+                continue
+            fewer = {k: v for k, v in settings.items() if k != key}
+            assert not np.array_equal(reference(hf, **fewer).numpy(), full), (name, key)
+
+
+# ------------------------------------------------------------------------------- tokens and scores
+@pytest.mark.parametrize("name", SEARCHES)
+def test_rules_give_hugging_faces_tokens_and_scores(models, hf, backend, cases, name):
+    settings = cases[name]
+    want = reference(hf, **settings, **OUTPUTS)
+    out = run(models, backend, **settings, **OUTPUTS)
+    beams = settings.get("num_beams", 1) > 1
+    assert isinstance(out, GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput)
+    np.testing.assert_array_equal(tokens_of(out), want.sequences.numpy())
+    scores, logits = to_numpy(out.scores), to_numpy(out.logits)
+    assert len(scores) == len(want.scores) == len(logits)
+    if beams:
+        np.testing.assert_array_equal(to_numpy(out.beam_indices), want.beam_indices.numpy())
+        np.testing.assert_allclose(to_numpy(out.sequences_scores), want.sequences_scores.numpy(), atol=2e-4)
+        steps = [0]  # later steps' running beams are checked through the transition scores below
+        mine = to_numpy(models(backend).compute_transition_scores(out.sequences, out.scores, out.beam_indices))
+        theirs = hf.compute_transition_scores(want.sequences, want.scores, want.beam_indices).numpy()
+        assert close(mine, theirs)
+    else:
+        steps = range(len(scores))
+    done = np.zeros(scores[0].shape[0], bool)
+    for s in steps:  # rows still running (a finished row's scores are of the pad it is fed: unspecified)
+        live = ~done
+        assert close(scores[s][live], want.scores[s].numpy()[live]), (name, s)
+        assert close(logits[s][live], want.logits[s].numpy()[live]), (name, s)
+        if not beams:
+            done |= np.isin(tokens_of(out)[:, T + s], settings["eos_token_id"])
+
+
+def test_the_host_loop_gives_the_fast_paths_tokens_and_scores(models, backend, cases):
+    """A logits processor sends a call through the step-by-step host loop: same rules, same outputs."""
+    settings = cases["greedy"]
+    fast = run(models, backend, **settings, **OUTPUTS)
+    host = run(models, backend, **settings, **OUTPUTS, logits_processor=[lambda ids, scores: scores])
+    np.testing.assert_array_equal(tokens_of(host), tokens_of(fast))
+    for a, b in zip(to_numpy(host.scores), to_numpy(fast.scores)):
+        assert close(a, b, atol=1e-5)
+
+
+def test_sampling_steps_follow_the_reference(models, hf, backend, cases):
+    """Each sampling step's scores are opt_spec.generation.reference_scores of that step's logits (every
+    filter, renormalized); the logits are the model's (Hugging Face's forward of the returned rows); every
+    drawn token had a finite score; the seed reproduces the draw."""
+    settings = cases["sampling"]
+    out = run(models, backend, **settings, **OUTPUTS)
+    seq = tokens_of(out)
+    np.testing.assert_array_equal(tokens_of(run(models, backend, **settings)), seq)
+    d = gen.resolve(gen.GenerationConfig(pad_token_id=1), None, settings, prompt_length=T,
+                    max_positions=CONFIG.max_position_embeddings, vocab_size=V)
+    scores, logits = to_numpy(out.scores), to_numpy(out.logits)
+    real = np.concatenate([MASK, np.ones((seq.shape[0], seq.shape[1] - T), MASK.dtype)], 1)
+    with torch.no_grad():
+        full = hf(input_ids=torch.from_numpy(seq), attention_mask=torch.from_numpy(real)).logits.float().numpy()
+    done = np.zeros(seq.shape[0], bool)
+    filtered = 0
+    for s in range(len(scores)):
+        live = ~done
+        want = gen.reference_scores(logits[s], seq[:, :T + s], real[:, :T + s], d, T)
+        assert close(scores[s][live], want[live], atol=1e-5), s
+        assert close(logits[s][live], full[:, T + s - 1][live]), s
+        chosen = scores[s][np.arange(seq.shape[0]), seq[:, T + s]]
+        assert np.isfinite(chosen[live]).all(), s
+        filtered += int(np.isneginf(scores[s][live]).sum() - np.isneginf(logits[s][live]).sum())
+        done |= np.isin(seq[:, T + s], settings["eos_token_id"])
+    assert filtered > 0  # the filters removed tokens
+
+
+def test_outputs_hold_what_was_asked_for(models, backend):
+    plain = run(models, backend, max_new_tokens=3)
+    record = run(models, backend, max_new_tokens=3, return_dict_in_generate=True)
+    np.testing.assert_array_equal(tokens_of(record), tokens_of(plain))
+    assert record.scores is None and record.logits is None and record[0] is record.sequences
+    beams = run(models, backend, max_new_tokens=3, num_beams=2, return_dict_in_generate=True)
+    assert beams.sequences_scores is None and beams.scores is None and beams.beam_indices is not None
+    with_scores = run(models, backend, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    assert len(with_scores.scores) == 3 and with_scores.logits is None
+    assert tuple(with_scores.scores[0].shape) == (IDS.shape[0], V)
+
+
+def test_transition_scores_equal_hugging_faces(models, hf, backend):
+    settings = dict(max_new_tokens=5, eos_token_id=None, **OUTPUTS)
+    out, want = run(models, backend, **settings), reference(hf, **settings)
+    for normalize in (False, True):
+        mine = models(backend).compute_transition_scores(out.sequences, out.scores, normalize_logits=normalize)
+        assert type(mine) is type(out.sequences) or backend == "flax"  # the backend's own array type
+        theirs = hf.compute_transition_scores(want.sequences, want.scores, normalize_logits=normalize).numpy()
+        assert close(to_numpy(mine), theirs)
