@@ -28,6 +28,7 @@ from jax import lax
 
 from opt_spec import Head, OPTConfig
 from opt_spec.cache import cache_mask_width, refuse_legacy_cache
+from opt_spec.inputs import check_pooling
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
@@ -438,6 +439,7 @@ class OPTForSequenceClassificationModule(_HeadModule):
         logits = _dense(config.num_labels, config, self.numerics, False, "score")(
             out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
+        check_pooling(B, config.pad_token_id)
         if input_ids is not None and config.pad_token_id is not None:
             # the rightmost token that is not a pad (left or right padding alike)
             not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)

@@ -165,6 +165,15 @@ def check_classification_labels(shape, dtype, batch, config, values=None) -> Non
                              f"[0, {n}) (num_labels) nor {IGNORE_INDEX} (ignored)")
 
 
+def check_pooling(batch, pad_token_id) -> None:
+    """Sequence classification pools each row's last token that is not pad_token_id; without a pad id it
+    cannot tell a padded row's last token, so (as Hugging Face) only a batch of one row is taken. A batch
+    of None (traced) passes."""
+    if pad_token_id is None and batch is not None and batch != 1:
+        raise ValueError(f"sequence classification of a batch of {batch} rows needs config.pad_token_id (it pools "
+                         "each row's last token that is not a pad); with pad_token_id None pass one row at a time")
+
+
 def check_span_positions(name: str, shape, dtype, batch) -> None:
     """QA start_positions / end_positions: integers, one per row ((B,) or (B, 1))."""
     if not is_integer_dtype(dtype):

@@ -49,7 +49,7 @@ import tensorflow as tf
 
 from opt_spec import Head, OPTConfig
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
-from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
+from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels, check_pooling,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
                              check_span_positions, check_token_ids, host_array, not_integers)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
@@ -750,6 +750,7 @@ class TFOPTForSequenceClassification(_TFOPTWithHead):
                          training=training, **kw)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = _dim(logits, 0), _dim(logits, 1)
+        check_pooling(*_static(B), self.config.pad_token_id)
         if input_ids is not None and self.config.pad_token_id is not None:
             # the rightmost token that is not a pad (left or right padding alike)
             not_pad = tf.cast(tf.not_equal(tf.cast(input_ids, tf.int32), self.config.pad_token_id), tf.int32)

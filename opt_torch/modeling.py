@@ -19,7 +19,7 @@ from torch import nn
 
 from opt_spec import Head, OPTConfig
 from opt_spec.cache import refuse_legacy_cache
-from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
+from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels, check_pooling,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions,
                              check_span_positions, check_token_ids, not_integers, token_range_message)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
@@ -442,6 +442,7 @@ class OPTForSequenceClassification(_OPTWithHead):
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
+        check_pooling(B, self.config.pad_token_id)
         if input_ids is not None and self.config.pad_token_id is not None:
             # the rightmost token that is not a pad (left or right padding alike)
             not_pad = (input_ids != self.config.pad_token_id).int()

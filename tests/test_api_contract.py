@@ -245,3 +245,21 @@ def test_temperature_zero_generates_the_greedy_tokens(backend):
     ids, mask = backend.native(IDS), backend.native(MASK)
     greedy = np.asarray(lm.generate(ids, mask, max_new_tokens=4))
     np.testing.assert_array_equal(np.asarray(lm.generate(ids, mask, max_new_tokens=4, temperature=0.0)), greedy)
+
+
+def test_classification_without_a_pad_id_takes_one_row_as_hugging_face_does(backend, tmp_path):
+    """With config.pad_token_id None a row's last real token cannot be found: a batch of several rows is
+    refused in words (Hugging Face refuses it too); one row pools its last position, as Hugging Face's does."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    config = type(CONFIG).from_dict({**CONFIG.to_dict(), "pad_token_id": None})
+    spec_io.save_safetensors_dir(tmp_path, random_weights(config, "sequence_classification", seed=4), config.to_dict())
+    model = backend.load(tmp_path, "sequence_classification")
+    with pytest.raises(ValueError, match="batch of 2 rows needs config.pad_token_id"):
+        backend.call(model, input_ids=IDS)
+    with torch.no_grad():
+        hf = transformers.OPTForSequenceClassification.from_pretrained(tmp_path).eval()
+        want = hf(input_ids=torch.from_numpy(IDS[:1])).logits.numpy()
+        with pytest.raises(ValueError, match="Cannot handle batch sizes > 1"):
+            hf(input_ids=torch.from_numpy(IDS))
+    np.testing.assert_allclose(_logits(backend.call(model, input_ids=IDS[:1])), want, atol=2e-5)
