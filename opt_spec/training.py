@@ -149,6 +149,16 @@ def resume_info(info, where: str, directory, cfg: TrainConfig | None) -> tuple[s
     return task, int(step), resume_config(directory, train_config, cfg)
 
 
+def checkpoint_nbytes(config, task: str) -> int:
+    """A lower bound of one trainer checkpoint's size: every parameter as float32 weights plus AdamW's two
+    float32 moments (12 bytes a parameter; the RNG, schedule and counters are small). Asked of the disk
+    before a run starts and before every save, so a run of hours does not learn at its first checkpoint
+    that the disk cannot hold one."""
+    from .weights import count_parameters
+
+    return 12 * count_parameters(config, task_head(task))
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """The rate of the update that follows `step` completed updates."""
     if step < cfg.warmup_steps:

@@ -223,15 +223,17 @@ def _tokenizer_files(model_dir: str) -> list[str]:
             if os.path.lexists(os.path.join(model_dir, name))]
 
 
-def _save(trainer, directory: str, tokenizer_files: list[str], collective: bool = False) -> None:
+def _save(trainer, directory: str, tokenizer_files: list[str], need: int, collective: bool = False) -> None:
     """A checkpoint folder, written into a temporary sibling and renamed into place when complete
     (opt_spec.io.atomic_path): a run killed while saving leaves the earlier content of `directory` or
     nothing, never weights without their trainer state nor one save's weights with another's state.
     Under torch.distributed every rank writes its part into the one temporary folder rank 0 made
-    (_collective_atomic_path)."""
-    from opt_spec.io import atomic_path
+    (_collective_atomic_path). `need`: the checkpoint's bytes at least, asked of the disk first (inside the
+    collective save, so that every rank learns of a refusal)."""
+    from opt_spec.io import atomic_path, check_free_space
 
     with _collective_atomic_path(directory) if collective else atomic_path(directory) as target:
+        check_free_space(directory, need, what="the checkpoint (weights and optimizer state)")
         try:
             trainer.save_checkpoint(target)
             for src in tokenizer_files:  # a checkpoint is a complete Hugging Face folder
@@ -313,7 +315,8 @@ def run(args, console: Console) -> int:
     from opt_spec import OPTConfig
     from opt_spec import data as spec_data
     from opt_spec.tokenizer import OPTTokenizer
-    from opt_spec.training import ResumeMismatchError
+    from opt_spec.io import check_free_space
+    from opt_spec.training import ResumeMismatchError, checkpoint_nbytes
 
     _check(args)
     cfg = _train_config(args)
@@ -396,6 +399,9 @@ def run(args, console: Console) -> int:
     if trainer.step >= args.steps:
         raise CLIError(f"--resume {args.resume} is at step {trainer.step}; nothing left to do for --steps {args.steps}")
 
+    need = checkpoint_nbytes(config, args.task)
+    if chief:  # a run that cannot save its final checkpoint is refused before its first update
+        check_free_space(args.output, need, what="a checkpoint (weights and optimizer state)")
     os.makedirs(args.output, exist_ok=True)
     if chief and args.resume:
         _keep_metrics_until(os.path.join(args.output, METRICS_FILE), trainer.step)
@@ -441,7 +447,7 @@ def run(args, console: Console) -> int:
                 last_eval = step
             if (chief or collective) and args.save_every and step % args.save_every == 0:
                 _save(trainer, os.path.join(args.output, f"checkpoint-{step}"), tokenizer_files if chief else [],
-                      collective=collective)
+                      need, collective=collective)
     finally:
         bar.close()
         log.flush()
@@ -449,7 +455,7 @@ def run(args, console: Console) -> int:
         evaluate(trainer.step)
     final = os.path.join(args.output, "final")
     if chief or collective:
-        _save(trainer, final, tokenizer_files if chief else [], collective=collective)
+        _save(trainer, final, tokenizer_files if chief else [], need, collective=collective)
     log.close()
     if torch_split and created:
         import torch.distributed as dist

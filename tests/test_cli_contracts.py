@@ -4,6 +4,7 @@ new one and no leftovers after the next run; a destination of any kind (file, fo
 whole; a training --output is never overwritten piecemeal and resumes in place; options out of range (nan
 and inf included) and a missing part of a backend's extra are one-line usage errors (exit 2)."""
 
+import collections
 import hashlib
 import json
 import os
@@ -286,7 +287,6 @@ def test_convert_destination_kinds_and_usage_errors(tmp_path, capsys):
 def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
     """The free space is asked before the first byte: a 350 GB conversion onto a disk with less would fail at
     its last shard (and HDF5 may crash on a full disk). Within the space, both writes go on as before."""
-    import collections
 
     src, config = tmp_path / "src", VARIANTS["pre_ln"]
     spec_io.save_safetensors_dir(src, random_weights(config), config.to_dict())
@@ -547,9 +547,37 @@ def test_a_failed_checkpoint_save_leaves_the_earlier_one(tmp_path, error, raised
     (ck / "trainer_state.pt").write_text("old state")
     before = tree(ck)
     with pytest.raises(raised) as err:
-        cli_train._save(_FailingTrainer(error), str(ck), [])
+        cli_train._save(_FailingTrainer(error), str(ck), [], 0)
     assert str(err.value).startswith(f"{ck}: {says}" if raised is OSError else says)
     assert tree(ck) == before and leftovers(ck.parent) == []
     with pytest.raises(raised):
-        cli_train._save(_FailingTrainer(error), str(tmp_path / "run" / "checkpoint-4"), [])
+        cli_train._save(_FailingTrainer(error), str(tmp_path / "run" / "checkpoint-4"), [], 0)
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2"]
+
+
+def test_train_refuses_to_start_when_a_checkpoint_cannot_fit(tiny_model, tmp_path, capsys, monkeypatch):
+    """A checkpoint holds the weights and AdamW's two moments (12 bytes a parameter at least): a run whose
+    disk cannot hold one is refused before its first update (it used to train, then fail at its first save),
+    and a disk that fills during the run is named at the save."""
+    from opt_spec.training import checkpoint_nbytes
+    from opt_spec.weights import count_parameters
+
+    config = OPTConfig.from_pretrained(tiny_model[0])
+    need = checkpoint_nbytes(config, "causal_lm")
+    assert need == 12 * count_parameters(config)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need - 1))
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_train(tiny_model, out))
+    assert code == 1 and "a checkpoint (weights and optimizer state) need" in err and not out.exists(), err
+
+    free = iter([need] + [need - 1] * 10)  # room at the start, then the disk fills before the first save
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, next(free)))
+    code, _, err = run_main(capsys, *_train(tiny_model, out))
+    assert code == 1 and f"{out}/checkpoint-1: the checkpoint (weights and optimizer state) need" in err, err
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"] and leftovers(out) == []
+    # a real save takes at least what the bound says
+    monkeypatch.undo()
+    assert run_main(capsys, *_train(tiny_model, tmp_path / "ok", "--steps", 1))[0] == 0
+    saved = sum(f.stat().st_size for f in (tmp_path / "ok" / "final").rglob("*") if f.is_file())
+    assert saved >= need
