@@ -4,7 +4,16 @@ Decoding writes into a preallocated KVCache (no re-allocation per token); the on
 fixed shapes, so on a GPU `compile=True` lets torch.compile capture it (CUDA graphs); on the CPU the
 loop runs eagerly. The loop is on the host anyway, so logits processors, stop strings and streamers
 (Hugging Face's put/end protocol, CPU tensors as Hugging Face puts them, or a plain callable) cost
-nothing when they are not used. `stream(...)` yields each step's tokens as they are produced.
+nothing when they are not used, and PyTorch's fast path and host loop are one loop. `stream(...)`
+yields each step's tokens as they are produced.
+
+A step's scores (`step_scores`) take every rule of the spec in its order: sequence bias and bad words
+(a precomputed single-token bias vector, plus the longer sequences matched on each row's last
+tokens), repetition penalty, n-grams, the length and token rules (`TokenRules` holds their ids as
+tensors, made once per call), the logits processors, the sampling filters when sampling, and
+renormalize_logits last; a rule that is off is a skipped `if`. With return_dict_in_generate the
+record collects copies of each step's scores and raw logits only when asked for; beam search also
+tracks the running beam every token extended (beam_indices) and each hypothesis's score.
 """
 
 from __future__ import annotations
