@@ -4,35 +4,127 @@ Decoding writes into a preallocated KVCache (no re-allocation per token); the on
 fixed shapes, so on a GPU `compile=True` lets torch.compile capture it (CUDA graphs); on the CPU the
 loop runs eagerly. The loop is on the host anyway, so logits processors, stop strings and streamers
 (Hugging Face's put/end protocol, CPU tensors as Hugging Face puts them, or a plain callable) cost
-nothing when they are not used. `stream(...)` yields each step's tokens as they are produced.
+nothing when they are not used, and PyTorch's fast path and host loop are one loop. `stream(...)`
+yields each step's tokens as they are produced.
+
+A step's scores (`step_scores`) take every rule of the spec in its order: sequence bias and bad words
+(a precomputed single-token bias vector, plus the longer sequences matched on each row's last
+tokens), repetition penalty, n-grams, the length and token rules (`TokenRules` holds their ids as
+tensors, made once per call), the logits processors, the sampling filters when sampling, and
+renormalize_logits last; a rule that is off is a skipped `if`. With return_dict_in_generate the
+record collects copies of each step's scores and raw logits only when asked for; beam search also
+tracks the running beam every token extended (beam_indices) and each hypothesis's score.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms, prompt_inputs)
+                                 best_length, check_extras, check_prompt, length_norms, prompt_inputs,
+                                 transition_scores)
+from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
 NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------------- one step's rules
+class TokenRules:
+    """The token ids of rules 0 and 3 as tensors, made once per generate call (a rule that is off is
+    None and costs nothing per step). Sequence bias: the single-token biases as one (V,) vector, the
+    longer sequences grouped by length as (prefixes (E, n - 1), last tokens (E,), biases (E,))."""
+
+    def __init__(self, d: Decoding, V: int, device):
+        def ids(values):
+            return torch.tensor(values, dtype=torch.long, device=device) if values else None
+
+        single = [(seq[0], bias) for seq, bias in d.sequence_bias if len(seq) == 1]
+        self.single_bias = None
+        if single:
+            self.single_bias = torch.zeros(V, device=device)
+            self.single_bias[[i for i, _ in single]] = torch.tensor([b for _, b in single], device=device)
+        groups: dict[int, list] = {}
+        for seq, bias in d.sequence_bias:
+            if len(seq) > 1:
+                groups.setdefault(len(seq), []).append((seq, bias))
+        self.longer = {n: (torch.tensor([s[:-1] for s, _ in group], dtype=torch.long, device=device),
+                           torch.tensor([s[-1] for s, _ in group], dtype=torch.long, device=device),
+                           torch.tensor([b for _, b in group], device=device)) for n, group in groups.items()}
+        self.eos = ids(d.eos_token_ids)
+        self.forced_bos = ids([d.forced_bos_token_id] if d.forced_bos_token_id is not None else [])
+        self.forced_eos = ids(d.forced_eos_token_ids)
+        self.suppress = ids(d.suppress_tokens)
+        self.begin_suppress = ids(d.begin_suppress_tokens)
+
+    def sequence_bias(self, scores: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """Rule 0: scores (R, V) plus each bias whose sequence the row (R, L) would complete."""
+        if self.single_bias is not None:
+            scores = scores + self.single_bias
+        if not self.longer:
+            return scores
+        R, L = seq.shape
+        bias = torch.zeros_like(scores)
+        for n, (prefixes, last, values) in self.longer.items():
+            if n > L:
+                continue
+            match = (seq[:, None, L - n + 1:] == prefixes).all(-1)        # (R, E): the row ends with the prefix
+            rows, entries = match.nonzero(as_tuple=True)
+            bias.index_put_((rows, last[entries]), values[entries], accumulate=True)
+        return scores + bias
+
+
 def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor,
-                   step: int, d: Decoding) -> torch.Tensor:
-    """Rules 1-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
-    search); seq / real (R, T + step) are the rows so far and which of their positions are real."""
+                   step: int, d: Decoding, rules: Optional[TokenRules] = None) -> torch.Tensor:
+    """Rules 0-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
+    search); seq / real (R, T + step) are the rows so far (prompt pads included) and which of their
+    positions are real. `rules`: the call's TokenRules (made here when not given)."""
+    V, L = scores.shape[-1], seq.shape[1]
+    rules = rules if rules is not None else TokenRules(d, V, scores.device)
+    if d.sequence_bias:
+        scores = rules.sequence_bias(scores, seq)
     if seen is not None:
         penalized = torch.where(scores > 0, scores / d.repetition_penalty, scores * d.repetition_penalty)
         scores = torch.where(seen, penalized, scores)
     if d.no_repeat_ngram_size:
-        scores = scores.masked_fill(ngram_bans(seq, real, d.no_repeat_ngram_size, scores.shape[-1]), NEG_INF)
-    if step < d.min_new_tokens and d.eos_token_ids:
-        scores = scores.clone()
-        scores[:, list(d.eos_token_ids)] = NEG_INF
+        scores = scores.masked_fill(ngram_bans(seq, real, d.no_repeat_ngram_size, V), NEG_INF)
+    if rules.eos is not None and (L < d.min_length or step < d.min_new_tokens):
+        scores = scores.index_fill(1, rules.eos, NEG_INF)
+    if rules.forced_bos is not None and L == 1:
+        scores = torch.full_like(scores, NEG_INF).index_fill(1, rules.forced_bos, 0.0)
+    if rules.forced_eos is not None and step == d.max_new_tokens - 1:
+        scores = torch.full_like(scores, NEG_INF).index_fill(1, rules.forced_eos, 0.0)
+    if d.remove_invalid_values:
+        big = torch.finfo(scores.dtype).max
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=big, neginf=-big)
+    if d.exponential_decay is not None and rules.eos is not None and step > d.exponential_decay[0]:
+        start, factor = d.exponential_decay
+        eos = scores[:, rules.eos]
+        boosted = eos + eos.abs() * float(np.float32(factor ** (step - start) - 1))
+        scores = scores.index_copy(1, rules.eos, torch.where(eos == NEG_INF, eos, boosted))  # banned stays banned
+    if rules.suppress is not None:
+        scores = scores.index_fill(1, rules.suppress, NEG_INF)
+    if rules.begin_suppress is not None and step == d.begin_suppress_step:
+        scores = scores.index_fill(1, rules.begin_suppress, NEG_INF)
+    return scores
+
+
+def step_scores(logits: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor, step: int,
+                d: Decoding, rules: TokenRules, processors=(), beam: bool = False) -> torch.Tensor:
+    """The float32 scores (R, V) one step chooses from, every rule in the module docstring's order
+    (opt_spec.generation.reference_scores): beam search's on log-probabilities and without the
+    sampling filters; renormalize_logits last."""
+    scores = logits.log_softmax(-1) if beam else logits
+    scores = process_logits(scores, seen, seq, real, step, d, rules)
+    scores = apply_processors(processors, seq, scores)
+    if d.do_sample and not beam:
+        scores = filter_for_sampling(scores, d)
+    if d.renormalize_logits:
+        scores = scores.log_softmax(-1)
     return scores
 
 
@@ -50,6 +142,7 @@ def ngram_bans(seq: torch.Tensor, real: torch.Tensor, n: int, V: int) -> torch.T
 
 
 def filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
+    """Rule 5's sampling filters in order: temperature, top-k, top-p, min_p, typical_p, epsilon, eta."""
     logits = logits / cfg.temperature
     V = logits.shape[-1]
     if 0 < cfg.top_k < V:
@@ -61,7 +154,39 @@ def filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
         drop_sorted = (probs.cumsum(-1) - probs) >= cfg.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, NEG_INF)
+    if cfg.min_p is not None:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, NEG_INF)
+    if cfg.typical_p < 1.0:
+        logits = typical_filter(logits, cfg.typical_p)
+    if cfg.epsilon_cutoff > 0:
+        logits = logits.masked_fill(_below(logits, cfg.epsilon_cutoff), NEG_INF)
+    if cfg.eta_cutoff > 0:
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.exp()).sum(-1, keepdim=True)
+        eta = (-entropy).exp().mul(math.sqrt(cfg.eta_cutoff)).clamp(max=cfg.eta_cutoff)  # min(eta, sqrt(eta) e^-H)
+        logits = logits.masked_fill(_below(logits, eta), NEG_INF)
     return logits
+
+
+def _below(logits: torch.Tensor, threshold) -> torch.Tensor:
+    """(R, V) bool: tokens less probable than `threshold`, never a row's most probable one."""
+    return (logits.softmax(-1) < threshold) & (logits < logits.max(-1, keepdim=True).values)
+
+
+def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (opt_spec.generation.typical_filter): the tokens closest in surprisal to
+    the entropy, until their probability reaches `mass`."""
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, logp, 0.0).mul(p).sum(-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shifted, order = torch.sort(shifted, dim=-1, stable=True)
+    cumulative = logits.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    drop_sorted = sorted_shifted > sorted_shifted.gather(-1, last)
+    drop_sorted[:, 0] = False
+    return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), NEG_INF)
 
 
 def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
@@ -79,6 +204,30 @@ def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tens
         return None
     hits = stops.hits(seq.cpu().numpy(), real.cpu().numpy(), live.cpu().numpy())
     return torch.from_numpy(hits).to(seq.device)
+
+
+class _Record:
+    """What return_dict_in_generate collects of each step, when asked for: the scores it chose from
+    (output_scores) and the model's raw logits (output_logits), float32 copies (a compiled step reuses
+    its output buffer)."""
+
+    def __init__(self, d: Decoding):
+        self.score_steps = [] if d.return_dict_in_generate and d.output_scores else None
+        self.logit_steps = [] if d.return_dict_in_generate and d.output_logits else None
+
+    def add(self, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.score_steps is not None:
+            self.score_steps.append(scores.float().clone())
+        if self.logit_steps is not None:
+            self.logit_steps.append(logits.float().clone())
+
+    @property
+    def scores(self) -> Optional[tuple]:
+        return None if self.score_steps is None else tuple(self.score_steps)
+
+    @property
+    def logits(self) -> Optional[tuple]:
+        return None if self.logit_steps is None else tuple(self.logit_steps)
 
 
 class GenerationMixin(GenerationDefaults):
@@ -135,29 +284,47 @@ class GenerationMixin(GenerationDefaults):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, compile: bool = False, **kwargs) -> torch.Tensor:
+                 streamer=None, tokenizer=None, compile: bool = False, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N); settings by Hugging
         Face's names as keywords (max_new_tokens, do_sample, num_beams, eos_token_id, ...) or in
-        generation_config, defaults from model.generation_config; see opt_spec.generation."""
+        generation_config, defaults from model.generation_config; see opt_spec.generation. With
+        return_dict_in_generate=True, the output record (GenerateDecoderOnlyOutput, or
+        GenerateBeamDecoderOnlyOutput for beam search) with the scores / logits asked for."""
         input_ids, attention_mask, d = self._prepare(input_ids, attention_mask, generation_config, kwargs)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
+        record = _Record(d)
         if d.is_beam_search:
-            new = self._beam_search(input_ids, attention_mask, d, processors, stops)
-            return torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
+            new, beam_scores, beam_indices = self._beam_search(input_ids, attention_mask, d, processors, stops, record)
+            sequences = torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
+            if not d.return_dict_in_generate:
+                return sequences
+            return GenerateBeamDecoderOnlyOutput(
+                sequences=sequences, sequences_scores=beam_scores if d.output_scores else None, scores=record.scores,
+                logits=record.logits, beam_indices=beam_indices)
         n = d.num_return_sequences
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         streamer = as_streamer(streamer)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         steps = []
-        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops):
+        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
         if streamer is not None:
             streamer.end()
-        return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+        sequences = torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+        if not d.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=record.scores, logits=record.logits)
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """(rows, steps) float32: each generated token's score in its step's scores (output_scores),
+        Hugging Face's compute_transition_scores (opt_spec.generation.transition_scores)."""
+        out = transition_scores(_host(sequences), [_host(s) for s in scores], _host(beam_indices), normalize_logits)
+        return torch.from_numpy(out).to(sequences.device if isinstance(sequences, torch.Tensor) else "cpu")
 
     def stream(self, input_ids, attention_mask=None, generation_config=None, logits_processor=None,
                tokenizer=None, compile: bool = False, **kwargs) -> Iterator[torch.Tensor]:
@@ -175,7 +342,7 @@ class GenerationMixin(GenerationDefaults):
 
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
-                stops: Optional[StopStrings] = None) -> Iterator[torch.Tensor]:
+                stops: Optional[StopStrings] = None, record: Optional[_Record] = None) -> Iterator[torch.Tensor]:
         B, T = input_ids.shape
         N, V = d.max_new_tokens, self.config.vocab_size
         L, device = T + N, input_ids.device
@@ -190,16 +357,17 @@ class GenerationMixin(GenerationDefaults):
             generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
         seen = _prompt_seen(input_ids, attention_mask, V) if d.repetition_penalty != 1.0 else None
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
+        rules = TokenRules(d, V, device)
         step_fn = self._step_fn(compile)
         logits = self._last_logits(input_ids, mask, cache)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(N):
             now = T + step
-            scores = process_logits(logits, seen, seq[:, :now], mask[:, :now], step, d)
-            scores = apply_processors(processors, seq[:, :now], scores)
+            scores = step_scores(logits, seen, seq[:, :now], mask[:, :now], step, d, rules, processors)
+            if record is not None:
+                record.add(scores, logits)
             if d.do_sample:
-                probs = filter_for_sampling(scores, d).softmax(-1)
-                tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
             else:
                 tokens = scores.argmax(-1)
             tokens = torch.where(finished, d.pad_token_id, tokens)
@@ -217,9 +385,11 @@ class GenerationMixin(GenerationDefaults):
             logits = step_fn(tokens, mask, cache, now)
 
     # ---------------------------------------------------------------------------------- beam search
-    def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(),
-                     stops: Optional[StopStrings] = None) -> torch.Tensor:
-        """(B * num_return_sequences, M) new tokens: each row's best hypotheses, best first."""
+    def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(), stops: Optional[StopStrings] = None,
+                     record: Optional[_Record] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's num_return_sequences best hypotheses, best first: their new tokens (B * n, M), their
+        normalized scores (B * n,) and their beam indices (B * n, M): the running beam, b * K + k, that
+        each token extended at its step (-1 past the hypothesis's end; Hugging Face's beam_indices)."""
         B, T = input_ids.shape
         K, N, V, C = d.num_beams, d.max_new_tokens, self.config.vocab_size, d.candidates
         L, device = T + N, input_ids.device
@@ -232,25 +402,31 @@ class GenerationMixin(GenerationDefaults):
         logits = self._last_logits(prompt, mask, cache)
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
+        rules = TokenRules(d, V, device)
         norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats
 
         scores = torch.full((B, K), NEG_INF, device=device)
         scores[:, 0] = 0.0                                                  # one live beam to start
         beams = torch.full((B, K, N), d.pad_token_id, dtype=torch.long, device=device)
+        origin = torch.full((B, K, N), -1, dtype=torch.long, device=device)  # the beam index of each token
         done_scores = torch.full((B, K), NEG_INF, device=device)           # finished hypotheses
         done_tokens = torch.full((B, K, N), d.pad_token_id, dtype=torch.long, device=device)
+        done_origin = torch.full((B, K, N), -1, dtype=torch.long, device=device)
         done_length = torch.zeros((B, K), dtype=torch.long, device=device)
         row_done = torch.zeros(B, dtype=torch.bool, device=device)
         rank = torch.arange(C, device=device)
         for step in range(N):
             seq = torch.cat([prompt, beams.view(B * K, N)[:, :step]], 1)   # (BK, T + step)
-            logprobs = process_logits(logits.log_softmax(-1), seen, seq, mask[:, :T + step], step, d)
-            logprobs = apply_processors(processors, seq, logprobs).view(B, K, V)
-            cand = (scores[..., None] + logprobs).view(B, K * V)
+            logprobs = step_scores(logits, seen, seq, mask[:, :T + step], step, d, rules, processors, beam=True)
+            if record is not None:
+                record.add(logprobs, logits)
+            cand = (scores[..., None] + logprobs.view(B, K, V)).view(B, K * V)
             cand_scores, cand_index = torch.topk(cand, C, dim=-1)           # (B, C), best first
             parent, token = cand_index // V, cand_index % V
             history = torch.gather(beams, 1, parent[..., None].expand(B, C, N)).clone()  # (B, C, N)
             history[:, :, step] = token
+            lineage = torch.gather(origin, 1, parent[..., None].expand(B, C, N)).clone()
+            lineage[:, :, step] = rows[:, None] * K + parent
             stopped = torch.isin(token, eos)
             if stops is not None:
                 cand_seq = torch.cat([prompt.view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
@@ -264,21 +440,28 @@ class GenerationMixin(GenerationDefaults):
             normalized = torch.where(finishing, cand_scores / norms[step], NEG_INF)
             pool_scores = torch.cat([done_scores, normalized], 1)             # (B, K + C)
             pool_tokens = torch.cat([done_tokens, history], 1)                # (B, K + C, N)
+            pool_origin = torch.cat([done_origin, lineage], 1)
             pool_length = torch.cat([done_length, torch.full_like(token, step + 1)], 1)
             best = torch.topk(pool_scores, K, dim=-1).indices
             done_scores = torch.gather(pool_scores, 1, best)
             done_length = torch.gather(pool_length, 1, best)
             done_tokens = torch.gather(pool_tokens, 1, best[..., None].expand(B, K, N))
+            done_origin = torch.gather(pool_origin, 1, best[..., None].expand(B, K, N))
             # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
             order = torch.where(stopped, rank + C, rank).argsort(-1)[:, :K]  # (B, K)
             scores_next = torch.gather(cand_scores - 1e9 * stopped, 1, order)
             parent_next = torch.gather(parent, 1, order)
             beams = torch.gather(history, 1, order[..., None].expand(B, K, N))
+            origin = torch.gather(lineage, 1, order[..., None].expand(B, K, N))
             scores = torch.where(row_done[:, None], scores, scores_next)
-            # a row is done when K hypotheses are finished and no running beam can beat the worst
+            # a row is done when K hypotheses are finished and (early_stopping=True) at once, or else once no
+            # running beam can beat the worst (normalized at the length best_length says)
             full = torch.isfinite(done_scores).all(-1)
-            best_running = scores.max(-1).values / norms[step]
-            row_done |= full & (done_scores.min(-1).values >= best_running)
+            if d.early_stopping is True:
+                row_done |= full
+            else:
+                best_running = scores.max(-1).values / norms[best_length(step, d) - 1]
+                row_done |= full & (done_scores.min(-1).values >= best_running)
             if step + 1 == N or bool(row_done.all()):
                 break
             flat_parent = (rows[:, None] * K + parent_next).view(-1)
@@ -293,8 +476,11 @@ class GenerationMixin(GenerationDefaults):
         final = torch.where(row_done[:, None], NEG_INF, scores / norms[step])
         pool_scores = torch.cat([done_scores, final], 1)
         pool_tokens = torch.cat([done_tokens, beams], 1)
+        pool_origin = torch.cat([done_origin, origin], 1)
         pool_length = torch.cat([done_length, torch.full_like(done_length, step + 1)], 1)
         n = d.num_return_sequences
         pick = torch.sort(pool_scores, dim=-1, descending=True, stable=True).indices[:, :n]  # (B, n), best first
-        chosen = torch.gather(pool_tokens, 1, pick[..., None].expand(B, n, N)).view(B * n, N)
-        return chosen[:, :int(torch.gather(pool_length, 1, pick).max())]
+        M = int(torch.gather(pool_length, 1, pick).max())
+        chosen = torch.gather(pool_tokens, 1, pick[..., None].expand(B, n, N)).view(B * n, N)[:, :M]
+        chosen_origin = torch.gather(pool_origin, 1, pick[..., None].expand(B, n, N)).view(B * n, N)[:, :M]
+        return chosen, torch.gather(pool_scores, 1, pick).view(B * n), chosen_origin

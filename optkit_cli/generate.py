@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens holding this mass")
+    g.add_argument("--min-p", type=float, metavar="P",
+                   help="sampling: keep the tokens at least P times as likely as the most likely one")
+    g.add_argument("--typical-p", type=float, metavar="P",
+                   help="sampling: keep the tokens of locally typical sampling holding this mass (1: all)")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no eos before N new tokens")
     g.add_argument("--num-beams", type=int, default=1, help="beam search (needs the backend's generate)")
@@ -70,7 +74,8 @@ def _check_options(args) -> None:
         GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                          do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          num_beams=args.num_beams, length_penalty=args.length_penalty,
-                         repetition_penalty=args.repetition_penalty, seed=args.seed)
+                         repetition_penalty=args.repetition_penalty, seed=args.seed, min_p=args.min_p,
+                         typical_p=1.0 if args.typical_p is None else args.typical_p)
     except ValueError as err:  # "temperature=nan: must be a finite number" -> "--temperature nan: ..."
         name, _, rest = str(err).partition("=")
         raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
@@ -169,6 +174,16 @@ def run(args, console: Console) -> int:
     if not native and args.num_beams > 1:
         raise CLIError(f"--num-beams {args.num_beams}: beam search needs the {runner.name} backend's own "
                        "generate(); optkit's fallback loop does greedy search and sampling only")
+    # the filters the fallback loop lacks: given only when asked for (else the model's generation_config decides)
+    filters = {name: value for name, value in (("min_p", args.min_p), ("typical_p", args.typical_p))
+               if value is not None}
+    for name in filters:
+        option = "--" + name.replace("_", "-")
+        if not native:
+            raise CLIError(f"{option}: needs the {runner.name} backend's own generate(); optkit's fallback loop "
+                           "filters by --top-k and --top-p only")
+        if not args.do_sample:
+            console.warn(f"optkit: {option} filters only what sampling draws from; it does nothing without --do-sample")
     # One prompt streams its tokens as they come (where the backend can); a batch prints at the end.
     stream = len(rows) == 1 and args.num_beams == 1 and (not native or runner.can_stream)
     streamer = _Streamer(tokenizer if not args.ids else None) if stream else None
@@ -191,7 +206,7 @@ def run(args, console: Console) -> int:
     if native:
         out = runner.generate(batch["input_ids"], batch["attention_mask"], num_beams=args.num_beams,
                               length_penalty=args.length_penalty,
-                              streamer=on_token if per_step else None, **options)
+                              streamer=on_token if per_step else None, **options, **filters)
     else:  # FALLBACK until every backend has generate (issue 6): re-forward loop in optkit_cli.sampling
         out = generate_loop(runner.forward, batch["input_ids"], batch["attention_mask"],
                             on_token=lambda _, tokens, finished: on_token(tokens, finished), **options)

@@ -104,6 +104,7 @@ class Runner:
         streamer(tokens (B,) NumPy) is called after each step when the backend streams."""
         if streamer is not None:
             options["streamer"] = lambda tokens: streamer(self.to_numpy(tokens))
+        options.setdefault("return_dict_in_generate", False)  # the ids, whatever generation_config.json says
         out = self.model.generate(self.to_native(input_ids), attention_mask=self.to_native(attention_mask),
                                   **options)
         return self.to_numpy(out).astype(np.int64, copy=False)

@@ -462,3 +462,40 @@ def test_generate_asks_for_each_step_only_when_watched(model_with_tokenizer, cac
                                   *prompts)
         assert code == 0, err
     assert seen == [False, True]
+
+
+def test_generate_sampling_filters_and_a_files_output_record(model_with_tokenizer, tmp_path, cache, capsys):
+    """--min-p / --typical-p reach the backend's generate (the model's own call with them gives the printed
+    tokens, and they change them); the fallback loop refuses them by name; a generation_config.json asking
+    for generate's output record (return_dict_in_generate) still prints the ids."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from opt_spec.tokenizer import left_pad
+    from opt_torch import OPTForCausalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_with_tokenizer, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"return_dict_in_generate": True,
+                                                                "output_scores": True}))
+    prompts = ["2 10 11", "2 40"]
+    common = ["generate", "--model", str(folder), "--ids", "-q", "--max-new-tokens", "5", "--do-sample", "--seed", "1"]
+    code, out, err = run_main(capsys, *common, "--min-p", "0.2", "--typical-p", "0.8", *prompts)
+    assert code == 0, err
+    printed = out.splitlines()[1::2]
+
+    model = OPTForCausalLM.from_pretrained(folder)
+    batch = left_pad([[int(t) for t in p.split()] for p in prompts], 1)
+    with torch.no_grad():
+        record = model.generate(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]),
+                                max_new_tokens=5, do_sample=True, seed=1, top_k=0, min_p=0.2, typical_p=0.8)
+    new = record.sequences[:, batch["input_ids"].shape[1]:].tolist()  # the file's setting: a record
+    want = [" ".join(str(t) for t in (row[:row.index(2) + 1] if 2 in row else row)) for row in new]  # up to EOS
+    assert printed == want
+
+    code, out, err = run_main(capsys, *common, *prompts)
+    assert code == 0 and out.splitlines()[1::2] != printed, err  # without the filters: other tokens
+    code, _, err = run_main(capsys, *common, "--min-p", "0.2", "--fallback-loop", *prompts)
+    assert code == 2 and "--min-p: needs the torch backend's own generate()" in err
+    code, _, err = run_main(capsys, *common, "--typical-p", "0", *prompts)
+    assert code == 2 and "--typical-p 0" in err

@@ -173,6 +173,78 @@ def test_streaming_yields_the_generated_tokens(checkpoints):
         list(model.stream(ids, mask, num_beams=2))
 
 
+def test_streamer_and_outputs_together(checkpoints):
+    """return_dict_in_generate with a streamer: the streamer still gets every step, and the record holds
+    the plain call's tokens with one scores / logits entry per step taken."""
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(VARIANTS["pre_ln"])
+    plain = model.generate(ids, mask, max_new_tokens=5, suppress_tokens=[4], renormalize_logits=True)
+    received = []
+    out = model.generate(ids, mask, max_new_tokens=5, suppress_tokens=[4], renormalize_logits=True,
+                         return_dict_in_generate=True, output_scores=True, output_logits=True, streamer=received.append)
+    assert torch.equal(out.sequences, plain) and torch.equal(torch.stack(received, 1), plain[:, 9:])
+    assert len(out.scores) == len(out.logits) == 5
+    for s, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        assert torch.equal(scores.argmax(-1), plain[:, 9 + s]) and torch.isneginf(scores[:, 4]).all()
+        assert torch.allclose(scores, logits.masked_fill(torch.arange(logits.shape[1]) == 4, float("-inf"))
+                              .log_softmax(-1), atol=1e-6)
+    assert torch.equal(torch.stack(list(model.stream(ids, mask, max_new_tokens=5, suppress_tokens=[4])), 1),
+                       plain[:, 9:])
+
+
+def _close(a, b, atol=1e-5) -> bool:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.array_equal(np.isneginf(a), np.isneginf(b)) and np.array_equal(np.isposinf(a), np.isposinf(b)) \
+        and np.allclose(np.where(np.isinf(a), 0, a), np.where(np.isinf(b), 0, b), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("search", ["greedy", "sample", "beam", "forced_bos"])
+def test_step_scores_equal_the_reference(search):
+    """Every rule of a step at once (opt_spec.generation.reference_scores) on random scores and rows
+    from a small alphabet, so that the multi-token biases and n-grams match: each step of a call, from
+    the first (begin_suppress_tokens, min_length, a one-token prompt's forced BOS, which moves
+    begin_suppress_tokens to the second) to the last (forced EOS)."""
+    from opt_torch.generation import TokenRules, step_scores
+
+    rng = np.random.default_rng(["greedy", "sample", "beam", "forced_bos"].index(search))
+    R, V, N = 4, 24, 5
+    T = 1 if search == "forced_bos" else 6
+    rows = rng.integers(0, 5, (R, T + N))
+    real = np.ones((R, T + N), np.int64)
+    real[1:, :T - 1] = rng.random((R - 1, T - 1)) < 0.6  # prompt pads (the first token is real)
+    settings = dict(max_new_tokens=N, eos_token_id=[8, 9], sequence_bias={(3,): -2.0, (1, 2): 4.0, (2, 2, 5): -1.5,
+                    (4, 1): -float("inf"), (4, 9): -float("inf")}, bad_words_ids=[[7], [0, 3], [8]], min_length=T + 1,
+                    repetition_penalty=1.3,
+                    no_repeat_ngram_size=2, suppress_tokens=[11], begin_suppress_tokens=[12, 13], forced_eos_token_id=9,
+                    exponential_decay_length_penalty=(1, 1.5), renormalize_logits=True)
+    invalid = search in ("greedy", "beam")  # NaN and inf logits made finite (and -inf then too: no banned EOS
+    if invalid:                             # for the decay to keep; a small factor keeps -max * it finite)
+        settings.update(remove_invalid_values=True, exponential_decay_length_penalty=(1, 1.05))
+    if search == "sample":
+        settings.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.95, min_p=0.02, typical_p=0.9,
+                        epsilon_cutoff=1e-3, eta_cutoff=1e-3)
+    if search == "beam":
+        settings.update(num_beams=2)
+    settings.update(forced_bos_token_id=5)  # forces the first token of a one-token prompt only
+    d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=64, vocab_size=V)
+    rules = TokenRules(d, V, torch.device("cpu"))
+    processors = [lambda ids, scores: scores - 0.25 * (ids[:, -1:] % 3)]  # rule 4, on either framework's arrays
+    for step in range(N):
+        L = T + step
+        logits = (rng.standard_normal((R, V)) * 3).astype(np.float32)
+        if invalid:
+            logits[0, 6], logits[2, 10], logits[3, 14] = np.nan, -np.inf, np.inf
+        seen = torch.zeros(R, V, dtype=torch.bool)
+        for r in range(R):
+            seen[r, rows[r, :L][real[r, :L] == 1]] = True
+        got = step_scores(torch.from_numpy(logits), seen, torch.from_numpy(rows[:, :L]), torch.from_numpy(real[:, :L]),
+                          step, d, rules, processors, beam=search == "beam").numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # the reference on +-inf and NaN logits
+            want = gen.reference_scores(logits, rows[:, :L], real[:, :L], d, T, processors, beam=search == "beam")
+        assert _close(got, want), step
+        assert np.isfinite(got).any(-1).all() and np.isneginf(got).any()  # something is kept and something banned
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
