@@ -8,8 +8,19 @@ token.
 
 One jitted function is kept per model and static setting (batch, prompt length, N, num_beams, sampling
 or not, top_k, whether top-p / repetition penalty apply, how many EOS ids, the n-gram size, how many
-sequences to return). The numbers (temperature, top_p, repetition_penalty, length_penalty,
-min_new_tokens, the EOS and pad ids, the seed) are arguments, so changing them does not recompile.
+sequences to return, and `_Rules`). The numbers (temperature, top_p, repetition_penalty, length_penalty,
+min_new_tokens and min_length, the EOS and pad ids, the seed) are arguments, so changing them does not
+recompile. The other rules of opt_spec.generation (sequence_bias and bad_words_ids, forced BOS/EOS,
+remove_invalid_values, exponential_decay_length_penalty, suppress/begin_suppress_tokens, the sampling
+filters min_p / typical_p / epsilon_cutoff / eta_cutoff, renormalize_logits, early_stopping=True) are
+static (`_Rules`, from the Decoding): each is traced into the loop only when a call sets it (and can
+apply), so a call without them runs the same program as before they existed.
+
+return_dict_in_generate=True returns opt_spec.outputs' records. output_scores / output_logits each add an
+(N, rows, V) float32 buffer to the loop's carry (only when asked: static), written at each step and cut
+to the steps taken outside jit; beam search carries the beam index of every running beam's and finished
+hypothesis's tokens (Hugging Face's beam_indices) when a record is asked for. compute_transition_scores
+is opt_spec.generation.transition_scores on NumPy copies.
 
 Logits processors (Python callables on jax.Arrays), stop strings and streamers need the host between
 steps, which one while_loop cannot give. A call with any of them runs the same pieces one step at a
@@ -746,7 +757,8 @@ class GenerationMixin(GenerationDefaults):
                          sequences_scores=chosen_scores.reshape(B * n) if static.keep_scores else None)
         if static.keep_indices:
             pool_indices = jnp.concatenate([beams.done_indices, beams.indices], axis=1)  # (B, 2K, N)
-            extras = extras._replace(beam_indices=jnp.take_along_axis(pool_indices, pick[..., None], 1).reshape(B * n, N))
+            chosen_indices = jnp.take_along_axis(pool_indices, pick[..., None], axis=1).reshape(B * n, N)
+            extras = extras._replace(beam_indices=chosen_indices)
         return chosen, jnp.take_along_axis(pool_length, pick, axis=1).max(), extras
 
     def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
