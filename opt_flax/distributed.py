@@ -351,12 +351,13 @@ def zeros_cache(model, batch_size: int, max_length: int) -> KVCache:
 
 
 def generation_fn(model, fn: Callable, batch_size: int) -> Callable:
-    """The decode loop `fn(params, ids, mask, knobs, key) -> (new tokens (B, N), steps)` under a jit with
-    explicit shardings; ids and mask (the whole batch) are laid out before the call."""
+    """The decode loop `fn(params, ids, mask, knobs, key) -> (new tokens (B, N), steps, extras)` under a jit
+    with explicit shardings (extras, generate's optional outputs, replicated); ids and mask (the whole
+    batch) are laid out before the call."""
     sharding: MeshPlan = model.sharding
     rows = sharding.batch(batch_size, 2)
     jitted = sharding.jit(fn, (sharding.params(), rows, rows, sharding.replicated, sharding.replicated),
-                          (rows, sharding.replicated))
+                          (rows, sharding.replicated, sharding.replicated))
 
     def call(params, ids, mask, knobs, key):
         knobs = jax.tree_util.tree_map(lambda x: sharding.put(x, sharding.replicated), knobs)

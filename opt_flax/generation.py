@@ -8,8 +8,19 @@ token.
 
 One jitted function is kept per model and static setting (batch, prompt length, N, num_beams, sampling
 or not, top_k, whether top-p / repetition penalty apply, how many EOS ids, the n-gram size, how many
-sequences to return). The numbers (temperature, top_p, repetition_penalty, length_penalty,
-min_new_tokens, the EOS and pad ids, the seed) are arguments, so changing them does not recompile.
+sequences to return, and `_Rules`). The numbers (temperature, top_p, repetition_penalty, length_penalty,
+min_new_tokens and min_length, the EOS and pad ids, the seed) are arguments, so changing them does not
+recompile. The other rules of opt_spec.generation (sequence_bias and bad_words_ids, forced BOS/EOS,
+remove_invalid_values, exponential_decay_length_penalty, suppress/begin_suppress_tokens, the sampling
+filters min_p / typical_p / epsilon_cutoff / eta_cutoff, renormalize_logits, early_stopping=True) are
+static (`_Rules`, from the Decoding): each is traced into the loop only when a call sets it (and can
+apply), so a call without them runs the same program as before they existed.
+
+return_dict_in_generate=True returns opt_spec.outputs' records. output_scores / output_logits each add an
+(N, rows, V) float32 buffer to the loop's carry (only when asked: static), written at each step and cut
+to the steps taken outside jit; beam search carries the beam index of every running beam's and finished
+hypothesis's tokens (Hugging Face's beam_indices) when a record is asked for. compute_transition_scores
+is opt_spec.generation.transition_scores on NumPy copies.
 
 Logits processors (Python callables on jax.Arrays), stop strings and streamers need the host between
 steps, which one while_loop cannot give. A call with any of them runs the same pieces one step at a
@@ -36,8 +47,9 @@ import numpy as np
 from jax import lax
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms, needs_host,
-                                 prompt_inputs)
+                                 best_length, check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs, transition_scores)
+from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
 from .modeling import KVCache, OPTModule
@@ -98,7 +110,139 @@ def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_
     return logits
 
 
+def bias_sequences(scores: jax.Array, seq: jax.Array, now, entries) -> jax.Array:
+    """Rule 0 on scores (R, V): `entries` ((token ids, bias), ...) (static; bad words included as -inf).
+    A one-token entry's bias is a constant vector; a longer one's is added to its last token where the
+    row's tokens before position `now` (traced) end with the rest of it. seq (R, L): the rows, pads
+    included (Hugging Face matches them). Reference: opt_spec.generation.sequence_bias_table."""
+    R, V = scores.shape
+    single = np.zeros(V, np.float32)
+    for ids, value in entries:
+        if len(ids) == 1:
+            single[ids[0]] = value
+    bias = jnp.broadcast_to(jnp.asarray(single), (R, V))
+    for ids, value in entries:
+        n = len(ids)
+        if n == 1 or n - 1 > seq.shape[1]:  # a prefix longer than the rows can be never matches
+            continue
+        tail = lax.dynamic_slice_in_dim(seq, now - (n - 1), n - 1, axis=1)         # (R, n - 1)
+        match = jnp.all(tail == jnp.asarray(ids[:-1], seq.dtype), -1) & (now >= n)  # the row holds n tokens
+        bias = bias.at[:, ids[-1]].add(jnp.where(match, jnp.float32(value), jnp.float32(0)))
+    return scores + bias
+
+
+def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new_tokens: int) -> jax.Array:
+    """Rule 3's forced and suppressed tokens on float32 scores (R, V), in the spec's order, each traced
+    only when `rules` (static) sets it: forced BOS (at step 0: `rules` holds it only for a one-token
+    prompt, where L == 1), forced EOS at the last step, invalid values made finite, the exponential EOS
+    boost (eos_token_ids (E,), traced), suppressed tokens, and begin-suppressed ones at their step."""
+    V, x = scores.shape[-1], scores
+
+    def only(ids, value=0.0):  # (V,) float32: `value` at ids, -inf elsewhere
+        row = np.full(V, -np.inf, np.float32)
+        row[list(ids)] = value
+        return jnp.asarray(row)
+
+    def among(ids):  # (V,) bool
+        row = np.zeros(V, bool)
+        row[list(ids)] = True
+        return jnp.asarray(row)
+
+    if rules.forced_bos_token_id is not None:
+        x = jnp.where(step == 0, only([rules.forced_bos_token_id]), x)
+    if rules.forced_eos_token_ids:
+        x = jnp.where(step == max_new_tokens - 1, only(rules.forced_eos_token_ids), x)
+    if rules.remove_invalid_values:
+        big = np.finfo(np.float32).max
+        x = jnp.where(jnp.isnan(x), 0.0, jnp.where(x == jnp.inf, big, jnp.where(x == -jnp.inf, -big, x)))
+    if rules.exponential_decay is not None and eos_token_ids is not None:
+        start, factor = rules.exponential_decay
+        boost = np.array([factor ** (s - start) - 1 if s > start else 0 for s in range(max_new_tokens)], np.float32)
+        boosted = x + jnp.abs(x) * jnp.asarray(boost)[step]
+        eos = _is_eos(jnp.arange(V, dtype=jnp.int32), eos_token_ids)
+        x = jnp.where(eos & (step > start) & (x != -jnp.inf), boosted, x)  # a banned EOS stays banned
+    if rules.suppress_tokens:
+        x = jnp.where(among(rules.suppress_tokens), -jnp.inf, x)
+    if rules.begin_suppress_tokens:
+        x = jnp.where(among(rules.begin_suppress_tokens) & (step == rules.begin_suppress_step), -jnp.inf, x)
+    return x
+
+
+def more_sampling_filters(logits: jax.Array, rules: "_Rules") -> jax.Array:
+    """After filter_for_sampling: min_p, typical_p, epsilon_cutoff and eta_cutoff on logits (B, V), each
+    traced only when `rules` sets it (a dropped token gets -inf). NumPy references in opt_spec.generation:
+    min_p_filter, typical_filter, epsilon_filter, eta_filter."""
+    B, V = logits.shape
+    x = logits
+    if rules.min_p is not None:
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs < jnp.float32(rules.min_p) * probs.max(-1, keepdims=True), -jnp.inf, x)
+    if rules.typical_p < 1.0:
+        logp = jax.nn.log_softmax(x, axis=-1)
+        p = jnp.exp(logp)
+        entropy = -(jnp.where(p > 0, logp, 0.0) * p).sum(-1, keepdims=True)
+        shifted = jnp.abs(-logp - entropy)                        # (B, V) distance from the entropy
+        order = jnp.argsort(shifted, axis=-1, stable=True)        # closest first, ties by id
+        sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+        mass = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1), axis=-1)
+        last = jnp.minimum((mass < rules.typical_p).sum(-1), V - 1)  # (B,) the token that reaches the mass
+        drop_sorted = (sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], -1)).at[:, 0].set(False)
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(B)[:, None], order].set(drop_sorted)
+        x = jnp.where(drop, -jnp.inf, x)
+    if rules.epsilon_cutoff > 0:
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where((probs < jnp.float32(rules.epsilon_cutoff)) & (x < x.max(-1, keepdims=True)), -jnp.inf, x)
+    if rules.eta_cutoff > 0:
+        logp = jax.nn.log_softmax(x, axis=-1)
+        p = jnp.exp(logp)
+        entropy = -(jnp.maximum(logp, jnp.finfo(jnp.float32).min) * p).sum(-1, keepdims=True)
+        eta = jnp.minimum(jnp.float32(rules.eta_cutoff), jnp.float32(np.sqrt(rules.eta_cutoff)) * jnp.exp(-entropy))
+        x = jnp.where((p < eta) & (x < x.max(-1, keepdims=True)), -jnp.inf, x)
+    return x
+
+
+def _keep(buffer: Optional[jax.Array], step, x: jax.Array) -> Optional[jax.Array]:
+    """buffer (N, R, V) with x (R, V) written at `step`; None (not asked for) stays None."""
+    return None if buffer is None else lax.dynamic_update_slice(buffer, x[None].astype(buffer.dtype), (step, 0, 0))
+
+
 # --------------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """The rules of opt_spec.generation beyond the basics that a call sets (from its Decoding), static:
+    each traces into the program only when set, so a call without them keeps the plain program. Those
+    that cannot apply are left off: forced BOS unless the prompt is one token long (L == 1 only then),
+    the sampling filters unless sampling, early stopping unless beam searching."""
+
+    sequence_bias: tuple = ()            # ((token ids, bias), ...), bad words included as -inf
+    forced_bos_token_id: Optional[int] = None
+    forced_eos_token_ids: tuple = ()
+    remove_invalid_values: bool = False
+    exponential_decay: Optional[tuple] = None  # (start, factor)
+    suppress_tokens: tuple = ()
+    begin_suppress_tokens: tuple = ()
+    begin_suppress_step: int = 0
+    min_p: Optional[float] = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    renormalize_logits: bool = False
+    early_stopping: bool = False         # beam search: a row is done as soon as it has K hypotheses
+
+    @classmethod
+    def of(cls, d: Decoding, prompt_length: int) -> "_Rules":
+        sampling = d.do_sample and not d.is_beam_search
+        return cls(sequence_bias=d.sequence_bias,
+                   forced_bos_token_id=d.forced_bos_token_id if prompt_length == 1 else None,
+                   forced_eos_token_ids=d.forced_eos_token_ids, remove_invalid_values=d.remove_invalid_values,
+                   exponential_decay=d.exponential_decay if d.eos_token_ids else None,
+                   suppress_tokens=d.suppress_tokens, begin_suppress_tokens=d.begin_suppress_tokens,
+                   begin_suppress_step=d.begin_suppress_step if d.begin_suppress_tokens else 0,
+                   min_p=d.min_p if sampling else None, typical_p=d.typical_p if sampling else 1.0,
+                   epsilon_cutoff=d.epsilon_cutoff if sampling else 0.0,
+                   eta_cutoff=d.eta_cutoff if sampling else 0.0, renormalize_logits=d.renormalize_logits,
+                   early_stopping=d.is_beam_search and d.early_stopping is True)
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """What shapes the traced program (one jitted function per distinct value)."""
@@ -114,6 +258,10 @@ class _Static:
     eos: int            # how many EOS ids
     no_repeat: int = 0  # no_repeat_ngram_size
     returned: int = 1   # num_return_sequences (beams)
+    rules: _Rules = _Rules()
+    keep_scores: bool = False   # output_scores: an (N, rows, V) buffer of each step's chosen-from scores
+    keep_logits: bool = False   # output_logits: the same of the raw logits
+    keep_indices: bool = False  # beam search's return_dict: each hypothesis's beam indices
 
     @property
     def candidates(self) -> int:
@@ -128,17 +276,23 @@ class _Knobs(NamedTuple):
     repetition_penalty: jax.Array  # float32 ()
     eos_token_ids: jax.Array       # int32 (E,)
     pad_token_id: jax.Array        # int32 ()
-    min_new_tokens: jax.Array      # int32 ()
+    min_new_tokens: jax.Array      # int32 (): EOS ids are blocked while step < this (min_length folded in)
     length_norm: jax.Array         # float32 (N,): generated_length ** length_penalty for lengths 1..N
+    best_norm: jax.Array           # float32 (N,): at each step, the norm a running beam is compared at
 
 
-def _knobs(d: Decoding) -> _Knobs:
-    """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms)."""
+def _knobs(d: Decoding, prompt_length: int = 0) -> _Knobs:
+    """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms; the
+    bound of beam search's stop: best_length). min_length counts the prompt's prompt_length tokens: EOS
+    is blocked while T + step < min_length, that is while step < min_length - T."""
+    norms = length_norms(d.max_new_tokens, d.length_penalty)
+    best = norms[[best_length(step, d) - 1 for step in range(d.max_new_tokens)]]
     return _Knobs(temperature=jnp.float32(d.temperature), top_p=jnp.float32(d.top_p),
                   repetition_penalty=jnp.float32(d.repetition_penalty),
                   eos_token_ids=jnp.asarray(np.array(d.eos_token_ids, np.int32).reshape(-1)),
-                  pad_token_id=jnp.int32(d.pad_token_id), min_new_tokens=jnp.int32(d.min_new_tokens),
-                  length_norm=jnp.asarray(length_norms(d.max_new_tokens, d.length_penalty)))
+                  pad_token_id=jnp.int32(d.pad_token_id),
+                  min_new_tokens=jnp.int32(max(d.min_new_tokens, d.min_length - prompt_length)),
+                  length_norm=jnp.asarray(norms), best_norm=jnp.asarray(best))
 
 
 class _Beams(NamedTuple):
@@ -148,6 +302,8 @@ class _Beams(NamedTuple):
     done_tokens: jax.Array  # (B, K, N) int32
     done_length: jax.Array  # (B, K) int32
     row_done: jax.Array     # (B,) bool
+    indices: Optional[jax.Array] = None       # (B, K, N) int32: the running beam each token extended (-1 beyond)
+    done_indices: Optional[jax.Array] = None  # (B, K, N) int32: the same of the finished hypotheses
 
 
 class _State(NamedTuple):
@@ -160,6 +316,8 @@ class _State(NamedTuple):
     seen: Optional[jax.Array]   # (B, V) bool, with a repetition penalty
     finished: jax.Array         # (B,) bool
     out: jax.Array              # (B, N) int32: the new tokens (pad beyond)
+    kept_scores: Optional[jax.Array] = None  # (N, B, V) float32 (output_scores)
+    kept_logits: Optional[jax.Array] = None  # (N, B, V) float32 (output_logits)
 
 
 class _BeamState(NamedTuple):
@@ -170,6 +328,8 @@ class _BeamState(NamedTuple):
     slots: jax.Array            # (B*K, T + N)
     beams: _Beams
     seen: Optional[jax.Array]
+    kept_scores: Optional[jax.Array] = None  # (N, B*K, V) float32: the running beams' processed log-probs
+    kept_logits: Optional[jax.Array] = None  # (N, B*K, V) float32
 
 
 class _Candidates(NamedTuple):
@@ -177,6 +337,17 @@ class _Candidates(NamedTuple):
     parent: jax.Array   # (B, C) beam index
     token: jax.Array    # (B, C)
     history: jax.Array  # (B, C, N) the parent's tokens with this one written
+    indices: Optional[jax.Array] = None  # (B, C, N) the parent's beam indices with b * K + parent written
+
+
+class _Extras(NamedTuple):
+    """What a decode returns besides the tokens, for return_dict_in_generate (None: not asked for)."""
+
+    steps: jax.Array                              # int32 (): steps taken (one score array each)
+    scores: Optional[jax.Array] = None            # (N, rows, V) float32
+    logits: Optional[jax.Array] = None            # (N, rows, V) float32
+    beam_indices: Optional[jax.Array] = None      # (B * n, N) int32
+    sequences_scores: Optional[jax.Array] = None  # (B * n,) float32
 
 
 # ------------------------------------------------------------------------------------ the mixin
@@ -185,10 +356,11 @@ class GenerationMixin(GenerationDefaults):
     generation_config from opt_spec.GenerationDefaults."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, params=None, **kwargs) -> jax.Array:
+                 streamer=None, tokenizer=None, params=None, **kwargs):
         """The prompts followed by the new tokens, int32 (B * num_return_sequences, T + N); settings by
         Hugging Face's names as keywords or in generation_config, defaults from model.generation_config;
-        see opt_spec.generation.
+        see opt_spec.generation. With return_dict_in_generate=True, the record of opt_spec.outputs
+        (GenerateDecoderOnlyOutput, or GenerateBeamDecoderOnlyOutput for beam search) holding them.
 
         input_ids (B, T) is a left-padded batch, attention_mask (B, T) 1 for real tokens (default all
         ones). params overrides the model's parameters.
@@ -211,25 +383,47 @@ class GenerationMixin(GenerationDefaults):
                          do_sample=d.do_sample, top_k=d.top_k if d.do_sample and 0 < d.top_k < config.vocab_size else 0,
                          top_p=d.do_sample and d.top_p < 1.0, repetition=d.repetition_penalty != 1.0,
                          eos=len(d.eos_token_ids), no_repeat=d.no_repeat_ngram_size,
-                         returned=d.num_return_sequences if d.is_beam_search else 1)
+                         returned=d.num_return_sequences if d.is_beam_search else 1, rules=_Rules.of(d, T),
+                         keep_scores=d.return_dict_in_generate and d.output_scores,
+                         keep_logits=d.return_dict_in_generate and d.output_logits,
+                         keep_indices=d.return_dict_in_generate and d.is_beam_search)
         if d.seed is not None:
             seed = d.seed
         else:  # a fresh draw per call, as torch.seed() does
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
-        args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d), jax.random.key(seed))
+        args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d, T), jax.random.key(seed))
         if needs_host(d, processors, streamer):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
-            new, length = loop(static, *args, processors=processors, streamer=as_streamer(streamer), stops=stops,
-                               mask_np=mask)
+            new, length, extras = loop(static, *args, processors=processors, streamer=as_streamer(streamer),
+                                       stops=stops, mask_np=mask)
         else:
-            new, length = self._generation_fn(static)(*args)
+            new, length, extras = self._generation_fn(static)(*args)
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
         if d.is_beam_search:
             ids = np.repeat(ids, d.num_return_sequences, 0)
         if self.sharding is not None:  # new tokens are split over the mesh (and perhaps over processes)
-            return jnp.asarray(np.concatenate([ids, self.sharding.gather(new)[:, :n]], axis=1))
-        return jnp.concatenate([jnp.asarray(ids), new[:, :n]], axis=1)
+            sequences = jnp.asarray(np.concatenate([ids, self.sharding.gather(new)[:, :n]], axis=1))
+        else:
+            sequences = jnp.concatenate([jnp.asarray(ids), new[:, :n]], axis=1)
+        if not d.return_dict_in_generate:
+            return sequences
+        steps = int(extras.steps)
+
+        def per_step(buffer):  # (N, rows, V) -> a tuple of the steps taken, as Hugging Face returns them
+            return None if buffer is None else tuple(buffer[s] for s in range(steps))
+
+        scores, logits = per_step(extras.scores), per_step(extras.logits)
+        if d.is_beam_search:
+            return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
+                                                 scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n])
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> jax.Array:
+        """Each generated token's score (rows, steps) float32 from generate's record (sequences, scores,
+        and beam_indices for beam search; normalize_logits: log_softmax of each step's scores first),
+        Hugging Face's method: opt_spec.generation.transition_scores on NumPy copies."""
+        return jnp.asarray(transition_scores(sequences, scores, beam_indices, normalize_logits))
 
     def _generation_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """int32 NumPy (input_ids, attention_mask), checked with messages naming the problem."""
@@ -296,12 +490,21 @@ class GenerationMixin(GenerationDefaults):
         return counts > 0
 
     def _rules(self, static: _Static, scores, seen, seq, slots, now, step, knobs: _Knobs):
-        """Rules 1-3 of opt_spec.generation on float32 scores (R, V)."""
-        scores = process_logits(scores, seen, step, knobs.repetition_penalty,
-                                knobs.eos_token_ids if static.eos else None, knobs.min_new_tokens)
+        """Rules 0-3 of opt_spec.generation on float32 scores (R, V) (rule 2's bans and rule 3's EOS block
+        commute: both set -inf; the rest of rule 3 follows them)."""
+        rules, eos = static.rules, knobs.eos_token_ids if static.eos else None
+        if rules.sequence_bias:
+            scores = bias_sequences(scores, seq, now, rules.sequence_bias)
+        scores = process_logits(scores, seen, step, knobs.repetition_penalty, eos, knobs.min_new_tokens)
         if static.no_repeat and seq.shape[1] >= static.no_repeat:
             scores = jnp.where(ngram_bans(seq, slots, now, static.no_repeat, scores.shape[-1]), -jnp.inf, scores)
-        return scores
+        return token_rules(scores, step, rules, eos, static.max_new_tokens)
+
+    def _buffers(self, static: _Static, rows: int) -> dict:
+        """The carry's output buffers (N, rows, V) float32, each only when asked for."""
+        shape = (static.max_new_tokens, rows, self.config.vocab_size)
+        return dict(kept_scores=jnp.zeros(shape, jnp.float32) if static.keep_scores else None,
+                    kept_logits=jnp.zeros(shape, jnp.float32) if static.keep_logits else None)
 
     # ---------------------------------------------------------------------- greedy and sampling
     # One step is scores (rules 1-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
@@ -313,20 +516,29 @@ class GenerationMixin(GenerationDefaults):
         logits, cache, slots = self._prefill(params, ids, mask, T + N)
         seen = self._prompt_seen(ids, mask, V) if static.repetition else None
         state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=loop_cache(cache), slots=slots,
-                       seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32))
+                       seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32),
+                       **self._buffers(static, B))
         return logits, state
 
     def _scores(self, static: _Static, state: _State, logits, ids, knobs: _Knobs):
+        """Rules 0-3 on this step's logits (B, V): (scores, the state with the logits kept if asked for)."""
         seq = jnp.concatenate([ids, state.out], axis=1)
-        return self._rules(static, logits, state.seen, seq, state.slots, static.prompt + state.step, state.step, knobs)
+        scores = self._rules(static, logits, state.seen, seq, state.slots, static.prompt + state.step, state.step,
+                             knobs)
+        return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
     def _pick(self, static: _Static, state: _State, scores, knobs: _Knobs, key) -> _State:
-        """Rules 5-6: this step's tokens written out; the state after the step."""
+        """Rules 5-6: the sampling filters, renormalization, this step's tokens written out (and the scores
+        they were chosen from, if asked for); the state after the step."""
         step = state.step
         if static.do_sample:
-            filtered = filter_for_sampling(scores, knobs.temperature, static.top_k,
-                                           knobs.top_p if static.top_p else None)
-            tokens = jax.random.categorical(jax.random.fold_in(key, step), filtered, axis=-1)
+            scores = filter_for_sampling(scores, knobs.temperature, static.top_k,
+                                         knobs.top_p if static.top_p else None)
+            scores = more_sampling_filters(scores, static.rules)
+        if static.rules.renormalize_logits:
+            scores = jax.nn.log_softmax(scores, axis=-1)
+        if static.do_sample:
+            tokens = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1)
         else:
             tokens = jnp.argmax(scores, axis=-1)  # lowest id on ties
         tokens = jnp.where(state.finished, knobs.pad_token_id, tokens.astype(jnp.int32))  # (B,)
@@ -337,7 +549,8 @@ class GenerationMixin(GenerationDefaults):
         if seen is not None:
             seen = seen.at[jnp.arange(static.batch), tokens].set(True)
         return state._replace(step=step + 1, tokens=tokens, seen=seen, finished=finished,
-                              out=lax.dynamic_update_slice(state.out, tokens[:, None], (0, step)))
+                              out=lax.dynamic_update_slice(state.out, tokens[:, None], (0, step)),
+                              kept_scores=_keep(state.kept_scores, step, scores))
 
     def _feed(self, static: _Static, params, state: _State):
         """The last tokens through the model: (next logits, state)."""
@@ -347,20 +560,26 @@ class GenerationMixin(GenerationDefaults):
         return logits, state._replace(cache=loop_cache(cache), slots=slots)
 
     def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
-        """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 ())."""
+        """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 (), _Extras)."""
         self._count_trace()
-        logits, state = self._start(static, params, ids, mask, knobs)
-        state = self._pick(static, state, self._scores(static, state, logits, ids, knobs), knobs, key)
+        def choose(logits, state: _State):
+            scores, state = self._scores(static, state, logits, ids, knobs)
+            return self._pick(static, state, scores, knobs, key)
+
+        state = choose(*self._start(static, params, ids, mask, knobs))
 
         def keep_going(state: _State):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.finished)
 
         def next_token(state: _State):
-            logits, state = self._feed(static, params, state)
-            return self._pick(static, state, self._scores(static, state, logits, ids, knobs), knobs, key)
+            return choose(*self._feed(static, params, state))
 
         state = lax.while_loop(keep_going, next_token, state)
-        return state.out, state.step
+        return state.out, state.step, self._extras(state)
+
+    @staticmethod
+    def _extras(state: _State) -> _Extras:
+        return _Extras(state.step, state.kept_scores, state.kept_logits)
 
     def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer, stops,
                      mask_np):
@@ -368,11 +587,11 @@ class GenerationMixin(GenerationDefaults):
         jitted call (the forward, the scores and the choice), two with logits processors between."""
         def first(static, params, ids, mask, knobs):
             logits, state = self._start(static, params, ids, mask, knobs)
-            return self._scores(static, state, logits, ids, knobs), state
+            return self._scores(static, state, logits, ids, knobs)
 
         def later(static, params, state, ids, knobs):
             logits, state = self._feed(static, params, state)
-            return self._scores(static, state, logits, ids, knobs), state
+            return self._scores(static, state, logits, ids, knobs)
 
         def first_pick(static, params, ids, mask, knobs, key):  # without processors nothing runs in between
             scores, state = first(static, params, ids, mask, knobs)
@@ -413,42 +632,57 @@ class GenerationMixin(GenerationDefaults):
                 break
         if streamer is not None:
             streamer.end()
-        return state.out, state.step
+        return state.out, state.step, self._extras(state)
 
     # ------------------------------------------------------------------------------ beam search
-    # One step is scores (log_softmax, rules 1-3) -> [host: logits processors] -> candidates -> [host:
-    # stop strings on the candidates] -> update (finished hypotheses, running beams) -> feed.
+    # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (renormalized
+    # first if asked) -> [host: stop strings on the candidates] -> update (finished hypotheses, running beams)
+    # -> feed.
     def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs):
         B, T, N, K, V = static.batch, static.prompt, static.max_new_tokens, static.num_beams, self.config.vocab_size
         ids_k, mask_k = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)  # (B*K, T)
         logits, cache, slots = self._prefill(params, ids_k, mask_k, T + N)
         pad = knobs.pad_token_id
+        no_index = jnp.full((B, K, N), -1, jnp.int32) if static.keep_indices else None
         beams = _Beams(scores=jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0),  # one live beam
                        tokens=jnp.full((B, K, N), pad, jnp.int32),
                        done_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
                        done_tokens=jnp.full((B, K, N), pad, jnp.int32),
-                       done_length=jnp.zeros((B, K), jnp.int32), row_done=jnp.zeros((B,), bool))
+                       done_length=jnp.zeros((B, K), jnp.int32), row_done=jnp.zeros((B,), bool),
+                       indices=no_index, done_indices=no_index)
         seen = self._prompt_seen(ids_k, mask_k, V) if static.repetition else None
         zeros = jnp.zeros((B * K,), jnp.int32)
-        return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen)
+        return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen,
+                                  **self._buffers(static, B * K))
 
     def _beam_scores(self, static: _Static, state: _BeamState, logits, ids, knobs: _Knobs):
-        """log_softmax of the logits, then rules 1-3 (as Hugging Face orders them for beams)."""
+        """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams): (log-probs
+        (B*K, V), the state with the logits kept if asked for)."""
         B, K, N = state.beams.tokens.shape
         seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, N)], axis=1)
-        return self._rules(static, jax.nn.log_softmax(logits, axis=-1), state.seen, seq, state.slots,
-                           static.prompt + state.step, state.step, knobs)
+        scores = self._rules(static, jax.nn.log_softmax(logits, axis=-1), state.seen, seq, state.slots,
+                             static.prompt + state.step, state.step, knobs)
+        return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
-    def _beam_candidates(self, static: _Static, state: _BeamState, logprobs) -> _Candidates:
-        """The best C continuations per row: scores, parents, tokens and histories."""
+    def _beam_candidates(self, static: _Static, state: _BeamState, logprobs) -> tuple[_Candidates, _BeamState]:
+        """The best C continuations per row: scores, parents, tokens and histories (and beam indices, if
+        kept); the state with the processed log-probs (renormalized if asked) kept if asked for."""
         B, K, N = state.beams.tokens.shape
         V = logprobs.shape[-1]
+        if static.rules.renormalize_logits:
+            logprobs = jax.nn.log_softmax(logprobs, axis=-1)
+        state = state._replace(kept_scores=_keep(state.kept_scores, state.step, logprobs))
         candidates = (state.beams.scores[..., None] + logprobs.reshape(B, K, V)).reshape(B, K * V)
         cand_scores, cand_index = lax.top_k(candidates, static.candidates)  # (B, C), best first, lower index on ties
         parent, token = cand_index // V, cand_index % V
         history = jnp.take_along_axis(state.beams.tokens, parent[..., None], axis=1)  # (B, C, N)
         history = lax.dynamic_update_slice(history, token[..., None], (0, 0, state.step))
-        return _Candidates(cand_scores, parent, token, history)
+        indices = state.beams.indices
+        if indices is not None:  # Hugging Face's beam index: b * K + k of the running beam extended
+            indices = jnp.take_along_axis(indices, parent[..., None], axis=1)
+            flat = (jnp.arange(B, dtype=jnp.int32)[:, None] * K + parent).astype(jnp.int32)  # (B, C)
+            indices = lax.dynamic_update_slice(indices, flat[..., None], (0, 0, state.step))
+        return _Candidates(cand_scores, parent, token, history, indices), state
 
     def _beam_update(self, static: _Static, state: _BeamState, c: _Candidates, stopped, knobs: _Knobs):
         """Finished hypotheses and running beams after this step's candidates; `stopped` (B, C) marks
@@ -468,19 +702,29 @@ class GenerationMixin(GenerationDefaults):
         done_scores = jnp.take_along_axis(pool_scores, best, axis=1)
         done_length = jnp.take_along_axis(pool_length, best, axis=1)
         done_tokens = jnp.take_along_axis(pool_tokens, best[..., None], axis=1)
+        done_indices = indices = None
+        if c.indices is not None:
+            pool_indices = jnp.concatenate([beams.done_indices, c.indices], axis=1)
+            done_indices = jnp.take_along_axis(pool_indices, best[..., None], axis=1)
         # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
         order = jnp.argsort(jnp.where(stopped, rank + C, rank), axis=-1)[:, :K]  # (B, K)
         lowered = c.scores - jnp.float32(1e9) * stopped.astype(jnp.float32)
         scores = jnp.where(beams.row_done[:, None], beams.scores, jnp.take_along_axis(lowered, order, axis=1))
         parent_next = jnp.take_along_axis(c.parent, order, axis=1)
         running = jnp.take_along_axis(c.history, order[..., None], axis=1)  # (B, K, N)
-        # a row is done when K hypotheses are finished and no running beam can beat the worst
+        if c.indices is not None:
+            indices = jnp.take_along_axis(c.indices, order[..., None], axis=1)
+        # a row is done when K hypotheses are finished and (early_stopping=True) at once, or else when no
+        # running beam, normalized at opt_spec.generation.best_length, can beat the worst of them
         full = jnp.all(jnp.isfinite(done_scores), axis=-1)
-        best_running = scores.max(-1) / norm
-        row_done = beams.row_done | (full & (done_scores.min(-1) >= best_running))
+        if static.rules.early_stopping:
+            row_done = beams.row_done | full
+        else:
+            best_running = scores.max(-1) / knobs.best_norm[step]
+            row_done = beams.row_done | (full & (done_scores.min(-1) >= best_running))
         tokens = jnp.take_along_axis(c.token, order, axis=1).reshape(B * K)
         flat_parent = (jnp.arange(B)[:, None] * K + parent_next).reshape(B * K)
-        beams = _Beams(scores, running, done_scores, done_tokens, done_length, row_done)
+        beams = _Beams(scores, running, done_scores, done_tokens, done_length, row_done, indices, done_indices)
         return state._replace(step=step + 1, tokens=tokens, flat_parent=flat_parent, beams=beams)
 
     def _beam_feed(self, static: _Static, params, state: _BeamState):
@@ -498,7 +742,8 @@ class GenerationMixin(GenerationDefaults):
         return logits, state._replace(cache=cache, slots=slots, seen=seen)
 
     def _beam_finish(self, static: _Static, state: _BeamState, knobs: _Knobs):
-        """(the n best hypotheses per row (B * n, N) int32 padded with pad_token_id, longest length)."""
+        """(the n best hypotheses per row (B * n, N) int32 padded with pad_token_id, longest length,
+        _Extras: their scores and beam indices when asked for)."""
         B, K, N, n, beams, steps = static.batch, static.num_beams, static.max_new_tokens, static.returned, \
             state.beams, state.step
         # rows still running at the end: their beams compete as hypotheses of length `steps`
@@ -506,18 +751,25 @@ class GenerationMixin(GenerationDefaults):
         pool_scores = jnp.concatenate([beams.done_scores, final], axis=1)  # (B, 2K)
         pool_tokens = jnp.concatenate([beams.done_tokens, beams.tokens], axis=1)  # (B, 2K, N)
         pool_length = jnp.concatenate([beams.done_length, jnp.full((B, K), steps, jnp.int32)], axis=1)
-        pick = lax.top_k(pool_scores, n)[1]  # (B, n) best first, lower index on ties
+        chosen_scores, pick = lax.top_k(pool_scores, n)  # (B, n) best first, lower index on ties
         chosen = jnp.take_along_axis(pool_tokens, pick[..., None], axis=1).reshape(B * n, N)
-        return chosen, jnp.take_along_axis(pool_length, pick, axis=1).max()
+        extras = _Extras(steps, state.kept_scores, state.kept_logits,
+                         sequences_scores=chosen_scores.reshape(B * n) if static.keep_scores else None)
+        if static.keep_indices:
+            pool_indices = jnp.concatenate([beams.done_indices, beams.indices], axis=1)  # (B, 2K, N)
+            chosen_indices = jnp.take_along_axis(pool_indices, pick[..., None], axis=1).reshape(B * n, N)
+            extras = extras._replace(beam_indices=chosen_indices)
+        return chosen, jnp.take_along_axis(pool_length, pick, axis=1).max(), extras
 
     def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
-        """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length)."""
+        """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length, _Extras)."""
         del key
         self._count_trace()
         none = jnp.zeros((static.batch, static.candidates), bool)
 
         def step(logits, state):
-            c = self._beam_candidates(static, state, self._beam_scores(static, state, logits, ids, knobs))
+            scores, state = self._beam_scores(static, state, logits, ids, knobs)
+            c, state = self._beam_candidates(static, state, scores)
             return self._beam_update(static, state, c, none, knobs)
 
         state = step(*self._beam_start(static, params, ids, mask, knobs))
@@ -542,8 +794,8 @@ class GenerationMixin(GenerationDefaults):
             if step:
                 logits, state = feed(params, state)
             seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, -1)[:, :step]], 1)
-            scores = apply_processors(processors, seq, scores_fn(state, logits, ids, knobs))
-            c = candidates(state, jnp.asarray(scores, jnp.float32))
+            scores, state = scores_fn(state, logits, ids, knobs)
+            c, state = candidates(state, jnp.asarray(apply_processors(processors, seq, scores), jnp.float32))
             stopped = np.zeros((B, C), bool)
             if stops is not None:  # each candidate: the row's prompt, its parent's tokens, its new token
                 prompt, real = np.repeat(ids_np[:, None], C, 1), np.repeat(mask_np[:, None], C, 1)

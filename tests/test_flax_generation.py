@@ -239,6 +239,52 @@ def test_second_call_does_not_recompile(models):
     assert flax_model._generation_traces == 1
 
 
+def test_rules_and_outputs_are_traced_only_when_asked_for(models):
+    """A rule that cannot apply, or a record without scores, runs the plain program (no new trace); asking
+    for output_scores adds its (N, B, V) buffer to that call's program only."""
+    flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
+    ids, mask = prompts("pre_ln")
+    B, V, N = ids.shape[0], flax_model.config.vocab_size, 4
+    plain = flax_model.generate(ids, mask, max_new_tokens=N, eos_token_id=EOS)
+    assert flax_model._generation_traces == 1
+    # greedy: the sampling filters do not apply; a prompt longer than one token is never forced to BOS
+    record = flax_model.generate(ids, mask, max_new_tokens=N, eos_token_id=EOS, return_dict_in_generate=True,
+                                 typical_p=0.5, min_p=0.2, epsilon_cutoff=0.1, forced_bos_token_id=3)
+    assert flax_model._generation_traces == 1
+    np.testing.assert_array_equal(np.asarray(record.sequences), np.asarray(plain))
+    assert record.scores is None and record.logits is None
+    flax_model.generate(ids, mask, max_new_tokens=N, eos_token_id=EOS, return_dict_in_generate=True,
+                        output_scores=True)
+    assert flax_model._generation_traces == 2
+    from opt_flax.generation import _knobs
+
+    buffer = f"f32[{N},{B},{V}]"
+    cfg = gen.Decoding(max_new_tokens=N, eos_token_ids=(EOS,), pad_token_id=1)
+    for static, fn in flax_model._generation_fns.items():
+        jaxpr = str(jax.make_jaxpr(fn)(flax_model.params, jnp.asarray(ids), jnp.asarray(mask), _knobs(cfg),
+                                       jax.random.key(0)))
+        assert (buffer in jaxpr) == static.keep_scores
+
+
+def test_beam_search_host_loop_gives_the_fast_paths_record(models):
+    """A logits processor sends beam search through the step-by-step host loop: the same tokens, scores,
+    logits, beam indices and sequence scores as the compiled loop (greedy: tests/test_generation_surface.py)."""
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    settings = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, eos_token_id=[EOS, 41], early_stopping=True,
+                    sequence_bias={(EOS,): 2.0, (41, 41): -1.0}, renormalize_logits=True,
+                    return_dict_in_generate=True, output_scores=True, output_logits=True)
+    fast = flax_model.generate(ids, mask, **settings)
+    host = flax_model.generate(ids, mask, **settings, logits_processor=[lambda ids, x: x])
+    np.testing.assert_array_equal(np.asarray(host.sequences), np.asarray(fast.sequences))
+    assert len(host.scores) == len(fast.scores) == len(host.logits) == len(fast.logits)
+    for a, b in zip(host.scores + host.logits, fast.scores + fast.logits):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(host.beam_indices), np.asarray(fast.beam_indices))
+    assert (np.asarray(fast.beam_indices) >= 0).any()
+    np.testing.assert_allclose(np.asarray(host.sequences_scores), np.asarray(fast.sequences_scores), atol=1e-5)
+
+
 def test_generate_is_one_while_loop(models):
     """The decode is one jitted program whose per-token work sits in a single while loop."""
     flax_model, _ = models("pre_ln")
