@@ -177,8 +177,12 @@ def typical_filter(logits: tf.Tensor, mass: float) -> tf.Tensor:
     neg_sorted, order = tf.math.top_k(-shifted, V)                           # closest first
     cumulative = tf.cumsum(tf.gather(p, order, batch_dims=1), axis=-1)
     last = tf.minimum(tf.reduce_sum(tf.cast(cumulative < mass, tf.int32), axis=-1), V - 1)
-    threshold = -tf.gather(neg_sorted, last[:, None], batch_dims=1)          # (R, 1): the last kept's distance
-    return tf.where(shifted > threshold, NEG_INF, logits)
+    threshold = tf.gather(neg_sorted, last[:, None], batch_dims=1)           # (R, 1): minus the last kept's distance
+    # decided on the sorted values themselves (XLA may recompute `shifted` elsewhere a rounding apart)
+    drop_sorted = (neg_sorted < threshold) & (tf.range(V) > 0)               # never the closest
+    rows = tf.broadcast_to(tf.range(tf.shape(logits)[0])[:, None], tf.shape(order))
+    drop = tf.scatter_nd(tf.stack([rows, order], axis=-1), drop_sorted, tf.shape(logits))  # back to token order
+    return tf.where(drop, NEG_INF, logits)
 
 
 def epsilon_filter(logits: tf.Tensor, epsilon: float) -> tf.Tensor:
