@@ -155,7 +155,8 @@ def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor,
 
 
 def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor) -> tf.Tensor:
-    """-inf where the probability is below `least`, never the most probable token (epsilon and eta)."""
+    """-inf where the probability is below `least`, never the most probable token (min_p, epsilon, eta; said
+    on the logits, as XLA may recompute `probs` in two places a rounding apart)."""
     drop = (probs < least) & (logits < tf.reduce_max(logits, axis=-1, keepdims=True))
     return tf.where(drop, NEG_INF, logits)
 
@@ -163,7 +164,7 @@ def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor) -
 def min_p_filter(logits: tf.Tensor, min_p: float) -> tf.Tensor:
     """opt_spec.generation.min_p_filter."""
     probs = tf.nn.softmax(logits, axis=-1)
-    return tf.where(probs < min_p * tf.reduce_max(probs, axis=-1, keepdims=True), NEG_INF, logits)
+    return _drop_less_probable(logits, probs, min_p * tf.reduce_max(probs, axis=-1, keepdims=True))
 
 
 def typical_filter(logits: tf.Tensor, mass: float) -> tf.Tensor:
