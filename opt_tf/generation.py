@@ -7,6 +7,15 @@ the steps actually taken outside the compiled function. One compiled function is
 length, settings other than the seed), so a second call with the same shapes neither retraces nor
 recompiles; the seed is an input of the function.
 
+Every rule of a step (sequence bias and bad words, repetition penalty, n-grams, the length and token rules,
+the sampling filters, renormalize_logits; opt_spec.generation's order) is traced only when the call's
+Decoding sets it, so a rule that is off costs nothing. return_dict_in_generate returns
+opt_tf.outputs' records: with output_scores / output_logits the compiled loop also writes each step's
+(rows, V) scores / raw logits into (max_new_tokens, rows, V) buffers (kept only when asked), split
+into a tuple of the steps actually taken outside; beam search keeps each beam's running-beam indices
+alongside its tokens (beam_indices) and returns its hypotheses' scores (sequences_scores).
+`compute_transition_scores` turns a record's scores into each chosen token's score.
+
 Logits processors (Python callables on tf.Tensors), stop strings and streamers need the host between
 steps. A call with any of them runs the same pieces one step at a time from Python instead: the prompt
 pass, the step's scores, the choice and the next forward are each an XLA-compiled function (kept like the
@@ -22,16 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 check_extras, check_prompt, length_norms, needs_host,
-                                 prompt_inputs)
+                                 best_length, check_extras, check_prompt, length_norms, needs_host,
+                                 prompt_inputs, sequence_bias_table, transition_scores)
+
+from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 NEG_INF = float("-inf")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------------------- one step's rules
@@ -40,6 +53,13 @@ def _isin(tokens: tf.Tensor, ids: tuple) -> tf.Tensor:
     if not ids:
         return tf.zeros_like(tokens, tf.bool)
     return tf.reduce_any(tf.equal(tokens[..., None], tf.constant(ids, tf.int32)), axis=-1)
+
+
+def _vocab_mask(ids: tuple, V: int) -> tf.Tensor:
+    """(V,) bool constant: the token ids `ids`."""
+    mask = np.zeros(V, bool)
+    mask[list(ids)] = True
+    return tf.constant(mask)
 
 
 def ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Tensor:
@@ -60,11 +80,70 @@ def ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Te
     return index, tf.reshape(tf.cast(match, tf.int32), [-1])
 
 
+def sequence_bias(seq: tf.Tensor, now: tf.Tensor, d: Decoding, V: int) -> tf.Tensor:
+    """Rule 0 as the (R, V) float32 bias to add: the one-token entries' vector, precomputed (opt_spec's
+    sequence_bias_table of a row with no tokens), plus each longer entry's bias on its last token where the
+    row's last tokens before `now` (pads included) are the rest of it."""
+    R, L = seq.shape
+    single = sequence_bias_table(np.zeros((1, 0), np.int32), d.sequence_bias, V)[0]     # (V,)
+    bias = tf.broadcast_to(tf.constant(single), (R, V))
+    longer = [(ids, value) for ids, value in d.sequence_bias if 1 < len(ids) <= L]
+    if not longer:
+        return bias
+    M, P = len(longer), max(len(ids) for ids, _ in longer) - 1      # entries, the longest rest
+    rest = np.full((M, P), -1, np.int32)                             # each entry's rest, right-aligned
+    for m, (ids, _) in enumerate(longer):
+        rest[m, P - len(ids) + 1:] = ids[:-1]
+    tail = tf.gather(seq, tf.maximum(now - P + tf.range(P), 0), axis=1)                 # (R, P) the last P
+    match = tf.reduce_all(tf.equal(tail[:, None, :], rest) | (rest < 0), -1)            # (R, M)
+    match &= now >= tf.constant([len(ids) for ids, _ in longer])  # the row holds at least the entry's length
+    values = tf.where(match, tf.constant([value for _, value in longer], tf.float32), 0.0)
+    rows = tf.broadcast_to(tf.range(R)[:, None], (R, M))
+    last = tf.broadcast_to(tf.constant([ids[-1] for ids, _ in longer])[None, :], (R, M))
+    index = tf.reshape(tf.stack([rows, last], axis=-1), (R * M, 2))
+    return tf.tensor_scatter_nd_add(bias, index, tf.reshape(values, [-1]))
+
+
+def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding) -> tf.Tensor:
+    """Rule 3 (opt_spec.generation), each traced only when set: EOS held back (min_length,
+    min_new_tokens), forced BOS / EOS, remove_invalid_values, the exponential length penalty, suppressed
+    tokens. now: the row length L (traced), step: the step number (traced)."""
+    V = scores.shape[-1]
+    eos = _vocab_mask(d.eos_token_ids, V) if d.eos_token_ids else None
+    if eos is not None and (d.min_new_tokens > 0 or d.min_length > 0):
+        hold = (step < d.min_new_tokens) | (now < d.min_length)
+        scores = tf.where(hold & eos[None, :], NEG_INF, scores)
+    if d.forced_bos_token_id is not None:
+        forced = tf.where(_vocab_mask((d.forced_bos_token_id,), V), 0.0, NEG_INF)
+        scores = tf.where(tf.equal(now, 1), forced[None, :], scores)
+    if d.forced_eos_token_ids:
+        forced = tf.where(_vocab_mask(d.forced_eos_token_ids, V), 0.0, NEG_INF)
+        scores = tf.where(tf.equal(step, d.max_new_tokens - 1), forced[None, :], scores)
+    if d.remove_invalid_values:
+        scores = tf.where(tf.math.is_nan(scores), 0.0, tf.clip_by_value(scores, -FLOAT32_MAX, FLOAT32_MAX))
+    if d.exponential_decay is not None and eos is not None:
+        start, factor = d.exponential_decay
+        with np.errstate(over="ignore"):  # factor ** (step - start) - 1 per step, rounded once to float32
+            growth = np.power(np.float64(factor), np.arange(d.max_new_tokens) - start) - 1
+        growth = tf.gather(tf.constant(growth.astype(np.float32)), step)
+        boosted = scores + tf.abs(scores) * growth
+        decays = (step > start) & eos[None, :] & (scores > NEG_INF)  # a banned EOS stays banned
+        scores = tf.where(decays, boosted, scores)
+    if d.suppress_tokens:
+        scores = tf.where(_vocab_mask(d.suppress_tokens, V)[None, :], NEG_INF, scores)
+    if d.begin_suppress_tokens:
+        begin = tf.equal(step, d.begin_suppress_step) & _vocab_mask(d.begin_suppress_tokens, V)
+        scores = tf.where(begin[None, :], NEG_INF, scores)
+    return scores
+
+
 def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor,
                    step: tf.Tensor, d: Decoding) -> tf.Tensor:
-    """Rules 1-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
+    """Rules 0-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
     search); step is the int32 step number, seq / real (R, L) the rows with positions < now filled."""
     V = scores.shape[-1]
+    if d.sequence_bias:
+        scores = scores + sequence_bias(seq, now, d, V)
     if seen is not None:
         penalized = tf.where(scores > 0, scores / d.repetition_penalty, scores * d.repetition_penalty)
         scores = tf.where(seen, penalized, scores)
@@ -72,14 +151,58 @@ def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor,
         index, flags = ngram_bans(seq, real, now, d.no_repeat_ngram_size)
         banned = tf.tensor_scatter_nd_max(tf.zeros(tf.shape(scores), tf.int32), index, flags) > 0
         scores = tf.where(banned, NEG_INF, scores)
-    if d.min_new_tokens > 0 and d.eos_token_ids:
-        hold = (step < d.min_new_tokens) & _isin(tf.range(V), d.eos_token_ids)  # (V,)
-        scores = tf.where(hold[None, :], NEG_INF, scores)
-    return scores
+    return token_rules(scores, now, step, d)
+
+
+def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor) -> tf.Tensor:
+    """-inf where the probability is below `least`, never the most probable token (min_p, epsilon, eta; said
+    on the logits, as XLA may recompute `probs` in two places a rounding apart)."""
+    drop = (probs < least) & (logits < tf.reduce_max(logits, axis=-1, keepdims=True))
+    return tf.where(drop, NEG_INF, logits)
+
+
+def min_p_filter(logits: tf.Tensor, min_p: float) -> tf.Tensor:
+    """opt_spec.generation.min_p_filter."""
+    probs = tf.nn.softmax(logits, axis=-1)
+    return _drop_less_probable(logits, probs, min_p * tf.reduce_max(probs, axis=-1, keepdims=True))
+
+
+def typical_filter(logits: tf.Tensor, mass: float) -> tf.Tensor:
+    """opt_spec.generation.typical_filter: the tokens whose surprisal is closest to the entropy, in that
+    order (lower id first on ties), until their probability reaches `mass`."""
+    V = logits.shape[-1]
+    logp = tf.nn.log_softmax(logits, axis=-1)
+    p = tf.exp(logp)
+    entropy = -tf.reduce_sum(tf.where(p > 0, logp, 0.0) * p, axis=-1, keepdims=True)
+    shifted = tf.abs(-logp - entropy)                                        # (R, V)
+    neg_sorted, order = tf.math.top_k(-shifted, V)                           # closest first
+    cumulative = tf.cumsum(tf.gather(p, order, batch_dims=1), axis=-1)
+    last = tf.minimum(tf.reduce_sum(tf.cast(cumulative < mass, tf.int32), axis=-1), V - 1)
+    threshold = tf.gather(neg_sorted, last[:, None], batch_dims=1)           # (R, 1): minus the last kept's distance
+    # decided on the sorted values themselves (XLA may recompute `shifted` elsewhere a rounding apart)
+    drop_sorted = (neg_sorted < threshold) & (tf.range(V) > 0)               # never the closest
+    rows = tf.broadcast_to(tf.range(tf.shape(logits)[0])[:, None], tf.shape(order))
+    drop = tf.scatter_nd(tf.stack([rows, order], axis=-1), drop_sorted, tf.shape(logits))  # back to token order
+    return tf.where(drop, NEG_INF, logits)
+
+
+def epsilon_filter(logits: tf.Tensor, epsilon: float) -> tf.Tensor:
+    """opt_spec.generation.epsilon_filter."""
+    return _drop_less_probable(logits, tf.nn.softmax(logits, axis=-1), epsilon)
+
+
+def eta_filter(logits: tf.Tensor, epsilon: float) -> tf.Tensor:
+    """opt_spec.generation.eta_filter."""
+    logp = tf.nn.log_softmax(logits, axis=-1)
+    p = tf.exp(logp)
+    entropy = -tf.reduce_sum(tf.maximum(logp, -FLOAT32_MAX) * p, axis=-1, keepdims=True)
+    eta = tf.minimum(epsilon, math.sqrt(epsilon) * tf.exp(-entropy))
+    return _drop_less_probable(logits, p, eta)
 
 
 def filter_for_sampling(logits: tf.Tensor, cfg) -> tf.Tensor:
-    """logits / temperature, then top-k, then top-p (opt_spec.generation's rule 5); dropped -> -inf."""
+    """logits / temperature, then top-k, top-p, min_p, typical_p, epsilon and eta (opt_spec.generation's
+    rule 5, each only when set); dropped -> -inf. cfg: a Decoding (or a GenerationConfig)."""
     logits = logits / cfg.temperature
     B, V = logits.shape
     if 0 < cfg.top_k < V:
@@ -92,7 +215,23 @@ def filter_for_sampling(logits: tf.Tensor, cfg) -> tf.Tensor:
         rows = tf.broadcast_to(tf.range(B)[:, None], (B, V))
         drop = tf.scatter_nd(tf.stack([rows, order], axis=-1), drop_sorted, (B, V))  # back to token order
         logits = tf.where(drop, NEG_INF, logits)
+    if getattr(cfg, "min_p", None) is not None:
+        logits = min_p_filter(logits, cfg.min_p)
+    if getattr(cfg, "typical_p", 1.0) < 1.0:
+        logits = typical_filter(logits, cfg.typical_p)
+    if getattr(cfg, "epsilon_cutoff", 0.0) > 0:
+        logits = epsilon_filter(logits, cfg.epsilon_cutoff)
+    if getattr(cfg, "eta_cutoff", 0.0) > 0:
+        logits = eta_filter(logits, cfg.eta_cutoff)
     return logits
+
+
+def choice_scores(scores: tf.Tensor, d: Decoding) -> tf.Tensor:
+    """The scores a greedy or sampling step chooses from (and output_scores holds): the sampling filters
+    when sampling, then renormalize_logits's log_softmax."""
+    if d.do_sample:
+        scores = filter_for_sampling(scores, d)
+    return tf.nn.log_softmax(scores, axis=-1) if d.renormalize_logits else scores
 
 
 def _argmax(x: tf.Tensor) -> tf.Tensor:
@@ -145,17 +284,56 @@ def _reorder(cache, index: tf.Tensor):
                        tuple(tf.gather(v, index) for v in cache.values), cache.length, cache.capacity)
 
 
+# ------------------------------------------------------------------------------------------ outputs
+# A step's entries of the output record ("scores": what it chose from, "logits": the raw logits), each
+# (rows, V) float32 and present only when the call asked for it. The fast path writes them into
+# (N, rows, V) buffers in its state ("all_scores", "all_logits"); the host loops keep them in lists.
+def _step_outputs(d: Decoding, logits: Optional[tf.Tensor] = None, scores: Optional[tf.Tensor] = None) -> dict:
+    out = {}
+    if d.output_logits and logits is not None:
+        out["logits"] = logits
+    if d.output_scores and scores is not None:
+        out["scores"] = scores
+    return out
+
+
+def _output_buffers(d: Decoding, rows: int, V: int) -> dict:
+    names = [name for name, asked in (("scores", d.output_scores), ("logits", d.output_logits)) if asked]
+    return {f"all_{name}": tf.zeros((d.max_new_tokens, rows, V)) for name in names}
+
+
+def _record(s: dict, step: tf.Tensor, outputs: dict) -> dict:
+    """The state with this step's outputs written into its buffers at `step`."""
+    s = dict(s)
+    for name, x in outputs.items():
+        s[f"all_{name}"] = tf.tensor_scatter_nd_update(s[f"all_{name}"], step[None, None], x[None])
+    return s
+
+
+def _buffered_outputs(s: dict) -> dict:
+    return {name[4:]: s[name] for name in ("all_scores", "all_logits") if name in s}
+
+
+def _output_key(d: Decoding) -> Decoding:
+    """The settings the compiled functions depend on: without the seed (an input), output_scores /
+    output_logits only with return_dict_in_generate, which only beam search's compiled code needs (for
+    beam_indices)."""
+    record = d.return_dict_in_generate
+    return dataclasses.replace(d, seed=None, return_dict_in_generate=record and d.is_beam_search,
+                               output_scores=record and d.output_scores, output_logits=record and d.output_logits)
+
+
 # --------------------------------------------------------------------------------------- the mixin
 class TFGenerationMixin(GenerationDefaults):
-    """Adds `generate` to TFOPTForCausalLM (which provides init_cache, model and lm_logits);
-    generation_config from opt_spec.GenerationDefaults."""
+    """Adds `generate` and `compute_transition_scores` to TFOPTForCausalLM (which provides init_cache,
+    model and lm_logits); generation_config from opt_spec.GenerationDefaults."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, **kwargs) -> tf.Tensor:
+                 streamer=None, tokenizer=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N), as a tf.Tensor of
-        the prompt's integer dtype (int32 unless the prompt was int64); settings by Hugging Face's names
-        as keywords or in generation_config, defaults from model.generation_config; see
-        opt_spec.generation."""
+        the prompt's integer dtype (int32 unless the prompt was int64); with return_dict_in_generate, an
+        opt_tf.outputs record holding it. Settings by Hugging Face's names as keywords or in
+        generation_config, defaults from model.generation_config; see opt_spec.generation."""
         ids, mask, out_dtype = self._check_generation_inputs(input_ids, attention_mask)
         d = self._decoding(generation_config, kwargs, ids.shape[1])
         check_prompt(ids.shape, d.max_new_tokens, self.config.max_position_embeddings)
@@ -168,17 +346,33 @@ class TFGenerationMixin(GenerationDefaults):
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
         B, T = ids.shape
-        key = dataclasses.replace(d, seed=None)
+        key = _output_key(d)
         if needs_host(d, processors, streamer):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
-            new, n = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype)
+            new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype)
         else:
-            new, n = self._generation_function(B, T, key)(tf.constant(ids), tf.constant(mask), seed)
-        new = tf.cast(new[:, :int(n)], out_dtype)
+            new, n, steps, outputs = self._generation_function(B, T, key)(tf.constant(ids), tf.constant(mask), seed)
+            outputs = {name: tuple(tf.unstack(x[:int(steps)])) if name in ("scores", "logits") else x
+                       for name, x in outputs.items()}  # the (N, rows, V) buffers as the steps taken
+        n = int(n)
+        new = tf.cast(new[:, :n], out_dtype)
         if d.is_beam_search:
             ids = np.repeat(ids, d.num_return_sequences, 0)
-        return tf.concat([tf.constant(ids, out_dtype), new], axis=1)
+        sequences = tf.concat([tf.constant(ids, out_dtype), new], axis=1)
+        if not d.return_dict_in_generate:
+            return sequences
+        if not d.is_beam_search:
+            return GenerateDecoderOnlyOutput(sequences=sequences, scores=outputs.get("scores"),
+                                             logits=outputs.get("logits"))
+        return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=outputs.get("sequences_scores"),
+                                             scores=outputs.get("scores"), logits=outputs.get("logits"),
+                                             beam_indices=outputs["beam_indices"][:, :n])
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> tf.Tensor:
+        """(rows, steps) float32: each generated token's score in the step's scores of a
+        return_dict_in_generate record (Hugging Face's method; opt_spec.generation.transition_scores)."""
+        return tf.constant(transition_scores(sequences, scores, beam_indices, normalize_logits))
 
     def _check_generation_inputs(self, input_ids, attention_mask):
         ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
@@ -215,11 +409,12 @@ class TFGenerationMixin(GenerationDefaults):
         return tf.cast(self.lm_logits(h), tf.float32), out.past_key_values
 
     # ------------------------------------------------------------------------ greedy and sampling
-    # One step is scores (rules 1-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
+    # One step is scores (rules 0-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
     # strings, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
-    # pieces into one while_loop.
-    def _prefill(self, ids, mask, d: Decoding):
-        """The prompt pass: (logits (B, V), state before the first step)."""
+    # pieces into one while_loop. Each returns (new tokens (B, N), tokens kept, steps taken, outputs).
+    def _prefill(self, ids, mask, d: Decoding, buffers: bool = False):
+        """The prompt pass: (logits (B, V), state before the first step); buffers: the state also holds
+        the output buffers the call asked for (the fast path's)."""
         B, T = ids.shape
         N, V = d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)  # (B, L) over every cache slot
@@ -228,24 +423,27 @@ class TFGenerationMixin(GenerationDefaults):
                      out=tf.fill((B, N), d.pad_token_id), cache=cache, slots=slots)
         if d.repetition_penalty != 1.0:
             state["seen"] = _prompt_seen(ids, mask, V)
+        if buffers:
+            state.update(_output_buffers(d, B, V))
         return logits, state
 
     def _scores(self, ids, s, logits, d: Decoding):
-        """Rules 1-3 on this step's logits."""
+        """Rules 0-3 on this step's logits."""
         T = ids.shape[1]
         return process_logits(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"],
                               s["step"], d)
 
     def _pick(self, s, scores, seed, d: Decoding):
-        """Rules 5-6: this step's tokens written out; the state after the step."""
+        """Rules 5-6: (the scores chosen from, the state after the step with its tokens written out)."""
         step = s["step"]
-        tokens = _sample(filter_for_sampling(scores, d), seed, step) if d.do_sample else _argmax(scores)
+        scores = choice_scores(scores, d)
+        tokens = _sample(scores, seed, step) if d.do_sample else _argmax(scores)
         tokens = tf.where(s["finished"], d.pad_token_id, tokens)
         new = dict(s, step=step + 1, tokens=tokens, finished=s["finished"] | _isin(tokens, d.eos_token_ids),
                    out=_put_column(s["out"], step, tokens))
         if "seen" in s:
             new["seen"] = _mark(s["seen"], tokens)
-        return new
+        return scores, new
 
     def _feed(self, ids, s):
         """The last tokens through the model: (next logits, state)."""
@@ -254,19 +452,24 @@ class TFGenerationMixin(GenerationDefaults):
         return logits, dict(s, cache=cache, slots=slots)
 
     def _decode(self, ids, mask, seed, d: Decoding):
-        """(B, N) new tokens (pad after a row finished) and the number of steps taken."""
-        logits, state = self._prefill(ids, mask, d)
-        state = self._pick(state, self._scores(ids, state, logits, d), seed, d)
+        """(B, N) new tokens (pad after a row finished), the steps taken (twice) and the output buffers."""
+        logits, state = self._prefill(ids, mask, d, buffers=True)
+
+        def step(s, logits):
+            scores, new = self._pick(s, self._scores(ids, s, logits, d), seed, d)
+            return _record(new, s["step"], _step_outputs(d, logits, scores))
+
+        state = step(state, logits)
 
         def more(s):
             return (s["step"] < d.max_new_tokens) & ~tf.reduce_all(s["finished"])
 
         def advance(s):
             logits, s = self._feed(ids, s)
-            return (self._pick(s, self._scores(ids, s, logits, d), seed, d),)
+            return (step(s, logits),)
 
         (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
-        return state["out"], state["step"]
+        return state["out"], state["step"], state["step"], _buffered_outputs(state)
 
     def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
@@ -275,22 +478,28 @@ class TFGenerationMixin(GenerationDefaults):
 
         def first(ids, mask):
             logits, s = self._prefill(ids, mask, d)
-            return self._scores(ids, s, logits, d), s
+            return self._scores(ids, s, logits, d), s, _step_outputs(d, logits=logits)
 
         def later(ids, s):
             logits, s = self._feed(ids, s)
-            return self._scores(ids, s, logits, d), s
+            return self._scores(ids, s, logits, d), s, _step_outputs(d, logits=logits)
+
+        def pick(s, scores, seed):
+            scores, s = self._pick(s, scores, seed, d)
+            return s, _step_outputs(d, scores=scores)
 
         def first_pick(ids, mask, seed):  # without processors nothing runs between scores and choice
-            scores, s = first(ids, mask)
-            return self._pick(s, scores, seed, d)
+            scores, s, outputs = first(ids, mask)
+            s, chosen = pick(s, scores, seed)
+            return s, {**outputs, **chosen}
 
         def later_pick(ids, s, seed):
-            scores, s = later(ids, s)
-            return self._pick(s, scores, seed, d)
+            scores, s, outputs = later(ids, s)
+            s, chosen = pick(s, scores, seed)
+            return s, {**outputs, **chosen}
 
         if processors:
-            pieces = dict(first=first, later=later, pick=functools.partial(self._pick, d=d))
+            pieces = dict(first=first, later=later, pick=pick)
         else:
             pieces = dict(first=first_pick, later=later_pick)
         fn = {name: self._compiled((B, T, d, name, bool(processors)), piece, store="_host_generation_fns")
@@ -299,15 +508,18 @@ class TFGenerationMixin(GenerationDefaults):
         if streamer is not None:
             streamer.put(ids.astype(out_dtype.as_numpy_dtype))
         seq, finished = [ids], np.zeros(B, bool)  # the rows so far, on the host
-        state = None
+        state, kept = None, {}
         for step in range(d.max_new_tokens):
             args = (ids_t, mask_t) if step == 0 else (ids_t, state)
             if processors:
-                scores, state = fn["first" if step == 0 else "later"](*args)
+                scores, state, outputs = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
-                state = fn["pick"](state, scores, seed)
+                state, chosen = fn["pick"](state, scores, seed)
+                outputs = {**outputs, **chosen}
             else:
-                state = fn["first" if step == 0 else "later"](*args, seed)
+                state, outputs = fn["first" if step == 0 else "later"](*args, seed)
+            for name, x in outputs.items():
+                kept.setdefault(name, []).append(x)
             tokens, live = state["tokens"].numpy(), ~finished
             seq.append(tokens[:, None])
             if streamer is not None:
@@ -321,12 +533,15 @@ class TFGenerationMixin(GenerationDefaults):
                 break
         if streamer is not None:
             streamer.end()
-        return state["out"], state["step"]
+        return state["out"], state["step"], state["step"], {name: tuple(xs) for name, xs in kept.items()}
 
     # ---------------------------------------------------------------------------------- beam search
-    # One step is scores (log_softmax, rules 1-3) -> [host: logits processors] -> candidates -> [host:
-    # stop strings on the candidates] -> update (finished hypotheses, running beams) -> feed.
-    def _beam_prefill(self, ids, mask, d: Decoding):
+    # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (after
+    # renormalize_logits) -> [host: stop strings on the candidates] -> update (finished hypotheses, running
+    # beams) -> feed. With return_dict_in_generate every running beam and finished hypothesis also carries
+    # the running beam (b * K + k) each of its tokens extended ("beam_index", "done_index", (B, K, N), -1
+    # past its end).
+    def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False):
         B, T = ids.shape
         K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([tf.repeat(mask, K, axis=0), tf.zeros((B * K, N), tf.int32)], axis=1)  # (BK, L)
@@ -339,6 +554,10 @@ class TFGenerationMixin(GenerationDefaults):
                      parent=tf.zeros((B, K), tf.int32), tokens=tf.zeros((B, K), tf.int32))
         if d.repetition_penalty != 1.0:
             state["seen"] = _prompt_seen(tf.repeat(ids, K, axis=0), tf.repeat(mask, K, axis=0), V)
+        if d.return_dict_in_generate:
+            state["beam_index"] = state["done_index"] = tf.fill((B, K, N), -1)
+        if buffers:
+            state.update(_output_buffers(d, B * K, V))
         return logits, state
 
     def _beam_seq(self, ids, s, d: Decoding):
@@ -347,27 +566,37 @@ class TFGenerationMixin(GenerationDefaults):
         return tf.concat([tf.repeat(ids, K, axis=0), tf.reshape(s["beams"], (B * K, N))], 1)
 
     def _beam_scores(self, ids, s, logits, d: Decoding):
-        """log_softmax of the logits, then rules 1-3 (as Hugging Face orders them for beams)."""
+        """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams)."""
         T = ids.shape[1]
         return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
-                        T + s["step"], s["step"], d)
+                              T + s["step"], s["step"], d)
 
     def _beam_candidates(self, s, logprobs, d: Decoding):
-        """The best C continuations per row: scores, parents, tokens and histories (B, C, N)."""
+        """The best C continuations per row: scores, parents, tokens and histories (B, C, N); "logprobs",
+        the step's scores after renormalize_logits, with output_scores."""
         B, K, N = s["beams"].shape
         V = logprobs.shape[-1]
+        if d.renormalize_logits:
+            logprobs = tf.nn.log_softmax(logprobs, axis=-1)
         cand = tf.reshape(s["scores"][..., None] + tf.reshape(logprobs, (B, K, V)), (B, K * V))
         cand_scores, cand_index = tf.math.top_k(cand, d.candidates)  # (B, C), best first, lower index on ties
         parent, token = cand_index // V, cand_index % V
         history = _put_column(tf.gather(s["beams"], parent, batch_dims=1), s["step"], token)  # (B, C, N)
-        return dict(scores=cand_scores, parent=parent, token=token, history=history)
+        c = dict(scores=cand_scores, parent=parent, token=token, history=history)
+        if "beam_index" in s:
+            extended = tf.range(B)[:, None] * K + parent                                     # (B, C)
+            c["history_index"] = _put_column(tf.gather(s["beam_index"], parent, batch_dims=1), s["step"], extended)
+        if d.output_scores:
+            c["logprobs"] = logprobs
+        return c
 
     def _beam_update(self, s, c, stopped, d: Decoding):
         """Finished hypotheses and running beams after this step's candidates; `stopped` (B, C) marks
         candidates that ended a stop string (the host's check; all False otherwise)."""
         K, C = d.num_beams, d.candidates
         step = s["step"]
-        norm = _length_norms(d)[step]
+        norms = _length_norms(d)
+        norm = norms[step]
         rank = tf.range(C)[None, :]
         stopped = stopped | _isin(c["token"], d.eos_token_ids)
         row_done = s["row_done"]
@@ -382,15 +611,22 @@ class TFGenerationMixin(GenerationDefaults):
         order = tf.math.top_k(-tf.where(stopped, rank + C, rank), K).indices  # (B, K)
         lowered = c["scores"] - 1e9 * tf.cast(stopped, tf.float32)
         scores = tf.where(row_done[:, None], s["scores"], tf.gather(lowered, order, batch_dims=1))
-        # a row is done when K hypotheses are finished and no running beam can beat the worst
-        full = tf.reduce_all(tf.math.is_finite(done_scores), axis=-1)
-        best_running = tf.reduce_max(scores, axis=-1) / norm
-        return dict(s, step=step + 1, scores=scores, beams=tf.gather(c["history"], order, batch_dims=1),
-                    done_scores=done_scores, done_tokens=tf.gather(pool_tokens, best, batch_dims=1),
-                    done_length=tf.gather(pool_length, best, batch_dims=1),
-                    row_done=row_done | (full & (tf.reduce_min(done_scores, axis=-1) >= best_running)),
-                    parent=tf.gather(c["parent"], order, batch_dims=1),
-                    tokens=tf.gather(c["token"], order, batch_dims=1))
+        # a row is done when K hypotheses are finished and (unless early_stopping=True) no running beam,
+        # normalized at opt_spec's best_length, can beat the worst of them
+        done_now = tf.reduce_all(tf.math.is_finite(done_scores), axis=-1)
+        if d.early_stopping is not True:
+            best_running = tf.reduce_max(scores, axis=-1) / tf.gather(norms, best_length(step, d) - 1)
+            done_now &= tf.reduce_min(done_scores, axis=-1) >= best_running
+        new = dict(s, step=step + 1, scores=scores, beams=tf.gather(c["history"], order, batch_dims=1),
+                   done_scores=done_scores, done_tokens=tf.gather(pool_tokens, best, batch_dims=1),
+                   done_length=tf.gather(pool_length, best, batch_dims=1), row_done=row_done | done_now,
+                   parent=tf.gather(c["parent"], order, batch_dims=1),
+                   tokens=tf.gather(c["token"], order, batch_dims=1))
+        if "beam_index" in s:
+            pool_index = tf.concat([s["done_index"], c["history_index"]], axis=1)
+            new["done_index"] = tf.gather(pool_index, best, batch_dims=1)
+            new["beam_index"] = tf.gather(c["history_index"], order, batch_dims=1)
+        return new
 
     def _beam_feed(self, ids, s):
         """Each running beam continues from its parent's cache with its new token."""
@@ -405,7 +641,9 @@ class TFGenerationMixin(GenerationDefaults):
         return logits, new
 
     def _beam_finish(self, s, d: Decoding):
-        """(B * n, N) the n best hypotheses per row (pad-filled), and the longest one's length."""
+        """(B * n, N) the n best hypotheses per row (pad-filled), the longest one's length, the steps taken
+        and the outputs: their beam_indices (B * n, N) with return_dict_in_generate, their scores
+        (sequences_scores) with output_scores, the fast path's buffers."""
         B, K, N = s["beams"].shape
         last = s["step"] - 1
         norm = _length_norms(d)[last]
@@ -417,17 +655,25 @@ class TFGenerationMixin(GenerationDefaults):
         n = d.num_return_sequences
         pick = tf.math.top_k(pool_scores, n).indices  # (B, n), best first, lower index on ties
         chosen = tf.reshape(tf.gather(pool_tokens, pick, batch_dims=1), (B * n, N))
-        return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1))
+        outputs = _buffered_outputs(s)
+        if "beam_index" in s:
+            pool_index = tf.concat([s["done_index"], s["beam_index"]], axis=1)
+            outputs["beam_indices"] = tf.reshape(tf.gather(pool_index, pick, batch_dims=1), (B * n, N))
+        if d.output_scores:
+            outputs["sequences_scores"] = tf.reshape(tf.gather(pool_scores, pick, batch_dims=1), [-1])
+        return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1)), s["step"], outputs
 
     def _beam_search(self, ids, mask, seed, d: Decoding):
-        """(B * n, N) best hypotheses (pad-filled) and the length of the longest chosen one."""
+        """The best hypotheses as _beam_finish returns them."""
         del seed  # beam search is deterministic
         B, C = ids.shape[0], d.candidates
         none = tf.zeros((B, C), tf.bool)
-        logits, state = self._beam_prefill(ids, mask, d)
+        logits, state = self._beam_prefill(ids, mask, d, buffers=True)
 
         def step(logits, s):
-            return self._beam_update(s, self._beam_candidates(s, self._beam_scores(ids, s, logits, d), d), none, d)
+            c = self._beam_candidates(s, self._beam_scores(ids, s, logits, d), d)
+            outputs = _step_outputs(d, logits, c.pop("logprobs", None))
+            return _record(self._beam_update(s, c, none, d), s["step"], outputs)
 
         state = step(logits, state)
 
@@ -451,12 +697,15 @@ class TFGenerationMixin(GenerationDefaults):
         feed = self._compiled((B, T, d, "feed"), self._beam_feed, store="_host_generation_fns")
         ids_t = tf.constant(ids)
         logits, state = pieces["prefill"](ids_t, tf.constant(mask))
+        kept = {}
         for step in range(d.max_new_tokens):
             if step:
                 logits, state = feed(ids_t, state)
             scores = pieces["scores"](ids_t, state, logits)
             seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
             c = pieces["candidates"](state, apply_processors(processors, seq, scores))
+            for name, x in _step_outputs(d, logits, c.pop("logprobs", None)).items():
+                kept.setdefault(name, []).append(x)
             stopped = np.zeros((B, C), bool)
             if stops is not None:  # each candidate: the row's prompt, its parent's tokens, its new token
                 prompt, real = np.repeat(ids[:, None], C, 1), np.repeat(mask[:, None], C, 1)
@@ -466,4 +715,5 @@ class TFGenerationMixin(GenerationDefaults):
             state = pieces["update"](state, c, tf.constant(stopped))
             if bool(tf.reduce_all(state["row_done"])):
                 break
-        return pieces["finish"](state)
+        new, n, steps, outputs = pieces["finish"](state)
+        return new, n, steps, {**outputs, **{name: tuple(xs) for name, xs in kept.items()}}

@@ -36,3 +36,11 @@ class SequenceClassifierOutputWithPast(_Nestable, spec_outputs.SequenceClassifie
 
 class QuestionAnsweringModelOutput(_Nestable, spec_outputs.QuestionAnsweringModelOutput):
     pass
+
+
+class GenerateDecoderOnlyOutput(_Nestable, spec_outputs.GenerateDecoderOnlyOutput):
+    pass
+
+
+class GenerateBeamDecoderOnlyOutput(_Nestable, spec_outputs.GenerateBeamDecoderOnlyOutput):
+    pass

@@ -1,5 +1,7 @@
 """Generation in the TensorFlow backend: the opt_spec semantics under one XLA program, token parity with
-the PyTorch backend (greedy, beam search, repetition penalty), no retracing, Hugging Face TF parity.
+the PyTorch backend (greedy, beam search, repetition penalty), no retracing, Hugging Face TF parity; the
+rest of Hugging Face's rules compiled by XLA against opt_spec's references, and the host loops' output
+records against the fast path's (tests/test_generation_surface.py compares them with Hugging Face).
 
 XLA compiles dominate the time, so one model serves every test and each generation setting is compiled
 (and run) once: `run(**kwargs)` memoizes its output.
@@ -233,3 +235,86 @@ def test_greedy_matches_hugging_face_tf_under_xla(checkpoint, run):
         want = xla_generate(tf.constant(IDS), attention_mask=tf.constant(MASK), max_new_tokens=10,
                             eos_token_id=75, do_sample=False, pad_token_id=1).numpy()
     assert np.array_equal(run(max_new_tokens=10, eos_token_id=75), want)
+
+
+# ------------------------------------------------------------ Hugging Face's other rules and outputs
+def test_token_rules_under_xla_equal_the_reference():
+    """Rules 0-3 (sequence bias with one- and multi-token entries and bad words, n-grams, min_length,
+    forced EOS, remove_invalid_values, the exponential length penalty, suppressed tokens) compiled by XLA
+    equal opt_spec.generation.reference_scores, step by step."""
+    from opt_tf.generation import process_logits
+
+    rng = np.random.default_rng(4)
+    R, T0, V, N = 4, 6, 24, 5
+    seq = rng.integers(0, 5, (R, T0 + N)).astype(np.int32)  # a small alphabet: entries match, n-grams repeat
+    seq[:2, T0 - 2:T0] = [2, 3]                              # rows 0-1 end their prompt with [2, 3]
+    real = np.ones_like(seq)
+    real[1, :2] = 0                                          # a left-padded row
+    d = gen.Decoding(max_new_tokens=N, eos_token_ids=(7, 9), no_repeat_ngram_size=2, min_length=T0 + 2,
+                     sequence_bias=(((4,), -2.5), ((2, 3, 11), 4.0), ((3, 12), float("-inf")), ((0, 1, 2, 13), 1.5)),
+                     forced_eos_token_ids=(9,), remove_invalid_values=True, exponential_decay=(1, 1.7),
+                     suppress_tokens=(5, 6), begin_suppress_tokens=(8,))
+
+    @tf.function(jit_compile=True)
+    def rules(scores, seq, real, now, step):
+        return process_logits(scores, None, seq, real, now, step, d)
+
+    for step in range(N):
+        L = T0 + step
+        logits = (rng.standard_normal((R, V)) * 3).astype(np.float32)
+        logits[0, 15], logits[1, 16], logits[2, 17] = np.nan, np.inf, -np.inf  # for remove_invalid_values
+        with np.errstate(over="ignore"):  # the forced step: -max EOS scores grown past float32
+            want = gen.reference_scores(logits, seq[:, :L], real[:, :L], d, T0)
+        got = rules(tf.constant(logits), tf.constant(seq), tf.constant(real), tf.constant(L), tf.constant(step))
+        got = got.numpy()
+        assert not np.array_equal(got, logits, equal_nan=True)  # the rules did something: the check can fail
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"step {step}")
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("filters", [dict(min_p=0.1), dict(typical_p=0.7), dict(epsilon_cutoff=0.02),
+                                     dict(eta_cutoff=0.05), dict(top_k=20, top_p=0.9, min_p=0.02, typical_p=0.8,
+                                                                 eta_cutoff=1e-3, renormalize_logits=True)])
+def test_sampling_filters_under_xla_equal_the_spec(filters):
+    """The filters min_p, typical_p, epsilon and eta (and renormalize_logits) compiled by XLA keep the
+    tokens opt_spec's references keep, with the same values."""
+    from opt_tf.generation import choice_scores
+
+    scale = np.linspace(0.5, 4, 6)[:, None]  # flat to peaked rows
+    logits = (np.random.default_rng(6).standard_normal((6, 60)) * scale).astype(np.float32)
+    d = gen.Decoding(max_new_tokens=1, do_sample=True, top_k=filters.pop("top_k", 0), temperature=0.9, **filters)
+    got = tf.function(lambda x: choice_scores(x, d), jit_compile=True)(tf.constant(logits)).numpy()
+    want = gen.reference_scores(logits, np.zeros((6, 1), np.int32), np.ones((6, 1), np.int32), d, 1)
+    assert np.isneginf(want).any() and np.isfinite(want).sum(-1).min() >= 1  # tokens dropped, one kept at least
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-5, atol=1e-5)
+
+
+def test_a_record_without_scores_reuses_the_plain_calls_function(model, run):
+    """return_dict_in_generate alone (greedy) compiles nothing new: the outputs it does not hold cost nothing."""
+    plain = run(max_new_tokens=10)
+    traces = model.generation_traces
+    record = model.generate(IDS, MASK, max_new_tokens=10, return_dict_in_generate=True, output_scores=False)
+    assert model.generation_traces == traces
+    np.testing.assert_array_equal(record.sequences.numpy(), plain)
+
+
+@pytest.mark.slow  # nine compiled functions
+def test_the_host_loops_return_the_fast_paths_records(model):
+    """Beam search with a logits processor and greedy search with a streamer run step by step on the host:
+    the same record as the fast path (tokens, scores, logits, beam_indices, sequences_scores)."""
+    outputs = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    streamed = []
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, eos_token_id=[41, 93], **outputs)
+    greedy = dict(max_new_tokens=4, eos_token_id=75, **outputs)
+    for settings, extras in ((beams, dict(logits_processor=[lambda ids, scores: scores])),
+                             (greedy, dict(streamer=streamed.append))):
+        fast, host = model.generate(IDS, MASK, **settings), model.generate(IDS, MASK, **settings, **extras)
+        assert type(host) is type(fast)
+        for name in ("sequences", "beam_indices", "sequences_scores"):
+            a, b = getattr(host, name, None), getattr(fast, name, None)
+            assert (a is None) == (b is None) and (a is None or np.allclose(a.numpy(), b.numpy(), atol=1e-5)), name
+        assert len(host.scores) == len(fast.scores) == len(host.logits) == len(fast.logits) > 0
+        for a, b in zip(host.scores + host.logits, fast.scores + fast.logits):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.stack(streamed, 1), fast.sequences.numpy()[:, T:])  # the greedy case's steps
