@@ -160,7 +160,8 @@ def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new
         boost = np.array([factor ** (s - start) - 1 if s > start else 0 for s in range(max_new_tokens)], np.float32)
         boosted = x + jnp.abs(x) * jnp.asarray(boost)[step]
         eos = _is_eos(jnp.arange(V, dtype=jnp.int32), eos_token_ids)
-        x = jnp.where(eos & (step > start) & (x != -jnp.inf), boosted, x)  # a banned EOS stays banned
+        banned = x <= np.finfo(np.float32).min  # -inf, or what remove_invalid_values made of it
+        x = jnp.where(eos & (step > start) & ~banned, boosted, x)  # a banned EOS stays banned
     if rules.suppress_tokens:
         x = jnp.where(among(rules.suppress_tokens), -jnp.inf, x)
     if rules.begin_suppress_tokens:

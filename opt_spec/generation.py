@@ -42,8 +42,9 @@ row's length so far (prompt length T, pads included, plus the step, 0-based), as
    forced_bos_token_id's (0); at the last step allowed (step N - 1) every score is -inf but those of
    forced_eos_token_id (an id or a list; 0); remove_invalid_values: NaN becomes 0 and +-inf the largest
    finite float32 of that sign; exponential_decay_length_penalty = (start, factor): from step start + 1
-   on, each EOS score s gets |s| * (factor ** (step - start) - 1) added, except -inf (a banned EOS stays
-   banned; Hugging Face makes it NaN, and then every probability); suppress_tokens get -inf; at the
+   on, each EOS score s gets |s| * (factor ** (step - start) - 1) added, except -inf and the lowest float32
+   (what remove_invalid_values makes of -inf): a banned EOS stays banned (Hugging Face makes the first NaN,
+   and then every probability, and the second +inf, so EOS is chosen); suppress_tokens get -inf; at the
    first step (the second when a one-token prompt's first token is forced_bos_token_id)
    begin_suppress_tokens get -inf.
 4. The user's logits processors, in order: `scores = processor(input_ids, scores)` with input_ids the
@@ -863,9 +864,9 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
     if d.exponential_decay is not None and eos and step > d.exponential_decay[0]:  # 3d
         start, factor = d.exponential_decay
         x, scores = x.copy(), x[:, eos]
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             boosted = scores + np.abs(scores) * np.float32(factor ** (step - start) - 1)
-        x[:, eos] = np.where(scores == -np.inf, scores, boosted)  # a banned EOS stays banned
+        x[:, eos] = np.where(scores > np.finfo(np.float32).min, boosted, scores)  # a banned EOS stays banned
     if d.suppress_tokens:                                                          # 3e
         x = x.copy()
         x[:, list(d.suppress_tokens)] = -np.inf

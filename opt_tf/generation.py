@@ -127,7 +127,8 @@ def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding)
             growth = np.power(np.float64(factor), np.arange(d.max_new_tokens) - start) - 1
         growth = tf.gather(tf.constant(growth.astype(np.float32)), step)
         boosted = scores + tf.abs(scores) * growth
-        decays = (step > start) & eos[None, :] & (scores > NEG_INF)  # a banned EOS stays banned
+        decays = (step > start) & eos[None, :] & (scores > -FLOAT32_MAX)  # a banned EOS stays banned (-inf, or
+        # what remove_invalid_values made of it)
         scores = tf.where(decays, boosted, scores)
     if d.suppress_tokens:
         scores = tf.where(_vocab_mask(d.suppress_tokens, V)[None, :], NEG_INF, scores)

@@ -105,7 +105,8 @@ def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torc
         start, factor = d.exponential_decay
         eos = scores[:, rules.eos]
         boosted = eos + eos.abs() * float(np.float32(factor ** (step - start) - 1))
-        scores = scores.index_copy(1, rules.eos, torch.where(eos == NEG_INF, eos, boosted))  # banned stays banned
+        banned = eos <= torch.finfo(torch.float32).min  # -inf, or what remove_invalid_values made of it
+        scores = scores.index_copy(1, rules.eos, torch.where(banned, eos, boosted))  # a banned EOS stays banned
     if rules.suppress is not None:
         scores = scores.index_fill(1, rules.suppress, NEG_INF)
     if rules.begin_suppress is not None and step == d.begin_suppress_step:

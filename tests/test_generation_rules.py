@@ -132,6 +132,18 @@ def test_a_banned_eos_stays_banned_under_the_length_penalty(hf):
     assert same(got[:, others], want[:, others])
 
 
+def test_a_banned_eos_stays_banned_when_invalid_values_are_removed_first(hf):
+    """remove_invalid_values turns min_length's -inf into the lowest float32; a length penalty growing past
+    2x then overflows it to +inf in Hugging Face, so EOS is chosen inside min_length. optkit keeps the ban."""
+    settings = dict(min_length=T + 4, remove_invalid_values=True, exponential_decay_length_penalty=(0, 2.5))
+    tokens, logits = rows(1, R=2, L=T + 2)
+    want = hf_processors(hf, settings, T, 4)(torch.from_numpy(tokens), torch.from_numpy(logits)).numpy()
+    got = gen.reference_scores(logits, tokens, np.ones_like(tokens), ours(settings, T, 4), T)
+    assert (want[:, EOS] == np.inf).all() and (got[:, EOS] == np.finfo(np.float32).min).all()
+    others = np.setdiff1d(np.arange(V), EOS)
+    assert same(got[:, others], want[:, others])
+
+
 def test_every_rule_changes_the_scores():
     """Each setting of RULES is really applied by the reference (a rule that did nothing would pass the
     comparison above only if Hugging Face's did nothing too)."""

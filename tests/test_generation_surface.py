@@ -209,3 +209,16 @@ def test_transition_scores_equal_hugging_faces(models, hf, backend):
         assert type(mine) is type(out.sequences) or backend == "flax"  # the backend's own array type
         theirs = hf.compute_transition_scores(want.sequences, want.scores, normalize_logits=normalize).numpy()
         assert close(to_numpy(mine), theirs)
+
+
+def test_min_length_holds_under_the_length_penalty(models, backend):
+    """min_length bans EOS; exponential_decay_length_penalty boosts EOS scores, and with remove_invalid_values
+    the ban is the lowest float32, not -inf: a boost past 2x used to overflow it to +inf (EOS chosen at
+    once). No row ends before min_length in any backend, and the rows do end after it."""
+    free = tokens_of(run(models, backend, max_new_tokens=6, eos_token_id=None))[:, T:]
+    eos = sorted({int(free[0, 0]), int(free[1, 0]), int(free[2, 0])})   # every row would end at once
+    settings = dict(max_new_tokens=6, eos_token_id=eos, min_length=T + 3, exponential_decay_length_penalty=(0, 3.0))
+    for extra in ({}, {"remove_invalid_values": True}):
+        new = tokens_of(run(models, backend, **settings, **extra))[:, T:]
+        assert not np.isin(new[:, :3], eos).any(), (extra, new)
+        assert np.isin(new[:, 3], eos).all(), (extra, new)  # boosted 3 ** 3 - 1 times: they end right after
