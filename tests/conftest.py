@@ -1,5 +1,6 @@
-"""Shared test set-up: quiet TensorFlow, tolerance helpers, the variant configs."""
+"""Shared test set-up: quiet TensorFlow, tolerance helpers, the variant configs, file-tree snapshots."""
 
+import hashlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,3 +27,20 @@ def max_abs_diff(a, b, mask=None) -> float:
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
     return request.param, VARIANTS[request.param]
+
+
+def tree_snapshot(path) -> dict[str, str] | None:
+    """{relative file: sha256} under path (or {"": sha256} of a file), None when nothing is there: to prove that
+    nothing was touched."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.isfile(path):
+        return {"": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(path) for f in fs}
+
+
+def temp_leftovers(parent) -> list[str]:
+    """The temporary siblings (opt_spec.io.atomic_path's .tmp and .tmp.old) in the folder parent."""
+    return [n for n in os.listdir(parent) if n.endswith((".tmp", ".old"))]
+
