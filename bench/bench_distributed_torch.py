@@ -74,7 +74,8 @@ def measure(path: str, args, mesh=None) -> dict:
 
 
 def worker(args) -> None:
-    """One rank of a torchrun launch: the split model's timings; rank 0 prints them as JSON."""
+    """One rank of a torchrun launch: the split model's timings; rank 0 writes them as JSON to --result (not
+    to stdout, which torchrun shares among the ranks: another rank's text can land inside the line)."""
     import torch.distributed as dist
 
     from opt_torch.distributed import init_mesh
@@ -86,7 +87,8 @@ def worker(args) -> None:
     dist.all_gather_object(everyone, result["bytes_read"])
     result["bytes_read"] = everyone
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(result), flush=True)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
     dist.destroy_process_group()
 
 
@@ -102,6 +104,7 @@ def main() -> None:
     p.add_argument("--meshes", default="1x2,2x1,2x2", help="dp x tp, comma separated")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -129,16 +132,17 @@ def main() -> None:
               f"{'bytes read per rank':>22}")
         for text in args.meshes.split(","):
             dp, tp = (int(x) for x in text.split("x"))
+            result = os.path.join(tmp, f"result-{text}.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp * tp}",
-                   os.path.abspath(__file__), "--worker", text, "--path", path,
+                   os.path.abspath(__file__), "--worker", text, "--path", path, "--result", result,
                    *[f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "heads", "vocab", "batch", "length",
                                                           "repeats")]]
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if r.returncode or line is None:
+            if r.returncode or not os.path.isfile(result):
                 print(f"{text:<13} failed:\n{r.stderr[-3000:]}")
                 continue
-            got = json.loads(line[len("RESULT "):])
+            with open(result) as f:
+                got = json.load(f)
             share = max(got["bytes_read"]) / total
             ratio = {k: got[k] / base[k] for k in ("forward_s", "generate_s", "train_step_s")}
             print(f"{text:<13} {dp * tp:>5} {ratio['forward_s']:>7.2f}x {ratio['generate_s']:>8.2f}x "

@@ -19,11 +19,14 @@ Ctrl-C: one line `optkit CMD: interrupted`, exit 130, whatever the command was d
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 try:  # NumPy and the spec load here (~0.2 s): Ctrl-C meanwhile ends quietly too, not with a traceback
@@ -186,10 +189,50 @@ def _run(command: str, work, debug: bool) -> int:
         return _report(err, command, debug)
 
 
+# A Ctrl-C whose KeyboardInterrupt is raised inside a callback whose exceptions Python only prints ("Exception
+# ignored in: <function _xla_gc_callback>": JAX's gc callback, which runs at any allocation; a __del__) was lost,
+# and the command carried on: `optkit train --backend flax` ran to its end after 1 in 8 to 30 Ctrl-Cs during its
+# first compile on a loaded machine. As the program, optkit raises such an interrupt again a moment later.
+_in_hook = False
+
+
+def _interrupt_again(unraisable) -> None:
+    """sys.unraisablehook: a lost KeyboardInterrupt comes again 10 ms later (a SIGINT for the main thread);
+    anything else is printed as Python does."""
+    global _in_hook
+    if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+        return
+    _in_hook = True
+    try:
+        _interrupt_later()
+    finally:
+        _in_hook = False
+
+
+def _ctrl_c(signum, frame) -> None:
+    """SIGINT: KeyboardInterrupt, as Python's own handler, except inside _interrupt_again, where it would be
+    lost as well: then it comes again later."""
+    if _in_hook:
+        _interrupt_later()
+        return
+    raise KeyboardInterrupt
+
+
+def _interrupt_later() -> None:
+    timer = threading.Timer(0.01, _thread.interrupt_main)
+    timer.daemon = True  # nothing to wait for when the program ends meanwhile
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`optkit` with argv (default: the command line). As the program itself (argv None), an interrupted
-    command ends the process at once with status 130: a compile that Ctrl-C cut short (XLA's, under JAX)
-    leaves native threads that crash the interpreter's shutdown (SIGSEGV after the message, exit -11)."""
+    """`optkit` with argv (default: the command line). As the program itself (argv None), no Ctrl-C is lost
+    (_interrupt_again) and an interrupted command ends the process at once with status 130: a compile that
+    Ctrl-C cut short (XLA's, under JAX) leaves native threads that crash the interpreter's shutdown (SIGSEGV
+    after the message, exit -11)."""
+    if argv is None and threading.current_thread() is threading.main_thread():
+        sys.unraisablehook = _interrupt_again
+        signal.signal(signal.SIGINT, _ctrl_c)
     try:
         code = _main(argv)
     except KeyboardInterrupt:  # before a command's handler runs: importing conversion, parsing, ...

@@ -1,8 +1,9 @@
 """The sharded Flax model's checks, run in child processes by tests/test_flax_distributed.py: the device
 count of a JAX process is fixed when its backend starts, so each check runs in a fresh interpreter with
 XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX is imported. Several checks share one
-process to pay start-up and compilation once. Each prints one JSON line of measurements; the test
-asserts on them.
+process to pay start-up and compilation once. Each writes its measurements as JSON to
+WORKDIR/result-COMMAND.json (result-host-PROCESS.json), which the test asserts on: a file, not a line
+among whatever else the process prints.
 
     python -m tests.distributed_flax_checks inference WORKDIR     (8 devices)
     python -m tests.distributed_flax_checks training WORKDIR      (8 devices)
@@ -308,9 +309,10 @@ def host(process_id: int, port: int, workdir: str) -> dict:
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
     if command == "host":
-        result = host(int(rest[0]), int(rest[1]), rest[2])
+        result, workdir, command = host(int(rest[0]), int(rest[1]), rest[2]), rest[2], f"host-{rest[0]}"
     elif command == "cli":
-        result = cli(*rest)
+        result, workdir = cli(*rest), rest[0]
     else:
-        result = {"inference": inference, "training": training}[command](rest[0])
-    print("RESULT " + json.dumps(result), flush=True)
+        result, workdir = {"inference": inference, "training": training}[command](rest[0]), rest[0]
+    with open(os.path.join(workdir, f"result-{command}.json"), "w") as f:
+        json.dump(result, f)

@@ -4,8 +4,9 @@
     torchrun --standalone --nproc-per-node 4 -m tests.distributed_torch_checks four WORKDIR
 
 Several checks share one launch to pay the start-up once. Every rank compares its results with the
-same model unsplit in its own process; rank 0 prints one JSON line of measurements (differences, bytes
-each rank read), which the test asserts on.
+same model unsplit in its own process; rank 0 writes every rank's measurements (differences, bytes each
+rank read) to WORKDIR/result.json, which the test asserts on. (Not to stdout: torchrun merges every rank's
+output into one stream, where another rank's line can land inside a long one.)
 """
 
 import dataclasses
@@ -306,6 +307,7 @@ if __name__ == "__main__":
     result = {"two": two, "four": four}[sys.argv[1]](*sys.argv[2:])
     per_rank = _gathered(result)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({"ranks": per_rank}))
+        with open(os.path.join(sys.argv[2], "result.json"), "w") as f:
+            json.dump({"ranks": per_rank}, f)
     dist.barrier()
     dist.destroy_process_group()

@@ -26,7 +26,7 @@ from opt_spec.weights import strip_base_prefix
 from opt_torch import OPTForCausalLM
 from opt_torch.modeling import MODEL_CLASSES
 
-from .conftest import max_abs_diff
+from .conftest import max_abs_diff, temp_leftovers, tree_snapshot
 
 ROUND_TRIP = [name for name, fmt in conversion.FORMATS.items() if fmt.write is not None]
 
@@ -54,20 +54,6 @@ def torch_logits(path, head="causal_lm"):
     main = out.logits if getattr(out, "logits", None) is not None else (
         out.start_logits if hasattr(out, "start_logits") else out.last_hidden_state)
     return main.numpy(), mask
-
-
-def tree_snapshot(path):
-    """Every file under path (or the file) with its bytes' hash: to prove nothing was touched."""
-    if not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        return {"": hashlib.sha256(open(path, "rb").read()).hexdigest()}
-    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, fs in os.walk(path) for f in fs}
-
-
-def no_temp_left(parent):
-    return [f for f in os.listdir(parent) if f.endswith(".tmp") or f.endswith(".old")] == []
 
 
 # ------------------------------------------------------------------------------- round trips
@@ -139,7 +125,7 @@ def test_bfloat16_survives_every_format_that_stores_it(tmp_path):
         assert digests(tmp_path / fmt) == digests(src)
     with pytest.raises(ConversionError, match="bfloat16"):
         convert(src, tmp_path / "tf", to="hf-tf", progress=False)
-    assert not os.path.exists(tmp_path / "tf") and no_temp_left(tmp_path)
+    assert not os.path.exists(tmp_path / "tf") and temp_leftovers(tmp_path) == []
 
 
 # -------------------------------------------------------------------------- framework files
@@ -389,7 +375,7 @@ def test_metaseq_damaged_and_fsdp_files_fail_clearly(tmp_path):
     _truncate(tmp_path / "restored.pt")
     with pytest.raises(ValueError, match="restored.pt"):
         convert(tmp_path / "restored.pt", tmp_path / "out", src_format="metaseq", progress=False)
-    assert not os.path.exists(tmp_path / "out") and no_temp_left(tmp_path)
+    assert not os.path.exists(tmp_path / "out") and temp_leftovers(tmp_path) == []
     torch.save({"model": {"flat_param_0": torch.zeros(10), "decoder.version": torch.zeros(1)}},
                tmp_path / "fsdp.pt")
     with pytest.raises(ConversionError, match="FSDP"):
@@ -482,7 +468,7 @@ def test_damaged_files_fail_clearly_and_leave_dst_untouched(tmp_path, fmt, damag
         convert(tmp_path / "a", tmp_path / "dst", to="hf-pytorch", src_format=fmt, force=True, progress=False)
     assert f"a/{WEIGHT_FILES[fmt]}: " in str(err.value)  # names the damaged file
     assert any(word in str(err.value) for word in ("truncated", "corrupt", "Bad magic"))
-    assert tree_snapshot(tmp_path / "dst") == before and no_temp_left(tmp_path)
+    assert tree_snapshot(tmp_path / "dst") == before and temp_leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("fmt", ["hf-safetensors", "hf-pytorch", "hf-tf", "hf-flax"])
@@ -496,7 +482,7 @@ def test_wrong_shapes_and_unknown_keys_are_named(tmp_path, fmt):
     with pytest.raises(WeightMismatchError) as err:
         convert(bad, tmp_path / "dst", to=fmt, progress=False)
     assert "layers.1.fc1.weight is (47, 32)" in str(err.value) and "adapter" in str(err.value)
-    assert not os.path.exists(tmp_path / "dst") and no_temp_left(tmp_path)
+    assert not os.path.exists(tmp_path / "dst") and temp_leftovers(tmp_path) == []
     # the same problems in a non-safetensors source are named in that format's own names
     good = hf_dir(tmp_path / "good", config)
     convert(good, tmp_path / "native", to=fmt, progress=False)
@@ -535,7 +521,7 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(conversion.hf, "produce", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "dst", to="hf-pytorch", progress=False)
-    assert not os.path.exists(tmp_path / "dst") and no_temp_left(tmp_path)
+    assert not os.path.exists(tmp_path / "dst") and temp_leftovers(tmp_path) == []
 
 
 def test_pickles_with_foreign_objects_are_refused(tmp_path):
@@ -645,4 +631,4 @@ def test_converted_folder_keeps_generation_config_and_tokenizer(tmp_path):
     os.symlink(outside, tmp_path / "src" / "special_tokens_map.json")
     with pytest.raises(spec_io.CheckpointError, match="outside the checkpoint folder"):
         convert(src, tmp_path / "refused", progress=False)
-    assert not os.path.lexists(tmp_path / "refused") and no_temp_left(tmp_path)
+    assert not os.path.lexists(tmp_path / "refused") and temp_leftovers(tmp_path) == []

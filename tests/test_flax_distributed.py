@@ -8,7 +8,6 @@ the bytes each weight costs to load, refused plans, Orbax checkpoints restored o
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from opt_spec import io as spec_io
 from opt_spec.parallel import check_plan
 from opt_spec.testing import VARIANTS, random_batch, random_weights, synthetic_batch
 from opt_spec.weights import weight_table
+
+from .conftest import Workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -31,16 +32,18 @@ def _env() -> dict:
     return env
 
 
-def _result(proc_out: str, proc_err: str, code: int) -> dict:
-    lines = [line for line in proc_out.splitlines() if line.startswith("RESULT ")]
-    assert code == 0 and lines, f"the child failed (exit {code}):\n{proc_out[-3000:]}\n{proc_err[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+def _result(path, code: int, proc_out: str, proc_err: str) -> dict:
+    """The child's measurements, from the file it writes when it finishes (its output is for errors only)."""
+    assert code == 0 and os.path.isfile(path), \
+        f"the child failed (exit {code}):\n{proc_out[-3000:]}\n{proc_err[-6000:]}"
+    with open(path) as f:
+        return json.load(f)
 
 
-def _run(*args, timeout=600) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tests.distributed_flax_checks", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    return _result(proc.stdout, proc.stderr, proc.returncode)
+def _run(command, workdir, *args, timeout=600) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "tests.distributed_flax_checks", command, workdir, *args], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    return _result(os.path.join(workdir, f"result-{command}.json"), proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_sharded_inference_matches_one_device(tmp_path):
@@ -97,27 +100,6 @@ def test_sharded_training_and_orbax_checkpoints(tmp_path):
     assert r["msgpack_on_mesh_equal"] and r["msgpack_on_mesh_spec"] == "P('fsdp', 'tp')"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _wait(procs, i: int, timeout: float = 600) -> dict:
-    """Child i's result; if it fails, its sibling (which would wait for it in a collective) is stopped."""
-    try:
-        out, err = procs[i].communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        procs[i].kill()
-        out, err = procs[i].communicate()
-    if procs[i].returncode != 0:
-        for other in procs:
-            if other.poll() is None:
-                other.kill()
-                other.communicate()
-    return _result(out, err, procs[i].returncode)
-
-
 def test_two_processes_of_four_devices(tmp_path):
     import jax
 
@@ -128,10 +110,10 @@ def test_two_processes_of_four_devices(tmp_path):
     config = VARIANTS["pre_ln"]
     path = tmp_path / "checkpoint"
     spec_io.save_safetensors_dir(path, random_weights(config, "causal_lm", 0), config.to_dict())
-    port = _free_port()
     cmd = [sys.executable, "-m", "tests.distributed_flax_checks", "host"]
-    procs = [subprocess.Popen([*cmd, str(i), str(port), str(tmp_path)], cwd=ROOT, env=_env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    env = dict(_env(), TF_CPP_MIN_LOG_LEVEL="2")  # XLA's errors shown: a coordinator port taken meanwhile is retried
+    workers = Workers(lambda ports: [Workers.spawn([*cmd, str(i), str(ports[0]), str(tmp_path)], cwd=ROOT, env=env)
+                                     for i in range(2)], ports=1)
     # the reference on this process's one device while the two children run
     ids, mask = random_batch(config, batch=4, length=9, seed=1, left_pad=(0, 3, 5, 1))
     one = FlaxOPTForCausalLM.from_pretrained(path)
@@ -140,7 +122,7 @@ def test_two_processes_of_four_devices(tmp_path):
     greedy = np.asarray(one.generate(ids, attention_mask=mask, max_new_tokens=4)).tolist()
     trainer = FlaxTrainer(one, TrainConfig(learning_rate=1e-2, total_steps=5))
     step = trainer.train_step(synthetic_batch("causal_lm", config, batch=8, length=12, seed=0))
-    results = [_wait(procs, i) for i in range(2)]
+    results = [_result(tmp_path / f"result-host-{i}.json", *run) for i, run in enumerate(workers.wait())]
     real = mask.astype(bool)
     for i, r in enumerate(results):
         assert r["devices"] == [8, 4] and r["process"] == i

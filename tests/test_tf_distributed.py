@@ -15,10 +15,8 @@
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,6 +32,8 @@ from opt_spec.testing import VARIANTS, random_weights, synthetic_batch  # noqa: 
 from opt_spec.training import TrainConfig, reference_adamw_step  # noqa: E402
 from opt_tf import TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification  # noqa: E402
 from opt_tf.training import TFTrainer, data_parallel_strategy, split_rows  # noqa: E402
+
+from .conftest import Workers  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = VARIANTS["pre_ln"]
@@ -166,8 +166,8 @@ def test_split_rows_covers_every_row_once():
 
 
 # --------------------------------------------------------------------- MirroredStrategy, 2 devices
-def _mirrored_child() -> None:
-    """Runs in a fresh process with 2 logical CPU devices; prints the measurements as JSON."""
+def _mirrored_child(workdir: str) -> None:
+    """Runs in a fresh process with 2 logical CPU devices; writes the measurements to WORKDIR/result.json."""
     strategy = data_parallel_strategy(2)
     assert strategy.num_replicas_in_sync == 2
     out = {}
@@ -209,7 +209,7 @@ def _mirrored_child() -> None:
     trainer = TFTrainer(model("causal_lm", dropout), cfg, strategy=strategy)
     batches = [synthetic_batch("causal_lm", CONFIG, 4, 10, seed=10 + s) for s in range(3)]  # one shape: one trace
     trainer.train_step(batches[0])
-    directory = tempfile.mkdtemp()
+    directory = os.path.join(workdir, "checkpoint")
     trainer.save_checkpoint(directory)
     saved_rng = trainer.rng.state.numpy()
     uninterrupted = [trainer.train_step(b)["loss"] for b in batches[1:]]
@@ -220,14 +220,15 @@ def _mirrored_child() -> None:
     final, again = trainer.model.get_weights_dict(), resumed.model.get_weights_dict()
     out["resume/weights_equal"] = all(np.array_equal(final[k], again[k]) for k in final)
     out["seconds/resume"] = time.perf_counter() - t0
-    print("RESULT " + json.dumps(out))
+    with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f)
 
 
 @pytest.mark.slow  # one subprocess: ~12 compiled steps on 2 logical devices
-def test_mirrored_strategy_equals_one_device():
-    r = run_python("from tests.test_tf_distributed import _mirrored_child; _mirrored_child()")
+def test_mirrored_strategy_equals_one_device(tmp_path):
+    r = run_python(f"from tests.test_tf_distributed import _mirrored_child; _mirrored_child({str(tmp_path)!r})")
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    out = json.loads((tmp_path / "result.json").read_text())
     for task in MODELS:
         assert out[f"fit/{task}"] < 1e-6, (task, out[f"fit/{task}"])  # 1.5-3x the step before
     assert out["evaluate"][0] == pytest.approx(out["evaluate"][1], rel=1e-6)
@@ -249,30 +250,19 @@ def _worker_child(path: str) -> None:
             json.dump(out, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two worker processes
 def test_multi_worker_mirrored_strategy_equals_one_device(tmp_path):
-    ports = [_free_port(), _free_port()]
     path = tmp_path / "chief.json"
-    workers = []
-    for index in range(2):
-        cluster = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = dict(os.environ, TF_CONFIG=json.dumps(cluster), TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
-        code = f"from tests.test_tf_distributed import _worker_child; _worker_child({str(path)!r})"
-        workers.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))
-    try:
-        results = [w.communicate(timeout=300) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    for w, (_, err) in zip(workers, results):
-        assert w.returncode == 0, err[-3000:]
+    code = f"from tests.test_tf_distributed import _worker_child; _worker_child({str(path)!r})"
+
+    def launch(ports):  # the two workers on localhost, TF_CONFIG naming each one's task
+        cluster = {"worker": [f"localhost:{p}" for p in ports]}
+        return [Workers.spawn([sys.executable, "-c", code], cwd=ROOT, env=dict(
+            os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")) for index in range(2)]
+
+    for exit_code, _, err in Workers(launch, ports=2).wait(timeout=300):
+        assert exit_code == 0, err[-3000:]
     assert_updates(json.loads(path.read_text()))
 
 
