@@ -21,7 +21,7 @@ import torch
 from opt_spec import generation as gen
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from .test_generation_extras import (BACKENDS, CONFIG, IDS, MASK, T, backend, checkpoint, hf,  # noqa: F401
+from .test_generation_extras import (CONFIG, IDS, MASK, T, backend, checkpoint, hf,  # noqa: F401
                                      models)
 
 V = CONFIG.vocab_size
