@@ -179,6 +179,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         raise ConversionError(f"{out_name} is read-only; write one of "
                               f"{', '.join(n for n, f in FORMATS.items() if f.write)}")
     ckpt = FORMATS[in_name].read(src, config_overrides)
+    for ref in ckpt.tensors.values():
+        ref.load = _reading(ref)
     found = f"found {ckpt.describe()}"
     log(found)
     for note in ckpt.notes:
@@ -202,6 +204,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
                 files = writer.write(ckpt, tmp, out_dtype, lambda ref: bar.update(1), **kwargs)
                 files += copy_side_files(src, tmp)
                 hf.fsync_tree(tmp)
+            except _ReadFailed as err:  # the source's disk (a network mount gone, a bad sector): said of src
+                raise OSError(f"{err.where}: reading failed, nothing was written to {dst} ({err.cause})") from None
             except OSError as err:  # a full disk, a size limit, a quota: said of dst, not of a temporary file
                 raise OSError(f"{dst}: writing failed, nothing was written ({err})") from None
             except RuntimeError as err:  # h5py reports a failed HDF5 write (errno inside) as a RuntimeError
@@ -216,6 +220,27 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     summary = Summary(src, dst, in_name, out_name, len(ckpt.tensors), ckpt.parameters, nbytes,
                       time.perf_counter() - start, files, list(ckpt.notes), found)
     return summary
+
+
+class _ReadFailed(OSError):
+    """An OSError while reading a source tensor, told apart from the writing's own (both happen inside the
+    write, which reads each tensor as it goes)."""
+
+    def __init__(self, where: str, cause: OSError):
+        super().__init__(f"{where}: {cause}")
+        self.where, self.cause = where, cause
+
+
+def _reading(ref) -> Callable[[], np.ndarray]:
+    """ref.load, its OSError a _ReadFailed naming the tensor's file."""
+    load = ref.load
+
+    def read() -> np.ndarray:
+        try:
+            return load()
+        except OSError as err:
+            raise _ReadFailed(ref.where, err) from None
+    return read
 
 
 # What a folder holds besides weights and config.json that a converted folder keeps: generation defaults and

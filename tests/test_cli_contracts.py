@@ -593,3 +593,33 @@ def test_train_refuses_to_start_when_a_checkpoint_cannot_fit(tiny_model, tmp_pat
     assert run_main(capsys, *_train(tiny_model, tmp_path / "ok", "--steps", 1))[0] == 0
     saved = sum(f.stat().st_size for f in (tmp_path / "ok" / "final").rglob("*") if f.is_file())
     assert saved >= need
+
+
+def test_a_source_that_fails_to_read_midway_is_named_as_the_source(tmp_path, capsys, monkeypatch):
+    """An OSError reading the source during the write (a network mount gone, a bad sector) was reported as
+    "DST: writing failed": now the source file and tensor are named, and nothing is written."""
+    import dataclasses
+    import errno
+
+    import conversion.api as api
+
+    src = tmp_path / "src"
+    spec_io.save_safetensors_dir(src, random_weights(VARIANTS["pre_ln"]), VARIANTS["pre_ln"].to_dict())
+    fmt = api.FORMATS["hf-safetensors"]
+
+    def failing_read(path, overrides):
+        ckpt = fmt.read(path, overrides)
+        ref = list(ckpt.tensors.values())[3]
+
+        def load():
+            raise OSError(errno.EIO, "Input/output error")
+        ref.load = load
+        return ckpt
+
+    monkeypatch.setitem(api.FORMATS, "hf-safetensors", dataclasses.replace(fmt, read=failing_read))
+    dst = tmp_path / "dst"
+    code, _, err = run_main(capsys, "convert", src, dst, "--to", "hf-pytorch", "--quiet")
+    ref = list(fmt.read(str(src), None).tensors.values())[3]
+    assert code == 1 and err == (f"optkit convert: error: {ref.where}: reading failed, nothing was written to {dst} "
+                                 "([Errno 5] Input/output error)\n"), err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
