@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from opt_spec import generation as gen
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
