@@ -28,8 +28,8 @@ call with any of them runs the same pieces one step at a time from Python instea
 step's scores, the choice and the next forward are each a jitted function (kept like the fast path's),
 with the processors, the stop-string and criteria checks and the streamer's put in between; the allowed
 tokens of prefix_allowed_tokens_fn are asked before each step and enter the scores piece as an (R, V)
-bool mask (an argument: the pieces without it trace no mask). A call without them keeps the single compiled loop. Streamers receive NumPy
-arrays (transformers.TextStreamer reads them with .tolist()).
+bool mask (an argument: the pieces without it trace no mask). A call without them keeps the single
+compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
 Sampling draws with `jax.random.categorical` from `jax.random.key(seed)` folded with the step index:
 reproducible within JAX, not across backends. Greedy and beam search give the same tokens as
