@@ -22,12 +22,14 @@ to the steps taken outside jit; beam search carries the beam index of every runn
 hypothesis's tokens (Hugging Face's beam_indices) when a record is asked for. compute_transition_scores
 is opt_spec.generation.transition_scores on NumPy copies.
 
-Logits processors (Python callables on jax.Arrays), stop strings and streamers need the host between
-steps, which one while_loop cannot give. A call with any of them runs the same pieces one step at a
-time from Python instead: the prompt pass, the step's scores, the choice and the next forward are each a
-jitted function (kept like the fast path's), with the processors, the stop-string check and the
-streamer's put in between. A call without them keeps the single compiled loop. Streamers receive NumPy
-arrays (transformers.TextStreamer reads them with .tolist()).
+Logits processors (Python callables on jax.Arrays), stop strings, stopping criteria,
+prefix_allowed_tokens_fn and streamers need the host between steps, which one while_loop cannot give. A
+call with any of them runs the same pieces one step at a time from Python instead: the prompt pass, the
+step's scores, the choice and the next forward are each a jitted function (kept like the fast path's),
+with the processors, the stop-string and criteria checks and the streamer's put in between; the allowed
+tokens of prefix_allowed_tokens_fn are asked before each step and enter the scores piece as an (R, V)
+bool mask (an argument: the pieces without it trace no mask). A call without them keeps the single
+compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
 Sampling draws with `jax.random.categorical` from `jax.random.key(seed)` folded with the step index:
 reproducible within JAX, not across backends. Greedy and beam search give the same tokens as
@@ -46,9 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 best_length, check_extras, check_prompt, length_norms, needs_host,
-                                 prompt_inputs, transition_scores)
+from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
+                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
+                                 criteria_hits, length_norms, needs_host, prompt_inputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -357,7 +359,8 @@ class GenerationMixin(GenerationDefaults):
     generation_config from opt_spec.GenerationDefaults."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, params=None, **kwargs):
+                 streamer=None, tokenizer=None, params=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
+                 **kwargs):
         """The prompts followed by the new tokens, int32 (B * num_return_sequences, T + N); settings by
         Hugging Face's names as keywords or in generation_config, defaults from model.generation_config;
         see opt_spec.generation. With return_dict_in_generate=True, the record of opt_spec.outputs
@@ -371,6 +374,7 @@ class GenerationMixin(GenerationDefaults):
         d = self._decoding(generation_config, kwargs, ids.shape[1])
         check_prompt(ids.shape, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
+        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn)
         if params is None:
             params = self.params
         elif params is not self.params:
@@ -393,11 +397,11 @@ class GenerationMixin(GenerationDefaults):
         else:  # a fresh draw per call, as torch.seed() does
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
         args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d, T), jax.random.key(seed))
-        if needs_host(d, processors, streamer):
+        if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
             new, length, extras = loop(static, *args, processors=processors, streamer=as_streamer(streamer),
-                                       stops=stops, mask_np=mask)
+                                       stops=stops, mask_np=mask, criteria=criteria, prefix=prefix_allowed_tokens_fn)
         else:
             new, length, extras = self._generation_fn(static)(*args)
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
@@ -490,15 +494,18 @@ class GenerationMixin(GenerationDefaults):
         counts = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], ids].add(mask)
         return counts > 0
 
-    def _rules(self, static: _Static, scores, seen, seq, slots, now, step, knobs: _Knobs):
+    def _rules(self, static: _Static, scores, seen, seq, slots, now, step, knobs: _Knobs, allowed=None):
         """Rules 0-3 of opt_spec.generation on float32 scores (R, V) (rule 2's bans and rule 3's EOS block
-        commute: both set -inf; the rest of rule 3 follows them)."""
+        commute: both set -inf; prefix_allowed_tokens_fn's mask `allowed` (R, V) bool, when given, follows
+        them and the rest of rule 3 follows it)."""
         rules, eos = static.rules, knobs.eos_token_ids if static.eos else None
         if rules.sequence_bias:
             scores = bias_sequences(scores, seq, now, rules.sequence_bias)
         scores = process_logits(scores, seen, step, knobs.repetition_penalty, eos, knobs.min_new_tokens)
         if static.no_repeat and seq.shape[1] >= static.no_repeat:
             scores = jnp.where(ngram_bans(seq, slots, now, static.no_repeat, scores.shape[-1]), -jnp.inf, scores)
+        if allowed is not None:  # added, as Hugging Face adds its -inf mask
+            scores = scores + jnp.where(allowed, jnp.float32(0), jnp.float32(-jnp.inf))
         return token_rules(scores, step, rules, eos, static.max_new_tokens)
 
     def _buffers(self, static: _Static, rows: int) -> dict:
@@ -521,11 +528,11 @@ class GenerationMixin(GenerationDefaults):
                        **self._buffers(static, B))
         return logits, state
 
-    def _scores(self, static: _Static, state: _State, logits, ids, knobs: _Knobs):
+    def _scores(self, static: _Static, state: _State, logits, ids, knobs: _Knobs, allowed=None):
         """Rules 0-3 on this step's logits (B, V): (scores, the state with the logits kept if asked for)."""
         seq = jnp.concatenate([ids, state.out], axis=1)
         scores = self._rules(static, logits, state.seen, seq, state.slots, static.prompt + state.step, state.step,
-                             knobs)
+                             knobs, allowed)
         return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
     def _pick(self, static: _Static, state: _State, scores, knobs: _Knobs, key) -> _State:
@@ -583,23 +590,25 @@ class GenerationMixin(GenerationDefaults):
         return _Extras(state.step, state.kept_scores, state.kept_logits)
 
     def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer, stops,
-                     mask_np):
+                     mask_np, criteria=(), prefix=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
-        jitted call (the forward, the scores and the choice), two with logits processors between."""
-        def first(static, params, ids, mask, knobs):
+        jitted call (the forward, the scores and the choice), two with logits processors between.
+        prefix_allowed_tokens_fn is asked for each row's tokens before the step; the stopping criteria are
+        asked after it, and a row they stop is finished as an EOS row is."""
+        def first(static, params, ids, mask, knobs, allowed):
             logits, state = self._start(static, params, ids, mask, knobs)
-            return self._scores(static, state, logits, ids, knobs)
+            return self._scores(static, state, logits, ids, knobs, allowed)
 
-        def later(static, params, state, ids, knobs):
+        def later(static, params, state, ids, knobs, allowed):
             logits, state = self._feed(static, params, state)
-            return self._scores(static, state, logits, ids, knobs)
+            return self._scores(static, state, logits, ids, knobs, allowed)
 
-        def first_pick(static, params, ids, mask, knobs, key):  # without processors nothing runs in between
-            scores, state = first(static, params, ids, mask, knobs)
+        def first_pick(static, params, ids, mask, knobs, allowed, key):  # without processors nothing runs between
+            scores, state = first(static, params, ids, mask, knobs, allowed)
             return self._pick(static, state, scores, knobs, key)
 
-        def later_pick(static, params, state, ids, knobs, key):
-            scores, state = later(static, params, state, ids, knobs)
+        def later_pick(static, params, state, ids, knobs, allowed, key):
+            scores, state = later(static, params, state, ids, knobs, allowed)
             return self._pick(static, state, scores, knobs, key)
 
         if processors:
@@ -607,13 +616,17 @@ class GenerationMixin(GenerationDefaults):
         else:
             pieces = dict(first=first_pick, later=later_pick)
         fn = {name: self._host_piece(static, (name, bool(processors)), piece) for name, piece in pieces.items()}
-        B = static.batch
+        B, V = static.batch, self.config.vocab_size
         if streamer is not None:
             streamer.put(np.asarray(ids))
         seq, finished = [np.asarray(ids)], np.zeros(B, bool)  # the rows so far, on the host
         state = None
         for step in range(static.max_new_tokens):
-            args = (params, ids, mask, knobs) if step == 0 else (params, state, ids, knobs)
+            allowed = None
+            if prefix is not None:  # each row so far (T + step,) as a jax.Array, its batch_id its index
+                rows = np.concatenate(seq, axis=1)
+                allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in rows], 1, V))
+            args = (params, ids, mask, knobs, allowed) if step == 0 else (params, state, ids, knobs, allowed)
             if processors:
                 scores, state = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1), scores)
@@ -628,12 +641,23 @@ class GenerationMixin(GenerationDefaults):
             if stops is not None:
                 real = np.concatenate([mask_np, np.ones((B, step + 1), np.int32)], axis=1)
                 finished = finished | stops.hits(np.concatenate(seq, axis=1), real, live)
+            if criteria:  # the rows including this step's token, and the scores so far when kept
+                so_far = jnp.concatenate([ids, state.out[:, :step + 1]], axis=1)
+                finished = finished | criteria_hits(criteria, so_far, self._scores_so_far(state.kept_scores, step),
+                                                    B, np.asarray)
+            if stops is not None or criteria:
                 state = state._replace(finished=jnp.asarray(finished))
             if finished.all():
                 break
         if streamer is not None:
             streamer.end()
         return state.out, state.step, self._extras(state)
+
+    @staticmethod
+    def _scores_so_far(kept: Optional[jax.Array], step: int) -> Optional[tuple]:
+        """What a stopping criterion gets as scores: the steps' kept scores (N, R, V) up to `step` as a tuple
+        of (R, V), or None when output_scores did not ask for them (Hugging Face's convention)."""
+        return None if kept is None else tuple(kept[s] for s in range(step + 1))
 
     # ------------------------------------------------------------------------------ beam search
     # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (renormalized
@@ -656,13 +680,13 @@ class GenerationMixin(GenerationDefaults):
         return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen,
                                   **self._buffers(static, B * K))
 
-    def _beam_scores(self, static: _Static, state: _BeamState, logits, ids, knobs: _Knobs):
+    def _beam_scores(self, static: _Static, state: _BeamState, logits, ids, knobs: _Knobs, allowed=None):
         """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams): (log-probs
         (B*K, V), the state with the logits kept if asked for)."""
         B, K, N = state.beams.tokens.shape
         seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, N)], axis=1)
         scores = self._rules(static, jax.nn.log_softmax(logits, axis=-1), state.seen, seq, state.slots,
-                             static.prompt + state.step, state.step, knobs)
+                             static.prompt + state.step, state.step, knobs, allowed)
         return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
     def _beam_candidates(self, static: _Static, state: _BeamState, logprobs) -> tuple[_Candidates, _BeamState]:
@@ -782,27 +806,35 @@ class GenerationMixin(GenerationDefaults):
         return self._beam_finish(static, state, knobs)
 
     def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer,
-                          stops, mask_np):
+                          stops, mask_np, criteria=(), prefix=None):
         del key, streamer  # deterministic; check_extras refuses a streamer
         start, scores_fn, candidates, update, feed, finish = (self._host_piece(static, name, fn) for name, fn in (
             ("beam_start", self._beam_start), ("beam_scores", self._beam_scores),
             ("beam_candidates", self._beam_candidates), ("beam_update", self._beam_update),
             ("beam_feed", self._beam_feed), ("beam_finish", self._beam_finish)))
-        B, K, C = static.batch, static.num_beams, static.candidates
+        B, K, C, V = static.batch, static.num_beams, static.candidates, self.config.vocab_size
         ids_np = np.asarray(ids)
         logits, state = start(params, ids, mask, knobs)
         for step in range(static.max_new_tokens):
             if step:
                 logits, state = feed(params, state)
             seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, -1)[:, :step]], 1)
-            scores, state = scores_fn(state, logits, ids, knobs)
+            allowed = None
+            if prefix is not None:  # every running beam (B*K rows, batch_id r // K), as Hugging Face asks
+                allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in np.asarray(seq)], K, V))
+            scores, state = scores_fn(state, logits, ids, knobs, allowed)
             c, state = candidates(state, jnp.asarray(apply_processors(processors, seq, scores), jnp.float32))
             stopped = np.zeros((B, C), bool)
-            if stops is not None:  # each candidate: the row's prompt, its parent's tokens, its new token
+            if stops is not None or criteria:  # each candidate: the row's prompt, its parent's tokens, its new token
                 prompt, real = np.repeat(ids_np[:, None], C, 1), np.repeat(mask_np[:, None], C, 1)
                 cand = np.concatenate([prompt, np.asarray(c.history)[:, :, :step + 1]], 2).reshape(B * C, -1)
+            if stops is not None:
                 cand_real = np.concatenate([real, np.ones((B, C, step + 1), np.int32)], 2).reshape(B * C, -1)
                 stopped = stops.hits(cand, cand_real).reshape(B, C)
+            if criteria:  # a candidate they stop finishes as one ending in an EOS id does
+                hits = criteria_hits(criteria, jnp.asarray(cand), self._scores_so_far(state.kept_scores, step),
+                                     B * C, np.asarray)
+                stopped = stopped | hits.reshape(B, C)
             state = update(state, c, jnp.asarray(stopped), knobs)
             if bool(jnp.all(state.beams.row_done)):
                 break

@@ -2,7 +2,7 @@
 the rules of a decoding step. Hugging Face transformers 4.57's names and meanings throughout.
 
 `model.generate(input_ids, attention_mask=None, generation_config=None, logits_processor=None,
-streamer=None, tokenizer=None, **settings)` takes a left-padded batch of prompts (B, T) and returns the
+streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **settings)` takes a left-padded batch of prompts (B, T) and returns the
 prompts followed by the new tokens, (B * num_return_sequences, T + N), as the backend's own array type.
 N is the number of decoding steps actually taken: at most the length limit, fewer when every row
 finished early (greedy and sampling), or the longest returned hypothesis (beam search).
@@ -46,7 +46,8 @@ row's length so far (prompt length T, pads included, plus the step, 0-based), as
    (what remove_invalid_values makes of -inf): a banned EOS stays banned (Hugging Face makes the first NaN,
    and then every probability, and the second +inf, so EOS is chosen); suppress_tokens get -inf; at the
    first step (the second when a one-token prompt's first token is forced_bos_token_id)
-   begin_suppress_tokens get -inf.
+   begin_suppress_tokens get -inf. (Between the EOS rule and forced_bos_token_id: prefix_allowed_tokens_fn,
+   below.)
 4. The user's logits processors, in order: `scores = processor(input_ids, scores)` with input_ids the
    rows so far (rows, T + step), prompt pads included as Hugging Face passes them, and scores (rows, V)
    float32, both the backend's own arrays; each must return scores of the same shape.
@@ -62,8 +63,9 @@ row's length so far (prompt length T, pads included, plus the step, 0-based), as
    With num_return_sequences = n, each prompt is repeated n times (rows b*n .. b*n + n - 1) and every
    row draws on its own.
 6. A row that emits one of the EOS ids (eos_token_id: an id or a list) is finished, and so is a row
-   whose text now ends a stop string (below); from then on it emits pad_token_id (default: the first
-   EOS id). Decoding stops when every row is finished or the length limit is reached.
+   whose text now ends a stop string (below) or that a stopping criterion (below) says is done; from then
+   on it emits pad_token_id (default: the first EOS id). Decoding stops when every row is finished or the
+   length limit is reached.
 Reference of rules 0-5 (the scores a step chooses from): `reference_scores`.
 
 Beam search (num_beams = K > 1, no sampling): each row keeps K running beams, starting from one beam
@@ -103,6 +105,21 @@ a row stops when, after its new token, the text of its real tokens contains a st
 complete before that token; the stop string may start in earlier tokens (even in the prompt) and the
 new token may run past its end (Hugging Face's StopStringCriteria, which matches token strings from
 the vocabulary: the same whenever decoding is concatenating token strings). Reference: `StopStrings`.
+
+prefix_allowed_tokens_fn(batch_id, row) -> list of token ids (Hugging Face's constrained decoding): at every
+step, each row's scores outside its list get -inf (added, as Hugging Face adds a -inf mask), `row` being the
+row so far (T + step,), prompt pads included, as the backend's 1-D array, and batch_id the row's index
+divided by num_beams (so with sampling and num_return_sequences = n, every drawn row has its own batch_id,
+as in Hugging Face). An empty list or an id outside the vocabulary is a ValueError naming it.
+Reference: `allowed_tokens`.
+
+stopping_criteria=[criterion, ...] (Hugging Face's StoppingCriteria, or any callable): after every step,
+each is called as criterion(input_ids, scores) with input_ids the rows so far including the new token
+(rows, T + step + 1), prompt pads included, and scores the tuple of the steps' scores so far when
+output_scores asks for them, else None (Hugging Face passes the same); it returns a bool per row (rows,),
+or one bool for all rows; a row any criterion says is done is finished (rule 6). In beam search they are
+asked of every candidate (the beams extended by their candidate token, B * candidates rows), and a
+candidate they stop finishes as one ending in an EOS id does. Reference: `criteria_hits`.
 
 Streamers follow Hugging Face's protocol: `streamer.put(prompt ids (rows, T))` once, then
 `streamer.put(tokens (rows,))` after every step (pad for finished rows), then `streamer.end()`; so
@@ -638,9 +655,58 @@ def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_posi
                          f"is more than the model's max_position_embeddings={max_positions}")
 
 
-def needs_host(d: Decoding, logits_processor, streamer) -> bool:
+def needs_host(d: Decoding, logits_processor, streamer, stopping_criteria=None, prefix_allowed_tokens_fn=None) -> bool:
     """Whether the call needs the host between steps (a compiled backend's step-by-step loop)."""
-    return bool(logits_processor) or streamer is not None or bool(d.stop_strings)
+    return (bool(logits_processor) or streamer is not None or bool(d.stop_strings) or bool(stopping_criteria)
+            or prefix_allowed_tokens_fn is not None)
+
+
+def check_host_rules(stopping_criteria, prefix_allowed_tokens_fn) -> list:
+    """Checks a call's stopping_criteria (a list of callables, Hugging Face's StoppingCriteriaList included)
+    and prefix_allowed_tokens_fn (a callable or None); returns the criteria as a list."""
+    criteria = list(stopping_criteria or [])
+    for i, c in enumerate(criteria):
+        if not callable(c):
+            raise TypeError(f"stopping_criteria[{i}] is a {type(c).__name__}, not a callable (input_ids, scores)")
+    if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+        raise TypeError(f"prefix_allowed_tokens_fn is a {type(prefix_allowed_tokens_fn).__name__}, not a callable "
+                        "(batch_id, input_ids) -> list of token ids")
+    return criteria
+
+
+def allowed_tokens(fn: Callable, rows: Sequence, num_beams: int, vocab_size: int) -> np.ndarray:
+    """prefix_allowed_tokens_fn's rule: (R, V) bool, the tokens each row may take next. rows: the R rows so far
+    as the backend's 1-D arrays (what `fn` receives); row r's batch_id is r // num_beams."""
+    allowed = np.zeros((len(rows), vocab_size), dtype=bool)
+    for r, row in enumerate(rows):
+        ids = fn(r // num_beams, row)
+        try:
+            ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(f"prefix_allowed_tokens_fn returned {ids!r:.80} for batch_id {r // num_beams}; it must "
+                             "return a list of token ids") from None
+        if ids.size == 0:
+            raise ValueError(f"prefix_allowed_tokens_fn returned no token for batch_id {r // num_beams}: every row "
+                             "needs at least one allowed token")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prefix_allowed_tokens_fn returned token id {int(bad[0])} for batch_id "
+                             f"{r // num_beams}, outside the vocabulary [0, {vocab_size})")
+        allowed[r, ids] = True
+    return allowed
+
+
+def criteria_hits(criteria: Sequence[Callable], input_ids, scores, rows: int, to_host: Callable) -> np.ndarray:
+    """The stopping criteria's verdict: (rows,) bool, the rows any criterion says are done. input_ids and
+    scores are passed as they are (the backend's arrays); `to_host` turns a result into NumPy."""
+    done = np.zeros(rows, dtype=bool)
+    for i, criterion in enumerate(criteria):
+        out = np.asarray(to_host(criterion(input_ids, scores)))
+        if out.shape not in ((), (rows,)) or not (out.dtype == bool or np.issubdtype(out.dtype, np.integer)):
+            raise ValueError(f"stopping_criteria[{i}] returned {out.dtype} of shape {out.shape}; it must return a "
+                             f"bool per row ({rows},) or one bool")
+        done |= out.astype(bool)
+    return done
 
 
 def check_extras(d: Decoding, logits_processor, streamer, tokenizer) -> list:
@@ -827,12 +893,14 @@ def eta_filter(logits: np.ndarray, epsilon: float) -> np.ndarray:
 
 
 def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d: Decoding, prompt_length: int,
-                     processors: Sequence[Callable] = (), beam: bool = False) -> np.ndarray:
+                     processors: Sequence[Callable] = (), beam: bool = False,
+                     allowed: np.ndarray | None = None) -> np.ndarray:
     """The scores (R, V) float32 one step chooses from, every rule of the module docstring in its order,
     written plainly: the definition the backends' steps are tested against (and what output_scores holds).
     logits (R, V): each row's next-token logits; tokens / real (R, L): the rows so far (prompt pads
     included) and which positions are real tokens; the step is L - prompt_length. beam=True: beam search's
-    scores (log-probabilities first, no sampling filters)."""
+    scores (log-probabilities first, no sampling filters). allowed (R, V) bool: prefix_allowed_tokens_fn's
+    tokens (`allowed_tokens`), or None."""
     x = np.asarray(logits, np.float32)
     tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
     R, L = tokens.shape
@@ -852,6 +920,8 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
     if eos and (L < d.min_length or step < d.min_new_tokens):                      # 3
         x = x.copy()
         x[:, eos] = -np.inf
+    if allowed is not None:                                                        # prefix_allowed_tokens_fn
+        x = x + np.where(allowed, np.float32(0), np.float32(-np.inf))
     if d.forced_bos_token_id is not None and L == 1:                               # 3a
         x = np.full_like(x, -np.inf)
         x[:, d.forced_bos_token_id] = 0

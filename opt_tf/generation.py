@@ -16,10 +16,12 @@ into a tuple of the steps actually taken outside; beam search keeps each beam's 
 alongside its tokens (beam_indices) and returns its hypotheses' scores (sequences_scores).
 `compute_transition_scores` turns a record's scores into each chosen token's score.
 
-Logits processors (Python callables on tf.Tensors), stop strings and streamers need the host between
-steps. A call with any of them runs the same pieces one step at a time from Python instead: the prompt
-pass, the step's scores, the choice and the next forward are each an XLA-compiled function (kept like the
-fast path's), with the processors, the stop-string check and the streamer's put in between. Streamers
+Logits processors (Python callables on tf.Tensors), stop strings, stopping_criteria,
+prefix_allowed_tokens_fn and streamers need the host between steps. A call with any of them runs the same
+pieces one step at a time from Python instead: the prompt pass, the step's scores, the choice and the next
+forward are each an XLA-compiled function (kept like the fast path's), with the processors, the stop-string
+and criteria checks and the streamer's put in between; prefix_allowed_tokens_fn's mask, made on the host
+from the rows so far before each step, is an input of the step's scores. Streamers
 receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
 Greedy and beam search follow the PyTorch backend step for step (same tie rules, same output length),
@@ -37,9 +39,10 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 best_length, check_extras, check_prompt, length_norms, needs_host,
-                                 prompt_inputs, sequence_bias_table, transition_scores)
+from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
+                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
+                                 criteria_hits, length_norms, needs_host, prompt_inputs, sequence_bias_table,
+                                 transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -104,15 +107,19 @@ def sequence_bias(seq: tf.Tensor, now: tf.Tensor, d: Decoding, V: int) -> tf.Ten
     return tf.tensor_scatter_nd_add(bias, index, tf.reshape(values, [-1]))
 
 
-def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding) -> tf.Tensor:
+def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding,
+                allowed: Optional[tf.Tensor] = None) -> tf.Tensor:
     """Rule 3 (opt_spec.generation), each traced only when set: EOS held back (min_length,
     min_new_tokens), forced BOS / EOS, remove_invalid_values, the exponential length penalty, suppressed
-    tokens. now: the row length L (traced), step: the step number (traced)."""
+    tokens. now: the row length L (traced), step: the step number (traced); allowed (R, V) bool: the
+    host's prefix_allowed_tokens_fn mask, added as -inf between the EOS rule and forced BOS, or None."""
     V = scores.shape[-1]
     eos = _vocab_mask(d.eos_token_ids, V) if d.eos_token_ids else None
     if eos is not None and (d.min_new_tokens > 0 or d.min_length > 0):
         hold = (step < d.min_new_tokens) | (now < d.min_length)
         scores = tf.where(hold & eos[None, :], NEG_INF, scores)
+    if allowed is not None:  # added, not replaced, as Hugging Face does (+inf + -inf is NaN there too)
+        scores = scores + tf.where(allowed, 0.0, NEG_INF)
     if d.forced_bos_token_id is not None:
         forced = tf.where(_vocab_mask((d.forced_bos_token_id,), V), 0.0, NEG_INF)
         scores = tf.where(tf.equal(now, 1), forced[None, :], scores)
@@ -139,9 +146,10 @@ def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding)
 
 
 def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor,
-                   step: tf.Tensor, d: Decoding) -> tf.Tensor:
+                   step: tf.Tensor, d: Decoding, allowed: Optional[tf.Tensor] = None) -> tf.Tensor:
     """Rules 0-3 of opt_spec.generation on float32 scores (R, V) (logits, or log-probabilities in beam
-    search); step is the int32 step number, seq / real (R, L) the rows with positions < now filled."""
+    search); step is the int32 step number, seq / real (R, L) the rows with positions < now filled;
+    allowed: prefix_allowed_tokens_fn's (R, V) mask from the host, or None."""
     V = scores.shape[-1]
     if d.sequence_bias:
         scores = scores + sequence_bias(seq, now, d, V)
@@ -152,7 +160,7 @@ def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor,
         index, flags = ngram_bans(seq, real, now, d.no_repeat_ngram_size)
         banned = tf.tensor_scatter_nd_max(tf.zeros(tf.shape(scores), tf.int32), index, flags) > 0
         scores = tf.where(banned, NEG_INF, scores)
-    return token_rules(scores, now, step, d)
+    return token_rules(scores, now, step, d, allowed)
 
 
 def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor) -> tf.Tensor:
@@ -311,6 +319,11 @@ def _record(s: dict, step: tf.Tensor, outputs: dict) -> dict:
     return s
 
 
+def _so_far(kept: dict, name: str) -> Optional[tuple]:
+    """A host loop's steps' outputs `name` so far as a tuple, or None when the call did not ask for them."""
+    return tuple(kept[name]) if name in kept else None
+
+
 def _buffered_outputs(s: dict) -> dict:
     return {name[4:]: s[name] for name in ("all_scores", "all_logits") if name in s}
 
@@ -324,13 +337,36 @@ def _output_key(d: Decoding) -> Decoding:
                                output_scores=record and d.output_scores, output_logits=record and d.output_logits)
 
 
+# ------------------------------------------------------------------------------- the host's rules
+@dataclasses.dataclass(frozen=True)
+class HostRules:
+    """A call's stopping_criteria (a list, maybe empty) and prefix_allowed_tokens_fn (or None): both run on
+    the host between the compiled pieces, on tf.Tensors, through opt_spec's allowed_tokens / criteria_hits."""
+    criteria: list
+    prefix: Optional[object] = None
+
+    def allowed(self, rows: tf.Tensor, num_beams: int, V: int) -> Optional[tf.Tensor]:
+        """(R, V) bool: the tokens each of the rows so far (R, L) may take next; None without a prefix fn."""
+        if self.prefix is None:
+            return None
+        return tf.constant(allowed_tokens(self.prefix, tf.unstack(rows), num_beams, V))
+
+    def stopped(self, rows: tf.Tensor, scores: Optional[tuple]) -> np.ndarray:
+        """(R,) bool: the rows (R, L), new token included, that a criterion says are done."""
+        return criteria_hits(self.criteria, rows, scores, rows.shape[0], _to_host)
+
+
+def _to_host(x):
+    return x.numpy() if hasattr(x, "numpy") else x
+
+
 # --------------------------------------------------------------------------------------- the mixin
 class TFGenerationMixin(GenerationDefaults):
     """Adds `generate` and `compute_transition_scores` to TFOPTForCausalLM (which provides init_cache,
     model and lm_logits); generation_config from opt_spec.GenerationDefaults."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, **kwargs):
+                 streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N), as a tf.Tensor of
         the prompt's integer dtype (int32 unless the prompt was int64); with return_dict_in_generate, an
         opt_tf.outputs record holding it. Settings by Hugging Face's names as keywords or in
@@ -339,6 +375,7 @@ class TFGenerationMixin(GenerationDefaults):
         d = self._decoding(generation_config, kwargs, ids.shape[1])
         check_prompt(ids.shape, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
+        rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn), prefix_allowed_tokens_fn)
         if d.seed is None:
             seed_pair = np.random.default_rng().integers(0, 2**31, size=2)
         else:
@@ -348,10 +385,11 @@ class TFGenerationMixin(GenerationDefaults):
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
         B, T = ids.shape
         key = _output_key(d)
-        if needs_host(d, processors, streamer):
+        if needs_host(d, processors, streamer, rules.criteria, rules.prefix):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
-            new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype)
+            new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype,
+                                          rules)
         else:
             new, n, steps, outputs = self._generation_function(B, T, key)(tf.constant(ids), tf.constant(mask), seed)
             outputs = {name: tuple(tf.unstack(x[:int(steps)])) if name in ("scores", "logits") else x
@@ -411,7 +449,7 @@ class TFGenerationMixin(GenerationDefaults):
 
     # ------------------------------------------------------------------------ greedy and sampling
     # One step is scores (rules 0-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
-    # strings, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
+    # strings, stopping criteria, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
     # pieces into one while_loop. Each returns (new tokens (B, N), tokens kept, steps taken, outputs).
     def _prefill(self, ids, mask, d: Decoding, buffers: bool = False):
         """The prompt pass: (logits (B, V), state before the first step); buffers: the state also holds
@@ -428,11 +466,11 @@ class TFGenerationMixin(GenerationDefaults):
             state.update(_output_buffers(d, B, V))
         return logits, state
 
-    def _scores(self, ids, s, logits, d: Decoding):
-        """Rules 0-3 on this step's logits."""
+    def _scores(self, ids, s, logits, d: Decoding, allowed=None):
+        """Rules 0-3 on this step's logits (allowed: prefix_allowed_tokens_fn's mask, from the host)."""
         T = ids.shape[1]
         return process_logits(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"],
-                              s["step"], d)
+                              s["step"], d, allowed)
 
     def _pick(self, s, scores, seed, d: Decoding):
         """Rules 5-6: (the scores chosen from, the state after the step with its tokens written out)."""
@@ -472,30 +510,32 @@ class TFGenerationMixin(GenerationDefaults):
         (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
         return state["out"], state["step"], state["step"], _buffered_outputs(state)
 
-    def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
+    def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype, rules: HostRules):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
-        compiled call (the forward, the scores and the choice), two with logits processors between."""
+        compiled call (the forward, the scores and the choice), two with logits processors between.
+        prefix_allowed_tokens_fn's mask is computed before the step (from the rows so far) and passed in."""
         B, T = ids.shape
+        V = self.config.vocab_size
 
-        def first(ids, mask):
+        def first(ids, mask, allowed):
             logits, s = self._prefill(ids, mask, d)
-            return self._scores(ids, s, logits, d), s, _step_outputs(d, logits=logits)
+            return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
-        def later(ids, s):
+        def later(ids, s, allowed):
             logits, s = self._feed(ids, s)
-            return self._scores(ids, s, logits, d), s, _step_outputs(d, logits=logits)
+            return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
         def pick(s, scores, seed):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        def first_pick(ids, mask, seed):  # without processors nothing runs between scores and choice
-            scores, s, outputs = first(ids, mask)
+        def first_pick(ids, mask, allowed, seed):  # without processors nothing runs between scores and choice
+            scores, s, outputs = first(ids, mask, allowed)
             s, chosen = pick(s, scores, seed)
             return s, {**outputs, **chosen}
 
-        def later_pick(ids, s, seed):
-            scores, s, outputs = later(ids, s)
+        def later_pick(ids, s, allowed, seed):
+            scores, s, outputs = later(ids, s, allowed)
             s, chosen = pick(s, scores, seed)
             return s, {**outputs, **chosen}
 
@@ -503,7 +543,8 @@ class TFGenerationMixin(GenerationDefaults):
             pieces = dict(first=first, later=later, pick=pick)
         else:
             pieces = dict(first=first_pick, later=later_pick)
-        fn = {name: self._compiled((B, T, d, name, bool(processors)), piece, store="_host_generation_fns")
+        masked = rules.prefix is not None
+        fn = {name: self._compiled((B, T, d, name, bool(processors), masked), piece, store="_host_generation_fns")
               for name, piece in pieces.items()}
         ids_t, mask_t = tf.constant(ids), tf.constant(mask)
         if streamer is not None:
@@ -511,7 +552,8 @@ class TFGenerationMixin(GenerationDefaults):
         seq, finished = [ids], np.zeros(B, bool)  # the rows so far, on the host
         state, kept = None, {}
         for step in range(d.max_new_tokens):
-            args = (ids_t, mask_t) if step == 0 else (ids_t, state)
+            allowed = rules.allowed(tf.constant(np.concatenate(seq, 1)), 1, V)  # (B, V) or None
+            args = (ids_t, mask_t, allowed) if step == 0 else (ids_t, state, allowed)
             if processors:
                 scores, state, outputs = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
@@ -529,6 +571,9 @@ class TFGenerationMixin(GenerationDefaults):
             if stops is not None:
                 real = np.concatenate([mask, np.ones((B, step + 1), np.int32)], 1)
                 finished = finished | stops.hits(np.concatenate(seq, 1), real, live)
+            if rules.criteria:  # the rows with the new token; the steps' scores so far when output_scores
+                finished = finished | rules.stopped(tf.constant(np.concatenate(seq, 1)), _so_far(kept, "scores"))
+            if stops is not None or rules.criteria:
                 state["finished"] = tf.constant(finished)
             if finished.all():
                 break
@@ -538,10 +583,10 @@ class TFGenerationMixin(GenerationDefaults):
 
     # ---------------------------------------------------------------------------------- beam search
     # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (after
-    # renormalize_logits) -> [host: stop strings on the candidates] -> update (finished hypotheses, running
-    # beams) -> feed. With return_dict_in_generate every running beam and finished hypothesis also carries
-    # the running beam (b * K + k) each of its tokens extended ("beam_index", "done_index", (B, K, N), -1
-    # past its end).
+    # renormalize_logits) -> [host: stop strings and stopping criteria on the candidates] -> update
+    # (finished hypotheses, running beams) -> feed. With return_dict_in_generate every running beam and
+    # finished hypothesis also carries the running beam (b * K + k) each of its tokens extended
+    # ("beam_index", "done_index", (B, K, N), -1 past its end).
     def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False):
         B, T = ids.shape
         K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
@@ -566,11 +611,12 @@ class TFGenerationMixin(GenerationDefaults):
         B, K, N = s["beams"].shape
         return tf.concat([tf.repeat(ids, K, axis=0), tf.reshape(s["beams"], (B * K, N))], 1)
 
-    def _beam_scores(self, ids, s, logits, d: Decoding):
-        """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams)."""
+    def _beam_scores(self, ids, s, logits, d: Decoding, allowed=None):
+        """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams); allowed (BK, V):
+        prefix_allowed_tokens_fn's mask from the host, or None."""
         T = ids.shape[1]
         return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
-                              T + s["step"], s["step"], d)
+                              T + s["step"], s["step"], d, allowed)
 
     def _beam_candidates(self, s, logprobs, d: Decoding):
         """The best C continuations per row: scores, parents, tokens and histories (B, C, N); "logprobs",
@@ -593,7 +639,8 @@ class TFGenerationMixin(GenerationDefaults):
 
     def _beam_update(self, s, c, stopped, d: Decoding):
         """Finished hypotheses and running beams after this step's candidates; `stopped` (B, C) marks
-        candidates that ended a stop string (the host's check; all False otherwise)."""
+        candidates that ended a stop string or that a stopping criterion stopped (the host's checks; all
+        False otherwise)."""
         K, C = d.num_beams, d.candidates
         step = s["step"]
         norms = _length_norms(d)
@@ -687,32 +734,39 @@ class TFGenerationMixin(GenerationDefaults):
         (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
         return self._beam_finish(state, d)
 
-    def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype):
+    def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype,
+                          rules: HostRules):
         del seed, streamer, out_dtype  # deterministic; check_extras refuses a streamer
         B, T = ids.shape
-        K, C = d.num_beams, d.candidates
+        K, C, V = d.num_beams, d.candidates, self.config.vocab_size
         pieces = {name: self._compiled((B, T, d, name), functools.partial(fn, d=d), store="_host_generation_fns")
-                  for name, fn in (("prefill", self._beam_prefill), ("scores", self._beam_scores),
-                                   ("candidates", self._beam_candidates), ("update", self._beam_update),
-                                   ("finish", self._beam_finish))}
+                  for name, fn in (("prefill", self._beam_prefill), ("candidates", self._beam_candidates),
+                                   ("update", self._beam_update), ("finish", self._beam_finish))}
         feed = self._compiled((B, T, d, "feed"), self._beam_feed, store="_host_generation_fns")
+        masked = rules.prefix is not None  # the scores taking prefix_allowed_tokens_fn's mask are kept apart
+        pieces["scores"] = self._compiled((B, T, d, "scores", masked), functools.partial(self._beam_scores, d=d),
+                                          store="_host_generation_fns")
         ids_t = tf.constant(ids)
         logits, state = pieces["prefill"](ids_t, tf.constant(mask))
         kept = {}
         for step in range(d.max_new_tokens):
             if step:
                 logits, state = feed(ids_t, state)
-            scores = pieces["scores"](ids_t, state, logits)
             seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
+            allowed = rules.allowed(seq, K, V)  # (BK, V): the running beams', batch_id = r // K
+            scores = pieces["scores"](ids_t, state, logits, allowed=allowed)
             c = pieces["candidates"](state, apply_processors(processors, seq, scores))
             for name, x in _step_outputs(d, logits, c.pop("logprobs", None)).items():
                 kept.setdefault(name, []).append(x)
             stopped = np.zeros((B, C), bool)
-            if stops is not None:  # each candidate: the row's prompt, its parent's tokens, its new token
+            if stops is not None or rules.criteria:  # each candidate: the prompt, its parent's tokens, its new one
                 prompt, real = np.repeat(ids[:, None], C, 1), np.repeat(mask[:, None], C, 1)
                 cand = np.concatenate([prompt, c["history"].numpy()[:, :, :step + 1]], 2).reshape(B * C, -1)
+            if stops is not None:
                 cand_real = np.concatenate([real, np.ones((B, C, step + 1), np.int32)], 2).reshape(B * C, -1)
                 stopped = stops.hits(cand, cand_real).reshape(B, C)
+            if rules.criteria:  # a stopped candidate finishes as an EOS one does (_beam_update)
+                stopped = stopped | rules.stopped(tf.constant(cand), _so_far(kept, "scores")).reshape(B, C)
             state = pieces["update"](state, c, tf.constant(stopped))
             if bool(tf.reduce_all(state["row_done"])):
                 break

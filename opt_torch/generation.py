@@ -2,10 +2,10 @@
 
 Decoding writes into a preallocated KVCache (no re-allocation per token); the one-token step has
 fixed shapes, so on a GPU `compile=True` lets torch.compile capture it (CUDA graphs); on the CPU the
-loop runs eagerly. The loop is on the host anyway, so logits processors, stop strings and streamers
-(Hugging Face's put/end protocol, CPU tensors as Hugging Face puts them, or a plain callable) cost
-nothing when they are not used, and PyTorch's fast path and host loop are one loop. `stream(...)`
-yields each step's tokens as they are produced.
+loop runs eagerly. The loop is on the host anyway, so logits processors, stop strings, stopping
+criteria, prefix_allowed_tokens_fn and streamers (Hugging Face's put/end protocol, CPU tensors as
+Hugging Face puts them, or a plain callable) cost nothing when they are not used, and PyTorch's fast
+path and host loop are one loop. `stream(...)` yields each step's tokens as they are produced.
 
 A step's scores (`step_scores`) take every rule of the spec in its order: sequence bias and bad words
 (a precomputed single-token bias vector, plus the longer sequences matched on each row's last
@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, apply_processors, as_streamer,
-                                 best_length, check_extras, check_prompt, length_norms, prompt_inputs,
-                                 transition_scores)
+from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
+                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
+                                 criteria_hits, length_norms, prompt_inputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
@@ -37,9 +37,10 @@ NEG_INF = float("-inf")
 class TokenRules:
     """The token ids of rules 0 and 3 as tensors, made once per generate call (a rule that is off is
     None and costs nothing per step). Sequence bias: the single-token biases as one (V,) vector, the
-    longer sequences grouped by length as (prefixes (E, n - 1), last tokens (E,), biases (E,))."""
+    longer sequences grouped by length as (prefixes (E, n - 1), last tokens (E,), biases (E,)).
+    prefix_fn: the call's prefix_allowed_tokens_fn (a row's batch_id is its index over num_beams)."""
 
-    def __init__(self, d: Decoding, V: int, device):
+    def __init__(self, d: Decoding, V: int, device, prefix_fn: Optional[Callable] = None):
         def ids(values):
             return torch.tensor(values, dtype=torch.long, device=device) if values else None
 
@@ -60,6 +61,7 @@ class TokenRules:
         self.forced_eos = ids(d.forced_eos_token_ids)
         self.suppress = ids(d.suppress_tokens)
         self.begin_suppress = ids(d.begin_suppress_tokens)
+        self.prefix_fn, self.num_beams, self.V = prefix_fn, d.num_beams, V
 
     def sequence_bias(self, scores: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """Rule 0: scores (R, V) plus each bias whose sequence the row (R, L) would complete."""
@@ -76,6 +78,12 @@ class TokenRules:
             rows, entries = match.nonzero(as_tuple=True)
             bias.index_put_((rows, last[entries]), values[entries], accumulate=True)
         return scores + bias
+
+    def allowed_mask(self, seq: torch.Tensor) -> torch.Tensor:
+        """prefix_allowed_tokens_fn's mask (R, V) float32, 0 or -inf (added, as Hugging Face adds it), for the
+        rows so far seq (R, L): asked on the host (opt_spec.generation.allowed_tokens), each row a 1-D tensor."""
+        allowed = allowed_tokens(self.prefix_fn, seq.unbind(0), self.num_beams, self.V)
+        return torch.from_numpy(np.where(allowed, np.float32(0), np.float32(NEG_INF))).to(seq.device)
 
 
 def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor,
@@ -94,6 +102,8 @@ def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torc
         scores = scores.masked_fill(ngram_bans(seq, real, d.no_repeat_ngram_size, V), NEG_INF)
     if rules.eos is not None and (L < d.min_length or step < d.min_new_tokens):
         scores = scores.index_fill(1, rules.eos, NEG_INF)
+    if rules.prefix_fn is not None:
+        scores = scores + rules.allowed_mask(seq)
     if rules.forced_bos is not None and L == 1:
         scores = torch.full_like(scores, NEG_INF).index_fill(1, rules.forced_bos, 0.0)
     if rules.forced_eos is not None and step == d.max_new_tokens - 1:
@@ -199,11 +209,17 @@ def _host(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
-def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tensor, live: torch.Tensor):
-    """(R,) bool: live rows whose last token completes a stop string (checked on the host)."""
-    if stops is None:
+def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tensor, live: torch.Tensor,
+               criteria=(), scores: Optional[tuple] = None):
+    """(R,) bool: live rows whose last token completes a stop string, or rows a stopping criterion says are
+    done (asked with the rows seq (R, L) and the steps' scores so far, or None); checked on the host."""
+    if stops is None and not criteria:
         return None
-    hits = stops.hits(seq.cpu().numpy(), real.cpu().numpy(), live.cpu().numpy())
+    hits = np.zeros(seq.shape[0], dtype=bool)
+    if stops is not None:
+        hits |= stops.hits(seq.cpu().numpy(), real.cpu().numpy(), live.cpu().numpy())
+    if criteria:
+        hits |= criteria_hits(criteria, seq, scores, seq.shape[0], _host)
     return torch.from_numpy(hits).to(seq.device)
 
 
@@ -285,18 +301,23 @@ class GenerationMixin(GenerationDefaults):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, compile: bool = False, **kwargs):
+                 streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
+                 compile: bool = False, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N); settings by Hugging
         Face's names as keywords (max_new_tokens, do_sample, num_beams, eos_token_id, ...) or in
         generation_config, defaults from model.generation_config; see opt_spec.generation. With
         return_dict_in_generate=True, the output record (GenerateDecoderOnlyOutput, or
-        GenerateBeamDecoderOnlyOutput for beam search) with the scores / logits asked for."""
+        GenerateBeamDecoderOnlyOutput for beam search) with the scores / logits asked for. stopping_criteria
+        and prefix_allowed_tokens_fn: Hugging Face's, called on the host each step (opt_spec.generation)."""
         input_ids, attention_mask, d = self._prepare(input_ids, attention_mask, generation_config, kwargs)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
+        host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn),
+                    prefix_fn=prefix_allowed_tokens_fn)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         record = _Record(d)
         if d.is_beam_search:
-            new, beam_scores, beam_indices = self._beam_search(input_ids, attention_mask, d, processors, stops, record)
+            new, beam_scores, beam_indices = self._beam_search(input_ids, attention_mask, d, processors, stops,
+                                                               record, **host)
             sequences = torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
             if not d.return_dict_in_generate:
                 return sequences
@@ -309,7 +330,7 @@ class GenerationMixin(GenerationDefaults):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         steps = []
-        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record):
+        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record, **host):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -328,22 +349,25 @@ class GenerationMixin(GenerationDefaults):
         return torch.from_numpy(out).to(sequences.device if isinstance(sequences, torch.Tensor) else "cpu")
 
     def stream(self, input_ids, attention_mask=None, generation_config=None, logits_processor=None,
-               tokenizer=None, compile: bool = False, **kwargs) -> Iterator[torch.Tensor]:
+               tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, compile: bool = False,
+               **kwargs) -> Iterator[torch.Tensor]:
         """Yields the (B * num_return_sequences,) tokens of each step as soon as they are chosen (greedy
         or sampling)."""
         input_ids, attention_mask, d = self._prepare(input_ids, attention_mask, generation_config, kwargs)
         if d.is_beam_search:
             raise ValueError("beam search cannot stream: the best beam is known only at the end (use num_beams=1)")
         processors = check_extras(d, logits_processor, None, tokenizer)
+        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         n = d.num_return_sequences
         with torch.no_grad():
             yield from self._decode(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), d,
-                                    compile, processors, stops)
+                                    compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn)
 
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
-                stops: Optional[StopStrings] = None, record: Optional[_Record] = None) -> Iterator[torch.Tensor]:
+                stops: Optional[StopStrings] = None, record: Optional[_Record] = None, criteria=(),
+                prefix_fn: Optional[Callable] = None) -> Iterator[torch.Tensor]:
         B, T = input_ids.shape
         N, V = d.max_new_tokens, self.config.vocab_size
         L, device = T + N, input_ids.device
@@ -358,7 +382,7 @@ class GenerationMixin(GenerationDefaults):
             generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
         seen = _prompt_seen(input_ids, attention_mask, V) if d.repetition_penalty != 1.0 else None
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
-        rules = TokenRules(d, V, device)
+        rules = TokenRules(d, V, device, prefix_fn)
         step_fn = self._step_fn(compile)
         logits = self._last_logits(input_ids, mask, cache)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -375,7 +399,8 @@ class GenerationMixin(GenerationDefaults):
             seq[:, now] = tokens
             mask[:, now] = 1
             yield tokens
-            hits = _stop_hits(stops, seq[:, :now + 1], mask[:, :now + 1], ~finished)
+            hits = _stop_hits(stops, seq[:, :now + 1], mask[:, :now + 1], ~finished, criteria,
+                              record.scores if record is not None else None)
             finished |= torch.isin(tokens, eos)
             if hits is not None:
                 finished |= hits
@@ -387,7 +412,8 @@ class GenerationMixin(GenerationDefaults):
 
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(), stops: Optional[StopStrings] = None,
-                     record: Optional[_Record] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     record: Optional[_Record] = None, criteria=(), prefix_fn: Optional[Callable] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's num_return_sequences best hypotheses, best first: their new tokens (B * n, M), their
         normalized scores (B * n,) and their beam indices (B * n, M): the running beam, b * K + k, that
         each token extended at its step (-1 past the hypothesis's end; Hugging Face's beam_indices)."""
@@ -403,7 +429,7 @@ class GenerationMixin(GenerationDefaults):
         logits = self._last_logits(prompt, mask, cache)
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
-        rules = TokenRules(d, V, device)
+        rules = TokenRules(d, V, device, prefix_fn)
         norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats
 
         scores = torch.full((B, K), NEG_INF, device=device)
@@ -429,13 +455,14 @@ class GenerationMixin(GenerationDefaults):
             lineage = torch.gather(origin, 1, parent[..., None].expand(B, C, N)).clone()
             lineage[:, :, step] = rows[:, None] * K + parent
             stopped = torch.isin(token, eos)
-            if stops is not None:
+            if stops is not None or criteria:  # asked of every candidate: the beams extended by their token
                 cand_seq = torch.cat([prompt.view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
                                       history[:, :, :step + 1]], 2).view(B * C, T + step + 1)
                 cand_real = torch.cat([mask[:, :T].view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
                                        torch.ones(B, C, step + 1, dtype=torch.long, device=device)], 2)
                 stopped |= _stop_hits(stops, cand_seq, cand_real.view(B * C, -1),
-                                      torch.ones(B * C, dtype=torch.bool)).view(B, C)
+                                      torch.ones(B * C, dtype=torch.bool), criteria,
+                                      record.scores if record is not None else None).view(B, C)
             # finished candidates: stopped among the first K, scored by their length-normalized sum
             finishing = stopped & (rank < K) & ~row_done[:, None] & torch.isfinite(cand_scores)
             normalized = torch.where(finishing, cand_scores / norms[step], NEG_INF)

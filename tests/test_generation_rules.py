@@ -30,13 +30,14 @@ def hf():
     return hf_model()
 
 
-def hf_processors(hf, settings: dict, prompt_length: int, max_new_tokens: int):
+def hf_processors(hf, settings: dict, prompt_length: int, max_new_tokens: int, prefix_allowed_tokens_fn=None):
     """The LogitsProcessorList Hugging Face's generate builds for these settings."""
     config = transformers.GenerationConfig(**{"eos_token_id": EOS, "pad_token_id": 1, **settings,
                                               "max_length": prompt_length + max_new_tokens})
     hf._prepare_special_tokens(config, device="cpu")
     return hf._get_logits_processor(config, input_ids_seq_length=prompt_length,
                                     encoder_input_ids=torch.zeros(1, prompt_length, dtype=torch.long),
+                                    prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
                                     logits_processor=transformers.LogitsProcessorList(), device="cpu")
 
 
@@ -254,3 +255,30 @@ def test_beam_search_reference_stops_as_hugging_face_does(hf, early_stopping, le
     if length_penalty == 1.0 and len([k for k in OUTCOMES if k[0] == 1.0]) == 3:  # the setting matters
         a, b, c = (OUTCOMES[1.0, e] for e in (False, True, "never"))
         assert a != b and a != c and b != c
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prefix_allowed_tokens_sit_where_hugging_face_puts_them(hf, beams):
+    """allowed_tokens + reference_scores(allowed=) against Hugging Face's PrefixConstrainedLogitsProcessor in its
+    list, with rules before it (bias, min_length) and after it (forced EOS at the last step, suppression): the
+    batch_id is the row's index over num_beams."""
+    def fn(batch_id, row):
+        return [int(row[-1]) % V, (int(row[-1]) + 3 + batch_id) % V, 2, 11]
+
+    settings = dict(sequence_bias={(11,): 2.0}, min_length=T + 2, forced_eos_token_id=[7], suppress_tokens=[11],
+                    num_beams=beams)
+    for step in range(3):
+        tokens, logits = rows(step, R=4, L=T + step)
+        want = hf_processors(hf, settings, T, 3, prefix_allowed_tokens_fn=fn)(torch.from_numpy(tokens),
+                                                                               torch.from_numpy(logits)).numpy()
+        allowed = gen.allowed_tokens(fn, list(tokens), beams, V)
+        got = gen.reference_scores(logits, tokens, np.ones_like(tokens), ours(settings, T, 3), T, allowed=allowed)
+        assert same(got, want), step
+
+
+def test_criteria_hits_reads_a_bool_per_row_or_one_bool():
+    ids = np.array([[3, 4], [5, 6]])
+    assert gen.criteria_hits([lambda i, s: i[:, -1] == 6], ids, None, 2, np.asarray).tolist() == [False, True]
+    assert gen.criteria_hits([lambda i, s: False, lambda i, s: True], ids, None, 2, np.asarray).tolist() == [True, True]
+    with pytest.raises(ValueError, match=r"stopping_criteria\[0\] returned float64 of shape \(2,\)"):
+        gen.criteria_hits([lambda i, s: np.zeros(2)], ids, None, 2, np.asarray)

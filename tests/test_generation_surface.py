@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from opt_spec import generation as gen
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -222,3 +223,112 @@ def test_min_length_holds_under_the_length_penalty(models, backend):
         new = tokens_of(run(models, backend, **settings, **extra))[:, T:]
         assert not np.isin(new[:, :3], eos).any(), (extra, new)
         assert np.isin(new[:, 3], eos).all(), (extra, new)  # boosted 3 ** 3 - 1 times: they end right after
+
+
+# ------------------------------------------------------- stopping_criteria and prefix_allowed_tokens_fn
+def host_ints(x) -> np.ndarray:
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x).astype(np.int64)
+
+
+class LastTokenIn:
+    """A stopping criterion: a row is done when its last token is one of `ids` (called with the backend's
+    arrays, like Hugging Face's StoppingCriteria with torch's); records what it was given."""
+
+    def __init__(self, ids, backend_result):
+        self.ids, self.make, self.calls = list(ids), backend_result, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        rows = host_ints(input_ids)
+        self.calls.append((rows.shape, None if scores is None else len(scores)))
+        return self.make(np.isin(rows[:, -1], self.ids))
+
+
+def allow_after(free):
+    """prefix_allowed_tokens_fn: each batch row may take only a few tokens depending on its last token and
+    batch_id (a different set per row, so the batch_id matters)."""
+    pool = sorted({int(t) for t in free.ravel()})
+
+    def fn(batch_id, row):
+        last = int(host_ints(row)[-1])
+        start = (last + 7 * batch_id) % len(pool)
+        return [pool[(start + j) % len(pool)] for j in range(3)]
+    return fn
+
+
+def as_backend_bool(backend):
+    if backend == "torch":
+        return lambda x: torch.from_numpy(x)
+    if backend == "tf":
+        import tensorflow as tf
+        return lambda x: tf.constant(x)
+    import jax.numpy as jnp
+    return lambda x: jnp.asarray(x)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beams"])
+def test_stopping_criteria_and_prefix_allowed_tokens_give_hugging_faces_tokens(models, hf, backend, cases, search):
+    free = reference(hf, max_new_tokens=8, eos_token_id=None, no_repeat_ngram_size=1).numpy()[:, T:]
+    settings = dict(max_new_tokens=7, eos_token_id=CONFIG.eos_token_id, **OUTPUTS)  # never allowed: rows end by
+    if search == "beams":                                                           # the criterion alone
+        settings.update(num_beams=3, num_return_sequences=2)
+    fn = allow_after(free)
+    stop = sorted({int(t) for t in free[:, :3].ravel()})[:4]
+    mine = LastTokenIn(stop, as_backend_bool(backend))
+    theirs = LastTokenIn(stop, lambda x: torch.from_numpy(x))
+    out = run(models, backend, **settings, stopping_criteria=[mine], prefix_allowed_tokens_fn=fn)
+    want = reference(hf, **settings, stopping_criteria=transformers.StoppingCriteriaList([theirs]),
+                     prefix_allowed_tokens_fn=lambda b, row: fn(b, row))
+    np.testing.assert_array_equal(tokens_of(out), want.sequences.numpy())
+    done = np.zeros(IDS.shape[0], bool)
+    for s in range(len(want.scores) if search == "greedy" else 0):  # rows still running (as above)
+        assert close(to_numpy(out.scores)[s][~done], want.scores[s].numpy()[~done]), s
+        done |= np.isin(want.sequences.numpy()[:, T + s], stop)
+    assert mine.calls == theirs.calls                   # the same rows and scores handed to the criterion
+    plain = reference(hf, **{k: v for k, v in settings.items() if k not in OUTPUTS})
+    assert not np.array_equal(plain.numpy(), want.sequences.numpy())  # the rules changed the tokens
+    if search == "beams":
+        np.testing.assert_allclose(to_numpy(out.sequences_scores), want.sequences_scores.numpy(), atol=2e-4)
+
+
+def test_prefix_allowed_tokens_while_sampling_gives_each_drawn_row_its_batch_id(models, hf, backend):
+    free = reference(hf, max_new_tokens=8, eos_token_id=None, no_repeat_ngram_size=1).numpy()[:, T:]
+    fn = allow_after(free)
+    seen = []
+
+    def recording(batch_id, row):
+        seen.append(batch_id)
+        return fn(batch_id, row)
+
+    out = tokens_of(run(models, backend, max_new_tokens=4, do_sample=True, num_return_sequences=2, seed=3,
+                        eos_token_id=None, prefix_allowed_tokens_fn=recording))
+    assert sorted(set(seen)) == list(range(2 * IDS.shape[0]))  # Hugging Face's batch_id: the drawn row
+    for r in range(out.shape[0]):
+        for s in range(4):
+            assert out[r, T + s] in fn(r, out[r, :T + s]), (r, s)
+
+
+def test_a_criterion_returning_one_bool_stops_every_row(models, hf, backend):
+    calls = []
+
+    def after_three(input_ids, scores):
+        calls.append(host_ints(input_ids).shape[1])
+        return host_ints(input_ids).shape[1] >= T + 3
+
+    out = tokens_of(run(models, backend, max_new_tokens=8, eos_token_id=None, stopping_criteria=[after_three]))
+    want = reference(hf, max_new_tokens=8, eos_token_id=None,
+                     stopping_criteria=transformers.StoppingCriteriaList([lambda ids, scores: ids.shape[1] >= T + 3]))
+    np.testing.assert_array_equal(out, want.numpy())
+    assert out.shape[1] == T + 3 and calls == [T + 1, T + 2, T + 3]
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(stopping_criteria=[3]), TypeError, r"stopping_criteria\[0\] is a int"),
+    (dict(prefix_allowed_tokens_fn="abc"), TypeError, "prefix_allowed_tokens_fn is a str"),
+    (dict(prefix_allowed_tokens_fn=lambda b, row: []), ValueError, "returned no token for batch_id 0"),
+    (dict(prefix_allowed_tokens_fn=lambda b, row: [V + 3]), ValueError, f"token id {V + 3} for batch_id 0"),
+    (dict(stopping_criteria=[lambda ids, scores: np.zeros((5,), bool)]), ValueError,
+     r"stopping_criteria\[0\] returned bool of shape \(5,\)"),
+])
+def test_bad_host_rules_are_refused_by_name(models, backend, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        run(models, backend, max_new_tokens=2, **kwargs)

@@ -192,6 +192,31 @@ def test_streamer_and_outputs_together(checkpoints):
                        plain[:, 9:])
 
 
+def test_stream_takes_stopping_criteria_and_prefix_allowed_tokens(checkpoints):
+    """stream with both host rules yields generate's tokens: each row keeps to its allowed tokens, and a row
+    the criterion stops is padded from the next step on."""
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids, mask = prompts(VARIANTS["pre_ln"])
+
+    def allowed(batch_id, row):  # three tokens, shifting with the row and its last token
+        return [(int(row[-1]) + batch_id + j) % 40 + 5 for j in range(3)]
+
+    def stop(input_ids, scores):  # rows whose last token is even end there
+        return input_ids[:, -1] % 2 == 0
+
+    kwargs = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=1, stopping_criteria=[stop],
+                  prefix_allowed_tokens_fn=allowed)
+    out = model.generate(ids, mask, **kwargs)
+    new = torch.stack(list(model.stream(ids, mask, **kwargs)), 1)
+    assert torch.equal(new, out[:, 9:]) and new.shape[1] < 6           # every row stopped early
+    for b in range(out.shape[0]):
+        ends = [s for s in range(new.shape[1]) if new[b, s] % 2 == 0]
+        assert ends, b
+        for s in range(ends[0] + 1):
+            assert int(new[b, s]) in allowed(b, out[b, :9 + s]), (b, s)
+        assert (new[b, ends[0] + 1:] == 1).all(), b
+
+
 def _close(a, b, atol=1e-5) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.array_equal(np.isneginf(a), np.isneginf(b)) and np.array_equal(np.isposinf(a), np.isposinf(b)) \
