@@ -50,7 +50,8 @@ from jax import lax
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, length_norms, needs_host, prompt_inputs, transition_scores)
+                                 criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
+                                 prompt_inputs, single_token_bias, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -114,22 +115,19 @@ def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_
 
 def bias_sequences(scores: jax.Array, seq: jax.Array, now, entries) -> jax.Array:
     """Rule 0 on scores (R, V): `entries` ((token ids, bias), ...) (static; bad words included as -inf).
-    A one-token entry's bias is a constant vector; a longer one's is added to its last token where the
-    row's tokens before position `now` (traced) end with the rest of it. seq (R, L): the rows, pads
-    included (Hugging Face matches them). Reference: opt_spec.generation.sequence_bias_table."""
+    The one-token entries' bias is a constant vector (opt_spec's single_token_bias); a longer one's is added
+    to its last token where the row's tokens before position `now` (traced) end with the rest of it
+    (opt_spec's longer_sequences, packed for one match). seq (R, L): the rows, pads included (Hugging Face
+    matches them). Reference: opt_spec.generation.sequence_bias_table."""
     R, V = scores.shape
-    single = np.zeros(V, np.float32)
-    for ids, value in entries:
-        if len(ids) == 1:
-            single[ids[0]] = value
-    bias = jnp.broadcast_to(jnp.asarray(single), (R, V))
-    for ids, value in entries:
-        n = len(ids)
-        if n == 1 or n - 1 > seq.shape[1]:  # a prefix longer than the rows can be never matches
-            continue
-        tail = lax.dynamic_slice_in_dim(seq, now - (n - 1), n - 1, axis=1)         # (R, n - 1)
-        match = jnp.all(tail == jnp.asarray(ids[:-1], seq.dtype), -1) & (now >= n)  # the row holds n tokens
-        bias = bias.at[:, ids[-1]].add(jnp.where(match, jnp.float32(value), jnp.float32(0)))
+    bias = jnp.broadcast_to(jnp.asarray(single_token_bias(entries, V)), (R, V))
+    longer = longer_sequences(entries, seq.shape[1])
+    if longer is not None:
+        P = longer.rest.shape[1]
+        tail = jnp.take(seq, jnp.maximum(now - P + jnp.arange(P), 0), axis=1)          # (R, P) the last P
+        match = jnp.all((tail[:, None, :] == longer.rest) | (longer.rest < 0), -1)    # (R, M)
+        match &= now >= jnp.asarray(longer.length)                                      # the row holds them all
+        bias = bias.at[:, longer.last].add(jnp.where(match, jnp.asarray(longer.bias), jnp.float32(0)))
     return scores + bias
 
 
@@ -158,9 +156,8 @@ def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new
         big = np.finfo(np.float32).max
         x = jnp.where(jnp.isnan(x), 0.0, jnp.where(x == jnp.inf, big, jnp.where(x == -jnp.inf, -big, x)))
     if rules.exponential_decay is not None and eos_token_ids is not None:
-        start, factor = rules.exponential_decay
-        boost = np.array([factor ** (s - start) - 1 if s > start else 0 for s in range(max_new_tokens)], np.float32)
-        boosted = x + jnp.abs(x) * jnp.asarray(boost)[step]
+        start = rules.exponential_decay[0]
+        boosted = x + jnp.abs(x) * jnp.asarray(decay_growth(rules.exponential_decay, max_new_tokens))[step]
         eos = _is_eos(jnp.arange(V, dtype=jnp.int32), eos_token_ids)
         banned = x <= np.finfo(np.float32).min  # -inf, or what remove_invalid_values made of it
         x = jnp.where(eos & (step > start) & ~banned, boosted, x)  # a banned EOS stays banned

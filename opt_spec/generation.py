@@ -2,8 +2,9 @@
 the rules of a decoding step. Hugging Face transformers 4.57's names and meanings throughout.
 
 `model.generate(input_ids, attention_mask=None, generation_config=None, logits_processor=None,
-streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **settings)` takes a left-padded batch of prompts (B, T) and returns the
-prompts followed by the new tokens, (B * num_return_sequences, T + N), as the backend's own array type.
+streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **settings)` takes a
+left-padded batch of prompts (B, T) and returns the prompts followed by the new tokens,
+(B * num_return_sequences, T + N), as the backend's own array type.
 N is the number of decoding steps actually taken: at most the length limit, fewer when every row
 finished early (greedy and sampling), or the longest returned hypothesis (beam search).
 
@@ -136,7 +137,7 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -820,21 +821,69 @@ def banned_by_ngrams(tokens: np.ndarray, real: np.ndarray, n: int, vocab_size: i
     return banned
 
 
+def single_token_bias(sequence_bias, vocab_size: int) -> np.ndarray:
+    """Rule 0's one-token entries as one (V,) float32 vector (a dict holds each sequence once: set, not added)."""
+    bias = np.zeros(vocab_size, dtype=np.float32)
+    for ids, value in sequence_bias:
+        if len(ids) == 1:
+            bias[ids[0]] = value
+    return bias
+
+
+class LongerSequences(NamedTuple):
+    """Rule 0's entries of two tokens or more, packed for a vectorized match: rest (M, P) int32, each entry's
+    tokens but its last, right-aligned and padded on the left with -1 (matches anything); last (M,) int32,
+    bias (M,) float32, length (M,) int32 (a row must hold at least that many tokens)."""
+    rest: np.ndarray
+    last: np.ndarray
+    bias: np.ndarray
+    length: np.ndarray
+
+
+def longer_sequences(sequence_bias, max_length: int) -> LongerSequences | None:
+    """The entries of 2..max_length tokens (a longer one cannot match a row of max_length), or None."""
+    entries = [(ids, value) for ids, value in sequence_bias if 1 < len(ids) <= max_length]
+    if not entries:
+        return None
+    P = max(len(ids) for ids, _ in entries) - 1
+    rest = np.full((len(entries), P), -1, np.int32)
+    for m, (ids, _) in enumerate(entries):
+        rest[m, P - len(ids) + 1:] = ids[:-1]
+    return LongerSequences(rest, np.array([ids[-1] for ids, _ in entries], np.int32),
+                           np.array([value for _, value in entries], np.float32),
+                           np.array([len(ids) for ids, _ in entries], np.int32))
+
+
+def longer_matches(tail: np.ndarray, length: int, longer: LongerSequences) -> np.ndarray:
+    """(R, M) bool: which rows end with which entry's rest; tail (R, P): each row's last P tokens (any value
+    where the row is shorter), length: the rows' length."""
+    return ((tail[:, None, :] == longer.rest) | (longer.rest < 0)).all(-1) & (length >= longer.length)
+
+
 def sequence_bias_table(tokens: np.ndarray, sequence_bias, vocab_size: int) -> np.ndarray:
     """Rule 0: (R, V) float32, the bias added to each next token of rows `tokens` (R, L) (prompt pads
     included, as Hugging Face matches them): a one-token sequence's bias always, a longer one's when the
     row ends with all of it but its last token (and the row holds at least as many tokens as it)."""
     tokens = np.asarray(tokens)
     R, L = tokens.shape
-    bias = np.zeros((R, vocab_size), dtype=np.float32)
-    for ids, value in sequence_bias:
-        if len(ids) == 1:
-            bias[:, ids[0]] = value  # single tokens: the bias is set (a dict holds each once)
-    for ids, value in sequence_bias:
-        if 1 < len(ids) <= L:
-            match = (tokens[:, L - len(ids) + 1:] == np.asarray(ids[:-1])).all(-1)
-            bias[match, ids[-1]] += np.float32(value)
+    bias = np.tile(single_token_bias(sequence_bias, vocab_size), (R, 1))
+    longer = longer_sequences(sequence_bias, L)
+    if longer is not None:
+        P = longer.rest.shape[1]
+        match = longer_matches(tokens[:, L - P:], L, longer)                  # (R, M)
+        for m in range(len(longer.last)):
+            bias[match[:, m], longer.last[m]] += longer.bias[m]
     return bias
+
+
+def decay_growth(exponential_decay: tuple[int, float], max_new_tokens: int) -> np.ndarray:
+    """exponential_decay_length_penalty (start, factor) per step: (N,) float32, factor ** (step - start) - 1
+    after step start, 0 before (computed in float64, rounded once), so every backend adds the same value."""
+    start, factor = exponential_decay
+    steps = np.arange(max_new_tokens)
+    with np.errstate(over="ignore"):
+        growth = np.where(steps > start, np.power(np.float64(factor), steps - start) - 1, 0)
+    return growth.astype(np.float32)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -932,10 +981,9 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
         big = np.finfo(np.float32).max
         x = np.where(np.isnan(x), 0, np.where(x == np.inf, big, np.where(x == -np.inf, -big, x)))
     if d.exponential_decay is not None and eos and step > d.exponential_decay[0]:  # 3d
-        start, factor = d.exponential_decay
         x, scores = x.copy(), x[:, eos]
         with np.errstate(invalid="ignore", over="ignore"):
-            boosted = scores + np.abs(scores) * np.float32(factor ** (step - start) - 1)
+            boosted = scores + np.abs(scores) * decay_growth(d.exponential_decay, d.max_new_tokens)[step]
         x[:, eos] = np.where(scores > np.finfo(np.float32).min, boosted, scores)  # a banned EOS stays banned
     if d.suppress_tokens:                                                          # 3e
         x = x.copy()

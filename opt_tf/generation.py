@@ -41,8 +41,8 @@ import tensorflow as tf
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, length_norms, needs_host, prompt_inputs, sequence_bias_table,
-                                 transition_scores)
+                                 criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
+                                 prompt_inputs, single_token_bias, transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -84,25 +84,21 @@ def ngram_bans(seq: tf.Tensor, real: tf.Tensor, now: tf.Tensor, n: int) -> tf.Te
 
 
 def sequence_bias(seq: tf.Tensor, now: tf.Tensor, d: Decoding, V: int) -> tf.Tensor:
-    """Rule 0 as the (R, V) float32 bias to add: the one-token entries' vector, precomputed (opt_spec's
-    sequence_bias_table of a row with no tokens), plus each longer entry's bias on its last token where the
-    row's last tokens before `now` (pads included) are the rest of it."""
+    """Rule 0 as the (R, V) float32 bias to add: the one-token entries' vector (opt_spec's
+    single_token_bias), plus each longer entry's bias on its last token where the row's last tokens before
+    `now` (pads included) are the rest of it (opt_spec's longer_sequences, packed for one match)."""
     R, L = seq.shape
-    single = sequence_bias_table(np.zeros((1, 0), np.int32), d.sequence_bias, V)[0]     # (V,)
-    bias = tf.broadcast_to(tf.constant(single), (R, V))
-    longer = [(ids, value) for ids, value in d.sequence_bias if 1 < len(ids) <= L]
-    if not longer:
+    bias = tf.broadcast_to(tf.constant(single_token_bias(d.sequence_bias, V)), (R, V))
+    longer = longer_sequences(d.sequence_bias, L)
+    if longer is None:
         return bias
-    M, P = len(longer), max(len(ids) for ids, _ in longer) - 1      # entries, the longest rest
-    rest = np.full((M, P), -1, np.int32)                             # each entry's rest, right-aligned
-    for m, (ids, _) in enumerate(longer):
-        rest[m, P - len(ids) + 1:] = ids[:-1]
+    M, P = longer.rest.shape
     tail = tf.gather(seq, tf.maximum(now - P + tf.range(P), 0), axis=1)                 # (R, P) the last P
-    match = tf.reduce_all(tf.equal(tail[:, None, :], rest) | (rest < 0), -1)            # (R, M)
-    match &= now >= tf.constant([len(ids) for ids, _ in longer])  # the row holds at least the entry's length
-    values = tf.where(match, tf.constant([value for _, value in longer], tf.float32), 0.0)
+    match = tf.reduce_all(tf.equal(tail[:, None, :], longer.rest) | (longer.rest < 0), -1)  # (R, M)
+    match &= now >= tf.constant(longer.length)  # the row holds at least the entry's length
+    values = tf.where(match, tf.constant(longer.bias), 0.0)
     rows = tf.broadcast_to(tf.range(R)[:, None], (R, M))
-    last = tf.broadcast_to(tf.constant([ids[-1] for ids, _ in longer])[None, :], (R, M))
+    last = tf.broadcast_to(tf.constant(longer.last)[None, :], (R, M))
     index = tf.reshape(tf.stack([rows, last], axis=-1), (R * M, 2))
     return tf.tensor_scatter_nd_add(bias, index, tf.reshape(values, [-1]))
 
@@ -129,13 +125,10 @@ def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding,
     if d.remove_invalid_values:
         scores = tf.where(tf.math.is_nan(scores), 0.0, tf.clip_by_value(scores, -FLOAT32_MAX, FLOAT32_MAX))
     if d.exponential_decay is not None and eos is not None:
-        start, factor = d.exponential_decay
-        with np.errstate(over="ignore"):  # factor ** (step - start) - 1 per step, rounded once to float32
-            growth = np.power(np.float64(factor), np.arange(d.max_new_tokens) - start) - 1
-        growth = tf.gather(tf.constant(growth.astype(np.float32)), step)
+        growth = tf.gather(tf.constant(decay_growth(d.exponential_decay, d.max_new_tokens)), step)
         boosted = scores + tf.abs(scores) * growth
-        decays = (step > start) & eos[None, :] & (scores > -FLOAT32_MAX)  # a banned EOS stays banned (-inf, or
-        # what remove_invalid_values made of it)
+        # a banned EOS stays banned (-inf, or what remove_invalid_values made of it)
+        decays = (step > d.exponential_decay[0]) & eos[None, :] & (scores > -FLOAT32_MAX)
         scores = tf.where(decays, boosted, scores)
     if d.suppress_tokens:
         scores = tf.where(_vocab_mask(d.suppress_tokens, V)[None, :], NEG_INF, scores)

@@ -26,7 +26,8 @@ import torch
 
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, length_norms, prompt_inputs, transition_scores)
+                                 criteria_hits, decay_growth, length_norms, longer_sequences, prompt_inputs,
+                                 single_token_bias, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
@@ -36,26 +37,21 @@ NEG_INF = float("-inf")
 # ------------------------------------------------------------------------------- one step's rules
 class TokenRules:
     """The token ids of rules 0 and 3 as tensors, made once per generate call (a rule that is off is
-    None and costs nothing per step). Sequence bias: the single-token biases as one (V,) vector, the
-    longer sequences grouped by length as (prefixes (E, n - 1), last tokens (E,), biases (E,)).
+    None and costs nothing per step). Sequence bias: the single-token biases as one (V,) vector
+    (opt_spec's single_token_bias), the longer sequences packed for one match (longer_sequences).
     prefix_fn: the call's prefix_allowed_tokens_fn (a row's batch_id is its index over num_beams)."""
 
     def __init__(self, d: Decoding, V: int, device, prefix_fn: Optional[Callable] = None):
         def ids(values):
             return torch.tensor(values, dtype=torch.long, device=device) if values else None
 
-        single = [(seq[0], bias) for seq, bias in d.sequence_bias if len(seq) == 1]
         self.single_bias = None
-        if single:
-            self.single_bias = torch.zeros(V, device=device)
-            self.single_bias[[i for i, _ in single]] = torch.tensor([b for _, b in single], device=device)
-        groups: dict[int, list] = {}
-        for seq, bias in d.sequence_bias:
-            if len(seq) > 1:
-                groups.setdefault(len(seq), []).append((seq, bias))
-        self.longer = {n: (torch.tensor([s[:-1] for s, _ in group], dtype=torch.long, device=device),
-                           torch.tensor([s[-1] for s, _ in group], dtype=torch.long, device=device),
-                           torch.tensor([b for _, b in group], device=device)) for n, group in groups.items()}
+        if any(len(seq) == 1 for seq, _ in d.sequence_bias):
+            self.single_bias = torch.from_numpy(single_token_bias(d.sequence_bias, V)).to(device)
+        longer = longer_sequences(d.sequence_bias, max((len(seq) for seq, _ in d.sequence_bias), default=0))
+        self.longer = None if longer is None else [torch.from_numpy(a).to(device=device) for a in longer]
+        self.decay = (decay_growth(d.exponential_decay, d.max_new_tokens).tolist()
+                      if d.exponential_decay is not None else None)  # per step, float32 values as Python floats
         self.eos = ids(d.eos_token_ids)
         self.forced_bos = ids([d.forced_bos_token_id] if d.forced_bos_token_id is not None else [])
         self.forced_eos = ids(d.forced_eos_token_ids)
@@ -67,16 +63,13 @@ class TokenRules:
         """Rule 0: scores (R, V) plus each bias whose sequence the row (R, L) would complete."""
         if self.single_bias is not None:
             scores = scores + self.single_bias
-        if not self.longer:
+        if self.longer is None:
             return scores
-        R, L = seq.shape
-        bias = torch.zeros_like(scores)
-        for n, (prefixes, last, values) in self.longer.items():
-            if n > L:
-                continue
-            match = (seq[:, None, L - n + 1:] == prefixes).all(-1)        # (R, E): the row ends with the prefix
-            rows, entries = match.nonzero(as_tuple=True)
-            bias.index_put_((rows, last[entries]), values[entries], accumulate=True)
+        rest, last, values, length = self.longer
+        L, P = seq.shape[1], rest.shape[1]
+        tail = seq[:, L - P:] if L >= P else torch.nn.functional.pad(seq, (P - L, 0), value=-1)  # (R, P)
+        match = ((tail[:, None, :] == rest) | (rest < 0)).all(-1) & (L >= length)           # (R, M)
+        bias = torch.zeros_like(scores).index_add_(1, last.long(), torch.where(match, values, 0.0))
         return scores + bias
 
     def allowed_mask(self, seq: torch.Tensor) -> torch.Tensor:
@@ -112,9 +105,8 @@ def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torc
         big = torch.finfo(scores.dtype).max
         scores = torch.nan_to_num(scores, nan=0.0, posinf=big, neginf=-big)
     if d.exponential_decay is not None and rules.eos is not None and step > d.exponential_decay[0]:
-        start, factor = d.exponential_decay
         eos = scores[:, rules.eos]
-        boosted = eos + eos.abs() * float(np.float32(factor ** (step - start) - 1))
+        boosted = eos + eos.abs() * rules.decay[step]
         banned = eos <= torch.finfo(torch.float32).min  # -inf, or what remove_invalid_values made of it
         scores = scores.index_copy(1, rules.eos, torch.where(banned, eos, boosted))  # a banned EOS stays banned
     if rules.suppress is not None:
