@@ -29,9 +29,12 @@ drawn from numpy's default_rng([seed, e]), so a resumed run sees exactly the bat
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import re
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -54,36 +57,42 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise DataError(path, None, "no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+MAX_LINE_BYTES = 1 << 26  # one JSONL line, one example: 64 MiB (a whole book fits; a line of a GB does not)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file; errors name file and line."""
+    """(line number, object) for each non-blank line of a JSONL file (lines end at \\n), read one line at
+    a time; errors name file and line."""
     path = os.fspath(path)
-    text = _read_text(path)
-    seen = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line, parse_constant=_no_constant)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
-        except RecursionError:  # the C parser recurses per bracket
-            raise DataError(path, number, "invalid JSON (nested too deep)") from None
-        except ValueError as err:  # NaN / Infinity, an integer of over 4300 digits
-            raise DataError(path, number, f"invalid JSON ({err})") from None
-        if not isinstance(obj, dict):
-            raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
-        seen = True
-        yield number, obj
+    if not os.path.isfile(path):
+        raise DataError(path, None, "no such file")
+    seen, start = False, 0
+    with open(path, "rb") as f:
+        for number in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(path, number, f"a line of over {MAX_LINE_BYTES:,} bytes (one example per line)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, number, f"not UTF-8 text ({err.reason} at byte {start + err.start})") from None
+            start += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line, parse_constant=_no_constant)
+            except json.JSONDecodeError as err:
+                raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:  # the C parser recurses per bracket
+                raise DataError(path, number, "invalid JSON (nested too deep)") from None
+            except ValueError as err:  # NaN / Infinity, an integer of over 4300 digits
+                raise DataError(path, number, f"invalid JSON ({err})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+            seen = True
+            yield number, obj
     if not seen:
         raise DataError(path, None, "empty file (no JSON lines)")
 
@@ -110,13 +119,35 @@ def _field(obj: dict, key: str, kind, path: str, line: int, what: str):
 
 
 # ------------------------------------------------------------------------------------------ datasets
+class Ragged(SequenceABC):
+    """Token-id rows of varied lengths in one array (2 or 4 bytes a token instead of a Python int's 36):
+    rows[i] is a list, `array(i)` a view."""
+
+    def __init__(self, rows: Iterable[Sequence[int]], dtype=np.uint32):
+        arrays = [np.asarray(r, dtype=dtype).reshape(-1) for r in rows]
+        self.ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        self.ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.array(range(len(self))[i]).tolist()
+
+    def array(self, i: int) -> np.ndarray:
+        return self.ids[(self.ends[i - 1] if i else 0):self.ends[i]]
+
+
 @dataclass
 class Dataset:
-    """Examples of one task: `rows` are token-id lists, `targets` per example, `meta` per example
-    (for question answering: what evaluation needs). `collate(indices)` makes one NumPy batch."""
+    """Examples of one task: `rows` are token-id rows (lists, or Ragged / Blocks: compact arrays that give
+    lists), `targets` per example, `meta` per example (for question answering: what evaluation needs).
+    `collate(indices)` makes one NumPy batch."""
 
     task: str
-    rows: list[list[int]]
+    rows: Sequence[Sequence[int]]
     targets: list = field(default_factory=list)
     meta: list = field(default_factory=list)
     pad_token_id: int = 1
@@ -125,14 +156,19 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def row(self, i: int) -> np.ndarray | Sequence[int]:
+        """Example i's token ids (a view of the compact array when there is one)."""
+        array = getattr(self.rows, "array", None)
+        return array(int(i)) if array is not None else self.rows[int(i)]
+
     def num_tokens(self, indices: Sequence[int]) -> int:
-        return int(sum(len(self.rows[i]) for i in indices))
+        return int(sum(len(self.row(i)) for i in indices))
 
     def collate(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = [int(i) for i in indices]
         if not indices:
             raise ValueError("no examples to collate")
-        rows = [self.rows[i] for i in indices]
+        rows = [self.row(i) for i in indices]
         T = max(len(r) for r in rows)
         B = len(rows)
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
@@ -154,56 +190,215 @@ class Dataset:
         return batch
 
 
-def _split_documents(text: str, documents: str) -> list[str]:
+# ------------------------------------------------------------------------------------------ text corpora
+READ_BYTES = 1 << 22     # read from a text file at a time
+PIECE_CHARS = 1 << 16    # a document's text is encoded in pieces of about this many characters,
+FORCE_CHARS = 1 << 20    # cut where CutRules allows, or here when a run this long allows no cut (not text)
+BATCH_CHARS = 1 << 22    # characters handed to the tokenizer's threads at once
+_SPACE_OR_NEWLINE = re.compile("[ \n]")
+
+
+def _text_blocks(path: str) -> Iterator[str]:
+    """The text of a file in blocks of about READ_BYTES, decoded as UTF-8 with universal newlines (\\r\\n
+    and \\r read as \\n, as open() reads text): memory holds one block, whatever the file's size."""
+    if not os.path.isfile(path):
+        raise DataError(path, None, "no such file")
+    with open(path, "rb") as f:
+        start, tail, held = 0, b"", ""
+        while True:
+            data = f.read(READ_BYTES)
+            raw = tail + data
+            cut = _whole_characters(raw) if data else len(raw)
+            try:
+                text = held + raw[:cut].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, None, f"not UTF-8 text ({err.reason} at byte {start + err.start})") from None
+            start, tail, held = start + cut, raw[cut:], ""
+            if data and text.endswith("\r"):  # maybe the first half of \r\n
+                text, held = text[:-1], "\r"
+            if text:
+                yield text.replace("\r\n", "\n").replace("\r", "\n")
+            if not data:
+                return
+
+
+def _whole_characters(raw: bytes) -> int:
+    """How many leading bytes of raw hold whole UTF-8 characters (a character may straddle two reads)."""
+    i = len(raw) - 1
+    while i >= max(0, len(raw) - 4) and raw[i] & 0xC0 == 0x80:  # continuation bytes
+        i -= 1
+    if i < 0:
+        return len(raw)
+    lead = raw[i]
+    size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return i if i + size > len(raw) else len(raw)
+
+
+def _document_pieces(path: str, documents: str) -> Iterator[tuple[str, bool]]:
+    """(text, last) in file order: each document's text in one or more pieces, `last` on its final one.
+    Documents are the whole file, each line (str.splitlines), or runs of non-blank lines joined by \\n
+    (paragraphs); a line is followed in pieces when it is long. Whitespace-only documents come out too
+    (the caller drops them)."""
     if documents == "file":
-        docs = [text]
-    elif documents == "line":
-        docs = text.splitlines()
-    else:
-        docs, current = [], []
-        for line in text.splitlines():
-            if line.strip():
-                current.append(line)
-            elif current:
-                docs.append("\n".join(current))
-                current = []
-        if current:
-            docs.append("\n".join(current))
-    return [d for d in docs if d.strip()]
+        for block in _text_blocks(path):
+            yield block, False
+        yield "", True
+        return
+    carry, open_line, in_paragraph, line = "", False, False, 0
+    for block in _text_blocks(path):
+        lines = (carry + block).splitlines(keepends=True)
+        carry = lines.pop() if lines and lines[-1].splitlines()[0] == lines[-1] else ""
+        for text in lines:
+            line += 1
+            yield from _line(text.splitlines()[0], documents, open_line, in_paragraph, True)
+            open_line, in_paragraph = False, _paragraph_after(text, documents, open_line, in_paragraph)
+        if len(carry) > PIECE_CHARS and (open_line or documents == "line" or not carry.isspace()):
+            yield from _line(carry, documents, open_line, in_paragraph, False)  # a long line, in pieces
+            open_line, in_paragraph, carry = True, documents == "paragraph", ""
+        elif len(carry) > FORCE_CHARS:
+            raise DataError(path, line + 1, f"over {FORCE_CHARS:,} characters of whitespace in one line: not text")
+    if carry or open_line:
+        yield from _line(carry, documents, open_line, in_paragraph, True)
+        in_paragraph = _paragraph_after(carry, documents, open_line, in_paragraph)
+    if in_paragraph:
+        yield "", True
 
 
-def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file") -> list[int]:
-    """`</s> d1 </s> d2 </s> ... </s>` over every document of every file, in order."""
+def _line(text: str, documents: str, open_line: bool, in_paragraph: bool, whole: bool) -> Iterator[tuple[str, bool]]:
+    """The pieces of one line (or of a long line's next part: whole=False) in `documents` mode."""
+    if documents == "line":
+        yield text, whole
+    elif open_line or text.strip():
+        if in_paragraph and not open_line:
+            yield "\n", False  # the paragraph's lines are joined by \n
+        yield text, False
+    elif in_paragraph:  # a blank line ends the paragraph
+        yield "", True
+
+
+def _paragraph_after(text: str, documents: str, open_line: bool, in_paragraph: bool) -> bool:
+    return documents == "paragraph" and (open_line or bool(text.strip()))
+
+
+class _StreamBuilder:
+    """`</s> d1 </s> d2 </s> ...` from document pieces, encoded in batches on the tokenizer's threads.
+
+    A document's text is buffered and cut into pieces of about PIECE_CHARS where the tokenizer's
+    CutRules allow (so the ids are those of encoding the document whole), or at FORCE_CHARS in a run
+    that allows no cut; a document is kept only when it holds more than whitespace."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.rules = tokenizer, tokenizer.cut_rules()
+        self.dtype = tokenizer.id_dtype
+        self.parts = [np.array([tokenizer.bos_token_id], self.dtype)]  # the finished stream, in arrays
+        self.eos = np.array([tokenizer.eos_token_id], self.dtype)
+        self.text, self.has_text = "", False      # the current document's text not yet queued
+        self.queue, self.queued = [], 0           # texts to encode, and `True`/`False` document ends
+        self.document: list[np.ndarray] = []      # the current document's ids so far
+        self.documents = 0
+
+    def add(self, piece: str, last: bool) -> None:
+        self.has_text = self.has_text or (bool(piece) and not piece.isspace())
+        text, start = self.text + piece if self.text else piece, 0
+        while len(text) - start >= 2 * PIECE_CHARS:
+            cut = self._cut(text, start)
+            if cut is None:
+                break
+            self._queue(text[start:cut])
+            start = cut
+        self.text = text[start:]
+        if last:
+            self._queue(self.text)
+            self.queue.append(self.has_text)
+            self.documents += self.has_text
+            self.text, self.has_text = "", False
+        if self.queued >= BATCH_CHARS:
+            self.flush()
+
+    def _cut(self, text: str, start: int) -> int | None:
+        """The first allowed cut from start + PIECE_CHARS on; start + FORCE_CHARS when there is none by then
+        (a run of that length that allows no cut is not text); None to wait for more text."""
+        force = start + FORCE_CHARS
+        for m in _SPACE_OR_NEWLINE.finditer(text, start + PIECE_CHARS, min(len(text), force)):
+            i = m.end() if m.group() == "\n" else m.start()
+            if self.rules.allows(text, i):
+                return i
+        return force if len(text) > force else None
+
+    def _queue(self, text: str) -> None:
+        if text:
+            self.queue.append(text)
+            self.queued += len(text)
+
+    def flush(self) -> None:
+        texts = [t for t in self.queue if isinstance(t, str)]
+        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+        for item in self.queue:
+            if isinstance(item, str):
+                self.document.append(next(encoded))
+            else:
+                if item:
+                    self.parts.extend(self.document)
+                    self.parts.append(self.eos)
+                self.document = []
+        self.queue, self.queued = [], 0
+
+    def finish(self) -> np.ndarray:
+        self.flush()
+        return np.concatenate(self.parts)
+
+
+def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file") -> np.ndarray:
+    """`</s> d1 </s> d2 </s> ... </s>` over every document of every file, in order, as one array
+    (uint16 when the vocabulary fits, else uint32). Files are read in blocks and encoded in pieces
+    (see _StreamBuilder), so memory holds the ids, two or four bytes a token, and a few MB of text."""
     if documents not in DOCUMENT_SPLITS:
         raise ValueError(f"documents={documents!r}; choose one of {DOCUMENT_SPLITS}")
     paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise ValueError("no text files given")
-    stream = [tokenizer.bos_token_id]
+    builder = _StreamBuilder(tokenizer)
     for path in paths:
-        docs = _split_documents(_read_text(path), documents)
-        if not docs:
+        before = builder.documents
+        for piece, last in _document_pieces(path, documents):
+            builder.add(piece, last)
+        if builder.documents == before:
             raise DataError(path, None, "empty file (no text)")
-        for doc in docs:
-            stream.extend(tokenizer.encode(doc, add_bos=False))
-            stream.append(tokenizer.eos_token_id)
-    return stream
+    return builder.finish()
+
+
+class Blocks(SequenceABC):
+    """Consecutive blocks of seq_len tokens of one token stream (an array, or a memory-mapped file),
+    made on demand: block i is stream[i * seq_len:(i + 1) * seq_len]; the last may be shorter."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, drop_last: bool = False):
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len}: a causal LM block needs at least 2 tokens")
+        self.stream, self.seq_len = stream, seq_len
+        self.count = len(stream) // seq_len if drop_last else -(-len(stream) // seq_len)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        i = range(self.count)[i]  # negative indices; IndexError past the end
+        return self.stream[i * self.seq_len:(i + 1) * self.seq_len].tolist()
+
+    def array(self, i: int) -> np.ndarray:
+        return self.stream[i * self.seq_len:(i + 1) * self.seq_len]
 
 
 def pack(stream: Sequence[int], seq_len: int, drop_last: bool = False) -> list[list[int]]:
     """Consecutive blocks of seq_len tokens; the last one may be shorter (dropped with drop_last)."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len}: a causal LM block needs at least 2 tokens")
-    blocks = [list(stream[i:i + seq_len]) for i in range(0, len(stream), seq_len)]
-    if drop_last and blocks and len(blocks[-1]) < seq_len:
-        blocks.pop()
-    return blocks
+    return list(Blocks(np.asarray(stream), seq_len, drop_last))
 
 
 def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents: str = "file") -> Dataset:
     """Packed causal-LM blocks from plain-text files (see the module docstring)."""
     stream = token_stream(paths, tokenizer, documents)
-    blocks = pack(stream, seq_len, drop_last)
+    blocks = Blocks(stream, seq_len, drop_last)
     source = os.fspath(paths) if isinstance(paths, (str, os.PathLike)) else ", ".join(map(os.fspath, paths))
     if not blocks:
         raise DataError(source, None, f"{len(stream)} tokens: not one full block of {seq_len} (drop_last=True)")
@@ -213,7 +408,14 @@ def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents
 def load_classification(path, tokenizer, max_length: int, num_labels: int | None = None) -> Dataset:
     """Sequence-classification examples from JSONL {"text", "label"} (see the module docstring)."""
     path = os.fspath(path)
-    rows, targets, kind = [], [], None
+    rows, targets, kind, texts = [], [], None, []
+
+    def encode() -> None:  # a batch of texts on the tokenizer's threads: </s> text, cut to max_length
+        bos = np.array([tokenizer.bos_token_id])
+        rows.extend(np.concatenate([bos.astype(ids.dtype), ids[:max_length - 1]])[:max_length]
+                    for ids in tokenizer.encode_texts(texts))
+        texts.clear()
+
     for line, obj in read_jsonl(path):
         text = _field(obj, "text", str, path, line, "a string")
         label = _field(obj, "label", (int, float, list), path, line, "an int, a float or a list")
@@ -236,9 +438,13 @@ def load_classification(path, tokenizer, max_length: int, num_labels: int | None
             label = [float(v) for v in label]
         elif num_labels not in (None, 1):
             raise DataError(path, line, f"float label (regression) needs num_labels=1, the model has {num_labels}")
-        rows.append(tokenizer.encode(text)[:max_length])
+        texts.append(text)
         targets.append(label)
-    return Dataset("sequence_classification", rows, targets, pad_token_id=tokenizer.pad_token_id, source=path)
+        if len(texts) == 4096:
+            encode()
+    encode()
+    return Dataset("sequence_classification", Ragged(rows, tokenizer.id_dtype), targets,
+                   pad_token_id=tokenizer.pad_token_id, source=path)
 
 
 @dataclass(frozen=True)
@@ -278,7 +484,7 @@ def load_question_answering(path, tokenizer, max_length: int, skip_overflow: boo
             if context[start:start + len(text)] != text:
                 raise DataError(path, line, f"answer {text!r} is not in the context at character {start} "
                                             f"(found {context[start:start + len(text)]!r})")
-        q_ids = tokenizer.encode(question)                    # </s> question
+        q_ids = tokenizer.encode(question, add_bos=True)      # </s> question
         c_ids, c_offsets = tokenizer.encode_with_offsets(context, add_bos=False)
         prefix = q_ids + [tokenizer.eos_token_id]             # </s> question </s>
         span = answer_token_span(c_offsets, starts[0], starts[0] + len(texts[0]))
@@ -295,7 +501,8 @@ def load_question_answering(path, tokenizer, max_length: int, skip_overflow: boo
         meta.append(QAMeta(context, len(prefix), tuple(c_offsets[:keep]), tuple(texts)))
     if not rows:
         raise DataError(path, None, f"no example fits max_length={max_length}")
-    return Dataset("question_answering", rows, targets, meta, pad_token_id=tokenizer.pad_token_id, source=path)
+    return Dataset("question_answering", Ragged(rows, tokenizer.id_dtype), targets, meta,
+                   pad_token_id=tokenizer.pad_token_id, source=path)
 
 
 def load(task: str, paths, tokenizer, seq_len: int, **options) -> Dataset:
@@ -363,7 +570,7 @@ def qa_predictions(dataset: Dataset, indices: Sequence[int], batch: dict[str, np
     start_logits, end_logits = np.asarray(start_logits, np.float64), np.asarray(end_logits, np.float64)
     for b, i in enumerate(indices):
         m: QAMeta = dataset.meta[int(i)]
-        pad = T - len(dataset.rows[int(i)])
+        pad = T - len(dataset.row(i))
         lo, n = pad + m.context_start, len(m.offsets)
         s, e = start_logits[b, lo:lo + n], end_logits[b, lo:lo + n]
         score = s[:, None] + e[None, :]                              # (n, n): start i, end j

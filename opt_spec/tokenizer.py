@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -199,6 +200,41 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True)
+class CutRules:
+    """Where text may be cut so that encoding the pieces gives the ids of encoding it whole.
+
+    GPT-2's byte-level pre-tokenizer splits text into words with one regular expression (letters, digits
+    or other symbols, each run taking one leading space, and whitespace runs) before BPE merges inside
+    each word; the expression looks behind nothing and ahead only from a whitespace run. So a cut is
+    exact where a word starts in the whole text and nothing before the cut reads past it:
+    - before a space between two letters or digits ("tea| and"): the space starts the next word in both;
+    - after a newline between two letters or digits ("tea\n|And"), unless a prefix space is added to
+      every text (`prefix_space`: the second piece would gain one).
+    An added token (matched in the text before the words are split) must not lie across or beside a cut
+    when it could change it: those holding whitespace, starting or ending with a letter or digit, or
+    stripping their neighbours' spaces are `guarded`, and no cut is made within a token's length of one.
+    `exact` is False for a pre-tokenizer that is not the byte-level expression (then no cut is exact)."""
+
+    exact: bool
+    prefix_space: bool
+    guarded: tuple[str, ...] = ()
+
+    def allows(self, text: str, i: int) -> bool:
+        """Whether text[:i] | text[i:] is an exact cut."""
+        if not 2 <= i < len(text) - 1:
+            return False
+        if text[i] == " ":
+            ok = text[i - 1].isalnum() and text[i + 1].isalnum()
+        else:
+            ok = text[i - 1] == "\n" and not self.prefix_space and text[i - 2].isalnum() and text[i].isalnum()
+        if ok and self.guarded:
+            reach = max(map(len, self.guarded)) + 1
+            window = text[max(0, i - reach):i + reach]
+            ok = not any(token in window for token in self.guarded)
+        return ok
+
+
 class BatchEncoding(dict):
     """What calling the tokenizer returns: {'input_ids', 'attention_mask'}, also readable as attributes
     (`enc.input_ids`) and movable with `enc.to(device)` (PyTorch tensors), like HF's BatchEncoding."""
@@ -351,6 +387,27 @@ class OPTTokenizer:
         enc = self._tokenizer.encode(text, add_special_tokens=False)
         ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
         return ([self.bos_token_id, *ids], [(0, 0), *offsets]) if add_bos else (ids, offsets)
+
+    def encode_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of many texts (no `</s>` added), as compact arrays (uint16 when every id fits, else
+        uint32), encoded on all of the `tokenizers` library's threads: how opt_spec.data reads a corpus."""
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)  # fast: no offsets
+        return [np.array(e.ids, dtype=self.id_dtype) for e in encode(list(texts), add_special_tokens=False)]
+
+    @property
+    def id_dtype(self) -> type:
+        """The smallest unsigned integer type that holds every id of this tokenizer."""
+        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+
+    def cut_rules(self) -> "CutRules":
+        """Where a long text may be cut into pieces that encode, one after the other, to the ids of the
+        whole (see CutRules)."""
+        pre = self._tokenizer.pre_tokenizer
+        exact = type(pre).__name__ == "ByteLevel" and bool(getattr(pre, "use_regex", True))
+        guarded = tuple(t.content for t in self._tokenizer.get_added_tokens_decoder().values()
+                        if t.lstrip or t.rstrip or t.single_word or any(c.isspace() for c in t.content)
+                        or t.content[:1].isalnum() or t.content[-1:].isalnum())
+        return CutRules(exact, bool(getattr(pre, "add_prefix_space", False)), guarded)
 
     def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True, padding: bool | str = False,
                  truncation: bool | str | None = None, max_length: int | None = None,

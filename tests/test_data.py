@@ -47,7 +47,7 @@ def test_packing_keeps_every_token_once_in_order(tok, tmp_path, seq_len, drop_la
     (tmp_path / "a.txt").write_text(CORPUS[0] + "\n\n" + CORPUS[1] + "\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text(CORPUS[2] + "\n" + CORPUS[3], encoding="utf-8")
     paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    stream = data.token_stream(paths, tok, documents="paragraph")
+    stream = data.token_stream(paths, tok, documents="paragraph").tolist()
     # </s> d1 </s> d2 </s> d3 </s>: documents separated (and framed) by eos, each as the tokenizer encodes it
     docs = [CORPUS[0], CORPUS[1], CORPUS[2] + "\n" + CORPUS[3]]
     expected = [tok.eos_token_id]
@@ -77,9 +77,9 @@ def test_document_splitting(tok, tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("one line\ntwo line\n\nthree\n", encoding="utf-8")
     eos = tok.eos_token_id
-    assert data.token_stream(path, tok, "line").count(eos) == 4
-    assert data.token_stream(path, tok, "paragraph").count(eos) == 3
-    assert data.token_stream(path, tok, "file").count(eos) == 2
+    assert data.token_stream(path, tok, "line").tolist().count(eos) == 4
+    assert data.token_stream(path, tok, "paragraph").tolist().count(eos) == 3
+    assert data.token_stream(path, tok, "file").tolist().count(eos) == 2
     with pytest.raises(ValueError, match="documents"):
         data.token_stream(path, tok, "sentence")
 
