@@ -265,6 +265,9 @@ class OPTTokenizer:
                  model_max_length: int | None = None, add_bos_token: bool = True):
         self._tokenizer = tokenizer
         self._add_bos_token = bool(add_bos_token)
+        # Found by running the pre-tokenizer (a ByteLevel inside a Sequence too): a prefix space makes "a" "Ġa".
+        pieces = tokenizer.pre_tokenizer.pre_tokenize_str("a") if tokenizer.pre_tokenizer is not None else []
+        self._add_prefix_space = bool(pieces) and pieces[0][0] != "a"
         self.bos_token_id = int(bos_token_id)
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
@@ -385,11 +388,8 @@ class OPTTokenizer:
     @property
     def add_prefix_space(self) -> bool:
         """Whether the pre-tokenizer puts a space before a text (and before the text after a special token), so
-        "Hello" is encoded as " Hello" is (OPT's default: no). Found by running the pre-tokenizer, so it holds
-        for a ByteLevel inside a Sequence too."""
-        pre = self._tokenizer.pre_tokenizer
-        pieces = pre.pre_tokenize_str("a") if pre is not None else []
-        return bool(pieces) and pieces[0][0] != "a"
+        "Hello" is encoded as " Hello" is (OPT's default: no)."""
+        return self._add_prefix_space
 
     @property
     def bos_token(self) -> str | None:

@@ -405,15 +405,11 @@ def tokenizer_json(path, source, pre="bytelevel", post="template", **settings):
     tokenizer_config.json), with tokenizer.json's pre-tokenizer ("bytelevel": ByteLevel without prefix space,
     "bytelevel-space": with one, "sequence-space": a Sequence holding the latter) and post_processor
     ("template": </s> first, "bytelevel": nothing added, None: none) chosen."""
-    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     flag_folder(path, source, **settings)
-    tok = Tokenizer.from_file(str(source / "tokenizer.json")) if (source / "tokenizer.json").exists() else None
-    if tok is None:
-        from tokenizers import decoders, models
-
-        tok = Tokenizer(models.BPE.from_file(str(source / "vocab.json"), str(source / "merges.txt")))
-        tok.decoder = decoders.ByteLevel()
+    tok = Tokenizer(models.BPE.from_file(str(source / "vocab.json"), str(source / "merges.txt")))
+    tok.decoder = decoders.ByteLevel()
     level = pre_tokenizers.ByteLevel(add_prefix_space=pre != "bytelevel")
     tok.pre_tokenizer = pre_tokenizers.Sequence([level]) if pre.startswith("sequence") else level
     if post == "template":
