@@ -2,6 +2,7 @@
 
 OPT's rules, as the released checkpoints were trained:
 - every input starts with `</s>` (the bos token, id 2); no eos is appended;
+- no space is put before a text: "Hello" and " Hello" are different tokens;
 - batches are padded on the LEFT with `<pad>` (id 1), so the last column is every row's last real
   token, and the attention mask is 1 on real tokens and 0 on pads (a tokenizer_config.json's
   "padding_side" or padding_side=... says otherwise; Hugging Face's own default is "right");
@@ -10,10 +11,27 @@ OPT's rules, as the released checkpoints were trained:
 Calling it takes Hugging Face's arguments with their meaning (tested against transformers'
 GPT2Tokenizer with OPT's settings): `padding` (False, True/"longest", "max_length"), `truncation` /
 `max_length` (keeping the first tokens; max_length alone truncates, as in HF), `padding_side`,
-`add_special_tokens` (the leading `</s>`), `return_attention_mask` and `return_tensors` (None: lists;
-"np", "pt", "tf", "jax": (B, T) arrays of that framework, imported only then: int64 for NumPy and
-PyTorch, int32 for TensorFlow and JAX, as HF gives). `save_pretrained` writes files that
+`add_special_tokens` (the leading `</s>`, when add_bos_token), `return_attention_mask` and `return_tensors`
+(None: lists; "np", "pt", "tf", "jax": (B, T) arrays of that framework, imported only then: int64 for NumPy
+and PyTorch, int32 for TensorFlow and JAX, as HF gives). `save_pretrained` writes files that
 transformers' AutoTokenizer (fast or slow) reads to the same ids.
+
+A fine-tune may change the first two rules, and the ids follow what transformers' AutoTokenizer (the fast
+GPT2TokenizerFast) makes of its folder; `tok.add_bos_token` and `tok.add_prefix_space` say what this one does:
+- vocab.json + merges.txt: tokenizer_config.json's `add_bos_token` (the leading `</s>` by default, which
+  encode(add_bos=True / False) overrides) and `add_prefix_space` (the ByteLevel pre-tokenizer's setting);
+- tokenizer.json: its post_processor, when it has one, says whether `</s>` comes first (TemplateProcessing
+  with it: yes; ByteLevel: no; one that adds anything else is a CheckpointError) and tokenizer_config.json's
+  add_bos_token is not read; without one, add_bos_token is read as above. A top-level ByteLevel
+  pre-tokenizer takes tokenizer_config.json's `add_prefix_space` (false when absent) over its own; one
+  inside a Sequence keeps its own;
+- a value that is not true or false is a CheckpointError naming the file and key.
+Where optkit differs on purpose: when tokenizer_config.json has no add_bos_token (or a tokenizer.json has
+no post_processor), optkit keeps OPT's `</s>` first, where transformers' GPT-2 default adds none (the
+released facebook/opt-* folders say add_bos_token: true). With add_prefix_space true the slow GPT2Tokenizer
+(use_fast=False) disagrees with the fast one, and optkit follows the fast one: the slow one puts a space
+before the whole text even when it starts with one (" Hi" -> "  Hi") and before an empty text, but not
+after a special token inside the text ("a</s>b": fast and optkit " a", "</s>", " b"; slow " a", "</s>", "b").
 
 Files read: `tokenizer.json`, or `vocab.json` + `merges.txt` (with the tokens a fine-tune added, from
 `tokenizer_config.json`'s added_tokens_decoder or `added_tokens.json`); the special tokens' strings from
@@ -200,6 +218,32 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+FLAGS = ("add_prefix_space", "add_bos_token")  # tokenizer_config.json's switches that change the ids
+
+
+def _flags(settings: Mapping, where: str) -> dict[str, bool | None]:
+    """tokenizer_config.json's add_prefix_space and add_bos_token: True, False, or None when absent. Anything
+    else (a string "false" is true to Python) is a CheckpointError naming the file and key."""
+    for key in FLAGS:
+        if key in settings and not isinstance(settings[key], bool):
+            raise CheckpointError(f"{where}: {key}={settings[key]!r:.60} is not true or false")
+    return {key: settings.get(key) for key in FLAGS}
+
+
+def _post_processor_adds_bos(tokenizer, bos_token_id: int, where: str) -> bool:
+    """Whether tokenizer.json's post_processor starts a text with the bos token (as Hugging Face's fast tokenizer
+    runs it), found by running it: adding nothing is False, adding the bos in front is True; anything else
+    (RoBERTa's `<s> ... </s>`, an appended eos) is more than optkit's one leading bos, so a CheckpointError."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    if full == plain:
+        return False
+    if full == [bos_token_id, *plain]:
+        return True
+    raise CheckpointError(f"{where}: post_processor {type(tokenizer.post_processor).__name__} makes {plain} into "
+                          f"{str(full):.100}; optkit's OPT tokenizer adds only the bos (id {bos_token_id}) in front")
+
+
 @dataclass(frozen=True)
 class CutRules:
     """Where text may be cut so that encoding the pieces gives the ids of encoding it whole.
@@ -254,8 +298,12 @@ class OPTTokenizer:
 
     def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
                  special_tokens: Mapping[str, str] | None = None, padding_side: str = "left",
-                 model_max_length: int | None = None):
+                 model_max_length: int | None = None, add_bos_token: bool = True):
         self._tokenizer = tokenizer
+        self._add_bos_token = bool(add_bos_token)
+        # Found by running the pre-tokenizer (a ByteLevel inside a Sequence too): a prefix space makes "a" "Ġa".
+        pieces = tokenizer.pre_tokenizer.pre_tokenize_str("a") if tokenizer.pre_tokenizer is not None else []
+        self._add_prefix_space = bool(pieces) and pieces[0][0] != "a"
         self.bos_token_id = int(bos_token_id)
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
@@ -292,6 +340,7 @@ class OPTTokenizer:
 
         special = dict(DEFAULT_SPECIAL_TOKENS)
         settings = _read_json(directory, TOKENIZER_CONFIG_FILE)
+        flags = _flags(settings, os.path.join(directory, TOKENIZER_CONFIG_FILE))
         for source in (settings, _read_json(directory, SPECIAL_TOKENS_FILE)):
             for key in special:
                 token = _token_string(source.get(key))
@@ -309,6 +358,12 @@ class OPTTokenizer:
                                       "OPT's byte-level BPE (allowed: BPE)")
             tokenizer.no_padding()      # we pad (on the left) ourselves
             tokenizer.no_truncation()
+            if isinstance(tokenizer.pre_tokenizer, tk.pre_tokenizers.ByteLevel):
+                # Hugging Face's fast tokenizer sets a top-level ByteLevel's prefix space from tokenizer_config.json
+                # (False when absent), whatever tokenizer.json says; one inside a Sequence keeps its own.
+                state = json.loads(tokenizer.pre_tokenizer.__getstate__())
+                state.update(add_prefix_space=bool(flags["add_prefix_space"]))
+                tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(**{k: v for k, v in state.items() if k != "type"})
         else:
             from .io import MAX_JSON_BYTES, json_object
 
@@ -322,8 +377,8 @@ class OPTTokenizer:
                 raise CheckpointError(f"{files['vocab']} / {files['merges']}: cannot be read as a BPE "
                                  f"vocabulary ({err})") from None
             tokenizer = tk.Tokenizer(bpe)
-            # GPT-2's byte-level scheme as OPT uses it: no prefix space, bytes mapped to printable chars.
-            tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            # GPT-2's byte-level scheme: bytes mapped to printable chars; OPT adds no prefix space unless told.
+            tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=bool(flags["add_prefix_space"]))
             tokenizer.decoder = tk.decoders.ByteLevel()
             _add_saved_tokens(tokenizer, directory, settings, special)
         # The special strings are matched whole in text (never split by BPE), like Hugging Face does.
@@ -341,11 +396,15 @@ class OPTTokenizer:
                 value = tokenizer.token_to_id(special[token_key])
             value = DEFAULT_IDS[key] if value is None else value
             ids[key] = _special_id(value, key, where, tokenizer.get_vocab_size(with_added_tokens=True))
+        add_bos = flags["add_bos_token"]
+        if "tokenizer" in files and tokenizer.post_processor is not None:  # the fast tokenizer follows the file
+            add_bos = _post_processor_adds_bos(tokenizer, ids["bos_token_id"], files["tokenizer"])
         side = settings.get("padding_side", "left")
         limit = settings.get("model_max_length")
         limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _NO_LIMIT else None
         return cls(tokenizer, **ids, special_tokens=special, model_max_length=limit,
-                   padding_side=side if side in ("left", "right") else "left")
+                   padding_side=side if side in ("left", "right") else "left",
+                   add_bos_token=True if add_bos is None else add_bos)
 
     # ----------------------------------------------------------------------------------- encoding
     @property
@@ -355,6 +414,18 @@ class OPTTokenizer:
     def __len__(self) -> int:
         """The number of token ids, added tokens included (HF's len(tokenizer))."""
         return self.vocab_size
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether encode() and calling the tokenizer put the bos token first by default (OPT's rule; a
+        tokenizer_config.json's add_bos_token or tokenizer.json's post_processor may say otherwise)."""
+        return self._add_bos_token
+
+    @property
+    def add_prefix_space(self) -> bool:
+        """Whether the pre-tokenizer puts a space before a text (and before the text after a special token), so
+        "Hello" is encoded as " Hello" is (OPT's default: no)."""
+        return self._add_prefix_space
 
     @property
     def bos_token(self) -> str | None:
@@ -368,22 +439,29 @@ class OPTTokenizer:
     def pad_token(self) -> str | None:
         return self._tokenizer.id_to_token(self.pad_token_id)
 
-    def encode(self, text: str, add_bos: bool = True, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Token ids of one text, starting with `</s>` (OPT's rule) unless add_bos=False
-        (add_special_tokens=False is HF's name for the same)."""
+    def _bos(self, add_bos: bool | None, add_special_tokens: bool | None = None) -> bool:
+        """Whether to put the bos first: add_special_tokens (HF's meaning: the tokenizer's own rule, or none)
+        when given, else add_bos when given, else the tokenizer's rule (add_bos_token)."""
+        if add_special_tokens is not None:
+            return bool(add_special_tokens) and self.add_bos_token
+        return self.add_bos_token if add_bos is None else bool(add_bos)
+
+    def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of one text, starting with `</s>` when add_bos_token says so (OPT's rule); add_bos=True or
+        False puts it there or not whatever the rule, add_special_tokens=False (HF's name) leaves it out."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a string, got {type(text).__name__}")
-        if add_special_tokens is not None:
-            add_bos = add_special_tokens
+        add_bos = self._bos(add_bos, add_special_tokens)
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else list(ids)
 
-    def encode_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, offsets): offsets[i] = (start, end) character span of token i in `text` ((0, 0) for
-        the bos). Byte-level tokens keep their leading space, and the bytes of one character split
-        over several tokens all report that character's span."""
+    def encode_with_offsets(self, text: str, add_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, offsets): the ids encode(text, add_bos) gives, offsets[i] = (start, end) character span of
+        token i in `text` ((0, 0) for the bos). Byte-level tokens keep their leading space, and the bytes of
+        one character split over several tokens all report that character's span."""
         if not isinstance(text, str):
             raise TypeError(f"encode_with_offsets() takes a string, got {type(text).__name__}")
+        add_bos = self._bos(add_bos)
         enc = self._tokenizer.encode(text, add_special_tokens=False)
         ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
         return ([self.bos_token_id, *ids], [(0, 0), *offsets]) if add_bos else (ids, offsets)
@@ -407,7 +485,7 @@ class OPTTokenizer:
         guarded = tuple(t.content for t in self._tokenizer.get_added_tokens_decoder().values()
                         if t.lstrip or t.rstrip or t.single_word or any(c.isspace() for c in t.content)
                         or t.content[:1].isalnum() or t.content[-1:].isalnum())
-        return CutRules(exact, bool(getattr(pre, "add_prefix_space", False)), guarded)
+        return CutRules(exact, self.add_prefix_space, guarded)
 
     def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True, padding: bool | str = False,
                  truncation: bool | str | None = None, max_length: int | None = None,
@@ -416,6 +494,7 @@ class OPTTokenizer:
         """{'input_ids', 'attention_mask'} of one text or a batch, with Hugging Face's arguments and meaning.
 
         padding: False (none), True / "longest" (to the longest row), "max_length" (to max_length).
+        add_special_tokens: the leading `</s>` when add_bos_token says so (False: never).
         truncation: True / "longest_first" / "only_first" keep each row's first max_length tokens (the
         `</s>` counted; max_length defaults to model_max_length); None truncates only when max_length
         is given without padding, as HF does. return_tensors: None gives lists (a flat list for one
@@ -430,7 +509,8 @@ class OPTTokenizer:
         if bad:
             raise TypeError(f"text {bad[0]} is a {type(texts[bad[0]]).__name__}, not a string")
         encoded = self._tokenizer.encode_batch(texts, add_special_tokens=False)
-        rows = [([self.bos_token_id] if add_special_tokens else []) + e.ids for e in encoded]
+        head = [self.bos_token_id] if self._bos(None, add_special_tokens) else []
+        rows = [head + e.ids for e in encoded]
         if truncation is None:  # HF: a max_length without padding means "truncate to it"
             truncation = max_length is not None and padding in (False, "do_not_pad")
         if truncation not in (False, "do_not_truncate"):
@@ -439,8 +519,7 @@ class OPTTokenizer:
                                  "'do_not_truncate' (pairs of texts are not supported)")
             limit = max_length if max_length is not None else self.model_max_length
             if limit is not None:
-                keep = 1 if add_special_tokens else 0
-                if limit < keep:
+                if limit < len(head):
                     raise ValueError(f"max_length={limit} leaves no room for the leading {self.bos_token!r}")
                 rows = [r[:limit] for r in rows]
         out = self.pad({"input_ids": rows}, padding=padding, max_length=max_length, padding_side=padding_side,
@@ -509,8 +588,8 @@ class OPTTokenizer:
     # ------------------------------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Writes this tokenizer into `directory` (created if needed; other files there are kept), each
-        file atomically: tokenizer.json (with the leading `</s>` as its post-processor, as HF's fast
-        GPT-2 tokenizer builds it), vocab.json + merges.txt (a BPE model), tokenizer_config.json and
+        file atomically: tokenizer.json (with the leading `</s>` as its post-processor when add_bos_token, as
+        HF's fast GPT-2 tokenizer builds it), vocab.json + merges.txt (a BPE model), tokenizer_config.json and
         special_tokens_map.json. transformers' AutoTokenizer, fast or slow, reads them to the same ids,
         and so does from_pretrained. Returns the files written."""
         from .io import atomic_path
@@ -524,12 +603,14 @@ class OPTTokenizer:
         tokenizer = tk.Tokenizer.from_str(self._tokenizer.to_str())
         bos = self.bos_token
         tokenizer.post_processor = tk.processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, self.bos_token_id)])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, self.bos_token_id)],
+        ) if self.add_bos_token else tk.processors.ByteLevel(trim_offsets=False)  # what HF writes without a bos
         added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                           "single_word": t.single_word, "special": t.special}
                  for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items())}
-        settings = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False,
-                    "errors": "replace", "clean_up_tokenization_spaces": False, "padding_side": self.padding_side,
+        settings = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": self.add_bos_token,
+                    "add_prefix_space": self.add_prefix_space, "errors": "replace",
+                    "clean_up_tokenization_spaces": False, "padding_side": self.padding_side,
                     "added_tokens_decoder": added, **names}
         if self.model_max_length is not None:
             settings["model_max_length"] = self.model_max_length

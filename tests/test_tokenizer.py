@@ -328,3 +328,182 @@ def test_tokens_a_fine_tune_added_are_read_from_a_folder_without_tokenizer_json(
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=r"added_tokens.json: added token ids \[\d+\] do not follow the vocabulary"):
         OPTTokenizer.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------ a fine-tune's add_prefix_space / add_bos_token (tokenizer_config)
+FLAG_TEXTS = ["Hello world", " leading space", "\nnew line", "Hello\n\nworld", "naïve café 🙂", "a</s>b",
+              "x </s> y <pad> z", "</s>Hello", "", "  two spaces"]
+OPT_SETTINGS = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>",
+                "pad_token": "<pad>", "padding_side": "left"}
+
+
+def flag_folder(path, source, add_prefix_space=None, add_bos_token=None, **extra):
+    """A copy of a fixture folder with a tokenizer_config.json holding OPT's settings, the two flags when not
+    None (absent otherwise) and `extra`."""
+    import shutil
+
+    shutil.copytree(source, path)
+    flags = {"add_prefix_space": add_prefix_space, "add_bos_token": add_bos_token}
+    settings = {**OPT_SETTINGS, **{k: v for k, v in flags.items() if v is not None}, **extra}
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return path
+
+
+def slow_agrees(text, prefix_space):
+    """Whether transformers' slow GPT2Tokenizer gives the fast one's ids (module docstring): always without a
+    prefix space; with one, only for a text that does not start with a space and holds no special token."""
+    return not prefix_space or (text[:1] not in ("", " ") and "</s>" not in text and "<pad>" not in text)
+
+
+def assert_same_ids(ours, hf, texts, compared="fast"):
+    """ours == hf on every text, with and without special tokens, one by one, as a padded batch, and through
+    encode / encode_with_offsets."""
+    for special in (True, False):
+        for text in texts:
+            want = hf(text, add_special_tokens=special)["input_ids"]
+            assert ours(text, add_special_tokens=special)["input_ids"] == want, (compared, special, text)
+            assert ours.encode(text, add_special_tokens=special) == want, (compared, special, text)
+            if not special:
+                assert ours.encode(text, add_bos=False) == want
+            ids, offsets = ours.encode_with_offsets(text)
+            assert ids == ours.encode(text) and len(offsets) == len(ids), text
+        if texts:
+            assert ours(texts, padding=True, add_special_tokens=special) == dict(
+                hf(texts, padding=True, add_special_tokens=special)), (compared, special)
+
+
+@pytest.mark.parametrize("add_prefix_space", [None, True, False], ids=["space-absent", "space", "no-space"])
+@pytest.mark.parametrize("add_bos_token", [None, True, False], ids=["bos-absent", "bos", "no-bos"])
+def test_vocab_merges_folder_follows_tokenizer_config_as_auto_tokenizer(dirs, tmp_path, add_prefix_space,
+                                                                        add_bos_token):
+    """A folder without tokenizer.json (like facebook/opt-*): tokenizer_config.json's add_prefix_space and
+    add_bos_token were ignored (always no prefix space, always </s> first). An absent add_bos_token is OPT's
+    </s> first, which transformers gives only when told (its GPT-2 default is none)."""
+    transformers = pytest.importorskip("transformers")
+    folder = flag_folder(tmp_path / "tok", dirs["bpe"], add_prefix_space, add_bos_token)
+    ours = OPTTokenizer.from_pretrained(folder)
+    bos = True if add_bos_token is None else add_bos_token
+    assert (ours.add_prefix_space, ours.add_bos_token) == (bool(add_prefix_space), bos)
+    told = {} if add_bos_token is not None else {"add_bos_token": True}
+    fast = transformers.AutoTokenizer.from_pretrained(str(folder), **told)
+    slow = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=False, **told)
+    assert type(fast).__name__ == "GPT2TokenizerFast" and type(slow).__name__ == "GPT2Tokenizer"
+    assert_same_ids(ours, fast, FLAG_TEXTS)
+    assert_same_ids(ours, slow, [t for t in FLAG_TEXTS if slow_agrees(t, ours.add_prefix_space)], "slow")
+    for texts, kwargs in CALLS:  # truncation and padding count the </s> only when there is one
+        assert ours(texts, **kwargs) == dict(fast(texts, **kwargs)), (texts, kwargs)
+    hello = fast("Hello", add_special_tokens=False)["input_ids"]
+    assert ours.encode("Hello", add_bos=True) == [2, *hello]  # an explicit add_bos is obeyed (opt_spec.data's use)
+    assert ours.encode_with_offsets("Hello", add_bos=True)[0] == [2, *hello]
+    assert ours.encode_with_offsets("Hello", add_bos=False)[0] == hello
+    if add_prefix_space:  # the documented difference: the slow tokenizer puts a second space before " leading"
+        assert slow(" leading")["input_ids"] != fast(" leading")["input_ids"] == ours(" leading")["input_ids"]
+
+
+def tokenizer_json(path, source, pre="bytelevel", post="template", **settings):
+    """A folder as a fast tokenizer's save_pretrained leaves it (tokenizer.json + vocab.json + merges.txt +
+    tokenizer_config.json), with tokenizer.json's pre-tokenizer ("bytelevel": ByteLevel without prefix space,
+    "bytelevel-space": with one, "sequence-space": a Sequence holding the latter) and post_processor
+    ("template": </s> first, "bytelevel": nothing added, None: none) chosen."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    flag_folder(path, source, **settings)
+    tok = Tokenizer(models.BPE.from_file(str(source / "vocab.json"), str(source / "merges.txt")))
+    tok.decoder = decoders.ByteLevel()
+    level = pre_tokenizers.ByteLevel(add_prefix_space=pre != "bytelevel")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([level]) if pre.startswith("sequence") else level
+    if post == "template":
+        tok.post_processor = processors.TemplateProcessing(single="</s>:0 $A:0", pair="</s>:0 $A:0 $B:1",
+                                                           special_tokens=[("</s>", 2)])
+    elif post == "bytelevel":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.mark.parametrize("post", ["template", "bytelevel"])
+@pytest.mark.parametrize("pre", ["bytelevel", "bytelevel-space", "sequence-space"])
+def test_tokenizer_json_folder_follows_the_fast_tokenizer(dirs, tmp_path, pre, post):
+    """With tokenizer.json, AutoTokenizer's fast tokenizer takes the bos from the post_processor (not
+    tokenizer_config.json's add_bos_token) and a top-level ByteLevel's prefix space from tokenizer_config.json
+    (false when absent), a Sequence's from the file. optkit always put </s> first and kept the file's ByteLevel."""
+    transformers = pytest.importorskip("transformers")
+    for i, (space, bos) in enumerate((s, b) for s in (None, True, False) for b in (None, True, False)):
+        folder = tokenizer_json(tmp_path / str(i), dirs["bpe"], pre, post, add_prefix_space=space, add_bos_token=bos)
+        ours, fast = OPTTokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+        want_space = pre == "sequence-space" or bool(space)
+        assert (ours.add_prefix_space, ours.add_bos_token) == (want_space, post == "template"), (space, bos)
+        assert_same_ids(ours, fast, FLAG_TEXTS)
+        if bos is (post == "template") and bool(space) == want_space:  # files that agree: the slow one agrees too
+            slow = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=False)
+            assert_same_ids(ours, slow, [t for t in FLAG_TEXTS if slow_agrees(t, want_space)], "slow")
+
+
+def test_tokenizer_json_without_post_processor_reads_add_bos_token(dirs, tmp_path):
+    """A tokenizer.json without a post_processor (the `tokenizers` library's own save) leaves the bos to
+    tokenizer_config.json's add_bos_token, OPT's </s> first when absent (the fast tokenizer adds none)."""
+    transformers = pytest.importorskip("transformers")
+    off = tokenizer_json(tmp_path / "off", dirs["bpe"], post=None, add_bos_token=False)
+    ours, fast = OPTTokenizer.from_pretrained(off), transformers.AutoTokenizer.from_pretrained(str(off))
+    assert not ours.add_bos_token
+    assert_same_ids(ours, fast, FLAG_TEXTS)
+    absent = tokenizer_json(tmp_path / "absent", dirs["bpe"], post=None)
+    ours, fast = OPTTokenizer.from_pretrained(absent), transformers.AutoTokenizer.from_pretrained(str(absent))
+    assert ours.add_bos_token and ours.encode("Hello") == [2, *fast("Hello")["input_ids"]]
+
+
+@pytest.mark.parametrize("source", ["bpe", "json"])
+@pytest.mark.parametrize("add_prefix_space,add_bos_token", [(True, True), (True, False), (False, False)])
+def test_save_pretrained_keeps_the_flags(dirs, tmp_path, source, add_prefix_space, add_bos_token):
+    """save_pretrained wrote add_bos_token: true and add_prefix_space: false whatever the tokenizer did."""
+    transformers = pytest.importorskip("transformers")
+    if source == "bpe":
+        folder = flag_folder(tmp_path / "in", dirs["bpe"], add_prefix_space, add_bos_token)
+    else:
+        folder = tokenizer_json(tmp_path / "in", dirs["bpe"], "bytelevel", "template" if add_bos_token else "bytelevel",
+                                add_prefix_space=add_prefix_space)
+    ours = OPTTokenizer.from_pretrained(folder)
+    assert (ours.add_prefix_space, ours.add_bos_token) == (add_prefix_space, add_bos_token)
+    ours.save_pretrained(tmp_path / "out")
+    again = OPTTokenizer.from_pretrained(tmp_path / "out")
+    assert (again.add_prefix_space, again.add_bos_token) == (add_prefix_space, add_bos_token)
+    assert_same_ids(again, transformers.AutoTokenizer.from_pretrained(str(folder)), FLAG_TEXTS)  # as the original
+    for special in (True, False):
+        assert [again.encode(t, add_special_tokens=special) for t in FLAG_TEXTS] == [
+            ours.encode(t, add_special_tokens=special) for t in FLAG_TEXTS]
+    assert_same_ids(ours, transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")), FLAG_TEXTS)
+    slow = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"), use_fast=False)
+    assert_same_ids(ours, slow, [t for t in FLAG_TEXTS if slow_agrees(t, add_prefix_space)], "slow")
+
+
+@pytest.mark.parametrize("key", ["add_prefix_space", "add_bos_token"])
+@pytest.mark.parametrize("value", ["false", 0, None, [True]])
+@pytest.mark.parametrize("source", ["bpe", "json"])
+def test_flags_that_are_not_true_or_false_are_refused_by_name(dirs, tmp_path, key, value, source):
+    """"false" would be true to Python: such a value is refused, naming the file and the key."""
+    from opt_spec.errors import CheckpointError
+
+    folder = flag_folder(tmp_path / "tok", dirs[source], **{key: True}) if source == "bpe" else \
+        tokenizer_json(tmp_path / "tok", dirs["bpe"], add_bos_token=True)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, key: value}))
+    with pytest.raises(CheckpointError, match=rf"tokenizer_config.json: {key}=.* is not true or false"):
+        OPTTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("post", ["roberta", "eos-after"])
+def test_a_post_processor_adding_more_than_the_bos_is_refused(dirs, tmp_path, post):
+    """optkit puts at most one </s> in front; a tokenizer.json whose post_processor adds other tokens (which it
+    used to ignore, giving other ids than transformers) is refused, naming the file."""
+    from tokenizers import Tokenizer, processors
+
+    from opt_spec.errors import CheckpointError
+
+    folder = tokenizer_json(tmp_path / "tok", dirs["bpe"])
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0)) if post == "roberta" else \
+        processors.TemplateProcessing(single="$A:0 </s>:0", special_tokens=[("</s>", 2)])
+    tok.save(str(folder / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: post_processor \w+ makes \[\d+\] into \[.*"
+                                              r"adds only the bos \(id 2\) in front"):
+        OPTTokenizer.from_pretrained(folder)
