@@ -293,7 +293,7 @@ class _StreamBuilder:
         self.parts = [np.array([tokenizer.bos_token_id], self.dtype)]  # the finished stream, in arrays
         self.eos = np.array([tokenizer.eos_token_id], self.dtype)
         self.text, self.has_text = "", False      # the current document's text not yet queued
-        self.queue, self.queued = [], 0           # texts to encode, and `True`/`False` document ends
+        self.queue, self.queued = [], 0           # texts to encode and document ends (True: keep it)
         self.document: list[np.ndarray] = []      # the current document's ids so far
         self.documents = 0
 
@@ -309,11 +309,9 @@ class _StreamBuilder:
         self.text = text[start:]
         if last:
             self._queue(self.text)
-            self.queue.append(self.has_text)
+            self._queue(self.has_text)  # the document ends: kept when it has text
             self.documents += self.has_text
             self.text, self.has_text = "", False
-        if self.queued >= BATCH_CHARS:
-            self.flush()
 
     def _cut(self, text: str, start: int) -> int | None:
         """The first allowed cut from start + PIECE_CHARS on; start + FORCE_CHARS when there is none by then
@@ -325,22 +323,27 @@ class _StreamBuilder:
                 return i
         return force if len(text) > force else None
 
-    def _queue(self, text: str) -> None:
-        if text:
-            self.queue.append(text)
-            self.queued += len(text)
+    def _queue(self, item: str | bool) -> None:
+        if item != "":
+            self.queue.append(item)
+            self.queued += len(item) if isinstance(item, str) else 1
+            if self.queued >= BATCH_CHARS:
+                self.flush()
 
     def flush(self) -> None:
         texts = [t for t in self.queue if isinstance(t, str)]
         encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+        done = []  # the documents this batch ends, joined into one array (not one per line of a corpus)
         for item in self.queue:
             if isinstance(item, str):
                 self.document.append(next(encoded))
             else:
                 if item:
-                    self.parts.extend(self.document)
-                    self.parts.append(self.eos)
+                    done.extend(self.document)
+                    done.append(self.eos)
                 self.document = []
+        if done:
+            self.parts.append(np.concatenate(done))
         self.queue, self.queued = [], 0
 
     def finish(self) -> np.ndarray:

@@ -95,6 +95,164 @@ def test_empty_and_missing_text_files(tok, tmp_path):
         data.load_text(tmp_path / "bin.txt", tok, 8)
 
 
+# ---------------------------------------------------------------------------------- corpora of any size
+def whole_documents_stream(path, tok, documents):
+    """The stream as defined: the file read whole (universal newlines), split into documents, each encoded whole."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if documents == "file":
+        docs = [text]
+    elif documents == "line":
+        docs = text.splitlines()
+    else:
+        docs, current = [], []
+        for line in text.splitlines() + [""]:
+            if line.strip():
+                current.append(line)
+            elif current:
+                docs.append("\n".join(current))
+                current = []
+    stream = [tok.bos_token_id]
+    for doc in (d for d in docs if d.strip()):
+        stream += tok.encode(doc, add_bos=False) + [tok.eos_token_id]
+    return stream
+
+
+@pytest.fixture()
+def tiny_pieces(monkeypatch):
+    """Reads of 16 bytes and pieces of 4+ characters: every text below is cut in many places."""
+    monkeypatch.setattr(data, "READ_BYTES", 16)
+    monkeypatch.setattr(data, "PIECE_CHARS", 4)
+    monkeypatch.setattr(data, "BATCH_CHARS", 64)
+    monkeypatch.setattr(data, "FORCE_CHARS", 10**6)
+
+
+def variant_tokenizer(directory, kind):
+    """The module's BPE as tokenizer.json, with a prefix space ('prefix') or with added tokens that hold
+    spaces, start or end with letters, or strip their neighbours' spaces ('added')."""
+    from tokenizers import AddedToken, Tokenizer
+
+    base = build_tokenizer(directory / "base")
+    raw = Tokenizer.from_str(base._tokenizer.to_str())
+    directory = directory / kind
+    directory.mkdir()
+    if kind == "added":
+        raw.add_tokens([AddedToken("New York", normalized=False), AddedToken("tea", rstrip=True),
+                        AddedToken("fox", lstrip=True), AddedToken("is", single_word=True), AddedToken("ab")])
+    else:
+        (directory / "tokenizer_config.json").write_text('{"add_prefix_space": true}', encoding="utf-8")
+    raw.save(str(directory / "tokenizer.json"))
+    return OPTTokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("kind", ["plain", "added", "prefix"])
+def test_streamed_corpus_equals_encoding_each_document_whole(tok, tmp_path, tiny_pieces, kind):
+    """Files read in 16-byte blocks and cut at every allowed place give the ids of the whole documents, for
+    random texts of words, digits, newlines (\r\n, \r, Unicode line breaks), Unicode spaces, multi-byte
+    characters, special and added tokens, in every documents mode."""
+    tokenizer = tok if kind == "plain" else variant_tokenizer(tmp_path, kind)
+    assert tokenizer.add_prefix_space == (kind == "prefix")
+    parts = ["tea", "New", "York", "fox", "is", "ab", "3", "42", " ", " ", " ", "  ", "\n", "\n", "\n\n", "\r\n",
+             "\r", ",", ".", "'s", "é", "🙂", "\u3000", "\x85", "\u2028", "\x1c", "\xa0", "\t", "</s>", "<pad>"]
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        text = "".join(rng.choice(parts, size=int(rng.integers(0, 120))))
+        path = tmp_path / f"t{trial}.txt"
+        path.write_bytes(text.encode("utf-8"))
+        for documents in data.DOCUMENT_SPLITS:
+            expected = whole_documents_stream(path, tokenizer, documents)
+            if len(expected) == 1:
+                with pytest.raises(data.DataError, match="empty file"):
+                    data.token_stream(path, tokenizer, documents)
+                continue
+            got = data.token_stream(path, tokenizer, documents)
+            assert got.dtype == np.uint16 and got.tolist() == expected, (documents, text)
+
+
+def test_cut_rules():
+    from opt_spec.tokenizer import CutRules
+
+    rules = CutRules(exact=True, prefix_space=False)
+    text = "tea and\ncake, 3 4 \n\nx"
+    allowed = [i for i in range(len(text) + 1) if rules.allows(text, i)]
+    assert allowed == [3, 8, 15]                        # "tea| and", "and\n|cake", "3| 4"
+    assert [i for i in allowed if CutRules(True, True).allows(text, i)] == [3, 15]  # no cut after \n
+    assert not CutRules(True, False, ("a an",)).allows("tea and", 3)  # an added token near the cut
+
+
+def test_corpus_is_handed_to_the_tokenizer_in_bounded_pieces(tok, tmp_path, monkeypatch):
+    """However long a document, the tokenizer sees pieces of at most FORCE_CHARS characters and batches of
+    about BATCH_CHARS: natural text is cut near PIECE_CHARS at word starts, a run with no word start at
+    FORCE_CHARS; memory holds the ids and a few blocks of text."""
+    monkeypatch.setattr(data, "READ_BYTES", 1000)
+    monkeypatch.setattr(data, "PIECE_CHARS", 50)
+    monkeypatch.setattr(data, "FORCE_CHARS", 400)
+    monkeypatch.setattr(data, "BATCH_CHARS", 2000)
+    calls = []
+    original = tok.encode_texts
+    monkeypatch.setattr(tok, "encode_texts", lambda texts: calls.append([len(t) for t in texts]) or original(texts))
+    words = " ".join(CORPUS * 200)                                # 36k characters of prose
+    run = "x" * 3000                                              # no word start for 3000 characters
+    path = tmp_path / "big.txt"
+    path.write_text(words + "\n" + run + " " + words, encoding="utf-8")
+    got = data.token_stream(path, tok, "file")
+    pieces = [n for call in calls for n in call]
+    assert sum(pieces) == len(path.read_text(encoding="utf-8")) and len(pieces) > 100
+    assert max(pieces) <= 400 and max(sum(call) for call in calls) <= 2000 + 400
+    assert sorted(pieces)[len(pieces) // 2] < 2 * 50              # most pieces end at the first word start
+    # the prose around the run is cut only where allowed: its ids are those of the prose encoded whole
+    prose = tok.encode(words, add_bos=False)
+    assert got[1:1 + len(prose)].tolist() == prose and got[-1 - len(prose):-1].tolist() == prose
+
+
+def test_utf8_errors_name_the_byte_and_long_lines(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 7)
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo wörld ".encode("utf-8") * 3 + b"\xc3(" + b" tail")
+    with pytest.raises(data.DataError, match=r"bad\.txt: not UTF-8 text \(invalid continuation byte at byte 42\)"):
+        data.token_stream(path, tok, "line")
+    path.write_bytes("é".encode("utf-8") * 5 + "é".encode("utf-8")[:1])    # cut inside the last character
+    with pytest.raises(data.DataError, match=r"unexpected end of data at byte 10"):
+        data.token_stream(path, tok, "file")
+    monkeypatch.setattr(data, "PIECE_CHARS", 4)
+    monkeypatch.setattr(data, "FORCE_CHARS", 50)
+    path.write_text("a\n\nb\n" + " " * 60 + "c\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"bad\.txt:4: over 50 characters of whitespace in one line"):
+        data.token_stream(path, tok, "paragraph")
+    assert data.token_stream(path, tok, "line").tolist() == whole_documents_stream(path, tok, "line")
+
+
+def test_blocks_and_ragged_rows(tok, tmp_path):
+    stream = np.arange(23, dtype=np.uint16)
+    blocks = data.Blocks(stream, 5)
+    assert len(blocks) == 5 and blocks[0] == [0, 1, 2, 3, 4] and blocks[-1] == [20, 21, 22]
+    assert len(data.Blocks(stream, 5, drop_last=True)) == 4 and blocks[1:3] == [list(range(5, 10)), list(range(10, 15))]
+    with pytest.raises(IndexError):
+        blocks[5]
+    assert data.pack(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    rows = [[2, 7, 9], [2], [2, 5, 5, 5, 1]]
+    ragged = data.Ragged(rows, np.uint16)
+    assert len(ragged) == 3 and list(ragged) == rows and ragged[-1] == rows[-1] and ragged.array(1).tolist() == [2]
+    by_lists = data.Dataset("sequence_classification", rows, [0, 1, 0]).collate([2, 0, 1])
+    by_ragged = data.Dataset("sequence_classification", ragged, [0, 1, 0]).collate([2, 0, 1])
+    assert all((by_lists[k] == by_ragged[k]).all() and by_lists[k].dtype == by_ragged[k].dtype for k in by_lists)
+
+
+def test_jsonl_is_read_a_line_at_a_time(tok, tmp_path, monkeypatch):
+    # U+2028 and U+0085 are valid inside a JSON string: a line ends at \n only
+    path = write(tmp_path / "u.jsonl", [json.dumps({"text": "a\u2028b\x85c", "label": 1}, ensure_ascii=False),
+                                        {"text": "d", "label": 0}])
+    ds = data.load_classification(path, tok, 64)
+    assert len(ds) == 2 and ds.rows[0] == tok.encode("a\u2028b\x85c", add_bos=True)
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 40)
+    path = write(tmp_path / "long.jsonl", [{"text": "short", "label": 0}, {"text": "x" * 50, "label": 1}])
+    with pytest.raises(data.DataError, match=r"long\.jsonl:2: a line of over 40 bytes"):
+        data.load_classification(path, tok, 8)
+    path.write_bytes(b'{"text": "a", "label": 0}\n{"text": "\xff", "label": 0}\n')
+    with pytest.raises(data.DataError, match=r"long\.jsonl:2: not UTF-8 text \(invalid start byte at byte 36\)"):
+        data.load_classification(path, tok, 8)
+
+
 # ----------------------------------------------------------------------------------- classification
 def test_classification_examples_and_batches(tok, tmp_path):
     path = write(tmp_path / "c.jsonl", [{"text": "good tea", "label": 1}, "", {"text": "bad dog", "label": 0},
