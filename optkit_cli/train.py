@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hub_arguments(p)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="training data: text files (causal_lm) or one JSONL file")
+                   help="training data: text or JSONL {\"text\"} files (causal_lm), or one JSONL file")
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data, same format")
     p.add_argument("--backend", default="torch", choices=("torch", "tf", "flax"))
     p.add_argument("--output", required=True, metavar="DIR", help="folder for metrics.jsonl and checkpoints")

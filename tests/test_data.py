@@ -222,6 +222,24 @@ def test_utf8_errors_name_the_byte_and_long_lines(tok, tmp_path, monkeypatch):
     assert data.token_stream(path, tok, "line").tolist() == whole_documents_stream(path, tok, "line")
 
 
+def test_jsonl_corpus_one_document_a_record(tok, tmp_path):
+    texts = [CORPUS[0] + "\n\n" + CORPUS[1], "  \n ", CORPUS[2] + "\r\n" + CORPUS[3]]
+    path = write(tmp_path / "c.jsonl", [{"text": t, "meta": i} for i, t in enumerate(texts)])
+    eos = [tok.eos_token_id]
+
+    def stream(docs):
+        return [tok.bos_token_id] + sum((tok.encode(d, add_bos=False) + eos for d in docs), [])
+
+    assert data.token_stream(path, tok, "file").tolist() == stream([texts[0], texts[2]])  # blank record dropped
+    assert data.token_stream(path, tok, "paragraph").tolist() == stream([CORPUS[0], CORPUS[1],
+                                                                        CORPUS[2] + "\n" + CORPUS[3]])
+    assert data.token_stream([path, path], tok, "line").tolist() == stream(CORPUS * 2)
+    for record, reason in (({"txt": "a"}, "missing field 'text'"), ({"text": 3}, "field 'text' must be a string")):
+        bad = write(tmp_path / "bad.jsonl", [{"text": "fine"}, record])
+        with pytest.raises(data.DataError, match=rf"bad\.jsonl:2: {reason}"):
+            data.load_text(bad, tok, 8)
+
+
 def test_blocks_and_ragged_rows(tok, tmp_path):
     stream = np.arange(23, dtype=np.uint16)
     blocks = data.Blocks(stream, 5)
