@@ -37,6 +37,7 @@ drawn from numpy's default_rng([seed, e]), so a resumed run sees exactly the bat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -373,15 +374,22 @@ class _StreamBuilder:
         return np.concatenate(self.parts)
 
 
-def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file") -> np.ndarray:
+def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file",
+                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """`</s> d1 </s> d2 </s> ... </s>` over every document of every file, in order, as one array
     (uint16 when the vocabulary fits, else uint32). Files are read in blocks and encoded in pieces
-    (see _StreamBuilder), so memory holds the ids, two or four bytes a token, and a few MB of text."""
+    (see _StreamBuilder), so memory holds the ids, two or four bytes a token, and a few MB of text.
+
+    With `cache_dir`, the ids are kept there (see TokenCache) and read back, memory-mapped, by the next
+    call with the same files (path, size, modification time), tokenizer and `documents`: a resumed run,
+    the evaluation set, each process of a distributed run on this machine (one encodes, the others wait)."""
     if documents not in DOCUMENT_SPLITS:
         raise ValueError(f"documents={documents!r}; choose one of {DOCUMENT_SPLITS}")
     paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise ValueError("no text files given")
+    if cache_dir is not None:
+        return TokenCache(cache_dir).stream(paths, tokenizer, documents)
     builder = _StreamBuilder(tokenizer)
     for path in paths:
         before = builder.documents
@@ -390,6 +398,99 @@ def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str =
         if builder.documents == before:
             raise DataError(path, None, "empty file (no text)")
     return builder.finish()
+
+
+class TokenCache:
+    """Token streams kept on disk: KEY.ids (the ids, raw, in the stream's dtype) and KEY.json (what they
+    are: dtype, count, the files and settings), KEY a digest of the files' (real path, size, modification
+    time in ns), the tokenizer's fingerprint and the documents mode. Each file is written whole into a
+    temporary sibling and renamed (KEY.json last: an entry without it is not there). An entry whose
+    sizes or ids do not check out is encoded again; a cache that cannot be written (a full disk, no
+    permission) is a warning, and the ids stay in memory. Processes on one machine take turns through a
+    lock file, so one encodes and the others read its entry. Entries are never removed by optkit."""
+
+    VERSION = 1
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+
+    def key(self, paths: Sequence[str], tokenizer, documents: str) -> str:
+        import hashlib
+
+        files = []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise DataError(path, None, "no such file")
+            info = os.stat(path)
+            files.append([os.path.realpath(path), info.st_size, info.st_mtime_ns])
+        what = {"version": self.VERSION, "documents": documents, "tokenizer": tokenizer.fingerprint(), "files": files}
+        return hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:32]
+
+    def stream(self, paths: Sequence[str], tokenizer, documents: str) -> np.ndarray:
+        key = self.key(paths, tokenizer, documents)
+        found = self._read(key, tokenizer)
+        if found is not None:
+            return found
+        with self._lock(key):
+            found = self._read(key, tokenizer)  # another process may have written it meanwhile
+            if found is not None:
+                return found
+            stream = token_stream(paths, tokenizer, documents)
+            try:
+                self._write(key, stream, paths, documents)
+            except OSError as err:
+                import warnings
+
+                warnings.warn(f"token cache {self.directory}: not written ({err}); the ids stay in memory",
+                              stacklevel=3)
+                return stream
+        found = self._read(key, tokenizer)  # the entry memory-mapped: its pages are shared, and dropped when idle
+        return stream if found is None else found
+
+    def _path(self, key: str, suffix: str) -> str:
+        return os.path.join(self.directory, key + suffix)
+
+    def _read(self, key: str, tokenizer) -> np.ndarray | None:
+        try:
+            with open(self._path(key, ".json"), encoding="utf-8") as f:
+                meta = json.load(f)
+            dtype = np.dtype({"uint16": np.uint16, "uint32": np.uint32}[meta["dtype"]])
+            count = int(meta["tokens"])
+            if count < 1 or os.path.getsize(self._path(key, ".ids")) != count * dtype.itemsize:
+                return None
+            ids = np.memmap(self._path(key, ".ids"), dtype=dtype, mode="r", shape=(count,))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return ids if int(ids.max()) < tokenizer.vocab_size else None
+
+    def _write(self, key: str, stream: np.ndarray, paths: Sequence[str], documents: str) -> None:
+        from .io import atomic_path, check_free_space
+
+        check_free_space(self.directory, stream.nbytes, what="the token cache")
+        with atomic_path(self._path(key, ".ids")) as part:
+            stream.tofile(part)
+        meta = {"dtype": stream.dtype.name, "tokens": int(stream.size), "documents": documents,
+                "files": [os.path.realpath(p) for p in paths]}
+        with atomic_path(self._path(key, ".json")) as part:
+            with open(part, "w", encoding="utf-8") as f:
+                json.dump(meta, f)
+
+    @contextlib.contextmanager
+    def _lock(self, key: str):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no waiting for each other
+            fcntl = None
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            handle = open(self._path(key, ".lock"), "a")
+        except OSError:
+            yield
+            return
+        with handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
 
 class Blocks(SequenceABC):
@@ -420,9 +521,10 @@ def pack(stream: Sequence[int], seq_len: int, drop_last: bool = False) -> list[l
     return list(Blocks(np.asarray(stream), seq_len, drop_last))
 
 
-def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents: str = "file") -> Dataset:
-    """Packed causal-LM blocks from plain-text files (see the module docstring)."""
-    stream = token_stream(paths, tokenizer, documents)
+def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents: str = "file",
+              cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """Packed causal-LM blocks from plain-text or JSONL files (see the module docstring; cache_dir: token_stream)."""
+    stream = token_stream(paths, tokenizer, documents, cache_dir)
     blocks = Blocks(stream, seq_len, drop_last)
     source = os.fspath(paths) if isinstance(paths, (str, os.PathLike)) else ", ".join(map(os.fspath, paths))
     if not blocks:

@@ -478,6 +478,14 @@ class OPTTokenizer:
         """The smallest unsigned integer type that holds every id of this tokenizer."""
         return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
 
+    def fingerprint(self) -> str:
+        """A digest of everything that decides the ids (vocabulary, merges, added tokens, pre-tokenizer,
+        special ids): equal fingerprints encode every text alike. What a token cache is keyed by."""
+        import hashlib
+
+        ids = f"{self.bos_token_id} {self.eos_token_id} {self.pad_token_id} {self.add_bos_token}"
+        return hashlib.sha256((self._tokenizer.to_str() + ids).encode("utf-8")).hexdigest()
+
     def cut_rules(self) -> "CutRules":
         """Where a long text may be cut into pieces that encode, one after the other, to the ids of the
         whole (see CutRules)."""

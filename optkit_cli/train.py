@@ -50,7 +50,7 @@ import shutil
 import time
 import warnings
 
-from .checkpoints import check_tokenizer_fits, hub_arguments, resolve_folder
+from .checkpoints import cache_root, check_tokenizer_fits, hub_arguments, resolve_folder
 from .common import CLIError, Console, seed_type
 
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
@@ -101,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--documents", default="file", choices=("file", "line", "paragraph"),
                    help="causal_lm: what one document is (default: a whole file)")
     p.add_argument("--drop-last", action="store_true", help="causal_lm: drop the last, partial block")
+    p.add_argument("--data-cache", metavar="DIR", help="causal_lm: keep the corpus's token ids here for the next "
+                   "run, --resume and the other processes (default $OPTKIT_CACHE/tokens; 'none': do not)")
     p.add_argument("--num-labels", type=int, metavar="L", help="sequence_classification: override the config's")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
 
@@ -346,7 +348,9 @@ def run(args, console: Console) -> int:
 
     options = {}
     if args.task == "causal_lm":
-        options = {"documents": args.documents, "drop_last": args.drop_last}
+        cache = args.data_cache or os.path.join(cache_root(), "tokens")
+        options = {"documents": args.documents, "drop_last": args.drop_last,
+                   "cache_dir": None if cache == "none" else cache}
     elif args.task == "sequence_classification":
         options = {"num_labels": config.num_labels}
     train_set = spec_data.load(args.task, args.data, tokenizer, args.seq_len, **options)

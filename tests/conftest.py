@@ -29,6 +29,15 @@ def max_abs_diff(a, b, mask=None) -> float:
     return float(d.max()) if d.size else 0.0
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_optkit_cache(tmp_path_factory):
+    """optkit's cache (random checkpoints, conversions, `optkit train`'s token ids) in a folder of this session
+    unless OPTKIT_CACHE says where: the tests leave nothing in ~/.cache/optkit."""
+    if "OPTKIT_CACHE" not in os.environ:
+        os.environ["OPTKIT_CACHE"] = str(tmp_path_factory.mktemp("optkit-cache"))
+    yield
+
+
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
     return request.param, VARIANTS[request.param]

@@ -515,6 +515,24 @@ def test_train_never_overwrites_a_run_and_resumes_in_place(tiny_model, tmp_path,
     assert temp_leftovers(out) == []
 
 
+def test_train_keeps_the_corpus_token_ids_for_the_next_run(tiny_model, tmp_path, capsys, monkeypatch):
+    """By default in $OPTKIT_CACHE/tokens (--data-cache DIR elsewhere, 'none': nowhere); the next run reads them
+    back and trains on the same ids."""
+    monkeypatch.setenv("OPTKIT_CACHE", str(tmp_path / "cache"))
+    assert run_main(capsys, *_train(tiny_model, tmp_path / "a", "--steps", "2"))[0] == 0
+    entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+    assert [n.rsplit(".", 1)[1] for n in entries] == ["ids", "json", "lock"]
+    assert run_main(capsys, *_train(tiny_model, tmp_path / "b", "--steps", "2"))[0] == 0
+    assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == entries
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in "ab"]
+    assert losses[0] == losses[1]
+    assert run_main(capsys, *_train(tiny_model, tmp_path / "c", "--steps", "1", "--data-cache", "none"))[0] == 0
+    assert run_main(capsys, *_train(tiny_model, tmp_path / "d", "--steps", "1", "--data-cache", tmp_path / "own"))[0] == 0
+    assert len(list((tmp_path / "own").glob("*.ids"))) == 1
+    assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == entries
+
+
 def test_resume_config_is_one_rule():
     """The check every backend's from_checkpoint made in three copies, once in the spec; a file's bad
     train_config is refused as the file's (it was a TypeError: an internal error)."""

@@ -1,6 +1,7 @@
 """opt_spec.data: packing, classification and QA examples, span mapping, errors, shuffling."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -238,6 +239,92 @@ def test_jsonl_corpus_one_document_a_record(tok, tmp_path):
         bad = write(tmp_path / "bad.jsonl", [{"text": "fine"}, record])
         with pytest.raises(data.DataError, match=rf"bad\.jsonl:2: {reason}"):
             data.load_text(bad, tok, 8)
+
+
+def counting(tok, monkeypatch):
+    calls = []
+    original = tok.encode_texts
+    monkeypatch.setattr(tok, "encode_texts", lambda texts: calls.append(len(texts)) or original(texts))
+    return calls
+
+
+def test_token_cache_reuses_ids_until_an_input_changes(tok, tmp_path, monkeypatch):
+    corpus, cache = tmp_path / "c.txt", tmp_path / "cache"
+    corpus.write_text("\n\n".join(CORPUS * 3), encoding="utf-8")
+    plain = data.token_stream(corpus, tok, "paragraph")
+    calls = counting(tok, monkeypatch)
+    first = data.token_stream(corpus, tok, "paragraph", cache_dir=cache)
+    assert calls and sorted(p.suffix for p in cache.iterdir()) == [".ids", ".json", ".lock"]
+    encoded = len(calls)
+    again = data.token_stream(corpus, tok, "paragraph", cache_dir=cache)
+    assert len(calls) == encoded                                        # read back, not encoded
+    assert isinstance(again, np.memmap) and again.tolist() == first.tolist() == plain.tolist()
+    ds = data.load_text(corpus, tok, 16, cache_dir=cache, documents="paragraph")
+    assert len(calls) == encoded and ds.collate([0])["input_ids"][0].tolist() == plain[:16].tolist()
+    # another documents mode, tokenizer or file content is another entry
+    assert data.token_stream(corpus, tok, "line", cache_dir=cache).tolist() == data.token_stream(corpus, tok, "line").tolist()
+    assert len(calls) > encoded
+    encoded = len(calls)
+    corpus.write_text("\n\n".join(CORPUS[::-1]), encoding="utf-8")
+    os.utime(corpus, ns=(1, 1))                                          # even with an old time: the size differs
+    assert data.token_stream(corpus, tok, "paragraph", cache_dir=cache).tolist() == \
+        data.token_stream(corpus, tok, "paragraph").tolist()
+    assert len(calls) > encoded
+    other = variant_tokenizer(tmp_path, "prefix")
+    assert other.fingerprint() != tok.fingerprint()
+    assert data.token_stream(corpus, other, "paragraph", cache_dir=cache).tolist() == \
+        data.token_stream(corpus, other, "paragraph").tolist()
+
+
+def test_token_cache_entries_that_do_not_check_out_are_encoded_again(tok, tmp_path, monkeypatch):
+    corpus, cache = tmp_path / "c.txt", tmp_path / "cache"
+    corpus.write_text(" ".join(CORPUS), encoding="utf-8")
+    expected = data.token_stream(corpus, tok).tolist()
+    data.token_stream(corpus, tok, cache_dir=cache)
+    ids = next(cache.glob("*.ids"))
+    for damage in (lambda: ids.write_bytes(ids.read_bytes()[:-2]),                       # cut short
+                   lambda: ids.write_bytes(np.full(len(expected), 60000, np.uint16).tobytes()),  # ids past the vocab
+                   lambda: next(cache.glob("*.json")).write_text("{", encoding="utf-8")):
+        damage()
+        calls = counting(tok, monkeypatch)
+        assert data.token_stream(corpus, tok, cache_dir=cache).tolist() == expected and calls
+        monkeypatch.undo()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("", encoding="utf-8")
+    with pytest.warns(UserWarning, match="token cache .*a-file: not written"):
+        assert data.token_stream(corpus, tok, cache_dir=blocked).tolist() == expected
+
+
+_CACHE_WORKER = """
+import sys
+from opt_spec import data
+from opt_spec.tokenizer import OPTTokenizer
+tok = OPTTokenizer.from_pretrained(sys.argv[1])
+calls = []
+original = tok.encode_texts
+tok.encode_texts = lambda texts: calls.append(1) or original(texts)
+stream = data.token_stream(sys.argv[2], tok, "line", cache_dir=sys.argv[3])
+print(len(calls), int(stream.size), int(stream.astype("int64").sum()))
+"""
+
+
+def test_processes_sharing_a_token_cache_encode_once(tok, tmp_path):
+    """Two processes asking for the same corpus at once (a distributed run's ranks): one encodes, the other
+    waits on the entry's lock and reads what it wrote."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tok"
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(CORPUS * 20000), encoding="utf-8")  # ~4 MB: encoding takes a moment
+    args = [sys.executable, "-c", _CACHE_WORKER, str(folder), str(corpus), str(tmp_path / "cache")]
+    workers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [w.communicate(timeout=300) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [r[1][-2000:] for r in results]
+    lines = [r[0].split() for r in results]
+    assert sorted(int(line[0]) > 0 for line in lines) == [False, True]   # exactly one encoded
+    assert lines[0][1:] == lines[1][1:]
 
 
 def test_blocks_and_ragged_rows(tok, tmp_path):
