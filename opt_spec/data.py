@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -69,13 +69,13 @@ class DataError(ValueError):
 MAX_LINE_BYTES = 1 << 26  # one JSONL line, one example: 64 MiB (a whole book fits; a line of a GB does not)
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file (lines end at \\n), read one line at
-    a time; errors name file and line."""
+    a time; errors name file and line. progress(n) is told of the bytes read, a MB or so at a time."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(path, None, "no such file")
-    seen, start = False, 0
+    seen, start, told = False, 0, 0
     with open(path, "rb") as f:
         for number in itertools.count(1):
             raw = f.readline(MAX_LINE_BYTES + 1)
@@ -88,6 +88,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except UnicodeDecodeError as err:
                 raise DataError(path, number, f"not UTF-8 text ({err.reason} at byte {start + err.start})") from None
             start += len(raw)
+            if progress is not None and start >> 20 != (start - len(raw)) >> 20:
+                progress(start - told)
+                told = start
             if not line.strip():
                 continue
             try:
@@ -102,6 +105,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
             seen = True
             yield number, obj
+    if progress is not None and start > told:
+        progress(start - told)
     if not seen:
         raise DataError(path, None, "empty file (no JSON lines)")
 
@@ -208,7 +213,7 @@ JSONL_SUFFIX = ".jsonl"  # a causal-LM corpus of JSON lines {"text": ...}, one r
 _SPACE_OR_NEWLINE = re.compile("[ \n]")
 
 
-def _text_blocks(path: str) -> Iterator[str]:
+def _text_blocks(path: str, progress: Callable[[int], None] | None = None) -> Iterator[str]:
     """The text of a file in blocks of about READ_BYTES, decoded as UTF-8 with universal newlines (\\r\\n
     and \\r read as \\n, as open() reads text): memory holds one block, whatever the file's size."""
     if not os.path.isfile(path):
@@ -217,6 +222,8 @@ def _text_blocks(path: str) -> Iterator[str]:
         start, tail, held = 0, b"", ""
         while True:
             data = f.read(READ_BYTES)
+            if progress is not None and data:
+                progress(len(data))
             raw = tail + data
             cut = _whole_characters(raw) if data else len(raw)
             try:
@@ -244,15 +251,15 @@ def _whole_characters(raw: bytes) -> int:
     return i if i + size > len(raw) else len(raw)
 
 
-def _document_pieces(path: str, documents: str) -> Iterator[tuple[str, bool]]:
+def _document_pieces(path: str, documents: str, progress=None) -> Iterator[tuple[str, bool]]:
     """(text, last) in file order: each document's text in one or more pieces, `last` on its final one.
     A plain-text file is read in blocks; a JSONL file (.jsonl) a record at a time, each record's "text"
     split as if it were a file of its own (documents="file": one document a record). Whitespace-only
     documents come out too (the caller drops them)."""
     if not path.endswith(JSONL_SUFFIX):
-        yield from _split_documents(_text_blocks(path), documents, path, 0)
+        yield from _split_documents(_text_blocks(path, progress), documents, path, 0)
         return
-    for line, obj in read_jsonl(path):
+    for line, obj in read_jsonl(path, progress):
         text = _field(obj, "text", str, path, line, "a string")
         yield from _split_documents([text], documents, path, line)
 
@@ -375,25 +382,27 @@ class _StreamBuilder:
 
 
 def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file",
-                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                 cache_dir: str | os.PathLike | None = None,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """`</s> d1 </s> d2 </s> ... </s>` over every document of every file, in order, as one array
     (uint16 when the vocabulary fits, else uint32). Files are read in blocks and encoded in pieces
     (see _StreamBuilder), so memory holds the ids, two or four bytes a token, and a few MB of text.
 
     With `cache_dir`, the ids are kept there (see TokenCache) and read back, memory-mapped, by the next
     call with the same files (path, size, modification time), tokenizer and `documents`: a resumed run,
-    the evaluation set, each process of a distributed run on this machine (one encodes, the others wait)."""
+    the evaluation set, each process of a distributed run on this machine (one encodes, the others wait).
+    progress(n), when given, is told of each n bytes of the files read (not called on a cache hit)."""
     if documents not in DOCUMENT_SPLITS:
         raise ValueError(f"documents={documents!r}; choose one of {DOCUMENT_SPLITS}")
     paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise ValueError("no text files given")
     if cache_dir is not None:
-        return TokenCache(cache_dir).stream(paths, tokenizer, documents)
+        return TokenCache(cache_dir).stream(paths, tokenizer, documents, progress)
     builder = _StreamBuilder(tokenizer)
     for path in paths:
         before = builder.documents
-        for piece, last in _document_pieces(path, documents):
+        for piece, last in _document_pieces(path, documents, progress):
             builder.add(piece, last)
         if builder.documents == before:
             raise DataError(path, None, "empty file (no text)")
@@ -426,7 +435,7 @@ class TokenCache:
         what = {"version": self.VERSION, "documents": documents, "tokenizer": tokenizer.fingerprint(), "files": files}
         return hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:32]
 
-    def stream(self, paths: Sequence[str], tokenizer, documents: str) -> np.ndarray:
+    def stream(self, paths: Sequence[str], tokenizer, documents: str, progress=None) -> np.ndarray:
         key = self.key(paths, tokenizer, documents)
         found = self._read(key, tokenizer)
         if found is not None:
@@ -435,7 +444,7 @@ class TokenCache:
             found = self._read(key, tokenizer)  # another process may have written it meanwhile
             if found is not None:
                 return found
-            stream = token_stream(paths, tokenizer, documents)
+            stream = token_stream(paths, tokenizer, documents, progress=progress)
             try:
                 self._write(key, stream, paths, documents)
             except OSError as err:
@@ -522,9 +531,10 @@ def pack(stream: Sequence[int], seq_len: int, drop_last: bool = False) -> list[l
 
 
 def load_text(paths, tokenizer, seq_len: int, drop_last: bool = False, documents: str = "file",
-              cache_dir: str | os.PathLike | None = None) -> Dataset:
-    """Packed causal-LM blocks from plain-text or JSONL files (see the module docstring; cache_dir: token_stream)."""
-    stream = token_stream(paths, tokenizer, documents, cache_dir)
+              cache_dir: str | os.PathLike | None = None, progress: Callable[[int], None] | None = None) -> Dataset:
+    """Packed causal-LM blocks from plain-text or JSONL files (see the module docstring; cache_dir and
+    progress: token_stream)."""
+    stream = token_stream(paths, tokenizer, documents, cache_dir, progress)
     blocks = Blocks(stream, seq_len, drop_last)
     source = os.fspath(paths) if isinstance(paths, (str, os.PathLike)) else ", ".join(map(os.fspath, paths))
     if not blocks:

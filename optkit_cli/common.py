@@ -36,11 +36,11 @@ class Console:
         """Shown even with --quiet: things the user must know (random weights, skipped backends)."""
         print(message, file=sys.stderr, flush=True)
 
-    def progress(self, iterable=None, total=None, desc: str = "", unit: str = "it"):
+    def progress(self, iterable=None, total=None, desc: str = "", unit: str = "it", **options):
         from tqdm import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=self.quiet,
-                    leave=False, dynamic_ncols=True)
+                    leave=False, dynamic_ncols=True, **options)
 
     @contextlib.contextmanager
     def step(self, message: str):

@@ -107,6 +107,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
 
 
+def _load_data(console: Console, task: str, files: list[str], tokenizer, seq_len: int, options: dict):
+    """The examples of `files`; a corpus (causal_lm) with a progress bar of the bytes read, which a large one
+    needs (a GB takes minutes) and a cached one never moves."""
+    from opt_spec import data as spec_data
+
+    if task != "causal_lm":
+        return spec_data.load(task, files, tokenizer, seq_len, **options)
+    total = sum(os.path.getsize(f) for f in files)
+    with console.progress(total=total, desc=f"reading {', '.join(map(os.path.basename, files))}"[:60], unit="B",
+                          unit_scale=True, unit_divisor=1024, delay=1.0) as bar:
+        return spec_data.load(task, files, tokenizer, seq_len, progress=bar.update, **options)
+
+
 def load_trainer_class(backend: str):
     from opt_spec.backend import BACKENDS, EXTRAS, BackendUnavailableError, is_available
 
@@ -353,11 +366,11 @@ def run(args, console: Console) -> int:
                    "cache_dir": None if cache == "none" else cache}
     elif args.task == "sequence_classification":
         options = {"num_labels": config.num_labels}
-    train_set = spec_data.load(args.task, args.data, tokenizer, args.seq_len, **options)
+    train_set = _load_data(console, args.task, args.data, tokenizer, args.seq_len, options)
     eval_set = None
     if args.eval_data:
         eval_options = dict(options, drop_last=False) if args.task == "causal_lm" else options
-        eval_set = spec_data.load(args.task, args.eval_data, tokenizer, args.seq_len, **eval_options)
+        eval_set = _load_data(console, args.task, args.eval_data, tokenizer, args.seq_len, eval_options)
     console.info(f"{args.task}: {len(train_set)} training examples" +
                  (f", {len(eval_set)} for evaluation" if eval_set is not None else ""))
 

@@ -327,6 +327,22 @@ def test_processes_sharing_a_token_cache_encode_once(tok, tmp_path):
     assert lines[0][1:] == lines[1][1:]
 
 
+def test_progress_counts_every_byte_read(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 100)
+    text = tmp_path / "c.txt"
+    text.write_text("\n".join(CORPUS * 30), encoding="utf-8")
+    lines = write(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS * 30])
+    told = []
+    data.token_stream([text, lines], tok, "line", progress=told.append)
+    assert sum(told) == text.stat().st_size + lines.stat().st_size and len(told) > 10
+    told.clear()
+    data.token_stream([text], tok, cache_dir=tmp_path / "cache", progress=told.append)
+    assert sum(told) == text.stat().st_size
+    told.clear()
+    data.token_stream([text], tok, cache_dir=tmp_path / "cache", progress=told.append)
+    assert told == []                                                        # read from the cache
+
+
 def test_blocks_and_ragged_rows(tok, tmp_path):
     stream = np.arange(23, dtype=np.uint16)
     blocks = data.Blocks(stream, 5)
