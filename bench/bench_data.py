@@ -12,7 +12,8 @@ For each documents mode two child processes load the corpus into seq_len blocks:
 - baseline: what opt_spec.data did before (commit 52e4498): the whole file read into one string, split
   into documents, each document encoded whole into one Python list of ints, then cut into lists of
   seq_len ids (BASELINE below, written out here so it stays fixed while opt_spec.data changes);
-- optkit: opt_spec.data.load_text(path, tokenizer, seq_len, documents=mode).
+- optkit: opt_spec.data.load_text(path, tokenizer, seq_len, documents=mode), without a cache_dir (no token
+  cache: every run encodes the corpus).
 Each child reports seconds (the load only: imports and the tokenizer's loading are left out), its
 resident memory after imports and the tokenizer (base), its peak (VmHWM, taken before the checksum is
 computed), the number of blocks and tokens, and sha256 of the ids as one int64 array (the blocks one
