@@ -206,9 +206,9 @@ class Dataset:
 
 # ------------------------------------------------------------------------------------------ text corpora
 READ_BYTES = 1 << 22     # read from a text file at a time
-PIECE_CHARS = 1 << 16    # a document's text is encoded in pieces of about this many characters,
+PIECE_CHARS = 1 << 14    # a document's text is encoded in pieces of about this many characters,
 FORCE_CHARS = 1 << 20    # cut where CutRules allows, or here when a run this long allows no cut (not text)
-BATCH_CHARS = 1 << 22    # characters handed to the tokenizer's threads at once
+BATCH_CHARS = 1 << 21    # characters handed to the tokenizer's threads at once (~128 pieces)
 JSONL_SUFFIX = ".jsonl"  # a causal-LM corpus of JSON lines {"text": ...}, one record a document
 _SPACE_OR_NEWLINE = re.compile("[ \n]")
 
@@ -376,9 +376,10 @@ class _StreamBuilder:
             self.parts.append(np.concatenate(done))
         self.queue, self.queued = [], 0
 
-    def finish(self) -> np.ndarray:
+    def finish(self) -> list[np.ndarray]:
+        """The stream in consecutive arrays (one per batch: joining them is the caller's choice)."""
         self.flush()
-        return np.concatenate(self.parts)
+        return self.parts
 
 
 def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str = "file",
@@ -399,6 +400,10 @@ def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str =
         raise ValueError("no text files given")
     if cache_dir is not None:
         return TokenCache(cache_dir).stream(paths, tokenizer, documents, progress)
+    return np.concatenate(_encode_corpus(paths, tokenizer, documents, progress))
+
+
+def _encode_corpus(paths: Sequence[str], tokenizer, documents: str, progress) -> list[np.ndarray]:
     builder = _StreamBuilder(tokenizer)
     for path in paths:
         before = builder.documents
@@ -444,17 +449,17 @@ class TokenCache:
             found = self._read(key, tokenizer)  # another process may have written it meanwhile
             if found is not None:
                 return found
-            stream = token_stream(paths, tokenizer, documents, progress=progress)
+            parts = _encode_corpus(paths, tokenizer, documents, progress)
             try:
-                self._write(key, stream, paths, documents)
+                self._write(key, parts, paths, documents)
             except OSError as err:
                 import warnings
 
                 warnings.warn(f"token cache {self.directory}: not written ({err}); the ids stay in memory",
                               stacklevel=3)
-                return stream
+                return np.concatenate(parts)
         found = self._read(key, tokenizer)  # the entry memory-mapped: its pages are shared, and dropped when idle
-        return stream if found is None else found
+        return np.concatenate(parts) if found is None else found
 
     def _path(self, key: str, suffix: str) -> str:
         return os.path.join(self.directory, key + suffix)
@@ -472,13 +477,16 @@ class TokenCache:
             return None
         return ids if int(ids.max()) < tokenizer.vocab_size else None
 
-    def _write(self, key: str, stream: np.ndarray, paths: Sequence[str], documents: str) -> None:
+    def _write(self, key: str, parts: list[np.ndarray], paths: Sequence[str], documents: str) -> None:
+        """The stream's arrays written one after the other (never joined in memory: that would double it)."""
         from .io import atomic_path, check_free_space
 
-        check_free_space(self.directory, stream.nbytes, what="the token cache")
-        with atomic_path(self._path(key, ".ids")) as part:
-            stream.tofile(part)
-        meta = {"dtype": stream.dtype.name, "tokens": int(stream.size), "documents": documents,
+        check_free_space(self.directory, sum(p.nbytes for p in parts), what="the token cache")
+        with atomic_path(self._path(key, ".ids")) as target:
+            with open(target, "wb") as f:
+                for part in parts:
+                    part.tofile(f)
+        meta = {"dtype": parts[0].dtype.name, "tokens": sum(p.size for p in parts), "documents": documents,
                 "files": [os.path.realpath(p) for p in paths]}
         with atomic_path(self._path(key, ".json")) as part:
             with open(part, "w", encoding="utf-8") as f:
