@@ -315,12 +315,14 @@ class _StreamBuilder:
 
     A document's text is buffered and cut into pieces of about PIECE_CHARS where the tokenizer's
     CutRules allow (so the ids are those of encoding the document whole), or at FORCE_CHARS in a run
-    that allows no cut; a document is kept only when it holds more than whitespace."""
+    that allows no cut; a document is kept only when it holds more than whitespace. The finished stream
+    goes to `sink` (a binary file: memory then holds one batch, whatever the corpus) or to `parts`."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, sink=None):
         self.tokenizer, self.rules = tokenizer, tokenizer.cut_rules()
         self.dtype = tokenizer.id_dtype
-        self.parts = [np.array([tokenizer.bos_token_id], self.dtype)]  # the finished stream, in arrays
+        self.sink, self.parts, self.tokens = sink, [], 0  # the finished stream: written, or kept in arrays
+        self._keep(np.array([tokenizer.bos_token_id], self.dtype))
         self.eos = np.array([tokenizer.eos_token_id], self.dtype)
         self.text, self.has_text = "", False      # the current document's text not yet queued
         self.queue, self.queued = [], 0           # texts to encode and document ends (True: keep it)
@@ -373,11 +375,19 @@ class _StreamBuilder:
                     done.append(self.eos)
                 self.document = []
         if done:
-            self.parts.append(np.concatenate(done))
+            self._keep(np.concatenate(done))
         self.queue, self.queued = [], 0
 
+    def _keep(self, ids: np.ndarray) -> None:
+        self.tokens += ids.size
+        if self.sink is None:
+            self.parts.append(ids)
+        else:
+            ids.tofile(self.sink)
+
     def finish(self) -> list[np.ndarray]:
-        """The stream in consecutive arrays (one per batch: joining them is the caller's choice)."""
+        """The stream in consecutive arrays (one per batch: joining them is the caller's choice; none with
+        a sink)."""
         self.flush()
         return self.parts
 
@@ -400,18 +410,19 @@ def token_stream(paths: Iterable[str | os.PathLike], tokenizer, documents: str =
         raise ValueError("no text files given")
     if cache_dir is not None:
         return TokenCache(cache_dir).stream(paths, tokenizer, documents, progress)
-    return np.concatenate(_encode_corpus(paths, tokenizer, documents, progress))
+    return np.concatenate(_encode_corpus(paths, tokenizer, documents, progress).parts)
 
 
-def _encode_corpus(paths: Sequence[str], tokenizer, documents: str, progress) -> list[np.ndarray]:
-    builder = _StreamBuilder(tokenizer)
+def _encode_corpus(paths: Sequence[str], tokenizer, documents: str, progress, sink=None) -> _StreamBuilder:
+    builder = _StreamBuilder(tokenizer, sink)
     for path in paths:
         before = builder.documents
         for piece, last in _document_pieces(path, documents, progress):
             builder.add(piece, last)
         if builder.documents == before:
             raise DataError(path, None, "empty file (no text)")
-    return builder.finish()
+    builder.finish()
+    return builder
 
 
 class TokenCache:
@@ -449,17 +460,18 @@ class TokenCache:
             found = self._read(key, tokenizer)  # another process may have written it meanwhile
             if found is not None:
                 return found
-            parts = _encode_corpus(paths, tokenizer, documents, progress)
             try:
-                self._write(key, parts, paths, documents)
-            except OSError as err:
+                self._write(key, paths, tokenizer, documents, progress)
+            except OSError as err:  # the folder cannot be written, the disk filled up: encoded again, in memory
                 import warnings
 
-                warnings.warn(f"token cache {self.directory}: not written ({err}); the ids stay in memory",
+                warnings.warn(f"token cache {self.directory}: not written ({err}); the ids are kept in memory",
                               stacklevel=3)
-                return np.concatenate(parts)
+                return np.concatenate(_encode_corpus(paths, tokenizer, documents, None).parts)
         found = self._read(key, tokenizer)  # the entry memory-mapped: its pages are shared, and dropped when idle
-        return np.concatenate(parts) if found is None else found
+        if found is None:
+            raise OSError(f"token cache {self._path(key, '.ids')}: written but not readable")
+        return found
 
     def _path(self, key: str, suffix: str) -> str:
         return os.path.join(self.directory, key + suffix)
@@ -477,19 +489,18 @@ class TokenCache:
             return None
         return ids if int(ids.max()) < tokenizer.vocab_size else None
 
-    def _write(self, key: str, parts: list[np.ndarray], paths: Sequence[str], documents: str) -> None:
-        """The stream's arrays written one after the other (never joined in memory: that would double it)."""
-        from .io import atomic_path, check_free_space
+    def _write(self, key: str, paths: Sequence[str], tokenizer, documents: str, progress) -> None:
+        """Encodes the corpus straight into KEY.ids (memory holds one batch of ids, whatever the corpus), then
+        writes KEY.json."""
+        from .io import atomic_path
 
-        check_free_space(self.directory, sum(p.nbytes for p in parts), what="the token cache")
         with atomic_path(self._path(key, ".ids")) as target:
             with open(target, "wb") as f:
-                for part in parts:
-                    part.tofile(f)
-        meta = {"dtype": parts[0].dtype.name, "tokens": sum(p.size for p in parts), "documents": documents,
+                built = _encode_corpus(paths, tokenizer, documents, progress, sink=f)
+        meta = {"dtype": np.dtype(built.dtype).name, "tokens": built.tokens, "documents": documents,
                 "files": [os.path.realpath(p) for p in paths]}
-        with atomic_path(self._path(key, ".json")) as part:
-            with open(part, "w", encoding="utf-8") as f:
+        with atomic_path(self._path(key, ".json")) as target:
+            with open(target, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
 
     @contextlib.contextmanager

@@ -295,6 +295,32 @@ def test_token_cache_entries_that_do_not_check_out_are_encoded_again(tok, tmp_pa
         assert data.token_stream(corpus, tok, cache_dir=blocked).tolist() == expected
 
 
+def test_token_cache_is_written_as_encoded_and_survives_a_full_disk(tok, tmp_path, monkeypatch):
+    """The ids go to the entry's file batch by batch (memory holds one batch, not the corpus); a disk that
+    fills up meanwhile leaves no entry and no temporary file, and the ids are encoded again in memory."""
+    corpus, cache = tmp_path / "c.txt", tmp_path / "cache"
+    corpus.write_text("\n".join(CORPUS * 50), encoding="utf-8")
+    expected = data.token_stream(corpus, tok, "line")
+    monkeypatch.setattr(data, "BATCH_CHARS", 500)
+    with open(tmp_path / "ids", "wb") as sink:
+        built = data._encode_corpus([str(corpus)], tok, "line", None, sink=sink)
+    assert built.parts == [] and built.tokens == expected.size
+    assert np.fromfile(tmp_path / "ids", dtype=np.uint16).tolist() == expected.tolist()
+
+    encode = data._encode_corpus
+
+    def full_disk(paths, tokenizer, documents, progress, sink=None):
+        if sink is not None:
+            sink.write(b"\0" * 64)
+            raise OSError(28, "No space left on device")
+        return encode(paths, tokenizer, documents, progress, sink)
+
+    monkeypatch.setattr(data, "_encode_corpus", full_disk)
+    with pytest.warns(UserWarning, match=r"token cache .*cache: not written \(\[Errno 28\] No space left"):
+        assert data.token_stream(corpus, tok, "line", cache_dir=cache).tolist() == expected.tolist()
+    assert sorted(p.suffix for p in cache.iterdir()) == [".lock"]
+
+
 _CACHE_WORKER = """
 import sys
 from opt_spec import data
