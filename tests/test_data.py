@@ -295,6 +295,20 @@ def test_token_cache_entries_that_do_not_check_out_are_encoded_again(tok, tmp_pa
         assert data.token_stream(corpus, tok, cache_dir=blocked).tolist() == expected
 
 
+def test_vocabularies_past_65536_ids_keep_uint32(tok, tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    narrow = data.token_stream(corpus, tok, "paragraph")
+    monkeypatch.setattr(type(tok), "vocab_size", property(lambda self: 70000))  # a grown vocabulary
+    assert tok.id_dtype == np.uint32
+    wide = data.token_stream(corpus, tok, "paragraph", cache_dir=tmp_path / "cache")
+    again = data.token_stream(corpus, tok, "paragraph", cache_dir=tmp_path / "cache")
+    assert wide.dtype == again.dtype == np.uint32 and isinstance(again, np.memmap)
+    assert wide.tolist() == again.tolist() == narrow.tolist()
+    rows = data.load_classification(write(tmp_path / "c.jsonl", [{"text": "a b", "label": 0}]), tok, 8).rows
+    assert rows.ids.dtype == np.uint32 and rows[0] == tok.encode("a b", add_bos=True)
+
+
 def test_token_cache_is_written_as_encoded_and_survives_a_full_disk(tok, tmp_path, monkeypatch):
     """The ids go to the entry's file batch by batch (memory holds one batch, not the corpus); a disk that
     fills up meanwhile leaves no entry and no temporary file, and the ids are encoded again in memory."""
