@@ -414,6 +414,49 @@ def test_jsonl_is_read_a_line_at_a_time(tok, tmp_path, monkeypatch):
         data.load_classification(path, tok, 8)
 
 
+def test_any_bytes_give_ids_or_a_data_error(tok, tmp_path, monkeypatch):
+    """The data readers' contract on files from anywhere: a stream / dataset, or a DataError naming the file;
+    nothing else escapes (random bytes, and valid JSONL with bytes replaced, inserted or cut)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    monkeypatch.setattr(data, "READ_BYTES", 7)
+    monkeypatch.setattr(data, "PIECE_CHARS", 3)
+    monkeypatch.setattr(data, "FORCE_CHARS", 40)
+    valid = (json.dumps({"text": CORPUS[3], "label": 1, "context": CORPUS[2], "question": "Which?",
+                         "answers": {"text": ["Paris"], "answer_start": [0]}}, ensure_ascii=False) + "\n").encode()
+    edits = st.lists(st.tuples(st.integers(0, len(valid)), st.sampled_from(["put", "insert", "cut"]),
+                               st.binary(min_size=1, max_size=3)), max_size=4)
+
+    def edited(changes):
+        raw = bytearray(valid * 2)
+        for at, how, value in changes:
+            at = min(at, len(raw))
+            if how == "put":
+                raw[at:at + len(value)] = value
+            elif how == "insert":
+                raw[at:at] = value
+            else:
+                del raw[at:at + len(value)]
+        return bytes(raw)
+
+    @hypothesis.settings(max_examples=150, derandomize=True, database=None, deadline=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.one_of(st.binary(max_size=200), edits.map(edited)), st.sampled_from(data.DOCUMENT_SPLITS))
+    def check(raw, documents):
+        for name in ("t.txt", "t.jsonl"):
+            path = tmp_path / name
+            path.write_bytes(raw)
+            for load in (lambda: data.token_stream(path, tok, documents),
+                         lambda: data.load_classification(path, tok, 8, num_labels=3),
+                         lambda: data.load_question_answering(path, tok, 32, skip_overflow=True)):
+                try:
+                    load()
+                except data.DataError as err:
+                    assert str(err).startswith(str(path))
+
+    check()
+
+
 # ----------------------------------------------------------------------------------- classification
 def test_classification_examples_and_batches(tok, tmp_path):
     path = write(tmp_path / "c.jsonl", [{"text": "good tea", "label": 1}, "", {"text": "bad dog", "label": 0},
