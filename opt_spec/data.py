@@ -154,6 +154,26 @@ class Ragged(SequenceABC):
         return self.ids[(self.ends[i - 1] if i else 0):self.ends[i]]
 
 
+class Selection(SequenceABC):
+    """Some rows of another row sequence, by index, without copying them."""
+
+    def __init__(self, rows: Sequence[Sequence[int]], indices: np.ndarray):
+        self.rows, self.indices = rows, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.rows[int(self.indices[i])]
+
+    def array(self, i: int) -> np.ndarray | Sequence[int]:
+        array = getattr(self.rows, "array", None)
+        j = int(self.indices[i])
+        return array(j) if array is not None else self.rows[j]
+
+
 @dataclass
 class Dataset:
     """Examples of one task: `rows` are token-id rows (lists, or Ragged / Blocks: compact arrays that give
@@ -177,6 +197,13 @@ class Dataset:
 
     def num_tokens(self, indices: Sequence[int]) -> int:
         return int(sum(len(self.row(i)) for i in indices))
+
+    def select(self, indices: Sequence[int]) -> "Dataset":
+        """The examples at `indices`, in that order (rows are not copied)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        pick = (lambda values: [values[i] for i in indices]) if len(indices) else (lambda values: [])
+        return Dataset(self.task, Selection(self.rows, indices), pick(self.targets) if self.targets else [],
+                       pick(self.meta) if self.meta else [], self.pad_token_id, self.source)
 
     def collate(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = [int(i) for i in indices]
@@ -674,6 +701,20 @@ def load(task: str, paths, tokenizer, seq_len: int, **options) -> Dataset:
     if task == "question_answering":
         return load_question_answering(paths, tokenizer, seq_len, **options)
     raise ValueError(f"task={task!r}; choose one of {TASKS}")
+
+
+def split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(training, held out): a seeded random `fraction` of the examples held out for evaluation (at least
+    one, and at least one left to train on), each part in the dataset's order; the same call gives the
+    same parts (a resumed run trains on what it trained on). Causal-LM examples are blocks of the stream."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"a held-out fraction must be between 0 and 1, got {fraction}")
+    n = len(dataset)
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise ValueError(f"{dataset.source}: {n} examples; holding out {fraction} of them leaves none to train on")
+    order = np.random.default_rng([seed, 0x5E1EC7]).permutation(n)
+    return dataset.select(np.sort(order[held:])), dataset.select(np.sort(order[:held]))
 
 
 # ------------------------------------------------------------------------------------------ batching

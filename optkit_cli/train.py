@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
                    help="training data: text or JSONL {\"text\"} files (causal_lm), or one JSONL file")
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data, same format")
+    p.add_argument("--eval-split", type=float, metavar="F", help="hold out a seeded random fraction F of --data "
+                   "for evaluation instead (e.g. 0.05; the same with --resume)")
     p.add_argument("--backend", default="torch", choices=("torch", "tf", "flax"))
     p.add_argument("--output", required=True, metavar="DIR", help="folder for metrics.jsonl and checkpoints")
     p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer updates in all (default 100)")
@@ -153,6 +155,9 @@ def _check(args) -> None:
         raise CLIError(f"--max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise CLIError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+    if args.eval_split is not None and (args.eval_data or not 0 < args.eval_split < 1):
+        raise CLIError(f"--eval-split {args.eval_split}: " + ("give --eval-data or --eval-split, not both"
+                       if args.eval_data else "a fraction between 0 and 1"))
     for option, files in (("--data", args.data), ("--eval-data", args.eval_data or [])):
         for path in files:
             if not os.path.exists(path):
@@ -368,6 +373,11 @@ def run(args, console: Console) -> int:
         options = {"num_labels": config.num_labels}
     train_set = _load_data(console, args.task, args.data, tokenizer, args.seq_len, options)
     eval_set = None
+    if args.eval_split is not None:
+        try:
+            train_set, eval_set = spec_data.split(train_set, args.eval_split, seed=args.seed)
+        except ValueError as err:
+            raise CLIError(f"--eval-split {args.eval_split}: {err}") from None
     if args.eval_data:
         eval_options = dict(options, drop_last=False) if args.task == "causal_lm" else options
         eval_set = _load_data(console, args.task, args.eval_data, tokenizer, args.seq_len, eval_options)

@@ -533,6 +533,18 @@ def test_train_keeps_the_corpus_token_ids_for_the_next_run(tiny_model, tmp_path,
     assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == entries
 
 
+def test_train_holds_out_an_eval_split(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(capsys, *_train(tiny_model, out, "--steps", "2", "--eval-split", "0.3"))[0] == 0
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["loss"] > 0
+    for extra, says in ((["--eval-split", "1.5"], "a fraction between 0 and 1"),
+                        (["--eval-split", "0.1", "--eval-data", tiny_model[1]], "not both"),
+                        (["--eval-split", "0.999"], "leaves none to train on")):
+        code, _, err = run_main(capsys, *_train(tiny_model, tmp_path / "other", *extra))
+        assert code == 2 and f"--eval-split {extra[1]}: " in err and says in err, err
+
+
 def test_resume_config_is_one_rule():
     """The check every backend's from_checkpoint made in three copies, once in the spec; a file's bad
     train_config is refused as the file's (it was a TypeError: an internal error)."""

@@ -565,6 +565,26 @@ def test_qa_errors(tok, tmp_path):
     assert len(data.load_question_answering(path, tok, 12, skip_overflow=True)) == 1
 
 
+def test_split_holds_out_a_seeded_fraction(tok, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(CORPUS * 5), encoding="utf-8")
+    blocks = data.load_text(corpus, tok, 8)
+    train, held = data.split(blocks, 0.2, seed=3)
+    assert len(held) == round(len(blocks) * 0.2) and len(train) + len(held) == len(blocks)
+    rows = sorted(map(tuple, list(train.rows) + list(held.rows)))
+    assert rows == sorted(map(tuple, blocks.rows))                        # every block once
+    again = data.split(blocks, 0.2, seed=3)
+    assert list(again[1].rows) == list(held.rows) and list(data.split(blocks, 0.2, seed=4)[1].rows) != list(held.rows)
+    assert (held.collate([0, 1])["input_ids"] == blocks.collate(held.rows.indices[:2])["input_ids"]).all()
+    qa_rows = data.Dataset("question_answering", [[2, 5], [2, 6, 7], [2]], [(0, 1), (1, 2), (0, 0)], ["a", "b", "c"])
+    kept, out = data.split(qa_rows, 0.3, seed=0)
+    assert len(out) == 1 and sorted(kept.meta + out.meta) == ["a", "b", "c"]
+    assert out.targets == [qa_rows.targets[qa_rows.meta.index(out.meta[0])]]
+    for fraction in (0.0, 1.0, 0.99):
+        with pytest.raises(ValueError, match="between 0 and 1|leaves none to train on"):
+            data.split(qa_rows, fraction)
+
+
 # ----------------------------------------------------------------------------------------- shuffling
 def test_batch_stream_is_seeded_deterministic_and_covers_each_epoch(tok, tmp_path):
     ds = data.Dataset("sequence_classification", [[2, 5 + i] for i in range(10)], list(range(10)))
