@@ -51,7 +51,7 @@ from jax import lax
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
-                                 prompt_inputs, single_token_bias, transition_scores)
+                                 prompt_inputs, single_token_bias, step_outputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -419,7 +419,15 @@ class GenerationMixin(GenerationDefaults):
         if d.is_beam_search:
             return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
                                                  scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n])
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
+        hidden_states, attentions = None, None
+        if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
+            T, upto = ids.shape[1], ids.shape[1] + n - 1
+            full = np.concatenate([mask, np.ones((len(mask), n), mask.dtype)], axis=1)
+            out = self(sequences[:, :upto], attention_mask=jnp.asarray(full[:, :upto]), params=params,
+                       output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
+            hidden_states, attentions = step_outputs(T, n, out.hidden_states, out.attentions)
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
+                                         hidden_states=hidden_states, attentions=attentions)
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> jax.Array:
         """Each generated token's score (rows, steps) float32 from generate's record (sequences, scores,

@@ -98,8 +98,17 @@ a record (opt_spec.outputs.GenerateDecoderOnlyOutput; GenerateBeamDecoderOnlyOut
   normalized score (with output_scores), and `beam_indices` (B * num_return_sequences, M): for each new
   token of a returned hypothesis, the running beam it extended at that step, as b * num_beams + k, -1
   past its end.
-Others are None (attentions, hidden_states, past_key_values: generate keeps no cache). A streamer still
-gets every step. `compute_transition_scores` (below) turns them into each chosen token's score.
+- output_hidden_states=True / output_attentions=True (greedy and sampling): `hidden_states`, a tuple with one
+  entry per step taken, each a tuple of the (num_hidden_layers + 1) hidden states the model gave for that
+  step's input, and `attentions` likewise, one (rows, heads, q, k) probability tensor per layer: the first step
+  the whole prompt (q = k = T), step s after it its one new position (q = 1, k = T + s), as Hugging Face's
+  incremental forward passes give them. optkit computes them in one forward over the returned rows' first
+  T + M - 1 positions after decoding (`step_outputs` slices it; a causal model's state at a position depends
+  on the positions before it only), so decoding itself is unchanged. A prompt pad's own states are not
+  specified (as in a forward pass). Beam search refuses them (its running beams are rows that the returned
+  sequences do not hold).
+past_key_values is None (generate keeps no cache). A streamer still gets every step.
+`compute_transition_scores` (below) turns the scores into each chosen token's score.
 
 Stop strings (stop_strings=, with tokenizer= whose decode(ids, skip_special_tokens=False) gives text):
 a row stops when, after its new token, the text of its real tokens contains a stop string that was not
@@ -156,7 +165,7 @@ HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config sayi
 # pass them only at their default values.
 UNSUPPORTED = {
     "max_time": None, "encoder_repetition_penalty": 1.0, "token_healing": False, "guidance_scale": None,
-    "watermarking_config": None, "output_attentions": False, "output_hidden_states": False,
+    "watermarking_config": None,
     "encoder_no_repeat_ngram_size": 0, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
 }
@@ -214,6 +223,8 @@ class GenerationConfig:
     return_dict_in_generate: bool = False
     output_scores: bool = False
     output_logits: bool | None = None
+    output_attentions: bool = False
+    output_hidden_states: bool = False
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -327,9 +338,14 @@ class GenerationConfig:
             value = getattr(self, name)
             if not (is_number(value) and 0 <= value < 1):
                 fail(name, "must be in [0, 1) (0 keeps every token)")
-        for name in ("remove_invalid_values", "renormalize_logits", "return_dict_in_generate", "output_scores"):
+        for name in ("remove_invalid_values", "renormalize_logits", "return_dict_in_generate", "output_scores",
+                     "output_attentions", "output_hidden_states"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "must be true or false")
+        for name in ("output_attentions", "output_hidden_states"):
+            if getattr(self, name) and self.return_dict_in_generate and self.num_beams > 1:
+                fail(name, "is not implemented with beam search (num_beams > 1): call the model on the returned "
+                           "sequences with it instead")
         if self.output_logits is not None and not isinstance(self.output_logits, (bool, np.bool_)):
             fail("output_logits", "must be true, false or None")
 
@@ -487,6 +503,8 @@ class Decoding:
     return_dict_in_generate: bool = False
     output_scores: bool = False
     output_logits: bool = False
+    output_attentions: bool = False     # only with return_dict_in_generate (as in Hugging Face)
+    output_hidden_states: bool = False
 
     @property
     def is_beam_search(self) -> bool:
@@ -627,7 +645,24 @@ def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], prompt_lengt
                 epsilon_cutoff=float(cfg.epsilon_cutoff), eta_cutoff=float(cfg.eta_cutoff),
                 renormalize_logits=bool(cfg.renormalize_logits),
                 return_dict_in_generate=bool(cfg.return_dict_in_generate), output_scores=bool(cfg.output_scores),
-                output_logits=bool(cfg.output_logits))
+                output_logits=bool(cfg.output_logits),
+                output_attentions=bool(cfg.output_attentions and cfg.return_dict_in_generate),
+                output_hidden_states=bool(cfg.output_hidden_states and cfg.return_dict_in_generate))
+
+
+def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=None) -> tuple:
+    """(hidden_states, attentions) of generate's record, per step as Hugging Face's incremental forward passes
+    give them, cut from one forward over the rows' first prompt_length + steps - 1 positions (any array type
+    that slices): step 0 the prompt's positions, step s its position T + s - 1 attending to T + s keys."""
+    T = prompt_length
+
+    def rows(s: int) -> slice:
+        return slice(0, T) if s == 0 else slice(T + s - 1, T + s)
+
+    hs = None if hidden_states is None else tuple(tuple(h[:, rows(s)] for h in hidden_states) for s in range(steps))
+    att = None if attentions is None else tuple(tuple(a[:, :, rows(s), :T + s] for a in attentions)
+                                                for s in range(steps))
+    return hs, att
 
 
 def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -332,3 +332,57 @@ def test_a_criterion_returning_one_bool_stops_every_row(models, hf, backend):
 def test_bad_host_rules_are_refused_by_name(models, backend, kwargs, error, words):
     with pytest.raises(error, match=words):
         run(models, backend, max_new_tokens=2, **kwargs)
+
+
+# ------------------------------------------------------------------------ hidden states and attentions
+@pytest.fixture(scope="module")
+def hf_eager(checkpoint):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.OPTForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("how", ["greedy", "sampling"])
+def test_hidden_states_and_attentions_per_step_as_hugging_face(models, backend, hf_eager, how):
+    """output_hidden_states / output_attentions: one entry per step taken, each a tuple over the layers of what
+    Hugging Face's incremental forward passes give: the prompt first (q = k = T), then each new position
+    (q = 1, k = T + s). Hugging Face is made to generate exactly our rows (prefix_allowed_tokens_fn allowing
+    each row's own next token), so sampled rows and rows finished early (pads fed after EOS) are compared too."""
+    free = reference(hf_eager, max_new_tokens=6, eos_token_id=None).numpy()[:, T:]
+    settings = dict(max_new_tokens=6, eos_token_id=int(free[1, 2]), return_dict_in_generate=True,
+                    output_hidden_states=True, output_attentions=True)
+    if how == "sampling":
+        settings.update(do_sample=True, seed=3, num_return_sequences=2, top_k=0)
+    out = run(models, backend, **settings)
+    rows = tokens_of(out)
+    steps = rows.shape[1] - T
+    assert out.scores is None and len(out.hidden_states) == len(out.attentions) == steps >= 3
+    n = len(rows) // len(IDS)
+    allowed = lambda b, prefix: [int(rows[b, len(prefix)])] if len(prefix) < rows.shape[1] else [1]  # noqa: E731
+    with torch.no_grad():
+        want = hf_eager.generate(input_ids=torch.from_numpy(np.repeat(IDS, n, 0)).long(),
+                                 attention_mask=torch.from_numpy(np.repeat(MASK, n, 0)).long(), pad_token_id=1,
+                                 max_new_tokens=6, eos_token_id=settings["eos_token_id"], return_dict_in_generate=True,
+                                 output_hidden_states=True, output_attentions=True, prefix_allowed_tokens_fn=allowed)
+    assert tokens_of(want).tolist() == rows.tolist() and len(want.hidden_states) == steps
+    layers, real = CONFIG.num_hidden_layers, np.repeat(MASK, n, 0).astype(bool)
+    for s in range(steps):
+        q = T if s == 0 else 1
+        queries = real if s == 0 else np.ones((len(rows), 1), bool)  # a pad's own state is not specified
+        hidden, attention = to_numpy(out.hidden_states[s]), to_numpy(out.attentions[s])
+        assert len(hidden) == layers + 1 and len(attention) == layers
+        for ours_h, hf_h in zip(hidden, want.hidden_states[s]):
+            assert ours_h.shape == (len(rows), q, CONFIG.hidden_size), s
+            assert close(ours_h[queries], hf_h.numpy()[queries], 1e-4), s
+        for ours_a, hf_a in zip(attention, want.attentions[s]):
+            assert ours_a.shape == (len(rows), CONFIG.num_attention_heads, q, T + s) == tuple(hf_a.shape), s
+            assert close(ours_a.transpose(0, 2, 1, 3)[queries], hf_a.numpy().transpose(0, 2, 1, 3)[queries], 1e-5), s
+
+
+def test_hidden_states_need_the_record_and_no_beams(models, backend):
+    plain = run(models, backend, max_new_tokens=3, output_hidden_states=True, output_attentions=True)
+    assert tokens_of(plain).tolist() == tokens_of(run(models, backend, max_new_tokens=3)).tolist()  # ids only
+    record = run(models, backend, max_new_tokens=3, return_dict_in_generate=True)
+    assert record.hidden_states is None and record.attentions is None
+    with pytest.raises(ValueError, match="output_hidden_states.* not implemented with beam search"):
+        run(models, backend, max_new_tokens=3, num_beams=2, return_dict_in_generate=True, output_hidden_states=True)
