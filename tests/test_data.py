@@ -262,7 +262,8 @@ def test_token_cache_reuses_ids_until_an_input_changes(tok, tmp_path, monkeypatc
     ds = data.load_text(corpus, tok, 16, cache_dir=cache, documents="paragraph")
     assert len(calls) == encoded and ds.collate([0])["input_ids"][0].tolist() == plain[:16].tolist()
     # another documents mode, tokenizer or file content is another entry
-    assert data.token_stream(corpus, tok, "line", cache_dir=cache).tolist() == data.token_stream(corpus, tok, "line").tolist()
+    by_line = data.token_stream(corpus, tok, "line", cache_dir=cache)
+    assert by_line.tolist() == data.token_stream(corpus, tok, "line").tolist()
     assert len(calls) > encoded
     encoded = len(calls)
     corpus.write_text("\n\n".join(CORPUS[::-1]), encoding="utf-8")
