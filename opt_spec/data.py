@@ -14,8 +14,8 @@ Three tasks, one batch format (dict of NumPy arrays, (B, T) int64 ids and mask, 
   Corpora of any size: files are read in blocks of a few MB and each document is encoded in pieces cut
   where the tokenizer's CutRules say the ids equal those of the whole document (at word starts), many
   pieces at once on the tokenizer's threads; the stream is one uint16 array (uint32 past 65,536 ids),
-  2 bytes a token (a 100 MB corpus: ~17 s and 0.4 GB peak on 2 cores, where encoding whole documents
-  into Python lists took 118 s and 14.6 GB).
+  2 bytes a token (a 100 MB corpus: 11.6 s and 0.25 GB peak on 2 cores, where encoding whole documents
+  into Python lists took 92 s and 13.3 GB: bench/bench_data.py).
 - sequence_classification (`load_classification`): JSONL, one {"text": str, "label": ...} per line;
   label an int (single-label class), a float (regression, num_labels 1) or a list of 0/1 (multi-label).
   One file holds one kind. Text is `</s> text`, cut to its first `max_length` tokens.
