@@ -10,8 +10,8 @@ tokenizer.json, read back with OPTTokenizer.from_pretrained.
 
 For each documents mode two child processes load the corpus into seq_len blocks:
 - baseline: what opt_spec.data did before (commit 52e4498): the whole file read into one string, split
-  into documents, each document encoded whole into one Python list of ints, then cut into lists of
-  seq_len ids (BASELINE below, written out here so it stays fixed while opt_spec.data changes);
+  into documents (by their definition, opt_spec.data.documents_of), each document encoded whole into one
+  Python list of ints, then cut into lists of seq_len ids (baseline_load below);
 - optkit: opt_spec.data.load_text(path, tokenizer, seq_len, documents=mode), without a cache_dir (no token
   cache: every run encodes the corpus).
 Each child reports seconds (the load only: imports and the tokenizer's loading are left out), its
@@ -118,29 +118,13 @@ def make_tokenizer(directory: str, corpus: str, vocab_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the baseline
-def split_documents(text: str, documents: str) -> list[str]:
-    """The old opt_spec.data._split_documents, unchanged."""
-    if documents == "file":
-        docs = [text]
-    elif documents == "line":
-        docs = text.splitlines()
-    else:
-        docs, current = [], []
-        for line in text.splitlines():
-            if line.strip():
-                current.append(line)
-            elif current:
-                docs.append("\n".join(current))
-                current = []
-        if current:
-            docs.append("\n".join(current))
-    return [d for d in docs if d.strip()]
-
-
 def baseline_load(path: str, tokenizer, seq_len: int, documents: str) -> list[list[int]]:
-    """The old load_text for one file: read whole, split, encode each document whole, pack into lists."""
+    """The old load_text for one file: read whole, split (the definition, opt_spec.data.documents_of), encode
+    each document whole, pack into lists."""
+    from opt_spec.data import documents_of
+
     with open(path, encoding="utf-8") as f:
-        docs = split_documents(f.read(), documents)  # the text itself is dropped once split, as before
+        docs = documents_of(f.read(), documents)  # the text itself is dropped once split, as before
     stream = [tokenizer.bos_token_id]
     for doc in docs:
         stream.extend(tokenizer.encode(doc, add_bos=False))

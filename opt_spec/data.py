@@ -240,6 +240,25 @@ JSONL_SUFFIX = ".jsonl"  # a causal-LM corpus of JSON lines {"text": ...}, one r
 _SPACE_OR_NEWLINE = re.compile("[ \n]")
 
 
+def documents_of(text: str, documents: str) -> list[str]:
+    """A text's documents by definition, the text whole: itself ("file"), its lines (str.splitlines: "line"),
+    or its runs of non-blank lines joined by \\n ("paragraph"); whitespace-only ones dropped. What the
+    streamed reading below (blocks, pieces) is tested against: the ids of each of these encoded whole."""
+    if documents == "file":
+        docs = [text]
+    elif documents == "line":
+        docs = text.splitlines()
+    else:
+        docs, current = [], []
+        for line in text.splitlines() + [""]:
+            if line.strip():
+                current.append(line)
+            elif current:
+                docs.append("\n".join(current))
+                current = []
+    return [d for d in docs if d.strip()]
+
+
 def _text_blocks(path: str, progress: Callable[[int], None] | None = None) -> Iterator[str]:
     """The text of a file in blocks of about READ_BYTES, decoded as UTF-8 with universal newlines (\\r\\n
     and \\r read as \\n, as open() reads text): memory holds one block, whatever the file's size."""

@@ -98,23 +98,12 @@ def test_empty_and_missing_text_files(tok, tmp_path):
 
 # ---------------------------------------------------------------------------------- corpora of any size
 def whole_documents_stream(path, tok, documents):
-    """The stream as defined: the file read whole (universal newlines), split into documents, each encoded whole."""
+    """The stream as defined: the file read whole (universal newlines), its documents (data.documents_of) each
+    encoded whole."""
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if documents == "file":
-        docs = [text]
-    elif documents == "line":
-        docs = text.splitlines()
-    else:
-        docs, current = [], []
-        for line in text.splitlines() + [""]:
-            if line.strip():
-                current.append(line)
-            elif current:
-                docs.append("\n".join(current))
-                current = []
+        docs = data.documents_of(f.read(), documents)
     stream = [tok.bos_token_id]
-    for doc in (d for d in docs if d.strip()):
+    for doc in docs:
         stream += tok.encode(doc, add_bos=False) + [tok.eos_token_id]
     return stream
 
