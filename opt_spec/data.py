@@ -649,26 +649,28 @@ def load_classification(path, tokenizer, max_length: int, num_labels: int | None
                    pad_token_id=tokenizer.pad_token_id, source=path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QAMeta:
     """What evaluation needs to turn predicted token positions into answer text."""
 
     context: str
     context_start: int                 # index of the first context token in the row
-    offsets: tuple[tuple[int, int], ...]  # character span of each context token
+    offsets: np.ndarray                # (n, 2) int32: the character span of each context token
     answers: tuple[str, ...]
 
 
-def answer_token_span(offsets: Sequence[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
-    """(first, last) token index whose character spans overlap [start_char, end_char), or None."""
-    hits = [i for i, (s, e) in enumerate(offsets) if s < end_char and e > start_char]
-    return (hits[0], hits[-1]) if hits else None
+def answer_token_span(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
+    """(first, last) token index whose character spans (offsets: (n, 2) or n pairs) overlap
+    [start_char, end_char), or None."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    hits = np.flatnonzero((offsets[:, 0] < end_char) & (offsets[:, 1] > start_char))
+    return (int(hits[0]), int(hits[-1])) if hits.size else None
 
 
 def load_question_answering(path, tokenizer, max_length: int, skip_overflow: bool = False) -> Dataset:
     """SQuAD-style question-answering examples from JSONL (see the module docstring)."""
     path = os.fspath(path)
-    rows, targets, meta = [], [], []
+    rows, targets, meta, dtype = [], [], [], tokenizer.id_dtype
     for line, obj in read_jsonl(path):
         context = _field(obj, "context", str, path, line, "a string")
         question = _field(obj, "question", str, path, line, "a string")
@@ -688,6 +690,7 @@ def load_question_answering(path, tokenizer, max_length: int, skip_overflow: boo
                                             f"(found {context[start:start + len(text)]!r})")
         q_ids = tokenizer.encode(question, add_bos=True)      # </s> question
         c_ids, c_offsets = tokenizer.encode_with_offsets(context, add_bos=False)
+        c_offsets = np.asarray(c_offsets, dtype=np.int32).reshape(-1, 2)  # 8 bytes a token, not a tuple's ~110
         prefix = q_ids + [tokenizer.eos_token_id]             # </s> question </s>
         span = answer_token_span(c_offsets, starts[0], starts[0] + len(texts[0]))
         if span is None:  # only possible for whitespace-only answers the tokenizer folds away
@@ -698,12 +701,12 @@ def load_question_answering(path, tokenizer, max_length: int, skip_overflow: boo
                 continue
             raise DataError(path, line, f"the answer ends at token {len(prefix) + span[1]}, past max_length="
                                         f"{max_length} (question {len(prefix)} + context {len(c_ids)} tokens)")
-        rows.append(prefix + c_ids[:keep])
+        rows.append(np.asarray(prefix + c_ids[:keep], dtype=dtype))
         targets.append((len(prefix) + span[0], len(prefix) + span[1]))
-        meta.append(QAMeta(context, len(prefix), tuple(c_offsets[:keep]), tuple(texts)))
+        meta.append(QAMeta(context, len(prefix), c_offsets[:keep].copy(), tuple(texts)))
     if not rows:
         raise DataError(path, None, f"no example fits max_length={max_length}")
-    return Dataset("question_answering", Ragged(rows, tokenizer.id_dtype), targets, meta,
+    return Dataset("question_answering", Ragged(rows, dtype), targets, meta,
                    pad_token_id=tokenizer.pad_token_id, source=path)
 
 

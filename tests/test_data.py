@@ -521,6 +521,7 @@ def test_qa_spans_map_to_the_answer_tokens(tok, tmp_path):
         assert answer == ex["answers"]["text"][0]
         # the gold span read back through the offsets is the answer, too
         m = ds.meta[b]
+        assert m.offsets.dtype == np.int32 and m.offsets.shape == (len(row) - m.context_start, 2)  # compact
         pad = T - len(row)
         lo = pad + m.context_start
         assert m.context[m.offsets[s - lo][0]:m.offsets[e - lo][1]].strip() == ex["answers"]["text"][0]
