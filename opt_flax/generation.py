@@ -51,7 +51,8 @@ from jax import lax
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
-                                 prompt_inputs, single_token_bias, step_outputs, transition_scores)
+                                 prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
+                                 transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -421,11 +422,10 @@ class GenerationMixin(GenerationDefaults):
                                                  scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n])
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-            T, upto = ids.shape[1], ids.shape[1] + n - 1
-            full = np.concatenate([mask, np.ones((len(mask), n), mask.dtype)], axis=1)
-            out = self(sequences[:, :upto], attention_mask=jnp.asarray(full[:, :upto]), params=params,
+            full = step_forward_mask(mask, n)
+            out = self(sequences[:, :full.shape[1]], attention_mask=jnp.asarray(full), params=params,
                        output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(T, n, out.hidden_states, out.attentions)
+            hidden_states, attentions = step_outputs(ids.shape[1], n, out.hidden_states, out.attentions)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
                                          hidden_states=hidden_states, attentions=attentions)
 

@@ -169,9 +169,13 @@ class Selection(SequenceABC):
         return self.rows[int(self.indices[i])]
 
     def array(self, i: int) -> np.ndarray | Sequence[int]:
-        array = getattr(self.rows, "array", None)
-        j = int(self.indices[i])
-        return array(j) if array is not None else self.rows[j]
+        return _row_of(self.rows, int(self.indices[i]))
+
+
+def _row_of(rows: Sequence[Sequence[int]], i: int) -> np.ndarray | Sequence[int]:
+    """Row i of `rows`: a view of the compact array when the rows have one (`array`), else the row itself."""
+    array = getattr(rows, "array", None)
+    return array(i) if array is not None else rows[i]
 
 
 @dataclass
@@ -192,8 +196,7 @@ class Dataset:
 
     def row(self, i: int) -> np.ndarray | Sequence[int]:
         """Example i's token ids (a view of the compact array when there is one)."""
-        array = getattr(self.rows, "array", None)
-        return array(int(i)) if array is not None else self.rows[int(i)]
+        return _row_of(self.rows, int(i))
 
     def num_tokens(self, indices: Sequence[int]) -> int:
         return int(sum(len(self.row(i)) for i in indices))

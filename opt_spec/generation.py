@@ -650,6 +650,14 @@ def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], prompt_lengt
                 output_hidden_states=bool(cfg.output_hidden_states and cfg.return_dict_in_generate))
 
 
+def step_forward_mask(prompt_mask, steps: int) -> np.ndarray:
+    """The attention mask (rows, T + steps - 1) of the one forward that step_outputs cuts: the prompt's, then
+    1 for every new token but the last (the last is never fed back; finished rows' pads count, as in
+    Hugging Face). The forward's input_ids are the returned rows' first that many positions."""
+    prompt_mask = np.asarray(prompt_mask)
+    return np.concatenate([prompt_mask, np.ones((len(prompt_mask), steps - 1), prompt_mask.dtype)], axis=1)
+
+
 def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=None) -> tuple:
     """(hidden_states, attentions) of generate's record, per step as Hugging Face's incremental forward passes
     give them, cut from one forward over the rows' first prompt_length + steps - 1 positions (any array type

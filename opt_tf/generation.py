@@ -42,7 +42,8 @@ import tensorflow as tf
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
-                                 prompt_inputs, single_token_bias, step_outputs, transition_scores)
+                                 prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
+                                 transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -397,9 +398,8 @@ class TFGenerationMixin(GenerationDefaults):
         if not d.is_beam_search:
             hidden_states, attentions = None, None
             if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-                upto = T + n - 1
-                full = np.concatenate([mask, np.ones((B, n), mask.dtype)], axis=1)
-                out = self._base(sequences[:, :upto], attention_mask=tf.constant(full[:, :upto]), use_cache=False,
+                full = step_forward_mask(mask, n)
+                out = self._base(sequences[:, :full.shape[1]], attention_mask=tf.constant(full), use_cache=False,
                                  output_hidden_states=d.output_hidden_states, training=False,
                                  output_attentions=d.output_attentions)
                 hidden_states, attentions = step_outputs(T, n, out.hidden_states, out.attentions)

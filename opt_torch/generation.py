@@ -27,7 +27,7 @@ import torch
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, prompt_inputs,
-                                 single_token_bias, step_outputs, transition_scores)
+                                 single_token_bias, step_forward_mask, step_outputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
@@ -333,11 +333,11 @@ class GenerationMixin(GenerationDefaults):
             return sequences
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-            T, upto = input_ids.shape[1], sequences.shape[1] - 1
-            mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequences), len(steps))], 1)
-            out = self._base(input_ids=sequences[:, :upto], attention_mask=mask[:, :upto], use_cache=False,
+            mask = torch.from_numpy(step_forward_mask(_host(attention_mask), len(steps))).to(attention_mask.device)
+            out = self._base(input_ids=sequences[:, :mask.shape[1]], attention_mask=mask, use_cache=False,
                              output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(T, len(steps), out.hidden_states, out.attentions)
+            hidden_states, attentions = step_outputs(input_ids.shape[1], len(steps), out.hidden_states,
+                                                     out.attentions)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=record.scores, logits=record.logits,
                                          hidden_states=hidden_states, attentions=attentions)
 
