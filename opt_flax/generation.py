@@ -284,15 +284,14 @@ class _Knobs(NamedTuple):
 
 def _knobs(d: Decoding, prompt_length: int = 0) -> _Knobs:
     """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms; the
-    bound of beam search's stop: best_length). min_length counts the prompt's prompt_length tokens: EOS
-    is blocked while T + step < min_length, that is while step < min_length - T."""
+    bound of beam search's stop: best_length)."""
     norms = length_norms(d.max_new_tokens, d.length_penalty)
     best = norms[[best_length(step, d) - 1 for step in range(d.max_new_tokens)]]
     return _Knobs(temperature=jnp.float32(d.temperature), top_p=jnp.float32(d.top_p),
                   repetition_penalty=jnp.float32(d.repetition_penalty),
                   eos_token_ids=jnp.asarray(np.array(d.eos_token_ids, np.int32).reshape(-1)),
                   pad_token_id=jnp.int32(d.pad_token_id),
-                  min_new_tokens=jnp.int32(max(d.min_new_tokens, d.min_length - prompt_length)),
+                  min_new_tokens=jnp.int32(d.min_new_tokens),
                   length_norm=jnp.asarray(norms), best_norm=jnp.asarray(best))
 
 

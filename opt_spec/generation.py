@@ -5,6 +5,14 @@ the rules of a decoding step. Hugging Face transformers 4.57's names and meaning
 streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **settings)` takes a
 left-padded batch of prompts (B, T) and returns the prompts followed by the new tokens,
 (B * num_return_sequences, T + N), as the backend's own array type.
+`inputs_embeds=` (B, P, word_embed_proj_dim) floats, with an attention_mask (B, P) or none (all ones), makes
+the model see those vectors as its first P positions instead of the prompt's token embeddings (soft
+prompts, an image encoder's outputs), as in Hugging Face: without input_ids the rows the rules below see
+(and generate returns) start empty, T = 0, and hold only the new tokens, (B * n, N); with input_ids, which
+must then be (B, P), the ids of those positions, the rows start with them as usual. Lengths count what
+Hugging Face counts: max_length and min_length include the P embedded positions (the default, without
+max_new_tokens or max_length, is Hugging Face's max_length of 20 including them, so 20 - P new tokens;
+with input_ids too, 20 new tokens); forced_bos_token_id and begin_suppress_tokens go by the rows (T).
 N is the number of decoding steps actually taken: at most the length limit, fewer when every row
 finished early (greedy and sampling), or the longest returned hypothesis (beam search).
 
@@ -39,7 +47,9 @@ row's length so far (prompt length T, pads included, plus the step, 0-based), as
    are all real tokens; the next token completes one when the last n - 1 positions equal its first
    n - 1 tokens (n = 1 bans every token the row holds). Reference: `banned_by_ngrams`.
 3. Length and token rules, in this order: every EOS id's score is -inf while L < min_length or fewer
-   than min_new_tokens tokens have been generated; when L == 1 every score is -inf but
+   than min_new_tokens tokens have been generated (min_length counts the model's positions, P + step: a
+   resolved Decoding holds it as min_new_tokens, and min_new_tokens given wins over min_length, as
+   in Hugging Face); when L == 1 every score is -inf but
    forced_bos_token_id's (0); at the last step allowed (step N - 1) every score is -inf but those of
    forced_eos_token_id (an id or a list; 0); remove_invalid_values: NaN becomes 0 and +-inf the largest
    finite float32 of that sign; exponential_decay_length_penalty = (start, factor): from step start + 1
@@ -151,7 +161,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .inputs import check_attention_mask, check_batch_shape, check_seed, check_token_ids
+from .inputs import check_attention_mask, check_batch_shape, check_inputs_embeds, check_seed, check_token_ids
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new tokens, within the positions)
@@ -484,8 +494,8 @@ class Decoding:
     pad_token_id: int = 0
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
-    # "More rules", resolved: token ids checked against the vocabulary, lists as tuples
-    min_length: int = 0
+    # "More rules", resolved: token ids checked against the vocabulary, lists as tuples (min_length is
+    # folded into min_new_tokens)
     early_stopping: bool | str = False
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # bad words included, as bias -inf
     suppress_tokens: tuple[int, ...] = ()
@@ -522,9 +532,12 @@ class Decoding:
 
 
 def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: Mapping[str, Any], *,
-            prompt_length: int, max_positions: int, vocab_size: int) -> Decoding:
+            prompt_length: int, max_positions: int, vocab_size: int, row_length: int | None = None) -> Decoding:
     """The Decoding of one call: kwargs over generation_config over the model's defaults (see the
-    module docstring); a clear ValueError (or TypeError for an unknown keyword) otherwise."""
+    module docstring); a clear ValueError (or TypeError for an unknown keyword) otherwise. prompt_length:
+    the positions the model sees before the first new token (P); row_length: the prompt's token ids the
+    rows start with (T; P unless inputs_embeds came without input_ids, then 0)."""
+    P, T = prompt_length, (prompt_length if row_length is None else row_length)
     model_defaults = model_defaults if model_defaults is not None else GenerationConfig()
     names = GenerationConfig.field_names()
     if generation_config is None:
@@ -550,21 +563,27 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
     cfg = dataclasses.replace(base, **given)  # runs validate()
     cfg.validate()
 
+    what = "inputs_embeds" if T < P else "input_ids"
     if cfg.max_new_tokens is not None:
         new = cfg.max_new_tokens
-    elif cfg.max_length is not None:
-        new = cfg.max_length - prompt_length
+    elif cfg.max_length is not None or T < P:  # embeddings alone: Hugging Face's default max_length counts them
+        limit = cfg.max_length if cfg.max_length is not None else HF_DEFAULT_MAX_LENGTH
+        new = limit - P
         if new < 1:
-            raise ValueError(f"input length of input_ids is {prompt_length}, but max_length is set to "
-                             f"{cfg.max_length}; increase max_length or set max_new_tokens")
+            raise ValueError(f"input length of {what} is {P}, but max_length is {limit}"
+                             f"{'' if cfg.max_length is not None else ' (the default)'}; "
+                             "increase max_length or set max_new_tokens")
     else:
-        new = min(DEFAULT_NEW_TOKENS, max_positions - prompt_length)
+        new = min(DEFAULT_NEW_TOKENS, max_positions - P)
         if new < 1:
-            raise ValueError(f"a prompt of {prompt_length} tokens leaves no room in the model's "
+            raise ValueError(f"a prompt of {P} tokens leaves no room in the model's "
                              f"max_position_embeddings={max_positions}")
-    min_new = cfg.min_new_tokens or 0
-    if min_new > new:
-        raise ValueError(f"min_new_tokens={min_new} is more than the {new} new tokens allowed")
+    if cfg.min_new_tokens is not None:  # Hugging Face: min_new_tokens replaces min_length
+        min_new = cfg.min_new_tokens
+        if min_new > new:
+            raise ValueError(f"min_new_tokens={min_new} is more than the {new} new tokens allowed")
+    else:  # min_length counts the model's positions: EOS waits while P + step < min_length
+        min_new = min(max(int(cfg.min_length) - P, 0), new)
     eos = cfg.eos_token_id
     eos_ids = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos])) if eos is not None else ()
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
@@ -585,7 +604,7 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
                     num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
                     pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed),
-                    **_resolve_rules(cfg, eos_ids, prompt_length, vocab_size))
+                    **_resolve_rules(cfg, eos_ids, T, vocab_size))
 
 
 def sequence_bias_items(value) -> tuple[tuple[tuple[int, ...], float], ...]:
@@ -608,8 +627,9 @@ def sequence_bias_items(value) -> tuple[tuple[tuple[int, ...], float], ...]:
     return tuple(out.items())
 
 
-def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], prompt_length: int, vocab_size: int) -> dict:
-    """The Decoding fields of "More rules" and "Outputs", token ids checked against the vocabulary."""
+def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], row_length: int, vocab_size: int) -> dict:
+    """The Decoding fields of "More rules" and "Outputs", token ids checked against the vocabulary;
+    row_length: the prompt ids the rows start with (T)."""
     def ids(name, values):
         values = tuple(int(i) for i in values)
         for i in values:
@@ -629,10 +649,10 @@ def _resolve_rules(cfg: GenerationConfig, eos_ids: tuple[int, ...], prompt_lengt
     forced_eos = () if forced_eos is None else (forced_eos if isinstance(forced_eos, (list, tuple)) else [forced_eos])
     forced_bos = cfg.forced_bos_token_id
     decay = cfg.exponential_decay_length_penalty
-    # Hugging Face: begin_suppress_tokens apply to the first new token, or to the second when a one-token
-    # prompt's first new token is forced to forced_bos_token_id
-    begin_step = 1 if prompt_length == 1 and forced_bos is not None else 0
-    return dict(min_length=int(cfg.min_length), early_stopping=cfg.early_stopping if cfg.early_stopping == "never"
+    # Hugging Face: begin_suppress_tokens apply to the first new token, or to the second when the rows' first
+    # new token is forced to forced_bos_token_id (rows of one token, or none: inputs_embeds alone)
+    begin_step = 1 if row_length <= 1 and forced_bos is not None else 0
+    return dict(early_stopping=cfg.early_stopping if cfg.early_stopping == "never"
                 else bool(cfg.early_stopping), sequence_bias=tuple(merged.items()),
                 suppress_tokens=ids("suppress_tokens", cfg.suppress_tokens or ()),
                 begin_suppress_tokens=ids("begin_suppress_tokens", cfg.begin_suppress_tokens or ()),
@@ -673,19 +693,35 @@ def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=
     return hs, att
 
 
-def prompt_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_inputs(input_ids, attention_mask, vocab_size: int, inputs_embeds=None,
+                  width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), B, T >= 1, in
-    the vocabulary; a mask of the same shape holding only 0 (pad) and 1 (token), all ones by default."""
-    if input_ids is None:  # Hugging Face would start from BOS alone; an OPT prompt always has one
-        raise ValueError("generate needs input_ids: a (batch, length) batch of prompts, each starting with </s>")
-    ids = np.asarray(input_ids)
-    check_token_ids(ids, vocab_size)
-    check_batch_shape(ids.shape)
+    the vocabulary; a mask of the same shape holding only 0 (pad) and 1 (token), all ones by default.
+    With inputs_embeds (any array with .shape and .dtype; floats (B, P, width)): the mask is (B, P), and
+    the ids are input_ids (B, P), the embedded positions' ids, or (B, 0) int64 when not given."""
+    if inputs_embeds is not None:
+        check_inputs_embeds(tuple(inputs_embeds.shape), inputs_embeds.dtype, width)
+        shape = tuple(int(n) for n in inputs_embeds.shape[:2])
+        ids = np.zeros((shape[0], 0), np.int64) if input_ids is None else np.asarray(input_ids)
+        if input_ids is not None and ids.shape != shape:
+            raise ValueError(f"input_ids given with inputs_embeds must be the ids of the embedded positions, "
+                             f"{shape}; got shape {ids.shape}")
+    elif input_ids is None:  # Hugging Face would start from BOS alone; an OPT prompt always has one
+        raise ValueError("generate needs input_ids (a (batch, length) batch of prompts, each starting with </s>) "
+                         "or inputs_embeds")
+    else:
+        ids = np.asarray(input_ids)
+        check_token_ids(ids, vocab_size)
+        check_batch_shape(ids.shape)
+        shape = ids.shape
+    if inputs_embeds is not None:
+        check_token_ids(ids, vocab_size)
     if attention_mask is None:
-        return ids, np.ones(ids.shape, np.int32)
+        return ids, np.ones(shape, np.int32)
     mask = np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    if mask.shape != shape:
+        what = "inputs_embeds' (batch, length)" if inputs_embeds is not None else "input_ids"
+        raise ValueError(f"attention_mask has shape {mask.shape}, {what} {shape}")
     check_attention_mask(mask)
     return ids, mask
 
@@ -1009,7 +1045,7 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
         x = apply_repetition_penalty(x, seen, d.repetition_penalty)
     if d.no_repeat_ngram_size:                                                     # 2
         x = np.where(banned_by_ngrams(tokens, real, d.no_repeat_ngram_size, V), -np.inf, x)
-    if eos and (L < d.min_length or step < d.min_new_tokens):                      # 3
+    if eos and step < d.min_new_tokens:                                            # 3
         x = x.copy()
         x[:, eos] = -np.inf
     if allowed is not None:                                                        # prefix_allowed_tokens_fn
@@ -1189,7 +1225,9 @@ class GenerationDefaults:
     def _save_generation_config(self, directory: str | os.PathLike) -> str:
         return self.generation_config.save_pretrained(directory)
 
-    def _decoding(self, generation_config, kwargs: Mapping[str, Any], prompt_length: int) -> Decoding:
+    def _decoding(self, generation_config, kwargs: Mapping[str, Any], prompt_length: int,
+                  row_length: int | None = None) -> Decoding:
         config = self.config
         return resolve(self.generation_config, generation_config, kwargs, prompt_length=prompt_length,
-                       max_positions=config.max_position_embeddings, vocab_size=config.vocab_size)
+                       max_positions=config.max_position_embeddings, vocab_size=config.vocab_size,
+                       row_length=row_length)

@@ -106,15 +106,14 @@ def sequence_bias(seq: tf.Tensor, now: tf.Tensor, d: Decoding, V: int) -> tf.Ten
 
 def token_rules(scores: tf.Tensor, now: tf.Tensor, step: tf.Tensor, d: Decoding,
                 allowed: Optional[tf.Tensor] = None) -> tf.Tensor:
-    """Rule 3 (opt_spec.generation), each traced only when set: EOS held back (min_length,
-    min_new_tokens), forced BOS / EOS, remove_invalid_values, the exponential length penalty, suppressed
+    """Rule 3 (opt_spec.generation), each traced only when set: EOS held back (min_new_tokens, min_length
+    folded in), forced BOS / EOS, remove_invalid_values, the exponential length penalty, suppressed
     tokens. now: the row length L (traced), step: the step number (traced); allowed (R, V) bool: the
     host's prefix_allowed_tokens_fn mask, added as -inf between the EOS rule and forced BOS, or None."""
     V = scores.shape[-1]
     eos = _vocab_mask(d.eos_token_ids, V) if d.eos_token_ids else None
-    if eos is not None and (d.min_new_tokens > 0 or d.min_length > 0):
-        hold = (step < d.min_new_tokens) | (now < d.min_length)
-        scores = tf.where(hold & eos[None, :], NEG_INF, scores)
+    if eos is not None and d.min_new_tokens > 0:
+        scores = tf.where((step < d.min_new_tokens) & eos[None, :], NEG_INF, scores)
     if allowed is not None:  # added, not replaced, as Hugging Face does (+inf + -inf is NaN there too)
         scores = scores + tf.where(allowed, 0.0, NEG_INF)
     if d.forced_bos_token_id is not None:

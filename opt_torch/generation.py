@@ -93,7 +93,7 @@ def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torc
         scores = torch.where(seen, penalized, scores)
     if d.no_repeat_ngram_size:
         scores = scores.masked_fill(ngram_bans(seq, real, d.no_repeat_ngram_size, V), NEG_INF)
-    if rules.eos is not None and (L < d.min_length or step < d.min_new_tokens):
+    if rules.eos is not None and step < d.min_new_tokens:
         scores = scores.index_fill(1, rules.eos, NEG_INF)
     if rules.prefix_fn is not None:
         scores = scores + rules.allowed_mask(seq)

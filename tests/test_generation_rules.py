@@ -31,10 +31,15 @@ def hf():
 
 
 def hf_processors(hf, settings: dict, prompt_length: int, max_new_tokens: int, prefix_allowed_tokens_fn=None):
-    """The LogitsProcessorList Hugging Face's generate builds for these settings."""
+    """The LogitsProcessorList Hugging Face's generate builds for these settings (its lengths prepared as
+    generate prepares them: min_new_tokens replaces min_length)."""
     config = transformers.GenerationConfig(**{"eos_token_id": EOS, "pad_token_id": 1, **settings,
                                               "max_length": prompt_length + max_new_tokens})
     hf._prepare_special_tokens(config, device="cpu")
+    config = hf._prepare_generated_length(config, has_default_max_length=False,
+                                          has_default_min_length="min_length" not in settings,
+                                          model_input_name="input_ids", input_ids_length=prompt_length,
+                                          inputs_tensor=torch.zeros(1, prompt_length, dtype=torch.long))
     return hf._get_logits_processor(config, input_ids_seq_length=prompt_length,
                                     encoder_input_ids=torch.zeros(1, prompt_length, dtype=torch.long),
                                     prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,

@@ -250,7 +250,7 @@ def test_token_rules_under_xla_equal_the_reference():
     seq[:2, T0 - 2:T0] = [2, 3]                              # rows 0-1 end their prompt with [2, 3]
     real = np.ones_like(seq)
     real[1, :2] = 0                                          # a left-padded row
-    d = gen.Decoding(max_new_tokens=N, eos_token_ids=(7, 9), no_repeat_ngram_size=2, min_length=T0 + 2,
+    d = gen.Decoding(max_new_tokens=N, eos_token_ids=(7, 9), no_repeat_ngram_size=2, min_new_tokens=2,
                      sequence_bias=(((4,), -2.5), ((2, 3, 11), 4.0), ((3, 12), float("-inf")), ((0, 1, 2, 13), 1.5)),
                      forced_eos_token_ids=(9,), remove_invalid_values=True, exponential_decay=(1, 1.7),
                      suppress_tokens=(5, 6), begin_suppress_tokens=(8,))
