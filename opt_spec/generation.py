@@ -570,7 +570,7 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
         limit = cfg.max_length if cfg.max_length is not None else HF_DEFAULT_MAX_LENGTH
         new = limit - P
         if new < 1:
-            raise ValueError(f"input length of {what} is {P}, but max_length is {limit}"
+            raise ValueError(f"input length of {what} is {P}, but max_length is set to {limit}"
                              f"{'' if cfg.max_length is not None else ' (the default)'}; "
                              "increase max_length or set max_new_tokens")
     else:

@@ -242,9 +242,11 @@ class _Record:
 class GenerationMixin(GenerationDefaults):
     """Adds generate / stream to OPTForCausalLM (generation_config from opt_spec.GenerationDefaults)."""
 
-    def _last_logits(self, ids, mask, cache) -> torch.Tensor:
-        """float32 logits (B, V) of the last new position, filling the cache."""
-        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    def _last_logits(self, ids, mask, cache, embeds=None) -> torch.Tensor:
+        """float32 logits (B, V) of the last new position, filling the cache: of the token ids, or of the
+        embeddings `embeds` instead (generate's inputs_embeds) when given."""
+        inputs = dict(input_ids=ids) if embeds is None else dict(inputs_embeds=embeds)
+        out = self.model(**inputs, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     def _fresh_seed(self) -> int:
@@ -277,31 +279,38 @@ class GenerationMixin(GenerationDefaults):
             return self.lm_head(decode(tokens, mask.sum(1) - 1, allowed, cache)).float()
         return step
 
-    def _prepare(self, input_ids, attention_mask, generation_config, kwargs) -> tuple:
-        """(input_ids, attention_mask) as long tensors on the model's device, and the call's Decoding."""
-        prompt_inputs(_host(input_ids), _host(attention_mask), self.config.vocab_size)
-        if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids)
-        d = self._decoding(generation_config, kwargs, input_ids.shape[1])
-        check_prompt(tuple(input_ids.shape), d.max_new_tokens, self.config.max_position_embeddings)
+    def _prepare(self, input_ids, attention_mask, generation_config, kwargs, inputs_embeds=None) -> tuple:
+        """The rows' prompt ids (B, T) and the attention mask (B, P) as long tensors on the model's device,
+        the embeddings (B, P, E) in the model's dtype or None, and the call's Decoding. Without
+        inputs_embeds P = T; with them T = P (their ids given) or 0 (rows that start empty)."""
+        config = self.config
+        ids, mask = prompt_inputs(_host(input_ids), _host(attention_mask), config.vocab_size, inputs_embeds,
+                                  config.word_embed_proj_dim)
+        (B, T), P = ids.shape, mask.shape[1]
+        d = self._decoding(generation_config, kwargs, P, T)
+        check_prompt((B, P), d.max_new_tokens, config.max_position_embeddings)
         device = self.device
-        input_ids = input_ids.to(device=device, dtype=torch.long)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = torch.as_tensor(attention_mask).to(device=device, dtype=torch.long)
-        return input_ids, attention_mask, d
+        input_ids = torch.as_tensor(input_ids if input_ids is not None else ids).to(device=device, dtype=torch.long)
+        attention_mask = torch.as_tensor(attention_mask if attention_mask is not None else mask)
+        if inputs_embeds is not None:
+            inputs_embeds = torch.as_tensor(inputs_embeds).to(device=device,
+                                                              dtype=self.get_input_embeddings().weight.dtype)
+        return input_ids, attention_mask.to(device=device, dtype=torch.long), inputs_embeds, d
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                  streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
-                 compile: bool = False, **kwargs):
+                 compile: bool = False, inputs_embeds=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N); settings by Hugging
         Face's names as keywords (max_new_tokens, do_sample, num_beams, eos_token_id, ...) or in
         generation_config, defaults from model.generation_config; see opt_spec.generation. With
         return_dict_in_generate=True, the output record (GenerateDecoderOnlyOutput, or
         GenerateBeamDecoderOnlyOutput for beam search) with the scores / logits asked for. stopping_criteria
-        and prefix_allowed_tokens_fn: Hugging Face's, called on the host each step (opt_spec.generation)."""
-        input_ids, attention_mask, d = self._prepare(input_ids, attention_mask, generation_config, kwargs)
+        and prefix_allowed_tokens_fn: Hugging Face's, called on the host each step (opt_spec.generation).
+        inputs_embeds (B, P, E): what the model sees first instead of the prompt's token embeddings; without
+        input_ids the rows hold only the new tokens (opt_spec.generation)."""
+        input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
+                                                             inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn),
                     prefix_fn=prefix_allowed_tokens_fn)
@@ -309,7 +318,7 @@ class GenerationMixin(GenerationDefaults):
         record = _Record(d)
         if d.is_beam_search:
             new, beam_scores, beam_indices = self._beam_search(input_ids, attention_mask, d, processors, stops,
-                                                               record, **host)
+                                                               record, embeds=embeds, **host)
             sequences = torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
             if not d.return_dict_in_generate:
                 return sequences
@@ -318,11 +327,13 @@ class GenerationMixin(GenerationDefaults):
                 logits=record.logits, beam_indices=beam_indices)
         n = d.num_return_sequences
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
         streamer = as_streamer(streamer)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         steps = []
-        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record, **host):
+        for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record, embeds=embeds,
+                                   **host):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -334,9 +345,14 @@ class GenerationMixin(GenerationDefaults):
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
             mask = torch.from_numpy(step_forward_mask(_host(attention_mask), len(steps))).to(attention_mask.device)
-            out = self._base(input_ids=sequences[:, :mask.shape[1]], attention_mask=mask, use_cache=False,
+            if embeds is None:
+                inputs = dict(input_ids=sequences[:, :mask.shape[1]])
+            else:  # the embedded positions, then the new tokens' embeddings
+                new = self.get_input_embeddings()(sequences[:, input_ids.shape[1]:][:, :len(steps) - 1])
+                inputs = dict(inputs_embeds=torch.cat([embeds, new], dim=1))
+            out = self._base(**inputs, attention_mask=mask, use_cache=False,
                              output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(input_ids.shape[1], len(steps), out.hidden_states,
+            hidden_states, attentions = step_outputs(attention_mask.shape[1], len(steps), out.hidden_states,
                                                      out.attentions)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=record.scores, logits=record.logits,
                                          hidden_states=hidden_states, attentions=attentions)
@@ -348,12 +364,13 @@ class GenerationMixin(GenerationDefaults):
         out = transition_scores(_host(sequences), [_host(s) for s in scores], _host(beam_indices), normalize_logits)
         return torch.from_numpy(out).to(sequences.device if isinstance(sequences, torch.Tensor) else "cpu")
 
-    def stream(self, input_ids, attention_mask=None, generation_config=None, logits_processor=None,
+    def stream(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, compile: bool = False,
-               **kwargs) -> Iterator[torch.Tensor]:
+               inputs_embeds=None, **kwargs) -> Iterator[torch.Tensor]:
         """Yields the (B * num_return_sequences,) tokens of each step as soon as they are chosen (greedy
         or sampling)."""
-        input_ids, attention_mask, d = self._prepare(input_ids, attention_mask, generation_config, kwargs)
+        input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
+                                                             inputs_embeds)
         if d.is_beam_search:
             raise ValueError("beam search cannot stream: the best beam is known only at the end (use num_beams=1)")
         processors = check_extras(d, logits_processor, None, tokenizer)
@@ -362,33 +379,37 @@ class GenerationMixin(GenerationDefaults):
         n = d.num_return_sequences
         with torch.no_grad():
             yield from self._decode(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), d,
-                                    compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn)
+                                    compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn,
+                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0))
 
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
                 stops: Optional[StopStrings] = None, record: Optional[_Record] = None, criteria=(),
-                prefix_fn: Optional[Callable] = None) -> Iterator[torch.Tensor]:
-        B, T = input_ids.shape
+                prefix_fn: Optional[Callable] = None, embeds=None) -> Iterator[torch.Tensor]:
+        """input_ids (B, T): the rows' prompt; attention_mask (B, P) over the positions the model sees first
+        (the prompt's, or the P embeddings `embeds` with T = P or 0). Every rule reads the rows, seq[:, S:]:
+        the cache's slots from S = P - T on."""
+        (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
-        L, device = T + N, input_ids.device
+        L, S, device = P + N, P - T, input_ids.device
         cache = self.init_cache(B, L)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
-        mask[:, :T] = attention_mask
-        seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far
-        seq[:, :T] = input_ids
+        mask[:, :P] = attention_mask
+        seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
+        seq[:, S:P] = input_ids
         generator = None
         if d.do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
-        seen = _prompt_seen(input_ids, attention_mask, V) if d.repetition_penalty != 1.0 else None
+        seen = _prompt_seen(input_ids, mask[:, S:P], V) if d.repetition_penalty != 1.0 else None
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         step_fn = self._step_fn(compile)
-        logits = self._last_logits(input_ids, mask, cache)
+        logits = self._last_logits(input_ids, mask, cache, embeds)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(N):
-            now = T + step
-            scores = step_scores(logits, seen, seq[:, :now], mask[:, :now], step, d, rules, processors)
+            now = P + step
+            scores = step_scores(logits, seen, seq[:, S:now], mask[:, S:now], step, d, rules, processors)
             if record is not None:
                 record.add(scores, logits)
             if d.do_sample:
@@ -399,7 +420,7 @@ class GenerationMixin(GenerationDefaults):
             seq[:, now] = tokens
             mask[:, now] = 1
             yield tokens
-            hits = _stop_hits(stops, seq[:, :now + 1], mask[:, :now + 1], ~finished, criteria,
+            hits = _stop_hits(stops, seq[:, S:now + 1], mask[:, S:now + 1], ~finished, criteria,
                               record.scores if record is not None else None)
             finished |= torch.isin(tokens, eos)
             if hits is not None:
@@ -412,21 +433,21 @@ class GenerationMixin(GenerationDefaults):
 
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(), stops: Optional[StopStrings] = None,
-                     record: Optional[_Record] = None, criteria=(), prefix_fn: Optional[Callable] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     record: Optional[_Record] = None, criteria=(), prefix_fn: Optional[Callable] = None,
+                     embeds=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's num_return_sequences best hypotheses, best first: their new tokens (B * n, M), their
         normalized scores (B * n,) and their beam indices (B * n, M): the running beam, b * K + k, that
         each token extended at its step (-1 past the hypothesis's end; Hugging Face's beam_indices)."""
-        B, T = input_ids.shape
+        (B, T), P = input_ids.shape, attention_mask.shape[1]    # the rows' prompt, the positions seen first
         K, N, V, C = d.num_beams, d.max_new_tokens, self.config.vocab_size, d.candidates
-        L, device = T + N, input_ids.device
+        L, S, device = P + N, P - T, input_ids.device
         rows = torch.arange(B, device=device)
         cache = self.init_cache(B * K, L)
         mask = torch.zeros(B * K, L, dtype=torch.long, device=device)
-        mask[:, :T] = attention_mask.repeat_interleave(K, 0)
+        mask[:, :P] = attention_mask.repeat_interleave(K, 0)
         prompt = input_ids.repeat_interleave(K, 0)                           # (BK, T)
-        seen = _prompt_seen(prompt, mask[:, :T], V) if d.repetition_penalty != 1.0 else None
-        logits = self._last_logits(prompt, mask, cache)
+        seen = _prompt_seen(prompt, mask[:, S:P], V) if d.repetition_penalty != 1.0 else None
+        logits = self._last_logits(prompt, mask, cache, None if embeds is None else embeds.repeat_interleave(K, 0))
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
@@ -444,7 +465,7 @@ class GenerationMixin(GenerationDefaults):
         rank = torch.arange(C, device=device)
         for step in range(N):
             seq = torch.cat([prompt, beams.view(B * K, N)[:, :step]], 1)   # (BK, T + step)
-            logprobs = step_scores(logits, seen, seq, mask[:, :T + step], step, d, rules, processors, beam=True)
+            logprobs = step_scores(logits, seen, seq, mask[:, S:P + step], step, d, rules, processors, beam=True)
             if record is not None:
                 record.add(logprobs, logits)
             cand = (scores[..., None] + logprobs.view(B, K, V)).view(B, K * V)
@@ -458,7 +479,7 @@ class GenerationMixin(GenerationDefaults):
             if stops is not None or criteria:  # asked of every candidate: the beams extended by their token
                 cand_seq = torch.cat([prompt.view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
                                       history[:, :, :step + 1]], 2).view(B * C, T + step + 1)
-                cand_real = torch.cat([mask[:, :T].view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
+                cand_real = torch.cat([mask[:, S:P].view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
                                        torch.ones(B, C, step + 1, dtype=torch.long, device=device)], 2)
                 stopped |= _stop_hits(stops, cand_seq, cand_real.view(B * C, -1),
                                       torch.ones(B * C, dtype=torch.bool), criteria,
@@ -498,8 +519,8 @@ class GenerationMixin(GenerationDefaults):
             if seen is not None:
                 seen = seen[flat_parent]
                 seen[torch.arange(B * K, device=device), tokens] = True
-            mask[:, T + step] = 1
-            logits = step_fn(tokens, mask, cache, T + step)
+            mask[:, P + step] = 1
+            logits = step_fn(tokens, mask, cache, P + step)
         # rows still running at the end: their beams compete as hypotheses of length step + 1
         final = torch.where(row_done[:, None], NEG_INF, scores / norms[step])
         pool_scores = torch.cat([done_scores, final], 1)
