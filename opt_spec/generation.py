@@ -94,6 +94,13 @@ early_stopping=True, as soon as it has K finished hypotheses. At the length limi
 finished with their normalized scores. The output per row
 is its num_return_sequences best hypotheses, best first, padded with pad_token_id. Beam search does
 not stream (Hugging Face refuses it too).
+Beam sampling (num_beams = K > 1 with do_sample=True, Hugging Face's beam sample): a step's scores also
+take the sampling filters (rule 5: temperature, top-k, top-p, min_p, typical_p, epsilon, eta), each
+keeping at least max(2, 1 + number of EOS ids) tokens per beam (Hugging Face's min_tokens_to_keep for
+beams; `Decoding.filter_keep`), before renormalize_logits; the C candidates are then drawn without
+replacement from the softmax of the K * V continuations' scores (beam score + processed log-probability),
+in the order drawn (`draw_without_replacement`; only the first K drawn may finish), and the running beams
+are the K best-scored candidates that did not finish. Everything else is beam search's.
 
 Outputs. By default generate returns the sequences (an array). With return_dict_in_generate=True it returns
 a record (opt_spec.outputs.GenerateDecoderOnlyOutput; GenerateBeamDecoderOnlyOutput for beam search) whose
@@ -290,8 +297,6 @@ class GenerationConfig:
                 fail("stop_strings", "must be a non-empty string or a non-empty list of them")
         if self.seed is not None:
             check_seed(self.seed)
-        if self.do_sample and self.num_beams > 1:
-            fail("num_beams", "beam search does not sample; use do_sample=False with num_beams > 1")
         if self.num_return_sequences > 1:
             if self.num_beams == 1 and not self.do_sample:
                 fail("num_return_sequences", "greedy search returns one sequence per prompt; use do_sample=True "
@@ -524,6 +529,12 @@ class Decoding:
     def candidates(self) -> int:
         """Beam candidates kept per row and step (Hugging Face's count)."""
         return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+
+    @property
+    def filter_keep(self) -> int:
+        """Tokens each sampling filter keeps at least per row: 1, or with beams the candidates one beam
+        may contribute (Hugging Face's min_tokens_to_keep)."""
+        return self.candidates // self.num_beams if self.is_beam_search else 1
 
     @property
     def rows_per_prompt(self) -> int:
@@ -975,16 +986,25 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(x))
 
 
-def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Keep the tokens at least min_p times as probable as the most probable one."""
+def _keep_best(drop: np.ndarray, logits: np.ndarray, keep: int) -> np.ndarray:
+    """drop (R, V) bool, except for each row's `keep` most probable tokens (ties: lower id first)."""
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :keep]
+    best = np.zeros_like(drop)
+    np.put_along_axis(best, order, True, -1)
+    return drop & ~best
+
+
+def min_p_filter(logits: np.ndarray, min_p: float, keep: int = 1) -> np.ndarray:
+    """Keep the tokens at least min_p times as probable as the most probable one (and the `keep` best)."""
     probs = softmax(logits)
-    return np.where(probs < np.float32(min_p) * probs.max(-1, keepdims=True), -np.inf, logits).astype(np.float32)
+    drop = _keep_best(probs < np.float32(min_p) * probs.max(-1, keepdims=True), logits, keep)
+    return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
-def typical_filter(logits: np.ndarray, mass: float) -> np.ndarray:
+def typical_filter(logits: np.ndarray, mass: float, keep: int = 1) -> np.ndarray:
     """Locally typical sampling: order the tokens by how far their surprisal is from the entropy, keep
     them in that order until their probability reaches `mass` (the token that crosses it included, with
-    every token as close to the entropy as it), always the closest one."""
+    every token as close to the entropy as it), always the `keep` closest ones."""
     if mass >= 1.0:
         return logits
     logp = log_softmax(logits)
@@ -996,27 +1016,33 @@ def typical_filter(logits: np.ndarray, mass: float) -> np.ndarray:
     cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, -1)), -1)
     last = np.minimum((cumulative < mass).sum(-1), logits.shape[-1] - 1)
     drop_sorted = sorted_shifted > np.take_along_axis(sorted_shifted, last[:, None], -1)
-    drop_sorted[:, 0] = False
+    drop_sorted[:, :keep] = False
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, -1)
     return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
-def epsilon_filter(logits: np.ndarray, epsilon: float) -> np.ndarray:
-    """Drop the tokens less probable than epsilon, never the most probable one."""
+def _below_kth(logits: np.ndarray, keep: int) -> np.ndarray:
+    """(R, V) bool: tokens scored below each row's keep-th best score (never the `keep` best, ties kept)."""
+    kth = np.sort(logits, axis=-1)[:, -min(keep, logits.shape[-1])][:, None]
+    return logits < kth
+
+
+def epsilon_filter(logits: np.ndarray, epsilon: float, keep: int = 1) -> np.ndarray:
+    """Drop the tokens less probable than epsilon, never the `keep` most probable ones."""
     probs = softmax(logits)
-    drop = (probs < np.float32(epsilon)) & (logits < logits.max(-1, keepdims=True))
+    drop = (probs < np.float32(epsilon)) & _below_kth(logits, keep)
     return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
-def eta_filter(logits: np.ndarray, epsilon: float) -> np.ndarray:
-    """Drop the tokens less probable than min(epsilon, sqrt(epsilon) * exp(-entropy)), never the most
-    probable one (the entropy counts a -inf logit as contributing nothing)."""
+def eta_filter(logits: np.ndarray, epsilon: float, keep: int = 1) -> np.ndarray:
+    """Drop the tokens less probable than min(epsilon, sqrt(epsilon) * exp(-entropy)), never the `keep`
+    most probable ones (the entropy counts a -inf logit as contributing nothing)."""
     logp = log_softmax(logits)
     p = np.exp(logp)
     entropy = -(np.maximum(logp, np.finfo(np.float32).min) * p).sum(-1, keepdims=True)
     eta = np.minimum(np.float32(epsilon), np.float32(np.sqrt(epsilon)) * np.exp(-entropy))
-    drop = (p < eta) & (logits < logits.max(-1, keepdims=True))
+    drop = (p < eta) & _below_kth(logits, keep)
     return np.where(drop, -np.inf, logits).astype(np.float32)
 
 
@@ -1027,7 +1053,7 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
     written plainly: the definition the backends' steps are tested against (and what output_scores holds).
     logits (R, V): each row's next-token logits; tokens / real (R, L): the rows so far (prompt pads
     included) and which positions are real tokens; the step is L - prompt_length. beam=True: beam search's
-    scores (log-probabilities first, no sampling filters). allowed (R, V) bool: prefix_allowed_tokens_fn's
+    scores (log-probabilities first; the sampling filters when beam sampling, keeping d.filter_keep). allowed (R, V) bool: prefix_allowed_tokens_fn's
     tokens (`allowed_tokens`), or None."""
     x = np.asarray(logits, np.float32)
     tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
@@ -1071,30 +1097,38 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
         x = x.copy()
         x[:, list(d.begin_suppress_tokens)] = -np.inf
     x = np.asarray(apply_processors(processors, tokens, x.astype(np.float32)), np.float32)  # 4
-    if d.do_sample and not beam:                                                   # 5
-        if d.temperature != 1.0:
-            x = (x / np.float32(d.temperature)).astype(np.float32)
-        x = top_p_filter(top_k_filter(x, d.top_k), d.top_p)
-        if d.min_p is not None:
-            x = min_p_filter(x, d.min_p)
-        x = typical_filter(x, d.typical_p)
-        if 0 < d.epsilon_cutoff:
-            x = epsilon_filter(x, d.epsilon_cutoff)
-        if 0 < d.eta_cutoff:
-            x = eta_filter(x, d.eta_cutoff)
+    if d.do_sample:                                                                # 5
+        x = sampling_filters(x, d, d.filter_keep)
     if d.renormalize_logits:                                                       # 5a
         x = log_softmax(x)
     return x.astype(np.float32)
 
 
-def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+def sampling_filters(x: np.ndarray, d: Decoding, keep: int = 1) -> np.ndarray:
+    """Rule 5's filters in order (temperature, top-k, top-p, min_p, typical_p, epsilon, eta), each keeping
+    at least the `keep` most probable tokens of a row."""
+    if d.temperature != 1.0:
+        x = (x / np.float32(d.temperature)).astype(np.float32)
+    x = top_p_filter(top_k_filter(x, d.top_k, keep), d.top_p, keep)
+    if d.min_p is not None:
+        x = min_p_filter(x, d.min_p, keep)
+    x = typical_filter(x, d.typical_p, keep)
+    if 0 < d.epsilon_cutoff:
+        x = epsilon_filter(x, d.epsilon_cutoff, keep)
+    if 0 < d.eta_cutoff:
+        x = eta_filter(x, d.eta_cutoff, keep)
+    return x
+
+
+def top_k_filter(logits: np.ndarray, k: int, keep: int = 1) -> np.ndarray:
+    k = max(k, keep) if k > 0 else 0
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = np.sort(logits, axis=-1)[:, -k][:, None]
     return np.where(logits < kth, -np.inf, logits).astype(np.float32)
 
 
-def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+def top_p_filter(logits: np.ndarray, p: float, keep: int = 1) -> np.ndarray:
     if p >= 1.0:
         return logits
     order = np.argsort(-logits, axis=-1, kind="stable")
@@ -1103,6 +1137,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     probs /= probs.sum(-1, keepdims=True)
     before = np.cumsum(probs, -1) - probs      # probability mass strictly before each token
     drop_sorted = before >= p                   # keep tokens until the mass reaches p (always the first)
+    drop_sorted[:, :keep] = False
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, -1)
     return np.where(drop, -np.inf, logits).astype(np.float32)
@@ -1138,6 +1173,14 @@ def length_norms(max_new_tokens: int, length_penalty: float) -> np.ndarray:
     return np.array([float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], dtype=np.float32)
 
 
+def draw_without_replacement(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(R, n) indices drawn without replacement from softmax(scores) (R, M), in the order drawn: the n largest
+    of scores + Gumbel noise (the Gumbel-top-k trick, the same law as drawing one at a time from what is left,
+    as torch.multinomial does). Impossible entries (-inf) come after every possible one."""
+    keyed = np.asarray(scores, np.float64) + rng.gumbel(size=np.shape(scores))
+    return np.argsort(-keyed, axis=-1, kind="stable")[:, :n]
+
+
 def best_length(step: int, d: Decoding) -> int:
     """The length a running beam is normalized at to see whether it could still beat the finished
     hypotheses, at `step` (0-based): the current length (step + 1), or the length limit with
@@ -1146,15 +1189,17 @@ def best_length(step: int, d: Decoding) -> int:
 
 
 def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], prompts: np.ndarray,
-                          d: Decoding, finished: list | None = None,
-                          scores: list | None = None) -> list[list[list[int]]]:
+                          d: Decoding, finished: list | None = None, scores: list | None = None,
+                          draw: Callable[[np.ndarray, int], np.ndarray] | None = None) -> list[list[list[int]]]:
     """The beam-search rules of the module docstring, written plainly, one prompt row at a time: for each
     of the B prompts (B, T) (all tokens real), its num_return_sequences best hypotheses, best first, each
     a list of new tokens (no padding). `next_logprobs(rows (R, L)) -> (R, V)` gives the processed
     log-probabilities of the next token after each row (rules 1-4 already applied). Scores are float32 as
     in the backends. This is the definition the backends' vectorized beam searches are tested against.
     `finished`, when given, receives (row, step, tokens) for every hypothesis that finishes on an EOS id;
-    `scores`, when given, receives each prompt's list of the returned hypotheses' scores (sequences_scores)."""
+    `scores`, when given, receives each prompt's list of the returned hypotheses' scores (sequences_scores).
+    Beam sampling: `draw(scores (K * V,), C)` gives the C candidates' indices in the order drawn (for example
+    `draw_without_replacement` on one row); the running beams are then the best-scored of them."""
     K, C, N = d.num_beams, d.candidates, d.max_new_tokens
     norms = length_norms(N, d.length_penalty)
     eos = set(d.eos_token_ids)
@@ -1169,7 +1214,10 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
             V = logprobs.shape[1]
             scored = [(np.float32(score + logprobs[k, v]), k * V + v) for k, (score, _) in enumerate(beams)
                       for v in range(V)]
-            cands = sorted(scored, key=lambda c: (-c[0], c[1]))[:C]          # higher score, then lower index
+            if draw is None:
+                cands = sorted(scored, key=lambda c: (-c[0], c[1]))[:C]      # higher score, then lower index
+            else:
+                cands = [scored[i] for i in draw(np.array([c[0] for c in scored], np.float32), C)]
             running = []
             for rank, (score, index) in enumerate(cands):
                 k, v = divmod(index, V)
@@ -1185,7 +1233,8 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
             stopped = [(np.float32(s - 1e9), [*beams[i // V][1], i % V]) for s, i in cands
                        if i % V in eos]                                      # fill-ins when too few run on
             if not row_done:
-                beams = (running + stopped)[:K]
+                beams = (running + stopped) if draw is None else sorted(running + stopped, key=lambda b: -b[0])
+                beams = beams[:K]
             best_running = max(s for s, _ in beams) / norms[best_length(step, d) - 1]
             row_done = row_done or (len(done) == K and (d.early_stopping is True
                                                         or min(s for s, _ in done) >= best_running))

@@ -119,13 +119,13 @@ def process_logits(scores: torch.Tensor, seen: Optional[torch.Tensor], seq: torc
 def step_scores(logits: torch.Tensor, seen: Optional[torch.Tensor], seq: torch.Tensor, real: torch.Tensor, step: int,
                 d: Decoding, rules: TokenRules, processors=(), beam: bool = False) -> torch.Tensor:
     """The float32 scores (R, V) one step chooses from, every rule in the module docstring's order
-    (opt_spec.generation.reference_scores): beam search's on log-probabilities and without the
-    sampling filters; renormalize_logits last."""
+    (opt_spec.generation.reference_scores): beam search's on log-probabilities; the sampling filters when
+    sampling (beam sampling too, each keeping d.filter_keep tokens); renormalize_logits last."""
     scores = logits.log_softmax(-1) if beam else logits
     scores = process_logits(scores, seen, seq, real, step, d, rules)
     scores = apply_processors(processors, seq, scores)
-    if d.do_sample and not beam:
-        scores = filter_for_sampling(scores, d)
+    if d.do_sample:
+        scores = filter_for_sampling(scores, d, d.filter_keep)
     if d.renormalize_logits:
         scores = scores.log_softmax(-1)
     return scores
@@ -144,42 +144,49 @@ def ngram_bans(seq: torch.Tensor, real: torch.Tensor, n: int, V: int) -> torch.T
     return bans.scatter_add_(1, grams[:, :, n - 1], match.float()) > 0
 
 
-def filter_for_sampling(logits: torch.Tensor, cfg) -> torch.Tensor:
-    """Rule 5's sampling filters in order: temperature, top-k, top-p, min_p, typical_p, epsilon, eta."""
+def filter_for_sampling(logits: torch.Tensor, cfg, keep: int = 1) -> torch.Tensor:
+    """Rule 5's sampling filters in order: temperature, top-k, top-p, min_p, typical_p, epsilon, eta; each
+    keeps at least the `keep` most probable tokens of a row."""
     logits = logits / cfg.temperature
     V = logits.shape[-1]
-    if 0 < cfg.top_k < V:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+    k = max(cfg.top_k, keep) if cfg.top_k > 0 else 0
+    if 0 < k < V:
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, NEG_INF)
     if cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         drop_sorted = (probs.cumsum(-1) - probs) >= cfg.top_p
+        drop_sorted[:, :keep] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, NEG_INF)
     if cfg.min_p is not None:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, NEG_INF)
+        drop = probs < cfg.min_p * probs.max(-1, keepdim=True).values
+        if keep > 1:  # (one is always kept: the most probable)
+            drop = drop.scatter(-1, torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :keep], False)
+        logits = logits.masked_fill(drop, NEG_INF)
     if cfg.typical_p < 1.0:
-        logits = typical_filter(logits, cfg.typical_p)
+        logits = typical_filter(logits, cfg.typical_p, keep)
     if cfg.epsilon_cutoff > 0:
-        logits = logits.masked_fill(_below(logits, cfg.epsilon_cutoff), NEG_INF)
+        logits = logits.masked_fill(_below(logits, cfg.epsilon_cutoff, keep), NEG_INF)
     if cfg.eta_cutoff > 0:
         logp = logits.log_softmax(-1)
         entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.exp()).sum(-1, keepdim=True)
         eta = (-entropy).exp().mul(math.sqrt(cfg.eta_cutoff)).clamp(max=cfg.eta_cutoff)  # min(eta, sqrt(eta) e^-H)
-        logits = logits.masked_fill(_below(logits, eta), NEG_INF)
+        logits = logits.masked_fill(_below(logits, eta, keep), NEG_INF)
     return logits
 
 
-def _below(logits: torch.Tensor, threshold) -> torch.Tensor:
-    """(R, V) bool: tokens less probable than `threshold`, never a row's most probable one."""
-    return (logits.softmax(-1) < threshold) & (logits < logits.max(-1, keepdim=True).values)
+def _below(logits: torch.Tensor, threshold, keep: int = 1) -> torch.Tensor:
+    """(R, V) bool: tokens less probable than `threshold`, never a row's `keep` most probable ones."""
+    kth = torch.topk(logits, min(keep, logits.shape[-1]), dim=-1).values[:, -1:]
+    return (logits.softmax(-1) < threshold) & (logits < kth)
 
 
-def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+def typical_filter(logits: torch.Tensor, mass: float, keep: int = 1) -> torch.Tensor:
     """Locally typical sampling (opt_spec.generation.typical_filter): the tokens closest in surprisal to
-    the entropy, until their probability reaches `mass`."""
+    the entropy, until their probability reaches `mass` (at least `keep` of them)."""
     logp = logits.log_softmax(-1)
     p = logp.exp()
     entropy = -torch.where(p > 0, logp, 0.0).mul(p).sum(-1, keepdim=True)
@@ -188,8 +195,15 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
     cumulative = logits.gather(-1, order).softmax(-1).cumsum(-1)
     last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
     drop_sorted = sorted_shifted > sorted_shifted.gather(-1, last)
-    drop_sorted[:, 0] = False
+    drop_sorted[:, :keep] = False
     return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), NEG_INF)
+
+
+def draw_without_replacement(scores: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(R, n) indices drawn without replacement from softmax(scores) (R, M), in the order drawn: the Gumbel-top-k
+    trick (opt_spec.generation.draw_without_replacement); impossible (-inf) entries come last."""
+    u = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.topk(scores - torch.log(-torch.log(u)), n, dim=-1).indices
 
 
 def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
@@ -452,6 +466,10 @@ class GenerationMixin(GenerationDefaults):
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats
+        generator = None
+        if d.do_sample:  # beam sampling: candidates drawn instead of the best taken
+            generator = torch.Generator(device=device)
+            generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
 
         scores = torch.full((B, K), NEG_INF, device=device)
         scores[:, 0] = 0.0                                                  # one live beam to start
@@ -469,7 +487,11 @@ class GenerationMixin(GenerationDefaults):
             if record is not None:
                 record.add(logprobs, logits)
             cand = (scores[..., None] + logprobs.view(B, K, V)).view(B, K * V)
-            cand_scores, cand_index = torch.topk(cand, C, dim=-1)           # (B, C), best first
+            if generator is None:
+                cand_scores, cand_index = torch.topk(cand, C, dim=-1)       # (B, C), best first
+            else:
+                cand_index = draw_without_replacement(cand, C, generator)   # (B, C), in the order drawn
+                cand_scores = cand.gather(1, cand_index)
             parent, token = cand_index // V, cand_index % V
             history = torch.gather(beams, 1, parent[..., None].expand(B, C, N)).clone()  # (B, C, N)
             history[:, :, step] = token
@@ -496,8 +518,12 @@ class GenerationMixin(GenerationDefaults):
             done_length = torch.gather(pool_length, 1, best)
             done_tokens = torch.gather(pool_tokens, 1, best[..., None].expand(B, K, N))
             done_origin = torch.gather(pool_origin, 1, best[..., None].expand(B, K, N))
-            # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
-            order = torch.where(stopped, rank + C, rank).argsort(-1)[:, :K]  # (B, K)
+            # running beams: the first (best; drawn: best-scored) K candidates that did not stop, then stopped
+            # ones, lowered by 1e9
+            if generator is None:
+                order = torch.where(stopped, rank + C, rank).argsort(-1)[:, :K]  # (B, K)
+            else:
+                order = torch.sort(cand_scores - 1e9 * stopped, dim=-1, descending=True, stable=True).indices[:, :K]
             scores_next = torch.gather(cand_scores - 1e9 * stopped, 1, order)
             parent_next = torch.gather(parent, 1, order)
             beams = torch.gather(history, 1, order[..., None].expand(B, K, N))

@@ -55,8 +55,12 @@ class Torch:
                                       t.from_numpy(seq).long(), t.from_numpy(real).long(), step, d)
         return out.numpy()
 
-    def filter(self, logits, d):
-        return self.gen.filter_for_sampling(self.torch.from_numpy(logits), d).numpy()
+    def filter(self, logits, d, keep=1):
+        return self.gen.filter_for_sampling(self.torch.from_numpy(logits), d, keep).numpy()
+
+    def draw(self, scores, n, seed):
+        generator = self.torch.Generator().manual_seed(seed)
+        return self.gen.draw_without_replacement(self.torch.from_numpy(scores), n, generator).numpy()
 
     def generate(self, model, ids, mask, **kw):
         ids = self.torch.from_numpy(ids)  # floats stay floats: refused by the model
@@ -370,6 +374,57 @@ def test_sampling_filters_equal_the_reference(backend, top_k, top_p, temperature
     want = gen.top_p_filter(gen.top_k_filter(logits / np.float32(temperature), top_k), top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_every_sampling_filter_keeps_what_the_spec_keeps(backend, keep):
+    """Beam sampling's filters keep at least `keep` tokens a row (Hugging Face's min_tokens_to_keep): each
+    filter at its narrowest, alone and all together, against the spec's filters."""
+    logits = np.random.default_rng(1).standard_normal((4, 50)).astype(np.float32) * 3
+    narrow = dict(top_k=1, top_p=0.01, min_p=0.95, typical_p=0.01, epsilon_cutoff=0.6, eta_cutoff=0.6)
+    for name in [*narrow, "all"]:
+        settings = narrow if name == "all" else {name: narrow[name]}
+        d = gen.Decoding(max_new_tokens=1, do_sample=True, **{"top_k": 0, **settings}, temperature=0.8)
+        want = gen.sampling_filters(logits, d, keep)
+        got = backend.filter(logits, d, keep)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        kept = np.isfinite(got).sum(-1)
+        assert (kept >= keep).all() and (name not in ("top_k", "all") or (kept == keep).all()), name
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6, err_msg=name)
+
+
+def test_draws_without_replacement_follow_the_softmax(backend):
+    """Beam sampling's draw: the first two of n draws from softmax(scores), without replacement and in order,
+    have Plackett-Luce's law, P(i, j) = p_i p_j / (1 - p_i), within 5 standard errors over 40,000 rows; an
+    impossible (-inf) entry comes after every possible one."""
+    with np.errstate(divide="ignore"):
+        scores = np.log(np.array([0.4, 0.25, 0.2, 0.1, 0.05, 0.0], np.float64)).astype(np.float32)
+    R, M = 40_000, scores.size
+    got = backend.draw(np.tile(scores, (R, 1)), 5, seed=3)
+    assert got.shape == (R, 5) and (got != M - 1).all()
+    assert (np.sort(got, -1) == np.arange(5)).all()  # without replacement
+    p = np.exp(scores.astype(np.float64))
+    counts = np.zeros((M, M))
+    np.add.at(counts, (got[:, 0], got[:, 1]), 1)
+    for i in range(M - 1):
+        for j in range(M - 1):
+            want = 0.0 if i == j else p[i] * p[j] / (1 - p[i])
+            assert abs(counts[i, j] / R - want) <= 5 * np.sqrt(want * (1 - want) / R) + 1e-9, (i, j, counts[i, j] / R)
+
+
+@pytest.mark.parametrize("num_beams,returned", [(2, 1), (3, 2)])
+def test_cold_beam_sampling_is_beam_search(backend, checkpoints, num_beams, returned):
+    """Beam sampling at temperature 1e-4: every score is 10^4 times beam search's, so the draws take the best
+    candidates first and the hypotheses are beam search's (a hotter one draws others: seeds differ)."""
+    ids, mask = batch(9, pads=(0, 2, 0))
+    lm = model(backend, checkpoints, "causal_lm")
+    settings = dict(max_new_tokens=6, num_beams=num_beams, num_return_sequences=returned, pad_token_id=1,
+                    eos_token_id=None, top_k=0)
+    want = backend.generate(lm, ids, mask, **settings)
+    cold = backend.generate(lm, ids, mask, do_sample=True, temperature=1e-4, seed=5, **settings)
+    np.testing.assert_array_equal(cold, want)
+    hot = {backend.generate(lm, ids, mask, do_sample=True, seed=seed, **settings).tobytes() for seed in range(4)}
+    assert len(hot) > 1
 
 
 # ----------------------------------------------------------------------------- stopping, beam search

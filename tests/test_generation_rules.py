@@ -83,6 +83,8 @@ RULES = {
     "epsilon": dict(do_sample=True, epsilon_cutoff=0.03, top_k=0),
     "eta": dict(do_sample=True, eta_cutoff=0.05, top_k=0),
     "sampling_only_filters_ignored_in_greedy": dict(min_p=0.5, typical_p=0.3, top_k=3),
+    "filters_at_their_narrowest": dict(do_sample=True, top_k=1, top_p=0.05, min_p=0.9, typical_p=0.05,
+                                       epsilon_cutoff=0.5, eta_cutoff=0.5),
     "everything": dict(sequence_bias=[[[5], 1.5], [[4, 5], -2.0]], bad_words_ids=[[6], [4, 9]],
                        repetition_penalty=1.3, no_repeat_ngram_size=3, min_length=T + 2, min_new_tokens=1,
                        exponential_decay_length_penalty=(1, 1.3),
@@ -92,11 +94,13 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
-@pytest.mark.parametrize("beam", [False, True], ids=["greedy_or_sampling", "beam"])
-def test_each_steps_scores_equal_hugging_faces_processors(hf, name, beam):
-    settings = dict(RULES[name])
-    if beam and settings.pop("do_sample", False):
+@pytest.mark.parametrize("name,mode", [(name, mode) for name in sorted(RULES)
+                                       for mode in ("greedy_or_sampling", "beam", "beam_sample")
+                                       if mode != "beam_sample" or RULES[name].get("do_sample")])
+def test_each_steps_scores_equal_hugging_faces_processors(hf, name, mode):
+    """Every rule's scores; beam sampling's filters keep at least 1 + len(EOS) tokens per beam."""
+    settings, beam = dict(RULES[name]), mode != "greedy_or_sampling"
+    if mode == "beam" and settings.pop("do_sample", False):
         settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p", "min_p",
                                                                      "typical_p", "epsilon_cutoff", "eta_cutoff")}
     if beam:
@@ -114,6 +118,8 @@ def test_each_steps_scores_equal_hugging_faces_processors(hf, name, beam):
             want = processors(torch.from_numpy(tokens), x).numpy()
             got = gen.reference_scores(logits, tokens, np.ones_like(tokens), ours(settings, T, N), T, beam=beam)
             assert same(got, want), (name, step, seed, np.argwhere(~np.isclose(got, want)))
+            if name == "filters_at_their_narrowest" and mode != "beam":  # each filter alone would keep one
+                assert (np.isfinite(got).sum(-1) == (1 + len(EOS) if mode == "beam_sample" else 1)).all()
 
 
 def test_forced_bos_and_begin_suppress_on_a_one_token_prompt(hf):

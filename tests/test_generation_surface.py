@@ -212,6 +212,35 @@ def test_transition_scores_equal_hugging_faces(models, hf, backend):
         assert close(to_numpy(mine), theirs)
 
 
+# ---------------------------------------------------------------------------------- beam sampling
+def test_cold_beam_sampling_gives_hugging_faces_beam_search(models, hf, backend, cases):
+    """do_sample=True with num_beams (Hugging Face's beam sample) at temperature 1e-4: every score is 10^4 times
+    beam search's, so drawing without replacement takes the best candidates in order and the hypotheses are
+    Hugging Face's beam search's. (Hugging Face's own beam sample is not the reference here: its
+    torch.multinomial draws the candidates after the first from probabilities that underflowed to 0.)"""
+    want = tokens_of(reference(hf, **cases["beams"]))
+    got = tokens_of(run(models, backend, **cases["beams"], do_sample=True, temperature=1e-4, top_k=0, seed=1))
+    assert got.tolist() == want.tolist()
+
+
+def test_beam_sampling_scores_add_up(models, backend, cases):
+    """Warm beam sampling (every filter, keeping 1 + len(EOS) tokens a beam): the seed reproduces the draw, seeds
+    differ, and each returned hypothesis's sequences_scores is the sum of its tokens' processed scores
+    (compute_transition_scores over scores and beam_indices) over its length ** length_penalty, each finite."""
+    settings = dict(cases["beams"], do_sample=True, temperature=1.3, top_k=5, top_p=0.9, min_p=0.05,
+                    return_dict_in_generate=True, output_scores=True)
+    out = run(models, backend, **settings, seed=2)
+    assert tokens_of(run(models, backend, **settings, seed=2)).tolist() == tokens_of(out).tolist()
+    assert len({tokens_of(run(models, backend, **settings, seed=s)).tobytes() for s in range(4)}) > 1
+    model = models(backend)
+    steps = to_numpy(model.compute_transition_scores(out.sequences, out.scores, out.beam_indices))
+    indices = to_numpy(out.beam_indices)
+    lengths = (indices >= 0).sum(-1)
+    assert np.isfinite(steps[indices >= 0]).all()
+    want = steps.sum(-1) / lengths.astype(np.float32) ** settings["length_penalty"]
+    assert close(to_numpy(out.sequences_scores), want, 1e-4)
+
+
 def test_min_length_holds_under_the_length_penalty(models, backend):
     """min_length bans EOS; exponential_decay_length_penalty boosts EOS scores, and with remove_invalid_values
     the ban is the lowest float32, not -inf: a boost past 2x used to overflow it to +inf (EOS chosen at

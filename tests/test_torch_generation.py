@@ -274,7 +274,6 @@ def test_step_scores_equal_the_reference(search):
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
-    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
     (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
     (dict(max_new_tokens=35), "max_position_embeddings=40"),
     (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
@@ -284,3 +283,45 @@ def test_generate_rejects_bad_arguments(checkpoints, kwargs, words):
     ids, mask = prompts(VARIANTS["pre_ln"])
     with pytest.raises(ValueError, match=words.replace("(", "\\(")):
         model.generate(ids, mask, **kwargs)
+
+
+def test_beam_sampling_equals_the_reference_given_the_same_draws(checkpoints):
+    """Beam sampling (do_sample with num_beams) against opt_spec.generation.beam_search_reference with
+    draw=: the reference draws from the same uniform numbers the seeded torch.Generator gives generate (one
+    (B, K * V) batch a step, Gumbel-top-k), so every candidate, finished hypothesis and running beam must
+    agree; next-token scores are the model's full forward with the spec's filters (keeping 1 + len(EOS))."""
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids = prompts(config)[0][:2, :5]
+    T, N, K, V, seed = ids.shape[1], 6, 3, config.vocab_size, 11
+    with torch.no_grad():
+        first = model(ids).logits[:, -1].argsort(-1, descending=True)
+    eos = (int(first[0, 0]), int(first[1, 1]))  # likely: hypotheses finish early
+    settings = dict(max_new_tokens=N, num_beams=K, num_return_sequences=2, eos_token_id=list(eos), pad_token_id=1,
+                    do_sample=True, temperature=2.0, top_k=0, top_p=0.5, length_penalty=0.7)
+    d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
+    generator = torch.Generator().manual_seed(seed)
+    uniforms = [torch.rand((len(ids), K * V), generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+                for _ in range(N)]
+    where = {}
+
+    def next_logprobs(rows):
+        where["row"] = next(r for r in range(len(ids)) if rows[0][:T].tolist() == ids[r].tolist())
+        where["step"] = rows.shape[1] - T
+        with torch.no_grad():
+            logits = model(torch.as_tensor(rows)).logits[:, -1].float().numpy()
+        return gen.reference_scores(logits, rows, np.ones_like(rows), d, T, beam=True)
+
+    def draw(scores, n):
+        gumbel = -torch.log(-torch.log(uniforms[where["step"]][where["row"]])).numpy()
+        return np.argsort(-(scores + gumbel), kind="stable")[:n]
+
+    finished = []
+    want = gen.beam_search_reference(next_logprobs, ids.numpy(), d, finished, draw=draw)
+    longest = max(len(h) for row in want for h in row)
+    padded = np.array([h + [1] * (longest - len(h)) for row in want for h in row])
+    got = model.generate(ids, seed=seed, **settings).numpy()
+    np.testing.assert_array_equal(got[:, T:], padded)
+    assert finished and any(step < N - 1 for _, step, _ in finished)
+    others = [model.generate(ids, seed=s, **settings).numpy() for s in range(seed + 1, seed + 6)]
+    assert any(not np.array_equal(other, got) for other in others)  # the draws matter
