@@ -24,6 +24,12 @@ and criteria checks and the streamer's put in between; prefix_allowed_tokens_fn'
 from the rows so far before each step, is an input of the step's scores. Streamers
 receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
+inputs_embeds (B, P, E) are one more input of the same pieces, compiled apart from the ids path's
+(`_input_key`): the prompt pass (and the record's one forward for hidden states and attentions, then with
+the new tokens' embeddings) reads them instead of ids; the cache, its slot mask and the positions count
+their P positions, while the rules see the rows (input_ids (B, P), or none: T = 0), the last T + step
+columns of the slot mask (`_row_columns`).
+
 Greedy and beam search follow the PyTorch backend step for step (same tie rules, same output length),
 so on the same weights they give the same tokens. Sampling draws with the Gumbel-max trick on
 `tf.random.stateless_uniform` keyed by (seed, step): reproducible within TensorFlow for a given seed.
@@ -275,6 +281,19 @@ def _set_slot(slots: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.equal(tf.range(slots.shape[1]), slot)[None, :], 1, slots)
 
 
+def _row_columns(x, L: int):
+    """The last L columns of x (R, P + ...) (NumPy or TensorFlow): those of the rows, which start after the
+    positions of inputs_embeds given without input_ids (none otherwise)."""
+    return x[:, x.shape[1] - L:]
+
+
+def _input_key(ids, embeds) -> tuple:
+    """The start of the compiled functions' keys: (B, T), and with inputs_embeds its P (B, P, E) too, since
+    the embeds path takes other inputs than the ids path, even at the same shapes."""
+    B, T = ids.shape
+    return (B, T) if embeds is None else (B, T, "inputs_embeds", embeds.shape[1])
+
+
 def _length_norms(d: Decoding) -> tf.Tensor:
     """(N,) float32 generated_length ** length_penalty (opt_spec.generation.length_norms)."""
     return tf.constant(length_norms(d.max_new_tokens, d.length_penalty))
@@ -359,14 +378,17 @@ class TFGenerationMixin(GenerationDefaults):
     model and lm_logits); generation_config from opt_spec.GenerationDefaults."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
-                 streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, **kwargs):
+                 streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
+                 inputs_embeds=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N), as a tf.Tensor of
         the prompt's integer dtype (int32 unless the prompt was int64); with return_dict_in_generate, an
         opt_tf.outputs record holding it. Settings by Hugging Face's names as keywords or in
-        generation_config, defaults from model.generation_config; see opt_spec.generation."""
-        ids, mask, out_dtype = self._check_generation_inputs(input_ids, attention_mask)
-        d = self._decoding(generation_config, kwargs, ids.shape[1])
-        check_prompt(ids.shape, d.max_new_tokens, self.config.max_position_embeddings)
+        generation_config, defaults from model.generation_config; see opt_spec.generation. inputs_embeds
+        (B, P, word_embed_proj_dim): what the model sees at the first P positions; the rows are then
+        input_ids (B, P) if given, else empty (T = 0)."""
+        ids, mask, embeds, out_dtype = self._check_generation_inputs(input_ids, attention_mask, inputs_embeds)
+        d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
+        check_prompt(mask.shape, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn), prefix_allowed_tokens_fn)
         if d.seed is None:
@@ -376,15 +398,16 @@ class TFGenerationMixin(GenerationDefaults):
         seed = tf.constant(seed_pair, tf.int32)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
-        B, T = ids.shape
+            embeds = None if embeds is None else tf.repeat(embeds, d.num_return_sequences, axis=0)
         key = _output_key(d)
         if needs_host(d, processors, streamer, rules.criteria, rules.prefix):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
             new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype,
-                                          rules)
+                                          rules, embeds)
         else:
-            new, n, steps, outputs = self._generation_function(B, T, key)(tf.constant(ids), tf.constant(mask), seed)
+            inputs = (tf.constant(ids), tf.constant(mask), seed) + (() if embeds is None else (embeds,))
+            new, n, steps, outputs = self._generation_function(ids, embeds, key)(*inputs)
             outputs = {name: tuple(tf.unstack(x[:int(steps)])) if name in ("scores", "logits") else x
                        for name, x in outputs.items()}  # the (N, rows, V) buffers as the steps taken
         n = int(n)
@@ -397,11 +420,14 @@ class TFGenerationMixin(GenerationDefaults):
         if not d.is_beam_search:
             hidden_states, attentions = None, None
             if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-                full = step_forward_mask(mask, n)
-                out = self._base(sequences[:, :full.shape[1]], attention_mask=tf.constant(full), use_cache=False,
+                full = step_forward_mask(mask, n)  # (rows, P + n - 1)
+                rows, embedded = sequences[:, :full.shape[1]], None
+                if embeds is not None:  # the given embeddings, then the new tokens' but the last
+                    rows, embedded = None, tf.concat([embeds, self.get_input_embeddings()(new[:, :n - 1])], 1)
+                out = self._base(rows, inputs_embeds=embedded, attention_mask=tf.constant(full), use_cache=False,
                                  output_hidden_states=d.output_hidden_states, training=False,
                                  output_attentions=d.output_attentions)
-                hidden_states, attentions = step_outputs(T, n, out.hidden_states, out.attentions)
+                hidden_states, attentions = step_outputs(mask.shape[1], n, out.hidden_states, out.attentions)
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=outputs.get("scores"),
                                              logits=outputs.get("logits"), hidden_states=hidden_states,
                                              attentions=attentions)
@@ -414,10 +440,14 @@ class TFGenerationMixin(GenerationDefaults):
         return_dict_in_generate record (Hugging Face's method; opt_spec.generation.transition_scores)."""
         return tf.constant(transition_scores(sequences, scores, beam_indices, normalize_logits))
 
-    def _check_generation_inputs(self, input_ids, attention_mask):
-        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
-        out_dtype = tf.int64 if ids.dtype == np.int64 else tf.int32
-        return ids.astype(np.int32), (mask != 0).astype(np.int32), out_dtype
+    def _check_generation_inputs(self, input_ids, attention_mask, inputs_embeds=None):
+        """NumPy int32 ids (B, T) and mask (B, P) (opt_spec's prompt_inputs), inputs_embeds as a tf.Tensor of the
+        model's compute dtype (or None) and the output dtype (int64 for int64 input_ids, else int32)."""
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size, inputs_embeds=inputs_embeds,
+                                  width=self.config.word_embed_proj_dim)
+        out_dtype = tf.int64 if input_ids is not None and ids.dtype == np.int64 else tf.int32
+        embeds = None if inputs_embeds is None else tf.cast(inputs_embeds, self.compute_dtype)
+        return ids.astype(np.int32), (mask != 0).astype(np.int32), embeds, out_dtype
 
     def _compiled(self, key, fn, input_signature=None, store: str = "_generation_fns"):
         """The XLA-compiled function kept under `key` in the dict `store` (made once; a plain dict outside
@@ -432,19 +462,26 @@ class TFGenerationMixin(GenerationDefaults):
             fns[key] = tf.function(fn, input_signature=input_signature, jit_compile=True)
         return fns[key]
 
-    def _generation_function(self, B: int, T: int, d: Decoding):
-        """The compiled decode for these shapes and settings, made once and kept."""
-        spec = (tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((2,), tf.int32))
-        return self._compiled((B, T, d), functools.partial(self._traced_generation, d=d), spec)
+    def _generation_function(self, ids, embeds, d: Decoding):
+        """The compiled decode for these inputs' shapes and settings, made once and kept: it takes the ids
+        (B, T), the mask (B, P), the seed and, with inputs_embeds, the embeddings (B, P, E)."""
+        B, T = ids.shape
+        P = T if embeds is None else embeds.shape[1]
+        spec = [tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((B, P), tf.int32), tf.TensorSpec((2,), tf.int32)]
+        if embeds is not None:
+            spec.append(tf.TensorSpec(embeds.shape, embeds.dtype))
+        return self._compiled((*_input_key(ids, embeds), d), functools.partial(self._traced_generation, d=d), spec)
 
-    def _traced_generation(self, ids, mask, seed, d: Decoding):
+    def _traced_generation(self, ids, mask, seed, embeds=None, *, d: Decoding):
         object.__setattr__(self, "generation_traces", self.generation_traces + 1)  # runs at trace time only
         body = self._beam_search if d.is_beam_search else self._decode
-        return body(ids, mask, seed, d)
+        return body(ids, mask, seed, d, embeds)
 
-    def _last_logits(self, ids, slots, cache):
-        """float32 logits (B, V) of the last new position and the cache with the new tokens written."""
-        out = self.model(ids, attention_mask=slots, past_key_values=cache, use_cache=True)
+    def _last_logits(self, ids, slots, cache, embeds=None):
+        """float32 logits (B, V) of the last new position and the cache with the new tokens written; embeds:
+        the prompt pass's inputs_embeds (B, P, E), read instead of ids."""
+        out = self.model(ids if embeds is None else None, inputs_embeds=embeds, attention_mask=slots,
+                         past_key_values=cache, use_cache=True)
         h = out.last_hidden_state[:, -1]  # (B, E)
         return tf.cast(self.lm_logits(h), tf.float32), out.past_key_values
 
@@ -452,25 +489,26 @@ class TFGenerationMixin(GenerationDefaults):
     # One step is scores (rules 0-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
     # strings, stopping criteria, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
     # pieces into one while_loop. Each returns (new tokens (B, N), tokens kept, steps taken, outputs).
-    def _prefill(self, ids, mask, d: Decoding, buffers: bool = False):
-        """The prompt pass: (logits (B, V), state before the first step); buffers: the state also holds
-        the output buffers the call asked for (the fast path's)."""
-        B, T = ids.shape
+    def _prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None):
+        """The prompt pass over mask's P positions (of ids, or of embeds (B, P, E) with inputs_embeds): (logits
+        (B, V), state before the first step); buffers: the state also holds the output buffers the call
+        asked for (the fast path's)."""
+        (B, P), T = mask.shape, ids.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)  # (B, L) over every cache slot
-        logits, cache = self._last_logits(ids, slots, self.init_cache(B, T + N))
+        logits, cache = self._last_logits(ids, slots, self.init_cache(B, P + N), embeds)
         state = dict(step=tf.constant(0, tf.int32), tokens=tf.zeros((B,), tf.int32), finished=tf.zeros((B,), tf.bool),
                      out=tf.fill((B, N), d.pad_token_id), cache=cache, slots=slots)
         if d.repetition_penalty != 1.0:
-            state["seen"] = _prompt_seen(ids, mask, V)
+            state["seen"] = _prompt_seen(ids, _row_columns(mask, T), V)
         if buffers:
             state.update(_output_buffers(d, B, V))
         return logits, state
 
     def _scores(self, ids, s, logits, d: Decoding, allowed=None):
         """Rules 0-3 on this step's logits (allowed: prefix_allowed_tokens_fn's mask, from the host)."""
-        T = ids.shape[1]
-        return process_logits(logits, s.get("seen"), tf.concat([ids, s["out"]], 1), s["slots"], T + s["step"],
+        T, seq = ids.shape[1], tf.concat([ids, s["out"]], 1)
+        return process_logits(logits, s.get("seen"), seq, _row_columns(s["slots"], seq.shape[1]), T + s["step"],
                               s["step"], d, allowed)
 
     def _pick(self, s, scores, seed, d: Decoding):
@@ -485,15 +523,15 @@ class TFGenerationMixin(GenerationDefaults):
             new["seen"] = _mark(s["seen"], tokens)
         return scores, new
 
-    def _feed(self, ids, s):
+    def _feed(self, s):
         """The last tokens through the model: (next logits, state)."""
-        slots = _set_slot(s["slots"], ids.shape[1] + s["step"] - 1)  # the last token's slot
+        slots = _set_slot(s["slots"], s["cache"].length)  # the last token's slot: the cache's write position
         logits, cache = self._last_logits(s["tokens"][:, None], slots, s["cache"])
         return logits, dict(s, cache=cache, slots=slots)
 
-    def _decode(self, ids, mask, seed, d: Decoding):
+    def _decode(self, ids, mask, seed, d: Decoding, embeds=None):
         """(B, N) new tokens (pad after a row finished), the steps taken (twice) and the output buffers."""
-        logits, state = self._prefill(ids, mask, d, buffers=True)
+        logits, state = self._prefill(ids, mask, d, buffers=True, embeds=embeds)
 
         def step(s, logits):
             scores, new = self._pick(s, self._scores(ids, s, logits, d), seed, d)
@@ -505,33 +543,34 @@ class TFGenerationMixin(GenerationDefaults):
             return (s["step"] < d.max_new_tokens) & ~tf.reduce_all(s["finished"])
 
         def advance(s):
-            logits, s = self._feed(ids, s)
+            logits, s = self._feed(s)
             return (step(s, logits),)
 
         (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
         return state["out"], state["step"], state["step"], _buffered_outputs(state)
 
-    def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype, rules: HostRules):
+    def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype, rules: HostRules,
+                     embeds=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         compiled call (the forward, the scores and the choice), two with logits processors between.
         prefix_allowed_tokens_fn's mask is computed before the step (from the rows so far) and passed in."""
         B, T = ids.shape
         V = self.config.vocab_size
 
-        def first(ids, mask, allowed):
-            logits, s = self._prefill(ids, mask, d)
+        def first(ids, mask, allowed, embeds):
+            logits, s = self._prefill(ids, mask, d, embeds=embeds)
             return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
         def later(ids, s, allowed):
-            logits, s = self._feed(ids, s)
+            logits, s = self._feed(s)
             return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
         def pick(s, scores, seed):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        def first_pick(ids, mask, allowed, seed):  # without processors nothing runs between scores and choice
-            scores, s, outputs = first(ids, mask, allowed)
+        def first_pick(ids, mask, allowed, embeds, seed):  # without processors nothing runs between scores and choice
+            scores, s, outputs = first(ids, mask, allowed, embeds)
             s, chosen = pick(s, scores, seed)
             return s, {**outputs, **chosen}
 
@@ -545,8 +584,8 @@ class TFGenerationMixin(GenerationDefaults):
         else:
             pieces = dict(first=first_pick, later=later_pick)
         masked = rules.prefix is not None
-        fn = {name: self._compiled((B, T, d, name, bool(processors), masked), piece, store="_host_generation_fns")
-              for name, piece in pieces.items()}
+        fn = {name: self._compiled((*_input_key(ids, embeds), d, name, bool(processors), masked), piece,
+                                   store="_host_generation_fns") for name, piece in pieces.items()}
         ids_t, mask_t = tf.constant(ids), tf.constant(mask)
         if streamer is not None:
             streamer.put(ids.astype(out_dtype.as_numpy_dtype))
@@ -554,7 +593,7 @@ class TFGenerationMixin(GenerationDefaults):
         state, kept = None, {}
         for step in range(d.max_new_tokens):
             allowed = rules.allowed(tf.constant(np.concatenate(seq, 1)), 1, V)  # (B, V) or None
-            args = (ids_t, mask_t, allowed) if step == 0 else (ids_t, state, allowed)
+            args = (ids_t, mask_t, allowed, embeds) if step == 0 else (ids_t, state, allowed)
             if processors:
                 scores, state, outputs = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
@@ -570,7 +609,7 @@ class TFGenerationMixin(GenerationDefaults):
                 streamer.put(tokens.astype(out_dtype.as_numpy_dtype))
             finished = state["finished"].numpy()
             if stops is not None:
-                real = np.concatenate([mask, np.ones((B, step + 1), np.int32)], 1)
+                real = np.concatenate([_row_columns(mask, T), np.ones((B, step + 1), np.int32)], 1)
                 finished = finished | stops.hits(np.concatenate(seq, 1), real, live)
             if rules.criteria:  # the rows with the new token; the steps' scores so far when output_scores
                 finished = finished | rules.stopped(tf.constant(np.concatenate(seq, 1)), _so_far(kept, "scores"))
@@ -588,11 +627,12 @@ class TFGenerationMixin(GenerationDefaults):
     # (finished hypotheses, running beams) -> feed. With return_dict_in_generate every running beam and
     # finished hypothesis also carries the running beam (b * K + k) each of its tokens extended
     # ("beam_index", "done_index", (B, K, N), -1 past its end).
-    def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False):
-        B, T = ids.shape
+    def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None):
+        (B, P), T = mask.shape, ids.shape[1]
         K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([tf.repeat(mask, K, axis=0), tf.zeros((B * K, N), tf.int32)], axis=1)  # (BK, L)
-        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self.init_cache(B * K, T + N))
+        embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
+        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self.init_cache(B * K, P + N), embeds)
         state = dict(step=tf.constant(0, tf.int32), cache=cache, slots=slots,
                      scores=tf.concat([tf.zeros((B, 1)), tf.fill((B, K - 1), NEG_INF)], axis=1),  # one live beam
                      beams=tf.fill((B, K, N), d.pad_token_id),
@@ -600,7 +640,7 @@ class TFGenerationMixin(GenerationDefaults):
                      done_length=tf.zeros((B, K), tf.int32), row_done=tf.zeros((B,), tf.bool),
                      parent=tf.zeros((B, K), tf.int32), tokens=tf.zeros((B, K), tf.int32))
         if d.repetition_penalty != 1.0:
-            state["seen"] = _prompt_seen(tf.repeat(ids, K, axis=0), tf.repeat(mask, K, axis=0), V)
+            state["seen"] = _prompt_seen(tf.repeat(ids, K, axis=0), tf.repeat(_row_columns(mask, T), K, axis=0), V)
         if d.return_dict_in_generate:
             state["beam_index"] = state["done_index"] = tf.fill((B, K, N), -1)
         if buffers:
@@ -615,9 +655,9 @@ class TFGenerationMixin(GenerationDefaults):
     def _beam_scores(self, ids, s, logits, d: Decoding, allowed=None):
         """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams); allowed (BK, V):
         prefix_allowed_tokens_fn's mask from the host, or None."""
-        T = ids.shape[1]
-        return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), self._beam_seq(ids, s, d), s["slots"],
-                              T + s["step"], s["step"], d, allowed)
+        T, seq = ids.shape[1], self._beam_seq(ids, s, d)
+        return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), seq,
+                              _row_columns(s["slots"], seq.shape[1]), T + s["step"], s["step"], d, allowed)
 
     def _beam_candidates(self, s, logprobs, d: Decoding):
         """The best C continuations per row: scores, parents, tokens and histories (B, C, N); "logprobs",
@@ -677,12 +717,12 @@ class TFGenerationMixin(GenerationDefaults):
             new["beam_index"] = tf.gather(c["history_index"], order, batch_dims=1)
         return new
 
-    def _beam_feed(self, ids, s):
+    def _beam_feed(self, s):
         """Each running beam continues from its parent's cache with its new token."""
         B, K = s["parent"].shape
         flat_parent = tf.reshape(tf.range(B)[:, None] * K + s["parent"], [-1])  # (BK,)
         tokens = tf.reshape(s["tokens"], [-1])                                 # (BK,)
-        slots = _set_slot(s["slots"], ids.shape[1] + s["step"] - 1)
+        slots = _set_slot(s["slots"], s["cache"].length)                       # the cache's write position
         logits, cache = self._last_logits(tokens[:, None], slots, _reorder(s["cache"], flat_parent))
         new = dict(s, cache=cache, slots=slots)
         if "seen" in s:
@@ -712,12 +752,12 @@ class TFGenerationMixin(GenerationDefaults):
             outputs["sequences_scores"] = tf.reshape(tf.gather(pool_scores, pick, batch_dims=1), [-1])
         return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1)), s["step"], outputs
 
-    def _beam_search(self, ids, mask, seed, d: Decoding):
+    def _beam_search(self, ids, mask, seed, d: Decoding, embeds=None):
         """The best hypotheses as _beam_finish returns them."""
         del seed  # beam search is deterministic
         B, C = ids.shape[0], d.candidates
         none = tf.zeros((B, C), tf.bool)
-        logits, state = self._beam_prefill(ids, mask, d, buffers=True)
+        logits, state = self._beam_prefill(ids, mask, d, buffers=True, embeds=embeds)
 
         def step(logits, s):
             c = self._beam_candidates(s, self._beam_scores(ids, s, logits, d), d)
@@ -730,29 +770,30 @@ class TFGenerationMixin(GenerationDefaults):
             return (s["step"] < d.max_new_tokens) & ~tf.reduce_all(s["row_done"])
 
         def advance(s):
-            return (step(*self._beam_feed(ids, s)),)
+            return (step(*self._beam_feed(s)),)
 
         (state,) = tf.while_loop(more, advance, (state,), maximum_iterations=d.max_new_tokens - 1)
         return self._beam_finish(state, d)
 
     def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype,
-                          rules: HostRules):
+                          rules: HostRules, embeds=None):
         del seed, streamer, out_dtype  # deterministic; check_extras refuses a streamer
         B, T = ids.shape
         K, C, V = d.num_beams, d.candidates, self.config.vocab_size
-        pieces = {name: self._compiled((B, T, d, name), functools.partial(fn, d=d), store="_host_generation_fns")
+        key = (*_input_key(ids, embeds), d)
+        pieces = {name: self._compiled((*key, name), functools.partial(fn, d=d), store="_host_generation_fns")
                   for name, fn in (("prefill", self._beam_prefill), ("candidates", self._beam_candidates),
                                    ("update", self._beam_update), ("finish", self._beam_finish))}
-        feed = self._compiled((B, T, d, "feed"), self._beam_feed, store="_host_generation_fns")
+        feed = self._compiled((*key, "feed"), self._beam_feed, store="_host_generation_fns")
         masked = rules.prefix is not None  # the scores taking prefix_allowed_tokens_fn's mask are kept apart
-        pieces["scores"] = self._compiled((B, T, d, "scores", masked), functools.partial(self._beam_scores, d=d),
+        pieces["scores"] = self._compiled((*key, "scores", masked), functools.partial(self._beam_scores, d=d),
                                           store="_host_generation_fns")
         ids_t = tf.constant(ids)
-        logits, state = pieces["prefill"](ids_t, tf.constant(mask))
+        logits, state = pieces["prefill"](ids_t, tf.constant(mask), embeds=embeds)
         kept = {}
         for step in range(d.max_new_tokens):
             if step:
-                logits, state = feed(ids_t, state)
+                logits, state = feed(state)
             seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
             allowed = rules.allowed(seq, K, V)  # (BK, V): the running beams', batch_id = r // K
             scores = pieces["scores"](ids_t, state, logits, allowed=allowed)
@@ -761,7 +802,7 @@ class TFGenerationMixin(GenerationDefaults):
                 kept.setdefault(name, []).append(x)
             stopped = np.zeros((B, C), bool)
             if stops is not None or rules.criteria:  # each candidate: the prompt, its parent's tokens, its new one
-                prompt, real = np.repeat(ids[:, None], C, 1), np.repeat(mask[:, None], C, 1)
+                prompt, real = np.repeat(ids[:, None], C, 1), np.repeat(_row_columns(mask, T)[:, None], C, 1)
                 cand = np.concatenate([prompt, c["history"].numpy()[:, :, :step + 1]], 2).reshape(B * C, -1)
             if stops is not None:
                 cand_real = np.concatenate([real, np.ones((B, C, step + 1), np.int32)], 2).reshape(B * C, -1)
