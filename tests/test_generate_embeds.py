@@ -154,13 +154,16 @@ def cases(hf):
         "beams": dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5),
         "ids_and_embeds": dict(input_ids=SOFT_IDS, max_new_tokens=8, eos_token_id=None, repetition_penalty=1.1,
                                no_repeat_ngram_size=2),
+        # a host-side rule (the step-by-step loop): the rows it is shown start empty, as Hugging Face's
+        "host": dict(max_new_tokens=6, eos_token_id=None, prefix_allowed_tokens_fn=lambda batch_id, row: [
+            t for t in range(CONFIG.vocab_size) if t not in plain[batch_id] or len(row) % 2]),
     }
 
 
 CASES = ("greedy", "rows_only", "forced_bos", "begin_suppress", "max_length", "default_length", "beams",
-         "ids_and_embeds")
+         "ids_and_embeds", "host")
 RULES = ("eos_token_id", "min_length", "bad_words_ids", "repetition_penalty", "no_repeat_ngram_size",
-         "forced_bos_token_id", "begin_suppress_tokens", "input_ids")
+         "forced_bos_token_id", "begin_suppress_tokens", "input_ids", "prefix_allowed_tokens_fn")
 
 
 def test_each_case_needs_its_rules(hf, cases):
