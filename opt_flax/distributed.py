@@ -350,19 +350,19 @@ def zeros_cache(model, batch_size: int, max_length: int) -> KVCache:
     return jax.jit(make, out_shardings=sharding.cache(batch_size))()
 
 
-def generation_fn(model, fn: Callable, batch_size: int) -> Callable:
-    """The decode loop `fn(params, ids, mask, knobs, key) -> (new tokens (B, N), steps, extras)` under a jit
-    with explicit shardings (extras, generate's optional outputs, replicated); ids and mask (the whole
-    batch) are laid out before the call."""
+def generation_fn(model, fn: Callable, batch_size: int, embeds: bool = False) -> Callable:
+    """The decode loop `fn(params, ids, mask, knobs, key[, inputs_embeds]) -> (new tokens (B, N), steps,
+    extras)` under a jit with explicit shardings (extras, generate's optional outputs, replicated); ids and
+    mask (the whole batch), and inputs_embeds (B, P, E) when `embeds`, are split like the rows before the call."""
     sharding: MeshPlan = model.sharding
-    rows = sharding.batch(batch_size, 2)
-    jitted = sharding.jit(fn, (sharding.params(), rows, rows, sharding.replicated, sharding.replicated),
-                          (rows, sharding.replicated, sharding.replicated))
+    rows, vectors = sharding.batch(batch_size, 2), sharding.batch(batch_size, 3)
+    jitted = sharding.jit(fn, (sharding.params(), rows, rows, sharding.replicated, sharding.replicated)
+                          + ((vectors,) if embeds else ()), (rows, sharding.replicated, sharding.replicated))
 
-    def call(params, ids, mask, knobs, key):
+    def call(params, ids, mask, knobs, key, *inputs_embeds):
         knobs = jax.tree_util.tree_map(lambda x: sharding.put(x, sharding.replicated), knobs)
         return jitted(params, sharding.put(ids, rows), sharding.put(mask, rows), knobs,
-                      sharding.put(key, sharding.replicated))
+                      sharding.put(key, sharding.replicated), *(sharding.put(x, vectors) for x in inputs_embeds))
 
     return call
 

@@ -1,10 +1,16 @@
 """`generate` for the Flax backend, following opt_spec.generation's semantics.
 
 The fast path is one jitted function: the prompt fills a preallocated KVCache (`init_cache`), then a
-`lax.while_loop` feeds one token per step into fixed-size buffers (the cache, a (rows, T + N) attention
-mask over the cache slots, a (rows, N) output, N = the length limit) until every row finished or N steps
-were taken; the output is trimmed to the steps taken outside jit. Nothing is traced or allocated per
-token.
+`lax.while_loop` feeds one token per step into fixed-size buffers (the cache, a (rows, P + N) attention
+mask over the cache slots, a (rows, N) output, N = the length limit, P the prompt's positions) until every
+row finished or N steps were taken; the output is trimmed to the steps taken outside jit. Nothing is
+traced or allocated per token.
+
+inputs_embeds (B, P, E) (opt_spec.generation's meaning) go through the prompt pass instead of the ids'
+embeddings, an extra argument of programs of their own (`_Static.embeds`; the ids path's are unchanged).
+The cache, its mask and the positions count the P embedded positions; the rules see the rows, which hold
+input_ids (T = P) or start empty (T = 0) and then the new tokens: the rows' position i is cache slot
+i + P - T (`_Static.offset`).
 
 One jitted function is kept per model and static setting (batch, prompt length, N, num_beams, sampling
 or not, top_k, whether top-p / repetition penalty apply, how many EOS ids, the n-gram size, how many
@@ -134,9 +140,10 @@ def bias_sequences(scores: jax.Array, seq: jax.Array, now, entries) -> jax.Array
 
 def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new_tokens: int) -> jax.Array:
     """Rule 3's forced and suppressed tokens on float32 scores (R, V), in the spec's order, each traced
-    only when `rules` (static) sets it: forced BOS (at step 0: `rules` holds it only for a one-token
-    prompt, where L == 1), forced EOS at the last step, invalid values made finite, the exponential EOS
-    boost (eos_token_ids (E,), traced), suppressed tokens, and begin-suppressed ones at their step."""
+    only when `rules` (static) sets it: forced BOS (at the step where L == 1: `rules` holds it only for
+    rows that start with one token or none), forced EOS at the last step, invalid values made finite, the
+    exponential EOS boost (eos_token_ids (E,), traced), suppressed tokens, and begin-suppressed ones at
+    their step."""
     V, x = scores.shape[-1], scores
 
     def only(ids, value=0.0):  # (V,) float32: `value` at ids, -inf elsewhere
@@ -150,7 +157,7 @@ def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new
         return jnp.asarray(row)
 
     if rules.forced_bos_token_id is not None:
-        x = jnp.where(step == 0, only([rules.forced_bos_token_id]), x)
+        x = jnp.where(step == rules.forced_bos_step, only([rules.forced_bos_token_id]), x)
     if rules.forced_eos_token_ids:
         x = jnp.where(step == max_new_tokens - 1, only(rules.forced_eos_token_ids), x)
     if rules.remove_invalid_values:
@@ -212,11 +219,12 @@ def _keep(buffer: Optional[jax.Array], step, x: jax.Array) -> Optional[jax.Array
 class _Rules:
     """The rules of opt_spec.generation beyond the basics that a call sets (from its Decoding), static:
     each traces into the program only when set, so a call without them keeps the plain program. Those
-    that cannot apply are left off: forced BOS unless the prompt is one token long (L == 1 only then),
-    the sampling filters unless sampling, early stopping unless beam searching."""
+    that cannot apply are left off: forced BOS unless the rows start with one token or none (L == 1 only
+    then: at step 0 or 1), the sampling filters unless sampling, early stopping unless beam searching."""
 
     sequence_bias: tuple = ()            # ((token ids, bias), ...), bad words included as -inf
     forced_bos_token_id: Optional[int] = None
+    forced_bos_step: int = 0             # where the rows hold one token: 1 - T
     forced_eos_token_ids: tuple = ()
     remove_invalid_values: bool = False
     exponential_decay: Optional[tuple] = None  # (start, factor)
@@ -231,10 +239,12 @@ class _Rules:
     early_stopping: bool = False         # beam search: a row is done as soon as it has K hypotheses
 
     @classmethod
-    def of(cls, d: Decoding, prompt_length: int) -> "_Rules":
+    def of(cls, d: Decoding, row_length: int) -> "_Rules":
+        """row_length: the prompt ids the rows start with (T; 0 for inputs_embeds alone)."""
         sampling = d.do_sample and not d.is_beam_search
-        return cls(sequence_bias=d.sequence_bias,
-                   forced_bos_token_id=d.forced_bos_token_id if prompt_length == 1 else None,
+        forced_bos = d.forced_bos_token_id if row_length <= 1 else None
+        return cls(sequence_bias=d.sequence_bias, forced_bos_token_id=forced_bos,
+                   forced_bos_step=1 - row_length if forced_bos is not None else 0,
                    forced_eos_token_ids=d.forced_eos_token_ids, remove_invalid_values=d.remove_invalid_values,
                    exponential_decay=d.exponential_decay if d.eos_token_ids else None,
                    suppress_tokens=d.suppress_tokens, begin_suppress_tokens=d.begin_suppress_tokens,
@@ -249,7 +259,7 @@ class _Static:
     """What shapes the traced program (one jitted function per distinct value)."""
 
     batch: int          # decoding rows: prompts x num_return_sequences (sampling), or prompts (beams)
-    prompt: int
+    prompt: int         # P: the positions the prompt pass fills (cache slots before the first new token)
     max_new_tokens: int
     num_beams: int
     do_sample: bool
@@ -263,6 +273,14 @@ class _Static:
     keep_scores: bool = False   # output_scores: an (N, rows, V) buffer of each step's chosen-from scores
     keep_logits: bool = False   # output_logits: the same of the raw logits
     keep_indices: bool = False  # beam search's return_dict: each hypothesis's beam indices
+    embeds: bool = False        # the prompt pass takes inputs_embeds (B, P, E) instead of the ids' embeddings
+    offset: int = 0             # P - T: the embedded positions the rows lack (inputs_embeds without input_ids)
+
+    @property
+    def row_prompt(self) -> int:
+        """T: the prompt ids the rows start with (what the rules see and generate returns); the cache slot
+        of the rows' position i is i + offset."""
+        return self.prompt - self.offset
 
     @property
     def candidates(self) -> int:
@@ -357,19 +375,23 @@ class GenerationMixin(GenerationDefaults):
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                  streamer=None, tokenizer=None, params=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
-                 **kwargs):
+                 inputs_embeds=None, **kwargs):
         """The prompts followed by the new tokens, int32 (B * num_return_sequences, T + N); settings by
         Hugging Face's names as keywords or in generation_config, defaults from model.generation_config;
         see opt_spec.generation. With return_dict_in_generate=True, the record of opt_spec.outputs
         (GenerateDecoderOnlyOutput, or GenerateBeamDecoderOnlyOutput for beam search) holding them.
 
         input_ids (B, T) is a left-padded batch, attention_mask (B, T) 1 for real tokens (default all
-        ones). params overrides the model's parameters.
+        ones). inputs_embeds (B, P, word_embed_proj_dim) floats are what the model sees at the prompt's P
+        positions instead (attention_mask (B, P)); the rows then start with input_ids (B, P) when given,
+        else empty (T = 0: only the new tokens are returned), as in Hugging Face. params overrides the
+        model's parameters.
         """
         config = self.config
-        ids, mask = self._generation_inputs(input_ids, attention_mask)
-        d = self._decoding(generation_config, kwargs, ids.shape[1])
-        check_prompt(ids.shape, d.max_new_tokens, config.max_position_embeddings)
+        ids, mask, embeds = self._generation_inputs(input_ids, attention_mask, inputs_embeds)
+        (B, P), T = mask.shape, ids.shape[1]  # the model's prompt positions; the rows' prompt ids (T = P or 0)
+        d = self._decoding(generation_config, kwargs, P, T)
+        check_prompt((B, P), d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn)
         if params is None:
@@ -380,25 +402,29 @@ class GenerationMixin(GenerationDefaults):
             check_params(params, config, self.head)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
-        B, T = ids.shape
-        static = _Static(batch=B, prompt=T, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams,
+            embeds = None if embeds is None else jnp.repeat(embeds, d.num_return_sequences, 0)
+        B = ids.shape[0]
+        static = _Static(batch=B, prompt=P, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams,
                          do_sample=d.do_sample, top_k=d.top_k if d.do_sample and 0 < d.top_k < config.vocab_size else 0,
                          top_p=d.do_sample and d.top_p < 1.0, repetition=d.repetition_penalty != 1.0,
                          eos=len(d.eos_token_ids), no_repeat=d.no_repeat_ngram_size,
                          returned=d.num_return_sequences if d.is_beam_search else 1, rules=_Rules.of(d, T),
                          keep_scores=d.return_dict_in_generate and d.output_scores,
                          keep_logits=d.return_dict_in_generate and d.output_logits,
-                         keep_indices=d.return_dict_in_generate and d.is_beam_search)
+                         keep_indices=d.return_dict_in_generate and d.is_beam_search,
+                         embeds=embeds is not None, offset=P - T)
         if d.seed is not None:
             seed = d.seed
         else:  # a fresh draw per call, as torch.seed() does
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
         args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d, T), jax.random.key(seed))
+        args += () if embeds is None else (embeds,)  # the ids path's programs stay as they were
         if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
             new, length, extras = loop(static, *args, processors=processors, streamer=as_streamer(streamer),
-                                       stops=stops, mask_np=mask, criteria=criteria, prefix=prefix_allowed_tokens_fn)
+                                       stops=stops, mask_np=mask[:, P - T:], criteria=criteria,
+                                       prefix=prefix_allowed_tokens_fn)
         else:
             new, length, extras = self._generation_fn(static)(*args)
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
@@ -422,9 +448,15 @@ class GenerationMixin(GenerationDefaults):
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
             full = step_forward_mask(mask, n)
-            out = self(sequences[:, :full.shape[1]], attention_mask=jnp.asarray(full), params=params,
+            if embeds is None:
+                inputs = dict(input_ids=sequences[:, :full.shape[1]])
+            else:  # the given embeddings, then the model's own of the new tokens fed back
+                table, dtype = params["model"]["decoder"]["embed_tokens"]["embedding"], self.module.numerics.dtype
+                fed = jnp.take(table, sequences[:, T:T + n - 1], axis=0)  # (rows, n - 1, E)
+                inputs = dict(inputs_embeds=jnp.concatenate([embeds.astype(dtype), fed.astype(dtype)], axis=1))
+            out = self(**inputs, attention_mask=jnp.asarray(full), params=params,
                        output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(ids.shape[1], n, out.hidden_states, out.attentions)
+            hidden_states, attentions = step_outputs(P, n, out.hidden_states, out.attentions)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
                                          hidden_states=hidden_states, attentions=attentions)
 
@@ -434,10 +466,13 @@ class GenerationMixin(GenerationDefaults):
         Hugging Face's method: opt_spec.generation.transition_scores on NumPy copies."""
         return jnp.asarray(transition_scores(sequences, scores, beam_indices, normalize_logits))
 
-    def _generation_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        """int32 NumPy (input_ids, attention_mask), checked with messages naming the problem."""
-        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size)
-        return ids.astype(np.int32), mask.astype(np.int32)
+    def _generation_inputs(self, input_ids, attention_mask, inputs_embeds=None):
+        """int32 NumPy (input_ids (B, T), attention_mask (B, P)) and inputs_embeds as a jax.Array (or None),
+        checked with messages naming the problem (opt_spec.generation.prompt_inputs)."""
+        ids, mask = prompt_inputs(input_ids, attention_mask, self.config.vocab_size, inputs_embeds=inputs_embeds,
+                                  width=self.config.word_embed_proj_dim)
+        embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
+        return ids.astype(np.int32), mask.astype(np.int32), embeds
 
     def _generation_fn(self, static: _Static):
         """The jitted decode for these static settings, built once per model."""
@@ -445,15 +480,15 @@ class GenerationMixin(GenerationDefaults):
         if static not in fns:
             decode = self._beam_search if static.num_beams > 1 else self._decode
 
-            def fn(params, ids, mask, knobs, key):
-                return decode(static, params, ids, mask, knobs, key)
+            def fn(params, ids, mask, knobs, key, *embeds):  # embeds: (inputs_embeds,) or ()
+                return decode(static, params, ids, mask, knobs, key, *embeds)
 
             if self.sharding is None:
                 fns[static] = jax.jit(fn)
             else:  # explicit shardings, batch on fsdp, the cache on (batch, heads) (opt_flax.distributed)
                 from .distributed import generation_fn
 
-                fns[static] = generation_fn(self, fn, static.batch)
+                fns[static] = generation_fn(self, fn, static.batch, static.embeds)
         return fns[static]
 
     def _host_piece(self, static: _Static, name, fn):
@@ -468,12 +503,14 @@ class GenerationMixin(GenerationDefaults):
         self._generation_traces = getattr(self, "_generation_traces", 0) + 1
 
     # ----------------------------------------------------------------------------------- model
-    def _last_logits(self, params, ids, slots, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """float32 logits (B, V) of the last of the new tokens `ids` (B, T); the cache filled with them.
-        slots (B, S) is the attention mask over every cache slot."""
+    def _last_logits(self, params, x, slots, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """float32 logits (B, V) of the last of the new positions x: token ids (B, T), or their embeddings
+        (B, T, E) (inputs_embeds); the cache filled with them. slots (B, S) is the attention mask over every
+        cache slot."""
         config, numerics = self.config, self.module.numerics
         base = OPTModule(config, numerics)
-        out = base.apply({"params": params["model"]}, ids, attention_mask=slots, past_key_values=cache)
+        inputs = dict(inputs_embeds=x) if x.ndim == 3 else dict(input_ids=x)
+        out = base.apply({"params": params["model"]}, attention_mask=slots, past_key_values=cache, **inputs)
         x = out.last_hidden_state[:, -1]  # (B, E): the head on the last position only
         if config.tie_word_embeddings:
             embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
@@ -483,12 +520,13 @@ class GenerationMixin(GenerationDefaults):
             logits = jnp.einsum("be,ev->bv", x, kernel.astype(numerics.dtype), precision=numerics.precision)
         return logits.astype(jnp.float32), out.past_key_values  # (B, V)
 
-    def _prefill(self, params, ids, mask, L: int):
-        """Runs the prompt (B, T) into a fresh cache of L slots: (logits, cache, slot mask (B, L))."""
-        B, T = ids.shape
+    def _prefill(self, params, ids, mask, L: int, embeds=None):
+        """Runs the prompt into a fresh cache of L slots: (logits, cache, slot mask (B, L)). The model sees
+        embeds (B, P, E) when given, else the ids (B, P); mask (B, P)."""
+        B, P = mask.shape
         cache = self.init_cache(B, L)
-        slots = jnp.zeros((B, L), jnp.int32).at[:, :T].set(mask)  # (B, L) over every cache slot
-        logits, cache = self._last_logits(params, ids, slots, cache)
+        slots = jnp.zeros((B, L), jnp.int32).at[:, :P].set(mask)  # (B, L) over every cache slot
+        logits, cache = self._last_logits(params, ids if embeds is None else embeds, slots, cache)
         return logits, cache, slots
 
     @staticmethod
@@ -522,11 +560,12 @@ class GenerationMixin(GenerationDefaults):
     # One step is scores (rules 1-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
     # strings, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
     # pieces into one while_loop.
-    def _start(self, static: _Static, params, ids, mask, knobs: _Knobs):
-        """The prompt pass: (logits (B, V), the state before the first step)."""
-        B, T, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
-        logits, cache, slots = self._prefill(params, ids, mask, T + N)
-        seen = self._prompt_seen(ids, mask, V) if static.repetition else None
+    def _start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None):
+        """The prompt pass (ids (B, T) the rows' prompt, mask (B, P), embeds (B, P, E) or None): (logits
+        (B, V), the state before the first step)."""
+        B, P, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
+        logits, cache, slots = self._prefill(params, ids, mask, P + N, embeds)
+        seen = self._prompt_seen(ids, mask[:, static.offset:], V) if static.repetition else None
         state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=loop_cache(cache), slots=slots,
                        seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32),
                        **self._buffers(static, B))
@@ -534,9 +573,9 @@ class GenerationMixin(GenerationDefaults):
 
     def _scores(self, static: _Static, state: _State, logits, ids, knobs: _Knobs, allowed=None):
         """Rules 0-3 on this step's logits (B, V): (scores, the state with the logits kept if asked for)."""
-        seq = jnp.concatenate([ids, state.out], axis=1)
-        scores = self._rules(static, logits, state.seen, seq, state.slots, static.prompt + state.step, state.step,
-                             knobs, allowed)
+        seq = jnp.concatenate([ids, state.out], axis=1)  # (B, T + N): the rows (position i: cache slot i + offset)
+        scores = self._rules(static, logits, state.seen, seq, state.slots[:, static.offset:],
+                             static.row_prompt + state.step, state.step, knobs, allowed)
         return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
     def _pick(self, static: _Static, state: _State, scores, knobs: _Knobs, key) -> _State:
@@ -571,14 +610,14 @@ class GenerationMixin(GenerationDefaults):
         logits, cache = self._last_logits(params, state.tokens[:, None], slots, model_cache(state.cache))
         return logits, state._replace(cache=loop_cache(cache), slots=slots)
 
-    def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
+    def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
         """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 (), _Extras)."""
         self._count_trace()
         def choose(logits, state: _State):
             scores, state = self._scores(static, state, logits, ids, knobs)
             return self._pick(static, state, scores, knobs, key)
 
-        state = choose(*self._start(static, params, ids, mask, knobs))
+        state = choose(*self._start(static, params, ids, mask, knobs, embeds))
 
         def keep_going(state: _State):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.finished)
@@ -593,22 +632,22 @@ class GenerationMixin(GenerationDefaults):
     def _extras(state: _State) -> _Extras:
         return _Extras(state.step, state.kept_scores, state.kept_logits)
 
-    def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer, stops,
-                     mask_np, criteria=(), prefix=None):
+    def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
+                     streamer, stops, mask_np, criteria=(), prefix=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         jitted call (the forward, the scores and the choice), two with logits processors between.
         prefix_allowed_tokens_fn is asked for each row's tokens before the step; the stopping criteria are
-        asked after it, and a row they stop is finished as an EOS row is."""
-        def first(static, params, ids, mask, knobs, allowed):
-            logits, state = self._start(static, params, ids, mask, knobs)
+        asked after it, and a row they stop is finished as an EOS row is. mask_np: the rows' prompt mask (B, T)."""
+        def first(static, params, ids, mask, embeds, knobs, allowed):
+            logits, state = self._start(static, params, ids, mask, knobs, embeds)
             return self._scores(static, state, logits, ids, knobs, allowed)
 
         def later(static, params, state, ids, knobs, allowed):
             logits, state = self._feed(static, params, state)
             return self._scores(static, state, logits, ids, knobs, allowed)
 
-        def first_pick(static, params, ids, mask, knobs, allowed, key):  # without processors nothing runs between
-            scores, state = first(static, params, ids, mask, knobs, allowed)
+        def first_pick(static, params, ids, mask, embeds, knobs, allowed, key):  # no processors: nothing between
+            scores, state = first(static, params, ids, mask, embeds, knobs, allowed)
             return self._pick(static, state, scores, knobs, key)
 
         def later_pick(static, params, state, ids, knobs, allowed, key):
@@ -630,7 +669,7 @@ class GenerationMixin(GenerationDefaults):
             if prefix is not None:  # each row so far (T + step,) as a jax.Array, its batch_id its index
                 rows = np.concatenate(seq, axis=1)
                 allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in rows], 1, V))
-            args = (params, ids, mask, knobs, allowed) if step == 0 else (params, state, ids, knobs, allowed)
+            args = (params, ids, mask, embeds, knobs, allowed) if step == 0 else (params, state, ids, knobs, allowed)
             if processors:
                 scores, state = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1), scores)
@@ -667,10 +706,11 @@ class GenerationMixin(GenerationDefaults):
     # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (renormalized
     # first if asked) -> [host: stop strings on the candidates] -> update (finished hypotheses, running beams)
     # -> feed.
-    def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs):
-        B, T, N, K, V = static.batch, static.prompt, static.max_new_tokens, static.num_beams, self.config.vocab_size
-        ids_k, mask_k = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)  # (B*K, T)
-        logits, cache, slots = self._prefill(params, ids_k, mask_k, T + N)
+    def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None):
+        B, P, N, K, V = static.batch, static.prompt, static.max_new_tokens, static.num_beams, self.config.vocab_size
+        ids_k, mask_k = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)  # (B*K, T), (B*K, P)
+        embeds_k = None if embeds is None else jnp.repeat(embeds, K, axis=0)    # (B*K, P, E)
+        logits, cache, slots = self._prefill(params, ids_k, mask_k, P + N, embeds_k)
         pad = knobs.pad_token_id
         no_index = jnp.full((B, K, N), -1, jnp.int32) if static.keep_indices else None
         beams = _Beams(scores=jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0),  # one live beam
@@ -679,7 +719,7 @@ class GenerationMixin(GenerationDefaults):
                        done_tokens=jnp.full((B, K, N), pad, jnp.int32),
                        done_length=jnp.zeros((B, K), jnp.int32), row_done=jnp.zeros((B,), bool),
                        indices=no_index, done_indices=no_index)
-        seen = self._prompt_seen(ids_k, mask_k, V) if static.repetition else None
+        seen = self._prompt_seen(ids_k, mask_k[:, static.offset:], V) if static.repetition else None
         zeros = jnp.zeros((B * K,), jnp.int32)
         return logits, _BeamState(jnp.int32(0), zeros, zeros, cache, slots, beams, seen,
                                   **self._buffers(static, B * K))
@@ -688,9 +728,9 @@ class GenerationMixin(GenerationDefaults):
         """log_softmax of the logits, then rules 0-3 (as Hugging Face orders them for beams): (log-probs
         (B*K, V), the state with the logits kept if asked for)."""
         B, K, N = state.beams.tokens.shape
-        seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, N)], axis=1)
-        scores = self._rules(static, jax.nn.log_softmax(logits, axis=-1), state.seen, seq, state.slots,
-                             static.prompt + state.step, state.step, knobs, allowed)
+        seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, N)], axis=1)  # rows
+        scores = self._rules(static, jax.nn.log_softmax(logits, axis=-1), state.seen, seq,
+                             state.slots[:, static.offset:], static.row_prompt + state.step, state.step, knobs, allowed)
         return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
     def _beam_candidates(self, static: _Static, state: _BeamState, logprobs) -> tuple[_Candidates, _BeamState]:
@@ -790,7 +830,7 @@ class GenerationMixin(GenerationDefaults):
             extras = extras._replace(beam_indices=chosen_indices)
         return chosen, jnp.take_along_axis(pool_length, pick, axis=1).max(), extras
 
-    def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key):
+    def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
         """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length, _Extras)."""
         del key
         self._count_trace()
@@ -801,7 +841,7 @@ class GenerationMixin(GenerationDefaults):
             c, state = self._beam_candidates(static, state, scores)
             return self._beam_update(static, state, c, none, knobs)
 
-        state = step(*self._beam_start(static, params, ids, mask, knobs))
+        state = step(*self._beam_start(static, params, ids, mask, knobs, embeds))
 
         def keep_going(state: _BeamState):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.beams.row_done)
@@ -809,8 +849,8 @@ class GenerationMixin(GenerationDefaults):
         state = lax.while_loop(keep_going, lambda s: step(*self._beam_feed(static, params, s)), state)
         return self._beam_finish(static, state, knobs)
 
-    def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, *, processors, streamer,
-                          stops, mask_np, criteria=(), prefix=None):
+    def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
+                          streamer, stops, mask_np, criteria=(), prefix=None):
         del key, streamer  # deterministic; check_extras refuses a streamer
         start, scores_fn, candidates, update, feed, finish = (self._host_piece(static, name, fn) for name, fn in (
             ("beam_start", self._beam_start), ("beam_scores", self._beam_scores),
@@ -818,7 +858,7 @@ class GenerationMixin(GenerationDefaults):
             ("beam_feed", self._beam_feed), ("beam_finish", self._beam_finish)))
         B, K, C, V = static.batch, static.num_beams, static.candidates, self.config.vocab_size
         ids_np = np.asarray(ids)
-        logits, state = start(params, ids, mask, knobs)
+        logits, state = start(params, ids, mask, knobs, embeds)
         for step in range(static.max_new_tokens):
             if step:
                 logits, state = feed(params, state)

@@ -111,6 +111,11 @@ def inference(workdir: str) -> dict:
             entry["beam_equal"] = bool(np.array_equal(np.asarray(model.generate(
                 ids[:3], attention_mask=mask[:3], max_new_tokens=5, num_beams=3)), beam))
             entry["greedy_tokens"] = greedy[:, ids.shape[1]:].tolist()
+            table = np.asarray(one.params["model"]["decoder"]["embed_tokens"]["embedding"])
+            for name, given, rows in (("embeds", {}, greedy[:, ids.shape[1]:]),  # the rows start empty
+                                      ("ids_and_embeds", {"input_ids": ids}, greedy)):
+                got = model.generate(inputs_embeds=table[ids], attention_mask=mask, max_new_tokens=6, **given)
+                entry[f"{name}_equal"] = bool(np.array_equal(np.asarray(got), rows))  # the prompt's own vectors
             saved = os.path.join(workdir, "saved-2x4")
             model.save_pretrained(saved)
             original = random_weights(config, "causal_lm", 0)

@@ -285,6 +285,52 @@ def test_beam_search_host_loop_gives_the_fast_paths_record(models):
     np.testing.assert_allclose(np.asarray(host.sequences_scores), np.asarray(fast.sequences_scores), atol=1e-5)
 
 
+def test_inputs_embeds_on_the_compiled_and_host_loops(models):
+    """generate(inputs_embeds=) on the compiled loop and on the host's step-by-step loop (a streamer, stopping
+    criteria, prefix_allowed_tokens_fn and stop strings at once): a prompt's own embeddings give its new
+    tokens (the same draws), the rows the host's rules see start empty, and the ids path's compiled program
+    is neither confused with the embeddings' nor traced again (Hugging Face parity: test_generate_embeds.py)."""
+    flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
+    ids, mask = prompts("pre_ln")
+    (B, T), V = ids.shape, flax_model.config.vocab_size
+    embeds = flax_model.params["model"]["decoder"]["embed_tokens"]["embedding"][ids]  # (B, T, E)
+    settings = dict(max_new_tokens=6, eos_token_id=EOS, do_sample=True, top_k=0, seed=5, num_return_sequences=2)
+    whole = np.asarray(flax_model.generate(ids, mask, **settings))
+    new = np.asarray(flax_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings))
+    assert new.tolist() == whole[:, T:].tolist() and flax_model._generation_traces == 2
+    np.testing.assert_array_equal(np.asarray(flax_model.generate(ids, mask, **settings)), whole)
+    assert flax_model._generation_traces == 2
+
+    class Letters:  # one letter per id: stop strings' tokenizer
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+    stop, want = Letters().decode(new[0, 2:4]), new.copy()  # a row stops where the spec's rule says: pads after
+    for r in range(len(new)):
+        ends = [s for s in range(1, new.shape[1] + 1) if gen.StopStrings([stop], Letters()).hit(new[r, :s])]
+        want[r, ends[0] if ends else new.shape[1]:] = 1
+    assert (want != new).any()
+    seen, puts = [], []
+    got = np.asarray(flax_model.generate(
+        inputs_embeds=embeds, attention_mask=mask, **settings, stop_strings=stop, tokenizer=Letters(),
+        streamer=puts.append, prefix_allowed_tokens_fn=lambda batch_id, row: (seen.append(row.shape), range(V))[1],
+        stopping_criteria=[lambda rows, scores: (seen.append(rows.shape), np.zeros(len(rows), bool))[1]]))
+    assert got.tolist() == want[:, :got.shape[1]].tolist() and (want[:, got.shape[1]:] == 1).all()
+    assert seen[2 * B - 1:2 * B + 2] == [(0,), (2 * B, 1), (1,)] and len(puts) == got.shape[1]  # a callable: each step
+
+
+def test_inputs_embeds_in_beam_search(models):
+    """Beam search from a prompt's own embeddings, compiled and step by step (a logits processor): its new tokens."""
+    flax_model = models("pre_ln")[0]  # test_beam_search_matches_torch's program for the ids
+    ids, mask = prompts("pre_ln")
+    embeds = flax_model.params["model"]["decoder"]["embed_tokens"]["embedding"][ids]  # (B, T, E)
+    beams = dict(max_new_tokens=8, num_beams=2, length_penalty=1.0, eos_token_id=EOS)
+    beam = np.asarray(flax_model.generate(ids, mask, **beams))[:, ids.shape[1]:]
+    for host in ({}, dict(logits_processor=[lambda rows, x: x])):
+        got = flax_model.generate(inputs_embeds=embeds, attention_mask=mask, **beams, **host)
+        np.testing.assert_array_equal(np.asarray(got), beam)
+
+
 def test_generate_is_one_while_loop(models):
     """The decode is one jitted program whose per-token work sits in a single while loop."""
     flax_model, _ = models("pre_ln")
