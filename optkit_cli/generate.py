@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling: keep the tokens of locally typical sampling holding this mass (1: all)")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--min-new-tokens", type=int, default=0, metavar="N", help="no eos before N new tokens")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search (needs the backend's generate)")
+    g.add_argument("--num-beams", type=int, default=1,
+                   help="beam search (needs the backend's generate); with --do-sample, beam sampling")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
     g.add_argument("--seed", type=seed_type, default=0, help="sampling seed")
     g.add_argument("--fallback-loop", action="store_true",
@@ -67,8 +68,6 @@ def _check_options(args) -> None:
         raise CLIError(f"--min-new-tokens {args.min_new_tokens}: must be in [0, --max-new-tokens]")
     if args.num_beams < 1:
         raise CLIError(f"--num-beams {args.num_beams}: must be at least 1")
-    if args.do_sample and args.num_beams > 1:
-        raise CLIError(f"--num-beams {args.num_beams} with --do-sample: beam search does not sample; give one of them")
     try:  # the rest of the spec's rule: finite numbers (nan and inf pass the comparisons above); a temperature
         # > 0 when sampling, 0 taken as greedy search otherwise (as generate and Hugging Face take it)
         GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

@@ -413,7 +413,6 @@ def test_nan_and_inf_options_are_usage_errors(capsys, tmp_path, monkeypatch):
     for flags, says in ((["--temperature", "nan", "--do-sample"], "--temperature nan: must be a finite number"),
                         (["--repetition-penalty", "inf"], "--repetition-penalty inf: must be a finite number"),
                         (["--length-penalty", "nan", "--num-beams", "2"], "--length-penalty nan: must be a finite"),
-                        (["--num-beams", "2", "--do-sample"], "--num-beams 2 with --do-sample"),
                         (["--temperature", "0", "--do-sample"], "--temperature 0.0: must be > 0 when sampling"),
                         (["--temperature", "-1"], "--temperature -1.0: must be >= 0")):
         code, _, err = run_main(capsys, "generate", "--preset", "tiny", "-q", *flags, "2 3")
@@ -425,6 +424,10 @@ def test_nan_and_inf_options_are_usage_errors(capsys, tmp_path, monkeypatch):
     greedy = [run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "4", *flags, "2 3")
               for flags in ([], ["--temperature", "0"])]
     assert greedy[0][0] == 0 and greedy[0][1] and greedy[1][:2] == greedy[0][:2], greedy
+    # --num-beams with --do-sample is beam sampling (Hugging Face's beam sample): seeded, reproducible
+    beams = [run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "4", "--num-beams", "2",
+                      "--do-sample", "--seed", "3", "2 3") for _ in range(2)]
+    assert beams[0][0] == 0 and beams[0][1] and beams[1][:2] == beams[0][:2], beams
 
     data = tmp_path / "d.txt"
     data.write_text("hello\n")
