@@ -1053,8 +1053,8 @@ def reference_scores(logits: np.ndarray, tokens: np.ndarray, real: np.ndarray, d
     written plainly: the definition the backends' steps are tested against (and what output_scores holds).
     logits (R, V): each row's next-token logits; tokens / real (R, L): the rows so far (prompt pads
     included) and which positions are real tokens; the step is L - prompt_length. beam=True: beam search's
-    scores (log-probabilities first; the sampling filters when beam sampling, keeping d.filter_keep). allowed (R, V) bool: prefix_allowed_tokens_fn's
-    tokens (`allowed_tokens`), or None."""
+    scores (log-probabilities first; the sampling filters when beam sampling, keeping d.filter_keep).
+    allowed (R, V) bool: prefix_allowed_tokens_fn's tokens (`allowed_tokens`), or None."""
     x = np.asarray(logits, np.float32)
     tokens, real = np.asarray(tokens), np.asarray(real).astype(bool)
     R, L = tokens.shape

@@ -69,7 +69,8 @@ def close(a, b, atol) -> bool:
 # ------------------------------------------------------------------------------------ the lengths
 @pytest.mark.parametrize("settings", [
     {}, dict(max_length=P + 4), dict(max_new_tokens=5), dict(max_length=P + 9, max_new_tokens=3),
-    dict(max_new_tokens=8, min_length=P + 3), dict(max_new_tokens=8, min_length=3), dict(max_new_tokens=8, min_new_tokens=2),
+    dict(max_new_tokens=8, min_length=P + 3), dict(max_new_tokens=8, min_length=3),
+    dict(max_new_tokens=8, min_new_tokens=2),
     dict(max_new_tokens=8, min_length=P + 6, min_new_tokens=2), dict(max_length=P + 5, min_length=P + 9)])
 @pytest.mark.parametrize("with_ids", [False, True], ids=["embeds", "ids_and_embeds"])
 def test_lengths_count_what_hugging_face_counts(hf, settings, with_ids):
