@@ -32,7 +32,9 @@ columns of the slot mask (`_row_columns`).
 
 Greedy and beam search follow the PyTorch backend step for step (same tie rules, same output length),
 so on the same weights they give the same tokens. Sampling draws with the Gumbel-max trick on
-`tf.random.stateless_uniform` keyed by (seed, step): reproducible within TensorFlow for a given seed.
+`tf.random.stateless_uniform` keyed by (seed, step): reproducible within TensorFlow for a given seed. Beam
+sampling (do_sample with num_beams) draws its candidates without replacement from the same keyed noise
+(Gumbel-top-k, `draw_without_replacement`) and keeps the best-scored as running beams (opt_spec's rules).
 """
 
 from __future__ import annotations
@@ -162,22 +164,32 @@ def process_logits(scores: tf.Tensor, seen: Optional[tf.Tensor], seq: tf.Tensor,
     return token_rules(scores, now, step, d, allowed)
 
 
-def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor) -> tf.Tensor:
-    """-inf where the probability is below `least`, never the most probable token (min_p, epsilon, eta; said
-    on the logits, as XLA may recompute `probs` in two places a rounding apart)."""
-    drop = (probs < least) & (logits < tf.reduce_max(logits, axis=-1, keepdims=True))
-    return tf.where(drop, NEG_INF, logits)
+def _below_kth(logits: tf.Tensor, keep: int) -> tf.Tensor:
+    """(R, V) bool: tokens scored below each row's keep-th best logit (never the `keep` best, ties kept)."""
+    return logits < tf.math.top_k(logits, min(keep, logits.shape[-1])).values[:, -1:]
 
 
-def min_p_filter(logits: tf.Tensor, min_p: float) -> tf.Tensor:
-    """opt_spec.generation.min_p_filter."""
+def _drop_less_probable(logits: tf.Tensor, probs: tf.Tensor, least: tf.Tensor, keep: int = 1) -> tf.Tensor:
+    """-inf where the probability is below `least`, never a row's `keep` most probable tokens (min_p, epsilon,
+    eta; said on the logits, as XLA may recompute `probs` in two places a rounding apart)."""
+    return tf.where((probs < least) & _below_kth(logits, keep), NEG_INF, logits)
+
+
+def min_p_filter(logits: tf.Tensor, min_p: float, keep: int = 1) -> tf.Tensor:
+    """opt_spec.generation.min_p_filter: its `keep` best are counted by rank (ties: lower id first), so past the
+    most probable one (always kept) they are spared by index."""
     probs = tf.nn.softmax(logits, axis=-1)
-    return _drop_less_probable(logits, probs, min_p * tf.reduce_max(probs, axis=-1, keepdims=True))
+    least = min_p * tf.reduce_max(probs, axis=-1, keepdims=True)
+    if keep > 1:
+        best = tf.math.top_k(logits, min(keep, logits.shape[-1])).indices                       # (R, keep)
+        spared = tf.reduce_any(tf.equal(best[:, :, None], tf.range(logits.shape[-1])), axis=1)  # (R, V)
+        least = tf.where(spared, 0.0, least)
+    return _drop_less_probable(logits, probs, least)
 
 
-def typical_filter(logits: tf.Tensor, mass: float) -> tf.Tensor:
+def typical_filter(logits: tf.Tensor, mass: float, keep: int = 1) -> tf.Tensor:
     """opt_spec.generation.typical_filter: the tokens whose surprisal is closest to the entropy, in that
-    order (lower id first on ties), until their probability reaches `mass`."""
+    order (lower id first on ties), until their probability reaches `mass`; at least the `keep` closest."""
     V = logits.shape[-1]
     logp = tf.nn.log_softmax(logits, axis=-1)
     p = tf.exp(logp)
@@ -188,49 +200,51 @@ def typical_filter(logits: tf.Tensor, mass: float) -> tf.Tensor:
     last = tf.minimum(tf.reduce_sum(tf.cast(cumulative < mass, tf.int32), axis=-1), V - 1)
     threshold = tf.gather(neg_sorted, last[:, None], batch_dims=1)           # (R, 1): minus the last kept's distance
     # decided on the sorted values themselves (XLA may recompute `shifted` elsewhere a rounding apart)
-    drop_sorted = (neg_sorted < threshold) & (tf.range(V) > 0)               # never the closest
+    drop_sorted = (neg_sorted < threshold) & (tf.range(V) >= keep)           # never the `keep` closest
     rows = tf.broadcast_to(tf.range(tf.shape(logits)[0])[:, None], tf.shape(order))
     drop = tf.scatter_nd(tf.stack([rows, order], axis=-1), drop_sorted, tf.shape(logits))  # back to token order
     return tf.where(drop, NEG_INF, logits)
 
 
-def epsilon_filter(logits: tf.Tensor, epsilon: float) -> tf.Tensor:
+def epsilon_filter(logits: tf.Tensor, epsilon: float, keep: int = 1) -> tf.Tensor:
     """opt_spec.generation.epsilon_filter."""
-    return _drop_less_probable(logits, tf.nn.softmax(logits, axis=-1), epsilon)
+    return _drop_less_probable(logits, tf.nn.softmax(logits, axis=-1), epsilon, keep)
 
 
-def eta_filter(logits: tf.Tensor, epsilon: float) -> tf.Tensor:
+def eta_filter(logits: tf.Tensor, epsilon: float, keep: int = 1) -> tf.Tensor:
     """opt_spec.generation.eta_filter."""
     logp = tf.nn.log_softmax(logits, axis=-1)
     p = tf.exp(logp)
     entropy = -tf.reduce_sum(tf.maximum(logp, -FLOAT32_MAX) * p, axis=-1, keepdims=True)
     eta = tf.minimum(epsilon, math.sqrt(epsilon) * tf.exp(-entropy))
-    return _drop_less_probable(logits, p, eta)
+    return _drop_less_probable(logits, p, eta, keep)
 
 
-def filter_for_sampling(logits: tf.Tensor, cfg) -> tf.Tensor:
+def filter_for_sampling(logits: tf.Tensor, cfg, keep: int = 1) -> tf.Tensor:
     """logits / temperature, then top-k, top-p, min_p, typical_p, epsilon and eta (opt_spec.generation's
-    rule 5, each only when set); dropped -> -inf. cfg: a Decoding (or a GenerationConfig)."""
+    rule 5, each only when set), each keeping at least the `keep` most probable tokens of a row (beam
+    sampling's Decoding.filter_keep); dropped -> -inf. cfg: a Decoding (or a GenerationConfig)."""
     logits = logits / cfg.temperature
     B, V = logits.shape
-    if 0 < cfg.top_k < V:
-        kth = tf.math.top_k(logits, cfg.top_k).values[:, -1:]  # (B, 1)
-        logits = tf.where(logits < kth, NEG_INF, logits)
+    top_k = max(cfg.top_k, keep) if cfg.top_k > 0 else 0
+    if 0 < top_k < V:
+        logits = tf.where(_below_kth(logits, top_k), NEG_INF, logits)
     if cfg.top_p < 1.0:
         sorted_logits, order = tf.math.top_k(logits, V)  # descending, lower index first on ties
         probs = tf.nn.softmax(sorted_logits, axis=-1)
         drop_sorted = (tf.cumsum(probs, axis=-1) - probs) >= cfg.top_p  # mass strictly before each token
+        drop_sorted &= tf.range(V) >= keep
         rows = tf.broadcast_to(tf.range(B)[:, None], (B, V))
         drop = tf.scatter_nd(tf.stack([rows, order], axis=-1), drop_sorted, (B, V))  # back to token order
         logits = tf.where(drop, NEG_INF, logits)
     if getattr(cfg, "min_p", None) is not None:
-        logits = min_p_filter(logits, cfg.min_p)
+        logits = min_p_filter(logits, cfg.min_p, keep)
     if getattr(cfg, "typical_p", 1.0) < 1.0:
-        logits = typical_filter(logits, cfg.typical_p)
+        logits = typical_filter(logits, cfg.typical_p, keep)
     if getattr(cfg, "epsilon_cutoff", 0.0) > 0:
-        logits = epsilon_filter(logits, cfg.epsilon_cutoff)
+        logits = epsilon_filter(logits, cfg.epsilon_cutoff, keep)
     if getattr(cfg, "eta_cutoff", 0.0) > 0:
-        logits = eta_filter(logits, cfg.eta_cutoff)
+        logits = eta_filter(logits, cfg.eta_cutoff, keep)
     return logits
 
 
@@ -250,11 +264,31 @@ def _argmax(x: tf.Tensor) -> tf.Tensor:
     return tf.minimum(index, V - 1)
 
 
+def seed_key(seed: Optional[int]) -> tf.Tensor:
+    """(2,) int32: the stateless random key of a call's seed; a fresh random one for None."""
+    if seed is None:
+        return tf.constant(np.random.default_rng().integers(0, 2**31, size=2), tf.int32)
+    return tf.constant([seed // 2**31 % 2**31, seed % 2**31], tf.int32)
+
+
+def gumbel_noise(shape, seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """Standard Gumbel noise -log(-log(u)) of `shape`, u uniform keyed by (seed (2,) int32, step). XLA draws
+    other numbers from a key than eager TensorFlow does: generate's are XLA's (the same in any XLA program)."""
+    key = tf.random.experimental.stateless_fold_in(seed, step)
+    u = tf.random.stateless_uniform(shape, seed=key, minval=np.finfo(np.float32).tiny, maxval=1.0)
+    return -tf.math.log(-tf.math.log(u))
+
+
 def _sample(logits: tf.Tensor, seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     """One draw per row from softmax(logits) (Gumbel-max), keyed by (seed, step)."""
-    key = tf.random.experimental.stateless_fold_in(seed, step)
-    u = tf.random.stateless_uniform(tf.shape(logits), seed=key, minval=np.finfo(np.float32).tiny, maxval=1.0)
-    return _argmax(logits - tf.math.log(-tf.math.log(u)))
+    return _argmax(logits + gumbel_noise(tf.shape(logits), seed, step))
+
+
+def draw_without_replacement(scores: tf.Tensor, n: int, seed: tf.Tensor, step: tf.Tensor = 0) -> tf.Tensor:
+    """(R, n) int32 indices drawn without replacement from softmax(scores) (R, M), in the order drawn: the n
+    largest of scores + Gumbel noise keyed by (seed, step) (opt_spec.generation.draw_without_replacement);
+    impossible (-inf) entries come last, lower index first."""
+    return tf.math.top_k(scores + gumbel_noise(tf.shape(scores), seed, step), n).indices
 
 
 def _prompt_seen(ids: tf.Tensor, mask: tf.Tensor, V: int) -> tf.Tensor:
@@ -391,11 +425,7 @@ class TFGenerationMixin(GenerationDefaults):
         check_prompt(mask.shape, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn), prefix_allowed_tokens_fn)
-        if d.seed is None:
-            seed_pair = np.random.default_rng().integers(0, 2**31, size=2)
-        else:
-            seed_pair = np.array([d.seed // 2**31 % 2**31, d.seed % 2**31])
-        seed = tf.constant(seed_pair, tf.int32)
+        seed = seed_key(d.seed)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
             embeds = None if embeds is None else tf.repeat(embeds, d.num_return_sequences, axis=0)
@@ -659,15 +689,22 @@ class TFGenerationMixin(GenerationDefaults):
         return process_logits(tf.nn.log_softmax(logits, axis=-1), s.get("seen"), seq,
                               _row_columns(s["slots"], seq.shape[1]), T + s["step"], s["step"], d, allowed)
 
-    def _beam_candidates(self, s, logprobs, d: Decoding):
-        """The best C continuations per row: scores, parents, tokens and histories (B, C, N); "logprobs",
-        the step's scores after renormalize_logits, with output_scores."""
+    def _beam_candidates(self, s, logprobs, seed, d: Decoding):
+        """The best C continuations per row (beam sampling: C drawn, in the order drawn, by the Gumbel noise
+        keyed by (seed, step)): scores, parents, tokens and histories (B, C, N); "logprobs", the step's scores
+        after the sampling filters (when sampling) and renormalize_logits, with output_scores."""
         B, K, N = s["beams"].shape
         V = logprobs.shape[-1]
+        if d.do_sample:  # after the logits processors, as opt_spec's reference_scores orders them
+            logprobs = filter_for_sampling(logprobs, d, d.filter_keep)
         if d.renormalize_logits:
             logprobs = tf.nn.log_softmax(logprobs, axis=-1)
         cand = tf.reshape(s["scores"][..., None] + tf.reshape(logprobs, (B, K, V)), (B, K * V))
-        cand_scores, cand_index = tf.math.top_k(cand, d.candidates)  # (B, C), best first, lower index on ties
+        if d.do_sample:
+            cand_index = draw_without_replacement(cand, d.candidates, seed, s["step"])  # (B, C), in the order drawn
+            cand_scores = tf.gather(cand, cand_index, batch_dims=1)
+        else:
+            cand_scores, cand_index = tf.math.top_k(cand, d.candidates)  # (B, C), best first, lower index on ties
         parent, token = cand_index // V, cand_index % V
         history = _put_column(tf.gather(s["beams"], parent, batch_dims=1), s["step"], token)  # (B, C, N)
         c = dict(scores=cand_scores, parent=parent, token=token, history=history)
@@ -696,9 +733,13 @@ class TFGenerationMixin(GenerationDefaults):
         pool_length = tf.concat([s["done_length"], tf.fill(tf.shape(c["token"]), step + 1)], axis=1)
         best = tf.math.top_k(pool_scores, K).indices
         done_scores = tf.gather(pool_scores, best, batch_dims=1)
-        # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
-        order = tf.math.top_k(-tf.where(stopped, rank + C, rank), K).indices  # (B, K)
+        # running beams: the first (best; drawn: best-scored) K candidates that did not stop, then stopped
+        # ones, lowered by 1e9
         lowered = c["scores"] - 1e9 * tf.cast(stopped, tf.float32)
+        if d.do_sample:
+            order = tf.math.top_k(lowered, K).indices  # (B, K), lower index (drawn first) on ties
+        else:
+            order = tf.math.top_k(-tf.where(stopped, rank + C, rank), K).indices  # (B, K)
         scores = tf.where(row_done[:, None], s["scores"], tf.gather(lowered, order, batch_dims=1))
         # a row is done when K hypotheses are finished and (unless early_stopping=True) no running beam,
         # normalized at opt_spec's best_length, can beat the worst of them
@@ -753,14 +794,13 @@ class TFGenerationMixin(GenerationDefaults):
         return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1)), s["step"], outputs
 
     def _beam_search(self, ids, mask, seed, d: Decoding, embeds=None):
-        """The best hypotheses as _beam_finish returns them."""
-        del seed  # beam search is deterministic
+        """The best hypotheses as _beam_finish returns them (the seed keys beam sampling's draws)."""
         B, C = ids.shape[0], d.candidates
         none = tf.zeros((B, C), tf.bool)
         logits, state = self._beam_prefill(ids, mask, d, buffers=True, embeds=embeds)
 
         def step(logits, s):
-            c = self._beam_candidates(s, self._beam_scores(ids, s, logits, d), d)
+            c = self._beam_candidates(s, self._beam_scores(ids, s, logits, d), seed, d)
             outputs = _step_outputs(d, logits, c.pop("logprobs", None))
             return _record(self._beam_update(s, c, none, d), s["step"], outputs)
 
@@ -777,7 +817,7 @@ class TFGenerationMixin(GenerationDefaults):
 
     def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype,
                           rules: HostRules, embeds=None):
-        del seed, streamer, out_dtype  # deterministic; check_extras refuses a streamer
+        del streamer, out_dtype  # check_extras refuses a streamer
         B, T = ids.shape
         K, C, V = d.num_beams, d.candidates, self.config.vocab_size
         key = (*_input_key(ids, embeds), d)
@@ -797,7 +837,7 @@ class TFGenerationMixin(GenerationDefaults):
             seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
             allowed = rules.allowed(seq, K, V)  # (BK, V): the running beams', batch_id = r // K
             scores = pieces["scores"](ids_t, state, logits, allowed=allowed)
-            c = pieces["candidates"](state, apply_processors(processors, seq, scores))
+            c = pieces["candidates"](state, apply_processors(processors, seq, scores), seed)
             for name, x in _step_outputs(d, logits, c.pop("logprobs", None)).items():
                 kept.setdefault(name, []).append(x)
             stopped = np.zeros((B, C), bool)

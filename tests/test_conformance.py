@@ -106,8 +106,13 @@ class TF:
                                       tf.constant(step), d)
         return out.numpy()
 
-    def filter(self, logits, d):
-        return self.gen.filter_for_sampling(self.tf.constant(logits), d).numpy()
+    def filter(self, logits, d, keep=1):
+        return self.gen.filter_for_sampling(self.tf.constant(logits), d, keep).numpy()
+
+    def draw(self, scores, n, seed):
+        tf = self.tf
+        draw = tf.function(self.gen.draw_without_replacement, jit_compile=True)  # as generate draws: under XLA
+        return draw(tf.constant(scores), n, tf.constant([0, seed], tf.int32)).numpy()
 
     def generate(self, model, ids, mask, **kw):
         return model.generate(ids, mask, **kw).numpy()

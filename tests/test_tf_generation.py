@@ -183,7 +183,6 @@ def test_int64_prompts_come_back_int64(model, run):
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
-    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
     (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
     (dict(max_new_tokens=35), "max_position_embeddings=40"),
     (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
@@ -318,3 +317,63 @@ def test_the_host_loops_return_the_fast_paths_records(model):
         for a, b in zip(host.scores + host.logits, fast.scores + fast.logits):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     np.testing.assert_array_equal(np.stack(streamed, 1), fast.sequences.numpy()[:, T:])  # the greedy case's steps
+
+
+# ------------------------------------------------------------------------------------ beam sampling
+def beam_sampling_case(model) -> tuple:
+    """Prompts (3, 4) with every token real and beam sampling settings whose EOS ids the beams likely meet
+    early, with top_p narrow enough that keeping 1 + len(EOS) tokens a beam matters."""
+    ids = IDS[:, 5:]
+    first = np.argsort(-model(ids).logits[:, -1].numpy(), -1)
+    eos = [int(first[0, 0]), int(first[1, 1])]
+    return ids, dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=eos, pad_token_id=1,
+                     do_sample=True, temperature=2.0, top_k=0, top_p=0.5, length_penalty=0.7)
+
+
+def test_beam_sampling_equals_the_reference_given_the_same_draws(model):
+    """Beam sampling (do_sample with num_beams) against opt_spec.generation.beam_search_reference with draw=:
+    the reference draws from the Gumbel noise generate's XLA program uses (gumbel_noise keyed by the seed and
+    the step, one (B, K * V) batch a step, recomputed here under XLA), so every candidate, finished hypothesis
+    and running beam must agree; next-token scores are the model's full forward with the spec's filters."""
+    from opt_tf.generation import gumbel_noise, seed_key
+
+    ids, settings = beam_sampling_case(model)
+    (B, T), N, K, V, seed = ids.shape, settings["max_new_tokens"], settings["num_beams"], CONFIG.vocab_size, 11
+    d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
+    noise = tf.function(lambda step: gumbel_noise((B, K * V), seed_key(seed), step), jit_compile=True)
+    gumbels = [noise(tf.constant(step)).numpy() for step in range(N)]
+    where = {}
+
+    def next_logprobs(rows):
+        where["row"] = next(r for r in range(B) if rows[0][:T].tolist() == ids[r].tolist())
+        where["step"] = rows.shape[1] - T
+        logits = model(rows).logits[:, -1].numpy().astype(np.float32)
+        return gen.reference_scores(logits, rows, np.ones_like(rows), d, T, beam=True)
+
+    def draw(scores, n):
+        return np.argsort(-(scores + gumbels[where["step"]][where["row"]]), kind="stable")[:n]
+
+    finished = []
+    want = gen.beam_search_reference(next_logprobs, ids, d, finished, draw=draw)
+    longest = max(len(h) for row in want for h in row)
+    padded = np.array([h + [1] * (longest - len(h)) for row in want for h in row])
+    got = model.generate(ids, seed=seed, **settings).numpy()
+    np.testing.assert_array_equal(got[:, T:], padded)
+    assert finished and any(step < N - 1 for _, step, _ in finished)
+    others = [model.generate(ids, seed=s, **settings).numpy() for s in range(seed + 1, seed + 4)]
+    assert any(not np.array_equal(other, got) for other in others)  # the draws matter
+
+
+@pytest.mark.slow  # the host loop's six compiled pieces
+def test_the_host_loop_draws_the_fast_paths_beam_samples(model):
+    """Beam sampling with a logits processor (the host's step-by-step loop) draws what the fast path draws for
+    the same seed: the same tokens, scores and beam_indices."""
+    ids, settings = beam_sampling_case(model)
+    settings.update(seed=11, return_dict_in_generate=True, output_scores=True)
+    fast = model.generate(ids, **settings)
+    host = model.generate(ids, logits_processor=[lambda rows, scores: scores], **settings)
+    for name in ("sequences", "beam_indices", "sequences_scores"):
+        np.testing.assert_allclose(getattr(host, name).numpy(), getattr(fast, name).numpy(), atol=1e-5, err_msg=name)
+    assert len(host.scores) == len(fast.scores) > 0
+    for a, b in zip(host.scores, fast.scores):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
