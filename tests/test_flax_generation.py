@@ -376,7 +376,6 @@ def test_batch_of_one_loop_copies_each_cache_buffer_at_most_once(models):
     (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_k=-1), "top_k=-1"),
-    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
     (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
     (dict(max_new_tokens=35), "max_position_embeddings=40"),
     (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
