@@ -804,13 +804,11 @@ class GenerationMixin(GenerationDefaults):
         if c.indices is not None:
             pool_indices = jnp.concatenate([beams.done_indices, c.indices], axis=1)
             done_indices = jnp.take_along_axis(pool_indices, best[..., None], axis=1)
-        # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9); drawn
-        # candidates come in no order of score, so beam sampling takes the K best-scored of them
+        # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
+        order = jnp.argsort(jnp.where(stopped, rank + C, rank), axis=-1)[:, :K]  # (B, K)
         lowered = c.scores - jnp.float32(1e9) * stopped.astype(jnp.float32)
-        if static.do_sample:
-            order = lax.top_k(lowered, K)[1]  # (B, K) best first, the earlier drawn on ties
-        else:
-            order = jnp.argsort(jnp.where(stopped, rank + C, rank), axis=-1)[:, :K]  # (B, K)
+        if static.do_sample:  # drawn candidates come in no order of score: the K best-scored of them instead
+            order = lax.top_k(lowered, K)[1]  # best first, the earlier drawn on ties
         scores = jnp.where(beams.row_done[:, None], beams.scores, jnp.take_along_axis(lowered, order, axis=1))
         parent_next = jnp.take_along_axis(c.parent, order, axis=1)
         running = jnp.take_along_axis(c.history, order[..., None], axis=1)  # (B, K, N)
