@@ -38,8 +38,10 @@ bool mask (an argument: the pieces without it trace no mask). A call without the
 compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
 
 Sampling draws with `jax.random.categorical` from `jax.random.key(seed)` folded with the step index:
-reproducible within JAX, not across backends. Greedy and beam search give the same tokens as
-opt_torch (same rules, same tie breaks: lowest index first).
+reproducible within JAX, not across backends. Beam sampling draws each step's candidates from the same
+folded key (`draw_without_replacement`: Gumbel-top-k) and runs on with the best-scored of them; plain beam
+search's program is the same as without it. Greedy and beam search give the same tokens as opt_torch
+(same rules, same tie breaks: lowest index first).
 """
 
 from __future__ import annotations
@@ -101,23 +103,70 @@ def ngram_bans(seq: jax.Array, real: jax.Array, now, n: int, V: int) -> jax.Arra
     return flags > 0
 
 
-def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_p=None) -> jax.Array:
-    """logits (B, V) / temperature, then top-k (k a Python int; 0 keeps all), then top-p (a float or a
-    traced scalar; None skips it, as top_p >= 1 must: float32 rounding of the cumulative sum could
-    otherwise drop the tail). Dropped tokens get -inf; opt_spec.generation has the NumPy reference."""
+def filter_for_sampling(logits: jax.Array, temperature=1.0, top_k: int = 0, top_p=None, cutoffs=None,
+                        keep: int = 1) -> jax.Array:
+    """Rule 5's sampling filters in order on logits (B, V): / temperature, top-k (k a Python int; 0 keeps all),
+    top-p (a float or a traced scalar; None skips it, as top_p >= 1 must: float32 rounding of the cumulative
+    sum could otherwise drop the tail), then the filters `cutoffs` sets (anything with min_p, typical_p,
+    epsilon_cutoff and eta_cutoff as Python numbers: a Decoding, or _Rules; None: none), each traced only
+    when it is on. Each keeps at least the `keep` (static) most probable tokens of a row (beam sampling
+    keeps Decoding.filter_keep); dropped tokens get -inf. NumPy references: opt_spec.generation's
+    sampling_filters and the filters it calls."""
     B, V = logits.shape
+    rows = jnp.arange(B)[:, None]
     logits = logits / temperature
+    top_k = max(top_k, keep) if top_k > 0 else 0
     if 0 < top_k < V:
         kth = lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
         order = jnp.argsort(-logits, axis=-1, stable=True)  # (B, V) most probable first, ties by id
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p  # mass strictly before reaches p
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(B)[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return logits
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        drop_sorted = ((jnp.cumsum(probs, axis=-1) - probs) >= top_p).at[:, :keep].set(False)  # mass before >= p
+        logits = jnp.where(jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted), -jnp.inf, logits)
+    if cutoffs is None:
+        return logits
+    x = logits
+    if cutoffs.min_p is not None:
+        probs = jax.nn.softmax(x, axis=-1)
+        drop = probs < jnp.float32(cutoffs.min_p) * probs.max(-1, keepdims=True)
+        if keep > 1:  # (the most probable is never dropped) the `keep` best, ties by id (lax.top_k's order)
+            drop = drop.at[rows, lax.top_k(x, keep)[1]].set(False)
+        x = jnp.where(drop, -jnp.inf, x)
+    if cutoffs.typical_p < 1.0:
+        logp = jax.nn.log_softmax(x, axis=-1)
+        p = jnp.exp(logp)
+        entropy = -(jnp.where(p > 0, logp, 0.0) * p).sum(-1, keepdims=True)
+        shifted = jnp.abs(-logp - entropy)                        # (B, V) distance from the entropy
+        order = jnp.argsort(shifted, axis=-1, stable=True)        # closest first, ties by id
+        sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+        mass = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1), axis=-1)
+        last = jnp.minimum((mass < cutoffs.typical_p).sum(-1), V - 1)  # (B,) the token that reaches the mass
+        drop_sorted = (sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], -1)).at[:, :keep].set(False)
+        x = jnp.where(jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted), -jnp.inf, x)
+    if cutoffs.epsilon_cutoff > 0:
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where((probs < jnp.float32(cutoffs.epsilon_cutoff)) & _below_kth(x, keep), -jnp.inf, x)
+    if cutoffs.eta_cutoff > 0:
+        logp = jax.nn.log_softmax(x, axis=-1)
+        p = jnp.exp(logp)
+        entropy = -(jnp.maximum(logp, jnp.finfo(jnp.float32).min) * p).sum(-1, keepdims=True)
+        eta = jnp.minimum(jnp.float32(cutoffs.eta_cutoff),
+                          jnp.float32(np.sqrt(cutoffs.eta_cutoff)) * jnp.exp(-entropy))  # (B, 1)
+        x = jnp.where((p < eta) & _below_kth(x, keep), -jnp.inf, x)
+    return x
+
+
+def _below_kth(x: jax.Array, keep: int) -> jax.Array:
+    """(B, V) bool: scores below each row's keep-th best (never the `keep` best; ties kept)."""
+    return x < lax.top_k(x, min(keep, x.shape[-1]))[0][:, -1:]
+
+
+def draw_without_replacement(scores: jax.Array, n: int, key: jax.Array) -> jax.Array:
+    """(R, n) int32 indices drawn without replacement from softmax(scores) (R, M), in the order drawn: the n
+    largest of scores + Gumbel noise from `key` (opt_spec.generation.draw_without_replacement; lax.top_k puts
+    impossible (-inf) entries last)."""
+    return lax.top_k(scores + jax.random.gumbel(key, scores.shape, jnp.float32), n)[1]
 
 
 def bias_sequences(scores: jax.Array, seq: jax.Array, now, entries) -> jax.Array:
@@ -176,39 +225,6 @@ def token_rules(scores: jax.Array, step, rules: "_Rules", eos_token_ids, max_new
     return x
 
 
-def more_sampling_filters(logits: jax.Array, rules: "_Rules") -> jax.Array:
-    """After filter_for_sampling: min_p, typical_p, epsilon_cutoff and eta_cutoff on logits (B, V), each
-    traced only when `rules` sets it (a dropped token gets -inf). NumPy references in opt_spec.generation:
-    min_p_filter, typical_filter, epsilon_filter, eta_filter."""
-    B, V = logits.shape
-    x = logits
-    if rules.min_p is not None:
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where(probs < jnp.float32(rules.min_p) * probs.max(-1, keepdims=True), -jnp.inf, x)
-    if rules.typical_p < 1.0:
-        logp = jax.nn.log_softmax(x, axis=-1)
-        p = jnp.exp(logp)
-        entropy = -(jnp.where(p > 0, logp, 0.0) * p).sum(-1, keepdims=True)
-        shifted = jnp.abs(-logp - entropy)                        # (B, V) distance from the entropy
-        order = jnp.argsort(shifted, axis=-1, stable=True)        # closest first, ties by id
-        sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
-        mass = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1), axis=-1)
-        last = jnp.minimum((mass < rules.typical_p).sum(-1), V - 1)  # (B,) the token that reaches the mass
-        drop_sorted = (sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], -1)).at[:, 0].set(False)
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(B)[:, None], order].set(drop_sorted)
-        x = jnp.where(drop, -jnp.inf, x)
-    if rules.epsilon_cutoff > 0:
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where((probs < jnp.float32(rules.epsilon_cutoff)) & (x < x.max(-1, keepdims=True)), -jnp.inf, x)
-    if rules.eta_cutoff > 0:
-        logp = jax.nn.log_softmax(x, axis=-1)
-        p = jnp.exp(logp)
-        entropy = -(jnp.maximum(logp, jnp.finfo(jnp.float32).min) * p).sum(-1, keepdims=True)
-        eta = jnp.minimum(jnp.float32(rules.eta_cutoff), jnp.float32(np.sqrt(rules.eta_cutoff)) * jnp.exp(-entropy))
-        x = jnp.where((p < eta) & (x < x.max(-1, keepdims=True)), -jnp.inf, x)
-    return x
-
-
 def _keep(buffer: Optional[jax.Array], step, x: jax.Array) -> Optional[jax.Array]:
     """buffer (N, R, V) with x (R, V) written at `step`; None (not asked for) stays None."""
     return None if buffer is None else lax.dynamic_update_slice(buffer, x[None].astype(buffer.dtype), (step, 0, 0))
@@ -220,7 +236,8 @@ class _Rules:
     """The rules of opt_spec.generation beyond the basics that a call sets (from its Decoding), static:
     each traces into the program only when set, so a call without them keeps the plain program. Those
     that cannot apply are left off: forced BOS unless the rows start with one token or none (L == 1 only
-    then: at step 0 or 1), the sampling filters unless sampling, early stopping unless beam searching."""
+    then: at step 0 or 1), the sampling filters unless sampling (beam sampling too), early stopping unless
+    beam searching."""
 
     sequence_bias: tuple = ()            # ((token ids, bias), ...), bad words included as -inf
     forced_bos_token_id: Optional[int] = None
@@ -241,7 +258,7 @@ class _Rules:
     @classmethod
     def of(cls, d: Decoding, row_length: int) -> "_Rules":
         """row_length: the prompt ids the rows start with (T; 0 for inputs_embeds alone)."""
-        sampling = d.do_sample and not d.is_beam_search
+        sampling = d.do_sample  # beam sampling filters too
         forced_bos = d.forced_bos_token_id if row_length <= 1 else None
         return cls(sequence_bias=d.sequence_bias, forced_bos_token_id=forced_bos,
                    forced_bos_step=1 - row_length if forced_bos is not None else 0,
@@ -275,6 +292,7 @@ class _Static:
     keep_indices: bool = False  # beam search's return_dict: each hypothesis's beam indices
     embeds: bool = False        # the prompt pass takes inputs_embeds (B, P, E) instead of the ids' embeddings
     offset: int = 0             # P - T: the embedded positions the rows lack (inputs_embeds without input_ids)
+    filter_keep: int = 1        # tokens each sampling filter keeps at least (Decoding.filter_keep when sampling)
 
     @property
     def row_prompt(self) -> int:
@@ -412,7 +430,7 @@ class GenerationMixin(GenerationDefaults):
                          keep_scores=d.return_dict_in_generate and d.output_scores,
                          keep_logits=d.return_dict_in_generate and d.output_logits,
                          keep_indices=d.return_dict_in_generate and d.is_beam_search,
-                         embeds=embeds is not None, offset=P - T)
+                         embeds=embeds is not None, offset=P - T, filter_keep=d.filter_keep if d.do_sample else 1)
         if d.seed is not None:
             seed = d.seed
         else:  # a fresh draw per call, as torch.seed() does
@@ -582,12 +600,7 @@ class GenerationMixin(GenerationDefaults):
         """Rules 5-6: the sampling filters, renormalization, this step's tokens written out (and the scores
         they were chosen from, if asked for); the state after the step."""
         step = state.step
-        if static.do_sample:
-            scores = filter_for_sampling(scores, knobs.temperature, static.top_k,
-                                         knobs.top_p if static.top_p else None)
-            scores = more_sampling_filters(scores, static.rules)
-        if static.rules.renormalize_logits:
-            scores = jax.nn.log_softmax(scores, axis=-1)
+        scores = self._sampling_filters(static, scores, knobs)
         if static.do_sample:
             tokens = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1)
         else:
@@ -602,6 +615,16 @@ class GenerationMixin(GenerationDefaults):
         return state._replace(step=step + 1, tokens=tokens, seen=seen, finished=finished,
                               out=lax.dynamic_update_slice(state.out, tokens[:, None], (0, step)),
                               kept_scores=_keep(state.kept_scores, step, scores))
+
+    @staticmethod
+    def _sampling_filters(static: _Static, scores, knobs: _Knobs):
+        """Rule 5's sampling filters when sampling (beams too), then renormalize_logits when asked."""
+        if static.do_sample:
+            scores = filter_for_sampling(scores, knobs.temperature, static.top_k, knobs.top_p if static.top_p else None,
+                                         static.rules, static.filter_keep)
+        if static.rules.renormalize_logits:
+            scores = jax.nn.log_softmax(scores, axis=-1)
+        return scores
 
     def _feed(self, static: _Static, params, state: _State):
         """The last tokens through the model: (next logits, state)."""
@@ -703,9 +726,9 @@ class GenerationMixin(GenerationDefaults):
         return None if kept is None else tuple(kept[s] for s in range(step + 1))
 
     # ------------------------------------------------------------------------------ beam search
-    # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (renormalized
-    # first if asked) -> [host: stop strings on the candidates] -> update (finished hypotheses, running beams)
-    # -> feed.
+    # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (the sampling
+    # filters when sampling, renormalized if asked; drawn when sampling) -> [host: stop strings on the
+    # candidates] -> update (finished hypotheses, running beams) -> feed.
     def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None):
         B, P, N, K, V = static.batch, static.prompt, static.max_new_tokens, static.num_beams, self.config.vocab_size
         ids_k, mask_k = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)  # (B*K, T), (B*K, P)
@@ -733,16 +756,22 @@ class GenerationMixin(GenerationDefaults):
                              state.slots[:, static.offset:], static.row_prompt + state.step, state.step, knobs, allowed)
         return scores, state._replace(kept_logits=_keep(state.kept_logits, state.step, logits))
 
-    def _beam_candidates(self, static: _Static, state: _BeamState, logprobs) -> tuple[_Candidates, _BeamState]:
-        """The best C continuations per row: scores, parents, tokens and histories (and beam indices, if
-        kept); the state with the processed log-probs (renormalized if asked) kept if asked for."""
+    def _beam_candidates(self, static: _Static, state: _BeamState, logprobs, knobs: _Knobs,
+                         key) -> tuple[_Candidates, _BeamState]:
+        """The C continuations per row, best first (beam sampling: the sampling filters first, then drawn
+        without replacement with `key` folded with the step, in the order drawn): scores, parents, tokens and
+        histories (and beam indices, if kept); the state with the processed log-probs (renormalized if asked)
+        kept if asked for."""
         B, K, N = state.beams.tokens.shape
         V = logprobs.shape[-1]
-        if static.rules.renormalize_logits:
-            logprobs = jax.nn.log_softmax(logprobs, axis=-1)
+        logprobs = self._sampling_filters(static, logprobs, knobs)
         state = state._replace(kept_scores=_keep(state.kept_scores, state.step, logprobs))
         candidates = (state.beams.scores[..., None] + logprobs.reshape(B, K, V)).reshape(B, K * V)
-        cand_scores, cand_index = lax.top_k(candidates, static.candidates)  # (B, C), best first, lower index on ties
+        if static.do_sample:
+            cand_index = draw_without_replacement(candidates, static.candidates, jax.random.fold_in(key, state.step))
+            cand_scores = jnp.take_along_axis(candidates, cand_index, axis=1)  # (B, C) in the order drawn
+        else:
+            cand_scores, cand_index = lax.top_k(candidates, static.candidates)  # (B, C) best first, lower index on ties
         parent, token = cand_index // V, cand_index % V
         history = jnp.take_along_axis(state.beams.tokens, parent[..., None], axis=1)  # (B, C, N)
         history = lax.dynamic_update_slice(history, token[..., None], (0, 0, state.step))
@@ -778,6 +807,8 @@ class GenerationMixin(GenerationDefaults):
         # running beams: the first K candidates that did not stop (then stopped ones, lowered by 1e9)
         order = jnp.argsort(jnp.where(stopped, rank + C, rank), axis=-1)[:, :K]  # (B, K)
         lowered = c.scores - jnp.float32(1e9) * stopped.astype(jnp.float32)
+        if static.do_sample:  # drawn candidates come in no order of score: the K best-scored of them instead
+            order = lax.top_k(lowered, K)[1]  # best first, the earlier drawn on ties
         scores = jnp.where(beams.row_done[:, None], beams.scores, jnp.take_along_axis(lowered, order, axis=1))
         parent_next = jnp.take_along_axis(c.parent, order, axis=1)
         running = jnp.take_along_axis(c.history, order[..., None], axis=1)  # (B, K, N)
@@ -832,13 +863,12 @@ class GenerationMixin(GenerationDefaults):
 
     def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
         """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length, _Extras)."""
-        del key
         self._count_trace()
         none = jnp.zeros((static.batch, static.candidates), bool)
 
         def step(logits, state):
             scores, state = self._beam_scores(static, state, logits, ids, knobs)
-            c, state = self._beam_candidates(static, state, scores)
+            c, state = self._beam_candidates(static, state, scores, knobs, key)
             return self._beam_update(static, state, c, none, knobs)
 
         state = step(*self._beam_start(static, params, ids, mask, knobs, embeds))
@@ -851,7 +881,7 @@ class GenerationMixin(GenerationDefaults):
 
     def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
                           streamer, stops, mask_np, criteria=(), prefix=None):
-        del key, streamer  # deterministic; check_extras refuses a streamer
+        del streamer  # check_extras refuses a streamer
         start, scores_fn, candidates, update, feed, finish = (self._host_piece(static, name, fn) for name, fn in (
             ("beam_start", self._beam_start), ("beam_scores", self._beam_scores),
             ("beam_candidates", self._beam_candidates), ("beam_update", self._beam_update),
@@ -867,7 +897,8 @@ class GenerationMixin(GenerationDefaults):
             if prefix is not None:  # every running beam (B*K rows, batch_id r // K), as Hugging Face asks
                 allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in np.asarray(seq)], K, V))
             scores, state = scores_fn(state, logits, ids, knobs, allowed)
-            c, state = candidates(state, jnp.asarray(apply_processors(processors, seq, scores), jnp.float32))
+            processed = jnp.asarray(apply_processors(processors, seq, scores), jnp.float32)
+            c, state = candidates(state, processed, knobs, key)
             stopped = np.zeros((B, C), bool)
             if stops is not None or criteria:  # each candidate: the row's prompt, its parent's tokens, its new token
                 prompt, real = np.repeat(ids_np[:, None], C, 1), np.repeat(mask_np[:, None], C, 1)
@@ -885,4 +916,4 @@ class GenerationMixin(GenerationDefaults):
         return finish(state, knobs)
 
 
-__all__ = ["GenerationMixin", "filter_for_sampling", "ngram_bans", "process_logits"]
+__all__ = ["GenerationMixin", "draw_without_replacement", "filter_for_sampling", "ngram_bans", "process_logits"]

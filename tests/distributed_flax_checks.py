@@ -85,6 +85,8 @@ def inference(workdir: str) -> dict:
     out = {"noise_floor": float(np.abs(want - exact)[real].max()), "meshes": {}}
     greedy = np.asarray(one.generate(ids, attention_mask=mask, max_new_tokens=6))
     beam = np.asarray(one.generate(ids[:3], attention_mask=mask[:3], max_new_tokens=5, num_beams=3))
+    beam_sampling = dict(max_new_tokens=5, num_beams=2, do_sample=True, top_k=0, top_p=0.5, seed=3)
+    drawn = np.asarray(one.generate(ids, attention_mask=mask, **beam_sampling))  # 4 rows: split over fsdp
     itemsize = 4
     for fsdp, tp in ((8, 1), (2, 4), (4, 2)):
         mesh = make_mesh(fsdp, tp)
@@ -110,6 +112,8 @@ def inference(workdir: str) -> dict:
                                                                                   max_new_tokens=6)), greedy))
             entry["beam_equal"] = bool(np.array_equal(np.asarray(model.generate(
                 ids[:3], attention_mask=mask[:3], max_new_tokens=5, num_beams=3)), beam))
+            entry["beam_sampling_equal"] = bool(np.array_equal(np.asarray(model.generate(
+                ids, attention_mask=mask, **beam_sampling)), drawn))  # the same key, the same draws
             entry["greedy_tokens"] = greedy[:, ids.shape[1]:].tolist()
             table = np.asarray(one.params["model"]["decoder"]["embed_tokens"]["embedding"])
             for name, given, rows in (("embeds", {}, greedy[:, ids.shape[1]:]),  # the rows start empty

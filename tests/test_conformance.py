@@ -162,9 +162,12 @@ class Flax:
             out = jnp.where(banned, -jnp.inf, out)
         return np.asarray(out)
 
-    def filter(self, logits, d):
+    def filter(self, logits, d, keep=1):
         return np.asarray(self.gen.filter_for_sampling(self.jnp.asarray(logits), d.temperature, d.top_k,
-                                                       d.top_p if d.top_p < 1.0 else None))
+                                                       d.top_p if d.top_p < 1.0 else None, d, keep))
+
+    def draw(self, scores, n, seed):
+        return np.asarray(self.gen.draw_without_replacement(self.jnp.asarray(scores), n, self.jax.random.key(seed)))
 
     def generate(self, model, ids, mask, **kw):
         return np.asarray(model.generate(ids, mask, **kw))

@@ -3,7 +3,7 @@
 Each test runs tests/distributed_flax_checks.py in child processes with 8 CPU devices (or 2 processes of
 4 that form one mesh over gloo), since JAX fixes its device count when it starts, and asserts on the
 measurements the child reports: meshes 8x1, 2x4 and 4x2 against one device (logits within a bound set
-by float32's own rounding, greedy and beam tokens identical, one training step's gradients within 1e-6),
+by float32's own rounding, greedy, beam and beam-sampled tokens identical, one training step's gradients within 1e-6),
 the bytes each weight costs to load, refused plans, Orbax checkpoints restored onto another mesh."""
 
 import json
@@ -72,6 +72,7 @@ def test_sharded_inference_matches_one_device(tmp_path):
     assert r["meshes"]["2x4"]["logits_spec"] == "P('fsdp', None, 'tp')"  # rows on fsdp, vocabulary on tp
     m = r["meshes"]["2x4"]
     assert m["greedy_equal"] and m["beam_equal"] and m["embeds_equal"] and m["ids_and_embeds_equal"]
+    assert m["beam_sampling_equal"]
     assert len({tuple(row) for row in m["greedy_tokens"]}) > 1  # the rows differ: a mixed-up batch would show
     assert m["saved_equal"] and m["saved_generation_config"]
     assert m["kernel_spec"] == "P('fsdp', 'tp')"  # fc1 kernel (in, out): in on fsdp, out on tp

@@ -224,6 +224,54 @@ def test_sampling_follows_the_filtered_distribution(models):
     assert len(set(drawn[:, 0].tolist())) > 1  # row 0 is far from deterministic
 
 
+@pytest.mark.slow  # ~15 s: the compiled loop's program and the host loop's pieces
+def test_beam_sampling_equals_the_reference_given_the_same_draws(models):
+    """Beam sampling (do_sample with num_beams) against opt_spec.generation.beam_search_reference with draw=:
+    the reference adds the Gumbel noise generate draws (jax.random.gumbel of the seed's key folded with the
+    step, one (B, K * V) array a step), so every candidate, finished hypothesis and running beam must agree,
+    on the compiled loop and on the host's; next-token scores are the model's full forward with the spec's
+    filters (top_p keeping 1 + len(EOS) tokens a beam)."""
+    flax_model, _ = models("pre_ln")
+    config = flax_model.config
+    ids = prompts("pre_ln")[0][:2, :5]
+    (B, T), N, K, V, seed = ids.shape, 6, 3, config.vocab_size, 11
+
+    def last_logits(rows):  # rows (R <= K, L) right-filled to (K, T + N): one shape, one compilation; causal
+        R, L = rows.shape    # attention keeps the fill out of position L - 1
+        full = np.full((K, T + N), 5, np.int32)
+        full[:R, :L] = rows
+        return np.asarray(flax_model(full).logits[:R, L - 1], np.float32)
+
+    first = np.argsort(-last_logits(ids), axis=-1)
+    eos = (int(first[0, 0]), int(first[1, 1]))  # likely: hypotheses finish early
+    settings = dict(max_new_tokens=N, num_beams=K, num_return_sequences=2, eos_token_id=list(eos), pad_token_id=1,
+                    do_sample=True, temperature=1.5, top_k=0, top_p=0.2, length_penalty=0.7)
+    d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
+    gumbel = [np.asarray(jax.random.gumbel(jax.random.fold_in(jax.random.key(seed), step), (B, K * V), jnp.float32))
+              for step in range(N)]
+    where = {}
+
+    def next_logprobs(rows):
+        where["row"] = next(r for r in range(B) if rows[0][:T].tolist() == ids[r].tolist())
+        where["step"] = rows.shape[1] - T
+        return gen.reference_scores(last_logits(rows), rows, np.ones_like(rows), d, T, beam=True)
+
+    def draw(scores, n):  # the same noise generate adds, at this step for this prompt
+        noise = gumbel[where["step"]][where["row"]]
+        return np.argsort(-(scores + noise), kind="stable")[:n]
+
+    finished = []
+    want = gen.beam_search_reference(next_logprobs, ids, d, finished, draw=draw)
+    longest = max(len(h) for row in want for h in row)
+    padded = np.array([h + [1] * (longest - len(h)) for row in want for h in row])
+    got = np.asarray(flax_model.generate(ids, seed=seed, **settings))
+    np.testing.assert_array_equal(got[:, T:], padded)
+    host = np.asarray(flax_model.generate(ids, seed=seed, **settings, logits_processor=[lambda ids, x: x]))
+    np.testing.assert_array_equal(host, got)
+    assert finished and any(step < N - 1 for _, step, _ in finished)
+    others = [np.asarray(flax_model.generate(ids, seed=s, **settings)) for s in range(seed + 1, seed + 6)]
+    assert any(not np.array_equal(other, got) for other in others)  # the draws matter
+
 # ---------------------------------------------------------------------------- compiled once
 def test_second_call_does_not_recompile(models):
     flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
@@ -376,7 +424,6 @@ def test_batch_of_one_loop_copies_each_cache_buffer_at_most_once(models):
     (dict(temperature=0.0, do_sample=True), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_k=-1), "top_k=-1"),
-    (dict(num_beams=2, do_sample=True), "beam search does not sample"),
     (dict(min_new_tokens=9, max_new_tokens=3), "min_new_tokens=9"),
     (dict(max_new_tokens=35), "max_position_embeddings=40"),
     (dict(eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
