@@ -318,7 +318,7 @@ class _Knobs(NamedTuple):
     best_norm: jax.Array           # float32 (N,): at each step, the norm a running beam is compared at
 
 
-def _knobs(d: Decoding, prompt_length: int = 0) -> _Knobs:
+def _knobs(d: Decoding) -> _Knobs:
     """The call's numbers as traced arguments (length normalizers: opt_spec.generation.length_norms; the
     bound of beam search's stop: best_length)."""
     norms = length_norms(d.max_new_tokens, d.length_penalty)
@@ -435,7 +435,7 @@ class GenerationMixin(GenerationDefaults):
             seed = d.seed
         else:  # a fresh draw per call, as torch.seed() does
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
-        args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d, T), jax.random.key(seed))
+        args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d), jax.random.key(seed))
         args += () if embeds is None else (embeds,)  # the ids path's programs stay as they were
         if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
@@ -789,6 +789,7 @@ class GenerationMixin(GenerationDefaults):
         rank = jnp.arange(C, dtype=jnp.int32)
         if static.eos:
             stopped = stopped | _is_eos(c.token, knobs.eos_token_ids)
+        stopped = stopped | (step == static.max_new_tokens - 1)  # at the length limit every candidate stops
         norm = knobs.length_norm[step]
         # finished candidates: stopped among the first K, scored by their length-normalized sum
         finishing = stopped & (rank < K) & ~beams.row_done[:, None] & jnp.isfinite(c.scores)
@@ -844,22 +845,16 @@ class GenerationMixin(GenerationDefaults):
     def _beam_finish(self, static: _Static, state: _BeamState, knobs: _Knobs):
         """(the n best hypotheses per row (B * n, N) int32 padded with pad_token_id, longest length,
         _Extras: their scores and beam indices when asked for)."""
-        B, K, N, n, beams, steps = static.batch, static.num_beams, static.max_new_tokens, static.returned, \
-            state.beams, state.step
-        # rows still running at the end: their beams compete as hypotheses of length `steps`
-        final = jnp.where(beams.row_done[:, None], -jnp.inf, beams.scores / knobs.length_norm[steps - 1])
-        pool_scores = jnp.concatenate([beams.done_scores, final], axis=1)  # (B, 2K)
-        pool_tokens = jnp.concatenate([beams.done_tokens, beams.tokens], axis=1)  # (B, 2K, N)
-        pool_length = jnp.concatenate([beams.done_length, jnp.full((B, K), steps, jnp.int32)], axis=1)
-        chosen_scores, pick = lax.top_k(pool_scores, n)  # (B, n) best first, lower index on ties
-        chosen = jnp.take_along_axis(pool_tokens, pick[..., None], axis=1).reshape(B * n, N)
+        B, N, n, beams, steps = static.batch, static.max_new_tokens, static.returned, state.beams, state.step
+        # the finished hypotheses (at the length limit a running row's first K candidates finished)
+        chosen_scores, pick = lax.top_k(beams.done_scores, n)  # (B, n) best first, lower index on ties
+        chosen = jnp.take_along_axis(beams.done_tokens, pick[..., None], axis=1).reshape(B * n, N)
         extras = _Extras(steps, state.kept_scores, state.kept_logits,
                          sequences_scores=chosen_scores.reshape(B * n) if static.keep_scores else None)
         if static.keep_indices:
-            pool_indices = jnp.concatenate([beams.done_indices, beams.indices], axis=1)  # (B, 2K, N)
-            chosen_indices = jnp.take_along_axis(pool_indices, pick[..., None], axis=1).reshape(B * n, N)
+            chosen_indices = jnp.take_along_axis(beams.done_indices, pick[..., None], axis=1).reshape(B * n, N)
             extras = extras._replace(beam_indices=chosen_indices)
-        return chosen, jnp.take_along_axis(pool_length, pick, axis=1).max(), extras
+        return chosen, jnp.take_along_axis(beams.done_length, pick, axis=1).max(), extras
 
     def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
         """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length, _Extras)."""

@@ -90,8 +90,8 @@ finish); the others fill the K running beams in order (when fewer than K remain,
 with their score lowered by 1e9, as in Hugging Face). A row is done once it has K finished hypotheses
 and its best running beam, normalized at the current length (with early_stopping="never" and
 length_penalty > 0: at the length limit, `best_length`), can no longer beat the worst of them; with
-early_stopping=True, as soon as it has K finished hypotheses. At the length limit the running beams are
-finished with their normalized scores. The output per row
+early_stopping=True, as soon as it has K finished hypotheses. At the length limit every candidate stops:
+the first K finish, whatever their last token (Hugging Face's max-length criterion). The output per row
 is its num_return_sequences best hypotheses, best first, padded with pad_token_id. Beam search does
 not stream (Hugging Face refuses it too).
 Beam sampling (num_beams = K > 1 with do_sample=True, Hugging Face's beam sample): a step's scores also
@@ -1218,18 +1218,20 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
                 cands = sorted(scored, key=lambda c: (-c[0], c[1]))[:C]      # higher score, then lower index
             else:
                 cands = [scored[i] for i in draw(np.array([c[0] for c in scored], np.float32), C)]
-            running = []
+            running, last = [], step == N - 1  # at the length limit every candidate stops
             for rank, (score, index) in enumerate(cands):
                 k, v = divmod(index, V)
                 tokens = beams[k][1] + [v]
-                if v in eos:  # only the first K candidates may finish; the rest are dropped
+                if v in eos or last:  # only the first K candidates may finish; the rest are dropped
                     if rank < K and not row_done and np.isfinite(score):
                         done.append((np.float32(score / norms[step]), tokens))
-                        if finished is not None:
+                        if finished is not None and v in eos:
                             finished.append((row, step, tokens))
                 else:
                     running.append((score, tokens))
             done = sorted(done, key=lambda h: -h[0])[:K]
+            if last:
+                break
             stopped = [(np.float32(s - 1e9), [*beams[i // V][1], i % V]) for s, i in cands
                        if i % V in eos]                                      # fill-ins when too few run on
             if not row_done:
@@ -1240,8 +1242,6 @@ def beam_search_reference(next_logprobs: Callable[[np.ndarray], np.ndarray], pro
                                                         or min(s for s, _ in done) >= best_running))
             if row_done:
                 break
-        if not row_done:  # at the length limit the running beams are finished hypotheses too
-            done = done + [(np.float32(s / norms[step]), tokens) for s, tokens in beams]
         ranked = sorted(done, key=lambda h: -h[0])  # stable: earlier-finished first on equal scores
         out.append([tokens for _, tokens in ranked[:d.num_return_sequences]])
         if scores is not None:

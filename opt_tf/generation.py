@@ -724,7 +724,7 @@ class TFGenerationMixin(GenerationDefaults):
         norms = _length_norms(d)
         norm = norms[step]
         rank = tf.range(C)[None, :]
-        stopped = stopped | _isin(c["token"], d.eos_token_ids)
+        stopped = stopped | _isin(c["token"], d.eos_token_ids) | (step == d.max_new_tokens - 1)  # the length limit
         row_done = s["row_done"]
         finishing = stopped & (rank < K) & ~row_done[:, None] & tf.math.is_finite(c["scores"])
         normalized = tf.where(finishing, c["scores"] / norm, NEG_INF)
@@ -775,20 +775,14 @@ class TFGenerationMixin(GenerationDefaults):
         and the outputs: their beam_indices (B * n, N) with return_dict_in_generate, their scores
         (sequences_scores) with output_scores, the fast path's buffers."""
         B, K, N = s["beams"].shape
-        last = s["step"] - 1
-        norm = _length_norms(d)[last]
-        # rows still running at the end: their beams compete as hypotheses of length last + 1
-        final = tf.where(s["row_done"][:, None], NEG_INF, s["scores"] / norm)
-        pool_scores = tf.concat([s["done_scores"], final], axis=1)   # (B, 2K)
-        pool_tokens = tf.concat([s["done_tokens"], s["beams"]], axis=1)
-        pool_length = tf.concat([s["done_length"], tf.fill((B, K), last + 1)], axis=1)
+        # the finished hypotheses (at the length limit a running row's first K candidates finished)
+        pool_scores, pool_tokens, pool_length = s["done_scores"], s["done_tokens"], s["done_length"]
         n = d.num_return_sequences
         pick = tf.math.top_k(pool_scores, n).indices  # (B, n), best first, lower index on ties
         chosen = tf.reshape(tf.gather(pool_tokens, pick, batch_dims=1), (B * n, N))
         outputs = _buffered_outputs(s)
         if "beam_index" in s:
-            pool_index = tf.concat([s["done_index"], s["beam_index"]], axis=1)
-            outputs["beam_indices"] = tf.reshape(tf.gather(pool_index, pick, batch_dims=1), (B * n, N))
+            outputs["beam_indices"] = tf.reshape(tf.gather(s["done_index"], pick, batch_dims=1), (B * n, N))
         if d.output_scores:
             outputs["sequences_scores"] = tf.reshape(tf.gather(pool_scores, pick, batch_dims=1), [-1])
         return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1)), s["step"], outputs

@@ -497,7 +497,7 @@ class GenerationMixin(GenerationDefaults):
             history[:, :, step] = token
             lineage = torch.gather(origin, 1, parent[..., None].expand(B, C, N)).clone()
             lineage[:, :, step] = rows[:, None] * K + parent
-            stopped = torch.isin(token, eos)
+            stopped = torch.isin(token, eos) | (step == N - 1)  # at the length limit every candidate stops
             if stops is not None or criteria:  # asked of every candidate: the beams extended by their token
                 cand_seq = torch.cat([prompt.view(B, K, T).gather(1, parent[..., None].expand(B, C, T)),
                                       history[:, :, :step + 1]], 2).view(B * C, T + step + 1)
@@ -513,7 +513,7 @@ class GenerationMixin(GenerationDefaults):
             pool_tokens = torch.cat([done_tokens, history], 1)                # (B, K + C, N)
             pool_origin = torch.cat([done_origin, lineage], 1)
             pool_length = torch.cat([done_length, torch.full_like(token, step + 1)], 1)
-            best = torch.topk(pool_scores, K, dim=-1).indices
+            best = torch.sort(pool_scores, dim=-1, descending=True, stable=True).indices[:, :K]  # earlier first on ties
             done_scores = torch.gather(pool_scores, 1, best)
             done_length = torch.gather(pool_length, 1, best)
             done_tokens = torch.gather(pool_tokens, 1, best[..., None].expand(B, K, N))
@@ -547,15 +547,7 @@ class GenerationMixin(GenerationDefaults):
                 seen[torch.arange(B * K, device=device), tokens] = True
             mask[:, P + step] = 1
             logits = step_fn(tokens, mask, cache, P + step)
-        # rows still running at the end: their beams compete as hypotheses of length step + 1
-        final = torch.where(row_done[:, None], NEG_INF, scores / norms[step])
-        pool_scores = torch.cat([done_scores, final], 1)
-        pool_tokens = torch.cat([done_tokens, beams], 1)
-        pool_origin = torch.cat([done_origin, origin], 1)
-        pool_length = torch.cat([done_length, torch.full_like(done_length, step + 1)], 1)
-        n = d.num_return_sequences
-        pick = torch.sort(pool_scores, dim=-1, descending=True, stable=True).indices[:, :n]  # (B, n), best first
-        M = int(torch.gather(pool_length, 1, pick).max())
-        chosen = torch.gather(pool_tokens, 1, pick[..., None].expand(B, n, N)).view(B * n, N)[:, :M]
-        chosen_origin = torch.gather(pool_origin, 1, pick[..., None].expand(B, n, N)).view(B * n, N)[:, :M]
-        return chosen, torch.gather(pool_scores, 1, pick).view(B * n), chosen_origin
+        n = d.num_return_sequences  # the finished hypotheses, best first (done_* are kept in that order)
+        M = int(done_length[:, :n].max())
+        chosen = done_tokens[:, :n].reshape(B * n, N)[:, :M]
+        return chosen, done_scores[:, :n].reshape(B * n), done_origin[:, :n].reshape(B * n, N)[:, :M]

@@ -29,6 +29,29 @@ def max_abs_diff(a, b, mask=None) -> float:
     return float(d.max()) if d.size else 0.0
 
 
+def beam_samples_reference(last_logits, ids, d, noise) -> tuple[np.ndarray, list]:
+    """What beam sampling must return for the prompts ids (B, T) (all tokens real) when a backend adds the Gumbel
+    noise `noise[step]` (B, K * V) to the candidates' scores: opt_spec.generation.beam_search_reference with
+    draw= taking the same noise, next-token scores from last_logits(rows (R, L)) -> (R, V) float32 logits through
+    the spec's rules. Returns the new tokens (B * n, M), padded with pad_token_id, and the hypotheses that
+    finished on an EOS id, (row, step, tokens)."""
+    from opt_spec import generation as gen
+
+    T, where, finished = ids.shape[1], {}, []
+
+    def next_logprobs(rows):  # which prompt and step the reference is at, for the draw that follows
+        where["row"] = next(r for r in range(len(ids)) if list(rows[0][:T]) == list(ids[r]))
+        where["step"] = rows.shape[1] - T
+        return gen.reference_scores(last_logits(rows), rows, np.ones_like(rows), d, T, beam=True)
+
+    def draw(scores, n):
+        return np.argsort(-(scores + noise[where["step"]][where["row"]]), kind="stable")[:n]
+
+    want = gen.beam_search_reference(next_logprobs, np.asarray(ids), d, finished, draw=draw)
+    longest = max(len(h) for row in want for h in row)
+    return np.array([h + [d.pad_token_id] * (longest - len(h)) for row in want for h in row]), finished
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_optkit_cache(tmp_path_factory):
     """optkit's cache (random checkpoints, conversions, `optkit train`'s token ids) in a folder of this session

@@ -19,6 +19,8 @@ from opt_flax import FlaxOPTForCausalLM
 from opt_flax.generation import filter_for_sampling
 from opt_torch import OPTForCausalLM
 
+from .conftest import beam_samples_reference
+
 NAMES = ("pre_ln", "post_ln_proj", "untied_head")
 EOS = 75  # emitted early by row 2 of the pre_ln model below: per-row stopping and padding
 
@@ -247,23 +249,9 @@ def test_beam_sampling_equals_the_reference_given_the_same_draws(models):
     settings = dict(max_new_tokens=N, num_beams=K, num_return_sequences=2, eos_token_id=list(eos), pad_token_id=1,
                     do_sample=True, temperature=1.5, top_k=0, top_p=0.2, length_penalty=0.7)
     d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
-    gumbel = [np.asarray(jax.random.gumbel(jax.random.fold_in(jax.random.key(seed), step), (B, K * V), jnp.float32))
-              for step in range(N)]
-    where = {}
-
-    def next_logprobs(rows):
-        where["row"] = next(r for r in range(B) if rows[0][:T].tolist() == ids[r].tolist())
-        where["step"] = rows.shape[1] - T
-        return gen.reference_scores(last_logits(rows), rows, np.ones_like(rows), d, T, beam=True)
-
-    def draw(scores, n):  # the same noise generate adds, at this step for this prompt
-        noise = gumbel[where["step"]][where["row"]]
-        return np.argsort(-(scores + noise), kind="stable")[:n]
-
-    finished = []
-    want = gen.beam_search_reference(next_logprobs, ids, d, finished, draw=draw)
-    longest = max(len(h) for row in want for h in row)
-    padded = np.array([h + [1] * (longest - len(h)) for row in want for h in row])
+    noise = [np.asarray(jax.random.gumbel(jax.random.fold_in(jax.random.key(seed), step), (B, K * V), jnp.float32))
+             for step in range(N)]  # what generate adds: the seed's key folded with the step
+    padded, finished = beam_samples_reference(last_logits, ids, d, noise)
     got = np.asarray(flax_model.generate(ids, seed=seed, **settings))
     np.testing.assert_array_equal(got[:, T:], padded)
     host = np.asarray(flax_model.generate(ids, seed=seed, **settings, logits_processor=[lambda ids, x: x]))

@@ -19,6 +19,7 @@ from opt_tf import TFOPTForCausalLM
 from opt_tf.generation import filter_for_sampling
 from opt_torch import OPTForCausalLM
 
+from .conftest import beam_samples_reference
 from .hf_reference import hf_tf_causal_lm
 
 CONFIG = VARIANTS["pre_ln"]
@@ -341,22 +342,8 @@ def test_beam_sampling_equals_the_reference_given_the_same_draws(model):
     (B, T), N, K, V, seed = ids.shape, settings["max_new_tokens"], settings["num_beams"], CONFIG.vocab_size, 11
     d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
     noise = tf.function(lambda step: gumbel_noise((B, K * V), seed_key(seed), step), jit_compile=True)
-    gumbels = [noise(tf.constant(step)).numpy() for step in range(N)]
-    where = {}
-
-    def next_logprobs(rows):
-        where["row"] = next(r for r in range(B) if rows[0][:T].tolist() == ids[r].tolist())
-        where["step"] = rows.shape[1] - T
-        logits = model(rows).logits[:, -1].numpy().astype(np.float32)
-        return gen.reference_scores(logits, rows, np.ones_like(rows), d, T, beam=True)
-
-    def draw(scores, n):
-        return np.argsort(-(scores + gumbels[where["step"]][where["row"]]), kind="stable")[:n]
-
-    finished = []
-    want = gen.beam_search_reference(next_logprobs, ids, d, finished, draw=draw)
-    longest = max(len(h) for row in want for h in row)
-    padded = np.array([h + [1] * (longest - len(h)) for row in want for h in row])
+    last_logits = lambda rows: model(rows).logits[:, -1].numpy().astype(np.float32)  # noqa: E731
+    padded, finished = beam_samples_reference(last_logits, ids, d, [noise(tf.constant(s)).numpy() for s in range(N)])
     got = model.generate(ids, seed=seed, **settings).numpy()
     np.testing.assert_array_equal(got[:, T:], padded)
     assert finished and any(step < N - 1 for _, step, _ in finished)
