@@ -842,7 +842,7 @@ class GenerationMixin(GenerationDefaults):
         logits, cache = self._last_logits(params, state.tokens[:, None], slots, cache)
         return logits, state._replace(cache=cache, slots=slots, seen=seen)
 
-    def _beam_finish(self, static: _Static, state: _BeamState, knobs: _Knobs):
+    def _beam_finish(self, static: _Static, state: _BeamState):
         """(the n best hypotheses per row (B * n, N) int32 padded with pad_token_id, longest length,
         _Extras: their scores and beam indices when asked for)."""
         B, N, n, beams, steps = static.batch, static.max_new_tokens, static.returned, state.beams, state.step
@@ -872,7 +872,7 @@ class GenerationMixin(GenerationDefaults):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.beams.row_done)
 
         state = lax.while_loop(keep_going, lambda s: step(*self._beam_feed(static, params, s)), state)
-        return self._beam_finish(static, state, knobs)
+        return self._beam_finish(static, state)
 
     def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
                           streamer, stops, mask_np, criteria=(), prefix=None):
@@ -908,7 +908,7 @@ class GenerationMixin(GenerationDefaults):
             state = update(state, c, jnp.asarray(stopped), knobs)
             if bool(jnp.all(state.beams.row_done)):
                 break
-        return finish(state, knobs)
+        return finish(state)
 
 
 __all__ = ["GenerationMixin", "draw_without_replacement", "filter_for_sampling", "ngram_bans", "process_logits"]

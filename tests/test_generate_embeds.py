@@ -18,6 +18,7 @@ from opt_spec.testing import random_weights
 
 from .test_generation_extras import (CONFIG, IDS, MASK, T, backend, checkpoint, hf,  # noqa: F401
                                      models, native)
+from .test_generation_surface import to_numpy
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
 
@@ -27,14 +28,6 @@ P = 6
 SOFT = (np.random.default_rng(7).standard_normal((3, P, E)) * 0.7).astype(np.float32)  # not any token's embedding
 SOFT_MASK = np.array([[1] * P, [0] + [1] * (P - 1), [0, 0, 0] + [1] * (P - 3)], np.int64)
 SOFT_IDS = np.random.default_rng(8).integers(3, CONFIG.vocab_size, (3, P))  # for input_ids given with SOFT
-
-
-def as_numpy(x):
-    if x is None:
-        return None
-    if isinstance(x, tuple):
-        return tuple(as_numpy(v) for v in x)
-    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
 
 
 def ours(models, backend, input_ids=None, inputs_embeds=SOFT, attention_mask=SOFT_MASK, **settings):
@@ -57,7 +50,7 @@ def reference(hf, input_ids=None, inputs_embeds=SOFT, attention_mask=SOFT_MASK, 
 
 
 def tokens(out) -> np.ndarray:
-    return as_numpy(out.sequences if hasattr(out, "sequences") else out).astype(np.int64)
+    return to_numpy(out.sequences if hasattr(out, "sequences") else out).astype(np.int64)
 
 
 def close(a, b, atol) -> bool:
@@ -198,13 +191,13 @@ def test_the_record_as_hugging_face(models, hf, backend, cases):
     assert len(out.scores) == len(out.logits) == len(out.hidden_states) == len(out.attentions) == steps
     real = SOFT_MASK.astype(bool)
     for s in range(steps):
-        assert close(as_numpy(out.scores[s]), want.scores[s].numpy(), 2e-4), s
-        assert close(as_numpy(out.logits[s]), want.logits[s].numpy(), 2e-4), s
+        assert close(to_numpy(out.scores[s]), want.scores[s].numpy(), 2e-4), s
+        assert close(to_numpy(out.logits[s]), want.logits[s].numpy(), 2e-4), s
         queries = real if s == 0 else np.ones((len(SOFT), 1), bool)  # a pad's own state is not specified
-        for ours_h, hf_h in zip(as_numpy(out.hidden_states[s]), want.hidden_states[s]):
+        for ours_h, hf_h in zip(to_numpy(out.hidden_states[s]), want.hidden_states[s]):
             assert ours_h.shape == tuple(hf_h.shape) == (len(SOFT), P if s == 0 else 1, CONFIG.hidden_size), s
             assert close(ours_h[queries], hf_h.numpy()[queries], 1e-4), s
-        for ours_a, hf_a in zip(as_numpy(out.attentions[s]), want.attentions[s]):
+        for ours_a, hf_a in zip(to_numpy(out.attentions[s]), want.attentions[s]):
             assert ours_a.shape == tuple(hf_a.shape) == (len(SOFT), CONFIG.num_attention_heads,
                                                          P if s == 0 else 1, P + s), s
             assert close(ours_a.transpose(0, 2, 1, 3)[queries], hf_a.numpy().transpose(0, 2, 1, 3)[queries], 1e-5), s
