@@ -411,7 +411,7 @@ class GenerationMixin(GenerationDefaults):
         d = self._decoding(generation_config, kwargs, P, T)
         check_prompt((B, P), d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
-        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn)
+        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         if params is None:
             params = self.params
         elif params is not self.params:

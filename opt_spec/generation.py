@@ -148,6 +148,11 @@ or one bool for all rows; a row any criterion says is done is finished (rule 6).
 asked of every candidate (the beams extended by their candidate token, B * candidates rows), and a
 candidate they stop finishes as one ending in an EOS id does. Reference: `criteria_hits`.
 
+max_time = seconds (Hugging Face's MaxTimeCriteria): a stopping criterion that ends every row once more
+than that many seconds of wall-clock time have passed since generate resolved its settings (so a compiled
+backend's first call counts its compilation); it is asked after each step, so at least one token is always
+made. Like any stopping criterion it takes the backend's step-by-step host loop. Reference: `MaxTime`.
+
 Streamers follow Hugging Face's protocol: `streamer.put(prompt ids (rows, T))` once, then
 `streamer.put(tokens (rows,))` after every step (pad for finished rows), then `streamer.end()`; so
 transformers.TextStreamer works. A plain callable is called with each step's tokens only.
@@ -162,6 +167,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -181,7 +187,7 @@ HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config sayi
 # hold them at any value (kept, ignored, with a warning when they would change the tokens); a call may
 # pass them only at their default values.
 UNSUPPORTED = {
-    "max_time": None, "encoder_repetition_penalty": 1.0, "token_healing": False, "guidance_scale": None,
+    "encoder_repetition_penalty": 1.0, "token_healing": False, "guidance_scale": None,
     "watermarking_config": None,
     "encoder_no_repeat_ngram_size": 0, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
@@ -219,6 +225,7 @@ class GenerationConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     stop_strings: str | list[str] | None = None
+    max_time: float | None = None
     seed: int | None = None
     # the rules of steps 1-3 and 6 beyond the basics (module docstring, "More rules")
     min_length: int = 0
@@ -297,6 +304,8 @@ class GenerationConfig:
                 fail("stop_strings", "must be a non-empty string or a non-empty list of them")
         if self.seed is not None:
             check_seed(self.seed)
+        if self.max_time is not None and (not is_number(self.max_time) or not self.max_time >= 0):
+            fail("max_time", "must be a number of seconds >= 0 (or None)")
         if self.num_return_sequences > 1:
             if self.num_beams == 1 and not self.do_sample:
                 fail("num_return_sequences", "greedy search returns one sequence per prompt; use do_sample=True "
@@ -498,6 +507,7 @@ class Decoding:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     stop_strings: tuple[str, ...] = ()
+    max_time: float | None = None          # seconds (MaxTime, a host-side stopping criterion)
     seed: int | None = None
     # "More rules", resolved: token ids checked against the vocabulary, lists as tuples (min_length is
     # folded into min_new_tokens)
@@ -614,7 +624,8 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     repetition_penalty=float(cfg.repetition_penalty),
                     no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
                     num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
-                    pad_token_id=int(pad), stop_strings=stops, seed=None if cfg.seed is None else int(cfg.seed),
+                    pad_token_id=int(pad), stop_strings=stops,
+                    max_time=None if cfg.max_time is None else float(cfg.max_time), seed=None if cfg.seed is None else int(cfg.seed),
                     **_resolve_rules(cfg, eos_ids, T, vocab_size))
 
 
@@ -752,9 +763,10 @@ def needs_host(d: Decoding, logits_processor, streamer, stopping_criteria=None, 
             or prefix_allowed_tokens_fn is not None)
 
 
-def check_host_rules(stopping_criteria, prefix_allowed_tokens_fn) -> list:
+def check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, max_time: float | None = None) -> list:
     """Checks a call's stopping_criteria (a list of callables, Hugging Face's StoppingCriteriaList included)
-    and prefix_allowed_tokens_fn (a callable or None); returns the criteria as a list."""
+    and prefix_allowed_tokens_fn (a callable or None); returns the criteria as a list, with a MaxTime
+    (its clock started now) at the end when the call has a max_time (Decoding.max_time)."""
     criteria = list(stopping_criteria or [])
     for i, c in enumerate(criteria):
         if not callable(c):
@@ -762,7 +774,21 @@ def check_host_rules(stopping_criteria, prefix_allowed_tokens_fn) -> list:
     if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
         raise TypeError(f"prefix_allowed_tokens_fn is a {type(prefix_allowed_tokens_fn).__name__}, not a callable "
                         "(batch_id, input_ids) -> list of token ids")
+    if max_time is not None:
+        criteria.append(MaxTime(max_time))
     return criteria
+
+
+class MaxTime:
+    """max_time's stopping criterion: every row is done once more than `seconds` have passed since it was
+    made (a monotonic clock); one bool for all rows, as criteria may return."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.start = time.monotonic()
+
+    def __call__(self, input_ids, scores) -> np.bool_:
+        return np.bool_(time.monotonic() - self.start > self.seconds)
 
 
 def allowed_tokens(fn: Callable, rows: Sequence, num_beams: int, vocab_size: int) -> np.ndarray:

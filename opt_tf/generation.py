@@ -375,11 +375,11 @@ def _buffered_outputs(s: dict) -> dict:
 
 
 def _output_key(d: Decoding) -> Decoding:
-    """The settings the compiled functions depend on: without the seed (an input), output_scores /
-    output_logits only with return_dict_in_generate, which only beam search's compiled code needs (for
-    beam_indices)."""
+    """The settings the compiled functions depend on: without the seed (an input) and max_time (a host
+    rule), output_scores / output_logits only with return_dict_in_generate, which only beam search's
+    compiled code needs (for beam_indices)."""
     record = d.return_dict_in_generate
-    return dataclasses.replace(d, seed=None, return_dict_in_generate=record and d.is_beam_search,
+    return dataclasses.replace(d, seed=None, max_time=None, return_dict_in_generate=record and d.is_beam_search,
                                output_scores=record and d.output_scores, output_logits=record and d.output_logits)
 
 
@@ -424,7 +424,7 @@ class TFGenerationMixin(GenerationDefaults):
         d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
         check_prompt(mask.shape, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
-        rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn), prefix_allowed_tokens_fn)
+        rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time), prefix_allowed_tokens_fn)
         seed = seed_key(d.seed)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)

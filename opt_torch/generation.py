@@ -326,7 +326,7 @@ class GenerationMixin(GenerationDefaults):
         input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
                                                              inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
-        host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn),
+        host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
                     prefix_fn=prefix_allowed_tokens_fn)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         record = _Record(d)
@@ -388,7 +388,7 @@ class GenerationMixin(GenerationDefaults):
         if d.is_beam_search:
             raise ValueError("beam search cannot stream: the best beam is known only at the end (use num_beams=1)")
         processors = check_extras(d, logits_processor, None, tokenizer)
-        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn)
+        criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         n = d.num_return_sequences
         with torch.no_grad():

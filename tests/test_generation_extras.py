@@ -8,6 +8,7 @@ One tiny model per backend serves every test (TensorFlow and Flax compile each d
 
 import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -429,6 +430,8 @@ def test_settings_resolve_as_hugging_face_does():
     (dict(eos_token_id=[]), ValueError, "eos_token_id=\\[\\]"),
     (dict(stop_strings=[""]), ValueError, "stop_strings"),
     (dict(penalty_alpha=0.6), ValueError, "does not implement penalty_alpha=0.6"),
+    (dict(max_time=-1.0), ValueError, "max_time=-1.0: must be a number of seconds >= 0"),
+    (dict(max_time="1s"), ValueError, "max_time='1s'"),
     (dict(num_beam_groups=2), ValueError, "does not implement num_beam_groups=2"),
     (dict(maximum_tokens=3), TypeError, "unexpected keyword arguments: maximum_tokens"),
 ])
@@ -441,6 +444,20 @@ def test_harmless_hugging_face_keywords_are_accepted():
     d = gen.resolve(gen.GenerationConfig(), None, dict(use_cache=True, output_scores=False, max_new_tokens=3),
                     prompt_length=4, max_positions=40, vocab_size=96)
     assert d.max_new_tokens == 3
+
+
+def test_max_time_is_a_setting_and_its_criterion_starts_when_made():
+    d = gen.resolve(gen.GenerationConfig(max_time=5), None, {}, prompt_length=4, max_positions=40, vocab_size=96)
+    assert d.max_time == 5.0 and gen.resolve(gen.GenerationConfig(), None, dict(max_time=0), prompt_length=4,
+                                            max_positions=40, vocab_size=96).max_time == 0.0
+    assert gen.GenerationConfig.from_dict({"max_time": 2.5}).to_dict() == {"max_time": 2.5}
+    mine = lambda input_ids, scores: False  # noqa: E731
+    criteria = gen.check_host_rules([mine], None, 0.05)
+    assert criteria[0] is mine and isinstance(criteria[1], gen.MaxTime) and len(criteria) == 2
+    assert gen.check_host_rules([mine], None, None) == [mine]
+    assert not criteria[1](None, None)
+    time.sleep(0.06)
+    assert criteria[1](None, None)
 
 
 def test_generation_config_file_rules(tmp_path):

@@ -12,6 +12,7 @@ returned logits against Hugging Face's forward of the returned sequences.
 """
 
 import itertools
+import time
 import warnings
 
 import numpy as np
@@ -348,6 +349,32 @@ def test_a_criterion_returning_one_bool_stops_every_row(models, hf, backend):
                      stopping_criteria=transformers.StoppingCriteriaList([lambda ids, scores: ids.shape[1] >= T + 3]))
     np.testing.assert_array_equal(out, want.numpy())
     assert out.shape[1] == T + 3 and calls == [T + 1, T + 2, T + 3]
+
+
+@pytest.mark.parametrize("search", ["greedy", "beams"])
+def test_an_expired_max_time_stops_after_one_step_as_in_hugging_face(models, hf, backend, search):
+    settings = dict(max_new_tokens=6, eos_token_id=None)
+    if search == "beams":
+        settings.update(num_beams=3, num_return_sequences=2)
+    out = tokens_of(run(models, backend, **settings, max_time=0.0))  # asked after each step: one token
+    np.testing.assert_array_equal(out, reference(hf, **settings, max_time=0.0).numpy())
+    assert out.shape[1] == T + 1
+    plenty = tokens_of(run(models, backend, **settings, max_time=1e6))
+    np.testing.assert_array_equal(plenty, reference(hf, **settings).numpy())
+    assert plenty.shape[1] == T + 6
+
+
+def test_max_time_ends_a_slow_generation_between_steps(models, backend):
+    steps = []
+
+    def slow(input_ids, scores):  # 50 ms a step: a 0.2 s budget is spent after at most 5 steps
+        steps.append(1)
+        time.sleep(0.05)
+        return scores
+
+    out = tokens_of(run(models, backend, max_new_tokens=30, eos_token_id=None, max_time=0.2,
+                        logits_processor=[slow]))
+    assert 1 <= out.shape[1] - T == len(steps) <= 5
 
 
 @pytest.mark.parametrize("kwargs,error,words", [
