@@ -29,7 +29,7 @@ from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_clas
                              check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
                              check_span_positions, check_token_ids, host_array, is_integer_dtype,
                              not_integers)
-from opt_spec.surface import dtype_argument
+from opt_spec.surface import auto_dtype, dtype_argument
 from opt_spec.layouts import from_native, native_path, native_shape, to_native
 from opt_spec.weights import WeightSpec
 
@@ -201,7 +201,8 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not); no torch involved.
 
         dtype is the compute dtype (float32 by default; torch_dtype is its older Hugging Face name);
-        parameters are cast to param_dtype (float32 by default). Either may be "auto": the checkpoint's own.
+        parameters are cast to param_dtype (float32 by default). Either may be "auto": config.json's dtype
+        (Hugging Face's precedence), else the checkpoint's own.
         A head the checkpoint lacks is initialized from `seed` (with a warning naming it).
         precision goes to every matrix product: "auto" (default) is "highest" for float32 compute, so
         float32 means float32 on GPUs too (matching PyTorch), and JAX's default for half precision;
@@ -226,8 +227,10 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         fresh = {w.name for w in plan.fresh}
 
-        saved = str(np.dtype(next(iter(tensors.values())).dtype))  # "auto": the checkpoint's dtype
-        dtype, param_dtype = (saved if d == "auto" else d for d in (model_dtype(dtype, torch_dtype), param_dtype))
+        dtype, param_dtype = model_dtype(dtype, torch_dtype), param_dtype
+        if "auto" in (dtype, param_dtype):  # config.json's dtype, else the checkpoint's (opt_spec.surface)
+            saved = auto_dtype(config, str(np.dtype(next(iter(tensors.values())).dtype)))
+            dtype, param_dtype = (saved if d == "auto" else d for d in (dtype, param_dtype))
         param_dtype = resolve_dtype(param_dtype)
         if mesh is not None:
             from .distributed import MeshPlan, load_params

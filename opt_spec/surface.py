@@ -1,6 +1,8 @@
 """What the Hugging Face model methods that optkit offers in every backend mean, defined once (NumPy only).
 
 - `dtype_argument`: `torch_dtype=` is transformers' older name of `dtype=`; both are accepted.
+- `auto_dtype`: what `dtype="auto"` loads in, as transformers 4.57 decides it: the config.json's "dtype"
+  (or its older "torch_dtype") when it names one, else the checkpoint's own floating dtype.
 - `resized_vocab_size` / `resized_rows`: `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing)`.
   Rows are kept or cut from the end; added rows are drawn, as transformers 4.57 draws them, from a
   normal distribution with the old rows' mean and 1e-9 times their covariance (so, to five digits, the
@@ -28,6 +30,24 @@ def dtype_argument(dtype: Any, torch_dtype: Any) -> Any:
         raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; torch_dtype is the older name "
                          "of dtype: pass one of them")
     return torch_dtype
+
+
+def auto_dtype(config, saved: str) -> str:
+    """dtype="auto"'s dtype name: config.json's "dtype", else its "torch_dtype" (Hugging Face's precedence),
+    else `saved`, the name of the checkpoint's floating dtype. A config naming something other than a
+    float dtype is a ValueError naming the key."""
+    from .io import FLOAT_DTYPES
+
+    extra = getattr(config, "extra", {}) or {}
+    for key in ("dtype", "torch_dtype"):
+        value = extra.get(key)
+        if value is None:
+            continue
+        name = value.removeprefix("torch.") if isinstance(value, str) else None
+        if name not in FLOAT_DTYPES:
+            raise ValueError(f'dtype="auto": config.json has {key}={value!r}, not one of {", ".join(FLOAT_DTYPES)}')
+        return name
+    return saved
 
 
 def resized_vocab_size(old: int, new_num_tokens: Optional[int], pad_to_multiple_of: Optional[int] = None) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, weight_table
 from opt_spec import io as spec_io
-from opt_spec.surface import dtype_argument
+from opt_spec.surface import auto_dtype, dtype_argument
 from opt_spec.hub import resolve_pretrained
 from opt_spec.inputs import seeded_rng
 from opt_spec.layouts import from_native, native_path, to_native
@@ -124,8 +124,8 @@ class TFPretrainedMixin:
                         torch_dtype=None, **kwargs):
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not) without torch.
 
-        dtype: None -> float32; 'auto' -> the checkpoint's dtype; or any dtype the constructor takes
-        ('bfloat16', 'mixed_bfloat16', ...; torch_dtype is its older Hugging Face name). A base checkpoint
+        dtype: None -> float32; 'auto' -> config.json's dtype, else the checkpoint's; or any dtype the
+        constructor takes ('bfloat16', 'mixed_bfloat16', ...; torch_dtype is its older Hugging Face name). A base checkpoint
         loads into a head model (the missing head is initialized, with a warning naming it) and a head
         checkpoint into the base model.
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
@@ -154,7 +154,7 @@ class TFPretrainedMixin:
                           "(train it before use)", stacklevel=2)
         dtype = dtype_argument(dtype, torch_dtype)
         if dtype == "auto":
-            dtype = str(np.dtype(next(iter(tensors.values())).dtype))
+            dtype = auto_dtype(config, str(np.dtype(next(iter(tensors.values())).dtype)))
         model = cls(config, dtype=dtype, _init=False, **kwargs)
         rng = np.random.default_rng()
         for name, (spec, var) in variable_map(model).items():

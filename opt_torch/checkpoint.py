@@ -19,7 +19,7 @@ import torch
 
 from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
-from opt_spec.surface import dtype_argument
+from opt_spec.surface import auto_dtype, dtype_argument
 from opt_spec.hub import resolve_pretrained
 from opt_spec.inputs import check_seed
 
@@ -81,8 +81,8 @@ class PretrainedMixin:
                         device_mesh=None, device_map=None, max_memory=None, offload_folder=None):
         """Loads a Hugging Face directory (safetensors, sharded or not, or pytorch_model.bin).
 
-        dtype: None -> float32; 'auto' -> the checkpoint's own dtype; or a dtype to cast to (torch_dtype is
-        its older Hugging Face name: either may be given).
+        dtype: None -> float32; 'auto' -> config.json's dtype, else the checkpoint's; or a dtype to cast
+        to (torch_dtype is its older Hugging Face name: either may be given).
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
@@ -109,7 +109,9 @@ class PretrainedMixin:
             dtype = torch.float32
         elif dtype == "auto":
             first = next(iter(tensors.values()))
-            dtype = first.dtype if isinstance(first, torch.Tensor) else resolve_dtype(str(np.dtype(first.dtype)))
+            saved = str(first.dtype).removeprefix("torch.") if isinstance(first, torch.Tensor) \
+                else str(np.dtype(first.dtype))
+            dtype = resolve_dtype(auto_dtype(config, saved))
         if device_mesh is not None or device_map is not None:
             from . import distributed
 

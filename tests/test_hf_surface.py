@@ -204,6 +204,29 @@ def dtype_name(backend, model) -> str:
     return model.dtype.name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtype_auto_takes_the_configs_dtype_first_as_hugging_face_does(tmp_path, backend):
+    """float32 weights under config.json keys naming other dtypes: "dtype" wins over "torch_dtype", either over
+    the weights, as in transformers' from_pretrained(dtype="auto"); without either key, the weights' dtype."""
+    config = VARIANTS["pre_ln"]
+    weights = random_weights(config, "causal_lm", seed=5)
+    cases = [({"torch_dtype": "float16"}, "float16"), ({"dtype": "bfloat16", "torch_dtype": "float16"}, "bfloat16"),
+             ({}, "float32")]
+    for i, (keys, want) in enumerate(cases):
+        path = tmp_path / str(i)
+        spec_io.save_safetensors_dir(path, weights, {**config.to_dict(), **keys})
+        hf = transformers.OPTForCausalLM.from_pretrained(path, dtype="auto")
+        assert str(hf.dtype) == f"torch.{want}", keys  # the reference agrees with the case
+        assert dtype_name(backend, load(backend, path, dtype="auto")) == want, keys
+        assert dtype_name(backend, load(backend, path)) == "float32"  # only "auto" reads the config
+    path = tmp_path / "bad"
+    spec_io.save_safetensors_dir(path, weights, {**config.to_dict(), "torch_dtype": "int8"})
+    with pytest.raises(ValueError, match="config.json has torch_dtype='int8'"):
+        load(backend, path, dtype="auto")
+    assert dtype_name(backend, load(backend, path, dtype="float16" if backend != "torch" else torch.float16)) \
+        == "float16"
+
+
 @pytest.mark.parametrize("saved", ["bfloat16", "float16"])
 def test_flax_dtype_auto_is_the_checkpoints_dtype(tmp_path, saved):
     import jax.numpy as jnp
