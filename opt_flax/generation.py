@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
@@ -409,7 +410,7 @@ class GenerationMixin(GenerationDefaults):
         ids, mask, embeds = self._generation_inputs(input_ids, attention_mask, inputs_embeds)
         (B, P), T = mask.shape, ids.shape[1]  # the model's prompt positions; the rows' prompt ids (T = P or 0)
         d = self._decoding(generation_config, kwargs, P, T)
-        check_prompt((B, P), d.max_new_tokens, config.max_position_embeddings)
+        check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         if params is None:
@@ -542,7 +543,7 @@ class GenerationMixin(GenerationDefaults):
         """Runs the prompt into a fresh cache of L slots: (logits, cache, slot mask (B, L)). The model sees
         embeds (B, P, E) when given, else the ids (B, P); mask (B, P)."""
         B, P = mask.shape
-        cache = self.init_cache(B, L)
+        cache = self.init_cache(B, L, pad_slots(P, L - P, self.config.max_position_embeddings))
         slots = jnp.zeros((B, L), jnp.int32).at[:, :P].set(mask)  # (B, L) over every cache slot
         logits, cache = self._last_logits(params, ids if embeds is None else embeds, slots, cache)
         return logits, cache, slots

@@ -274,9 +274,10 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         return files
 
     # ---------------------------------------------------------------------------------- running
-    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty KV cache of max_length slots (its capacity) for batch_size rows (compute dtype)."""
-        check_capacity(max_length, self.config.max_position_embeddings)
+    def init_cache(self, batch_size: int, max_length: int, pads: int = 0) -> KVCache:
+        """An empty KV cache of max_length slots (its capacity) for batch_size rows (compute dtype); pads:
+        slots past the position table for left-padded prompts' pads (opt_spec.cache.check_capacity)."""
+        check_capacity(max_length, self.config.max_position_embeddings, pads)
         if self.sharding is not None:  # laid out (batch, heads) over the mesh
             from .distributed import zeros_cache
 

@@ -48,14 +48,22 @@ def cache_mask_width(mask_length: int, past: int | None, new: int | None, capaci
     raise ValueError(f"attention_mask covers {mask_length} positions; with a cache it must cover {allowed}")
 
 
-def check_capacity(capacity: int, max_positions: int) -> None:
+def check_capacity(capacity: int, max_positions: int, pads: int = 0) -> None:
     """A preallocated cache holds at most max_position_embeddings tokens: a slot past the position table
-    could never be written by a real token. ValueError in words (every backend's init_cache / KVCache)."""
+    could never be written by a real token. `pads`: slots more that left-padded prompts' pads will take
+    (they have no position; generate passes them, see pad_slots). ValueError in words (every backend's
+    init_cache / KVCache)."""
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
         raise ValueError(f"a cache's capacity must be an int >= 1, got {capacity!r:.100}")
-    if capacity > max_positions:
+    if capacity > max_positions + pads:
         raise ValueError(f"a cache of {capacity} tokens is longer than the model's max_position_embeddings="
-                         f"{max_positions}")
+                         f"{max_positions}" + (f" and {pads} pads" if pads else ""))
+
+
+def pad_slots(prompt_width: int, max_new_tokens: int, max_positions: int) -> int:
+    """The slots of generate's cache (prompt_width + max_new_tokens) past the position table: pads, once
+    opt_spec.generation.check_prompt has bounded every row's real tokens + new tokens by the table."""
+    return max(0, prompt_width + max_new_tokens - max_positions)
 
 
 def refuse_legacy_cache(past_key_values) -> None:

@@ -748,12 +748,18 @@ def prompt_inputs(input_ids, attention_mask, vocab_size: int, inputs_embeds=None
     return ids, mask
 
 
-def check_prompt(input_ids_shape: tuple[int, ...], max_new_tokens: int, max_positions: int) -> None:
-    if len(input_ids_shape) != 2 or input_ids_shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids_shape)}")
-    total = input_ids_shape[1] + max_new_tokens
+def check_prompt(attention_mask, max_new_tokens: int, max_positions: int) -> None:
+    """Every row's real tokens and the new ones must fit the position table. Pads take no position, so a
+    left-padded batch may be wider than the table (as in Hugging Face): the cache then holds the pads
+    past it (opt_spec.cache.pad_slots). attention_mask: (B, P) over the prompt's positions, on the host."""
+    mask = np.asarray(attention_mask)
+    if mask.ndim != 2 or mask.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {mask.shape}")
+    longest = int(mask.astype(bool).sum(1).max()) if mask.shape[0] else 0
+    total = longest + max_new_tokens
     if total > max_positions:
-        raise ValueError(f"prompt of {input_ids_shape[1]} tokens + max_new_tokens={max_new_tokens} = {total} "
+        pads = "" if longest == mask.shape[1] else " (the longest row's, pads aside)"
+        raise ValueError(f"prompt of {longest} tokens{pads} + max_new_tokens={max_new_tokens} = {total} "
                          f"is more than the model's max_position_embeddings={max_positions}")
 
 

@@ -47,6 +47,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
@@ -422,7 +423,7 @@ class TFGenerationMixin(GenerationDefaults):
         input_ids (B, P) if given, else empty (T = 0)."""
         ids, mask, embeds, out_dtype = self._check_generation_inputs(input_ids, attention_mask, inputs_embeds)
         d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
-        check_prompt(mask.shape, d.max_new_tokens, self.config.max_position_embeddings)
+        check_prompt(mask, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time), prefix_allowed_tokens_fn)
         seed = seed_key(d.seed)
@@ -526,7 +527,7 @@ class TFGenerationMixin(GenerationDefaults):
         (B, P), T = mask.shape, ids.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)  # (B, L) over every cache slot
-        logits, cache = self._last_logits(ids, slots, self.init_cache(B, P + N), embeds)
+        logits, cache = self._last_logits(ids, slots, self._generation_cache(B, P, N), embeds)
         state = dict(step=tf.constant(0, tf.int32), tokens=tf.zeros((B,), tf.int32), finished=tf.zeros((B,), tf.bool),
                      out=tf.fill((B, N), d.pad_token_id), cache=cache, slots=slots)
         if d.repetition_penalty != 1.0:
@@ -657,12 +658,17 @@ class TFGenerationMixin(GenerationDefaults):
     # (finished hypotheses, running beams) -> feed. With return_dict_in_generate every running beam and
     # finished hypothesis also carries the running beam (b * K + k) each of its tokens extended
     # ("beam_index", "done_index", (B, K, N), -1 past its end).
+    def _generation_cache(self, rows: int, P: int, N: int):
+        """generate's cache: P prompt slots (pads past the position table allowed) and N new ones."""
+        return self.init_cache(rows, P + N, pad_slots(P, N, self.config.max_position_embeddings))
+
     def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None):
         (B, P), T = mask.shape, ids.shape[1]
         K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([tf.repeat(mask, K, axis=0), tf.zeros((B * K, N), tf.int32)], axis=1)  # (BK, L)
         embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
-        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self.init_cache(B * K, P + N), embeds)
+        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self._generation_cache(B * K, P, N),
+                                           embeds)
         state = dict(step=tf.constant(0, tf.int32), cache=cache, slots=slots,
                      scores=tf.concat([tf.zeros((B, 1)), tf.fill((B, K - 1), NEG_INF)], axis=1),  # one live beam
                      beams=tf.fill((B, K, N), d.pad_token_id),

@@ -241,9 +241,10 @@ class KVCache:
         return cls(*components, capacity=metadata[0])
 
 
-def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
-    """An empty preallocated KVCache (zeros, length 0, capacity max_length) for `batch_size` rows."""
-    check_capacity(max_length, config.max_position_embeddings)
+def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype="float32", pads: int = 0) -> KVCache:
+    """An empty preallocated KVCache (zeros, length 0, capacity max_length) for `batch_size` rows; pads:
+    slots past the position table for left-padded prompts' pads (opt_spec.cache.check_capacity)."""
+    check_capacity(max_length, config.max_position_embeddings, pads)
     shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # (B, nh, L, hs)
     zeros = lambda: tf.zeros(shape, dtype)  # noqa: E731
     n = config.num_hidden_layers
@@ -572,9 +573,9 @@ class TFOPTPreTrainedModel(TFModelMethods, TFPretrainedMixin, keras.Model):
     def get_config(self) -> dict:
         return {"config": self.config.to_dict(), "dtype": self.dtype_policy.name, "name": self.name}
 
-    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, pads: int = 0) -> KVCache:
         """An empty KVCache in the model's compute dtype (see the module docstring)."""
-        return init_cache(self.config, batch_size, max_length, self.compute_dtype)
+        return init_cache(self.config, batch_size, max_length, self.compute_dtype, pads)
 
     @staticmethod
     def _unpack(input_ids, kwargs: dict):

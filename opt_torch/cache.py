@@ -27,11 +27,12 @@ from opt_spec.cache import cache_mask_width, check_capacity
 class KVCache:
     def __init__(self, config: OPTConfig, batch_size: int, capacity: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 num_heads: Optional[int] = None):
+                 num_heads: Optional[int] = None, pads: int = 0):
         """num_heads: the heads one process keeps (model.kv_heads; fewer than the config's under tensor
-        parallelism), default all. dtype and device matter for a preallocated cache only."""
+        parallelism), default all. dtype and device matter for a preallocated cache only. pads: slots past
+        the position table that left-padded prompts' pads will take (opt_spec.cache.check_capacity)."""
         if capacity is not None:
-            check_capacity(capacity, config.max_position_embeddings)
+            check_capacity(capacity, config.max_position_embeddings, pads)
         self.num_layers, self.batch_size, self.capacity = config.num_hidden_layers, batch_size, capacity
         self.num_heads = config.num_attention_heads if num_heads is None else num_heads
         if capacity is None:

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_extras, check_host_rules, check_prompt,
                                  criteria_hits, decay_growth, length_norms, longer_sequences, prompt_inputs,
@@ -300,9 +301,9 @@ class GenerationMixin(GenerationDefaults):
         config = self.config
         ids, mask = prompt_inputs(_host(input_ids), _host(attention_mask), config.vocab_size, inputs_embeds,
                                   config.word_embed_proj_dim)
-        (B, T), P = ids.shape, mask.shape[1]
+        T, P = ids.shape[1], mask.shape[1]
         d = self._decoding(generation_config, kwargs, P, T)
-        check_prompt((B, P), d.max_new_tokens, config.max_position_embeddings)
+        check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         device = self.device
         input_ids = torch.as_tensor(input_ids if input_ids is not None else ids).to(device=device, dtype=torch.long)
         attention_mask = torch.as_tensor(attention_mask if attention_mask is not None else mask)
@@ -406,7 +407,7 @@ class GenerationMixin(GenerationDefaults):
         (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         L, S, device = P + N, P - T, input_ids.device
-        cache = self.init_cache(B, L)
+        cache = self.init_cache(B, L, pad_slots(P, N, self.config.max_position_embeddings))
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :P] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
@@ -456,7 +457,7 @@ class GenerationMixin(GenerationDefaults):
         K, N, V, C = d.num_beams, d.max_new_tokens, self.config.vocab_size, d.candidates
         L, S, device = P + N, P - T, input_ids.device
         rows = torch.arange(B, device=device)
-        cache = self.init_cache(B * K, L)
+        cache = self.init_cache(B * K, L, pad_slots(P, N, self.config.max_position_embeddings))
         mask = torch.zeros(B * K, L, dtype=torch.long, device=device)
         mask[:, :P] = attention_mask.repeat_interleave(K, 0)
         prompt = input_ids.repeat_interleave(K, 0)                           # (BK, T)

@@ -349,10 +349,11 @@ class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, PackedWeights, nn.Modu
         them, or num_attention_heads / tp under tensor parallelism (opt_torch.distributed)."""
         return next(m.num_heads for m in self.modules() if isinstance(m, OPTAttention))
 
-    def init_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0) -> KVCache:
         """An empty KVCache for this model (its dtype, device and kv_heads): preallocated for max_length
-        tokens, or dynamic with max_length None (opt_torch.cache)."""
-        return KVCache(self.config, batch_size, max_length, self.dtype, self.device, self.kv_heads)
+        tokens, or dynamic with max_length None (opt_torch.cache); pads: slots past the position table
+        for left-padded prompts' pads (opt_spec.cache.check_capacity)."""
+        return KVCache(self.config, batch_size, max_length, self.dtype, self.device, self.kv_heads, pads)
 
 
 class OPTModel(OPTPreTrainedModel):

@@ -327,6 +327,25 @@ def test_positions_up_to_the_table_and_one_past(reference, backend):
         generate(backend, model, ref.ids, ref.mask, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_on_a_padded_batch_wider_than_the_table(reference, backend):
+    """max_position_embeddings = 12, a batch 14 wide whose longest row holds 9 real tokens: 3 new tokens fit
+    the table (pads take no position), so generate gives Hugging Face's tokens (greedy, beams) from a cache
+    of 17 slots; a 4th would need position 12 and is refused in words."""
+    ref = reference("nobias_silu")
+    hf = transformers.OPTForCausalLM.from_pretrained(ref.paths["causal_lm"]).eval()
+    model = load(backend, ref.paths["causal_lm"])
+    ids, mask = random_batch(ref.config, batch=3, length=14, seed=4, left_pad=(5, 7, 11))
+    for settings in (dict(max_new_tokens=3), dict(max_new_tokens=3, num_beams=2)):
+        with torch.no_grad():
+            want = hf.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                               pad_token_id=ref.config.pad_token_id, **settings).numpy()
+        np.testing.assert_array_equal(generate(backend, model, ids, mask, **settings), want)
+    with pytest.raises(ValueError, match="prompt of 9 tokens \\(the longest row's, pads aside\\) \\+ "
+                                         "max_new_tokens=4 = 13 is more than the model's max_position_embeddings=12"):
+        generate(backend, model, ids, mask, max_new_tokens=4)
+
+
 def test_activations_hugging_face_takes_that_optkit_does_not_are_refused_in_words(tmp_path):
     from transformers.activations import ACT2CLS
 

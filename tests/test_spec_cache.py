@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from opt_spec.cache import KVCache, cache_mask_width, check_capacity, refuse_legacy_cache
+from opt_spec.cache import KVCache, cache_mask_width, check_capacity, pad_slots, refuse_legacy_cache
 from opt_spec.numerics import attention_allowed
 
 
@@ -52,6 +52,11 @@ def test_a_cache_fits_the_position_table():
     check_capacity(np.int64(1), 40)
     with pytest.raises(ValueError, match="cache of 41 tokens is longer than the model's max_position_embeddings=40"):
         check_capacity(41, 40)
+    check_capacity(45, 40, pads=5)  # left-padded prompts' pads take slots, not positions
+    with pytest.raises(ValueError, match="cache of 46 tokens is longer than the model's max_position_embeddings=40 "
+                                         "and 5 pads"):
+        check_capacity(46, 40, pads=5)
+    assert (pad_slots(30, 10, 40), pad_slots(30, 12, 40), pad_slots(3, 4, 40)) == (0, 2, 0)
     for bad in (0, -3, 2.0, True, "8"):
         with pytest.raises(ValueError, match="capacity must be an int >= 1"):
             check_capacity(bad, 40)
