@@ -144,12 +144,14 @@ def activation_fn(formula: str):
 
 def attention_allowed(attention_mask: jax.Array, query_length: int, query_start: jax.Array | int) -> jax.Array:
     """(B, S) mask -> (B, 1, T, S) bool for the T = query_length queries at positions query_start ..
-    query_start + T - 1: causal, mask kept, and a query always sees itself (opt_spec.numerics.attention_allowed)."""
+    query_start + T - 1: causal, mask kept, and a query that would see nothing sees itself
+    (opt_spec.numerics.attention_allowed)."""
     S, T = attention_mask.shape[1], query_length
     q_pos = (query_start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, 1)
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]              # (1, S)
     allowed = (k_pos <= q_pos) & attention_mask.astype(bool)[:, None, :]  # (B, T, S)
-    return (allowed | (k_pos == q_pos))[:, None]
+    alone = ~allowed.any(-1, keepdims=True)                                # (B, T, 1)
+    return (allowed | (alone & (k_pos == q_pos)))[:, None]
 
 
 def _dense(features: int, config: OPTConfig, numerics: Numerics, use_bias: bool, name: str | None = None) -> nn.Dense:

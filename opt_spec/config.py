@@ -168,6 +168,16 @@ class OPTConfig:
         """The activation's formula: one of relu, gelu_erf, gelu_tanh, silu."""
         return ACTIVATIONS[self.activation_function]
 
+    # ---------------------------------------------------------------- Hugging Face's config surface
+    def __iter__(self):
+        """The keys of to_dict(), as iterating a transformers PretrainedConfig gives its attribute names:
+        `"hidden_size" in config` works as in code written for Hugging Face's configs (PEFT's)."""
+        return iter(self.to_dict())
+
+    def get_text_config(self, decoder=None, encoder=None) -> "OPTConfig":
+        """The text model's config (transformers' PretrainedConfig method): OPT is one, so itself."""
+        return self
+
     # ---------------------------------------------------------------------------- construction
     def replace(self, **changes: Any) -> "OPTConfig":
         """A copy with some fields changed (the config itself never changes)."""

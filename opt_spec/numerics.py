@@ -50,17 +50,20 @@ def attention_allowed(attention_mask: np.ndarray, query_length: int, query_start
     """(B, S) key mask -> (B, T, S) booleans: may query t (at position query_start + t; by default the last T
     of the S positions, else a preallocated cache's write position) see key s?
 
-    A query sees the keys at or before its own position (causal) that the mask keeps, and always
-    itself: a padded query then attends to itself alone instead of to nothing, so no softmax row is
-    ever empty and no dtype or attention kernel can turn it into NaN. Real tokens never see pads.
+    A query sees the keys at or before its own position (causal) that the mask keeps, a padded query
+    too (as in Hugging Face: a pad after real tokens, or after PEFT's learned prompt, attends to them).
+    A query with no such key (a pad before any real token) sees itself alone instead of nothing, so no
+    softmax row is ever empty and no dtype or attention kernel can turn it into NaN. Real tokens never
+    see pads.
     """
     mask = np.asarray(attention_mask).astype(bool)
     S = mask.shape[1]
     start = S - query_length if query_start is None else query_start
     q_pos = np.arange(start, start + query_length)[:, None]  # (T, 1)
     k_pos = np.arange(S)[None, :]                      # (1, S)
-    causal = k_pos <= q_pos                            # (T, S)
-    return (causal[None] & mask[:, None, :]) | (k_pos == q_pos)[None]
+    allowed = (k_pos <= q_pos)[None] & mask[:, None, :]  # (B, T, S)
+    alone = ~allowed.any(-1, keepdims=True)              # (B, T, 1): queries that would see nothing
+    return allowed | (alone & (k_pos == q_pos)[None])
 
 
 def pooled_token_index(input_ids: np.ndarray | None, pad_token_id: int | None, seq_len: int,

@@ -260,14 +260,15 @@ def write_cache(buffer: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tenso
 
 def attention_allowed(attention_mask: tf.Tensor, query_length, query_start=None) -> tf.Tensor:
     """(B, S) mask -> (B, T, S) bool for the T queries at positions query_start .. query_start + T - 1 (by
-    default the last T of the S): causal, mask kept, and a query always sees itself
+    default the last T of the S): causal, mask kept, and a query that would see nothing sees itself
     (opt_spec.numerics.attention_allowed)."""
     S = _dim(attention_mask, 1)
     start = S - query_length if query_start is None else query_start
     q_pos = (start + tf.range(query_length))[:, None]  # (T, 1)
     k_pos = tf.range(S)[None, :]                        # (1, S)
     allowed = (k_pos <= q_pos)[None] & tf.cast(attention_mask, tf.bool)[:, None, :]  # (B, T, S)
-    return allowed | (k_pos == q_pos)[None]
+    alone = ~tf.reduce_any(allowed, axis=-1, keepdims=True)                            # (B, T, 1)
+    return allowed | (alone & (k_pos == q_pos)[None])
 
 
 class TFOPTAttention(keras.layers.Layer):

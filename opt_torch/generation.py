@@ -303,14 +303,41 @@ class GenerationMixin(GenerationDefaults):
                                   config.word_embed_proj_dim)
         T, P = ids.shape[1], mask.shape[1]
         d = self._decoding(generation_config, kwargs, P, T)
-        check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         device = self.device
         input_ids = torch.as_tensor(input_ids if input_ids is not None else ids).to(device=device, dtype=torch.long)
         attention_mask = torch.as_tensor(attention_mask if attention_mask is not None else mask)
+        hook = self.__dict__.get("prepare_inputs_for_generation")  # set on the instance: a wrapper's (PEFT's)
+        if hook is not None and inputs_embeds is None:
+            attention_mask, inputs_embeds = self._wrapped_prompt(hook, input_ids, attention_mask.to(device))
+            mask = _host(attention_mask)
+        check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).to(device=device,
                                                               dtype=self.get_input_embeddings().weight.dtype)
         return input_ids, attention_mask.to(device=device, dtype=torch.long), inputs_embeds, d
+
+    def _wrapped_prompt(self, hook, input_ids, attention_mask) -> tuple:
+        """The prompt as a wrapper that replaced prepare_inputs_for_generation makes it for the first step
+        of Hugging Face's loop (PEFT's prompt tuning and P-tuning: learned embeddings put before the
+        prompt's, the mask widened to match): (attention_mask (B, P), inputs_embeds (B, P, E) or None when
+        the wrapper keeps the ids). The rows stay input_ids (B, T), and the lengths count T, as Hugging
+        Face's generate counts them; the model sees the P positions."""
+        (B, T), E = input_ids.shape, self.config.word_embed_proj_dim
+        step = hook(input_ids, past_key_values=None, attention_mask=attention_mask, use_cache=True,
+                    cache_position=torch.arange(T, device=input_ids.device))
+        if step.get("past_key_values") is not None:
+            raise ValueError(f"prepare_inputs_for_generation (replaced by {type(getattr(hook, '__self__', hook)).__name__})"
+                             " put a cache in past_key_values (PEFT's prefix tuning): optkit's generate takes prompts "
+                             "as embeddings only (PEFT's prompt tuning and P-tuning)")
+        embeds, mask = step.get("inputs_embeds"), step.get("attention_mask")
+        if embeds is None:
+            return attention_mask, None
+        P = embeds.shape[1] if embeds.dim() == 3 else -1
+        if tuple(embeds.shape) != (B, P, E) or P < T or mask is None or tuple(mask.shape) != (B, P):
+            raise ValueError(f"prepare_inputs_for_generation returned inputs_embeds {tuple(embeds.shape)} and "
+                             f"attention_mask {None if mask is None else tuple(mask.shape)}; expected (B, P, {E}) "
+                             f"and (B, P) with P >= the prompt's {T} tokens, for B = {B}")
+        return mask.long(), embeds.detach()
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,

@@ -46,13 +46,14 @@ def activation_fn(formula: str):
 
 
 def attention_allowed(attention_mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """(B, S) mask, (T,) query slots -> (B, 1, T, S) bool: causal, mask kept, a query always sees
-    itself (opt_spec.numerics.attention_allowed)."""
+    """(B, S) mask, (T,) query slots -> (B, 1, T, S) bool: causal, mask kept, a query that would see
+    nothing sees itself (opt_spec.numerics.attention_allowed)."""
     S = attention_mask.shape[1]
     q_pos = query_positions[:, None]                                  # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]    # (1, S)
     allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]    # (B, T, S)
-    return (allowed | (k_pos == q_pos))[:, None]
+    alone = ~allowed.any(-1, keepdim=True)                            # (B, T, 1)
+    return (allowed | (alone & (k_pos == q_pos)))[:, None]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],

@@ -326,12 +326,15 @@ def test_pooled_token_is_the_spec_index(backend, checkpoints):
 def test_attention_sees_what_the_spec_mask_allows(backend, checkpoints):
     """The eager attention probabilities are > 0 exactly where opt_spec.numerics.attention_allowed says."""
     ids, mask = batch(6, pads=(0, 4, 8))  # the last row: one real token after 8 pads
-    out, _ = backend.run(model(backend, checkpoints, "causal_lm"), input_ids=ids, attention_mask=mask,
-                         output_attentions=True)
-    allowed = numerics.attention_allowed(mask, ids.shape[1])  # (B, T, S)
-    assert len(out["attentions"]) == CONFIG.num_hidden_layers
-    for probs in out["attentions"]:  # (B, nh, T, S)
-        np.testing.assert_array_equal(probs > 0, np.broadcast_to(allowed[:, None], probs.shape))
+    holes = mask.copy()
+    holes[0, -3:], holes[1, 6] = 0, 0  # pads after real tokens: right padding, a hole
+    for mask in (mask, holes):
+        out, _ = backend.run(model(backend, checkpoints, "causal_lm"), input_ids=ids, attention_mask=mask,
+                             output_attentions=True)
+        allowed = numerics.attention_allowed(mask, ids.shape[1])  # (B, T, S)
+        assert len(out["attentions"]) == CONFIG.num_hidden_layers
+        for probs in out["attentions"]:  # (B, nh, T, S)
+            np.testing.assert_array_equal(probs > 0, np.broadcast_to(allowed[:, None], probs.shape))
 
 
 def test_positions_from_the_mask_are_the_spec_positions(backend, checkpoints):

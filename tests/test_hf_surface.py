@@ -178,6 +178,19 @@ def test_return_dict_false_is_hugging_faces_tuple(tmp_path, backend, head):
         assert len(short) == len(hf_run(ref, ids, mask, return_dict=False, **hf_cache))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pads_after_real_tokens_see_them_as_in_hugging_face(checkpoints, backend):
+    """Every position from a row's first real token on, pads included (right padding, a hole), has Hugging Face's
+    logits: a pad attends to the real tokens before it (what PEFT's prompt tuning trains on with left padding)."""
+    path = checkpoints("pre_ln")
+    ids, mask = batch(VARIANTS["pre_ln"], left_pad=(0, 0, 3))
+    mask[0, -4:], mask[1, 5] = 0, 0
+    seen = np.cumsum(mask, axis=1) > 0
+    assert (seen & (mask == 0)).sum() == 5
+    ours = numpy(run(backend, load(backend, path), ids, mask).logits)
+    assert max_abs_diff(ours, numpy(hf_run(hugging_face(path), ids, mask).logits), seen) <= 1e-4
+
+
 # -------------------------------------------------------------------------------------- dtype arguments
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_dtype_is_an_alias_of_dtype(checkpoints, backend):
@@ -473,6 +486,63 @@ def test_peft_lora_builds_trains_generates_and_merges(checkpoints):
     with torch.no_grad():
         assert max_abs_diff(merged(ids, attention_mask=mask).logits, logits, mask) <= 1e-5
     assert torch.equal(merged.generate(ids, attention_mask=mask, max_new_tokens=6), tokens)
+
+
+def prompt_learning_config(kind: str):
+    import peft
+
+    if kind == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=32)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
+def test_peft_prompt_learning_trains_and_generates_as_on_hugging_faces_opt(checkpoints, kind):
+    """PEFT's learned prompts (embeddings put before the prompt's, by its forward and by the first step of its
+    generate): the same loss, prompt gradients and tokens (greedy, beams, a length limit) as PEFT on Hugging
+    Face's OPT with the same prompt weights, and not the tokens of the model without them."""
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    ours = peft.get_peft_model(OPTForCausalLM.from_pretrained(path), prompt_learning_config(kind))
+    ref = peft.get_peft_model(hugging_face(path), prompt_learning_config(kind))
+    ref.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())  # P-tuning's MLP included
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("prompt_encoder.") for n in trainable)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+    labels = torch.where(mask == 1, ids, -100)
+    losses, grads = [], []
+    for model in (ours.eval(), ref.eval()):  # eval: no dropout draws, gradients all the same
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() == trainable
+    for name in trainable:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    for settings in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3), dict(max_length=ids.shape[1] + 4)):
+        tokens = ours.generate(input_ids=ids, attention_mask=mask, **settings)
+        want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **settings)
+        assert torch.equal(tokens, want), settings
+    plain = ours.get_base_model().generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert not torch.equal(plain, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6))
+
+
+def test_peft_prefix_tuning_is_refused_in_words(checkpoints):
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    model = peft.get_peft_model(OPTForCausalLM.from_pretrained(checkpoints("pre_ln")),
+                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+    with pytest.raises(TypeError, match="DynamicCache"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="PEFT's prefix tuning"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
 
 
 def test_peft_lora_with_gradient_checkpointing_gives_the_same_adapter_gradients(checkpoints):

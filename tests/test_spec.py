@@ -173,6 +173,12 @@ def test_attention_allowed_never_leaves_a_row_empty():
     assert allowed.any(-1).all()
     assert allowed.tolist() == [[True, False, False, False], [False, True, False, False],
                                 [False, False, True, False], [False, False, True, True]]
+    # a pad after real tokens sees them (and not itself), as in Hugging Face; one before any sees itself
+    allowed = numerics.attention_allowed(np.array([[0, 1, 0, 1], [1, 1, 0, 0]]), 4)
+    assert allowed[0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, True, False, False], [False, True, False, True]]
+    assert allowed[1].tolist() == [[True, False, False, False], [True, True, False, False],
+                                   [True, True, False, False], [True, True, False, False]]
 
 
 def test_pooled_token_index_left_and_right_padding():
