@@ -264,6 +264,14 @@ class GenerationMixin(GenerationDefaults):
         out = self.model(**inputs, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
+    def _sampling_generator(self, d: Decoding, device) -> Optional[torch.Generator]:
+        """The call's random stream when it samples (seeded by d.seed, else freshly), else None."""
+        if not d.do_sample:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
+        return generator
+
     def _fresh_seed(self) -> int:
         """A new random seed for sampling; one rank's, shared by all, for a model split over processes
         (opt_torch.distributed): every rank must draw the same tokens."""
@@ -439,10 +447,7 @@ class GenerationMixin(GenerationDefaults):
         mask[:, :P] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
         seq[:, S:P] = input_ids
-        generator = None
-        if d.do_sample:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
+        generator = self._sampling_generator(d, device)
         seen = _prompt_seen(input_ids, mask[:, S:P], V) if d.repetition_penalty != 1.0 else None
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
@@ -494,10 +499,7 @@ class GenerationMixin(GenerationDefaults):
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         norms = length_norms(N, d.length_penalty).tolist()  # float32 values as Python floats
-        generator = None
-        if d.do_sample:  # beam sampling: candidates drawn instead of the best taken
-            generator = torch.Generator(device=device)
-            generator.manual_seed(d.seed if d.seed is not None else self._fresh_seed())
+        generator = self._sampling_generator(d, device)  # beam sampling: candidates drawn, not the best taken
 
         scores = torch.full((B, K), NEG_INF, device=device)
         scores[:, 0] = 0.0                                                  # one live beam to start
