@@ -481,7 +481,9 @@ class TokenCache:
     temporary sibling and renamed (KEY.json last: an entry without it is not there). An entry whose
     sizes or ids do not check out is encoded again; a cache that cannot be written (a full disk, no
     permission) is a warning, and the ids stay in memory. Processes on one machine take turns through a
-    lock file, so one encodes and the others read its entry. Entries are never removed by optkit."""
+    lock file, so one encodes and the others read its entry. Writing an entry removes the ones it
+    supersedes: those of the same files (by real path, in order), documents mode and tokenizer, made
+    when the files were different (an edited corpus leaves no stale copy behind). Other entries stay."""
 
     VERSION = 1
 
@@ -547,10 +549,31 @@ class TokenCache:
             with open(target, "wb") as f:
                 built = _encode_corpus(paths, tokenizer, documents, progress, sink=f)
         meta = {"dtype": np.dtype(built.dtype).name, "tokens": built.tokens, "documents": documents,
-                "files": [os.path.realpath(p) for p in paths]}
+                "files": [os.path.realpath(p) for p in paths], "tokenizer": tokenizer.fingerprint()}
         with atomic_path(self._path(key, ".json")) as target:
             with open(target, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
+        self._remove_superseded(key, meta)
+
+    def _remove_superseded(self, key: str, meta: dict) -> None:
+        """Removes the entries `meta` (entry `key`'s) supersedes: its files, documents mode and tokenizer
+        under another key (the files were different then). KEY.json goes first, so a reader never finds
+        an entry without its ids; a reader that has the ids memory-mapped keeps them until it is done."""
+        same = ("files", "documents", "tokenizer")
+        for name in sorted(os.listdir(self.directory)):
+            other = name[:-len(".json")]
+            if not name.endswith(".json") or other == key or len(other) != len(key):
+                continue
+            try:
+                with open(self._path(other, ".json"), encoding="utf-8") as f:
+                    found = json.load(f)
+                if not isinstance(found, dict) or any(found.get(k) != meta[k] for k in same):
+                    continue
+                for suffix in (".json", ".ids", ".lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self._path(other, suffix))
+            except (OSError, ValueError):  # unreadable, or removed by another process meanwhile: left alone
+                continue
 
     @contextlib.contextmanager
     def _lock(self, key: str):

@@ -266,6 +266,29 @@ def test_token_cache_reuses_ids_until_an_input_changes(tok, tmp_path, monkeypatc
         data.token_stream(corpus, other, "paragraph").tolist()
 
 
+def test_token_cache_drops_the_entries_an_edited_corpus_supersedes(tok, tmp_path):
+    corpus, other, cache = tmp_path / "c.txt", tmp_path / "d.txt", tmp_path / "cache"
+    corpus.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    other.write_text(" ".join(CORPUS), encoding="utf-8")
+
+    def entries():
+        return sorted(p.stem for p in cache.glob("*.json"))
+
+    data.token_stream(corpus, tok, "paragraph", cache_dir=cache)
+    (first,) = entries()
+    data.token_stream(corpus, tok, "line", cache_dir=cache)           # another mode, another file, another
+    data.token_stream(other, tok, "paragraph", cache_dir=cache)       # tokenizer: entries of their own
+    data.token_stream(corpus, variant_tokenizer(tmp_path, "prefix"), "paragraph", cache_dir=cache)
+    kept = entries()
+    assert len(kept) == 4 and first in kept
+    corpus.write_text("\n\n".join(CORPUS[::-1]), encoding="utf-8")  # edited: its paragraph entry is replaced
+    fresh = data.token_stream(corpus, tok, "paragraph", cache_dir=cache)
+    assert fresh.tolist() == data.token_stream(corpus, tok, "paragraph").tolist()
+    now = entries()
+    assert first not in now and len(now) == 4 and set(kept) - {first} < set(now)
+    assert not (cache / f"{first}.ids").exists() and not (cache / f"{first}.lock").exists()
+
+
 def test_token_cache_entries_that_do_not_check_out_are_encoded_again(tok, tmp_path, monkeypatch):
     corpus, cache = tmp_path / "c.txt", tmp_path / "cache"
     corpus.write_text(" ".join(CORPUS), encoding="utf-8")
