@@ -6,6 +6,9 @@
   the default is the non-reentrant checkpoint (`use_reentrant=False`), which also lets gradients reach
   adapters behind a frozen embedding; `gradient_checkpointing_kwargs` go to torch.utils.checkpoint.
 - `enable_input_require_grads()` / `disable_input_require_grads()`, `get_output_embeddings()`.
+- `num_parameters(only_trainable, exclude_embeddings)`, `get_memory_footprint(return_buffers)`: counted as
+  transformers counts them (a tied weight once; exclude_embeddings leaves out every nn.Embedding's weight,
+  the learned positions included); `can_generate()`.
 - `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing)` (opt_spec.surface): the embedding (and an
   untied LM head) keep their first rows and gain new ones at the end, a tied head follows, and every
   module's config gets the new vocab_size (OPTConfig is frozen: a replaced copy).
@@ -60,6 +63,24 @@ class HFModelMethods:
 
     def get_output_embeddings(self) -> Optional[nn.Module]:
         return getattr(self, "lm_head", None)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the model has `generate` (the causal LM), as transformers' PreTrainedModel says."""
+        return callable(getattr(cls, "generate", None))
+
+    # ---------------------------------------------------------------------------------------- sizes
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The parameters' element count (a tied weight counted once): only those that require grad with
+        only_trainable, and without the embeddings' weights (token and positions) with exclude_embeddings."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes the parameters (and, with return_buffers, the buffers) take."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
 
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,

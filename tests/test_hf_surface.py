@@ -545,6 +545,27 @@ def test_peft_prefix_tuning_is_refused_in_words(checkpoints):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
 
 
+@pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
+def test_parameter_counts_and_memory_footprint_are_hugging_faces(checkpoints, name):
+    import peft
+
+    from opt_torch import OPTForCausalLM, OPTModel
+
+    path = checkpoints(name)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, theirs = OPTForCausalLM.from_pretrained(path, dtype=dtype), hugging_face(path).to(dtype)
+        for kwargs in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+            assert ours.num_parameters(**kwargs) == theirs.num_parameters(**kwargs), kwargs
+        for buffers in (True, False):
+            assert ours.get_memory_footprint(buffers) == theirs.get_memory_footprint(buffers)
+    assert ours.num_parameters(exclude_embeddings=True) < ours.num_parameters()
+    assert ours.get_memory_footprint() == 2 * ours.num_parameters()  # bfloat16, no buffers
+    lora, ref = (peft.get_peft_model(m, lora_config()) for m in (ours, theirs))
+    assert 0 < lora.num_parameters(only_trainable=True) == ref.num_parameters(only_trainable=True) \
+        < lora.num_parameters()
+    assert OPTForCausalLM.can_generate() and not OPTModel.can_generate()
+
+
 def test_peft_lora_with_gradient_checkpointing_gives_the_same_adapter_gradients(checkpoints):
     import peft
 
