@@ -58,9 +58,9 @@ from jax import lax
 
 from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
-                                 prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
+                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
+                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
+                                 needs_host, prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
                                  transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -394,7 +394,7 @@ class GenerationMixin(GenerationDefaults):
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                  streamer=None, tokenizer=None, params=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
-                 inputs_embeds=None, **kwargs):
+                 inputs_embeds=None, assistant_model=None, **kwargs):
         """The prompts followed by the new tokens, int32 (B * num_return_sequences, T + N); settings by
         Hugging Face's names as keywords or in generation_config, defaults from model.generation_config;
         see opt_spec.generation. With return_dict_in_generate=True, the record of opt_spec.outputs
@@ -410,6 +410,7 @@ class GenerationMixin(GenerationDefaults):
         ids, mask, embeds = self._generation_inputs(input_ids, attention_mask, inputs_embeds)
         (B, P), T = mask.shape, ids.shape[1]  # the model's prompt positions; the rows' prompt ids (T = P or 0)
         d = self._decoding(generation_config, kwargs, P, T)
+        check_assisted(d, assistant_model, B, embeds is not None, config.vocab_size, "flax")
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)

@@ -153,6 +153,24 @@ than that many seconds of wall-clock time have passed since generate resolved it
 backend's first call counts its compilation); it is asked after each step, so at least one token is always
 made. Like any stopping criterion it takes the backend's step-by-step host loop. Reference: `MaxTime`.
 
+Assisted decoding (Hugging Face's; greedy search and sampling, one prompt and one row: num_beams and
+num_return_sequences 1; PyTorch only, as in Hugging Face). Candidates for the next tokens come from
+  - prompt lookup (prompt_lookup_num_tokens = k): the row's own tokens after the first earlier occurrence of
+    its last n tokens, n from max_matching_ngram_size (default 2) down to 1, at most k of them, cut before an
+    EOS id (Hugging Face's PromptLookupCandidateGenerator; `prompt_lookup`), or
+  - generate(assistant_model=...): a smaller model of the same vocabulary drafts them greedily, up to
+    num_assistant_tokens (20), stopping after a token it gives less than assistant_confidence_threshold (0.4)
+    probability; num_assistant_tokens_schedule "heuristic" or "heuristic_transient" adds 2 after a draft
+    taken whole and takes 1 off otherwise, within the call (`next_draft_length`; optkit never changes the
+    assistant's settings), "constant" (the default) keeps it.
+The model then reads the last chosen token and the candidates in one forward pass, and each position's
+logits go through the step's rules as if the candidates had been generated one by one (rules 0-6, the
+rows, stop strings and criteria included): a candidate is kept while it is the token the step chooses
+(greedy: the argmax; sampling: the token drawn), and the token chosen at the first mismatch (or after the
+last candidate) is added. So greedy search gives its own tokens and sampling draws from its own
+distribution, in fewer forward passes when the candidates are right. Refused in words: more than one row,
+beams, inputs_embeds with an assistant, an assistant of another vocabulary.
+
 Streamers follow Hugging Face's protocol: `streamer.put(prompt ids (rows, T))` once, then
 `streamer.put(tokens (rows,))` after every step (pad for finished rows), then `streamer.end()`; so
 transformers.TextStreamer works. A plain callable is called with each step's tokens only.
@@ -182,6 +200,7 @@ DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new to
 # asking for 10**8 would make generate allocate without bound; far above real use (beams ~4-16, samples ~100).
 MAX_ROWS_PER_PROMPT = 256
 HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config saying 20 counts as unset
+DRAFT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")  # num_assistant_tokens_schedule's values
 
 # Hugging Face GenerationConfig keys optkit does not implement, with their default values. A file may
 # hold them at any value (kept, ignored, with a warning when they would change the tokens); a call may
@@ -190,14 +209,13 @@ UNSUPPORTED = {
     "encoder_repetition_penalty": 1.0, "token_healing": False, "guidance_scale": None,
     "watermarking_config": None,
     "encoder_no_repeat_ngram_size": 0, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0,
-    "num_beam_groups": 1, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
+    "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
 }
 # Hugging Face keys about how (not what) it computes, or about models optkit is not: any value is fine.
 HARMLESS = {
     "use_cache", "cache_implementation", "cache_config", "return_legacy_cache", "prefill_chunk_size",
     "disable_compile", "compile_config", "low_memory", "decoder_start_token_id", "is_assistant",
-    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+    "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
     "transformers_version", "_from_model_config",
 }
 
@@ -227,6 +245,12 @@ class GenerationConfig:
     stop_strings: str | list[str] | None = None
     max_time: float | None = None
     seed: int | None = None
+    # assisted decoding (module docstring)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
     # the rules of steps 1-3 and 6 beyond the basics (module docstring, "More rules")
     min_length: int = 0
     early_stopping: bool | str = False
@@ -306,6 +330,16 @@ class GenerationConfig:
             check_seed(self.seed)
         if self.max_time is not None and (not is_number(self.max_time) or not self.max_time >= 0):
             fail("max_time", "must be a number of seconds >= 0 (or None)")
+        for name, least in (("prompt_lookup_num_tokens", 1), ("max_matching_ngram_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < least):
+                fail(name, f"must be an int >= {least} (or None)")
+        if not is_int(self.num_assistant_tokens) or self.num_assistant_tokens < 1:
+            fail("num_assistant_tokens", "must be an int >= 1")
+        if self.num_assistant_tokens_schedule not in DRAFT_SCHEDULES:
+            fail("num_assistant_tokens_schedule", f"must be one of {', '.join(DRAFT_SCHEDULES)}")
+        if not is_number(self.assistant_confidence_threshold) or not 0 <= self.assistant_confidence_threshold <= 1:
+            fail("assistant_confidence_threshold", "must be a number in [0, 1]")
         if self.num_return_sequences > 1:
             if self.num_beams == 1 and not self.do_sample:
                 fail("num_return_sequences", "greedy search returns one sequence per prompt; use do_sample=True "
@@ -509,6 +543,11 @@ class Decoding:
     stop_strings: tuple[str, ...] = ()
     max_time: float | None = None          # seconds (MaxTime, a host-side stopping criterion)
     seed: int | None = None
+    prompt_lookup_num_tokens: int = 0      # assisted decoding (0: no prompt lookup)
+    max_matching_ngram_size: int = 2
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
     # "More rules", resolved: token ids checked against the vocabulary, lists as tuples (min_length is
     # folded into min_new_tokens)
     early_stopping: bool | str = False
@@ -625,7 +664,12 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
                     num_return_sequences=int(cfg.num_return_sequences), eos_token_ids=eos_ids,
                     pad_token_id=int(pad), stop_strings=stops,
-                    max_time=None if cfg.max_time is None else float(cfg.max_time), seed=None if cfg.seed is None else int(cfg.seed),
+                    max_time=None if cfg.max_time is None else float(cfg.max_time),
+                    prompt_lookup_num_tokens=int(cfg.prompt_lookup_num_tokens or 0),
+                    max_matching_ngram_size=int(cfg.max_matching_ngram_size or 2),
+                    num_assistant_tokens=int(cfg.num_assistant_tokens),
+                    num_assistant_tokens_schedule=str(cfg.num_assistant_tokens_schedule),
+                    assistant_confidence_threshold=float(cfg.assistant_confidence_threshold), seed=None if cfg.seed is None else int(cfg.seed),
                     **_resolve_rules(cfg, eos_ids, T, vocab_size))
 
 
@@ -795,6 +839,57 @@ class MaxTime:
 
     def __call__(self, input_ids, scores) -> np.bool_:
         return np.bool_(time.monotonic() - self.start > self.seconds)
+
+
+# ------------------------------------------------------------------------------- assisted decoding
+def check_assisted(d: Decoding, assistant, rows: int, embeds: bool, vocab_size: int, backend: str) -> bool:
+    """Whether the call decodes assisted (prompt_lookup_num_tokens, or an assistant model); a ValueError in
+    words when it cannot: another backend than PyTorch, more than one row, beams, an assistant with
+    inputs_embeds or of another vocabulary."""
+    if assistant is None and not d.prompt_lookup_num_tokens:
+        return False
+    what = "assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={d.prompt_lookup_num_tokens}"
+    if backend != "torch":
+        raise ValueError(f"{what}: assisted decoding is PyTorch-only in optkit, as in Hugging Face")
+    if assistant is not None and d.prompt_lookup_num_tokens:
+        raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both")
+    if rows != 1 or d.is_beam_search or d.num_return_sequences != 1:
+        raise ValueError(f"{what}: assisted decoding takes one prompt and one row (num_beams=1, "
+                         f"num_return_sequences=1), as in Hugging Face; this call has {rows} prompts, "
+                         f"num_beams={d.num_beams}, num_return_sequences={d.num_return_sequences}")
+    if assistant is not None:
+        if embeds:
+            raise ValueError("assistant_model: the assistant cannot read inputs_embeds; pass input_ids")
+        other = getattr(getattr(assistant, "config", None), "vocab_size", None)
+        if other != vocab_size or not callable(getattr(assistant, "init_cache", None)):
+            raise ValueError(f"assistant_model must be an optkit PyTorch causal LM of the same vocabulary "
+                             f"({vocab_size} tokens); got {type(assistant).__name__} with vocab_size={other}")
+    return True
+
+
+def prompt_lookup(row: Sequence[int], num_tokens: int, max_ngram: int, eos_ids: Sequence[int] = ()) -> list[int]:
+    """Prompt lookup's candidates for a row of token ids (Hugging Face's PromptLookupCandidateGenerator): for n
+    from min(max_ngram, len(row) - 1) down to 1, the first earlier occurrence of the row's last n tokens
+    that has tokens after it gives up to num_tokens of them, cut before the first EOS id; [] when none."""
+    row = np.asarray(row)
+    L = row.shape[0]
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(row, n)  # (L - n + 1, n)
+        for start in np.flatnonzero((windows == row[L - n:]).all(1)):
+            begin, end = start + n, min(start + n + num_tokens, L)
+            if begin < end:
+                chosen = row[begin:end]
+                stop = np.flatnonzero(np.isin(chosen, list(eos_ids)))
+                return (chosen[:stop[0]] if stop.size else chosen).tolist()
+    return []
+
+
+def next_draft_length(current: int, matched: int, drafted: int, schedule: str) -> int:
+    """num_assistant_tokens after a draft of `drafted` tokens of which the model kept `matched`: "heuristic"
+    schedules add 2 when it kept them all and take 1 off (to no less than 1) otherwise; "constant" keeps it."""
+    if schedule == "constant":
+        return current
+    return current + 2 if matched == drafted else max(1, current - 1)
 
 
 def allowed_tokens(fn: Callable, rows: Sequence, num_beams: int, vocab_size: int) -> np.ndarray:

@@ -49,9 +49,9 @@ import tensorflow as tf
 
 from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, decay_growth, length_norms, longer_sequences, needs_host,
-                                 prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
+                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
+                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
+                                 needs_host, prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
                                  transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -376,11 +376,13 @@ def _buffered_outputs(s: dict) -> dict:
 
 
 def _output_key(d: Decoding) -> Decoding:
-    """The settings the compiled functions depend on: without the seed (an input) and max_time (a host
-    rule), output_scores / output_logits only with return_dict_in_generate, which only beam search's
-    compiled code needs (for beam_indices)."""
+    """The settings the compiled functions depend on: without the seed (an input), max_time (a host rule)
+    and assisted decoding's (PyTorch only), output_scores / output_logits only with return_dict_in_generate,
+    which only beam search's compiled code needs (for beam_indices)."""
     record = d.return_dict_in_generate
-    return dataclasses.replace(d, seed=None, max_time=None, return_dict_in_generate=record and d.is_beam_search,
+    return dataclasses.replace(d, seed=None, max_time=None, max_matching_ngram_size=2, num_assistant_tokens=20,
+                               num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.4,
+                               return_dict_in_generate=record and d.is_beam_search,
                                output_scores=record and d.output_scores, output_logits=record and d.output_logits)
 
 
@@ -414,7 +416,7 @@ class TFGenerationMixin(GenerationDefaults):
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                  streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
-                 inputs_embeds=None, **kwargs):
+                 inputs_embeds=None, assistant_model=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N), as a tf.Tensor of
         the prompt's integer dtype (int32 unless the prompt was int64); with return_dict_in_generate, an
         opt_tf.outputs record holding it. Settings by Hugging Face's names as keywords or in
@@ -423,6 +425,7 @@ class TFGenerationMixin(GenerationDefaults):
         input_ids (B, P) if given, else empty (T = 0)."""
         ids, mask, embeds, out_dtype = self._check_generation_inputs(input_ids, attention_mask, inputs_embeds)
         d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
+        check_assisted(d, assistant_model, ids.shape[0], embeds is not None, self.config.vocab_size, "tf")
         check_prompt(mask, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time), prefix_allowed_tokens_fn)

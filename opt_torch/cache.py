@@ -70,6 +70,18 @@ class KVCache:
         else:
             self.position += new
 
+    def crop(self, length: int) -> None:
+        """Keeps the first `length` tokens: the next ones are written from there (Hugging Face's
+        DynamicCache.crop; assisted decoding drops the candidates the model did not take)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop({length}): the cache holds {self.length} tokens")
+        if self.capacity is None:
+            self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+            self.values = [None if v is None else v[:, :, :length] for v in self.values]
+            self._length = length
+        else:
+            self.position.fill_(length)
+
     def positions(self, new: int, device: torch.device) -> torch.Tensor:
         """(new,) the slots, hence the causal positions, of the next `new` tokens (on `device`)."""
         if self.capacity is None:

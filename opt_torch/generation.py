@@ -26,9 +26,10 @@ import torch
 
 from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_extras, check_host_rules, check_prompt,
-                                 criteria_hits, decay_growth, length_norms, longer_sequences, prompt_inputs,
-                                 single_token_bias, step_forward_mask, step_outputs, transition_scores)
+                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
+                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
+                                 next_draft_length, prompt_inputs, prompt_lookup, single_token_bias,
+                                 step_forward_mask, step_outputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
@@ -254,6 +255,59 @@ class _Record:
         return None if self.logit_steps is None else tuple(self.logit_steps)
 
 
+class _PromptLookup:
+    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup)."""
+
+    def __init__(self, d: Decoding, S: int):
+        self.d, self.S = d, S
+
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, upto: int, room: int) -> torch.Tensor:
+        """Up to `room` candidates (k,) for the slots after the row's first `upto` (seq (1, L) by cache slot)."""
+        d = self.d
+        row = seq[0, self.S:upto].cpu().numpy()
+        found = prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
+        return torch.tensor(found, dtype=torch.long, device=seq.device)
+
+    def taken(self, matched: int, drafted: int) -> None:
+        pass
+
+
+class _Assistant:
+    """Assisted decoding's candidates from a smaller model, drafted greedily with a cache of its own that
+    keeps the row's slots it has read, across drafts (opt_spec.generation, "Assisted decoding")."""
+
+    def __init__(self, model, d: Decoding, capacity: int, pads: int):
+        self.model, self.d, self.draft = model, d, d.num_assistant_tokens
+        self.cache = model.init_cache(1, capacity, pads)
+        self.valid = self.upto = self.written = 0  # slots its cache holds of the row; the last draft's extent
+
+    def propose(self, seq: torch.Tensor, mask: torch.Tensor, upto: int, room: int) -> torch.Tensor:
+        k = min(room, self.draft)
+        self.upto = self.written = upto
+        if k == 0:
+            return seq.new_zeros(0)
+        self.cache.crop(self.valid)
+        seen = mask[:, :upto].clone()
+        logits = self.model._last_logits(seq[:, self.valid:upto], seen, self.cache)  # the row's unread slots
+        drafted = []
+        while True:
+            probs = logits.softmax(-1)
+            token = probs.argmax(-1)  # (1,)
+            drafted.append(token)
+            if len(drafted) == k or float(probs[0, token]) < self.d.assistant_confidence_threshold:
+                break
+            seen = torch.cat([seen, seen.new_ones(1, 1)], dim=1)
+            logits = self.model._last_logits(token[:, None], seen, self.cache)
+        self.written = upto + len(drafted) - 1  # the last drafted token was never read
+        return torch.cat(drafted)
+
+    def taken(self, matched: int, drafted: int) -> None:
+        """The model kept the first `matched` of the `drafted` candidates: the cache's slots up to them hold
+        the row; the draft length follows the schedule."""
+        self.valid = min(self.upto + matched, self.written)
+        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
+
+
 class GenerationMixin(GenerationDefaults):
     """Adds generate / stream to OPTForCausalLM (generation_config from opt_spec.GenerationDefaults)."""
 
@@ -350,7 +404,7 @@ class GenerationMixin(GenerationDefaults):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                  streamer=None, tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None,
-                 compile: bool = False, inputs_embeds=None, **kwargs):
+                 compile: bool = False, inputs_embeds=None, assistant_model=None, **kwargs):
         """The prompts followed by the new tokens, (B * num_return_sequences, T + N); settings by Hugging
         Face's names as keywords (max_new_tokens, do_sample, num_beams, eos_token_id, ...) or in
         generation_config, defaults from model.generation_config; see opt_spec.generation. With
@@ -358,12 +412,14 @@ class GenerationMixin(GenerationDefaults):
         GenerateBeamDecoderOnlyOutput for beam search) with the scores / logits asked for. stopping_criteria
         and prefix_allowed_tokens_fn: Hugging Face's, called on the host each step (opt_spec.generation).
         inputs_embeds (B, P, E): what the model sees first instead of the prompt's token embeddings; without
-        input_ids the rows hold only the new tokens (opt_spec.generation)."""
+        input_ids the rows hold only the new tokens (opt_spec.generation). assistant_model (a smaller
+        OPTForCausalLM) or prompt_lookup_num_tokens: assisted decoding (opt_spec.generation)."""
         input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
                                                              inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
-                    prefix_fn=prefix_allowed_tokens_fn)
+                    prefix_fn=prefix_allowed_tokens_fn,
+                    **self._assisted(d, assistant_model, input_ids, attention_mask, embeds))
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         record = _Record(d)
         if d.is_beam_search:
@@ -416,7 +472,7 @@ class GenerationMixin(GenerationDefaults):
 
     def stream(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
                tokenizer=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, compile: bool = False,
-               inputs_embeds=None, **kwargs) -> Iterator[torch.Tensor]:
+               inputs_embeds=None, assistant_model=None, **kwargs) -> Iterator[torch.Tensor]:
         """Yields the (B * num_return_sequences,) tokens of each step as soon as they are chosen (greedy
         or sampling)."""
         input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
@@ -427,22 +483,36 @@ class GenerationMixin(GenerationDefaults):
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         n = d.num_return_sequences
+        assisted = self._assisted(d, assistant_model, input_ids, attention_mask, embeds)
         with torch.no_grad():
             yield from self._decode(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), d,
                                     compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn,
-                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0))
+                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0), **assisted)
+
+    def _assisted(self, d: Decoding, assistant, input_ids, attention_mask, embeds) -> dict:
+        """_decode's assisted-decoding arguments for the call (opt_spec.generation.check_assisted)."""
+        if not check_assisted(d, assistant, input_ids.shape[0], embeds is not None, self.config.vocab_size, "torch"):
+            return {}
+        if assistant is not None:
+            if assistant.device != self.device:
+                raise ValueError(f"assistant_model is on {assistant.device}, the model on {self.device}")
+            check_prompt(_host(attention_mask), d.max_new_tokens, assistant.config.max_position_embeddings)
+        return dict(assisted=True, assistant=assistant)
 
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
                 stops: Optional[StopStrings] = None, record: Optional[_Record] = None, criteria=(),
-                prefix_fn: Optional[Callable] = None, embeds=None) -> Iterator[torch.Tensor]:
+                prefix_fn: Optional[Callable] = None, embeds=None, assisted: bool = False,
+                assistant=None) -> Iterator[torch.Tensor]:
         """input_ids (B, T): the rows' prompt; attention_mask (B, P) over the positions the model sees first
         (the prompt's, or the P embeddings `embeds` with T = P or 0). Every rule reads the rows, seq[:, S:]:
-        the cache's slots from S = P - T on."""
+        the cache's slots from S = P - T on. assisted: candidates from prompt lookup, or from `assistant`,
+        checked a forward pass at a time (opt_spec.generation, "Assisted decoding"; B = 1)."""
         (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         L, S, device = P + N, P - T, input_ids.device
-        cache = self.init_cache(B, L, pad_slots(P, N, self.config.max_position_embeddings))
+        pads = pad_slots(P, N, self.config.max_position_embeddings)
+        cache = self.init_cache(B, L, pads)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :P] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
@@ -452,31 +522,57 @@ class GenerationMixin(GenerationDefaults):
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         step_fn = self._step_fn(compile)
-        logits = self._last_logits(input_ids, mask, cache, embeds)
+        drafter = None
+        if assisted:
+            drafter = _Assistant(assistant, d, L, pads) if assistant is not None else _PromptLookup(d, S)
+        ahead, candidates = [self._last_logits(input_ids, mask, cache, embeds)], None  # logits of the next steps
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(N):
-            now = P + step
-            scores = step_scores(logits, seen, seq[:, S:now], mask[:, S:now], step, d, rules, processors)
-            if record is not None:
-                record.add(scores, logits)
-            if d.do_sample:
-                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
-            else:
-                tokens = scores.argmax(-1)
-            tokens = torch.where(finished, d.pad_token_id, tokens)
-            seq[:, now] = tokens
-            mask[:, now] = 1
-            yield tokens
-            hits = _stop_hits(stops, seq[:, S:now + 1], mask[:, S:now + 1], ~finished, criteria,
-                              record.scores if record is not None else None)
-            finished |= torch.isin(tokens, eos)
-            if hits is not None:
-                finished |= hits
-            if step + 1 == N or bool(finished.all()):
-                return
-            if seen is not None:
-                seen[torch.arange(B, device=device), tokens] = True
-            logits = step_fn(tokens, mask, cache, now)
+        step = 0
+        while True:
+            for i, logits in enumerate(ahead):  # one step per logits: rules, choice, stop
+                now = P + step
+                scores = step_scores(logits, seen, seq[:, S:now], mask[:, S:now], step, d, rules, processors)
+                if record is not None:
+                    record.add(scores, logits)
+                if d.do_sample:
+                    tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+                else:
+                    tokens = scores.argmax(-1)
+                tokens = torch.where(finished, d.pad_token_id, tokens)
+                seq[:, now] = tokens
+                mask[:, now] = 1
+                yield tokens
+                hits = _stop_hits(stops, seq[:, S:now + 1], mask[:, S:now + 1], ~finished, criteria,
+                                  record.scores if record is not None else None)
+                finished |= torch.isin(tokens, eos)
+                if hits is not None:
+                    finished |= hits
+                step += 1
+                if step == N or bool(finished.all()):
+                    return
+                if seen is not None:
+                    seen[torch.arange(B, device=device), tokens] = True
+                if candidates is None or i == len(candidates) or int(tokens[0]) != int(candidates[i]):
+                    break  # the next logits were computed for a candidate the step did not choose
+            if drafter is None:
+                ahead = [step_fn(tokens, mask, cache, now)]
+            else:  # the chosen token and the next candidates in one forward pass
+                if candidates is not None:
+                    drafter.taken(i, len(candidates))
+                candidates = drafter.propose(seq, mask, now + 1, N - step - 1)
+                ahead = self._check_candidates(tokens, candidates, mask, cache, now)
+
+    def _check_candidates(self, last, candidates, mask, cache, slot: int) -> list:
+        """Assisted decoding's forward pass: the chosen token `last` (1,) at cache slot `slot` and the candidates
+        (k,) after it; the logits (1, V) of the k + 1 positions that follow, float32. The cache keeps what was
+        written before `slot`; the candidates' slots of `mask` are cleared again (a step sets each it takes)."""
+        tokens = torch.cat([last, candidates])[None]  # (1, k + 1)
+        width = slot + tokens.shape[1]
+        mask[:, slot:width] = 1
+        cache.crop(slot)
+        out = self.model(input_ids=tokens, attention_mask=mask[:, :width], past_key_values=cache, use_cache=True)
+        mask[:, slot + 1:width] = 0
+        return list(self.lm_head(out.last_hidden_state[0]).float()[:, None].unbind(0))
 
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(), stops: Optional[StopStrings] = None,

@@ -1,0 +1,173 @@
+"""Assisted decoding in the PyTorch backend (opt_spec.generation, "Assisted decoding"): prompt lookup and an
+assistant model propose tokens that one forward pass checks. Greedy search must give its own tokens (and
+Hugging Face's, plain and assisted) with every rule in play, in fewer forward passes of the model when the
+candidates are right; sampling must draw each token from the scores plain decoding gives that row."""
+
+import numpy as np
+import pytest
+import torch
+
+from opt_spec import generation as gen
+from opt_spec import io as spec_io
+from opt_spec.testing import VARIANTS, random_weights
+from opt_torch import OPTForCausalLM
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs the test extra")
+
+CONFIG = VARIANTS["pre_ln"]
+# A prompt that repeats itself (prompt lookup finds matches), then the model's own loops do.
+PROMPT = torch.tensor([[2, 5, 6, 7, 8, 9, 5, 6, 7, 11, 12, 5, 6]])
+RULES = dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=3, eos_token_id=[24, 29],
+             sequence_bias={(21,): 2.0}, forced_eos_token_id=29)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+    for name, seed in (("model", 5), ("other", 9)):
+        path = tmp_path_factory.mktemp(name)
+        spec_io.save_safetensors_dir(path, random_weights(CONFIG, "causal_lm", seed=seed), CONFIG.to_dict())
+        made[name] = path
+    return made
+
+
+@pytest.fixture(scope="module")
+def model(folders):
+    return OPTForCausalLM.from_pretrained(folders["model"]).eval()
+
+
+class Forwards:
+    """Counts the model's forward passes through its module (its own, not an assistant's): the prompt's
+    and assisted decoding's checks (plain decoding's steps take the fused DecodeStep instead)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.model.register_forward_hook(self.hook)
+
+    def hook(self, module, args, out):
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def assistants(folders):
+    return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
+            "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
+            "same weights": dict(assistant_model=OPTForCausalLM.from_pretrained(folders["model"]).eval()),
+            "other weights": dict(assistant_model=OPTForCausalLM.from_pretrained(folders["other"]).eval(),
+                                  num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
+
+
+@pytest.mark.parametrize("rules", [False, True])
+def test_assisted_greedy_search_gives_greedy_search_tokens_and_hugging_faces(folders, model, rules):
+    settings = dict(max_new_tokens=24, **(RULES if rules else dict(eos_token_id=None)))
+    plain = model.generate(PROMPT, **settings)
+    hf = transformers.OPTForCausalLM.from_pretrained(folders["model"]).eval()
+    with torch.no_grad():
+        assert torch.equal(plain, hf.generate(PROMPT, pad_token_id=1, **settings))
+        if rules:  # (Hugging Face's prompt lookup fails without an EOS id)
+            assert torch.equal(plain, hf.generate(PROMPT, pad_token_id=1, prompt_lookup_num_tokens=4, **settings))
+    counts = {}
+    for name, assist in assistants(folders).items():
+        with Forwards(model) as forwards:
+            assert torch.equal(model.generate(PROMPT, **assist, **settings), plain), name
+        counts[name] = forwards.count
+    steps = plain.shape[1] - PROMPT.shape[1]             # plain decoding: the prompt, then one pass per token
+    assert counts["same weights"] <= steps // 2          # every candidate taken: a few tokens per pass
+    if not rules:                                        # the model's loops give prompt lookup its matches
+        assert counts["prompt lookup"] < steps
+    assert max(counts.values()) <= steps                 # never more passes than plain decoding
+
+
+def test_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_decoding(folders, model):
+    settings = dict(max_new_tokens=20, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
+                    output_logits=True, output_hidden_states=True)
+    plain = model.generate(PROMPT, **settings)
+    out = model.generate(PROMPT, prompt_lookup_num_tokens=5, **settings)
+    assert torch.equal(out.sequences, plain.sequences) and len(out.scores) == len(plain.scores) == 20
+    for name in ("scores", "logits"):
+        for mine, theirs in zip(getattr(out, name), getattr(plain, name)):
+            assert max(float((mine - theirs).abs().max()), 0.0) <= 1e-4  # a k-token pass rounds a little apart
+    assert len(out.hidden_states) == 20
+    streamed = list(model.stream(PROMPT, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=5))
+    assert torch.equal(torch.stack(streamed, 1), plain.sequences[:, PROMPT.shape[1]:])
+    stop_after = PROMPT.shape[1] + 7  # a criterion ends the row mid-draft: nothing after it is kept
+    short = model.generate(PROMPT, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=5,
+                           stopping_criteria=[lambda ids, scores: ids.shape[1] >= stop_after])
+    assert torch.equal(short, plain.sequences[:, :stop_after])
+
+
+def test_assisted_sampling_draws_plain_samplings_tokens(folders, model):
+    """Each step draws its token from the scores plain decoding gives that row (checked teacher-forced), one draw
+    a token as plain decoding does: so with the same seed the same tokens, whatever the candidates."""
+    settings = dict(max_new_tokens=16, eos_token_id=None, do_sample=True, top_k=8, temperature=1.5)
+    rows = set()
+    for seed in range(3):
+        plain = model.generate(PROMPT, seed=seed, **settings)
+        rows.add(tuple(plain[0].tolist()))
+        for name, assist in assistants(folders).items():
+            assert torch.equal(model.generate(PROMPT, seed=seed, **assist, **settings), plain), (seed, name)
+    assert len(rows) == 3  # the seeds matter
+    out = model.generate(PROMPT, seed=7, return_dict_in_generate=True, output_scores=True, prompt_lookup_num_tokens=4,
+                         **settings)
+    T = PROMPT.shape[1]
+    for s, scores in enumerate(out.scores):
+        alone = model.generate(out.sequences[:, :T + s], max_new_tokens=1, return_dict_in_generate=True,
+                               output_scores=True, **{k: v for k, v in settings.items() if k != "max_new_tokens"})
+        np.testing.assert_allclose(scores.numpy(), alone.scores[0].numpy(), atol=1e-4)
+        assert np.isfinite(scores[0, out.sequences[0, T + s]].item())  # a token the filters kept
+
+
+def test_prompt_lookup_is_hugging_faces():
+    row = [1, 2, 3, 4, 9, 1, 2, 3, 7, 2, 3]
+    assert gen.prompt_lookup(row, 3, 2) == [4, 9, 1]          # "2 3" first follows at 1: 4 9 1
+    assert gen.prompt_lookup(row, 10, 2) == [4, 9, 1, 2, 3, 7, 2, 3]  # as far as the row goes
+    assert gen.prompt_lookup(row, 3, 2, eos_ids=[9]) == [4]   # cut before an EOS id
+    assert gen.prompt_lookup([5, 6, 7, 6], 2, 3) == [7, 6]    # no 3- or 2-gram match: the 1-gram "6"
+    assert gen.prompt_lookup([5, 6, 7], 2, 2) == []
+    generator = transformers.generation.candidate_generator.PromptLookupCandidateGenerator(
+        eos_token_id=torch.tensor([9]), num_output_tokens=3, max_matching_ngram_size=2, max_length=100)
+    ids = torch.tensor([row])
+    theirs = generator.get_candidates(ids)[0][0, len(row):].tolist()
+    assert theirs == gen.prompt_lookup(row, 3, 2, eos_ids=[9])
+    assert [gen.next_draft_length(5, m, 5, s) for m, s in ((5, "heuristic"), (2, "heuristic"),
+                                                           (2, "constant"))] == [7, 4, 5]
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(num_beams=2), "one prompt and one row"),
+    (dict(do_sample=True, num_return_sequences=2), "one prompt and one row"),
+])
+def test_assisted_decoding_refuses_what_it_cannot_do(folders, model, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        model.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match="one prompt and one row"):
+        model.generate(PROMPT.repeat(2, 1), max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, assistant_model=model)
+    with pytest.raises(ValueError, match="same vocabulary"):
+        model.generate(PROMPT, max_new_tokens=3, assistant_model=OPTForCausalLM.from_config(
+            CONFIG.replace(vocab_size=64)))
+    with pytest.raises(ValueError, match="cannot read inputs_embeds"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(PROMPT), max_new_tokens=3, assistant_model=model)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens=0"):
+        gen.GenerationConfig(prompt_lookup_num_tokens=0)
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
+        gen.GenerationConfig(num_assistant_tokens_schedule="fast")
+
+
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_other_backends_refuse_assisted_decoding_in_words(folders, backend):
+    if backend == "tf":
+        from opt_tf import TFOPTForCausalLM as cls
+    else:
+        from opt_flax import FlaxOPTForCausalLM as cls
+    other = cls.from_pretrained(folders["model"])
+    with pytest.raises(ValueError, match="PyTorch-only"):
+        other.generate(PROMPT.numpy(), max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="PyTorch-only"):
+        other.generate(PROMPT.numpy(), max_new_tokens=3, assistant_model=object())
