@@ -279,6 +279,8 @@ class _Assistant:
     def __init__(self, model, d: Decoding, capacity: int, pads: int):
         self.model, self.d, self.draft = model, d, d.num_assistant_tokens
         self.cache = model.init_cache(1, capacity, pads)
+        self.mask = torch.zeros(1, capacity, dtype=torch.long, device=model.device)  # (1, L) its own slots
+        self.step = model._step_fn(compile=False)  # its fused one-token step (opt_torch.fast_paths)
         self.valid = self.upto = self.written = 0  # slots its cache holds of the row; the last draft's extent
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, upto: int, room: int) -> torch.Tensor:
@@ -287,8 +289,9 @@ class _Assistant:
         if k == 0:
             return seq.new_zeros(0)
         self.cache.crop(self.valid)
-        seen = mask[:, :upto].clone()
-        logits = self.model._last_logits(seq[:, self.valid:upto], seen, self.cache)  # the row's unread slots
+        self.mask.zero_()
+        self.mask[:, :upto] = mask[:, :upto]
+        logits = self.model._last_logits(seq[:, self.valid:upto], self.mask[:, :upto], self.cache)  # unread slots
         drafted = []
         while True:
             probs = logits.softmax(-1)
@@ -296,8 +299,9 @@ class _Assistant:
             drafted.append(token)
             if len(drafted) == k or float(probs[0, token]) < self.d.assistant_confidence_threshold:
                 break
-            seen = torch.cat([seen, seen.new_ones(1, 1)], dim=1)
-            logits = self.model._last_logits(token[:, None], seen, self.cache)
+            slot = upto + len(drafted) - 1
+            self.mask[:, slot] = 1
+            logits = self.step(token, self.mask, self.cache, slot)
         self.written = upto + len(drafted) - 1  # the last drafted token was never read
         return torch.cat(drafted)
 
