@@ -48,6 +48,25 @@ def test_preallocated_cache_decoding_equals_full_forward(checkpoints, whole_buff
     assert max_abs_diff(torch.cat(steps, 1), full, mask) <= 1e-5
 
 
+@pytest.mark.parametrize("capacity", [None, 12])
+def test_a_cropped_cache_continues_as_if_the_dropped_tokens_never_came(checkpoints, capacity):
+    """KVCache.crop (assisted decoding drops the candidates not taken): writing other tokens after a crop gives
+    the logits of a forward over the kept tokens and the new ones."""
+    model = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"])
+    ids = torch.tensor([[2, 5, 9, 14, 7, 7, 30, 11]])
+    other = torch.tensor([[21, 3, 17]])
+    with torch.no_grad():
+        cache = model.init_cache(1, capacity)
+        model(ids, past_key_values=cache)                    # 8 tokens, then keep 5 and write 3 others
+        cache.crop(5)
+        assert cache.length == 5
+        got = model(other, torch.ones(1, 8, dtype=torch.long), past_key_values=cache).logits
+        want = model(torch.cat([ids[:, :5], other], 1)).logits[:, 5:]
+    assert cache.length == 8 and max_abs_diff(got, want) <= 1e-5
+    with pytest.raises(ValueError, match="crop\\(9\\): the cache holds 8 tokens"):
+        cache.crop(9)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
