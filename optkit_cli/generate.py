@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="beam search (needs the backend's generate); with --do-sample, beam sampling")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
     g.add_argument("--seed", type=seed_type, default=0, help="sampling seed")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="assisted decoding (torch, one prompt): check up to K tokens a forward pass, taken from the "
+                        "text so far where its last tokens occurred before; the same tokens, faster when the output "
+                        "copies its prompt")
     g.add_argument("--fallback-loop", action="store_true",
                    help="use optkit's simple re-forward loop even when the backend has generate()")
 
@@ -68,6 +72,12 @@ def _check_options(args) -> None:
         raise CLIError(f"--min-new-tokens {args.min_new_tokens}: must be in [0, --max-new-tokens]")
     if args.num_beams < 1:
         raise CLIError(f"--num-beams {args.num_beams}: must be at least 1")
+    if args.prompt_lookup:
+        if args.prompt_lookup < 0:
+            raise CLIError(f"--prompt-lookup {args.prompt_lookup}: must be at least 1 (0: off)")
+        if args.backend != "torch" or args.num_beams > 1 or len(args.prompts) > 1 or args.fallback_loop:
+            raise CLIError(f"--prompt-lookup {args.prompt_lookup}: assisted decoding takes the torch backend's "
+                           "generate, one prompt and --num-beams 1")
     try:  # the rest of the spec's rule: finite numbers (nan and inf pass the comparisons above); a temperature
         # > 0 when sampling, 0 taken as greedy search otherwise (as generate and Hugging Face take it)
         GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
@@ -168,6 +178,8 @@ def run(args, console: Console) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, eos_token_id=eos, pad_token_id=pad, seed=args.seed)
+    if args.prompt_lookup:
+        options["prompt_lookup_num_tokens"] = args.prompt_lookup
     T = batch["input_ids"].shape[1]
     native = runner.has_generate and not args.fallback_loop
     if not native and args.num_beams > 1:
