@@ -558,22 +558,23 @@ class GenerationMixin(GenerationDefaults):
                     seen[torch.arange(B, device=device), tokens] = True
                 if candidates is None or i == len(candidates) or int(tokens[0]) != int(candidates[i]):
                     break  # the next logits were computed for a candidate the step did not choose
-            if drafter is None:
-                ahead = [step_fn(tokens, mask, cache, now)]
-            else:  # the chosen token and the next candidates in one forward pass
+            if drafter is not None:
                 if candidates is not None:
                     drafter.taken(i, len(candidates))
                 candidates = drafter.propose(seq, mask, now + 1, N - step - 1)
+                cache.crop(now)  # what was written for candidates not taken goes
+            if drafter is None or not len(candidates):
+                ahead = [step_fn(tokens, mask, cache, now)]
+            else:  # the chosen token and the next candidates in one forward pass
                 ahead = self._check_candidates(tokens, candidates, mask, cache, now)
 
     def _check_candidates(self, last, candidates, mask, cache, slot: int) -> list:
-        """Assisted decoding's forward pass: the chosen token `last` (1,) at cache slot `slot` and the candidates
-        (k,) after it; the logits (1, V) of the k + 1 positions that follow, float32. The cache keeps what was
-        written before `slot`; the candidates' slots of `mask` are cleared again (a step sets each it takes)."""
+        """Assisted decoding's forward pass: the chosen token `last` (1,) at cache slot `slot` (the cache's write
+        position) and the candidates (k,) after it; the logits (1, V) of the k + 1 positions that follow, float32.
+        The candidates' slots of `mask` are cleared again (a step sets each one it takes)."""
         tokens = torch.cat([last, candidates])[None]  # (1, k + 1)
         width = slot + tokens.shape[1]
         mask[:, slot:width] = 1
-        cache.crop(slot)
         out = self.model(input_ids=tokens, attention_mask=mask[:, :width], past_key_values=cache, use_cache=True)
         mask[:, slot + 1:width] = 0
         return list(self.lm_head(out.last_hidden_state[0]).float()[:, None].unbind(0))
