@@ -426,7 +426,8 @@ def test_draws_without_replacement_follow_the_softmax(backend):
 @pytest.mark.parametrize("num_beams,returned", [(2, 1), (3, 2)])
 def test_cold_beam_sampling_is_beam_search(backend, checkpoints, num_beams, returned):
     """Beam sampling at temperature 1e-4: every score is 10^4 times beam search's, so the draws take the best
-    candidates first and the hypotheses are beam search's (a hotter one draws others: seeds differ)."""
+    candidates first and the hypotheses are beam search's (a hotter one draws others: seeds differ). TensorFlow
+    compiles a program per temperature, so it draws hot on the 3-beam case only; the others on both."""
     ids, mask = batch(9, pads=(0, 2, 0))
     lm = model(backend, checkpoints, "causal_lm")
     settings = dict(max_new_tokens=6, num_beams=num_beams, num_return_sequences=returned, pad_token_id=1,
@@ -434,6 +435,8 @@ def test_cold_beam_sampling_is_beam_search(backend, checkpoints, num_beams, retu
     want = backend.generate(lm, ids, mask, **settings)
     cold = backend.generate(lm, ids, mask, do_sample=True, temperature=1e-4, seed=5, **settings)
     np.testing.assert_array_equal(cold, want)
+    if backend.name == "tf" and num_beams == 2:
+        return
     hot = {backend.generate(lm, ids, mask, do_sample=True, seed=seed, **settings).tobytes() for seed in range(4)}
     assert len(hot) > 1
 

@@ -131,6 +131,10 @@ def test_a_prompts_own_embeddings_give_its_tokens(models, backend):
         assert new.tolist() == whole[:, T:].tolist() and both.tolist() == whole.tolist(), settings
 
 
+def _without(settings: dict, *keys) -> dict:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
 @pytest.fixture(scope="module")
 def cases(hf):
     """Settings naming tokens the model really produces from SOFT, so that every rule changes the tokens
@@ -138,14 +142,21 @@ def cases(hf):
     plain = tokens(reference(hf, max_new_tokens=8, eos_token_id=None))
     free = tokens(reference(hf, max_new_tokens=8, eos_token_id=None, no_repeat_ngram_size=1))
     eos = [int(plain[1, 0]), int(plain[2, 4])]      # row 1 would end at once, row 2 at its fifth token
+    greedy = dict(max_new_tokens=8, eos_token_id=eos, min_length=P + 3, bad_words_ids=[[int(plain[0, 0])]])
+    rows_only = dict(max_new_tokens=8, eos_token_id=None, repetition_penalty=1.1, no_repeat_ngram_size=2)
+    forced_bos = dict(max_new_tokens=5, eos_token_id=None, forced_bos_token_id=int(free[2, 1]))
+    begin_suppress = dict(max_new_tokens=5, eos_token_id=None, begin_suppress_tokens=[int(plain[0, 0])])
+    beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5)
     return {
-        "greedy": dict(max_new_tokens=8, eos_token_id=eos, min_length=P + 3, bad_words_ids=[[int(plain[0, 0])]]),
-        "rows_only": dict(max_new_tokens=8, eos_token_id=None, repetition_penalty=1.1, no_repeat_ngram_size=2),
-        "forced_bos": dict(max_new_tokens=5, eos_token_id=None, forced_bos_token_id=int(free[2, 1])),
-        "begin_suppress": dict(max_new_tokens=5, eos_token_id=None, begin_suppress_tokens=[int(plain[0, 0])]),
+        "greedy": greedy, "rows_only": rows_only, "forced_bos": forced_bos, "begin_suppress": begin_suppress,
         "max_length": dict(max_length=P + 4, eos_token_id=eos),
         "default_length": dict(eos_token_id=eos),
-        "beams": dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5),
+        "beams": beams,
+        # the cases above merged, for the backends that compile a program per setting (each rule still matters)
+        "greedy_rows_max_length": dict(_without(greedy, "max_new_tokens"), max_length=P + 8,
+                                       **_without(rows_only, "max_new_tokens", "eos_token_id")),
+        "forced_bos_default_length": dict(_without(forced_bos, "max_new_tokens"), eos_token_id=eos),
+        "beams_begin_suppress": dict(beams, begin_suppress_tokens=begin_suppress["begin_suppress_tokens"]),
         "ids_and_embeds": dict(input_ids=SOFT_IDS, max_new_tokens=8, eos_token_id=None, repetition_penalty=1.1,
                                no_repeat_ngram_size=2),
         # a host-side rule (the step-by-step loop): the rows it is shown start empty, as Hugging Face's
@@ -156,23 +167,29 @@ def cases(hf):
 
 CASES = ("greedy", "rows_only", "forced_bos", "begin_suppress", "max_length", "default_length", "beams",
          "ids_and_embeds", "host")
+MERGED = ("greedy_rows_max_length", "forced_bos_default_length", "beams_begin_suppress", "ids_and_embeds", "host")
 RULES = ("eos_token_id", "min_length", "bad_words_ids", "repetition_penalty", "no_repeat_ngram_size",
          "forced_bos_token_id", "begin_suppress_tokens", "input_ids", "prefix_allowed_tokens_fn")
 
 
 def test_each_case_needs_its_rules(hf, cases):
-    """Without any one of its rules (or input_ids), each case's tokens change in Hugging Face."""
-    for name in CASES:
+    """Without any one of its rules (or input_ids), each case's tokens change in Hugging Face; the merged cases'
+    lengths are those their max_length or the default allows (their rows run to the end)."""
+    for name in CASES + MERGED[:3]:
         full = tokens(reference(hf, **cases[name]))
         for key in set(cases[name]) & set(RULES):
             if cases[name][key] is None:
                 continue
             fewer = {k: v for k, v in cases[name].items() if k != key}
             assert tokens(reference(hf, **fewer)).tolist() != full.tolist(), (name, key)
+    for name, length in (("greedy_rows_max_length", 8), ("forced_bos_default_length", gen.HF_DEFAULT_MAX_LENGTH - P)):
+        assert tokens(reference(hf, **cases[name])).shape[1] == length, name
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("backend,name", [("torch", name) for name in CASES + MERGED[:3]] +
+                         [(b, name) for b in ("tf", "flax") for name in MERGED])
 def test_soft_prompts_give_hugging_faces_tokens(models, hf, backend, cases, name):
+    """Every case in PyTorch; TensorFlow and Flax, which compile each setting, take the merged ones."""
     got, want = tokens(ours(models, backend, **cases[name])), tokens(reference(hf, **cases[name]))
     assert got.shape == want.shape and got.tolist() == want.tolist(), (got, want)
 

@@ -289,17 +289,22 @@ def test_cli_train_with_replicas_equals_one_device(tmp_path):
     args = ["train", "--model", model_dir, "--task", "causal_lm", "--data", text, "--backend", "tf", "--output", out,
             "--steps", 2, "--batch-size", 3, "--seq-len", 16, "--lr", "5e-3", "--grad-accum", 2, "--replicas", 2, "-q"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
-    r = subprocess.run([sys.executable, "-m", "optkit_cli.main", *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    cli = subprocess.Popen([sys.executable, "-m", "optkit_cli.main", *map(str, args)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:  # the one-device run here while the CLI's process starts and trains
+        train_set = spec_data.load("causal_lm", [str(text)], OPTTokenizer.from_pretrained(model_dir, config), 16)
+        stream = spec_data.BatchStream(train_set, 3, seed=0)
+        one = TFTrainer.from_pretrained(model_dir, "causal_lm", TrainConfig(learning_rate=5e-3, total_steps=2,
+                                                                            gradient_accumulation_steps=2))
+        steps = [one.train_step([stream.batch(2 * step + k) for k in range(2)]) for step in range(2)]
+        _, err = cli.communicate(timeout=300)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 0, err[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     weights = spec_io.load_checkpoint_dir(out / "final")
-
-    train_set = spec_data.load("causal_lm", [str(text)], OPTTokenizer.from_pretrained(model_dir, config), 16)
-    stream = spec_data.BatchStream(train_set, 3, seed=0)
-    one = TFTrainer.from_pretrained(model_dir, "causal_lm", TrainConfig(learning_rate=5e-3, total_steps=2,
-                                                                        gradient_accumulation_steps=2))
-    steps = [one.train_step([stream.batch(2 * step + k) for k in range(2)]) for step in range(2)]
     train = [x for x in records if x["kind"] == "train"]
     for key in ("loss", "grad_norm"):
         assert [x[key] for x in train] == pytest.approx([x[key] for x in steps], rel=1e-5), key

@@ -425,15 +425,27 @@ def test_cli_compile_option_is_torch_only(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("backend", ["tf", "flax"])
 def test_cli_gradient_checkpointing_in_every_backend(tiny_model_dir, tmp_path, backend):
-    """--gradient-checkpointing reaches the TF and Flax trainers too (same losses as without it)."""
+    """--gradient-checkpointing reaches the TF and Flax trainers too (same losses as without it). The two runs
+    go at once: each is mostly its framework's start."""
     text = tmp_path / "train.txt"
     text.write_text("Hello, my name is Ada and I like tea.\n\nThe quick brown fox jumps over the lazy dog!\n" * 3)
-    losses = []
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    runs = {}
     for flag in ([], ["--gradient-checkpointing"]):
-        out = tmp_path / f"o{len(flag)}"
-        r = optkit("train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", text, "--backend", backend,
-                   "--output", out, "--steps", 2, "--seq-len", 16, *flag)
-        assert r.returncode == 0, r.stderr
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses.append([x["loss"] for x in records if x["kind"] == "train"])
+        args = ["train", "--model", tiny_model_dir, "--task", "causal_lm", "--data", text, "--backend", backend,
+                "--output", tmp_path / f"o{len(flag)}", "--steps", 2, "--seq-len", 16, *flag]
+        runs[len(flag)] = subprocess.Popen([sys.executable, "-m", "optkit_cli.main", *map(str, args)], text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    losses = []
+    try:
+        for n, proc in runs.items():
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err
+            records = [json.loads(line) for line in (tmp_path / f"o{n}" / "metrics.jsonl").read_text().splitlines()]
+            losses.append([x["loss"] for x in records if x["kind"] == "train"])
+    finally:  # a failed run or a timeout leaves no process behind
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
