@@ -335,21 +335,19 @@ def test_beam_sampling_equals_the_reference_given_the_same_draws(model):
     """Beam sampling (do_sample with num_beams) against opt_spec.generation.beam_search_reference with draw=:
     the reference draws from the Gumbel noise generate's XLA program uses (gumbel_noise keyed by the seed and
     the step, one (B, K * V) batch a step, recomputed here under XLA), so every candidate, finished hypothesis
-    and running beam must agree; next-token scores are the model's full forward with the spec's filters. With
-    the record the host-loop test asks for, so that the two share one compiled program."""
+    and running beam must agree; next-token scores are the model's full forward with the spec's filters."""
     from opt_tf.generation import gumbel_noise, seed_key
 
     ids, settings = beam_sampling_case(model)
-    settings.update(return_dict_in_generate=True, output_scores=True)
     (B, T), N, K, V, seed = ids.shape, settings["max_new_tokens"], settings["num_beams"], CONFIG.vocab_size, 11
     d = gen.resolve(gen.GenerationConfig(), None, settings, prompt_length=T, max_positions=40, vocab_size=V)
     noise = tf.function(lambda step: gumbel_noise((B, K * V), seed_key(seed), step), jit_compile=True)
     last_logits = lambda rows: model(rows).logits[:, -1].numpy().astype(np.float32)  # noqa: E731
     padded, finished = beam_samples_reference(last_logits, ids, d, [noise(tf.constant(s)).numpy() for s in range(N)])
-    got = model.generate(ids, seed=seed, **settings).sequences.numpy()
+    got = model.generate(ids, seed=seed, **settings).numpy()
     np.testing.assert_array_equal(got[:, T:], padded)
     assert finished and any(step < N - 1 for _, step, _ in finished)
-    others = [model.generate(ids, seed=s, **settings).sequences.numpy() for s in range(seed + 1, seed + 4)]
+    others = [model.generate(ids, seed=s, **settings).numpy() for s in range(seed + 1, seed + 4)]
     assert any(not np.array_equal(other, got) for other in others)  # the draws matter
 
 
