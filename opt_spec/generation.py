@@ -669,7 +669,8 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
                     max_matching_ngram_size=int(cfg.max_matching_ngram_size or 2),
                     num_assistant_tokens=int(cfg.num_assistant_tokens),
                     num_assistant_tokens_schedule=str(cfg.num_assistant_tokens_schedule),
-                    assistant_confidence_threshold=float(cfg.assistant_confidence_threshold), seed=None if cfg.seed is None else int(cfg.seed),
+                    assistant_confidence_threshold=float(cfg.assistant_confidence_threshold),
+                    seed=None if cfg.seed is None else int(cfg.seed),
                     **_resolve_rules(cfg, eos_ids, T, vocab_size))
 
 
@@ -850,7 +851,8 @@ def check_assisted(d: Decoding, assistant, rows: int, embeds: bool, vocab_size: 
         return False
     what = "assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={d.prompt_lookup_num_tokens}"
     if backend != "torch":
-        raise ValueError(f"{what}: assisted decoding is PyTorch-only in optkit, as in Hugging Face")
+        raise ValueError(f"{what}: assisted decoding is PyTorch-only in optkit, as in Hugging Face (when "
+                         "generation_config.json asks for it: model.generation_config.prompt_lookup_num_tokens = None)")
     if assistant is not None and d.prompt_lookup_num_tokens:
         raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both")
     if rows != 1 or d.is_beam_search or d.num_return_sequences != 1:

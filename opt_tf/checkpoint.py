@@ -125,9 +125,9 @@ class TFPretrainedMixin:
         """Loads a Hugging Face directory (safetensors or pytorch_model.bin, sharded or not) without torch.
 
         dtype: None -> float32; 'auto' -> config.json's dtype, else the checkpoint's; or any dtype the
-        constructor takes ('bfloat16', 'mixed_bfloat16', ...; torch_dtype is its older Hugging Face name). A base checkpoint
-        loads into a head model (the missing head is initialized, with a warning naming it) and a head
-        checkpoint into the base model.
+        constructor takes ('bfloat16', 'mixed_bfloat16', ...; torch_dtype is its older Hugging Face name).
+        A base checkpoint loads into a head model (the missing head is initialized, with a warning naming
+        it) and a head checkpoint into the base model.
         `path` may also be a Hugging Face Hub id ("facebook/opt-125m") at `revision`, read from the
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.

@@ -428,7 +428,8 @@ class TFGenerationMixin(GenerationDefaults):
         check_assisted(d, assistant_model, ids.shape[0], embeds is not None, self.config.vocab_size, "tf")
         check_prompt(mask, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
-        rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time), prefix_allowed_tokens_fn)
+        rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
+                          prefix_allowed_tokens_fn)
         seed = seed_key(d.seed)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)

@@ -392,9 +392,10 @@ class GenerationMixin(GenerationDefaults):
         step = hook(input_ids, past_key_values=None, attention_mask=attention_mask, use_cache=True,
                     cache_position=torch.arange(T, device=input_ids.device))
         if step.get("past_key_values") is not None:
-            raise ValueError(f"prepare_inputs_for_generation (replaced by {type(getattr(hook, '__self__', hook)).__name__})"
-                             " put a cache in past_key_values (PEFT's prefix tuning): optkit's generate takes prompts "
-                             "as embeddings only (PEFT's prompt tuning and P-tuning)")
+            owner = type(getattr(hook, "__self__", hook)).__name__
+            raise ValueError(f"prepare_inputs_for_generation (replaced by {owner}) put a cache in past_key_values "
+                             "(PEFT's prefix tuning): optkit's generate takes prompts as embeddings only (PEFT's "
+                             "prompt tuning and P-tuning)")
         embeds, mask = step.get("inputs_embeds"), step.get("attention_mask")
         if embeds is None:
             return attention_mask, None
