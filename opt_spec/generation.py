@@ -201,6 +201,9 @@ DEFAULT_NEW_TOKENS = 20       # when no length is given (Hugging Face: 20 new to
 MAX_ROWS_PER_PROMPT = 256
 HF_DEFAULT_MAX_LENGTH = 20    # Hugging Face's max_length default: a config saying 20 counts as unset
 DRAFT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")  # num_assistant_tokens_schedule's values
+# Decoding's settings that only the host reads (Decoding.without_host_settings)
+HOST_SETTINGS = ("seed", "max_time", "prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens",
+                 "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 
 # Hugging Face GenerationConfig keys optkit does not implement, with their default values. A file may
 # hold them at any value (kept, ignored, with a warning when they would change the tokens); a call may
@@ -589,6 +592,13 @@ class Decoding:
     def rows_per_prompt(self) -> int:
         """Decoding rows per prompt: the beams, or the independent samples."""
         return self.num_beams if self.is_beam_search else self.num_return_sequences
+
+    def without_host_settings(self) -> "Decoding":
+        """This Decoding with what only the host reads at its defaults (the seed, an input of a compiled
+        loop; max_time, a stopping criterion; assisted decoding's, PyTorch's loop): what a compiled decode
+        loop depends on, so that calls differing only in those share one program."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self)
+                                            if f.name in HOST_SETTINGS})
 
 
 def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: Mapping[str, Any], *,

@@ -376,13 +376,11 @@ def _buffered_outputs(s: dict) -> dict:
 
 
 def _output_key(d: Decoding) -> Decoding:
-    """The settings the compiled functions depend on: without the seed (an input), max_time (a host rule)
-    and assisted decoding's (PyTorch only), output_scores / output_logits only with return_dict_in_generate,
-    which only beam search's compiled code needs (for beam_indices)."""
+    """The settings the compiled functions depend on: without those only the host reads
+    (Decoding.without_host_settings), output_scores / output_logits only with return_dict_in_generate, which
+    only beam search's compiled code needs (for beam_indices)."""
     record = d.return_dict_in_generate
-    return dataclasses.replace(d, seed=None, max_time=None, max_matching_ngram_size=2, num_assistant_tokens=20,
-                               num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.4,
-                               return_dict_in_generate=record and d.is_beam_search,
+    return dataclasses.replace(d.without_host_settings(), return_dict_in_generate=record and d.is_beam_search,
                                output_scores=record and d.output_scores, output_logits=record and d.output_logits)
 
 

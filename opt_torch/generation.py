@@ -423,8 +423,8 @@ class GenerationMixin(GenerationDefaults):
                                                              inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
-                    prefix_fn=prefix_allowed_tokens_fn,
-                    **self._assisted(d, assistant_model, input_ids, attention_mask, embeds))
+                    prefix_fn=prefix_allowed_tokens_fn)
+        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         record = _Record(d)
         if d.is_beam_search:
@@ -444,7 +444,7 @@ class GenerationMixin(GenerationDefaults):
             streamer.put(input_ids.cpu())
         steps = []
         for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record, embeds=embeds,
-                                   **host):
+                                   drafter=drafter, **host):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -488,36 +488,37 @@ class GenerationMixin(GenerationDefaults):
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         n = d.num_return_sequences
-        assisted = self._assisted(d, assistant_model, input_ids, attention_mask, embeds)
+        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds)
         with torch.no_grad():
             yield from self._decode(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), d,
                                     compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn,
-                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0), **assisted)
+                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0), drafter=drafter)
 
-    def _assisted(self, d: Decoding, assistant, input_ids, attention_mask, embeds) -> dict:
-        """_decode's assisted-decoding arguments for the call (opt_spec.generation.check_assisted)."""
+    def _drafter(self, d: Decoding, assistant, input_ids, attention_mask, embeds):
+        """Where an assisted call's candidates come from (opt_spec.generation.check_assisted): an _Assistant or
+        a _PromptLookup over the call's cache slots; None for plain decoding."""
         if not check_assisted(d, assistant, input_ids.shape[0], embeds is not None, self.config.vocab_size, "torch"):
-            return {}
-        if assistant is not None:
-            if assistant.device != self.device:
-                raise ValueError(f"assistant_model is on {assistant.device}, the model on {self.device}")
-            check_prompt(_host(attention_mask), d.max_new_tokens, assistant.config.max_position_embeddings)
-        return dict(assisted=True, assistant=assistant)
+            return None
+        (_, T), P, N = input_ids.shape, attention_mask.shape[1], d.max_new_tokens
+        if assistant is None:
+            return _PromptLookup(d, P - T)
+        if assistant.device != self.device:
+            raise ValueError(f"assistant_model is on {assistant.device}, the model on {self.device}")
+        check_prompt(_host(attention_mask), N, assistant.config.max_position_embeddings)
+        return _Assistant(assistant, d, P + N, pad_slots(P, N, assistant.config.max_position_embeddings))
 
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
                 stops: Optional[StopStrings] = None, record: Optional[_Record] = None, criteria=(),
-                prefix_fn: Optional[Callable] = None, embeds=None, assisted: bool = False,
-                assistant=None) -> Iterator[torch.Tensor]:
+                prefix_fn: Optional[Callable] = None, embeds=None, drafter=None) -> Iterator[torch.Tensor]:
         """input_ids (B, T): the rows' prompt; attention_mask (B, P) over the positions the model sees first
         (the prompt's, or the P embeddings `embeds` with T = P or 0). Every rule reads the rows, seq[:, S:]:
-        the cache's slots from S = P - T on. assisted: candidates from prompt lookup, or from `assistant`,
-        checked a forward pass at a time (opt_spec.generation, "Assisted decoding"; B = 1)."""
+        the cache's slots from S = P - T on. drafter (_drafter's): candidates to check a forward pass at a time
+        (opt_spec.generation, "Assisted decoding"; B = 1)."""
         (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         L, S, device = P + N, P - T, input_ids.device
-        pads = pad_slots(P, N, self.config.max_position_embeddings)
-        cache = self.init_cache(B, L, pads)
+        cache = self.init_cache(B, L, pad_slots(P, N, self.config.max_position_embeddings))
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :P] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
@@ -527,9 +528,6 @@ class GenerationMixin(GenerationDefaults):
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         step_fn = self._step_fn(compile)
-        drafter = None
-        if assisted:
-            drafter = _Assistant(assistant, d, L, pads) if assistant is not None else _PromptLookup(d, S)
         ahead, candidates = [self._last_logits(input_ids, mask, cache, embeds)], None  # logits of the next steps
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         step = 0
