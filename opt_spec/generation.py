@@ -755,17 +755,18 @@ def step_forward_mask(prompt_mask, steps: int) -> np.ndarray:
     return np.concatenate([prompt_mask, np.ones((len(prompt_mask), steps - 1), prompt_mask.dtype)], axis=1)
 
 
-def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=None) -> tuple:
+def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=None, past: int = 0) -> tuple:
     """(hidden_states, attentions) of generate's record, per step as Hugging Face's incremental forward passes
     give them, cut from one forward over the rows' first prompt_length + steps - 1 positions (any array type
-    that slices): step 0 the prompt's positions, step s its position T + s - 1 attending to T + s keys."""
+    that slices): step 0 the prompt's positions, step s its position T + s - 1 attending to T + s keys, and to
+    the `past` positions a cache held before the forward (a prefix's keys and values)."""
     T = prompt_length
 
     def rows(s: int) -> slice:
         return slice(0, T) if s == 0 else slice(T + s - 1, T + s)
 
     hs = None if hidden_states is None else tuple(tuple(h[:, rows(s)] for h in hidden_states) for s in range(steps))
-    att = None if attentions is None else tuple(tuple(a[:, :, rows(s), :T + s] for a in attentions)
+    att = None if attentions is None else tuple(tuple(a[:, :, rows(s), :past + T + s] for a in attentions)
                                                 for s in range(steps))
     return hs, att
 

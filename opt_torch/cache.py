@@ -16,6 +16,7 @@ graph and recompile it every step. `length` reads it back on the host.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -107,3 +108,61 @@ class KVCache:
             self.keys = self.keys.index_select(1, index)
             self.values = self.values.index_select(1, index)
         self.batch_size = index.shape[0]
+
+
+def hugging_face_cache(cache) -> bool:
+    """Whether `cache` is one of transformers' Cache objects (transformers is never imported here: an object
+    of its classes exists only where the caller loaded it)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(cache, transformers.Cache)
+
+
+class HFDynamicCacheView:
+    """A Hugging Face DynamicCache passed as past_key_values (PEFT's prefix tuning passes one holding its
+    learned prefix; code written for transformers may pass one, empty or filled by an earlier call), as the
+    decoder reads and writes a cache. Every write goes through the DynamicCache's own `update`, so that
+    afterwards it holds the new keys and values, as it would after Hugging Face's model; the forward
+    returns the DynamicCache itself as past_key_values. Only a dynamic cache fits: another of
+    transformers' caches (static, sliding, quantized, offloaded) is refused in words."""
+
+    capacity = None
+
+    def __init__(self, cache, config: OPTConfig, num_heads: int, dtype: torch.dtype):
+        transformers = sys.modules["transformers"]
+        kind = type(cache).__name__
+        if not isinstance(cache, transformers.DynamicCache) or getattr(cache, "offloading", False):
+            raise TypeError(f"past_key_values is a Hugging Face {kind}: the model takes its own KVCache "
+                            "(model.init_cache) or a Hugging Face DynamicCache")
+        held = [(k, v) for k, v in cache if k is not None and k.numel()]  # layers written so far
+        self.cache, self.num_layers, self.num_heads = cache, config.num_hidden_layers, num_heads
+        self.batch_size = held[0][0].shape[0] if held else None  # an empty cache takes any batch
+        self._length = cache.get_seq_length() if held else 0
+        want = (num_heads, self._length, config.head_dim)
+        if held and (len(held) != self.num_layers or any(
+                tuple(x.shape[1:]) != want or x.shape[0] != self.batch_size or x.dtype != dtype
+                for kv in held for x in kv)):
+            found = sorted({(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for kv in held for x in kv})
+            raise ValueError(f"past_key_values (a Hugging Face {kind}) holds {len(held)} layers of keys and values "
+                             f"shaped {found}; the model has {self.num_layers} layers, each (batch, {want[0]}, "
+                             f"{want[1]}, {want[2]}) in {str(dtype).removeprefix('torch.')}")
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)
+
+    def advance(self, new: int) -> None:
+        self._length += new
+
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self._length, self._length + new, device=device)
+
+    def mask_width(self, mask_length: int, new: int) -> int:
+        return cache_mask_width(mask_length, self._length, new, None)
+
+
+def cache_length(cache) -> int:
+    """Tokens a cache holds: the model's KVCache or a Hugging Face cache (its get_seq_length)."""
+    return cache.get_seq_length() if hugging_face_cache(cache) else cache.length

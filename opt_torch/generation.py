@@ -212,6 +212,14 @@ def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], V, dtype=torch.long, device=ids.device).scatter_add_(1, ids, mask) > 0
 
 
+def _repeat_rows(x, n: int):
+    """Each row n times over (num_return_sequences, beams): of a tensor (B, ...) or of per layer (keys,
+    values); None stays None."""
+    if x is None or isinstance(x, torch.Tensor):
+        return None if x is None else x.repeat_interleave(n, 0)
+    return [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in x]
+
+
 def _host(x):
     """A tensor as NumPy for the host-side checks (None and other arrays as they are)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
@@ -362,8 +370,10 @@ class GenerationMixin(GenerationDefaults):
 
     def _prepare(self, input_ids, attention_mask, generation_config, kwargs, inputs_embeds=None) -> tuple:
         """The rows' prompt ids (B, T) and the attention mask (B, P) as long tensors on the model's device,
-        the embeddings (B, P, E) in the model's dtype or None, and the call's Decoding. Without
-        inputs_embeds P = T; with them T = P (their ids given) or 0 (rows that start empty)."""
+        the embeddings (B, P, E) in the model's dtype or None, the prefix (per layer keys and values
+        (B, nh, P - T, hs) that take the first positions, from a wrapper: _wrapped_prompt) or None, and the
+        call's Decoding. Without inputs_embeds or a prefix P = T; with embeddings T = P (their ids given)
+        or 0 (rows that start empty)."""
         config = self.config
         ids, mask = prompt_inputs(_host(input_ids), _host(attention_mask), config.vocab_size, inputs_embeds,
                                   config.word_embed_proj_dim)
@@ -373,38 +383,66 @@ class GenerationMixin(GenerationDefaults):
         input_ids = torch.as_tensor(input_ids if input_ids is not None else ids).to(device=device, dtype=torch.long)
         attention_mask = torch.as_tensor(attention_mask if attention_mask is not None else mask)
         hook = self.__dict__.get("prepare_inputs_for_generation")  # set on the instance: a wrapper's (PEFT's)
+        prefix = None
         if hook is not None and inputs_embeds is None:
-            attention_mask, inputs_embeds = self._wrapped_prompt(hook, input_ids, attention_mask.to(device))
+            attention_mask, inputs_embeds, prefix = self._wrapped_prompt(hook, input_ids, attention_mask.to(device))
             mask = _host(attention_mask)
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).to(device=device,
                                                               dtype=self.get_input_embeddings().weight.dtype)
-        return input_ids, attention_mask.to(device=device, dtype=torch.long), inputs_embeds, d
+        return input_ids, attention_mask.to(device=device, dtype=torch.long), inputs_embeds, prefix, d
 
     def _wrapped_prompt(self, hook, input_ids, attention_mask) -> tuple:
         """The prompt as a wrapper that replaced prepare_inputs_for_generation makes it for the first step
-        of Hugging Face's loop (PEFT's prompt tuning and P-tuning: learned embeddings put before the
-        prompt's, the mask widened to match): (attention_mask (B, P), inputs_embeds (B, P, E) or None when
-        the wrapper keeps the ids). The rows stay input_ids (B, T), and the lengths count T, as Hugging
-        Face's generate counts them; the model sees the P positions."""
+        of Hugging Face's loop: (attention_mask (B, P), inputs_embeds (B, P, E) or None when the wrapper keeps
+        the ids, prefix or None). PEFT's prompt tuning and P-tuning put learned embeddings before the
+        prompt's; its prefix tuning puts learned keys and values in the cache (a DynamicCache of P - T
+        positions: the prefix, per layer (keys, values) (B, nh, P - T, hs)). Either widens the mask to match.
+        The rows stay input_ids (B, T), and the lengths count T, as Hugging Face's generate counts them;
+        the model sees the P positions."""
         (B, T), E = input_ids.shape, self.config.word_embed_proj_dim
         step = hook(input_ids, past_key_values=None, attention_mask=attention_mask, use_cache=True,
                     cache_position=torch.arange(T, device=input_ids.device))
-        if step.get("past_key_values") is not None:
-            owner = type(getattr(hook, "__self__", hook)).__name__
-            raise ValueError(f"prepare_inputs_for_generation (replaced by {owner}) put a cache in past_key_values "
-                             "(PEFT's prefix tuning): optkit's generate takes prompts as embeddings only (PEFT's "
-                             "prompt tuning and P-tuning)")
-        embeds, mask = step.get("inputs_embeds"), step.get("attention_mask")
+        embeds, mask, cache = step.get("inputs_embeds"), step.get("attention_mask"), step.get("past_key_values")
+        if cache is not None:
+            return self._wrapped_prefix(cache, embeds, mask, input_ids)
         if embeds is None:
-            return attention_mask, None
+            return attention_mask, None, None
         P = embeds.shape[1] if embeds.dim() == 3 else -1
         if tuple(embeds.shape) != (B, P, E) or P < T or mask is None or tuple(mask.shape) != (B, P):
             raise ValueError(f"prepare_inputs_for_generation returned inputs_embeds {tuple(embeds.shape)} and "
                              f"attention_mask {None if mask is None else tuple(mask.shape)}; expected (B, P, {E}) "
                              f"and (B, P) with P >= the prompt's {T} tokens, for B = {B}")
-        return mask.long(), embeds.detach()
+        return mask.long(), embeds.detach(), None
+
+    def _wrapped_prefix(self, cache, embeds, mask, input_ids) -> tuple:
+        """_wrapped_prompt's (attention_mask (B, P), None, prefix) from the cache a wrapper's first step holds
+        (PEFT's prefix tuning): its per layer (keys, values), (B, nh, P - T, hs) in the model's dtype."""
+        (B, T), dtype = input_ids.shape, self.get_input_embeddings().weight.dtype
+        prefix = [(k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
+        S = prefix[0][0].shape[2] if prefix and prefix[0][0] is not None and prefix[0][0].dim() == 4 else -1
+        want = (B, self.kv_heads, S, self.config.head_dim)
+        if (embeds is not None or mask is None or tuple(mask.shape) != (B, S + T) or S < 1
+                or len(prefix) != self.config.num_hidden_layers or any(tuple(x.shape) != want for kv in prefix
+                                                                         for x in kv)):
+            shapes = sorted({tuple(x.shape) for kv in prefix for x in kv if x is not None})
+            raise ValueError(f"prepare_inputs_for_generation returned a cache of {len(prefix)} layers of keys and "
+                             f"values {shapes} and attention_mask {None if mask is None else tuple(mask.shape)}"
+                             f"{' with inputs_embeds' if embeds is not None else ''}; expected, for a prefix of S "
+                             f"positions, {self.config.num_hidden_layers} layers of (B, {want[1]}, S, {want[3]}) and "
+                             f"a mask (B, S + {T}) over the prefix and the prompt, for B = {B}, and no inputs_embeds")
+        return mask.long(), None, prefix
+
+    def _start_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0,
+                     prefix: Optional[list] = None):
+        """init_cache's cache, holding the prefix (per layer keys and values, _wrapped_prefix's) when given."""
+        cache = self.init_cache(batch_size, max_length, pads)
+        if prefix is not None:
+            for layer, (k, v) in enumerate(prefix):
+                cache.update(layer, k, v)
+            cache.advance(prefix[0][0].shape[2])
+        return cache
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, logits_processor=None,
@@ -419,17 +457,17 @@ class GenerationMixin(GenerationDefaults):
         inputs_embeds (B, P, E): what the model sees first instead of the prompt's token embeddings; without
         input_ids the rows hold only the new tokens (opt_spec.generation). assistant_model (a smaller
         OPTForCausalLM) or prompt_lookup_num_tokens: assisted decoding (opt_spec.generation)."""
-        input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
-                                                             inputs_embeds)
+        input_ids, attention_mask, embeds, prefix, d = self._prepare(input_ids, attention_mask, generation_config,
+                                                                     kwargs, inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         host = dict(criteria=check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
                     prefix_fn=prefix_allowed_tokens_fn)
-        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds)
+        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds, prefix)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         record = _Record(d)
         if d.is_beam_search:
             new, beam_scores, beam_indices = self._beam_search(input_ids, attention_mask, d, processors, stops,
-                                                               record, embeds=embeds, **host)
+                                                               record, embeds=embeds, prefix=prefix, **host)
             sequences = torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
             if not d.return_dict_in_generate:
                 return sequences
@@ -438,13 +476,13 @@ class GenerationMixin(GenerationDefaults):
                 logits=record.logits, beam_indices=beam_indices)
         n = d.num_return_sequences
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
-        embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
+        embeds, prefix = _repeat_rows(embeds, n), _repeat_rows(prefix, n)
         streamer = as_streamer(streamer)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         steps = []
         for tokens in self._decode(input_ids, attention_mask, d, compile, processors, stops, record, embeds=embeds,
-                                   drafter=drafter, **host):
+                                   prefix=prefix, drafter=drafter, **host):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -456,15 +494,17 @@ class GenerationMixin(GenerationDefaults):
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
             mask = torch.from_numpy(step_forward_mask(_host(attention_mask), len(steps))).to(attention_mask.device)
+            past = 0 if prefix is None else prefix[0][0].shape[2]  # the prefix: in the cache, not the input
+            cache = None if prefix is None else self._start_cache(len(sequences), prefix=prefix)
             if embeds is None:
-                inputs = dict(input_ids=sequences[:, :mask.shape[1]])
+                inputs = dict(input_ids=sequences[:, :mask.shape[1] - past])
             else:  # the embedded positions, then the new tokens' embeddings
                 new = self.get_input_embeddings()(sequences[:, input_ids.shape[1]:][:, :len(steps) - 1])
                 inputs = dict(inputs_embeds=torch.cat([embeds, new], dim=1))
-            out = self._base(**inputs, attention_mask=mask, use_cache=False,
+            out = self._base(**inputs, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
                              output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(attention_mask.shape[1], len(steps), out.hidden_states,
-                                                     out.attentions)
+            hidden_states, attentions = step_outputs(attention_mask.shape[1] - past, len(steps), out.hidden_states,
+                                                     out.attentions, past)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=record.scores, logits=record.logits,
                                          hidden_states=hidden_states, attentions=attentions)
 
@@ -480,25 +520,29 @@ class GenerationMixin(GenerationDefaults):
                inputs_embeds=None, assistant_model=None, **kwargs) -> Iterator[torch.Tensor]:
         """Yields the (B * num_return_sequences,) tokens of each step as soon as they are chosen (greedy
         or sampling)."""
-        input_ids, attention_mask, embeds, d = self._prepare(input_ids, attention_mask, generation_config, kwargs,
-                                                             inputs_embeds)
+        input_ids, attention_mask, embeds, prefix, d = self._prepare(input_ids, attention_mask, generation_config,
+                                                                     kwargs, inputs_embeds)
         if d.is_beam_search:
             raise ValueError("beam search cannot stream: the best beam is known only at the end (use num_beams=1)")
         processors = check_extras(d, logits_processor, None, tokenizer)
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
         stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
         n = d.num_return_sequences
-        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds)
+        drafter = self._drafter(d, assistant_model, input_ids, attention_mask, embeds, prefix)
         with torch.no_grad():
             yield from self._decode(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), d,
                                     compile, processors, stops, criteria=criteria, prefix_fn=prefix_allowed_tokens_fn,
-                                    embeds=None if embeds is None else embeds.repeat_interleave(n, 0), drafter=drafter)
+                                    embeds=_repeat_rows(embeds, n), prefix=_repeat_rows(prefix, n), drafter=drafter)
 
-    def _drafter(self, d: Decoding, assistant, input_ids, attention_mask, embeds):
+    def _drafter(self, d: Decoding, assistant, input_ids, attention_mask, embeds, prefix=None):
         """Where an assisted call's candidates come from (opt_spec.generation.check_assisted): an _Assistant or
         a _PromptLookup over the call's cache slots; None for plain decoding."""
         if not check_assisted(d, assistant, input_ids.shape[0], embeds is not None, self.config.vocab_size, "torch"):
             return None
+        if prefix is not None and assistant is not None:
+            raise ValueError("assistant_model: the assistant cannot read the prefix keys and values that "
+                             "prepare_inputs_for_generation put in the cache (PEFT's prefix tuning); use "
+                             "prompt_lookup_num_tokens")
         (_, T), P, N = input_ids.shape, attention_mask.shape[1], d.max_new_tokens
         if assistant is None:
             return _PromptLookup(d, P - T)
@@ -510,15 +554,17 @@ class GenerationMixin(GenerationDefaults):
     # ------------------------------------------------------------------------ greedy and sampling
     def _decode(self, input_ids, attention_mask, d: Decoding, compile: bool, processors=(),
                 stops: Optional[StopStrings] = None, record: Optional[_Record] = None, criteria=(),
-                prefix_fn: Optional[Callable] = None, embeds=None, drafter=None) -> Iterator[torch.Tensor]:
+                prefix_fn: Optional[Callable] = None, embeds=None, prefix=None,
+                drafter=None) -> Iterator[torch.Tensor]:
         """input_ids (B, T): the rows' prompt; attention_mask (B, P) over the positions the model sees first
-        (the prompt's, or the P embeddings `embeds` with T = P or 0). Every rule reads the rows, seq[:, S:]:
+        (the prompt's, or the P embeddings `embeds` with T = P or 0, or a prefix of P - T positions' keys and
+        values, then the prompt). Every rule reads the rows, seq[:, S:]:
         the cache's slots from S = P - T on. drafter (_drafter's): candidates to check a forward pass at a time
         (opt_spec.generation, "Assisted decoding"; B = 1)."""
         (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         L, S, device = P + N, P - T, input_ids.device
-        cache = self.init_cache(B, L, pad_slots(P, N, self.config.max_position_embeddings))
+        cache = self._start_cache(B, L, pad_slots(P, N, self.config.max_position_embeddings), prefix)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) over every cache slot
         mask[:, :P] = attention_mask
         seq = torch.full((B, L), d.pad_token_id, dtype=torch.long, device=device)  # the rows so far, from S
@@ -581,7 +627,7 @@ class GenerationMixin(GenerationDefaults):
     # ---------------------------------------------------------------------------------- beam search
     def _beam_search(self, input_ids, attention_mask, d: Decoding, processors=(), stops: Optional[StopStrings] = None,
                      record: Optional[_Record] = None, criteria=(), prefix_fn: Optional[Callable] = None,
-                     embeds=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     embeds=None, prefix=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's num_return_sequences best hypotheses, best first: their new tokens (B * n, M), their
         normalized scores (B * n,) and their beam indices (B * n, M): the running beam, b * K + k, that
         each token extended at its step (-1 past the hypothesis's end; Hugging Face's beam_indices)."""
@@ -589,12 +635,13 @@ class GenerationMixin(GenerationDefaults):
         K, N, V, C = d.num_beams, d.max_new_tokens, self.config.vocab_size, d.candidates
         L, S, device = P + N, P - T, input_ids.device
         rows = torch.arange(B, device=device)
-        cache = self.init_cache(B * K, L, pad_slots(P, N, self.config.max_position_embeddings))
+        cache = self._start_cache(B * K, L, pad_slots(P, N, self.config.max_position_embeddings),
+                                  _repeat_rows(prefix, K))
         mask = torch.zeros(B * K, L, dtype=torch.long, device=device)
         mask[:, :P] = attention_mask.repeat_interleave(K, 0)
         prompt = input_ids.repeat_interleave(K, 0)                           # (BK, T)
         seen = _prompt_seen(prompt, mask[:, S:P], V) if d.repetition_penalty != 1.0 else None
-        logits = self._last_logits(prompt, mask, cache, None if embeds is None else embeds.repeat_interleave(K, 0))
+        logits = self._last_logits(prompt, mask, cache, _repeat_rows(embeds, K))
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)

@@ -28,6 +28,8 @@ from torch import nn
 from opt_spec import surface
 from opt_spec.cache import refuse_legacy_cache
 
+from .cache import cache_length
+
 
 class HFModelMethods:
     """Mixed into OPTPreTrainedModel (an nn.Module with `config`, `get_input_embeddings`, `pack_weights`)."""
@@ -125,9 +127,10 @@ class CausalLMMethods:
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       cache_position=None, use_cache: bool = True, **kwargs) -> dict:
         """The forward's inputs for the next step of a decode loop (opt_spec.surface.generation_inputs): the
-        tokens the cache `past_key_values` (the model's KVCache) has not seen. Hugging Face's loop also
-        passes cache_position; the cache keeps its own write position, so it is not needed."""
+        tokens the cache `past_key_values` (the model's KVCache, or a Hugging Face DynamicCache) has not seen.
+        Hugging Face's loop also passes cache_position; the cache keeps its own write position, so it is not
+        needed."""
         refuse_legacy_cache(past_key_values)
-        past = past_key_values.length if past_key_values is not None else 0
+        past = cache_length(past_key_values) if past_key_values is not None else 0
         return surface.generation_inputs(input_ids, past, attention_mask, inputs_embeds,
                                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)

@@ -27,7 +27,7 @@ from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SO
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                               SequenceClassifierOutputWithPast)
 
-from .cache import KVCache
+from .cache import HFDynamicCacheView, KVCache, hugging_face_cache
 from .checkpoint import PretrainedMixin
 from .fast_paths import PackedWeights, project_qkv
 from .generation import GenerationMixin
@@ -156,9 +156,9 @@ class OPTDecoder(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=False, output_hidden_states=False, output_attentions=False):
-        """past_key_values: a KVCache (opt_torch.cache), written in place and returned; use_cache=True
-        without one starts a dynamic cache. attention_mask (B, past + new), or (B, capacity) with a
-        preallocated cache (opt_spec.cache.cache_mask_width)."""
+        """past_key_values: a KVCache (opt_torch.cache), or a Hugging Face DynamicCache, written in place and
+        returned; use_cache=True without one starts a dynamic cache. attention_mask (B, past + new), or
+        (B, capacity) with a preallocated cache (opt_spec.cache.cache_mask_width)."""
         config = self.config
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a cache would keep every layer's keys alive (Hugging Face turns it off too)
@@ -182,7 +182,7 @@ class OPTDecoder(nn.Module):
             S, q_pos = T, torch.arange(T, device=device)
             cache = KVCache(config, B, num_heads=heads) if use_cache else None
         else:  # the keys: past + new, or the preallocated buffer (opt_spec.cache.cache_mask_width)
-            _check_cache(cache, config, B, heads)
+            cache = _layer_cache(cache, config, B, heads, self.embed_tokens.weight.dtype)
             width = attention_mask.shape[-1] if attention_mask is not None else cache.length + T
             S, q_pos = cache.mask_width(width, T), cache.positions(T, device)
             if attention_mask is None:  # attending over a past: the mask says which slots are written
@@ -232,6 +232,8 @@ class OPTDecoder(nn.Module):
             x = self.project_out(x)  # (B, T, E)
         if hidden_states is not None:
             hidden_states.append(x)
+        if isinstance(cache, HFDynamicCacheView):
+            cache = cache.cache  # the caller's DynamicCache, now holding the new keys and values
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None,
                                        attentions=tuple(attentions) if attentions is not None else None)
@@ -264,16 +266,22 @@ def _host_values(x: torch.Tensor):
     return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).detach().numpy()
 
 
-def _check_cache(cache, config: OPTConfig, B: int, heads: int) -> None:
-    """The cache is this model's: a KVCache of its layers, the batch's rows and the layers' own heads
-    (num_attention_heads / tp under tensor parallelism)."""
+def _layer_cache(cache, config: OPTConfig, B: int, heads: int, dtype: torch.dtype):
+    """What the layers write, checked to be this model's: a KVCache of its layers, the batch's rows and the
+    layers' own heads (num_attention_heads / tp under tensor parallelism), or a Hugging Face DynamicCache
+    seen through HFDynamicCacheView (an empty one takes any batch)."""
     refuse_legacy_cache(cache)
-    if not isinstance(cache, KVCache):
+    if hugging_face_cache(cache):
+        cache = HFDynamicCacheView(cache, config, heads, dtype)
+        if cache.batch_size is None:
+            return cache
+    elif not isinstance(cache, KVCache):
         raise TypeError(f"past_key_values must be the model's KVCache (opt_torch.cache), got {type(cache).__name__}")
     if (cache.num_layers, cache.batch_size, cache.num_heads) != (config.num_hidden_layers, B, heads):
         raise ValueError(f"the cache holds {cache.num_layers} layers x {cache.batch_size} rows x {cache.num_heads} "
                          f"heads; the model has {config.num_hidden_layers} layers x {heads} heads and the batch "
                          f"{B} rows (build it with model.init_cache)")
+    return cache
 
 
 def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:

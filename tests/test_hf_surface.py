@@ -531,18 +531,125 @@ def test_peft_prompt_learning_trains_and_generates_as_on_hugging_faces_opt(check
     assert not torch.equal(plain, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6))
 
 
-def test_peft_prefix_tuning_is_refused_in_words(checkpoints):
+def prefix_tuning_pair(path, num_virtual_tokens=4):
+    """PEFT's prefix tuning on optkit's OPT and on Hugging Face's, with the same prefix weights."""
     import peft
 
     from opt_torch import OPTForCausalLM
 
-    model = peft.get_peft_model(OPTForCausalLM.from_pretrained(checkpoints("pre_ln")),
-                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    def config():
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+
+    ours = peft.get_peft_model(OPTForCausalLM.from_pretrained(path), config())
+    ref = peft.get_peft_model(hugging_face(path), config())
+    torch.nn.init.normal_(ours.prompt_encoder.default.embedding.weight, std=0.5)  # a prefix that changes tokens
+    ref.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj"])
+def test_peft_prefix_tuning_trains_and_generates_as_on_hugging_faces_opt(checkpoints, name):
+    """PEFT's prefix tuning (learned keys and values of virtual positions, handed to the model as a Hugging Face
+    DynamicCache by its forward and by the first step of its generate): the same loss and prefix gradients,
+    the same tokens (greedy, beams with several returned, a length limit) and the same per-step scores,
+    hidden states and attentions as PEFT on Hugging Face's OPT; not the tokens of the model without it."""
+    ours, ref = prefix_tuning_pair(checkpoints(name))
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS[name]))
+    labels = torch.where(mask == 1, ids, -100)
+    losses, grads = [], []
+    for model in (ours, ref):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert list(grads[0]) == list(grads[1]) == ["prompt_encoder.default.embedding.weight"]
+    torch.testing.assert_close(grads[0]["prompt_encoder.default.embedding.weight"],
+                               grads[1]["prompt_encoder.default.embedding.weight"], rtol=1e-4, atol=1e-6)
+    ours.get_base_model().gradient_checkpointing_enable()  # kept with a prefix (Hugging Face drops the prefix)
+    with torch.no_grad():
+        assert float(ours.train()(input_ids=ids, attention_mask=mask, labels=labels).loss) == pytest.approx(
+            losses[0], rel=1e-6)
+    ours.get_base_model().gradient_checkpointing_disable()
+    ours.eval()
+    for settings in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+                     dict(max_length=ids.shape[1] + 4)):
+        tokens = ours.generate(input_ids=ids, attention_mask=mask, **settings)
+        assert torch.equal(tokens, ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **settings))
+    plain = ours.get_base_model().generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert not torch.equal(plain, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6))
+
+    record = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
+                  output_attentions=True)
+    got = ours.generate(input_ids=ids, attention_mask=mask, **record)
+    want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **record)
+    assert torch.equal(got.sequences, want.sequences)
+    real = mask.bool()
+    for step in range(4):
+        assert max_abs_diff(got.scores[step], want.scores[step]) <= 1e-4
+        rows = real if step == 0 else torch.ones(len(ids), 1, dtype=torch.bool)  # the step's query positions
+        for a, b in zip(got.hidden_states[step], want.hidden_states[step], strict=True):
+            assert a.shape == b.shape and max_abs_diff(a, b, rows) <= 1e-5
+        keys = 4 + ids.shape[1] + step  # the prefix, the prompt and the tokens before this one
+        for a, b in zip(got.attentions[step], want.attentions[step], strict=True):
+            assert a.shape == b.shape == (len(ids), VARIANTS[name].num_attention_heads, rows.shape[1], keys)
+            assert max_abs_diff(a.transpose(1, 2), b.transpose(1, 2), rows) <= 1e-5
+
+
+def test_peft_prefix_tuning_with_prompt_lookup_and_an_assistant(checkpoints):
+    """Prefix tuning with assisted decoding: prompt lookup gives greedy decoding's tokens (Hugging Face's
+    assisted decoding fails under PEFT's prefix there), and an assistant model, which cannot read the prefix,
+    is refused in words."""
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    ours, _ = prefix_tuning_pair(path)
     ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
-    with pytest.raises(TypeError, match="DynamicCache"):
-        model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(ValueError, match="PEFT's prefix tuning"):
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    greedy = ours.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=10)
+    assert torch.equal(ours.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=10,
+                                     prompt_lookup_num_tokens=2), greedy)
+    with pytest.raises(ValueError, match="cannot read the prefix"):
+        ours.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=3,
+                      assistant_model=OPTForCausalLM.from_pretrained(path))
+
+
+def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(checkpoints):
+    """A DynamicCache passed as past_key_values (code written for transformers): a decode loop that keeps passing
+    the same object gives Hugging Face's logits, and the cache holds what Hugging Face's would; a cache that
+    does not fit the model, or another kind of Hugging Face cache, is refused in words."""
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    config = VARIANTS["pre_ln"]
+    ours, ref = OPTForCausalLM.from_pretrained(path).eval(), hugging_face(path)
+    ids, mask = (torch.as_tensor(a) for a in batch(config))
+    caches, logits = [transformers.DynamicCache(), transformers.DynamicCache()], [[], []]
+    with torch.no_grad():
+        for model, cache, out in zip((ours, ref), caches, logits):
+            step_ids, step_mask = ids, mask
+            for _ in range(3):
+                result = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                assert result.past_key_values is cache
+                out.append(result.logits[:, -1])
+                step_ids = result.logits[:, -1].argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=1)
+    for a, b in zip(*logits):
+        assert max_abs_diff(a, b) <= 1e-5
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == ids.shape[1] + 2
+    for (k0, v0), (k1, v1) in zip(caches[0], caches[1], strict=True):
+        keys = mask.bool()[:, None, :, None].expand(-1, config.num_attention_heads, -1, config.head_dim)
+        assert max_abs_diff(k0[:, :, :ids.shape[1]], k1[:, :, :ids.shape[1]], keys) <= 1e-5
+        assert max_abs_diff(v0[:, :, ids.shape[1]:], v1[:, :, ids.shape[1]:]) <= 1e-5
+
+    with pytest.raises(ValueError, match="2 layers x 3 rows"):  # 3 rows written, 2 given
+        ours(input_ids=ids[:2], attention_mask=torch.ones(2, ids.shape[1] + 3, dtype=torch.long),
+             past_key_values=caches[0])
+    half = transformers.DynamicCache([(k.half(), v.half()) for k, v in caches[1]])
+    with pytest.raises(ValueError, match="float32"):
+        ours(input_ids=ids[:, :1], past_key_values=half)
+    static = transformers.StaticCache(config=ref.config, max_cache_len=16)
+    with pytest.raises(TypeError, match="StaticCache"):
+        ours(input_ids=ids, attention_mask=mask, past_key_values=static)
 
 
 @pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
