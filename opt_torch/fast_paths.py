@@ -7,32 +7,34 @@ FSDP2: `packed_layout` False). Times from a 2-core Xeon (MKL, float32, 125m shap
 against Hugging Face's is bench/bench_generate.py.
 
 1. The weight layout (`PackedWeights.pack_weights`): each linear weight keeps nn.Linear's logical shape
-   (out, in), but its memory is the transpose, (in, out) row-major; an attention block's q/k/v weights
-   are adjacent column blocks of one (in, 3 * out) matrix (their biases one vector); a tied embedding is
-   laid out (E, V) for the LM head. A decoding step multiplies a few rows by every weight matrix, and
-   MKL reads an (in, out) matrix faster there: batch 8 runs 25-35% faster per layer matrix, and batch
-   1's tied LM head 20-25% faster, than with (out, in).
-   The layout is invisible otherwise: `state_dict()` keys, shapes and values are unchanged (views;
-   `save_pretrained` writes them contiguously), an optimizer updates the views in place (opt_torch.training's
+   (out, in), but its memory is the transpose, (in, out) row-major, in a storage of its own; a tied
+   embedding is laid out (E, V) for the LM head. A decoding step multiplies a few rows by every weight
+   matrix, and MKL reads an (in, out) matrix faster there: batch 8 runs 25-35% faster per layer matrix,
+   and batch 1's tied LM head 20-25% faster, than with (out, in).
+   The layout is invisible otherwise: `state_dict()` keys, shapes and values are unchanged (transposed
+   views; `save_pretrained` writes them contiguously), an optimizer updates them in place (opt_torch.training's
    Trainer lays every weight out row-major instead, where its gradients come out), and a weight that
    lost the layout (`param.data = ...`, a load with assign=True into a submodule) takes the general
    path. Models re-establish it after construction, loading (a load_state_dict post-hook) and `.to()` /
-   `.half()` / `.cuda()` (`_apply`). Pinned by tests/test_torch.py:
+   `.half()` / `.cuda()` (`_apply`).
+   No two weights share a storage. The q/k/v weights used to be column blocks of one (in, 3 * out) matrix;
+   but savers that tell tensors apart by their storage took the three for one tied tensor: accelerate's
+   `save_model` wrote k_proj alone and dropped q_proj and v_proj (with a warning only). (safetensors'
+   `save_model` refuses transposed views whatever their storage; `save_pretrained` and accelerate write
+   them.) Decoding's one q/k/v product reads a copy instead (2.). Pinned by tests/test_torch.py:
    test_packed_layout_after_construction_loading_and_to, test_packed_and_plain_layouts_give_equal_logits_and_files,
-   test_training_updates_reach_the_fused_matrix.
-2. One q/k/v product without autograd (`project_qkv`): OPTAttention's forward under torch.no_grad
-   multiplies by the packed (in, 3 * out) matrix once and splits, instead of three products (one BLAS
-   call reading one matrix; DecodeStep uses the same product).
-   With autograd it calls the three modules (their backward is the plain one). Pinned by
-   tests/test_torch.py::test_packed_and_plain_layouts_give_equal_logits_and_files.
-3. `DecodeStep`: generate's one-token step through the decoder as functional calls on weights gathered
+   test_training_updates_reach_the_laid_out_weights, test_savers_that_tell_tensors_apart_by_storage_keep_every_weight.
+2. `DecodeStep`: generate's one-token step through the decoder as functional calls on weights gathered
    once per generate call, attending over the cache slots written so far: a 125m step spends its time
    in the matrix products instead of module calls, attribute lookups and mask building (those took
-   3-5 ms of a ~19 ms step, next to 14 ms of products).
+   3-5 ms of a ~19 ms step, next to 14 ms of products). Each layer's q/k/v is one product over a (H, 3H)
+   copy of the three weights made for the call (the weights once more, a quarter of the layers', while
+   generate runs): bench/bench_generate.py, 125m float32 batch 1 on 2 cores, gave 1.38-1.45x Hugging
+   Face's tokens/s with it and 1.25-1.31x with three products (batch 8: 0.99x and 0.98-1.02x).
    Pinned by tests/test_torch_generation.py::test_decode_step_equals_the_forward_pass (every variant,
    both attention kernels, packed or plain weights) and, for when it steps aside,
    tests/test_torch_adapters.py.
-4. The compiled training forward (`CompiledForward`, used by opt_torch.training.Trainer). Why: profiling the 125m
+3. The compiled training forward (`CompiledForward`, used by opt_torch.training.Trainer). Why: profiling the 125m
    bf16 update (bench/bench_train.py, batch 8 x 128, 2-core AVX512-BF16 CPU) put ~2.0 s of 3.8 in the matrix
    products and ~1.8 s around them: autocast's casts and the float32 <-> bf16 gradient copies (aten::copy_, 0.53 s
    in 832 calls), dropout's masks (0.14 s), LayerNorm, GELU, residual adds, the float32 log-softmax of the 1024 x
@@ -66,7 +68,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,75 +78,20 @@ from opt_spec.numerics import POSITION_OFFSET
 
 
 # ------------------------------------------------------------------------------------ the layout
-def _consecutive(tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> bool:
-    """Whether `tensors` start `sizes` elements apart in one storage. Not traceable by torch.compile,
-    which then relies on the strides alone (a stride that matches is the mark of pack_linears)."""
-    if torch.compiler.is_compiling():
-        return True
-    first = tensors[0]
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for t, size in zip(tensors, sizes):
-        if t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
-            return False
-        offset += size
-    return True
-
-
-def column_blocks(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The (in, sum of outs) row-major matrix whose column blocks are `weights` (each (out, in), as
-    transposed views), or None when they are not laid out that way."""
-    first = weights[0]
-    total = sum(w.shape[0] for w in weights)
-    if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.stride() != (1, total)
-           for w in weights) or not _consecutive(weights, [w.shape[0] for w in weights]):
-        return None
-    return first.as_strided((first.shape[1], total), (total, 1))
-
-
-def vector_blocks(vectors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The one vector whose consecutive pieces are `vectors`, or None (also when any is None)."""
-    if any(v is None for v in vectors):
-        return None
-    first = vectors[0]
-    if any(v.dim() != 1 or v.dtype != first.dtype or v.stride() != (1,) for v in vectors) \
-            or not _consecutive(vectors, [v.shape[0] for v in vectors]):
-        return None
-    return first.as_strided((sum(v.shape[0] for v in vectors),), (1,))
-
-
-def pack_linears(linears: Sequence[nn.Linear]) -> None:
-    """Lays the weights of `linears` (equal in-features) out as column blocks of one (in, sum of outs)
-    row-major matrix, and their biases as one vector. Values, shapes and Parameter objects (hence an
-    optimizer's references) are kept; only the memory behind them changes. No-op when already so."""
-    weights = [lin.weight for lin in linears]
-    biases = [lin.bias for lin in linears]
-    has_bias = all(b is not None for b in biases)
-    if column_blocks(weights) is not None and (not has_bias or len(linears) == 1 or vector_blocks(biases) is not None):
+def lay_out_transposed(weight: nn.Parameter) -> None:
+    """A 2-D weight (out, in) laid out (in, out) row-major in a storage of its own: a linear layer's
+    product then reads it in BLAS's fast order, and a tied embedding (V, E) serves the LM head so (a
+    lookup gathers E strided values per token, which decoding and training barely see). Values, shape
+    and the Parameter object (an optimizer's reference) are kept. No-op when already so."""
+    if weight.stride() == (1, weight.shape[0]) and _own_storage(weight):
         return
     with torch.no_grad():
-        fused = torch.cat([w.t() for w in weights], dim=1)  # (in, sum of outs), contiguous
-        start = 0
-        for lin in linears:
-            out = lin.weight.shape[0]
-            lin.weight.data = fused[:, start:start + out].t()
-            start += out
-        if has_bias and len(linears) > 1:
-            fused_bias = torch.cat(biases)
-            start = 0
-            for lin in linears:
-                out = lin.bias.shape[0]
-                lin.bias.data = fused_bias[start:start + out]
-                start += out
+        weight.data = weight.t().contiguous().t()
 
 
-def pack_embedding_for_head(embedding: nn.Embedding) -> None:
-    """A tied embedding (V, E) laid out (E, V) row-major: the LM head's product then reads it in BLAS's
-    fast order; a lookup gathers E strided values per token, which decoding and training barely see."""
-    w = embedding.weight
-    if w.stride() == (1, w.shape[0]):
-        return
-    with torch.no_grad():
-        w.data = w.t().contiguous().t()
+def _own_storage(t: torch.Tensor) -> bool:
+    """Whether `t` spans its whole storage (nothing else can live in it)."""
+    return torch.compiler.is_compiling() or t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def unpack_weights(root: nn.Module) -> None:
@@ -164,23 +111,17 @@ class PackedWeights:
 
     def pack_weights(self) -> None:
         """Lays the weights out in the memory order decoding reads fastest: every linear weight (in, out)
-        row-major, each attention's q/k/v as one matrix, a tied embedding (E, V). Values and shapes are
-        unchanged. Called by construction, loading and `.to()`; idempotent. Not for a model split over
-        processes or devices (packed_layout False): DTensor and FSDP2 need each parameter plain and
-        contiguous."""
+        row-major, a tied embedding (E, V), each in a storage of its own. Values and shapes are unchanged.
+        Called by construction, loading and `.to()`; idempotent. Not for a model split over processes or
+        devices (packed_layout False): DTensor and FSDP2 need each parameter plain and contiguous."""
         if not self.packed_layout:
             return
-        fused = set()
         for m in self.modules():
-            if _is_attention(m):
-                pack_linears((m.q_proj, m.k_proj, m.v_proj))
-                fused.update((id(m.q_proj), id(m.k_proj), id(m.v_proj)))
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and id(m) not in fused:
-                pack_linears((m,))
+            if isinstance(m, nn.Linear):
+                lay_out_transposed(m.weight)
         lm_head = getattr(self, "lm_head", None)
         if lm_head is not None and lm_head.weight is self.get_input_embeddings().weight:
-            pack_embedding_for_head(self.get_input_embeddings())
+            lay_out_transposed(self.get_input_embeddings().weight)
 
     def _after_load(self) -> None:
         """A load with assign=True replaced parameters: the layout is restored."""
@@ -193,39 +134,6 @@ class PackedWeights:
         return self
 
 
-def _is_attention(m: nn.Module) -> bool:
-    from .modeling import OPTAttention  # modeling imports this module
-
-    return isinstance(m, OPTAttention)
-
-
-# ---------------------------------------------------------------------------- the q/k/v product
-def qkv_weights(attn: nn.Module) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """F.linear's (weight, bias) pairs that give an OPTAttention's q, k, v: one (3H, H) pair, whose
-    product is then split, when the weights are laid out as column blocks of one matrix, else three."""
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    w = column_blocks([p.weight for p in projections])
-    b = vector_blocks([p.bias for p in projections])
-    if w is not None and (b is not None or attn.q_proj.bias is None):
-        return [(w.t(), b)]
-    return [(p.weight, p.bias) for p in projections]
-
-
-def linear_qkv(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, k, v) from qkv_weights: one product split in three, or three products."""
-    if len(weights) == 1:
-        return F.linear(x, *weights[0]).chunk(3, dim=-1)
-    return tuple(F.linear(x, *wb) for wb in weights)
-
-
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An OPTAttention's (q, k, v), each (B, T, H): its three modules, or without autograd (fast path 2)
-    one product over the packed matrix, unless a projection is swapped or hooked (LoRA, probes)."""
-    if torch.is_grad_enabled() or not modules_are_stock(attn.q_proj, attn.k_proj, attn.v_proj):
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    return linear_qkv(x, qkv_weights(attn))
-
-
 # -------------------------------------------------------------------------- when fast paths may run
 _STOCK_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ModuleList)
 
@@ -233,14 +141,13 @@ _STOCK_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ModuleList)
 def modules_are_stock(*roots: nn.Module) -> bool:
     """Whether reading the weights of `roots` directly computes exactly what calling them would.
 
-    The fast paths (the q/k/v product without autograd, generate's DecodeStep) read weights and
-    skip the module calls. That is only the same computation while every module below `roots` is a
-    stock nn.Linear / LayerNorm / Embedding / ModuleList or one of optkit's own classes, and nothing
-    is hooked: a LoRA adapter (peft swaps q_proj for its own Linear), a quantized Linear, a forward
-    hook or pre-hook (activation probes), a parametrization (which changes the class), a global forward
-    hook, a forward replaced on the instance (accelerate's dispatch hooks, which load offloaded weights)
-    or a parameter that is a tensor subclass (a DTensor: tensor parallelism, FSDP2) each make this
-    False, and the callers then take the module path.
+    Generate's DecodeStep reads weights and skips the module calls. That is only the same computation
+    while every module below `roots` is a stock nn.Linear / LayerNorm / Embedding / ModuleList or one of
+    optkit's own classes, and nothing is hooked: a LoRA adapter (peft swaps q_proj for its own Linear),
+    a quantized Linear, a forward hook or pre-hook (activation probes), a parametrization (which changes
+    the class), a global forward hook, a forward replaced on the instance (accelerate's dispatch hooks,
+    which load offloaded weights) or a parameter that is a tensor subclass (a DTensor: tensor
+    parallelism, FSDP2) each make this False, and the callers then take the module path.
     """
     from torch.nn.modules import module as module_state
 
@@ -260,7 +167,7 @@ def modules_are_stock(*roots: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------- the decode step
 class DecodeStep:
-    """One new token per row through the decoder, for generation (fast path 3): the operations of
+    """One new token per row through the decoder, for generation (fast path 2): the operations of
     OPTDecoder.forward for T = 1 without autograd or dropout, on tensors gathered once (per generate call).
 
     step(tokens (B,), positions (B,), allowed (B, 1, 1, S) bool, cache) -> (B, E), the final hidden
@@ -285,7 +192,8 @@ class DecodeStep:
         for layer in decoder.layers:
             attn = layer.self_attn
             self.layers.append(dict(
-                attn_norm=_norm_args(layer.self_attn_layer_norm), qkv=qkv_weights(attn), scaling=attn.scaling,
+                attn_norm=_norm_args(layer.self_attn_layer_norm), scaling=attn.scaling,
+                qkv=_fused_qkv(attn),
                 out=(attn.out_proj.weight, attn.out_proj.bias), act=layer.act,
                 fc1=(layer.fc1.weight, layer.fc1.bias), fc2=(layer.fc2.weight, layer.fc2.bias),
                 final_norm=_norm_args(layer.final_layer_norm)))
@@ -299,7 +207,7 @@ class DecodeStep:
         x = x + F.embedding(positions + POSITION_OFFSET, self.embed_positions).to(x.dtype)  # (B, H)
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, *layer["attn_norm"]) if self.pre_ln else x
-            q, k, v = linear_qkv(h, layer["qkv"])  # (B, H) each
+            q, k, v = F.linear(h, *layer["qkv"]).chunk(3, dim=-1)  # (B, H) each
             keys, values = cache.update(i, k.view(B, nh, 1, hs), v.view(B, nh, 1, hs))  # (B, nh, L, hs)
             keys, values = keys[:, :, :S], values[:, :, :S]                              # (B, nh, S, hs)
             y, _ = self.attend((q * layer["scaling"]).view(B, nh, 1, hs), keys, values, allowed, self.implementation)
@@ -316,6 +224,15 @@ class DecodeStep:
         if self.project_out is not None:
             x = F.linear(x, self.project_out)
         return x
+
+
+def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """F.linear's (weight (3H, H), bias (3H,) or None) for an attention's q, k and v in one product: a copy
+    laid out (H, 3H) row-major, made once per generate call (the parameters keep storages of their own)."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight.t() for p in projections], dim=1).t()
+    bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
+    return weight, bias
 
 
 def _norm_args(norm: Optional[nn.LayerNorm]):

@@ -3,7 +3,7 @@
 Attribute names are the canonical checkpoint names, so `state_dict()` keys equal the spec's weight
 table. Dimension letters: B batch, T new tokens, S keys (past + new, or a preallocated cache's slots),
 H hidden, nh heads, hs head size, E embedding width, F ffn width, V vocabulary. What runs instead of
-these modules for speed (the weight layout, one q/k/v product, generate's decode step) is in
+these modules for speed (the weight layout, generate's decode step) is in
 opt_torch/fast_paths.py; past keys and values live in a KVCache (opt_torch/cache.py).
 """
 
@@ -29,7 +29,7 @@ from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, Q
 
 from .cache import HFDynamicCacheView, KVCache, hugging_face_cache
 from .checkpoint import PretrainedMixin
-from .fast_paths import PackedWeights, project_qkv
+from .fast_paths import PackedWeights
 from .generation import GenerationMixin
 from .hf_compat import CausalLMMethods, HFModelMethods
 
@@ -97,7 +97,7 @@ class OPTAttention(nn.Module):
         """The output (B, T, H) and, with output_attentions, the probabilities (B, nh, T, S) (else None).
         With a cache, the new keys and values are written there and attention covers the past ones too."""
         B, T, _ = x.shape
-        q, k, v = project_qkv(self, x)                  # q_proj(x), k_proj(x), v_proj(x), each (B, T, H)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H) each
         q = self._heads(q * self.scaling)               # (B, nh, T, hs)
         k, v = self._heads(k), self._heads(v)           # (B, nh, T, hs)
         if cache is not None:

@@ -187,8 +187,9 @@ class Trainer:
         # update took 0.5 s instead of 1.2 s on 2 CPU cores); a split model's DTensors take foreach's.
         # The fused kernel walks each tensor as one flat block, and the backward's products give each weight
         # gradient row-major: every parameter gets row-major storage of its own (nn.Linear's). The decoding
-        # layout (opt_torch.fast_paths: transposed weights, q/k/v column blocks of one matrix) made autograd copy
-        # 73 gradients into it per update, 0.3-0.5 s of a 125m bf16 update. Decoding packs again (pack_weights).
+        # layout (opt_torch.fast_paths: transposed weights; then also q/k/v column blocks of one matrix) made
+        # autograd copy 73 gradients into it per update, 0.3-0.5 s of a 125m bf16 update. Decoding packs again
+        # (pack_weights).
         self.fused = self.mesh is None
         if self.fused:
             with torch.no_grad():

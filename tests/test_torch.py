@@ -331,43 +331,43 @@ def test_opt_torch_imports_no_other_framework():
 
 
 # ------------------------------------------------------------------------------ weight memory layout
-def _qkv_fused(model) -> bool:
-    from opt_torch.fast_paths import column_blocks
-
-    attn = model.model.decoder.layers[0].self_attn
-    return column_blocks((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)) is not None
+def _laid_out(model) -> bool:
+    """Every linear weight (and a tied embedding) transposed in a storage of its own (fast path 1)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return all(w.t().is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+               for w in weights)
 
 
 @pytest.mark.parametrize("name", ["pre_ln", "no_bias", "post_ln_proj"])
 def test_packed_layout_after_construction_loading_and_to(tmp_path, name):
-    """Linear weights are (in, out) row-major views, q/k/v one matrix, a tied embedding (E, V) - after
-    construction, from_pretrained and a dtype round trip - while values, shapes and the very
+    """Linear weights are (in, out) row-major views, each in a storage of its own, a tied embedding (E, V) -
+    after construction, from_pretrained and a dtype round trip - while values, shapes and the very
     Parameter objects (an optimizer's references) stay."""
     config = VARIANTS[name]
     model = load(write_checkpoint(tmp_path, config))
-    fc1 = model.model.decoder.layers[0].fc1.weight
-    assert _qkv_fused(model) and fc1.t().is_contiguous() and _qkv_fused(OPTForCausalLM(config))
+    assert _laid_out(model) and _laid_out(OPTForCausalLM(config))
     assert model.lm_head.weight.t().is_contiguous()  # tied: the embedding, laid out for the head
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = list(model.parameters())
     model.to(torch.float64).to(torch.float32)
-    assert _qkv_fused(model) and all(a is b for a, b in zip(model.parameters(), params))
+    assert _laid_out(model) and all(a is b for a, b in zip(model.parameters(), params))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_packed_and_plain_layouts_give_equal_logits_and_files(tmp_path):
-    """The fused q/k/v product (inference) equals three products (training path and a model whose
-    weights lost the layout); save_pretrained writes the same bytes from either layout."""
+    """The laid-out weights give the logits of plain row-major ones (a model whose weights lost the layout)
+    with and without autograd; save_pretrained writes the same bytes from either layout; a model whose q/k/v
+    weights still share one buffer (the layout of earlier versions) gets storages of its own back."""
     config = VARIANTS["pre_ln"]
     packed = load(write_checkpoint(tmp_path / "ckpt", config))
     plain = load(tmp_path / "ckpt")
     for p in plain.parameters():
-        p.data = p.data.contiguous()  # the layout lost: the model must notice and take three products
-    assert not _qkv_fused(plain)
+        p.data = p.data.contiguous()  # the layout lost: the general path
+    assert not _laid_out(plain)
     ids, mask = batch(config)
     with torch.no_grad():
         a, b = packed(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
-    c = packed(ids, attention_mask=mask).logits.detach()  # grad enabled: the three-product path on packed weights
+    c = packed(ids, attention_mask=mask).logits.detach()
     assert max_abs_diff(a, b) < 1e-5 and max_abs_diff(a, c) < 1e-5
     packed.save_pretrained(tmp_path / "a")
     plain.save_pretrained(tmp_path / "b")
@@ -375,26 +375,57 @@ def test_packed_and_plain_layouts_give_equal_logits_and_files(tmp_path):
     state = packed.state_dict()
     reloaded = OPTForCausalLM(config)
     reloaded.load_state_dict({k: v.contiguous() for k, v in state.items()})
-    assert _qkv_fused(reloaded) and all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    assert _laid_out(reloaded) and all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    attn = plain.model.decoder.layers[0].self_attn
+    with torch.no_grad():
+        shared = torch.cat([attn.q_proj.weight.t(), attn.k_proj.weight.t(), attn.v_proj.weight.t()], dim=1)
+        for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            proj.weight.data = shared[:, i * config.hidden_size:(i + 1) * config.hidden_size].t()
+    plain.pack_weights()
+    assert _laid_out(plain) and attn.q_proj.weight.untyped_storage().data_ptr() != shared.data_ptr()
 
 
-def test_training_updates_reach_the_fused_matrix():
-    """An optimizer step writes into the views, so the next no-grad forward sees the new weights."""
+def test_training_updates_reach_the_laid_out_weights():
+    """An optimizer step writes into the transposed views, so the next no-grad forward (and generate's decode
+    step) sees the new weights."""
     config = VARIANTS["pre_ln"]
     model = OPTForCausalLM.from_config(config, seed=0)
     ids, mask = batch(config)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(ids, attention_mask=mask, labels=ids).loss.backward()
     opt.step()
-    assert _qkv_fused(model)
+    assert _laid_out(model)
     with torch.no_grad():
-        fused = model(ids, attention_mask=mask).logits
+        laid_out = model(ids, attention_mask=mask).logits
     plain = OPTForCausalLM(config)
     plain.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
     for p in plain.parameters():
         p.data = p.data.contiguous()
     with torch.no_grad():
-        assert max_abs_diff(fused, plain(ids, attention_mask=mask).logits) < 1e-5
+        assert max_abs_diff(laid_out, plain(ids, attention_mask=mask).logits) < 1e-5
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5),
+                       plain.generate(ids, attention_mask=mask, max_new_tokens=5))
+
+
+def test_savers_that_tell_tensors_apart_by_storage_keep_every_weight(tmp_path):
+    """accelerate's save_model keeps one name per storage (for tied weights): every weight but the tied head
+    must reach its file, with its values, and load back into a model that gives the same logits (q/k/v
+    weights that shared one buffer lost q_proj and v_proj there)."""
+    import safetensors.torch
+
+    accelerate = pytest.importorskip("accelerate")
+    config = VARIANTS["pre_ln"]
+    model = OPTForCausalLM.from_config(config, seed=0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    accelerate.Accelerator(cpu=True).save_model(model, tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(state) - {"lm_head.weight"}  # the tied head is the embedding
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    reloaded = OPTForCausalLM(config)
+    reloaded.load_state_dict(saved, strict=False)  # the head is tied again to the loaded embedding
+    ids, mask = batch(config)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
 def test_decoding_step_traces_as_one_graph_for_every_step():
