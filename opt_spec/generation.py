@@ -115,15 +115,17 @@ a record (opt_spec.outputs.GenerateDecoderOnlyOutput; GenerateBeamDecoderOnlyOut
   normalized score (with output_scores), and `beam_indices` (B * num_return_sequences, M): for each new
   token of a returned hypothesis, the running beam it extended at that step, as b * num_beams + k, -1
   past its end.
-- output_hidden_states=True / output_attentions=True (greedy and sampling): `hidden_states`, a tuple with one
-  entry per step taken, each a tuple of the (num_hidden_layers + 1) hidden states the model gave for that
-  step's input, and `attentions` likewise, one (rows, heads, q, k) probability tensor per layer: the first step
-  the whole prompt (q = k = T), step s after it its one new position (q = 1, k = T + s), as Hugging Face's
-  incremental forward passes give them. optkit computes them in one forward over the returned rows' first
-  T + M - 1 positions after decoding (`step_outputs` slices it; a causal model's state at a position depends
-  on the positions before it only), so decoding itself is unchanged. A prompt pad's own states are not
-  specified (as in a forward pass). Beam search refuses them (its running beams are rows that the returned
-  sequences do not hold).
+- output_hidden_states=True / output_attentions=True: `hidden_states`, a tuple with one entry per step taken,
+  each a tuple of the (num_hidden_layers + 1) hidden states the model gave for that step's input, and
+  `attentions` likewise, one (rows, heads, q, k) probability tensor per layer: the first step the whole prompt
+  (q = k = T), step s after it its one new position (q = 1, k = T + s), as Hugging Face's incremental forward
+  passes give them. Greedy and sampling: the rows are the returned ones, and optkit computes the states in one
+  forward over their first T + M - 1 positions after decoding (`step_outputs` slices it; a causal model's state
+  at a position depends on the positions before it only), so decoding itself is unchanged. Beam search: the
+  rows are step s's running beams (B * num_beams, in the order of its scores), which the returned sequences do
+  not hold; the search keeps each step's running beams and optkit runs one forward per step over them after
+  decoding (`replayed_step_outputs`). A compiled backend takes its step-by-step loop for that (`needs_host`).
+  A prompt pad's own states are not specified (as in a forward pass).
 past_key_values is None (generate keeps no cache). A streamer still gets every step.
 `compute_transition_scores` (below) turns the scores into each chosen token's score.
 
@@ -403,10 +405,6 @@ class GenerationConfig:
                      "output_attentions", "output_hidden_states"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "must be true or false")
-        for name in ("output_attentions", "output_hidden_states"):
-            if getattr(self, name) and self.return_dict_in_generate and self.num_beams > 1:
-                fail(name, "is not implemented with beam search (num_beams > 1): call the model on the returned "
-                           "sequences with it instead")
         if self.output_logits is not None and not isinstance(self.output_logits, (bool, np.bool_)):
             fail("output_logits", "must be true, false or None")
 
@@ -771,6 +769,19 @@ def step_outputs(prompt_length: int, steps: int, hidden_states=None, attentions=
     return hs, att
 
 
+def replayed_step_outputs(prompt_length: int, steps: int, forward: Callable, past: int = 0) -> tuple:
+    """(hidden_states, attentions) of generate's record when each step's rows are others (beam search's running
+    beams): forward(s) gives (hidden_states, attentions) of one forward over step s's rows' first
+    prompt_length + s positions, from which step s's entry is cut as step_outputs cuts it."""
+    hidden, attentions = [], []
+    for s in range(steps):
+        h, a = step_outputs(prompt_length, s + 1, *forward(s), past)
+        hidden.append(None if h is None else h[s])
+        attentions.append(None if a is None else a[s])
+    return (None if not steps or hidden[0] is None else tuple(hidden),
+            None if not steps or attentions[0] is None else tuple(attentions))
+
+
 def prompt_inputs(input_ids, attention_mask, vocab_size: int, inputs_embeds=None,
                   width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """generate's inputs as NumPy (ids, mask), checked on the host: integer token ids (B, T), B, T >= 1, in
@@ -820,9 +831,15 @@ def check_prompt(attention_mask, max_new_tokens: int, max_positions: int) -> Non
 
 
 def needs_host(d: Decoding, logits_processor, streamer, stopping_criteria=None, prefix_allowed_tokens_fn=None) -> bool:
-    """Whether the call needs the host between steps (a compiled backend's step-by-step loop)."""
+    """Whether the call needs the host between steps (a compiled backend's step-by-step loop): also beam search
+    asked for hidden states or attentions (the loop keeps each step's running beams)."""
     return (bool(logits_processor) or streamer is not None or bool(d.stop_strings) or bool(stopping_criteria)
-            or prefix_allowed_tokens_fn is not None)
+            or prefix_allowed_tokens_fn is not None or beam_step_rows(d))
+
+
+def beam_step_rows(d: Decoding) -> bool:
+    """Whether beam search must keep each step's running beams (for replayed_step_outputs)."""
+    return d.is_beam_search and d.return_dict_in_generate and (d.output_hidden_states or d.output_attentions)
 
 
 def check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, max_time: float | None = None) -> list:

@@ -29,7 +29,8 @@ from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allo
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
                                  next_draft_length, prompt_inputs, prompt_lookup, single_token_bias,
-                                 step_forward_mask, step_outputs, transition_scores)
+                                 replayed_step_outputs, beam_step_rows, step_forward_mask, step_outputs,
+                                 transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 
@@ -212,6 +213,11 @@ def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], V, dtype=torch.long, device=ids.device).scatter_add_(1, ids, mask) > 0
 
 
+def _prefix_length(prefix) -> int:
+    """Positions a prefix (per layer keys and values, or None) puts before the prompt."""
+    return 0 if prefix is None else prefix[0][0].shape[2]
+
+
 def _repeat_rows(x, n: int):
     """Each row n times over (num_return_sequences, beams): of a tensor (B, ...) or of per layer (keys,
     values); None stays None."""
@@ -242,11 +248,12 @@ def _stop_hits(stops: Optional[StopStrings], seq: torch.Tensor, real: torch.Tens
 class _Record:
     """What return_dict_in_generate collects of each step, when asked for: the scores it chose from
     (output_scores) and the model's raw logits (output_logits), float32 copies (a compiled step reuses
-    its output buffer)."""
+    its output buffer); beam search's running beams, for hidden states or attentions."""
 
     def __init__(self, d: Decoding):
         self.score_steps = [] if d.return_dict_in_generate and d.output_scores else None
         self.logit_steps = [] if d.return_dict_in_generate and d.output_logits else None
+        self.beam_rows = [] if beam_step_rows(d) else None  # beam search: each step's running beams' new tokens
 
     def add(self, scores: torch.Tensor, logits: torch.Tensor) -> None:
         if self.score_steps is not None:
@@ -471,9 +478,16 @@ class GenerationMixin(GenerationDefaults):
             sequences = torch.cat([input_ids.repeat_interleave(d.num_return_sequences, 0), new], dim=1)
             if not d.return_dict_in_generate:
                 return sequences
+            hidden_states, attentions = None, None
+            if record.beam_rows is not None:  # one forward per step over its running beams
+                K, past = d.num_beams, _prefix_length(prefix)
+                hidden_states, attentions = replayed_step_outputs(
+                    attention_mask.shape[1] - past, len(record.beam_rows), lambda s: self._replay(
+                        input_ids.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0), record.beam_rows[s],
+                        s + 1, d, _repeat_rows(embeds, K), _repeat_rows(prefix, K)), past)
             return GenerateBeamDecoderOnlyOutput(
                 sequences=sequences, sequences_scores=beam_scores if d.output_scores else None, scores=record.scores,
-                logits=record.logits, beam_indices=beam_indices)
+                logits=record.logits, beam_indices=beam_indices, hidden_states=hidden_states, attentions=attentions)
         n = d.num_return_sequences
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         embeds, prefix = _repeat_rows(embeds, n), _repeat_rows(prefix, n)
@@ -493,20 +507,28 @@ class GenerationMixin(GenerationDefaults):
             return sequences
         hidden_states, attentions = None, None
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-            mask = torch.from_numpy(step_forward_mask(_host(attention_mask), len(steps))).to(attention_mask.device)
-            past = 0 if prefix is None else prefix[0][0].shape[2]  # the prefix: in the cache, not the input
-            cache = None if prefix is None else self._start_cache(len(sequences), prefix=prefix)
-            if embeds is None:
-                inputs = dict(input_ids=sequences[:, :mask.shape[1] - past])
-            else:  # the embedded positions, then the new tokens' embeddings
-                new = self.get_input_embeddings()(sequences[:, input_ids.shape[1]:][:, :len(steps) - 1])
-                inputs = dict(inputs_embeds=torch.cat([embeds, new], dim=1))
-            out = self._base(**inputs, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
-                             output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(attention_mask.shape[1] - past, len(steps), out.hidden_states,
-                                                     out.attentions, past)
+            past = _prefix_length(prefix)
+            new = sequences[:, input_ids.shape[1]:]
+            hidden_states, attentions = step_outputs(
+                attention_mask.shape[1] - past, len(steps),
+                *self._replay(input_ids, attention_mask, new, len(steps), d, embeds, prefix), past)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=record.scores, logits=record.logits,
                                          hidden_states=hidden_states, attentions=attentions)
+
+    def _replay(self, input_ids, attention_mask, new, steps: int, d: Decoding, embeds=None, prefix=None) -> tuple:
+        """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
+        record (opt_spec.generation.step_outputs): the prompt input_ids (R, T) seen through attention_mask
+        (R, P) (after the embeddings `embeds` or a prefix in the cache, when the call had them), then the
+        new tokens `new` (R, >= steps - 1) but the last step's."""
+        mask = torch.from_numpy(step_forward_mask(_host(attention_mask), steps)).to(attention_mask.device)
+        cache = None if prefix is None else self._start_cache(len(input_ids), prefix=prefix)  # not in the input
+        if embeds is None:
+            inputs = dict(input_ids=torch.cat([input_ids, new[:, :steps - 1]], dim=1))
+        else:  # the embedded positions, then the new tokens' embeddings
+            inputs = dict(inputs_embeds=torch.cat([embeds, self.get_input_embeddings()(new[:, :steps - 1])], dim=1))
+        out = self._base(**inputs, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
+                         output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
+        return out.hidden_states, out.attentions
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None,
                                   normalize_logits: bool = False) -> torch.Tensor:
@@ -660,6 +682,8 @@ class GenerationMixin(GenerationDefaults):
         rank = torch.arange(C, device=device)
         for step in range(N):
             seq = torch.cat([prompt, beams.view(B * K, N)[:, :step]], 1)   # (BK, T + step)
+            if record is not None and record.beam_rows is not None:
+                record.beam_rows.append(beams.view(B * K, N)[:, :step].clone())
             logprobs = step_scores(logits, seen, seq, mask[:, S:P + step], step, d, rules, processors, beam=True)
             if record is not None:
                 record.add(logprobs, logits)

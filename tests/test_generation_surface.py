@@ -435,10 +435,47 @@ def test_hidden_states_and_attentions_per_step_as_hugging_face(models, backend, 
             assert close(ours_a.transpose(0, 2, 1, 3)[queries], hf_a.numpy().transpose(0, 2, 1, 3)[queries], 1e-5), s
 
 
-def test_hidden_states_need_the_record_and_no_beams(models, backend):
+def test_hidden_states_need_the_record(models, backend):
     plain = run(models, backend, max_new_tokens=3, output_hidden_states=True, output_attentions=True)
     assert tokens_of(plain).tolist() == tokens_of(run(models, backend, max_new_tokens=3)).tolist()  # ids only
     record = run(models, backend, max_new_tokens=3, return_dict_in_generate=True)
     assert record.hidden_states is None and record.attentions is None
-    with pytest.raises(ValueError, match="output_hidden_states.* not implemented with beam search"):
-        run(models, backend, max_new_tokens=3, num_beams=2, return_dict_in_generate=True, output_hidden_states=True)
+    beams = run(models, backend, max_new_tokens=3, num_beams=2, return_dict_in_generate=True)
+    assert beams.hidden_states is None and beams.attentions is None
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_beam_search_hidden_states_and_attentions_per_step_as_hugging_face(models, backend, hf_eager, early_stopping):
+    """Beam search's output_hidden_states / output_attentions: one entry per step taken, each over the running
+    beams of that step (B * num_beams rows, in the order of its scores), as Hugging Face's forward passes give
+    them: the prompt first (q = k = T, every beam the same prompt), then each new position (q = 1, k = T + s).
+    The tokens, scores and beam indices stay what they are without them."""
+    K = 3
+    eos = int(reference(hf_eager, max_new_tokens=6, eos_token_id=None).numpy()[0, T + 2])  # a beam finishes early
+    settings = dict(max_new_tokens=6, num_beams=K, num_return_sequences=2, eos_token_id=eos,
+                    early_stopping=early_stopping, return_dict_in_generate=True, output_scores=True)
+    plain = run(models, backend, **settings)
+    out = run(models, backend, **settings, output_hidden_states=True, output_attentions=True)
+    assert tokens_of(out).tolist() == tokens_of(plain).tolist()
+    assert np.array_equal(to_numpy(out.beam_indices), to_numpy(plain.beam_indices))
+    with torch.no_grad():
+        want = hf_eager.generate(input_ids=torch.from_numpy(IDS).long(), attention_mask=torch.from_numpy(MASK).long(),
+                                 pad_token_id=1, do_sample=False, output_hidden_states=True, output_attentions=True,
+                                 **settings)
+    assert tokens_of(want).tolist() == tokens_of(out).tolist()
+    steps = len(want.scores)
+    assert len(out.scores) == len(out.hidden_states) == len(out.attentions) == steps >= 3
+    layers, real = CONFIG.num_hidden_layers, np.repeat(MASK, K, 0).astype(bool)
+    for s in range(steps):
+        assert close(to_numpy(out.scores[s]), want.scores[s].numpy(), 1e-4), s  # the same running beams
+        q = T if s == 0 else 1
+        queries = real if s == 0 else np.ones((len(real), 1), bool)  # a pad's own state is not specified
+        hidden, attention = to_numpy(out.hidden_states[s]), to_numpy(out.attentions[s])
+        assert len(hidden) == layers + 1 and len(attention) == layers
+        for ours_h, hf_h in zip(hidden, want.hidden_states[s]):
+            assert ours_h.shape == (len(real), q, CONFIG.hidden_size) == tuple(hf_h.shape), s
+            assert close(ours_h[queries], hf_h.numpy()[queries], 1e-4), s
+        for ours_a, hf_a in zip(attention, want.attentions[s]):
+            assert ours_a.shape == (len(real), CONFIG.num_attention_heads, q, T + s) == tuple(hf_a.shape), s
+            assert close(ours_a.transpose(0, 2, 1, 3)[queries], hf_a.numpy().transpose(0, 2, 1, 3)[queries], 1e-5), s
