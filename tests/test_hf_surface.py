@@ -579,21 +579,22 @@ def test_peft_prefix_tuning_trains_and_generates_as_on_hugging_faces_opt(checkpo
     plain = ours.get_base_model().generate(ids, attention_mask=mask, max_new_tokens=6)
     assert not torch.equal(plain, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6))
 
-    record = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
-                  output_attentions=True)
-    got = ours.generate(input_ids=ids, attention_mask=mask, **record)
-    want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **record)
-    assert torch.equal(got.sequences, want.sequences)
-    real = mask.bool()
-    for step in range(4):
-        assert max_abs_diff(got.scores[step], want.scores[step]) <= 1e-4
-        rows = real if step == 0 else torch.ones(len(ids), 1, dtype=torch.bool)  # the step's query positions
-        for a, b in zip(got.hidden_states[step], want.hidden_states[step], strict=True):
-            assert a.shape == b.shape and max_abs_diff(a, b, rows) <= 1e-5
-        keys = 4 + ids.shape[1] + step  # the prefix, the prompt and the tokens before this one
-        for a, b in zip(got.attentions[step], want.attentions[step], strict=True):
-            assert a.shape == b.shape == (len(ids), VARIANTS[name].num_attention_heads, rows.shape[1], keys)
-            assert max_abs_diff(a.transpose(1, 2), b.transpose(1, 2), rows) <= 1e-5
+    for beams in (1, 3):  # the returned rows, or each step's running beams
+        record = dict(max_new_tokens=4, num_beams=beams, return_dict_in_generate=True, output_scores=True,
+                      output_hidden_states=True, output_attentions=True)
+        got = ours.generate(input_ids=ids, attention_mask=mask, **record)
+        want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **record)
+        assert torch.equal(got.sequences, want.sequences)
+        real = mask.bool().repeat_interleave(beams, 0)
+        for step in range(4):
+            assert max_abs_diff(got.scores[step], want.scores[step]) <= 1e-4
+            rows = real if step == 0 else torch.ones(len(real), 1, dtype=torch.bool)  # the step's query positions
+            for a, b in zip(got.hidden_states[step], want.hidden_states[step], strict=True):
+                assert a.shape == b.shape and max_abs_diff(a, b, rows) <= 1e-5
+            keys = 4 + ids.shape[1] + step  # the prefix, the prompt and the tokens before this one
+            for a, b in zip(got.attentions[step], want.attentions[step], strict=True):
+                assert a.shape == b.shape == (len(real), VARIANTS[name].num_attention_heads, rows.shape[1], keys)
+                assert max_abs_diff(a.transpose(1, 2), b.transpose(1, 2), rows) <= 1e-5
 
 
 def test_peft_prefix_tuning_with_prompt_lookup_and_an_assistant(checkpoints):
