@@ -22,7 +22,9 @@ pieces one step at a time from Python instead: the prompt pass, the step's score
 forward are each an XLA-compiled function (kept like the fast path's), with the processors, the stop-string
 and criteria checks and the streamer's put in between; prefix_allowed_tokens_fn's mask, made on the host
 from the rows so far before each step, is an input of the step's scores. Streamers
-receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
+receive NumPy arrays (transformers.TextStreamer reads them with .tolist()). Beam search asked for hidden
+states or attentions takes this loop too: it keeps each step's running beams, and generate runs one forward
+per step over them after decoding (opt_spec.generation.replayed_step_outputs).
 
 inputs_embeds (B, P, E) are one more input of the same pieces, compiled apart from the ids path's
 (`_input_key`): the prompt pass (and the record's one forward for hidden states and attentions, then with
@@ -51,8 +53,8 @@ from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
-                                 transition_scores)
+                                 needs_host, prompt_inputs, replayed_step_outputs, beam_step_rows, single_token_bias,
+                                 step_forward_mask, step_outputs, transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -445,28 +447,41 @@ class TFGenerationMixin(GenerationDefaults):
                        for name, x in outputs.items()}  # the (N, rows, V) buffers as the steps taken
         n = int(n)
         new = tf.cast(new[:, :n], out_dtype)
-        if d.is_beam_search:
-            ids = np.repeat(ids, d.num_return_sequences, 0)
-        sequences = tf.concat([tf.constant(ids, out_dtype), new], axis=1)
+        rows = np.repeat(ids, d.num_return_sequences, 0) if d.is_beam_search else ids
+        sequences = tf.concat([tf.constant(rows, out_dtype), new], axis=1)
         if not d.return_dict_in_generate:
             return sequences
         if not d.is_beam_search:
             hidden_states, attentions = None, None
             if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-                full = step_forward_mask(mask, n)  # (rows, P + n - 1)
-                rows, embedded = sequences[:, :full.shape[1]], None
-                if embeds is not None:  # the given embeddings, then the new tokens' but the last
-                    rows, embedded = None, tf.concat([embeds, self.get_input_embeddings()(new[:, :n - 1])], 1)
-                out = self._base(rows, inputs_embeds=embedded, attention_mask=tf.constant(full), use_cache=False,
-                                 output_hidden_states=d.output_hidden_states, training=False,
-                                 output_attentions=d.output_attentions)
-                hidden_states, attentions = step_outputs(mask.shape[1], n, out.hidden_states, out.attentions)
+                hidden_states, attentions = step_outputs(mask.shape[1], n, *self._replay(ids, mask, new, n, d, embeds))
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=outputs.get("scores"),
                                              logits=outputs.get("logits"), hidden_states=hidden_states,
                                              attentions=attentions)
+        hidden_states, attentions = None, None
+        if beam_step_rows(d):  # one forward per step over its running beams, kept by the host loop
+            K, beam_rows = d.num_beams, outputs["beam_rows"]
+            embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
+            hidden_states, attentions = replayed_step_outputs(mask.shape[1], len(beam_rows), lambda s: self._replay(
+                np.repeat(ids, K, 0), np.repeat(mask, K, 0), beam_rows[s], s + 1, d, embeds))
         return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=outputs.get("sequences_scores"),
                                              scores=outputs.get("scores"), logits=outputs.get("logits"),
-                                             beam_indices=outputs["beam_indices"][:, :n])
+                                             beam_indices=outputs["beam_indices"][:, :n], hidden_states=hidden_states,
+                                             attentions=attentions)
+
+    def _replay(self, ids, mask, new, steps: int, d: Decoding, embeds=None) -> tuple:
+        """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
+        record (opt_spec.generation.step_outputs): the prompt ids (R, T) (NumPy) seen through mask (R, P) (after
+        the embeddings `embeds` (R, P, E), when the call had them), then the new tokens `new` (R, >= steps - 1)
+        but the last step's."""
+        if embeds is None:
+            inputs, embedded = tf.concat([tf.constant(ids, new.dtype), new[:, :steps - 1]], 1), None
+        else:  # the embedded positions, then the new tokens' embeddings
+            inputs, embedded = None, tf.concat([embeds, self.get_input_embeddings()(new[:, :steps - 1])], 1)
+        out = self._base(inputs, inputs_embeds=embedded, attention_mask=tf.constant(step_forward_mask(mask, steps)),
+                         use_cache=False, output_hidden_states=d.output_hidden_states, training=False,
+                         output_attentions=d.output_attentions)
+        return out.hidden_states, out.attentions
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> tf.Tensor:
         """(rows, steps) float32: each generated token's score in the step's scores of a
@@ -837,6 +852,8 @@ class TFGenerationMixin(GenerationDefaults):
             if step:
                 logits, state = feed(state)
             seq = tf.concat([tf.repeat(ids_t, K, axis=0), tf.reshape(state["beams"], (B * K, -1))[:, :step]], 1)
+            if beam_step_rows(d):  # the running beams' new tokens (BK, step), for generate's replayed_step_outputs
+                kept.setdefault("beam_rows", []).append(seq[:, T:])
             allowed = rules.allowed(seq, K, V)  # (BK, V): the running beams', batch_id = r // K
             scores = pieces["scores"](ids_t, state, logits, allowed=allowed)
             c = pieces["candidates"](state, apply_processors(processors, seq, scores), seed)
