@@ -197,24 +197,36 @@ def test_soft_prompts_give_hugging_faces_tokens(models, hf, backend, cases, name
 def test_the_record_as_hugging_face(models, hf, backend, cases):
     """return_dict_in_generate with soft prompts: the scores and logits of every step, and the hidden
     states and attentions (the P embedded positions at step 0, then one position attending to P + s)."""
-    settings = dict(cases["greedy"], return_dict_in_generate=True, output_scores=True, output_logits=True,
+    _check_record(models, hf, backend, cases["greedy"], rows_per_prompt=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_the_beam_search_record_as_hugging_face(models, hf, backend, cases):
+    """The same with beam search: each step's entries over its running beams (B * num_beams rows), whose
+    prompts are the soft prompts repeated."""
+    _check_record(models, hf, backend, cases["beams"], rows_per_prompt=cases["beams"]["num_beams"])
+
+
+def _check_record(models, hf, backend, case: dict, rows_per_prompt: int) -> None:
+    """generate's record with every output against Hugging Face's eager model's, step by step."""
+    settings = dict(case, return_dict_in_generate=True, output_scores=True, output_logits=True,
                     output_hidden_states=True, output_attentions=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eager = transformers.OPTForCausalLM.from_pretrained(hf.name_or_path, attn_implementation="eager").eval()
     out, want = ours(models, backend, **settings), reference(eager, **settings)
     assert tokens(out).tolist() == tokens(want).tolist()
-    steps = tokens(out).shape[1]
+    steps = len(want.scores)
     assert len(out.scores) == len(out.logits) == len(out.hidden_states) == len(out.attentions) == steps
-    real = SOFT_MASK.astype(bool)
+    real = np.repeat(SOFT_MASK, rows_per_prompt, 0).astype(bool)
     for s in range(steps):
         assert close(to_numpy(out.scores[s]), want.scores[s].numpy(), 2e-4), s
         assert close(to_numpy(out.logits[s]), want.logits[s].numpy(), 2e-4), s
-        queries = real if s == 0 else np.ones((len(SOFT), 1), bool)  # a pad's own state is not specified
+        queries = real if s == 0 else np.ones((len(real), 1), bool)  # a pad's own state is not specified
         for ours_h, hf_h in zip(to_numpy(out.hidden_states[s]), want.hidden_states[s]):
-            assert ours_h.shape == tuple(hf_h.shape) == (len(SOFT), P if s == 0 else 1, CONFIG.hidden_size), s
+            assert ours_h.shape == tuple(hf_h.shape) == (len(real), P if s == 0 else 1, CONFIG.hidden_size), s
             assert close(ours_h[queries], hf_h.numpy()[queries], 1e-4), s
         for ours_a, hf_a in zip(to_numpy(out.attentions[s]), want.attentions[s]):
-            assert ours_a.shape == tuple(hf_a.shape) == (len(SOFT), CONFIG.num_attention_heads,
+            assert ours_a.shape == tuple(hf_a.shape) == (len(real), CONFIG.num_attention_heads,
                                                          P if s == 0 else 1, P + s), s
             assert close(ours_a.transpose(0, 2, 1, 3)[queries], hf_a.numpy().transpose(0, 2, 1, 3)[queries], 1e-5), s
