@@ -35,7 +35,9 @@ step's scores, the choice and the next forward are each a jitted function (kept 
 with the processors, the stop-string and criteria checks and the streamer's put in between; the allowed
 tokens of prefix_allowed_tokens_fn are asked before each step and enter the scores piece as an (R, V)
 bool mask (an argument: the pieces without it trace no mask). A call without them keeps the single
-compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads them with .tolist()).
+compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads them with .tolist()). Beam
+search asked for hidden states or attentions takes that loop too: it keeps each step's running beams, which
+one forward per step over them after decoding turns into Hugging Face's per-step states.
 
 Sampling draws with `jax.random.categorical` from `jax.random.key(seed)` folded with the step index:
 reproducible within JAX, not across backends. Beam sampling draws each step's candidates from the same
@@ -60,8 +62,8 @@ from opt_spec.cache import pad_slots
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, prompt_inputs, single_token_bias, step_forward_mask, step_outputs,
-                                 transition_scores)
+                                 needs_host, prompt_inputs, replayed_step_outputs, beam_step_rows, single_token_bias,
+                                 step_forward_mask, step_outputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -439,21 +441,21 @@ class GenerationMixin(GenerationDefaults):
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
         args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d), jax.random.key(seed))
         args += () if embeds is None else (embeds,)  # the ids path's programs stay as they were
+        beam_rows = [] if beam_step_rows(d) else None  # beam search: each step's running beams' new tokens
         if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
-            loop = self._host_beam_search if d.is_beam_search else self._host_decode
+            loop = functools.partial(self._host_beam_search, rows=beam_rows) if d.is_beam_search else self._host_decode
             new, length, extras = loop(static, *args, processors=processors, streamer=as_streamer(streamer),
                                        stops=stops, mask_np=mask[:, P - T:], criteria=criteria,
                                        prefix=prefix_allowed_tokens_fn)
         else:
             new, length, extras = self._generation_fn(static)(*args)
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
-        if d.is_beam_search:
-            ids = np.repeat(ids, d.num_return_sequences, 0)
+        prompts = np.repeat(ids, d.num_return_sequences, 0) if d.is_beam_search else ids
         if self.sharding is not None:  # new tokens are split over the mesh (and perhaps over processes)
-            sequences = jnp.asarray(np.concatenate([ids, self.sharding.gather(new)[:, :n]], axis=1))
+            sequences = jnp.asarray(np.concatenate([prompts, self.sharding.gather(new)[:, :n]], axis=1))
         else:
-            sequences = jnp.concatenate([jnp.asarray(ids), new[:, :n]], axis=1)
+            sequences = jnp.concatenate([jnp.asarray(prompts), new[:, :n]], axis=1)
         if not d.return_dict_in_generate:
             return sequences
         steps = int(extras.steps)
@@ -462,23 +464,37 @@ class GenerationMixin(GenerationDefaults):
             return None if buffer is None else tuple(buffer[s] for s in range(steps))
 
         scores, logits = per_step(extras.scores), per_step(extras.logits)
-        if d.is_beam_search:
-            return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
-                                                 scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n])
         hidden_states, attentions = None, None
+        if d.is_beam_search:
+            if beam_rows is not None:  # one forward per step over its running beams
+                K = d.num_beams
+                hidden_states, attentions = replayed_step_outputs(P, len(beam_rows), lambda s: self._replay(
+                    params, np.repeat(ids, K, 0), np.repeat(mask, K, 0), beam_rows[s], s + 1, d,
+                    None if embeds is None else jnp.repeat(embeds, K, 0)))
+            return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
+                                                 scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n],
+                                                 hidden_states=hidden_states, attentions=attentions)
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-            full = step_forward_mask(mask, n)
-            if embeds is None:
-                inputs = dict(input_ids=sequences[:, :full.shape[1]])
-            else:  # the given embeddings, then the model's own of the new tokens fed back
-                table, dtype = params["model"]["decoder"]["embed_tokens"]["embedding"], self.module.numerics.dtype
-                fed = jnp.take(table, sequences[:, T:T + n - 1], axis=0)  # (rows, n - 1, E)
-                inputs = dict(inputs_embeds=jnp.concatenate([embeds.astype(dtype), fed.astype(dtype)], axis=1))
-            out = self(**inputs, attention_mask=jnp.asarray(full), params=params,
-                       output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
-            hidden_states, attentions = step_outputs(P, n, out.hidden_states, out.attentions)
+            hidden_states, attentions = step_outputs(
+                P, n, *self._replay(params, ids, mask, sequences[:, T:], n, d, embeds))
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
                                          hidden_states=hidden_states, attentions=attentions)
+
+    def _replay(self, params, ids, mask, new, steps: int, d: Decoding, embeds=None) -> tuple:
+        """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
+        record (opt_spec.generation.step_outputs): the prompt ids (R, T) seen through mask (R, P) (the
+        embeddings `embeds` (R, P, E) instead, when the call had them), then the new tokens `new`
+        (R, >= steps - 1) but the last step's."""
+        new = new[:, :steps - 1]
+        if embeds is None:
+            inputs = dict(input_ids=jnp.concatenate([jnp.asarray(ids), new], axis=1))
+        else:  # the given embeddings, then the model's own of the new tokens fed back
+            table, dtype = params["model"]["decoder"]["embed_tokens"]["embedding"], self.module.numerics.dtype
+            fed = jnp.take(table, new, axis=0)  # (R, steps - 1, E)
+            inputs = dict(inputs_embeds=jnp.concatenate([embeds.astype(dtype), fed.astype(dtype)], axis=1))
+        out = self(**inputs, attention_mask=jnp.asarray(step_forward_mask(mask, steps)), params=params,
+                   output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
+        return out.hidden_states, out.attentions
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> jax.Array:
         """Each generated token's score (rows, steps) float32 from generate's record (sequences, scores,
@@ -877,7 +893,9 @@ class GenerationMixin(GenerationDefaults):
         return self._beam_finish(static, state)
 
     def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
-                          streamer, stops, mask_np, criteria=(), prefix=None):
+                          streamer, stops, mask_np, criteria=(), prefix=None, rows=None):
+        """Beam search's pieces one step at a time, with the host's extras between them (as _host_decode);
+        `rows`, when a list, gets each step's running beams' new tokens (B * K, step) (beam_step_rows)."""
         del streamer  # check_extras refuses a streamer
         start, scores_fn, candidates, update, feed, finish = (self._host_piece(static, name, fn) for name, fn in (
             ("beam_start", self._beam_start), ("beam_scores", self._beam_scores),
@@ -889,7 +907,10 @@ class GenerationMixin(GenerationDefaults):
         for step in range(static.max_new_tokens):
             if step:
                 logits, state = feed(params, state)
-            seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), state.beams.tokens.reshape(B * K, -1)[:, :step]], 1)
+            running = state.beams.tokens.reshape(B * K, -1)[:, :step]  # (B*K, step): the running beams' new tokens
+            if rows is not None:
+                rows.append(running)
+            seq = jnp.concatenate([jnp.repeat(ids, K, axis=0), running], 1)
             allowed = None
             if prefix is not None:  # every running beam (B*K rows, batch_id r // K), as Hugging Face asks
                 allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in np.asarray(seq)], K, V))

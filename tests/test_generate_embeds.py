@@ -200,7 +200,6 @@ def test_the_record_as_hugging_face(models, hf, backend, cases):
     _check_record(models, hf, backend, cases["greedy"], 1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "tf"])
 def test_beam_search_record_as_hugging_face(models, hf, backend, cases):
     """The same with beam search: each step's hidden states and attentions over its running beams (the soft
     prompts' embeddings repeated num_beams times, then the beams' new tokens)."""

@@ -444,7 +444,6 @@ def test_hidden_states_need_the_record(models, backend):
     assert beams.hidden_states is None and beams.attentions is None
 
 
-@pytest.mark.parametrize("backend", ["torch", "tf"])
 @pytest.mark.parametrize("early_stopping", [False, True])
 def test_beam_search_hidden_states_and_attentions_per_step_as_hugging_face(models, backend, hf_eager, early_stopping):
     """Beam search's output_hidden_states / output_attentions: one entry per step taken, each over the running
