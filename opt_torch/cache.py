@@ -83,6 +83,12 @@ class KVCache:
         else:
             self.position.fill_(length)
 
+    def written(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values written so far, (B, nh, length, hs) (views, not copies)."""
+        if self.capacity is None:
+            return list(zip(self.keys, self.values))
+        return [(self.keys[i, :, :, :self.length], self.values[i, :, :, :self.length]) for i in range(self.num_layers)]
+
     def positions(self, new: int, device: torch.device) -> torch.Tensor:
         """(new,) the slots, hence the causal positions, of the next `new` tokens (on `device`)."""
         if self.capacity is None:
@@ -117,6 +123,13 @@ def hugging_face_cache(cache) -> bool:
     return transformers is not None and isinstance(cache, transformers.Cache)
 
 
+def check_dynamic(cache) -> None:
+    """Refuses, in words, a Hugging Face cache that is not a plain DynamicCache (one of transformers' caches)."""
+    if not isinstance(cache, sys.modules["transformers"].DynamicCache) or getattr(cache, "offloading", False):
+        raise TypeError(f"past_key_values is a Hugging Face {type(cache).__name__}: the model takes its own KVCache "
+                        "(model.init_cache) or a Hugging Face DynamicCache")
+
+
 class HFDynamicCacheView:
     """A Hugging Face DynamicCache passed as past_key_values (PEFT's prefix tuning passes one holding its
     learned prefix; code written for transformers may pass one, empty or filled by an earlier call), as the
@@ -128,11 +141,8 @@ class HFDynamicCacheView:
     capacity = None
 
     def __init__(self, cache, config: OPTConfig, num_heads: int, dtype: torch.dtype):
-        transformers = sys.modules["transformers"]
+        check_dynamic(cache)
         kind = type(cache).__name__
-        if not isinstance(cache, transformers.DynamicCache) or getattr(cache, "offloading", False):
-            raise TypeError(f"past_key_values is a Hugging Face {kind}: the model takes its own KVCache "
-                            "(model.init_cache) or a Hugging Face DynamicCache")
         held = [(k, v) for k, v in cache if k is not None and k.numel()]  # layers written so far
         self.cache, self.num_layers, self.num_heads = cache, config.num_hidden_layers, num_heads
         self.batch_size = held[0][0].shape[0] if held else None  # an empty cache takes any batch

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from opt_spec.cache import pad_slots
+from opt_spec.cache import pad_slots, refuse_legacy_cache
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
@@ -32,6 +32,8 @@ from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allo
                                  replayed_step_outputs, beam_step_rows, step_forward_mask, step_outputs,
                                  transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
+from .cache import KVCache, check_dynamic, hugging_face_cache
 
 
 NEG_INF = float("-inf")
@@ -214,8 +216,15 @@ def _prompt_seen(ids: torch.Tensor, mask: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def _prefix_length(prefix) -> int:
-    """Positions a prefix (per layer keys and values, or None) puts before the prompt."""
+    """Positions a prefix (per layer keys and values, or None) holds."""
     return 0 if prefix is None else prefix[0][0].shape[2]
+
+
+def _fed(input_ids: torch.Tensor, positions: int, prefix) -> torch.Tensor:
+    """The prompt's ids the prompt pass feeds when the model sees `positions` (P) positions first and the
+    prefix holds the first C of them: the last P - C (all T after a wrapper's virtual prefix, C = P - T; the
+    last T - C when the prefix is a cache of the prompt's own first C tokens, P = T)."""
+    return input_ids[:, input_ids.shape[1] - (positions - _prefix_length(prefix)):]
 
 
 def _repeat_rows(x, n: int):
@@ -377,14 +386,16 @@ class GenerationMixin(GenerationDefaults):
 
     def _prepare(self, input_ids, attention_mask, generation_config, kwargs, inputs_embeds=None) -> tuple:
         """The rows' prompt ids (B, T) and the attention mask (B, P) as long tensors on the model's device,
-        the embeddings (B, P, E) in the model's dtype or None, the prefix (per layer keys and values
-        (B, nh, P - T, hs) that take the first positions, from a wrapper: _wrapped_prompt) or None, and the
-        call's Decoding. Without inputs_embeds or a prefix P = T; with embeddings T = P (their ids given)
-        or 0 (rows that start empty)."""
+        the embeddings (B, P, E) in the model's dtype or None, the prefix or None, and the call's Decoding.
+        Without inputs_embeds or a wrapper's prefix P = T; with embeddings T = P (their ids given) or 0 (rows
+        that start empty). The prefix: per layer keys and values (B, nh, C, hs) of the first C positions,
+        which the prompt pass does not feed again: a wrapper's C = P - T virtual positions (_wrapped_prompt),
+        or the cache of the prompt's own first C tokens passed as past_key_values (_reused_prefix)."""
         config = self.config
         ids, mask = prompt_inputs(_host(input_ids), _host(attention_mask), config.vocab_size, inputs_embeds,
                                   config.word_embed_proj_dim)
         T, P = ids.shape[1], mask.shape[1]
+        reused = kwargs.pop("past_key_values", None)
         d = self._decoding(generation_config, kwargs, P, T)
         device = self.device
         input_ids = torch.as_tensor(input_ids if input_ids is not None else ids).to(device=device, dtype=torch.long)
@@ -394,6 +405,11 @@ class GenerationMixin(GenerationDefaults):
         if hook is not None and inputs_embeds is None:
             attention_mask, inputs_embeds, prefix = self._wrapped_prompt(hook, input_ids, attention_mask.to(device))
             mask = _host(attention_mask)
+        if reused is not None:
+            if inputs_embeds is not None or prefix is not None:
+                raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with "
+                                 "input_ids: not with inputs_embeds or a wrapper's prompt (PEFT's prompt learning)")
+            prefix = self._reused_prefix(reused, input_ids)
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).to(device=device,
@@ -426,24 +442,53 @@ class GenerationMixin(GenerationDefaults):
     def _wrapped_prefix(self, cache, embeds, mask, input_ids) -> tuple:
         """_wrapped_prompt's (attention_mask (B, P), None, prefix) from the cache a wrapper's first step holds
         (PEFT's prefix tuning): its per layer (keys, values), (B, nh, P - T, hs) in the model's dtype."""
-        (B, T), dtype = input_ids.shape, self.get_input_embeddings().weight.dtype
-        prefix = [(k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
-        S = prefix[0][0].shape[2] if prefix and prefix[0][0] is not None and prefix[0][0].dim() == 4 else -1
-        want = (B, self.kv_heads, S, self.config.head_dim)
-        if (embeds is not None or mask is None or tuple(mask.shape) != (B, S + T) or S < 1
-                or len(prefix) != self.config.num_hidden_layers or any(tuple(x.shape) != want for kv in prefix
-                                                                         for x in kv)):
+        (B, T), L, hs = input_ids.shape, self.config.num_hidden_layers, self.config.head_dim
+        prefix, S = self._cache_layers(cache, B)
+        if embeds is not None or mask is None or S is None or S < 1 or tuple(mask.shape) != (B, S + T):
             shapes = sorted({tuple(x.shape) for kv in prefix for x in kv if x is not None})
             raise ValueError(f"prepare_inputs_for_generation returned a cache of {len(prefix)} layers of keys and "
                              f"values {shapes} and attention_mask {None if mask is None else tuple(mask.shape)}"
                              f"{' with inputs_embeds' if embeds is not None else ''}; expected, for a prefix of S "
-                             f"positions, {self.config.num_hidden_layers} layers of (B, {want[1]}, S, {want[3]}) and "
-                             f"a mask (B, S + {T}) over the prefix and the prompt, for B = {B}, and no inputs_embeds")
+                             f"positions, {L} layers of (B, {self.kv_heads}, S, {hs}) and a mask (B, S + {T}) over "
+                             f"the prefix and the prompt, for B = {B}, and no inputs_embeds")
         return mask.long(), None, prefix
+
+    def _reused_prefix(self, cache, input_ids) -> list:
+        """generate's past_key_values: a cache of the rows' first C < T prompt tokens (the model's KVCache, from a
+        forward over input_ids[:, :C] with attention_mask[:, :C], or a Hugging Face DynamicCache filled alike),
+        as per layer keys and values (B, nh, C, hs) in the model's dtype. The cache itself is left as it is."""
+        refuse_legacy_cache(cache)
+        if hugging_face_cache(cache):
+            check_dynamic(cache)
+        elif not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be the model's KVCache or a Hugging Face DynamicCache, got "
+                            f"{type(cache).__name__}")
+        (B, T), L, hs = input_ids.shape, self.config.num_hidden_layers, self.config.head_dim
+        prefix, C = self._cache_layers(cache.written() if isinstance(cache, KVCache) else cache, B)
+        if C is None:
+            shapes = sorted({tuple(x.shape) for kv in prefix for x in kv if x is not None})
+            raise ValueError(f"past_key_values holds {len(prefix)} layers of keys and values {shapes}; the model has "
+                             f"{L} layers, each (batch {B}, {self.kv_heads}, tokens, {hs})")
+        if not 0 < C < T:
+            raise ValueError(f"past_key_values holds {C} tokens and the prompt has {T}: it must hold the prompt's "
+                             f"first tokens, at least one and fewer than all (the last one is fed to the model)")
+        return prefix
+
+    def _cache_layers(self, cache, B: int) -> tuple[list, Optional[int]]:
+        """A cache's per layer (keys, values), detached in the model's dtype, and the positions S they hold when
+        every layer's are (B, kv_heads, S, head_dim) (else None)."""
+        dtype = self.get_input_embeddings().weight.dtype
+        layers = [(k, v) if k is None else (k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
+        first = layers[0][0] if layers else None
+        S = first.shape[2] if first is not None and first.dim() == 4 else -1
+        want = (B, self.kv_heads, S, self.config.head_dim)
+        fits = len(layers) == self.config.num_hidden_layers and all(
+            x is not None and tuple(x.shape) == want for kv in layers for x in kv)
+        return layers, S if fits else None
 
     def _start_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0,
                      prefix: Optional[list] = None):
-        """init_cache's cache, holding the prefix (per layer keys and values, _wrapped_prefix's) when given."""
+        """init_cache's cache, holding the prefix (per layer keys and values: _prepare's) when given."""
         cache = self.init_cache(batch_size, max_length, pads)
         if prefix is not None:
             for layer, (k, v) in enumerate(prefix):
@@ -463,7 +508,9 @@ class GenerationMixin(GenerationDefaults):
         and prefix_allowed_tokens_fn: Hugging Face's, called on the host each step (opt_spec.generation).
         inputs_embeds (B, P, E): what the model sees first instead of the prompt's token embeddings; without
         input_ids the rows hold only the new tokens (opt_spec.generation). assistant_model (a smaller
-        OPTForCausalLM) or prompt_lookup_num_tokens: assisted decoding (opt_spec.generation)."""
+        OPTForCausalLM) or prompt_lookup_num_tokens: assisted decoding (opt_spec.generation). past_key_values:
+        a cache of the prompt's first tokens to re-use (the model's KVCache or a Hugging Face DynamicCache;
+        left as it is)."""
         input_ids, attention_mask, embeds, prefix, d = self._prepare(input_ids, attention_mask, generation_config,
                                                                      kwargs, inputs_embeds)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
@@ -523,7 +570,8 @@ class GenerationMixin(GenerationDefaults):
         mask = torch.from_numpy(step_forward_mask(_host(attention_mask), steps)).to(attention_mask.device)
         cache = None if prefix is None else self._start_cache(len(input_ids), prefix=prefix)  # not in the input
         if embeds is None:
-            inputs = dict(input_ids=torch.cat([input_ids, new[:, :steps - 1]], dim=1))
+            inputs = dict(input_ids=torch.cat([_fed(input_ids, attention_mask.shape[1], prefix), new[:, :steps - 1]],
+                                              dim=1))
         else:  # the embedded positions, then the new tokens' embeddings
             inputs = dict(inputs_embeds=torch.cat([embeds, self.get_input_embeddings()(new[:, :steps - 1])], dim=1))
         out = self._base(**inputs, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
@@ -561,7 +609,7 @@ class GenerationMixin(GenerationDefaults):
         a _PromptLookup over the call's cache slots; None for plain decoding."""
         if not check_assisted(d, assistant, input_ids.shape[0], embeds is not None, self.config.vocab_size, "torch"):
             return None
-        if prefix is not None and assistant is not None:
+        if prefix is not None and assistant is not None and attention_mask.shape[1] > input_ids.shape[1]:
             raise ValueError("assistant_model: the assistant cannot read the prefix keys and values that "
                              "prepare_inputs_for_generation put in the cache (PEFT's prefix tuning); use "
                              "prompt_lookup_num_tokens")
@@ -596,7 +644,7 @@ class GenerationMixin(GenerationDefaults):
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)
         step_fn = self._step_fn(compile)
-        ahead, candidates = [self._last_logits(input_ids, mask, cache, embeds)], None  # logits of the next steps
+        ahead, candidates = [self._last_logits(_fed(input_ids, P, prefix), mask, cache, embeds)], None  # next logits
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         step = 0
         while True:
@@ -663,7 +711,7 @@ class GenerationMixin(GenerationDefaults):
         mask[:, :P] = attention_mask.repeat_interleave(K, 0)
         prompt = input_ids.repeat_interleave(K, 0)                           # (BK, T)
         seen = _prompt_seen(prompt, mask[:, S:P], V) if d.repetition_penalty != 1.0 else None
-        logits = self._last_logits(prompt, mask, cache, _repeat_rows(embeds, K))
+        logits = self._last_logits(_fed(prompt, P, prefix), mask, cache, _repeat_rows(embeds, K))
         step_fn = self._step_fn(compile=False)
         eos = torch.tensor(d.eos_token_ids, dtype=torch.long, device=device)
         rules = TokenRules(d, V, device, prefix_fn)

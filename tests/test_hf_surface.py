@@ -653,6 +653,68 @@ def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(che
         ours(input_ids=ids, attention_mask=mask, past_key_values=static)
 
 
+def test_generate_reuses_a_cache_of_the_prompts_first_tokens(checkpoints):
+    """generate(past_key_values=cache of input_ids[:, :C]) (Hugging Face's prompt re-use), with the model's own
+    KVCache or a DynamicCache filled by Hugging Face's model: the tokens of a call without it (greedy, beams with
+    several returned, sampling with a seed, prompt lookup), per-step records as Hugging Face's generate gives them
+    with its cache (step 0 covers the T - C positions fed), and the given cache left as it was (Hugging Face's
+    grows, which is why its users copy it first)."""
+    import copy
+
+    from opt_torch import OPTForCausalLM
+
+    path, C = checkpoints("pre_ln"), 7
+    ours, ref = OPTForCausalLM.from_pretrained(path).eval(), hugging_face(path)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))  # left-padded by 0, 3 and 5
+    with torch.no_grad():
+        mine = ours(ids[:, :C], attention_mask=mask[:, :C], use_cache=True).past_key_values
+        theirs = ref(ids[:, :C], attention_mask=mask[:, :C], use_cache=True).past_key_values
+    for settings in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+                     dict(max_new_tokens=6, do_sample=True, seed=4, top_k=5)):
+        plain = ours.generate(ids, attention_mask=mask, **settings)
+        for cache in (mine, theirs):
+            assert torch.equal(ours.generate(ids, attention_mask=mask, past_key_values=cache, **settings), plain)
+    assert mine.length == theirs.get_seq_length() == C
+    lookup = ours(ids[:1, :C], use_cache=True).past_key_values
+    assert torch.equal(ours.generate(ids[:1], max_new_tokens=8, prompt_lookup_num_tokens=2, past_key_values=lookup),
+                       ours.generate(ids[:1], max_new_tokens=8))
+
+    record = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
+                  output_attentions=True)
+    got = ours.generate(ids, attention_mask=mask, past_key_values=mine, **record)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, past_key_values=copy.deepcopy(theirs), do_sample=False, **record)
+    assert torch.equal(got.sequences, want.sequences)
+    real = mask[:, C:].bool()
+    for step in range(4):
+        assert max_abs_diff(got.scores[step], want.scores[step]) <= 1e-4
+        rows = real if step == 0 else torch.ones(len(ids), 1, dtype=torch.bool)
+        for a, b in zip(got.hidden_states[step] + got.attentions[step], want.hidden_states[step] +
+                        want.attentions[step], strict=True):
+            assert a.shape == b.shape and max_abs_diff(a.transpose(1, -2) if a.dim() == 4 else a,
+                                                        b.transpose(1, -2) if b.dim() == 4 else b, rows) <= 1e-5
+    beams = dict(record, num_beams=3)  # Hugging Face's beam search cannot take a cache (its rows are not expanded)
+    got, plain = (ours.generate(ids, attention_mask=mask, past_key_values=c, **beams) for c in (mine, None))
+    assert torch.equal(got.sequences, plain.sequences)
+    for step in range(4):
+        for a, b in zip(got.hidden_states[step] + got.attentions[step], plain.hidden_states[step] +
+                        plain.attentions[step], strict=True):
+            b = b[..., C:, :] if step == 0 else b  # the positions fed at step 0
+            assert a.shape == b.shape and max_abs_diff(a, b) <= 1e-5
+
+    with pytest.raises(ValueError, match="holds 9 tokens and the prompt has 9"):
+        ours.generate(ids, attention_mask=mask, past_key_values=ours(ids, attention_mask=mask, use_cache=True)
+                      .past_key_values)
+    with pytest.raises(ValueError, match=r"each \(batch 2"):
+        ours.generate(ids[:2], attention_mask=mask[:2], past_key_values=mine)
+    with pytest.raises(ValueError, match="not with inputs_embeds"):
+        ours.generate(inputs_embeds=ours.get_input_embeddings()(ids).detach(), attention_mask=mask,
+                      past_key_values=mine)
+    with pytest.raises(TypeError, match="StaticCache"):
+        ours.generate(ids, attention_mask=mask, past_key_values=transformers.StaticCache(config=ref.config,
+                                                                                         max_cache_len=16))
+
+
 @pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
 def test_parameter_counts_and_memory_footprint_are_hugging_faces(checkpoints, name):
     import peft
