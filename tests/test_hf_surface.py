@@ -656,7 +656,7 @@ def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(che
 def test_generate_reuses_a_cache_of_the_prompts_first_tokens(checkpoints):
     """generate(past_key_values=cache of input_ids[:, :C]) (Hugging Face's prompt re-use), with the model's own
     KVCache or a DynamicCache filled by Hugging Face's model: the tokens of a call without it (greedy, beams with
-    several returned, sampling with a seed, prompt lookup), per-step records as Hugging Face's generate gives them
+    several returned, sampling with a seed, prompt lookup, an assistant), per-step records as Hugging Face's generate gives them
     with its cache (step 0 covers the T - C positions fed), and the given cache left as it was (Hugging Face's
     grows, which is why its users copy it first)."""
     import copy
@@ -675,9 +675,13 @@ def test_generate_reuses_a_cache_of_the_prompts_first_tokens(checkpoints):
         for cache in (mine, theirs):
             assert torch.equal(ours.generate(ids, attention_mask=mask, past_key_values=cache, **settings), plain)
     assert mine.length == theirs.get_seq_length() == C
-    lookup = ours(ids[:1, :C], use_cache=True).past_key_values
-    assert torch.equal(ours.generate(ids[:1], max_new_tokens=8, prompt_lookup_num_tokens=2, past_key_values=lookup),
-                       ours.generate(ids[:1], max_new_tokens=8))
+    one = ours(ids[:1, :C], use_cache=True).past_key_values
+    greedy = ours.generate(ids[:1], max_new_tokens=8)
+    assert torch.equal(ours.generate(ids[:1], max_new_tokens=8, prompt_lookup_num_tokens=2, past_key_values=one),
+                       greedy)
+    assistant = OPTForCausalLM.from_config(VARIANTS["pre_ln"], seed=1)  # reads the whole prompt itself
+    assert torch.equal(ours.generate(ids[:1], max_new_tokens=8, assistant_model=assistant, past_key_values=one),
+                       greedy)
 
     record = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
                   output_attentions=True)
