@@ -66,6 +66,20 @@ def pad_slots(prompt_width: int, max_new_tokens: int, max_positions: int) -> int
     return max(0, prompt_width + max_new_tokens - max_positions)
 
 
+def check_cache_position(cache_position, past: int, new: int) -> None:
+    """cache_position, as Hugging Face's decode loops pass it (the new tokens' slots in the cache), must be
+    past .. past + new - 1 (None: not known, as while tracing): optkit's caches keep their own write position,
+    so other slots (a static cache's arbitrary writes) would not be written where the caller asks."""
+    if cache_position is None:
+        return
+    given = np.asarray(cache_position)
+    want = np.arange(past, past + new)
+    if given.shape != want.shape or not np.array_equal(given, want):
+        shown = given.tolist() if given.size <= 8 else f"{given.shape} values"
+        raise ValueError(f"cache_position is {shown}; the cache holds {past} tokens, so the {new} new ones take "
+                         f"slots {past}..{past + new - 1} (pass those, or no cache_position)")
+
+
 def refuse_legacy_cache(past_key_values) -> None:
     """A tuple/list of per-layer (keys, values) is refused in words (the cache object is the one format)."""
     if isinstance(past_key_values, (tuple, list)):

@@ -107,6 +107,14 @@ def check_attention_mask(mask) -> None:
                          f"at index {bad}")
 
 
+def refuse_head_mask(head_mask) -> None:
+    """head_mask (Hugging Face's argument to switch attention heads off) is refused unless None: Hugging Face
+    4.57's OPT takes it and ignores it, so code passing one gets the unmasked model there without a word."""
+    if head_mask is not None:
+        raise ValueError("head_mask is not supported (Hugging Face 4.57's OPT accepts it and ignores it, which would "
+                         "give the model with every head): pass None")
+
+
 def check_position_ids(shape, dtype, batch, length, max_positions: int, values=None) -> None:
     """Explicit position_ids: integers (B, T) or (1, T) (None dimensions unknown while tracing pass);
     `values`, when known, in [-1, max_positions) (-1 is a pad's position, as the mask rule gives)."""

@@ -18,10 +18,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from opt_spec import Head, OPTConfig
-from opt_spec.cache import refuse_legacy_cache
+from opt_spec.cache import check_cache_position, refuse_legacy_cache
 from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels, check_pooling,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions,
-                             check_span_positions, check_token_ids, not_integers, token_range_message)
+                             check_span_positions, check_token_ids, not_integers, refuse_head_mask,
+                             token_range_message)
 from opt_spec.numerics import (IGNORE_INDEX, LAYER_NORM_EPS, POSITION_OFFSET, SOFTMAX_DTYPE, attention_scale,
                                mask_value, problem_type)
 from opt_spec.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
@@ -155,11 +156,15 @@ class OPTDecoder(nn.Module):
         self.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, output_hidden_states=False, output_attentions=False):
+                inputs_embeds=None, use_cache=False, output_hidden_states=False, output_attentions=False,
+                head_mask=None, cache_position=None):
         """past_key_values: a KVCache (opt_torch.cache), or a Hugging Face DynamicCache, written in place and
         returned; use_cache=True without one starts a dynamic cache. attention_mask (B, past + new), or
-        (B, capacity) with a preallocated cache (opt_spec.cache.cache_mask_width)."""
+        (B, capacity) with a preallocated cache (opt_spec.cache.cache_mask_width). cache_position (Hugging
+        Face's loops pass it): the new tokens' slots, which must be the cache's next ones (the cache keeps
+        its own write position). head_mask: refused unless None (opt_spec.inputs.refuse_head_mask)."""
         config = self.config
+        refuse_head_mask(head_mask)
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a cache would keep every layer's keys alive (Hugging Face turns it off too)
         if (input_ids is None) == (inputs_embeds is None):
@@ -189,6 +194,8 @@ class OPTDecoder(nn.Module):
                 attention_mask = torch.ones(B, width, dtype=torch.long, device=device)
             if S > width:  # slots not written yet: 0
                 attention_mask = F.pad(attention_mask, (0, S - width))
+        if cache_position is not None and not torch.compiler.is_compiling():
+            check_cache_position(_host_values(cache_position), 0 if cache is None else cache.length, T)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {given}; expected (batch, past + new) = ({B}, {S})")
         if position_ids is None:
@@ -379,11 +386,12 @@ class OPTModel(OPTPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=False, output_attentions=False,
-                return_dict=None):
+                return_dict=None, head_mask=None, cache_position=None):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                           head_mask=head_mask, cache_position=cache_position)
         return returned(out, return_dict)
 
 
@@ -418,10 +426,12 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
-                output_attentions=False, return_dict=None):
+                output_attentions=False, return_dict=None, head_mask=None,
+                cache_position=None):
         out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         head_mask=head_mask, cache_position=cache_position)
         logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
         loss = None
         if labels is not None:
@@ -446,10 +456,12 @@ class OPTForSequenceClassification(_OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
-                output_attentions=False, return_dict=None):
+                output_attentions=False, return_dict=None, head_mask=None,
+                cache_position=None):
         out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         head_mask=head_mask, cache_position=cache_position)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
         check_pooling(B, self.config.pad_token_id)
@@ -481,10 +493,12 @@ class OPTForQuestionAnswering(_OPTWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-                output_hidden_states=False, output_attentions=False, return_dict=None):
+                output_hidden_states=False, output_attentions=False, return_dict=None, head_mask=None,
+                cache_position=None):
         out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         head_mask=head_mask, cache_position=cache_position)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = logits[..., 0].contiguous(), logits[..., 1].contiguous()
         loss = None

@@ -615,9 +615,10 @@ def test_peft_prefix_tuning_with_prompt_lookup_and_an_assistant(checkpoints):
 
 
 def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(checkpoints):
-    """A DynamicCache passed as past_key_values (code written for transformers): a decode loop that keeps passing
-    the same object gives Hugging Face's logits, and the cache holds what Hugging Face's would; a cache that
-    does not fit the model, or another kind of Hugging Face cache, is refused in words."""
+    """A DynamicCache passed as past_key_values (code written for transformers): Hugging Face's documented decode
+    loop (the same object passed each step, with cache_position) gives Hugging Face's logits, and the cache holds
+    what Hugging Face's would; a cache that does not fit the model, another kind of Hugging Face cache, a
+    cache_position other than the cache's next slots and a head_mask are refused in words."""
     from opt_torch import OPTForCausalLM
 
     path = checkpoints("pre_ln")
@@ -626,14 +627,16 @@ def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(che
     ids, mask = (torch.as_tensor(a) for a in batch(config))
     caches, logits = [transformers.DynamicCache(), transformers.DynamicCache()], [[], []]
     with torch.no_grad():
-        for model, cache, out in zip((ours, ref), caches, logits):
-            step_ids, step_mask = ids, mask
+        for model, cache, out in zip((ours, ref), caches, logits):  # Hugging Face's documented loop
+            step_ids, step_mask, position = ids, mask, torch.arange(ids.shape[1])
             for _ in range(3):
-                result = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                result = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True,
+                               cache_position=position)
                 assert result.past_key_values is cache
                 out.append(result.logits[:, -1])
                 step_ids = result.logits[:, -1].argmax(-1, keepdim=True)
                 step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=1)
+                position = position[-1:] + 1
     for a, b in zip(*logits):
         assert max_abs_diff(a, b) <= 1e-5
     assert caches[0].get_seq_length() == caches[1].get_seq_length() == ids.shape[1] + 2
@@ -651,6 +654,10 @@ def test_a_hugging_face_dynamic_cache_is_read_and_written_as_in_hugging_face(che
     static = transformers.StaticCache(config=ref.config, max_cache_len=16)
     with pytest.raises(TypeError, match="StaticCache"):
         ours(input_ids=ids, attention_mask=mask, past_key_values=static)
+    with pytest.raises(ValueError, match=r"cache_position is \[3\]; the cache holds 11 tokens"):  # a static write
+        ours(input_ids=ids[:, :1], past_key_values=caches[0], cache_position=torch.tensor([3]))
+    with pytest.raises(ValueError, match="head_mask is not supported"):  # Hugging Face's OPT ignores it
+        ours(input_ids=ids, head_mask=torch.zeros(config.num_hidden_layers, config.num_attention_heads))
 
 
 def test_generate_reuses_a_cache_of_the_prompts_first_tokens(checkpoints):
