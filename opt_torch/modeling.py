@@ -424,10 +424,14 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
+    accepts_loss_kwargs = True  # Hugging Face's Trainer then passes num_items_in_batch
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
                 output_attentions=False, return_dict=None, head_mask=None,
-                cache_position=None):
+                cache_position=None, num_items_in_batch=None):
+        """num_items_in_batch (Hugging Face's Trainer passes it): the loss is the summed token losses divided by
+        it, the labels counted over every micro-batch of an accumulated update, instead of their mean here."""
         out = self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions,
@@ -438,7 +442,7 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
             _check_tensors(labels=labels)
             B, T, V = logits.shape
             check_labels(tuple(labels.shape), labels.dtype, B, T, V, _host_values(labels))
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return returned(CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                                hidden_states=out.hidden_states, attentions=out.attentions),
                         return_dict)
@@ -520,20 +524,25 @@ def returned(out, return_dict: Optional[bool]):
 
 # ----------------------------------------------------------------------------------------- losses
 # opt_spec.numerics defines each loss (and its NumPy reference): means over what counts, 0 over nothing.
-def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                        count=None) -> torch.Tensor:
     """Mean float32 cross entropy of (N, C) logits over targets != ignore_index; 0, with zero gradients,
-    when none counts (torch's own mean would be 0 / 0)."""
+    when none counts (torch's own mean would be 0 / 0). `count` (a number or a tensor): divide the sum by it
+    instead of by the targets counted here."""
     total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    if count is not None:
+        return total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
     return total / (target != ignore_index).sum().clamp(min=1)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, count=None) -> torch.Tensor:
+    """Mean cross entropy (float32) of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX (the sum
+    divided by `count` when given: _mean_cross_entropy)."""
     V = logits.shape[-1]
     labels = labels.to(logits.device)
     # shift the labels, not the logits: no copy of the (B, T, V) tensor
     target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return _mean_cross_entropy(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX)
+    return _mean_cross_entropy(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX, count)
 
 
 def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:

@@ -726,6 +726,41 @@ def test_generate_reuses_a_cache_of_the_prompts_first_tokens(checkpoints):
                                                                                          max_cache_len=16))
 
 
+def test_hugging_faces_trainer_trains_saves_and_resumes_as_with_its_own_opt(checkpoints, tmp_path):
+    """transformers.Trainer on optkit's OPT (a full fine-tune: 3 AdamW updates of 2 accumulated micro-batches of
+    unequal size, a checkpoint after 2, a resume from it) logs the losses it logs on Hugging Face's OPT with the
+    same weights and data (the loss divided by Trainer's num_items_in_batch, as there), and its checkpoint
+    holds the trained weights. Trainer saves a model that is not a transformers PreTrainedModel as a bare state
+    dict: safetensors' save_file refuses tied (and transposed) tensors there, so such a run sets
+    save_safetensors=False."""
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    ids, mask = batch(VARIANTS["pre_ln"], left_pad=(0, 0, 0))
+    prompt = [0, 3, 5]  # labels counted from there (a prompt's are not trained on): micro-batches count unequally
+    rows = [dict(input_ids=torch.as_tensor(i), attention_mask=torch.as_tensor(m),
+                 labels=torch.as_tensor(np.where(np.arange(len(i)) >= p, i, -100)))
+            for i, m, p in zip(ids, mask, prompt)]
+
+    def train(model, out, resume=None):
+        args = transformers.TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=3,
+                                              gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
+                                              save_steps=2, report_to=[], use_cpu=True, save_safetensors=False,
+                                              disable_tqdm=True, seed=3)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train(resume_from_checkpoint=resume)
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log], model
+
+    ours_losses, _ = train(OPTForCausalLM.from_pretrained(path), tmp_path / "ours")
+    hf_losses, _ = train(hugging_face(path).train(), tmp_path / "hf")
+    assert len(ours_losses) == 3 and ours_losses == pytest.approx(hf_losses, rel=1e-4)
+    resumed_losses, resumed = train(OPTForCausalLM.from_pretrained(path), tmp_path / "ours",
+                                    resume=str(tmp_path / "ours" / "checkpoint-2"))
+    assert resumed_losses == pytest.approx(ours_losses, rel=1e-4)  # two restored from the checkpoint, one new
+    saved = torch.load(tmp_path / "ours" / "checkpoint-3" / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in resumed.state_dict().items())
+
+
 @pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
 def test_parameter_counts_and_memory_footprint_are_hugging_faces(checkpoints, name):
     import peft
