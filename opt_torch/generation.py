@@ -227,6 +227,11 @@ def _fed(input_ids: torch.Tensor, positions: int, prefix) -> torch.Tensor:
     return input_ids[:, input_ids.shape[1] - (positions - _prefix_length(prefix)):]
 
 
+def _shapes(layers) -> list:
+    """The distinct shapes of per layer (keys, values), for an error message."""
+    return sorted({tuple(x.shape) for kv in layers for x in kv if x is not None})
+
+
 def _repeat_rows(x, n: int):
     """Each row n times over (num_return_sequences, beams): of a tensor (B, ...) or of per layer (keys,
     values); None stays None."""
@@ -445,9 +450,9 @@ class GenerationMixin(GenerationDefaults):
         (B, T), L, hs = input_ids.shape, self.config.num_hidden_layers, self.config.head_dim
         prefix, S = self._cache_layers(cache, B)
         if embeds is not None or mask is None or S is None or S < 1 or tuple(mask.shape) != (B, S + T):
-            shapes = sorted({tuple(x.shape) for kv in prefix for x in kv if x is not None})
+            given = None if mask is None else tuple(mask.shape)
             raise ValueError(f"prepare_inputs_for_generation returned a cache of {len(prefix)} layers of keys and "
-                             f"values {shapes} and attention_mask {None if mask is None else tuple(mask.shape)}"
+                             f"values {_shapes(prefix)} and attention_mask {given}"
                              f"{' with inputs_embeds' if embeds is not None else ''}; expected, for a prefix of S "
                              f"positions, {L} layers of (B, {self.kv_heads}, S, {hs}) and a mask (B, S + {T}) over "
                              f"the prefix and the prompt, for B = {B}, and no inputs_embeds")
@@ -466,9 +471,8 @@ class GenerationMixin(GenerationDefaults):
         (B, T), L, hs = input_ids.shape, self.config.num_hidden_layers, self.config.head_dim
         prefix, C = self._cache_layers(cache.written() if isinstance(cache, KVCache) else cache, B)
         if C is None:
-            shapes = sorted({tuple(x.shape) for kv in prefix for x in kv if x is not None})
-            raise ValueError(f"past_key_values holds {len(prefix)} layers of keys and values {shapes}; the model has "
-                             f"{L} layers, each (batch {B}, {self.kv_heads}, tokens, {hs})")
+            raise ValueError(f"past_key_values holds {len(prefix)} layers of keys and values {_shapes(prefix)}; the "
+                             f"model has {L} layers, each (batch {B}, {self.kv_heads}, tokens, {hs})")
         if not 0 < C < T:
             raise ValueError(f"past_key_values holds {C} tokens and the prompt has {T}: it must hold the prompt's "
                              f"first tokens, at least one and fewer than all (the last one is fed to the model)")
@@ -627,9 +631,9 @@ class GenerationMixin(GenerationDefaults):
                 prefix_fn: Optional[Callable] = None, embeds=None, prefix=None,
                 drafter=None) -> Iterator[torch.Tensor]:
         """input_ids (B, T): the rows' prompt; attention_mask (B, P) over the positions the model sees first
-        (the prompt's, or the P embeddings `embeds` with T = P or 0, or a prefix of P - T positions' keys and
-        values, then the prompt). Every rule reads the rows, seq[:, S:]:
-        the cache's slots from S = P - T on. drafter (_drafter's): candidates to check a forward pass at a time
+        (the prompt's, or the P embeddings `embeds` with T = P or 0); the first of them may be a prefix of keys
+        and values put in the cache instead of fed (_prepare's). Every rule reads the rows, seq[:, S:]: the
+        cache's slots from S = P - T on. drafter (_drafter's): candidates to check a forward pass at a time
         (opt_spec.generation, "Assisted decoding"; B = 1)."""
         (B, T), P = input_ids.shape, attention_mask.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size

@@ -412,6 +412,7 @@ class _OPTWithHead(OPTPreTrainedModel):
 
 class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
     head = Head.CAUSAL_LM
+    accepts_loss_kwargs = True  # Hugging Face's Trainer then passes num_items_in_batch to forward
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__(config, attn_implementation)
@@ -423,8 +424,6 @@ class OPTForCausalLM(GenerationMixin, CausalLMMethods, _OPTWithHead):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
-
-    accepts_loss_kwargs = True  # Hugging Face's Trainer then passes num_items_in_batch
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
