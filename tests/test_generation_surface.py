@@ -444,7 +444,8 @@ def test_hidden_states_need_the_record(models, backend):
     assert beams.hidden_states is None and beams.attentions is None
 
 
-@pytest.mark.parametrize("early_stopping", [False, True])
+@pytest.mark.parametrize("backend, early_stopping", [("torch", False), ("torch", True), ("tf", True),
+                                                     ("flax", True)])  # the compiled backends: the faster case
 def test_beam_search_hidden_states_and_attentions_per_step_as_hugging_face(models, backend, hf_eager, early_stopping):
     """Beam search's output_hidden_states / output_attentions: one entry per step taken, each over the running
     beams of that step (B * num_beams rows, in the order of its scores), as Hugging Face's forward passes give
