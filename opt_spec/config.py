@@ -178,6 +178,14 @@ class OPTConfig:
         """The text model's config (transformers' PretrainedConfig method): OPT is one, so itself."""
         return self
 
+    # What transformers' pipelines read off a model's config: the Hub revision it was downloaded at (transformers
+    # records it while loading; optkit does not), and config.json's legacy per-task generation settings.
+    _commit_hash = None
+
+    @property
+    def task_specific_params(self) -> dict | None:
+        return self.extra.get("task_specific_params")
+
     # ---------------------------------------------------------------------------- construction
     def replace(self, **changes: Any) -> "OPTConfig":
         """A copy with some fields changed (the config itself never changes)."""

@@ -191,6 +191,7 @@ loop there (each backend says how).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -606,6 +607,17 @@ class Decoding:
                                             if f.name in HOST_SETTINGS})
 
 
+def with_model_defaults(given: GenerationConfig, model_defaults: GenerationConfig) -> GenerationConfig:
+    """A call's generation_config with each setting it leaves at the global default taken from the model's,
+    where the model's differs from it (what Hugging Face >= 4.50 does; `extra` is not carried)."""
+    plain = GenerationConfig()
+    values = {}
+    for name in GenerationConfig.field_names():
+        mine, model = getattr(given, name), getattr(model_defaults, name)
+        values[name] = model if mine == getattr(plain, name) and model != getattr(plain, name) else mine
+    return GenerationConfig(**values)
+
+
 def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: Mapping[str, Any], *,
             prompt_length: int, max_positions: int, vocab_size: int, row_length: int | None = None) -> Decoding:
     """The Decoding of one call: kwargs over generation_config over the model's defaults (see the
@@ -618,13 +630,7 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
     if generation_config is None:
         base = dataclasses.replace(model_defaults, extra={})
     else:
-        given = GenerationConfig.coerce(generation_config)
-        plain = GenerationConfig()
-        values = {}
-        for name in names:  # values left at the global default take the model's (Hugging Face >= 4.50)
-            mine, model = getattr(given, name), getattr(model_defaults, name)
-            values[name] = model if mine == getattr(plain, name) and model != getattr(plain, name) else mine
-        base = GenerationConfig(**values)
+        base = with_model_defaults(GenerationConfig.coerce(generation_config), model_defaults)
     unknown = sorted(k for k in kwargs if k not in names and k not in UNSUPPORTED and k not in HARMLESS)
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -1431,6 +1437,24 @@ class GenerationDefaults:
     @generation_config.setter
     def generation_config(self, value) -> None:
         self.__dict__["_generation_config"] = None if value is None else GenerationConfig.coerce(value)
+
+    def _prepare_generation_config(self, generation_config=None, use_model_defaults: bool | None = None,
+                                   **kwargs: Any) -> tuple[GenerationConfig, dict]:
+        """(settings, the kwargs that are no setting), as transformers' GenerationMixin method that its
+        pipelines call: a copy of generation_config (else the model's), whose values at the global defaults
+        take the model's (unless use_model_defaults is False), updated by the kwargs that name settings.
+        transformers.pipeline("text-generation", model=...) thereby starts from its own defaults (sampling,
+        256 new tokens) under generation_config.json's values, as with Hugging Face's models."""
+        if generation_config is None:
+            cfg = copy.deepcopy(self.generation_config)
+        else:
+            cfg = copy.deepcopy(GenerationConfig.coerce(generation_config))
+            if use_model_defaults is not False:
+                cfg = with_model_defaults(cfg, self.generation_config)
+        names = set(GenerationConfig.field_names())
+        settings = {k: v for k, v in kwargs.items() if k in names}
+        cfg = dataclasses.replace(cfg, **settings)  # runs validate()
+        return cfg, {k: v for k, v in kwargs.items() if k not in names}
 
     def _load_generation_config(self, directory: str | os.PathLike) -> None:
         self.generation_config = GenerationConfig.from_pretrained(directory, self.config)

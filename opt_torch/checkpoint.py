@@ -91,6 +91,7 @@ class PretrainedMixin:
         max_memory and offload_folder: one process, layers spread over accelerators, CPU and disk by
         accelerate. See opt_torch.distributed.
         """
+        name_or_path = os.fspath(path)
         path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
         if not os.path.isdir(path):
@@ -122,9 +123,7 @@ class PretrainedMixin:
             else:
                 model = distributed.load_dispatched(cls, config, attn_implementation, tensors, plan, dtype,
                                                     device_map, max_memory, offload_folder)
-            if hasattr(model, "_load_generation_config"):
-                model._load_generation_config(path)
-            return model.eval()
+            return model._loaded_from(path, name_or_path)
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation)
         state = {}
@@ -139,9 +138,14 @@ class PretrainedMixin:
         for n, src in plan.tied.items():
             state[n] = state[src]
         model.load_state_dict(state, strict=True, assign=True)  # its post-hook re-ties and packs
-        if hasattr(model, "_load_generation_config"):
-            model._load_generation_config(path)  # generation_config.json: the defaults of generate
-        return model.eval()
+        return model._loaded_from(path, name_or_path)
+
+    def _loaded_from(self, path: str, name_or_path: str):
+        """The end of from_pretrained: generation_config.json (generate's defaults) read, the name kept, eval mode."""
+        if hasattr(self, "_load_generation_config"):
+            self._load_generation_config(path)
+        self.name_or_path = name_or_path
+        return self.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> list[str]:

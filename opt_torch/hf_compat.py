@@ -5,7 +5,14 @@
   replays the random state, so dropout draws the same masks), and the cache is off. Unlike transformers
   the default is the non-reentrant checkpoint (`use_reentrant=False`), which also lets gradients reach
   adapters behind a frozen embedding; `gradient_checkpointing_kwargs` go to torch.utils.checkpoint.
-- `enable_input_require_grads()` / `disable_input_require_grads()`, `get_output_embeddings()`.
+- `enable_input_require_grads()` / `disable_input_require_grads()`.
+- `get_input_embeddings()` / `set_input_embeddings(module)`, `get_output_embeddings()` /
+  `set_output_embeddings(module)`, `get_decoder()` / `set_decoder(decoder)`: a module set must fit the config's
+  shapes (resize_token_embeddings changes the vocabulary), and a tied head stays tied to the embedding (Hugging
+  Face leaves the old head tied to the old embedding until tie_weights is called).
+- `name_or_path` (what from_pretrained was given; "" otherwise: PEFT writes it into adapter_config.json),
+  `main_input_name`, `floating_point_ops(inputs)` (Trainer's total_flos: 6 x tokens x parameters without the
+  embeddings, as transformers estimates it).
 - `num_parameters(only_trainable, exclude_embeddings)`, `get_memory_footprint(return_buffers)`: counted as
   transformers counts them (a tied weight once; exclude_embeddings leaves out every nn.Embedding's weight,
   the learned positions included); `can_generate()`.
@@ -18,6 +25,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -35,6 +43,7 @@ class HFModelMethods:
     """Mixed into OPTPreTrainedModel (an nn.Module with `config`, `get_input_embeddings`, `pack_weights`)."""
 
     supports_gradient_checkpointing = True
+    main_input_name = "input_ids"
 
     # ------------------------------------------------------------------------- gradient checkpointing
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
@@ -63,8 +72,55 @@ class HFModelMethods:
     def disable_input_require_grads(self) -> None:
         self._require_grads_hook.remove()
 
+    # ------------------------------------------------------------------------------ modules by role
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_decoder().embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replaces the token embedding with `value` (a module whose weight is (vocab_size,
+        word_embed_proj_dim)); a tied LM head is tied to the new weight."""
+        config = self.config
+        _check_module(value, "set_input_embeddings", (config.vocab_size, config.word_embed_proj_dim))
+        self.get_decoder().embed_tokens = value
+        self._after_swap()
+
     def get_output_embeddings(self) -> Optional[nn.Module]:
         return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        """Replaces the LM head with `value` (a module whose weight is (vocab_size, word_embed_proj_dim)). Under
+        tie_word_embeddings the head is the token embedding: a head with a weight of its own is refused."""
+        config = self.config
+        if self.get_output_embeddings() is None:
+            raise AttributeError(f"{type(self).__name__} has no LM head to set")
+        _check_module(value, "set_output_embeddings", (config.vocab_size, config.word_embed_proj_dim))
+        if config.tie_word_embeddings and value.weight is not self.get_input_embeddings().weight:
+            raise ValueError("set_output_embeddings: config.tie_word_embeddings is True, so the LM head is the token "
+                             "embedding's weight; set_input_embeddings changes both, or load the model with a config "
+                             "whose tie_word_embeddings is False for a head of its own")
+        self.lm_head = value
+        self._after_swap()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        """Replaces the decoder (embeddings and layers) with another of the same config."""
+        from .modeling import OPTDecoder
+
+        if not isinstance(decoder, OPTDecoder) or decoder.config != self.config:
+            raise ValueError("set_decoder takes an opt_torch OPTDecoder of the model's config (get_decoder() of "
+                             "a model of the same shape)")
+        self._decoder_parent().decoder = decoder
+        self._after_swap()
+
+    def get_decoder(self) -> nn.Module:
+        return self._decoder_parent().decoder
+
+    def _decoder_parent(self) -> nn.Module:
+        return getattr(self, "model", self)
+
+    def _after_swap(self) -> None:
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+        self.pack_weights()
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -83,6 +139,22 @@ class HFModelMethods:
         """Bytes the parameters (and, with return_buffers, the buffers) take."""
         tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
         return sum(t.nelement() * t.element_size() for t in tensors)
+
+    def estimate_tokens(self, input_dict) -> int:
+        """The tokens of a batch (its input_ids' element count); 0, with a warning once, without input_ids."""
+        ids = input_dict.get(self.main_input_name) if hasattr(input_dict, "get") else None
+        if ids is not None:
+            return int(ids.numel() if hasattr(ids, "numel") else np.size(ids))
+        if not getattr(self, "_warned_tokens", False):
+            self._warned_tokens = True
+            warnings.warn(f"floating_point_ops: the batch has no {self.main_input_name}; its tokens (and operations) "
+                          "count as 0", stacklevel=3)
+        return 0
+
+    def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
+        """Floating-point operations of a training step on the batch, as transformers estimates them (what
+        its Trainer sums into total_flos): 6 x tokens x parameters (without the embeddings by default)."""
+        return 6 * self.estimate_tokens(input_dict) * self.num_parameters(exclude_embeddings=exclude_embeddings)
 
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
@@ -117,6 +189,16 @@ class HFModelMethods:
             self.tie_weights()
         self.pack_weights()
         return embed
+
+
+def _check_module(value, what: str, shape: tuple) -> None:
+    weight = getattr(value, "weight", None)
+    if not isinstance(value, nn.Module) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} takes an nn.Module with a weight tensor (an nn.Embedding or nn.Linear), "
+                        f"got {type(value).__name__}")
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"{what}: the weight is {tuple(weight.shape)}; the model's config needs {shape} "
+                         "(vocab_size, word_embed_proj_dim). resize_token_embeddings changes the vocabulary")
 
 
 class CausalLMMethods:

@@ -310,6 +310,7 @@ class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, PackedWeights, nn.Modu
             raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
         self.config = config
         self.attn_implementation = attn_implementation
+        self.name_or_path = ""  # from_pretrained's folder or Hub id (PEFT's adapter_config.json names it)
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._after_load())
 
     def _after_load(self) -> None:
@@ -381,9 +382,6 @@ class OPTModel(OPTPreTrainedModel):
         self.init_weights()
         self.pack_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.decoder.embed_tokens
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=False, output_attentions=False,
                 return_dict=None, head_mask=None, cache_position=None):
@@ -401,9 +399,6 @@ class _OPTWithHead(OPTPreTrainedModel):
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__(config, attn_implementation)
         self.model = OPTModel(config, attn_implementation)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.decoder.embed_tokens
 
     def _base(self, **inputs) -> BaseModelOutputWithPast:
         """The base model's output; inputs by name only, so that no signature's order can misroute one."""

@@ -2,6 +2,10 @@
 random, varied weights: attention probabilities, return_dict=False tuples, torch_dtype= and dtype="auto",
 gradient checkpointing, resize_token_embeddings, and PEFT's LoRA on the PyTorch causal LM."""
 
+import copy
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -749,16 +753,99 @@ def test_hugging_faces_trainer_trains_saves_and_resumes_as_with_its_own_opt(chec
                                               disable_tqdm=True, seed=3)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
         trainer.train(resume_from_checkpoint=resume)
-        return [log["loss"] for log in trainer.state.log_history if "loss" in log], model
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log], trainer
 
-    ours_losses, _ = train(OPTForCausalLM.from_pretrained(path), tmp_path / "ours")
-    hf_losses, _ = train(hugging_face(path).train(), tmp_path / "hf")
+    ours_losses, ours = train(OPTForCausalLM.from_pretrained(path), tmp_path / "ours")
+    hf_losses, hf = train(hugging_face(path).train(), tmp_path / "hf")
     assert len(ours_losses) == 3 and ours_losses == pytest.approx(hf_losses, rel=1e-4)
+    assert ours.state.total_flos == hf.state.total_flos > 0  # summed floating_point_ops of every micro-batch
     resumed_losses, resumed = train(OPTForCausalLM.from_pretrained(path), tmp_path / "ours",
                                     resume=str(tmp_path / "ours" / "checkpoint-2"))
     assert resumed_losses == pytest.approx(ours_losses, rel=1e-4)  # two restored from the checkpoint, one new
     saved = torch.load(tmp_path / "ours" / "checkpoint-3" / "pytorch_model.bin", weights_only=True)
-    assert all(torch.equal(saved[k], v) for k, v in resumed.state_dict().items())
+    assert all(torch.equal(saved[k], v) for k, v in resumed.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
+def test_floating_point_ops_and_name_or_path_are_hugging_faces(checkpoints, tmp_path, name):
+    """floating_point_ops (Trainer's total_flos) and name_or_path (PEFT's base_model_name_or_path) as
+    transformers gives them."""
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints(name)
+    ours, theirs = OPTForCausalLM.from_pretrained(path), hugging_face(path)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS[name]))
+    for inputs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1, :4]}):
+        for exclude in (True, False):
+            assert ours.floating_point_ops(inputs, exclude) == theirs.floating_point_ops(inputs, exclude) > 0
+    with pytest.warns(UserWarning, match="no input_ids"):
+        assert ours.floating_point_ops({"inputs_embeds": torch.zeros(1, 2, 3)}) == 0
+
+    assert ours.name_or_path == theirs.name_or_path == str(path)
+    assert OPTForCausalLM.from_config(VARIANTS[name]).name_or_path == ""
+    assert OPTForCausalLM.from_pretrained(os.fspath(path)).name_or_path == str(path)
+    peft.get_peft_model(ours, lora_config()).save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(path)
+
+
+def test_setting_embeddings_heads_and_decoders_as_hugging_face(checkpoints, tmp_path):
+    """set_input_embeddings / set_output_embeddings / set_decoder give Hugging Face's logits after the same
+    swaps (and its tie_weights); a tied head follows a new embedding; modules that do not fit are refused."""
+    from opt_torch import OPTForCausalLM, OPTModel
+
+    def fresh(rows: int, cols: int, seed: int, cls=torch.nn.Embedding):
+        torch.manual_seed(seed)
+        module = cls(cols, rows, bias=False) if cls is torch.nn.Linear else cls(rows, cols)
+        torch.nn.init.normal_(module.weight, std=0.1)
+        return module
+
+    for name in ("pre_ln", "untied_head", "post_ln_proj"):
+        config = VARIANTS[name]
+        shape = (config.vocab_size, config.word_embed_proj_dim)
+        path = checkpoints(name)
+        ours, theirs = OPTForCausalLM.from_pretrained(path), hugging_face(path)
+        assert ours.get_decoder() is ours.model.decoder and OPTModel.from_pretrained(path).get_decoder().layers
+        ids, mask = batch(config)
+        embedding = fresh(*shape, seed=1)
+        ours.set_input_embeddings(embedding)
+        theirs.set_input_embeddings(copy.deepcopy(embedding))
+        if not config.tie_word_embeddings:
+            head = fresh(*shape, seed=2, cls=torch.nn.Linear)
+            ours.set_output_embeddings(head)
+            theirs.set_output_embeddings(copy.deepcopy(head))
+        theirs.tie_weights()
+        assert ours.get_input_embeddings() is embedding
+        assert (ours.lm_head.weight is embedding.weight) == config.tie_word_embeddings
+        got = numpy(run("torch", ours, ids, mask).logits)
+        assert max_abs_diff(got, numpy(hf_run(theirs, ids, mask).logits), mask) <= 1e-5
+        assert torch.equal(ours.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=4),
+                           theirs.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                                           max_new_tokens=4, do_sample=False))
+        ours.save_pretrained(tmp_path / name)
+        again = OPTForCausalLM.from_pretrained(tmp_path / name)
+        assert max_abs_diff(numpy(run("torch", again, ids, mask).logits), got, mask) == 0
+
+        other = OPTForCausalLM.from_config(config, seed=7).eval()
+        ours.set_decoder(other.get_decoder())
+        if not config.tie_word_embeddings:
+            ours.set_output_embeddings(other.lm_head)
+        assert max_abs_diff(numpy(run("torch", ours, ids, mask).logits), numpy(run("torch", other, ids, mask).logits),
+                            mask) == 0
+
+    tied = OPTForCausalLM.from_pretrained(checkpoints("pre_ln"))
+    with pytest.raises(ValueError, match=r"\(96, 16\); the model's config needs \(96, 32\).*resize_token_embeddings"):
+        tied.set_input_embeddings(fresh(96, 16, seed=3))
+    with pytest.raises(TypeError, match="nn.Module with a weight"):
+        tied.set_input_embeddings(torch.zeros(96, 32))
+    with pytest.raises(ValueError, match="tie_word_embeddings is True"):
+        tied.set_output_embeddings(fresh(96, 32, seed=4, cls=torch.nn.Linear))
+    with pytest.raises(ValueError, match="OPTDecoder of the model's config"):
+        tied.set_decoder(OPTForCausalLM.from_config(VARIANTS["no_bias"]).get_decoder())
+    with pytest.raises(AttributeError, match="no LM head"):
+        OPTModel.from_config(VARIANTS["pre_ln"]).set_output_embeddings(fresh(96, 32, seed=4, cls=torch.nn.Linear))
 
 
 @pytest.mark.parametrize("name", ["pre_ln", "untied_head", "post_ln_proj"])
@@ -854,3 +941,37 @@ def test_tf_gradient_checkpointing_under_xla_replays_dropout(checkpoints):
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
         assert max_abs_diff(a, b) <= 1e-6
+
+
+def test_transformers_pipeline_generates_as_with_hugging_faces_opt(tmp_path):
+    """transformers.pipeline("text-generation") on optkit's OPT: its defaults under generation_config.json's
+    values, greedy and batched (left-padded) calls, return_full_text=False: Hugging Face's OPT's texts and ids."""
+    from opt_torch import OPTForCausalLM
+
+    from . import test_tokenizer
+
+    test_tokenizer.build_bpe(tmp_path / "tok")
+    tokenizer = transformers.GPT2TokenizerFast(vocab_file=str(tmp_path / "tok" / "vocab.json"),
+                                               merges_file=str(tmp_path / "tok" / "merges.txt"), bos_token="</s>",
+                                               eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                               padding_side="left")
+    config = VARIANTS["pre_ln"].replace(vocab_size=len(tokenizer))
+    texts = ["the cat", "a dog sat on the"]
+    for settings in (None, {"max_length": 30, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3}):
+        path = tmp_path / f"model-{settings is None}"
+        spec_io.save_safetensors_dir(path, random_weights(config, "causal_lm", seed=5), config.to_dict())
+        if settings:
+            (path / "generation_config.json").write_text(json.dumps(settings))
+        ours, theirs = (transformers.pipeline("text-generation", model=m, tokenizer=tokenizer)
+                        for m in (OPTForCausalLM.from_pretrained(path), hugging_face(path)))
+        for name in ("do_sample", "temperature", "max_new_tokens", "max_length", "no_repeat_ngram_size",
+                     "repetition_penalty", "pad_token_id", "eos_token_id"):
+            want = getattr(theirs.generation_config, name)
+            assert getattr(ours.generation_config, name) == (None if (name, want) == ("max_length", 20) else want)
+        limit = {} if settings else {"max_new_tokens": 6}  # the pipeline's default of 256 is past the positions
+        for kwargs in (dict(return_tensors=True), dict(batch_size=2, return_full_text=False)):
+            got, want = (pipe(texts, do_sample=False, **limit, **kwargs) for pipe in (ours, theirs))
+            assert got == want and len(got) == 2
+    # the pipeline samples unless told not to; a file's max_length replaces its 256 new tokens (as there)
+    assert ours.generation_config.do_sample and ours.generation_config.max_new_tokens is None
+    assert len(got[1][0]["generated_text"]) > 0
