@@ -468,9 +468,10 @@ class GenerationMixin(GenerationDefaults):
         if d.is_beam_search:
             if beam_rows is not None:  # one forward per step over its running beams
                 K = d.num_beams
+                beams = (np.repeat(ids, K, 0), np.repeat(mask, K, 0))
+                embeds = None if embeds is None else jnp.repeat(embeds, K, 0)
                 hidden_states, attentions = replayed_step_outputs(P, len(beam_rows), lambda s: self._replay(
-                    params, np.repeat(ids, K, 0), np.repeat(mask, K, 0), beam_rows[s], s + 1, d,
-                    None if embeds is None else jnp.repeat(embeds, K, 0)))
+                    params, *beams, beam_rows[s], s + 1, d, embeds))
             return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
                                                  scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n],
                                                  hidden_states=hidden_states, attentions=attentions)

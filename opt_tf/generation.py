@@ -461,9 +461,10 @@ class TFGenerationMixin(GenerationDefaults):
         hidden_states, attentions = None, None
         if beam_step_rows(d):  # one forward per step over its running beams, kept by the host loop
             K, beam_rows = d.num_beams, outputs["beam_rows"]
+            beams = (np.repeat(ids, K, 0), np.repeat(mask, K, 0))
             embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
             hidden_states, attentions = replayed_step_outputs(mask.shape[1], len(beam_rows), lambda s: self._replay(
-                np.repeat(ids, K, 0), np.repeat(mask, K, 0), beam_rows[s], s + 1, d, embeds))
+                *beams, beam_rows[s], s + 1, d, embeds))
         return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=outputs.get("sequences_scores"),
                                              scores=outputs.get("scores"), logits=outputs.get("logits"),
                                              beam_indices=outputs["beam_indices"][:, :n], hidden_states=hidden_states,

@@ -532,10 +532,11 @@ class GenerationMixin(GenerationDefaults):
             hidden_states, attentions = None, None
             if record.beam_rows is not None:  # one forward per step over its running beams
                 K, past = d.num_beams, _prefix_length(prefix)
+                beams = (input_ids.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0))
+                embeds, prefix = _repeat_rows(embeds, K), _repeat_rows(prefix, K)
                 hidden_states, attentions = replayed_step_outputs(
-                    attention_mask.shape[1] - past, len(record.beam_rows), lambda s: self._replay(
-                        input_ids.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0), record.beam_rows[s],
-                        s + 1, d, _repeat_rows(embeds, K), _repeat_rows(prefix, K)), past)
+                    attention_mask.shape[1] - past, len(record.beam_rows),
+                    lambda s: self._replay(*beams, record.beam_rows[s], s + 1, d, embeds, prefix), past)
             return GenerateBeamDecoderOnlyOutput(
                 sequences=sequences, sequences_scores=beam_scores if d.output_scores else None, scores=record.scores,
                 logits=record.logits, beam_indices=beam_indices, hidden_states=hidden_states, attentions=attentions)
