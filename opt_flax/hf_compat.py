@@ -8,6 +8,7 @@
 - `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing, seed)` (opt_spec.surface): new
   parameter arrays for the token embedding (and an untied LM head), a tied head follows (it is the
   embedding), and the config and module get the new vocab_size.
+- `can_generate()`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from opt_spec import surface
 from opt_spec.inputs import seeded_rng
 
 
-class FlaxModelMethods:
+class FlaxModelMethods(surface.ModelSurface):
     """Mixed into FlaxOPTPreTrainedModel (`config`, `module`, `params`)."""
 
     # ------------------------------------------------------------------------- gradient checkpointing

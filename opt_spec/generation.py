@@ -618,6 +618,25 @@ def with_model_defaults(given: GenerationConfig, model_defaults: GenerationConfi
     return GenerationConfig(**values)
 
 
+def prepared_config(model_defaults: GenerationConfig, generation_config=None, use_model_defaults: bool | None = None,
+                    **kwargs: Any) -> tuple[GenerationConfig, dict]:
+    """(settings, the kwargs that are no setting), as transformers' PyTorch GenerationMixin's
+    _prepare_generation_config that its pipelines call: a copy of generation_config (else of the model's
+    defaults), whose values at the global defaults take the model's (unless use_model_defaults is False),
+    updated by the kwargs that name settings. A pipeline thereby starts from its own defaults (sampling,
+    256 new tokens) under generation_config.json's values, as it does with Hugging Face's PyTorch models
+    (its TensorFlow pipelines take the model's generation_config as it is)."""
+    if generation_config is None:
+        cfg = copy.deepcopy(model_defaults)
+    else:
+        cfg = copy.deepcopy(GenerationConfig.coerce(generation_config))
+        if use_model_defaults is not False:
+            cfg = with_model_defaults(cfg, model_defaults)
+    names = set(GenerationConfig.field_names())
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in kwargs.items() if k in names})  # runs validate()
+    return cfg, {k: v for k, v in kwargs.items() if k not in names}
+
+
 def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: Mapping[str, Any], *,
             prompt_length: int, max_positions: int, vocab_size: int, row_length: int | None = None) -> Decoding:
     """The Decoding of one call: kwargs over generation_config over the model's defaults (see the
@@ -1437,24 +1456,6 @@ class GenerationDefaults:
     @generation_config.setter
     def generation_config(self, value) -> None:
         self.__dict__["_generation_config"] = None if value is None else GenerationConfig.coerce(value)
-
-    def _prepare_generation_config(self, generation_config=None, use_model_defaults: bool | None = None,
-                                   **kwargs: Any) -> tuple[GenerationConfig, dict]:
-        """(settings, the kwargs that are no setting), as transformers' GenerationMixin method that its
-        pipelines call: a copy of generation_config (else the model's), whose values at the global defaults
-        take the model's (unless use_model_defaults is False), updated by the kwargs that name settings.
-        transformers.pipeline("text-generation", model=...) thereby starts from its own defaults (sampling,
-        256 new tokens) under generation_config.json's values, as with Hugging Face's models."""
-        if generation_config is None:
-            cfg = copy.deepcopy(self.generation_config)
-        else:
-            cfg = copy.deepcopy(GenerationConfig.coerce(generation_config))
-            if use_model_defaults is not False:
-                cfg = with_model_defaults(cfg, self.generation_config)
-        names = set(GenerationConfig.field_names())
-        settings = {k: v for k, v in kwargs.items() if k in names}
-        cfg = dataclasses.replace(cfg, **settings)  # runs validate()
-        return cfg, {k: v for k, v in kwargs.items() if k not in names}
 
     def _load_generation_config(self, directory: str | os.PathLike) -> None:
         self.generation_config = GenerationConfig.from_pretrained(directory, self.config)

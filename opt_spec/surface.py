@@ -22,6 +22,18 @@ import numpy as np
 MEAN_RESIZING_SCALE = 1e-9  # transformers' covariance factor for added embedding rows
 
 
+class ModelSurface:
+    """What Hugging Face's models say about themselves, alike in every backend (mixed into each backend's
+    model methods): the main input's name, and whether the class generates."""
+
+    main_input_name = "input_ids"
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the model has `generate` (the causal LM), as transformers' models say (its pipelines ask)."""
+        return callable(getattr(cls, "generate", None))
+
+
 def dtype_argument(dtype: Any, torch_dtype: Any) -> Any:
     """The dtype asked for through either name (None when neither is given); two different ones are an error."""
     if torch_dtype is None:

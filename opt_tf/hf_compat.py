@@ -8,7 +8,7 @@
   embedding (and an untied LM head) get new variables of the new size under the same paths, a tied head
   follows (it is the embedding), every layer's config gets the new vocab_size. Compile after resizing
   (an optimizer built for the old variables does not know the new ones).
-- `get_output_embeddings()`.
+- `get_output_embeddings()`, `can_generate()` (transformers' TF text-generation pipeline asks it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from opt_spec import surface
 from opt_spec.inputs import seeded_rng
 
 
-class TFModelMethods:
+class TFModelMethods(surface.ModelSurface):
     """Mixed into TFOPTPreTrainedModel (a keras.Model with `config` and `get_input_embeddings`)."""
 
     # ------------------------------------------------------------------------- gradient checkpointing

@@ -19,7 +19,8 @@
 - `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing)` (opt_spec.surface): the embedding (and an
   untied LM head) keep their first rows and gain new ones at the end, a tied head follows, and every
   module's config gets the new vocab_size (OPTConfig is frozen: a replaced copy).
-- `prepare_inputs_for_generation` (causal LM), which PEFT's PeftModelForCausalLM wraps.
+- `prepare_inputs_for_generation` (causal LM), which PEFT's PeftModelForCausalLM wraps, and
+  `_prepare_generation_config`, which transformers' pipelines call.
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ from torch import nn
 
 from opt_spec import surface
 from opt_spec.cache import refuse_legacy_cache
+from opt_spec.generation import prepared_config
 
 from .cache import cache_length
 
 
-class HFModelMethods:
+class HFModelMethods(surface.ModelSurface):
     """Mixed into OPTPreTrainedModel (an nn.Module with `config`, `get_input_embeddings`, `pack_weights`)."""
 
     supports_gradient_checkpointing = True
-    main_input_name = "input_ids"
 
     # ------------------------------------------------------------------------- gradient checkpointing
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
@@ -121,11 +122,6 @@ class HFModelMethods:
         if hasattr(self, "tie_weights"):
             self.tie_weights()
         self.pack_weights()
-
-    @classmethod
-    def can_generate(cls) -> bool:
-        """Whether the model has `generate` (the causal LM), as transformers' PreTrainedModel says."""
-        return callable(getattr(cls, "generate", None))
 
     # ---------------------------------------------------------------------------------------- sizes
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
@@ -205,6 +201,12 @@ class CausalLMMethods:
     """Mixed into OPTForCausalLM, after GenerationMixin."""
 
     generation_config = None  # PEFT's generate assigns it; GenerationMixin's own, when it has one, comes first
+
+    def _prepare_generation_config(self, generation_config=None, use_model_defaults: Optional[bool] = None,
+                                   **kwargs) -> tuple:
+        """What transformers.pipeline("text-generation", model=...) asks (opt_spec.generation.prepared_config):
+        its defaults under generation_config.json's values, as with Hugging Face's PyTorch models."""
+        return prepared_config(self.generation_config, generation_config, use_model_defaults, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       cache_position=None, use_cache: bool = True, **kwargs) -> dict:

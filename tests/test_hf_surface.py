@@ -943,20 +943,26 @@ def test_tf_gradient_checkpointing_under_xla_replays_dropout(checkpoints):
         assert max_abs_diff(a, b) <= 1e-6
 
 
+TEXTS = ["the cat", "a dog sat on the"]
+
+
+def pipeline_tokenizer(tmp_path):
+    """transformers' fast GPT-2 tokenizer over a small BPE trained here, OPT's special tokens, padding left."""
+    from . import test_tokenizer
+
+    test_tokenizer.build_bpe(tmp_path / "tok")
+    return transformers.GPT2TokenizerFast(vocab_file=str(tmp_path / "tok" / "vocab.json"),
+                                          merges_file=str(tmp_path / "tok" / "merges.txt"), bos_token="</s>",
+                                          eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
 def test_transformers_pipeline_generates_as_with_hugging_faces_opt(tmp_path):
     """transformers.pipeline("text-generation") on optkit's OPT: its defaults under generation_config.json's
     values, greedy and batched (left-padded) calls, return_full_text=False: Hugging Face's OPT's texts and ids."""
     from opt_torch import OPTForCausalLM
 
-    from . import test_tokenizer
-
-    test_tokenizer.build_bpe(tmp_path / "tok")
-    tokenizer = transformers.GPT2TokenizerFast(vocab_file=str(tmp_path / "tok" / "vocab.json"),
-                                               merges_file=str(tmp_path / "tok" / "merges.txt"), bos_token="</s>",
-                                               eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                               padding_side="left")
+    tokenizer = pipeline_tokenizer(tmp_path)
     config = VARIANTS["pre_ln"].replace(vocab_size=len(tokenizer))
-    texts = ["the cat", "a dog sat on the"]
     for settings in (None, {"max_length": 30, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3}):
         path = tmp_path / f"model-{settings is None}"
         spec_io.save_safetensors_dir(path, random_weights(config, "causal_lm", seed=5), config.to_dict())
@@ -970,8 +976,28 @@ def test_transformers_pipeline_generates_as_with_hugging_faces_opt(tmp_path):
             assert getattr(ours.generation_config, name) == (None if (name, want) == ("max_length", 20) else want)
         limit = {} if settings else {"max_new_tokens": 6}  # the pipeline's default of 256 is past the positions
         for kwargs in (dict(return_tensors=True), dict(batch_size=2, return_full_text=False)):
-            got, want = (pipe(texts, do_sample=False, **limit, **kwargs) for pipe in (ours, theirs))
+            got, want = (pipe(TEXTS, do_sample=False, **limit, **kwargs) for pipe in (ours, theirs))
             assert got == want and len(got) == 2
     # the pipeline samples unless told not to; a file's max_length replaces its 256 new tokens (as there)
     assert ours.generation_config.do_sample and ours.generation_config.max_new_tokens is None
+    assert len(got[1][0]["generated_text"]) > 0
+
+
+def test_transformers_tf_pipeline_generates_as_with_hugging_faces_tf_opt(tmp_path):
+    """transformers 4.57's TensorFlow text-generation pipeline takes optkit's TF OPT and gives Hugging Face's
+    TFOPTForCausalLM's texts and ids (both start from the model's generation_config, as that pipeline does)."""
+    from opt_tf import TFOPTForCausalLM
+
+    from .hf_reference import hf_tf_causal_lm
+
+    tokenizer = pipeline_tokenizer(tmp_path)
+    config = VARIANTS["pre_ln"].replace(vocab_size=len(tokenizer))
+    weights = random_weights(config, "causal_lm", seed=5)
+    spec_io.save_safetensors_dir(tmp_path / "model", weights, config.to_dict())
+    ours, theirs = (transformers.pipeline("text-generation", model=m, tokenizer=tokenizer, framework="tf")
+                    for m in (TFOPTForCausalLM.from_pretrained(tmp_path / "model"), hf_tf_causal_lm(config, weights)))
+    assert ours.generation_config.do_sample is theirs.generation_config.do_sample is False
+    for kwargs in (dict(return_tensors=True), dict(return_full_text=False, no_repeat_ngram_size=2)):
+        got, want = (pipe(TEXTS, max_new_tokens=5, **kwargs) for pipe in (ours, theirs))
+        assert got == want and len(got) == 2
     assert len(got[1][0]["generated_text"]) > 0
