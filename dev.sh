@@ -19,6 +19,9 @@ setup() {  # $1: extras
 
 case "${1:-}" in
     demo) shift; setup all; exec .venv/bin/optkit parity "$@" ;;
-    test) shift; setup "all,test"; exec .venv/bin/python -m pytest "$@" ;;
+    # Two pytest-xdist workers, each test file on one of them (a file's module fixtures are built once);
+    # OPTKIT_TEST_WORKERS=0 runs in this process, and a later -n in the arguments wins.
+    test) shift; setup "all,test"
+          exec .venv/bin/python -m pytest -n "${OPTKIT_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
     *) echo "usage: bash dev.sh demo [optkit parity options] | bash dev.sh test [pytest options]" >&2; exit 2 ;;
 esac
