@@ -152,7 +152,10 @@ class PretrainedMixin:
         """Writes config.json and the weights (model.safetensors, or shards with an index; or
         pytorch_model.bin with safe_serialization=False). A tied LM head is not stored twice. A model
         split over processes or dispatched over devices (opt_torch.distributed) writes safetensors,
-        gathering one tensor at a time; every rank calls this, rank 0 writes."""
+        gathering one tensor at a time; every rank calls this, rank 0 writes. With PEFT adapters loaded
+        (load_adapter), the active adapter alone, as transformers does (opt_torch.adapters)."""
+        if getattr(self, "_hf_peft_config_loaded", False):
+            return self.save_adapter(path)
         if getattr(self, "device_mesh", None) is not None or getattr(self, "hf_device_map", None) is not None:
             if not safe_serialization:
                 raise ValueError("a split or dispatched model saves safetensors (safe_serialization=True)")

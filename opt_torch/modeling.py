@@ -32,6 +32,7 @@ from .cache import HFDynamicCacheView, KVCache, hugging_face_cache
 from .checkpoint import PretrainedMixin
 from .fast_paths import PackedWeights
 from .generation import GenerationMixin
+from .adapters import AdapterMethods
 from .hf_compat import CausalLMMethods, HFModelMethods
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -296,7 +297,7 @@ def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         check_positions(int(position_ids.max()), max_positions)
 
 
-class OPTPreTrainedModel(HFModelMethods, PretrainedMixin, PackedWeights, nn.Module):
+class OPTPreTrainedModel(HFModelMethods, AdapterMethods, PretrainedMixin, PackedWeights, nn.Module):
     """Shared construction: config, attention choice, OPT's initialization (the weight layout that
     pack_weights establishes: opt_torch.fast_paths)."""
 

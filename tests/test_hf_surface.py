@@ -1001,3 +1001,111 @@ def test_transformers_tf_pipeline_generates_as_with_hugging_faces_tf_opt(tmp_pat
         got, want = (pipe(TEXTS, max_new_tokens=5, **kwargs) for pipe in (ours, theirs))
         assert got == want and len(got) == 2
     assert len(got[1][0]["generated_text"]) > 0
+
+
+def test_load_adapter_and_the_adapter_methods_as_transformers(checkpoints, tmp_path):
+    """load_adapter / set_adapter / disable_adapters / get_adapter_state_dict / save_pretrained / delete_adapter on
+    optkit's OPT give what transformers' PEFT integration gives on its OPT, with two LoRA adapters PEFT saved."""
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    for name, seed, targets in (("a", 0, ["q_proj", "v_proj"]), ("b", 1, ["fc1", "k_proj"])):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=targets, init_lora_weights=False)
+        peft.get_peft_model(hugging_face(path), config).save_pretrained(tmp_path / name)
+    ours, theirs = OPTForCausalLM.from_pretrained(path), hugging_face(path)
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    base = logits(ours)
+    for model in (ours, theirs):
+        model.load_adapter(tmp_path / "a")
+        model.load_adapter(tmp_path / "b", adapter_name="b")
+    assert ours.active_adapters() == ["default"]  # loading adds an adapter; transformers runs b where a is not
+    for active in ("default", "b", ["default", "b"]):
+        for model in (ours, theirs):
+            model.set_adapter(active)
+        assert ours.active_adapters() == theirs.active_adapters() == (active if isinstance(active, list) else [active])
+        got = logits(ours)
+        assert max_abs_diff(got, logits(theirs), mask) <= 1e-5 and max_abs_diff(got, base, mask) > 1e-2
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=4),
+                           theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+    ours.disable_adapters()
+    assert torch.equal(logits(ours), base)
+    ours.enable_adapters()
+    assert max_abs_diff(logits(ours), got, mask) == 0
+    mine, hers = ours.get_adapter_state_dict("b"), theirs.get_adapter_state_dict("b")
+    assert mine.keys() == hers.keys() and all(torch.equal(mine[k], hers[k]) for k in mine)
+
+    for model in (ours, theirs):
+        model.set_adapter("b")
+    ours.save_pretrained(tmp_path / "saved")  # the active adapter, as PEFT writes it
+    again = OPTForCausalLM.from_pretrained(path)
+    again.load_adapter(tmp_path / "saved")
+    assert max_abs_diff(logits(again), logits(ours), mask) == 0
+    saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(path) and sorted(saved["target_modules"]) == ["fc1", "k_proj"]
+    for model in (ours, theirs):
+        model.delete_adapter("b")
+        model.set_adapter("default")
+    assert ours.active_adapters() == ["default"] and max_abs_diff(logits(ours), logits(theirs), mask) <= 1e-5
+    with pytest.raises(ValueError, match="no adapter named 'b'"):
+        ours.set_adapter("b")
+    with pytest.raises(ValueError, match="named 'default' is loaded already"):
+        ours.load_adapter(tmp_path / "a")
+
+
+def test_load_adapter_refuses_a_strangers_folder_and_keeps_the_model(checkpoints, tmp_path):
+    """A rank the file's tensors do not have (which would allocate before reading), another PEFT kind, a
+    tensor that does not fit, a missing tensor, a file outside the folder: refused in words, and the model
+    keeps the adapters it had."""
+    import peft
+
+    from opt_spec.errors import CheckpointError
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    torch.manual_seed(0)
+    peft.get_peft_model(hugging_face(path), peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False)) \
+        .save_pretrained(tmp_path / "good")
+    good = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    tensors = dict(spec_io.SafetensorsFile(tmp_path / "good" / "adapter_model.safetensors"))
+
+    def folder(name, settings=None, arrays=None, link=False):
+        where = tmp_path / name
+        where.mkdir()
+        (where / "adapter_config.json").write_text(json.dumps({**good, **(settings or {})}))
+        if link:
+            (where / "adapter_model.safetensors").symlink_to(tmp_path / "good" / "adapter_model.safetensors")
+        else:
+            spec_io.write_safetensors(where / "adapter_model.safetensors", arrays or tensors)
+        return where
+
+    model = OPTForCausalLM.from_pretrained(path)
+    model.load_adapter(tmp_path / "good", adapter_name="kept")
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"]))
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    first = next(iter(tensors))
+    cases = [
+        (folder("huge_rank", {"r": 10**9}), CheckpointError, "r is 1000000000; a rank must be .* at most 4"),
+        (folder("pattern", {"rank_pattern": {"q_proj": 64}}), CheckpointError, r"rank_pattern\['q_proj'\] is 64"),
+        (folder("ia3", {"peft_type": "IA3"}), CheckpointError, "peft_type is 'IA3'.*LoRA"),
+        (folder("no_lora", arrays={"x.weight": np.zeros(2, np.float32)}), CheckpointError, "no LoRA weights"),
+        (folder("outside", link=True), CheckpointError, "outside the checkpoint folder"),
+        (folder("shape", arrays={**tensors, first: np.zeros((4, 7), np.float32)}), ValueError, "size mismatch"),
+        (folder("missing", arrays={k: v for k, v in tensors.items() if k != first}), ValueError, "tensors missing"),
+        (folder("extra", arrays={**tensors, "base_model.model.lm_head.lora_A.weight": tensors[first]}), ValueError,
+         "no place for"),
+    ]
+    for where, error, message in cases:
+        with pytest.raises(error, match=message):
+            model.load_adapter(where, adapter_name="new")
+        assert model.active_adapters() == ["kept"] and list(model.peft_config) == ["kept"], where.name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
