@@ -1109,3 +1109,40 @@ def test_load_adapter_refuses_a_strangers_folder_and_keeps_the_model(checkpoints
         assert model.active_adapters() == ["kept"] and list(model.peft_config) == ["kept"], where.name
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_add_adapter_and_a_trainable_load_train_as_transformers(checkpoints, tmp_path):
+    """add_adapter makes the adapter transformers makes (same seed, same tensors, the same parameters left
+    trainable) and one SGD step moves both alike; load_adapter(is_trainable=True) leaves the adapter trainable."""
+    import peft
+
+    from opt_torch import OPTForCausalLM
+
+    path = checkpoints("pre_ln")
+    ids, mask = (torch.as_tensor(a) for a in batch(VARIANTS["pre_ln"], left_pad=(0, 0, 0)))  # a pad's logits
+    # would predict the first real token, and a pad query attends differently here (README)
+    labels = torch.where(mask == 1, ids, -100)
+    states = []
+    for model in (OPTForCausalLM.from_pretrained(path), hugging_face(path)):
+        torch.manual_seed(3)
+        model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "fc2"], init_lora_weights="gaussian"),
+                          adapter_name="t")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)  # Adam's first
+        # step would turn rounding noise in a zero gradient into a full-size update
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        states.append((model.active_adapters(), trainable, model.get_adapter_state_dict("t")))
+    (active, trainable, mine), (their_active, their_trainable, hers) = states
+    assert active == their_active == ["t"] and trainable == their_trainable and len(trainable) == 8
+    assert mine.keys() == hers.keys() and all(torch.allclose(mine[k], hers[k], atol=1e-6) for k in mine)
+    assert any(k.endswith("lora_B.weight") and mine[k].abs().max() > 1e-4 for k in mine)  # B starts at zero
+
+    loaded = OPTForCausalLM.from_pretrained(path)
+    loaded.save_pretrained(tmp_path / "plain")
+    torch.manual_seed(0)
+    peft.get_peft_model(hugging_face(path), peft.LoraConfig(r=4)).save_pretrained(tmp_path / "adapter")
+    loaded.load_adapter(tmp_path / "adapter", is_trainable=True)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
+        {n for n in dict(loaded.named_parameters()) if ".lora_" in n} != set()
