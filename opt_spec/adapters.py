@@ -20,9 +20,10 @@ import numpy as np
 
 from . import io
 from .errors import CheckpointError
+from .hub import ADAPTER_CONFIG_FILES, ADAPTER_WEIGHT_FILES
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG_NAME = ADAPTER_CONFIG_FILES[0]
+ADAPTER_WEIGHTS_NAMES = ADAPTER_WEIGHT_FILES
 SAVED_PREFIX = "base_model.model."  # what PEFT puts before the base model's module names in the files
 
 
@@ -32,7 +33,7 @@ def read_lora_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, np.
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not an adapter folder (adapter_config.json and "
-                                f"{' or '.join(ADAPTER_WEIGHTS_NAMES)}); a Hub id must be downloaded first")
+                                f"{' or '.join(ADAPTER_WEIGHTS_NAMES)})")
     config_path = io.checkpoint_file(directory, ADAPTER_CONFIG_NAME)
     settings = io.json_object(config_path)
     if settings.get("peft_type") != "LORA":

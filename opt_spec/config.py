@@ -240,7 +240,10 @@ class OPTConfig:
                                   token=token, weights=False)
         if os.path.isdir(path):
             if not os.path.lexists(os.path.join(path, "config.json")):
-                raise FileNotFoundError(f"no config.json at {os.path.join(path, 'config.json')}")
+                adapter = os.path.lexists(os.path.join(path, "adapter_config.json"))
+                raise FileNotFoundError(f"no config.json at {os.path.join(path, 'config.json')}" + (
+                    ": this is a PEFT adapter's folder; load its base model, then model.load_adapter(folder) "
+                    "(PyTorch)" if adapter else ""))
             path = checkpoint_file(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")

@@ -41,6 +41,10 @@ WEIGHT_FORMATS = (("model.safetensors", "model.safetensors.index.json"),
                   ("tf_model.h5", "tf_model.h5.index.json"),
                   ("flax_model.msgpack", "flax_model.msgpack.index.json"))
 
+# A PEFT adapter repository (load_adapter): its config and the weights of the first of these it holds.
+ADAPTER_CONFIG_FILES = ("adapter_config.json",)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
 # huggingface_hub's rule for a repo id: "name" or "namespace/name" of word characters, '-' and '.',
 # 1..96 long, not starting or ending with '-' or '.', without "--" or "..".
 _ID_PART = r"(?![-.])[\w.-]{1,96}(?<![-.])"
@@ -80,10 +84,14 @@ def offline() -> bool:
     return value.strip().upper() in _TRUE
 
 
-def files_to_fetch(repo_files: Iterable[str], weights: bool = True) -> list[str]:
+def files_to_fetch(repo_files: Iterable[str], weights: bool = True, adapter: bool = False) -> list[str]:
     """The files of a Hub repository that a load needs: config, generation config and tokenizer files
-    present, and (weights=True) the weights of the first format of WEIGHT_FORMATS that it holds."""
+    present, and (weights=True) the weights of the first format of WEIGHT_FORMATS that it holds; with
+    adapter=True a PEFT adapter's instead: its config and the first of ADAPTER_WEIGHT_FILES present."""
     repo_files = set(repo_files)
+    if adapter:
+        return [f for f in ADAPTER_CONFIG_FILES if f in repo_files] + \
+            [f for f in ADAPTER_WEIGHT_FILES if f in repo_files][:1]
     wanted = [f for f in (*CONFIG_FILES, *TOKENIZER_FILES) if f in repo_files]
     if not weights:
         return wanted
@@ -130,13 +138,13 @@ def _cached_snapshot(hub, repo_id: str, revision: str, cache: str) -> str | None
 
 def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                       token: str | bool | None = None, weights: bool = True) -> str:
+                       token: str | bool | None = None, weights: bool = True, adapter: bool = False) -> str:
     """A local folder for `name_or_path`: the path itself when it exists (or is not shaped like a Hub id,
     so the caller reports it missing in its own words), else the Hugging Face cache's snapshot of the
     id at `revision` (a branch, tag or commit; default "main"), downloaded first when allowed.
 
     weights=False fetches only the config, generation config and tokenizer files (for a tokenizer or a
-    config alone). Raises HubModelNotFoundError naming the id, revision and cache folder when the id
+    config alone); adapter=True a PEFT adapter's files (files_to_fetch). Raises HubModelNotFoundError naming the id, revision and cache folder when the id
     cannot be had, HubUnavailableError when huggingface_hub is not installed.
     """
     path = os.fspath(name_or_path)
@@ -169,7 +177,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None 
     try:
         listing = hub.HfApi(token=token).list_repo_files(path, revision=revision)
         folder = hub.snapshot_download(path, revision=revision, cache_dir=cache, token=token,
-                                       allow_patterns=files_to_fetch(listing, weights))
+                                       allow_patterns=files_to_fetch(listing, weights, adapter))
         return _snapshot(folder, path, revision, cache)
     except RevisionNotFoundError:
         raise HubModelNotFoundError(f"{path} is not a local folder, and the Hub's {path} has no revision "

@@ -1,7 +1,7 @@
 """transformers' PEFT integration on the PyTorch OPT (needs the peft package): the methods transformers'
 models have for LoRA adapters, without wrapping the model in a PeftModel.
 
-- `load_adapter(folder, adapter_name="default", is_trainable=False)`: a PEFT LoRA adapter folder, read as a
+- `load_adapter(folder or Hub id, adapter_name="default", is_trainable=False)`: a PEFT LoRA adapter, read as a
   stranger's files (opt_spec.adapters: bounded readers, ranks no larger than the file's tensors, every file
   inside the folder), or `peft_config=` with `adapter_state_dict=`. Every adapter tensor must be given, and
   each must fit: otherwise nothing of it stays loaded and the error names the tensors (transformers warns
@@ -27,6 +27,7 @@ import torch
 
 from opt_spec import adapters as spec_adapters
 from opt_spec import io as spec_io
+from opt_spec.hub import resolve_pretrained
 
 
 def _peft():
@@ -43,7 +44,10 @@ class AdapterMethods:
     _hf_peft_config_loaded = False
 
     def load_adapter(self, peft_model_id: Optional[str | os.PathLike] = None, adapter_name: Optional[str] = None,
-                     is_trainable: bool = False, adapter_state_dict: Optional[dict] = None, peft_config=None) -> None:
+                     is_trainable: bool = False, adapter_state_dict: Optional[dict] = None, peft_config=None, *,
+                     revision: Optional[str] = None, token=None, cache_dir=None, local_files_only: bool = False) -> None:
+        """peft_model_id: an adapter folder or a Hub id (with revision, token, cache_dir, local_files_only as in
+        from_pretrained; only the adapter's files are fetched)."""
         peft = _peft()
         name = adapter_name or "default"
         if name in self._adapter_configs():
@@ -51,7 +55,9 @@ class AdapterMethods:
         if peft_model_id is not None:
             if adapter_state_dict is not None or peft_config is not None:
                 raise ValueError("load_adapter takes a folder (peft_model_id), or peft_config with adapter_state_dict")
-            settings, arrays = spec_adapters.read_lora_adapter(peft_model_id)
+            folder = resolve_pretrained(peft_model_id, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only, token=token, adapter=True)
+            settings, arrays = spec_adapters.read_lora_adapter(folder)
             # the file's tensors replace the initial ones, so no initialization that reads or changes the base
             # weights (PiSSA, LoftQ...) is run
             peft_config = peft.PeftConfig.from_peft_type(**{**settings, "init_lora_weights": True,

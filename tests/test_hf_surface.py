@@ -1058,6 +1058,8 @@ def test_load_adapter_and_the_adapter_methods_as_transformers(checkpoints, tmp_p
         ours.set_adapter("b")
     with pytest.raises(ValueError, match="named 'default' is loaded already"):
         ours.load_adapter(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="a PEFT adapter's folder; load its base model, then model.load_adapter"):
+        OPTForCausalLM.from_pretrained(tmp_path / "a")
 
 
 def test_load_adapter_refuses_a_strangers_folder_and_keeps_the_model(checkpoints, tmp_path):

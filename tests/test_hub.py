@@ -381,3 +381,33 @@ def test_cli_train_on_an_id(offline, capsys, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1]
     assert (out / "final" / "vocab.json").read_bytes() == (offline["main"] / "vocab.json").read_bytes()
+
+
+def test_only_an_adapters_files_are_fetched_for_one():
+    repo = ["adapter_config.json", "adapter_model.bin", "adapter_model.safetensors", "README.md", "config.json"]
+    assert hub.files_to_fetch(repo, adapter=True) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert hub.files_to_fetch(repo[:2], adapter=True) == ["adapter_config.json", "adapter_model.bin"]
+
+
+def test_torch_loads_an_adapter_by_id(offline, tmp_path):
+    """load_adapter("someone/opt-lora") reads the adapter's snapshot from the cache (its files are blob
+    symlinks there) and gives what the same folder gives; an id the cache lacks is named."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from opt_torch import OPTForCausalLM
+
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(OPTForCausalLM.from_pretrained(REPO), peft.LoraConfig(r=2, init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    (tmp_path / "lora" / "README.md").unlink()
+    lay_out_hub_cache(tmp_path / "cache", "someone/opt-lora", {"main": ("c" * 40, tmp_path / "lora")})
+    by_id, by_folder = OPTForCausalLM.from_pretrained(REPO), OPTForCausalLM.from_pretrained(REPO)
+    by_id.load_adapter("someone/opt-lora", cache_dir=tmp_path / "cache")
+    by_folder.load_adapter(tmp_path / "lora")
+    ids, mask = torch.tensor(IDS), torch.tensor(MASK)
+    with torch.no_grad():
+        got = by_id(ids, attention_mask=mask).logits
+        assert torch.equal(got, by_folder(ids, attention_mask=mask).logits)
+        assert not torch.allclose(got, OPTForCausalLM.from_pretrained(REPO)(ids, attention_mask=mask).logits)
+    with pytest.raises(hub.HubModelNotFoundError, match="someone/other-lora"):
+        by_folder.load_adapter("someone/other-lora", adapter_name="other", cache_dir=tmp_path / "cache")
