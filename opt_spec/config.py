@@ -186,6 +186,20 @@ class OPTConfig:
     def task_specific_params(self) -> dict | None:
         return self.extra.get("task_specific_params")
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        """The classes' names by index (config.json's id2label with integer keys, as transformers gives them;
+        LABEL_i when it names none for these labels). Its text-classification pipeline reads them."""
+        labels = self.to_dict()["id2label"]
+        try:
+            return {int(k): str(v) for k, v in labels.items()}
+        except ValueError:
+            raise ConfigError(f"id2label's keys must be class indices, got {sorted(labels)[:5]!r:.100}") from None
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
     # ---------------------------------------------------------------------------- construction
     def replace(self, **changes: Any) -> "OPTConfig":
         """A copy with some fields changed (the config itself never changes)."""

@@ -1148,3 +1148,31 @@ def test_add_adapter_and_a_trainable_load_train_as_transformers(checkpoints, tmp
     loaded.load_adapter(tmp_path / "adapter", is_trainable=True)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
         {n for n in dict(loaded.named_parameters()) if ".lora_" in n} != set()
+
+
+@pytest.mark.parametrize("labels", [None, {"0": "negative", "1": "neutral", "2": "positive"}])
+def test_classification_and_question_answering_pipelines_as_with_hugging_faces_opt(tmp_path, labels):
+    """transformers' text-classification and question-answering pipelines on optkit's heads: Hugging Face's
+    labels (config.json's id2label, or LABEL_i), scores and answers on the same weights."""
+    from opt_torch import OPTForQuestionAnswering, OPTForSequenceClassification
+
+    tokenizer = pipeline_tokenizer(tmp_path)
+    config = VARIANTS["pre_ln"].replace(vocab_size=len(tokenizer))
+    saved = {**config.to_dict(), **({"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+                                    if labels else {})}
+    for head, cls in (("sequence_classification", OPTForSequenceClassification),
+                      ("question_answering", OPTForQuestionAnswering)):
+        spec_io.save_safetensors_dir(tmp_path / head, random_weights(config, head, seed=5), saved)
+        ours, theirs = (transformers.pipeline(head.replace("sequence_", "text-").replace("_", "-"), model=m,
+                                              tokenizer=tokenizer)
+                        for m in (cls.from_pretrained(tmp_path / head), hugging_face(tmp_path / head, head)))
+        if head == "sequence_classification":
+            got, want = (pipe(TEXTS, top_k=None) for pipe in (ours, theirs))
+            assert [[r["label"] for r in row] for row in got] == [[r["label"] for r in row] for row in want]
+            assert {r["label"] for r in got[0]} == set(labels.values() if labels else ("LABEL_0", "LABEL_1", "LABEL_2"))
+            assert np.allclose([[r["score"] for r in row] for row in got], [[r["score"] for r in row] for row in want],
+                               atol=1e-5)
+        else:
+            got, want = (pipe(question="what sat?", context="the cat sat on the mat", top_k=2) for pipe in (ours, theirs))
+            assert [(a["start"], a["end"], a["answer"]) for a in got] == [(a["start"], a["end"], a["answer"]) for a in want]
+            assert np.allclose([a["score"] for a in got], [a["score"] for a in want], rtol=1e-4)

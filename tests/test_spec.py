@@ -12,6 +12,7 @@ import pytest
 from opt_spec import (HEADS, PRESETS, OPTConfig, WeightMismatchError, check_weights, count_parameters, layouts,
                       normalize_names, numerics, weight_table)
 from opt_spec import io as spec_io
+from opt_spec.errors import ConfigError
 from opt_spec.testing import VARIANTS, random_batch, random_weights
 
 # Published parameter counts (millions, rounded) of the causal-LM checkpoints.
@@ -288,3 +289,12 @@ def test_opt_spec_imports_no_framework():
            "print([m for m in ('torch', 'tensorflow', 'jax', 'flax') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_id2label_and_label2id_as_transformers_gives_them():
+    config = OPTConfig.from_dict({"num_labels": 3})
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"} and config.label2id["LABEL_2"] == 2
+    named = OPTConfig.from_dict({"id2label": {"0": "no", "1": "yes"}})
+    assert named.num_labels == 2 and named.id2label == {0: "no", 1: "yes"} and named.label2id == {"no": 0, "yes": 1}
+    with pytest.raises(ConfigError, match="id2label's keys must be class indices"):
+        OPTConfig.from_dict({"id2label": {"first": "no", "second": "yes"}}).id2label
