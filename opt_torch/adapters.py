@@ -48,10 +48,8 @@ class AdapterMethods:
                      revision: Optional[str] = None, token=None, cache_dir=None, local_files_only: bool = False) -> None:
         """peft_model_id: an adapter folder or a Hub id (with revision, token, cache_dir, local_files_only as in
         from_pretrained; only the adapter's files are fetched)."""
-        peft = _peft()
+        peft = self._new_adapter("load_adapter", adapter_name)
         name = adapter_name or "default"
-        if name in self._adapter_configs():
-            raise ValueError(f"an adapter named {name!r} is loaded already: give another adapter_name")
         if peft_model_id is not None:
             if adapter_state_dict is not None or peft_config is not None:
                 raise ValueError("load_adapter takes a folder (peft_model_id), or peft_config with adapter_state_dict")
@@ -82,16 +80,14 @@ class AdapterMethods:
             raise ValueError(f"load_adapter({os.fspath(peft_model_id or 'adapter_state_dict')!r}): {err}") from None
         self._hf_peft_config_loaded = True
         if active:
-            self.set_adapter(active)  # as in transformers: loading adds an adapter, the active ones stay
+            self.set_adapter(active)  # loading adds an adapter, the active ones stay (README: where optkit differs)
         if not is_trainable:
             self.eval()
 
     def add_adapter(self, adapter_config, adapter_name: Optional[str] = None) -> None:
         """A fresh adapter (PEFT's initialization) to train, made the active one."""
-        peft = _peft()
+        peft = self._new_adapter("add_adapter", adapter_name)
         name = adapter_name or "default"
-        if name in self._adapter_configs():
-            raise ValueError(f"an adapter named {name!r} is loaded already: give another adapter_name")
         peft.functional.inject_adapter_in_model(adapter_config, self, name)
         self._hf_peft_config_loaded = True
         self.set_adapter(name)
@@ -160,6 +156,15 @@ class AdapterMethods:
         return [weights, config]
 
     # -------------------------------------------------------------------------------------- internals
+    def _new_adapter(self, what: str, name: Optional[str]):
+        """peft, once a new adapter `name` may be added here."""
+        from .hf_compat import refuse_split
+
+        refuse_split(self, what, "add it to the whole model, merge it (peft's merge_and_unload), save, and load that")
+        if (name or "default") in self._adapter_configs():
+            raise ValueError(f"an adapter named {name or 'default'!r} is loaded already: give another adapter_name")
+        return _peft()
+
     def _adapter_configs(self) -> dict:
         return (getattr(self, "peft_config", None) or {}) if self._hf_peft_config_loaded else {}
 

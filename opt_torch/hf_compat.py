@@ -158,9 +158,7 @@ class HFModelMethods(surface.ModelSurface):
         """Resizes the token embedding (and an untied LM head) to new_num_tokens rows (rounded up to
         pad_to_multiple_of); see opt_spec.surface. Added rows draw from torch's global generator (seed it
         with torch.manual_seed). Returns the embedding."""
-        if getattr(self, "device_mesh", None) is not None or getattr(self, "hf_device_map", None) is not None:
-            raise ValueError("resize_token_embeddings on a model split over processes or devices: resize the whole "
-                             "model first, save it, and load that (opt_torch.distributed)")
+        refuse_split(self, "resize_token_embeddings", "resize the whole model first, save it, and load that")
         embed = self.get_input_embeddings()
         n = surface.resized_vocab_size(embed.num_embeddings, new_num_tokens, pad_to_multiple_of)
         if n == embed.num_embeddings:
@@ -185,6 +183,12 @@ class HFModelMethods(surface.ModelSurface):
             self.tie_weights()
         self.pack_weights()
         return embed
+
+
+def refuse_split(model: nn.Module, what: str, instead: str) -> None:
+    """A ValueError for `what` on a model split over processes or dispatched over devices (opt_torch.distributed)."""
+    if getattr(model, "device_mesh", None) is not None or getattr(model, "hf_device_map", None) is not None:
+        raise ValueError(f"{what} on a model split over processes or devices: {instead} (opt_torch.distributed)")
 
 
 def _check_module(value, what: str, shape: tuple) -> None:

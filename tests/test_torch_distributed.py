@@ -286,6 +286,11 @@ def test_device_map_refusals(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="tied"):
         OPTForCausalLM.from_pretrained(checkpoints["pre_ln"], offload_folder=tmp_path,
                                        device_map={"model": "cpu", "lm_head": "disk"})
+    dispatched = OPTForCausalLM.from_pretrained(checkpoints["pre_ln"], device_map="auto")
+    with pytest.raises(ValueError, match="resize_token_embeddings on a model split over processes or devices"):
+        dispatched.resize_token_embeddings(200)
+    with pytest.raises(ValueError, match="add_adapter on a model split .*merge it"):
+        dispatched.add_adapter(pytest.importorskip("peft").LoraConfig(r=2))
 
 
 # ------------------------------------------------------------------ DCP checkpoints from someone else
