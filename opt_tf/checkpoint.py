@@ -164,9 +164,13 @@ class TFPretrainedMixin:
             model._load_generation_config(path)  # generation_config.json: the defaults of generate
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[str]:
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB", saved_model: bool = False,
+                        version: int = 1) -> list[str]:
         """Writes config.json and model.safetensors (or shards with an index) in the canonical names
-        and layout, which opt_torch and Hugging Face load unchanged. A tied LM head is not stored."""
+        and layout, which opt_torch and Hugging Face load unchanged. A tied LM head is not stored.
+        saved_model=True also writes a TensorFlow SavedModel to path/saved_model/<version> (opt_tf.export)."""
+        if saved_model and not (isinstance(version, int) and not isinstance(version, bool) and version >= 0):
+            raise ValueError(f"version={version!r:.50}: a SavedModel version is a non-negative integer")
         tensors = self.get_weights_dict()
         check_weights(tensors, self.config, self.head, where=f"{type(self).__name__} weights")
         config_dict = self.config.to_saved_dict(type(self).__name__.removeprefix("TF"),
@@ -174,4 +178,8 @@ class TFPretrainedMixin:
         files = spec_io.save_safetensors_dir(os.fspath(path), tensors, config_dict, max_shard_size)
         if hasattr(self, "_save_generation_config"):
             self._save_generation_config(path)
+        if saved_model:
+            from .export import export_saved_model
+
+            files.append(export_saved_model(self, os.path.join(os.fspath(path), "saved_model", str(version))))
         return files
