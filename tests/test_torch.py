@@ -456,3 +456,30 @@ def test_decoding_step_traces_as_one_graph_for_every_step():
             tokens = eager.argmax(-1)
     assert counter.frame_count == 1 and caches[1].length == L
     assert torch.equal(caches[0].keys, caches[1].keys)
+
+
+@pytest.mark.filterwarnings("ignore:No complete tensor found")  # torch.save's note on the transposed weight views
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj"])
+def test_torch_export_captures_the_forward_for_any_batch_and_length(tmp_path, name):
+    """torch.export with a dynamic batch and length (what deployment tools start from): the saved and reloaded
+    program gives the model's logits at other shapes than the traced one, left padding included."""
+    config = VARIANTS[name]
+    model = OPTForCausalLM.from_config(config, seed=0).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids, mask = (torch.as_tensor(a).long() for a in random_batch(config, seed=1))
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=config.max_position_embeddings)
+    program = torch.export.export(Logits(model), (ids, mask), dynamic_shapes=({0: batch, 1: length},) * 2)
+    torch.export.save(program, tmp_path / "opt.pt2")
+    exported = torch.export.load(tmp_path / "opt.pt2").module()
+    other_ids, other_mask = (torch.as_tensor(a).long() for a in random_batch(config, 2, 13, seed=2, left_pad=(0, 4)))
+    with torch.no_grad():
+        for i, m in ((ids, mask), (other_ids, other_mask), (ids[:1, 2:], mask[:1, 2:])):
+            assert torch.equal(exported(i, m), model(i, attention_mask=m).logits)
