@@ -498,3 +498,23 @@ def test_matches_hugging_face_flax(hf_flax, checkpoint, name):
         hf = hf_flax.FlaxOPTForCausalLM(hf_config, _do_init=False)  # same parameter tree: ours as is
         expected = np.asarray(hf(ids, attention_mask=mask, params=model.params).logits)
     assert max_abs_diff(np.asarray(model(ids, mask).logits), expected, mask) <= TOL
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_proj"])
+def test_jax_export_serializes_the_forward_for_any_batch_and_length(tmp_path, name):
+    """jax.export of the jitted forward with symbolic batch and length: the serialized program, read back,
+    gives the model's logits at other shapes than any traced one, left padding included."""
+    from jax import export
+
+    config = VARIANTS[name]
+    spec_io.save_safetensors_dir(tmp_path, random_weights(config, "causal_lm", seed=5), config.to_dict())
+    model = FlaxOPTForCausalLM.from_pretrained(tmp_path)
+    forward = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params).logits)
+    batch, length = export.symbolic_shape("batch, length")
+    spec = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    blob = export.export(forward)(model.params, spec, spec).serialize()
+    program = export.deserialize(blob)
+    for ids, mask in (random_batch(config, seed=1), random_batch(config, 2, 13, seed=2, left_pad=(0, 4))):
+        ids, mask = ids.astype(np.int32), mask.astype(np.int32)
+        got, want = program.call(model.params, ids, mask), forward(model.params, ids, mask)
+        assert got.shape == want.shape and max_abs_diff(np.asarray(got), np.asarray(want), mask) <= 1e-5
