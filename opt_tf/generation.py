@@ -521,6 +521,35 @@ class TFGenerationMixin(GenerationDefaults):
             spec.append(tf.TensorSpec(embeds.shape, embeds.dtype))
         return self._compiled((*_input_key(ids, embeds), d), functools.partial(self._traced_generation, d=d), spec)
 
+    def exportable_generate(self, batch_size: int, prompt_length: int, **settings) -> tuple:
+        """(fn, input_signature) of generate for prompts of exactly (batch_size, prompt_length), left-padded, with
+        the settings fixed now (opt_tf.export's `generate` endpoint): fn(input_ids, attention_mask, seed) ->
+        {"sequences": the prompts and the new tokens, as generate returns them}. seed: (2,) int32, the
+        stateless key that generate(seed=s) uses, [0, s] for s < 2**31; it matters only when sampling. Settings
+        that need the host between steps, max_time and return_dict_in_generate are refused."""
+        d = self._decoding(None, settings, prompt_length, prompt_length)
+        check_assisted(d, None, batch_size, False, self.config.vocab_size, "tf")
+        check_prompt(np.ones((batch_size, prompt_length), np.int32), d.max_new_tokens,
+                     self.config.max_position_embeddings)  # prompts without pads: the longest it can be given
+        host = [k for k, on in (("stop_strings", d.stop_strings), ("max_time", d.max_time is not None),
+                                ("return_dict_in_generate", d.return_dict_in_generate)) if on]
+        if host:
+            raise ValueError(f"an exported generate runs whole in the graph: {', '.join(host)} cannot be exported")
+        key, n = _output_key(d), d.num_return_sequences
+        spec = [tf.TensorSpec((batch_size, prompt_length), tf.int32, name="input_ids"),
+                tf.TensorSpec((batch_size, prompt_length), tf.int32, name="attention_mask"),
+                tf.TensorSpec((2,), tf.int32, name="seed")]
+        rows = batch_size if d.is_beam_search else batch_size * n
+        decode = self._compiled(("export", key, batch_size, prompt_length), functools.partial(
+            self._traced_generation, d=key), [tf.TensorSpec((rows, prompt_length), tf.int32)] * 2 + spec[2:])
+
+        def generate(input_ids, attention_mask, seed):
+            ids, mask = (input_ids, attention_mask) if d.is_beam_search else \
+                (tf.repeat(input_ids, n, 0), tf.repeat(attention_mask, n, 0))
+            new, steps, _, _ = decode(ids, mask, seed)
+            return {"sequences": tf.concat([tf.repeat(input_ids, n, 0), tf.cast(new[:, :steps], tf.int32)], 1)}
+        return generate, spec
+
     def _traced_generation(self, ids, mask, seed, embeds=None, *, d: Decoding):
         object.__setattr__(self, "generation_traces", self.generation_traces + 1)  # runs at trace time only
         body = self._beam_search if d.is_beam_search else self._decode

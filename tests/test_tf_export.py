@@ -77,3 +77,38 @@ def test_a_bad_version_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="version='v1': a SavedModel version is a non-negative integer"):
         model.save_pretrained(tmp_path / "out", saved_model=True, version="v1")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_generate_endpoint_gives_generates_tokens(tmp_path):
+    """export_saved_model(generate=...): greedy with rows ending early at an EOS list, beams returning two each and
+    seeded sampling read back from the SavedModel give model.generate's sequences, each seed its own."""
+    import tensorflow as tf
+
+    from opt_tf import TFOPTForCausalLM
+    from opt_tf.export import export_saved_model
+
+    config = VARIANTS["pre_ln"]
+    spec_io.save_safetensors_dir(tmp_path / "source", random_weights(config, seed=5), config.to_dict())
+    model = TFOPTForCausalLM.from_pretrained(tmp_path / "source")
+    ids, mask = (a.astype(np.int32) for a in random_batch(config, seed=1))
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=1).numpy()[:, -1]
+    cases = {"eos": dict(max_new_tokens=6, eos_token_id=sorted(set(first.tolist()))),
+             "beams": dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+             "sampling": dict(max_new_tokens=5, do_sample=True, num_return_sequences=2, top_k=10)}
+    for name, settings in cases.items():
+        export_saved_model(model, tmp_path / name, generate=dict(batch_size=3, prompt_length=9, **settings))
+        loaded = tf.saved_model.load(str(tmp_path / name))  # kept: its variables live as long as it does
+        generate = loaded.generate
+        draws = []
+        for seed in (7, 8):
+            got = generate(tf.constant(ids), tf.constant(mask), tf.constant([0, seed], tf.int32))["sequences"]
+            want = model.generate(ids, attention_mask=mask, seed=seed, **settings)
+            assert np.array_equal(got.numpy(), want.numpy()), (name, seed)
+            draws.append(got.numpy())
+        assert (not np.array_equal(*draws)) == (name == "sampling")
+        assert draws[0].shape[1] == (10 if name == "eos" else 9 + settings["max_new_tokens"])
+    with pytest.raises(ValueError, match="stop_strings cannot be exported"):
+        export_saved_model(model, tmp_path / "bad", generate=dict(batch_size=1, prompt_length=4, stop_strings=["x"]))
+    with pytest.raises(ValueError, match="is more than the model's max_position_embeddings"):
+        export_saved_model(model, tmp_path / "bad", generate=dict(batch_size=1, prompt_length=30, max_new_tokens=20))
+    assert not (tmp_path / "bad").exists()
