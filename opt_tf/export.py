@@ -49,7 +49,7 @@ def export_saved_model(model, path: str | os.PathLike, generate: Optional[dict] 
     archive.track(model)
     archive.add_endpoint("serving_default", serving, input_signature=SIGNATURE)
     if generate is not None:
-        fn, spec = model.exportable_generate(**generate)
+        fn, spec = model._exportable_generate(**generate)
         archive.add_endpoint("generate", fn, input_signature=spec)
     with spec_io.atomic_path(path) as tmp:
         archive.write_out(tmp, verbose=False)

@@ -521,7 +521,7 @@ class TFGenerationMixin(GenerationDefaults):
             spec.append(tf.TensorSpec(embeds.shape, embeds.dtype))
         return self._compiled((*_input_key(ids, embeds), d), functools.partial(self._traced_generation, d=d), spec)
 
-    def exportable_generate(self, batch_size: int, prompt_length: int, **settings) -> tuple:
+    def _exportable_generate(self, batch_size: int, prompt_length: int, **settings) -> tuple:
         """(fn, input_signature) of generate for prompts of exactly (batch_size, prompt_length), left-padded, with
         the settings fixed now (opt_tf.export's `generate` endpoint): fn(input_ids, attention_mask, seed) ->
         {"sequences": the prompts and the new tokens, as generate returns them}. seed: (2,) int32, the
