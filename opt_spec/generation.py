@@ -19,7 +19,8 @@ finished early (greedy and sampling), or the longest returned hypothesis (beam s
 Settings and their defaults (GenerationConfig, below). Each comes from, first to last: the keyword
 arguments (None means "not given"), then `generation_config=` (an opt_spec GenerationConfig, a dict, or
 an object with Hugging Face's attribute names such as transformers.GenerationConfig) whose values at
-the global defaults fall back to the model's (as Hugging Face does for models saved by >= 4.50), then
+the global defaults fall back to the model's (as Hugging Face does for models saved by >= 4.50; not with
+use_model_defaults=False, which takes the generation_config as it is), then
 `model.generation_config`: the checkpoint's generation_config.json when it has one, else the config's
 bos/eos/pad ids. `save_pretrained` writes `model.generation_config` back as generation_config.json,
 keys optkit does not use included. The length limit: max_new_tokens; else max_length minus the prompt
@@ -646,11 +647,17 @@ def resolve(model_defaults: GenerationConfig | None, generation_config, kwargs: 
     P, T = prompt_length, (prompt_length if row_length is None else row_length)
     model_defaults = model_defaults if model_defaults is not None else GenerationConfig()
     names = GenerationConfig.field_names()
+    use_model_defaults = kwargs.get("use_model_defaults")
+    if use_model_defaults not in (None, True, False):
+        raise ValueError(f"use_model_defaults={use_model_defaults!r:.50}: True, False or None")
     if generation_config is None:
         base = dataclasses.replace(model_defaults, extra={})
+    elif use_model_defaults is False:  # the call's generation_config as it is
+        base = dataclasses.replace(GenerationConfig.coerce(generation_config), extra={})
     else:
         base = with_model_defaults(GenerationConfig.coerce(generation_config), model_defaults)
-    unknown = sorted(k for k in kwargs if k not in names and k not in UNSUPPORTED and k not in HARMLESS)
+    unknown = sorted(k for k in kwargs if k not in names and k not in UNSUPPORTED and k not in HARMLESS
+                     and k != "use_model_defaults")
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
     unsupported = sorted(k for k in kwargs if k in UNSUPPORTED and kwargs[k] != UNSUPPORTED[k])

@@ -348,6 +348,12 @@ def test_generation_config_file_gives_the_defaults(with_file, backend, tmp_path)
     got = as_numpy(model.generate(IDS, MASK))
     want = reference(ref)
     assert got.shape[1] <= T + 7 and np.array_equal(got, want)
+    # a call's generation_config: its unset values take the file's, unless use_model_defaults=False
+    given, runs = transformers.GenerationConfig(max_new_tokens=5), []
+    for use in (None, True, False):
+        runs.append(as_numpy(model.generate(IDS, MASK, generation_config=given, use_model_defaults=use)))
+        assert np.array_equal(runs[-1], reference(ref, generation_config=given, use_model_defaults=use)), use
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[1], runs[2])
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / gen.GENERATION_CONFIG_NAME).read_text())
     assert written == FILE
