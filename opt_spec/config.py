@@ -190,7 +190,7 @@ class OPTConfig:
     def id2label(self) -> dict[int, str]:
         """The classes' names by index (config.json's id2label with integer keys, as transformers gives them;
         LABEL_i when it names none for these labels). Its text-classification pipeline reads them."""
-        labels = self.to_dict()["id2label"]
+        labels = self._id2label()
         try:
             return {int(k): str(v) for k, v in labels.items()}
         except ValueError:
@@ -247,14 +247,14 @@ class OPTConfig:
         id ("facebook/opt-125m", at `revision`) through opt_spec.hub (cache first; only the small files
         are fetched). Inside a directory it is opened by opt_spec.io.checkpoint_file's rule (no symlink
         out of the folder)."""
-        from .hub import resolve_pretrained
+        from .hub import ADAPTER_CONFIG_FILES, resolve_pretrained
         from .io import checkpoint_file
 
         path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token, weights=False)
         if os.path.isdir(path):
             if not os.path.lexists(os.path.join(path, "config.json")):
-                adapter = os.path.lexists(os.path.join(path, "adapter_config.json"))
+                adapter = any(os.path.lexists(os.path.join(path, f)) for f in ADAPTER_CONFIG_FILES)
                 raise FileNotFoundError(f"no config.json at {os.path.join(path, 'config.json')}" + (
                     ": this is a PEFT adapter's folder; load its base model, then model.load_adapter(folder) "
                     "(PyTorch)" if adapter else ""))
@@ -270,11 +270,17 @@ class OPTConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra", "num_labels"):
                 out[f.name] = getattr(self, f.name)
-        labels = self.extra.get("id2label")
-        if not (isinstance(labels, Mapping) and len(labels) == self.num_labels):
-            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        if self._id2label() is not self.extra.get("id2label"):
+            out["id2label"] = self._id2label()
+            out["label2id"] = {name: int(i) for i, name in out["id2label"].items()}
         return out
+
+    def _id2label(self) -> Mapping:
+        """config.json's id2label when it names num_labels classes, else LABEL_i for each (string keys, as saved)."""
+        labels = self.extra.get("id2label")
+        if isinstance(labels, Mapping) and len(labels) == self.num_labels:
+            return labels
+        return {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
 
     def to_saved_dict(self, architecture: str | None, dtype: str | None) -> dict[str, Any]:
         """config.json of a saved checkpoint: to_dict() with `architecture` (None keeps the config's own)

@@ -540,8 +540,7 @@ class TFGenerationMixin(GenerationDefaults):
                 tf.TensorSpec((batch_size, prompt_length), tf.int32, name="attention_mask"),
                 tf.TensorSpec((2,), tf.int32, name="seed")]
         rows = batch_size if d.is_beam_search else batch_size * n
-        decode = self._compiled(("export", key, batch_size, prompt_length), functools.partial(
-            self._traced_generation, d=key), [tf.TensorSpec((rows, prompt_length), tf.int32)] * 2 + spec[2:])
+        decode = self._generation_function(np.zeros((rows, prompt_length), np.int32), None, key)  # generate's own
 
         def generate(input_ids, attention_mask, seed):
             ids, mask = (input_ids, attention_mask) if d.is_beam_search else \

@@ -22,12 +22,11 @@ import os
 import warnings
 from typing import Optional
 
-import numpy as np
-import torch
-
 from opt_spec import adapters as spec_adapters
 from opt_spec import io as spec_io
 from opt_spec.hub import resolve_pretrained
+
+from .checkpoint import numpy_to_torch, torch_to_numpy
 
 
 def _peft():
@@ -60,7 +59,7 @@ class AdapterMethods:
             # weights (PiSSA, LoftQ...) is run
             peft_config = peft.PeftConfig.from_peft_type(**{**settings, "init_lora_weights": True,
                                                             "inference_mode": not is_trainable})
-            state = {n: torch.from_numpy(np.array(a)) for n, a in arrays.items()}
+            state = {n: numpy_to_torch(a) for n, a in arrays.items()}  # bfloat16 files too
         elif peft_config is None or adapter_state_dict is None:
             raise ValueError("load_adapter needs a folder (peft_model_id), or peft_config with adapter_state_dict")
         else:
@@ -140,8 +139,6 @@ class AdapterMethods:
         if len(active) != 1:
             raise ValueError(f"save_pretrained writes one adapter; {active} are active (set_adapter one)")
         state = self.get_adapter_state_dict(active[0])
-        from .checkpoint import torch_to_numpy
-
         arrays = {spec_adapters.SAVED_PREFIX + n: torch_to_numpy(t.detach().cpu().contiguous())
                   for n, t in state.items()}
         os.makedirs(path, exist_ok=True)
