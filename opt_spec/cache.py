@@ -88,6 +88,31 @@ def refuse_legacy_cache(past_key_values) -> None:
                         "KVCache and pass it on")
 
 
+def held_positions(shapes, num_layers: int, batch: int, heads: int, head_dim: int) -> int | None:
+    """The positions S a cache holds when its per layer (keys shape, values shape) are all (batch, heads, S,
+    head_dim) for num_layers layers, else None (a shape None: a layer holding nothing)."""
+    shapes = [tuple(s) if s is not None else None for kv in shapes for s in kv]
+    S = shapes[0][2] if shapes and shapes[0] is not None and len(shapes[0]) == 4 else -1
+    fits = len(shapes) == 2 * num_layers and all(s == (batch, heads, S, head_dim) for s in shapes)
+    return S if fits else None
+
+
+def reused_prompt_positions(shapes, num_layers: int, batch: int, heads: int, head_dim: int, prompt_length: int) -> int:
+    """generate(past_key_values=cache)'s C: the prompt's first positions the cache holds (see
+    opt_spec.generation, "Re-using a prompt's cache"), from its per layer (keys shape, values shape). A cache of
+    another model or batch, or one that does not hold 0 < C < T of the prompt's T tokens, is a ValueError
+    in words."""
+    C = held_positions(shapes, num_layers, batch, heads, head_dim)
+    if C is None:
+        given = sorted({tuple(s) for kv in shapes for s in kv if s is not None})
+        raise ValueError(f"past_key_values holds {len(shapes)} layers of keys and values {given}; the model has "
+                         f"{num_layers} layers, each (batch {batch}, {heads}, tokens, {head_dim})")
+    if not 0 < C < prompt_length:
+        raise ValueError(f"past_key_values holds {C} tokens and the prompt has {prompt_length}: it must hold the "
+                         "prompt's first tokens, at least one and fewer than all (the last one is fed to the model)")
+    return C
+
+
 class KVCache:
     """The NumPy reference of the contract: a preallocated cache (capacity slots) or a dynamic one (None)."""
 

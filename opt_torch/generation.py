@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from opt_spec.cache import pad_slots, refuse_legacy_cache
+from opt_spec.cache import held_positions, pad_slots, refuse_legacy_cache, reused_prompt_positions
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
@@ -230,6 +230,11 @@ def _fed(input_ids: torch.Tensor, positions: int, prefix) -> torch.Tensor:
 def _shapes(layers) -> list:
     """The distinct shapes of per layer (keys, values), for an error message."""
     return sorted({tuple(x.shape) for kv in layers for x in kv if x is not None})
+
+
+def _kv_shapes(layers) -> list:
+    """Per layer (keys shape, values shape), None for a layer holding nothing (opt_spec.cache.held_positions)."""
+    return [tuple(None if x is None else tuple(x.shape) for x in kv) for kv in layers]
 
 
 def _repeat_rows(x, n: int):
@@ -468,14 +473,9 @@ class GenerationMixin(GenerationDefaults):
         elif not isinstance(cache, KVCache):
             raise TypeError(f"past_key_values must be the model's KVCache or a Hugging Face DynamicCache, got "
                             f"{type(cache).__name__}")
-        (B, T), L, hs = input_ids.shape, self.config.num_hidden_layers, self.config.head_dim
-        prefix, C = self._cache_layers(cache.written() if isinstance(cache, KVCache) else cache, B)
-        if C is None:
-            raise ValueError(f"past_key_values holds {len(prefix)} layers of keys and values {_shapes(prefix)}; the "
-                             f"model has {L} layers, each (batch {B}, {self.kv_heads}, tokens, {hs})")
-        if not 0 < C < T:
-            raise ValueError(f"past_key_values holds {C} tokens and the prompt has {T}: it must hold the prompt's "
-                             f"first tokens, at least one and fewer than all (the last one is fed to the model)")
+        prefix, _ = self._cache_layers(cache.written() if isinstance(cache, KVCache) else cache, len(input_ids))
+        reused_prompt_positions(_kv_shapes(prefix), self.config.num_hidden_layers,
+                                len(input_ids), self.kv_heads, self.config.head_dim, input_ids.shape[1])
         return prefix
 
     def _cache_layers(self, cache, B: int) -> tuple[list, Optional[int]]:
@@ -483,12 +483,7 @@ class GenerationMixin(GenerationDefaults):
         every layer's are (B, kv_heads, S, head_dim) (else None)."""
         dtype = self.get_input_embeddings().weight.dtype
         layers = [(k, v) if k is None else (k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
-        first = layers[0][0] if layers else None
-        S = first.shape[2] if first is not None and first.dim() == 4 else -1
-        want = (B, self.kv_heads, S, self.config.head_dim)
-        fits = len(layers) == self.config.num_hidden_layers and all(
-            x is not None and tuple(x.shape) == want for kv in layers for x in kv)
-        return layers, S if fits else None
+        return layers, held_positions(_kv_shapes(layers), self.config.num_hidden_layers, B, self.kv_heads, self.config.head_dim)
 
     def _start_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0,
                      prefix: Optional[list] = None):
