@@ -8,7 +8,8 @@
 - `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing, seed)` (opt_spec.surface): new
   parameter arrays for the token embedding (and an untied LM head), a tied head follows (it is the
   embedding), and the config and module get the new vocab_size.
-- `can_generate()`.
+- `can_generate()`, `name_or_path`, `num_parameters(only_trainable, exclude_embeddings)` (every parameter
+  is trainable), `get_memory_footprint()`, `floating_point_ops(inputs)` (opt_spec.surface.ModelSurface).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from opt_spec import surface
+from opt_spec import WeightKind, surface
 from opt_spec.inputs import seeded_rng
 
 
@@ -46,6 +47,14 @@ class FlaxModelMethods(surface.ModelSurface):
         self.module = self.module.clone(**changes)
         for cached in ("_generation_fns", "_sharded_fns"):
             self.__dict__.pop(cached, None)
+
+    def _parameter_sizes(self) -> list[surface.Parameter]:
+        """Every parameter array (all trained: an optax transform decides what an update changes)."""
+        from .pretrained import check_params
+
+        return [surface.Parameter(int(leaf.size), int(leaf.size) * leaf.dtype.itemsize,
+                                  spec.kind is WeightKind.EMBEDDING, True)
+                for spec, leaf in check_params(self.params, self.config, self.head).values()]
 
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,

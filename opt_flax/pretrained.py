@@ -214,6 +214,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
+        name_or_path = os.fspath(path)
         path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
         if not os.path.isdir(path):
@@ -240,9 +241,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             params = load_params(MeshPlan(mesh, config, cls.head), tensors, makers, param_dtype, stats)
             model = cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision, mesh=mesh)
             model.bytes_read = stats
-            if hasattr(model, "_load_generation_config"):
-                model._load_generation_config(path)  # generation_config.json: the defaults of generate
-            return model
+            return model._loaded_from(path, name_or_path)
         params: dict = {}
         for spec in _params_table(config, cls.head):
             if spec.name in fresh:
@@ -250,10 +249,16 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
             else:
                 value = jnp.asarray(to_native(spec, np.asarray(tensors[spec.name]), CONVENTION), dtype=param_dtype)
             _set_path(params, native_path(spec, CONVENTION), value)
-        model = cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision)
-        if hasattr(model, "_load_generation_config"):
-            model._load_generation_config(path)  # generation_config.json: the defaults of generate
-        return model
+        return cls(config, params, dtype=dtype, param_dtype=param_dtype, precision=precision)._loaded_from(
+            path, name_or_path)
+
+    def _loaded_from(self, path: str, name_or_path: str):
+        """from_pretrained's last step: what the folder's generation_config.json says generate's defaults are,
+        and the folder or Hub id it was given (name_or_path)."""
+        if hasattr(self, "_load_generation_config"):
+            self._load_generation_config(path)
+        self.name_or_path = name_or_path
+        return self
 
     def save_pretrained(self, path: str | os.PathLike, params: Mapping | None = None,
                         max_shard_size: int | str = "5GB") -> list[str]:

@@ -15,23 +15,66 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 MEAN_RESIZING_SCALE = 1e-9  # transformers' covariance factor for added embedding rows
 
 
+class Parameter(NamedTuple):
+    """One parameter as the size methods count it (each backend lists its own: `_parameter_sizes()`)."""
+
+    size: int          # elements
+    nbytes: int
+    embedding: bool    # a token or position embedding's weight (exclude_embeddings leaves these out)
+    trainable: bool
+
+
 class ModelSurface:
     """What Hugging Face's models say about themselves, alike in every backend (mixed into each backend's
-    model methods): the main input's name, and whether the class generates."""
+    model methods): the main input's name, whether the class generates, where it was loaded from
+    (`name_or_path`: from_pretrained's folder or Hub id, else ""), and its sizes as transformers counts them
+    (`num_parameters`, `get_memory_footprint`, `floating_point_ops`) over the backend's `_parameter_sizes()`, each
+    distinct parameter once (a tied head is the embedding)."""
 
     main_input_name = "input_ids"
+    name_or_path = ""
 
     @classmethod
     def can_generate(cls) -> bool:
         """Whether the model has `generate` (the causal LM), as transformers' models say (its pipelines ask)."""
         return callable(getattr(cls, "generate", None))
+
+    def _parameter_sizes(self) -> list[Parameter]:
+        raise NotImplementedError
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The parameters' element count: only the trainable ones with only_trainable, and without the
+        embeddings' weights (tokens and positions) with exclude_embeddings."""
+        return sum(p.size for p in self._parameter_sizes()
+                   if (p.trainable or not only_trainable) and not (exclude_embeddings and p.embedding))
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes the parameters take (a backend with buffers adds them under return_buffers)."""
+        return sum(p.nbytes for p in self._parameter_sizes())
+
+    def estimate_tokens(self, input_dict) -> int:
+        """The tokens of a batch (its input_ids' element count); 0, with a warning once, without input_ids."""
+        ids = input_dict.get(self.main_input_name) if hasattr(input_dict, "get") else None
+        if ids is not None:
+            return int(np.prod(tuple(np.shape(ids)), dtype=np.int64))
+        if not getattr(self, "_warned_tokens", False):
+            self._warned_tokens = True
+            warnings.warn(f"floating_point_ops: the batch has no {self.main_input_name}; its tokens (and operations) "
+                          "count as 0", stacklevel=3)
+        return 0
+
+    def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
+        """Floating-point operations of a training step on the batch, as transformers estimates them (what
+        its Trainer sums into total_flos): 6 x tokens x parameters (without the embeddings by default)."""
+        return 6 * self.estimate_tokens(input_dict) * self.num_parameters(exclude_embeddings=exclude_embeddings)
 
 
 def dtype_argument(dtype: Any, torch_dtype: Any) -> Any:

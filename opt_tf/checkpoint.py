@@ -132,6 +132,7 @@ class TFPretrainedMixin:
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
+        name_or_path = os.fspath(path)
         path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
         if not os.path.isdir(path):
@@ -162,6 +163,7 @@ class TFPretrainedMixin:
             var.assign(np.asarray(to_native(spec, value, CONVENTION)).astype(spec_io.numpy_dtype(var.dtype)))
         if hasattr(model, "_load_generation_config"):
             model._load_generation_config(path)  # generation_config.json: the defaults of generate
+        model.name_or_path = name_or_path
         return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB", saved_model: bool = False,

@@ -8,7 +8,9 @@
   embedding (and an untied LM head) get new variables of the new size under the same paths, a tied head
   follows (it is the embedding), every layer's config gets the new vocab_size. Compile after resizing
   (an optimizer built for the old variables does not know the new ones).
-- `get_output_embeddings()`, `can_generate()` (transformers' TF text-generation pipeline asks it).
+- `get_output_embeddings()`, `can_generate()` (transformers' TF text-generation pipeline asks it),
+  `name_or_path`, `num_parameters(only_trainable, exclude_embeddings)` (only_trainable: Keras' trainable_weights),
+  `get_memory_footprint()`, `floating_point_ops(inputs)` (opt_spec.surface.ModelSurface).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 import keras
 import numpy as np
 
+from opt_spec import WeightKind
 from opt_spec import io as spec_io
 from opt_spec import surface
 from opt_spec.inputs import seeded_rng
@@ -56,6 +59,15 @@ class TFModelMethods(surface.ModelSurface):
 
     def get_output_embeddings(self):
         return getattr(self, "lm_head", None)
+
+    def _parameter_sizes(self) -> list[surface.Parameter]:
+        """Every variable of the model (a tied head is the embedding's); trainable: Keras' trainable_weights."""
+        from .checkpoint import variable_map
+
+        embeddings = {id(var) for spec, var in variable_map(self).values() if spec.kind is WeightKind.EMBEDDING}
+        trainable = {id(var) for var in self.trainable_weights}
+        return [surface.Parameter(int(np.prod(var.shape)), int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize,
+                                  id(var) in embeddings, id(var) in trainable) for var in self.weights]
 
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,

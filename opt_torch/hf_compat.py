@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -124,33 +123,17 @@ class HFModelMethods(surface.ModelSurface):
         self.pack_weights()
 
     # ---------------------------------------------------------------------------------------- sizes
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """The parameters' element count (a tied weight counted once): only those that require grad with
-        only_trainable, and without the embeddings' weights (token and positions) with exclude_embeddings."""
-        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
-        return sum(p.numel() for p in self.parameters()
-                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+    def _parameter_sizes(self) -> list[surface.Parameter]:
+        """Every parameter (a tied weight once), LoRA's and other swapped-in modules' included; an
+        nn.Embedding's weight counts as an embedding."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return [surface.Parameter(p.numel(), p.numel() * p.element_size(), id(p) in embeddings, p.requires_grad)
+                for p in self.parameters()]
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes the parameters (and, with return_buffers, the buffers) take."""
-        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
-        return sum(t.nelement() * t.element_size() for t in tensors)
-
-    def estimate_tokens(self, input_dict) -> int:
-        """The tokens of a batch (its input_ids' element count); 0, with a warning once, without input_ids."""
-        ids = input_dict.get(self.main_input_name) if hasattr(input_dict, "get") else None
-        if ids is not None:
-            return int(ids.numel() if hasattr(ids, "numel") else np.size(ids))
-        if not getattr(self, "_warned_tokens", False):
-            self._warned_tokens = True
-            warnings.warn(f"floating_point_ops: the batch has no {self.main_input_name}; its tokens (and operations) "
-                          "count as 0", stacklevel=3)
-        return 0
-
-    def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
-        """Floating-point operations of a training step on the batch, as transformers estimates them (what
-        its Trainer sums into total_flos): 6 x tokens x parameters (without the embeddings by default)."""
-        return 6 * self.estimate_tokens(input_dict) * self.num_parameters(exclude_embeddings=exclude_embeddings)
+        buffers = sum(t.nelement() * t.element_size() for t in self.buffers()) if return_buffers else 0
+        return super().get_memory_footprint() + buffers
 
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,

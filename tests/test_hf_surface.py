@@ -869,6 +869,41 @@ def test_parameter_counts_and_memory_footprint_are_hugging_faces(checkpoints, na
     assert OPTForCausalLM.can_generate() and not OPTModel.can_generate()
 
 
+@pytest.mark.filterwarnings("ignore:.*freshly initialized")
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_tf_and_flax_sizes_and_name_or_path_are_hugging_faces(checkpoints, backend):
+    """num_parameters, get_memory_footprint, floating_point_ops and name_or_path of the TF and Flax models, as
+    transformers gives them for its PyTorch OPT with the same weights (float32 and bfloat16, every head, a tied
+    and an untied LM head, 350m's projections); TF's only_trainable follows Keras' trainable flags."""
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    for name in ("pre_ln", "untied_head", "post_ln_proj"):
+        path = checkpoints(name)
+        ids, mask = batch(VARIANTS[name])
+        theirs = hugging_face(path)
+        for dtype, jax_dtype in ((torch.float32, jnp.float32), (torch.bfloat16, jnp.bfloat16)):
+            ours = load(backend, path, **(dict(dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+                                          if backend == "tf" else dict(param_dtype=jax_dtype)))
+            theirs = theirs.to(dtype)
+            for kwargs in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+                assert ours.num_parameters(**kwargs) == theirs.num_parameters(**kwargs), (name, dtype, kwargs)
+            assert ours.get_memory_footprint() == theirs.get_memory_footprint()
+            inputs = {"input_ids": tf.constant(ids) if backend == "tf" else jnp.asarray(ids), "attention_mask": mask}
+            for exclude in (True, False):
+                assert ours.floating_point_ops(inputs, exclude) == theirs.floating_point_ops(
+                    {"input_ids": torch.as_tensor(ids)}, exclude) > 0
+        assert ours.name_or_path == theirs.name_or_path == str(path)
+    assert model_classes(backend)["causal_lm"].from_config(VARIANTS["pre_ln"]).name_or_path == ""
+    for head in ("base", "sequence_classification", "question_answering"):
+        assert load(backend, path, head).num_parameters() == hugging_face(path, head).num_parameters(), head
+    if backend == "tf":  # Keras' flags: a frozen decoder leaves the LM head (tied: nothing) to train
+        untied = load("tf", checkpoints("untied_head"))
+        untied.model.trainable = False
+        V, E = VARIANTS["untied_head"].vocab_size, VARIANTS["untied_head"].word_embed_proj_dim
+        assert untied.num_parameters(only_trainable=True) == V * E < untied.num_parameters()
+
+
 def test_peft_lora_with_gradient_checkpointing_gives_the_same_adapter_gradients(checkpoints):
     import peft
 
@@ -1152,27 +1187,34 @@ def test_add_adapter_and_a_trainable_load_train_as_transformers(checkpoints, tmp
 
 @pytest.mark.parametrize("labels", [None, {"0": "negative", "1": "neutral", "2": "positive"}])
 def test_classification_and_question_answering_pipelines_as_with_hugging_faces_opt(tmp_path, labels):
-    """transformers' text-classification and question-answering pipelines on optkit's heads: Hugging Face's
-    labels (config.json's id2label, or LABEL_i), scores and answers on the same weights."""
+    """transformers' text-classification and question-answering pipelines on optkit's heads, PyTorch and
+    TensorFlow (its TF pipelines; Hugging Face had no TF OPT heads): Hugging Face's labels (config.json's
+    id2label, or LABEL_i), scores and answers on the same weights."""
+    from opt_tf import TFOPTForQuestionAnswering, TFOPTForSequenceClassification
     from opt_torch import OPTForQuestionAnswering, OPTForSequenceClassification
 
     tokenizer = pipeline_tokenizer(tmp_path)
     config = VARIANTS["pre_ln"].replace(vocab_size=len(tokenizer))
     saved = {**config.to_dict(), **({"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
                                     if labels else {})}
-    for head, cls in (("sequence_classification", OPTForSequenceClassification),
-                      ("question_answering", OPTForQuestionAnswering)):
+    for head, classes in (("sequence_classification", (OPTForSequenceClassification, TFOPTForSequenceClassification)),
+                          ("question_answering", (OPTForQuestionAnswering, TFOPTForQuestionAnswering))):
         spec_io.save_safetensors_dir(tmp_path / head, random_weights(config, head, seed=5), saved)
-        ours, theirs = (transformers.pipeline(head.replace("sequence_", "text-").replace("_", "-"), model=m,
-                                              tokenizer=tokenizer)
-                        for m in (cls.from_pretrained(tmp_path / head), hugging_face(tmp_path / head, head)))
-        if head == "sequence_classification":
-            got, want = (pipe(TEXTS, top_k=None) for pipe in (ours, theirs))
-            assert [[r["label"] for r in row] for row in got] == [[r["label"] for r in row] for row in want]
-            assert {r["label"] for r in got[0]} == set(labels.values() if labels else ("LABEL_0", "LABEL_1", "LABEL_2"))
-            assert np.allclose([[r["score"] for r in row] for row in got], [[r["score"] for r in row] for row in want],
-                               atol=1e-5)
-        else:
-            got, want = (pipe(question="what sat?", context="the cat sat on the mat", top_k=2) for pipe in (ours, theirs))
-            assert [(a["start"], a["end"], a["answer"]) for a in got] == [(a["start"], a["end"], a["answer"]) for a in want]
-            assert np.allclose([a["score"] for a in got], [a["score"] for a in want], rtol=1e-4)
+        task = head.replace("sequence_", "text-").replace("_", "-")
+        theirs = transformers.pipeline(task, model=hugging_face(tmp_path / head, head), tokenizer=tokenizer)
+        for cls, framework in zip(classes, ("pt", "tf")):
+            ours = transformers.pipeline(task, model=cls.from_pretrained(tmp_path / head), tokenizer=tokenizer,
+                                         framework=framework)
+            if head == "sequence_classification":
+                got, want = (pipe(TEXTS, top_k=None) for pipe in (ours, theirs))
+                assert [[r["label"] for r in row] for row in got] == [[r["label"] for r in row] for row in want]
+                assert {r["label"] for r in got[0]} == set(labels.values() if labels else
+                                                           ("LABEL_0", "LABEL_1", "LABEL_2"))
+                assert np.allclose([[r["score"] for r in row] for row in got],
+                                   [[r["score"] for r in row] for row in want], atol=1e-5)
+            else:
+                got, want = (pipe(question="what sat?", context="the cat sat on the mat", top_k=2)
+                             for pipe in (ours, theirs))
+                assert [(a["start"], a["end"], a["answer"]) for a in got] == \
+                    [(a["start"], a["end"], a["answer"]) for a in want]
+                assert np.allclose([a["score"] for a in got], [a["score"] for a in want], rtol=1e-4)
