@@ -8,6 +8,7 @@
 - `resize_token_embeddings(n, pad_to_multiple_of, mean_resizing, seed)` (opt_spec.surface): new
   parameter arrays for the token embedding (and an untied LM head), a tied head follows (it is the
   embedding), and the config and module get the new vocab_size.
+- `to_bf16(params, mask)` / `to_fp16` / `to_fp32`: a cast copy of a parameter tree (Hugging Face Flax's).
 - `can_generate()`, `name_or_path`, `num_parameters(only_trainable, exclude_embeddings)` (every parameter
   is trainable), `get_memory_footprint()`, `floating_point_ops(inputs)` (opt_spec.surface.ModelSurface).
 """
@@ -56,6 +57,20 @@ class FlaxModelMethods(surface.ModelSurface):
                                   spec.kind is WeightKind.EMBEDDING, True)
                 for spec, leaf in check_params(self.params, self.config, self.head).values()]
 
+    # ----------------------------------------------------------------------------------- param dtypes
+    def to_bf16(self, params, mask=None) -> dict:
+        """A copy of the parameter tree `params` with its floating arrays in bfloat16 (Hugging Face Flax's
+        to_bf16); mask: a tree of the same paths whose True leaves say which arrays to cast."""
+        return _cast_floating(params, jnp.bfloat16, mask)
+
+    def to_fp16(self, params, mask=None) -> dict:
+        """As to_bf16, in float16."""
+        return _cast_floating(params, jnp.float16, mask)
+
+    def to_fp32(self, params, mask=None) -> dict:
+        """As to_bf16, in float32."""
+        return _cast_floating(params, jnp.float32, mask)
+
     # -------------------------------------------------------------------------------------- vocabulary
     def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                                 mean_resizing: bool = True, seed: int = 0) -> jnp.ndarray:
@@ -84,3 +99,19 @@ class FlaxModelMethods(surface.ModelSurface):
         self.config = config
         self._rebuild(config=config)
         return decoder["embed_tokens"]["embedding"]
+
+
+def _cast_floating(params, dtype, mask=None) -> dict:
+    """params (a nested dict or FrozenDict) with the floating arrays cast to dtype where the mask (the same
+    paths, bool leaves) is True, every one without a mask; a mask of other paths is a ValueError naming them."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params)
+    cast = {path: True for path in flat} if mask is None else traverse_util.flatten_dict(mask)
+    if cast.keys() != flat.keys():
+        missing, extra = sorted(flat.keys() - cast.keys()), sorted(cast.keys() - flat.keys())
+        raise ValueError(f"mask must have the parameter tree's paths: missing {['.'.join(p) for p in missing]}, "
+                         f"unknown {['.'.join(p) for p in extra]}")
+    return traverse_util.unflatten_dict({
+        path: leaf.astype(dtype) if cast[path] and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        for path, leaf in flat.items()})

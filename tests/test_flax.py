@@ -518,3 +518,36 @@ def test_jax_export_serializes_the_forward_for_any_batch_and_length(tmp_path, na
         ids, mask = ids.astype(np.int32), mask.astype(np.int32)
         got, want = program.call(model.params, ids, mask), forward(model.params, ids, mask)
         assert got.shape == want.shape and max_abs_diff(np.asarray(got), np.asarray(want), mask) <= 1e-5
+
+
+def test_param_dtype_casts_are_hugging_faces(hf_flax, checkpoint):
+    """to_bf16 / to_fp16 / to_fp32 (with and without a mask) give Hugging Face Flax's trees, and a model on the
+    cast tree gives the logits of one loaded in that param_dtype."""
+    from flax import traverse_util
+
+    path = checkpoint("pre_ln")
+    model = FlaxOPTForCausalLM.from_pretrained(path)
+    with jax.numpy_dtype_promotion("standard"):  # Hugging Face's code relies on implicit promotion
+        hf = hf_flax.FlaxOPTForCausalLM(hf_flax.OPTConfig.from_dict(VARIANTS["pre_ln"].to_dict()), _do_init=False)
+    flat = traverse_util.flatten_dict(model.params)
+    no_norms = traverse_util.unflatten_dict({p: not any("layer_norm" in k for k in p) for p in flat})
+    for cast in ("to_bf16", "to_fp16", "to_fp32"):
+        for mask in (None, no_norms):
+            ours = traverse_util.flatten_dict(getattr(model, cast)(model.params, mask))
+            theirs = traverse_util.flatten_dict(getattr(hf, cast)(model.params, mask))
+            assert ours.keys() == theirs.keys()
+            for p in ours:
+                assert ours[p].dtype == theirs[p].dtype and np.array_equal(np.asarray(ours[p], np.float32),
+                                                                           np.asarray(theirs[p], np.float32)), p
+    kept = traverse_util.flatten_dict(model.to_bf16(model.params, no_norms))
+    assert {str(x.dtype) for p, x in kept.items() if "layer_norm" in "".join(p)} == {"float32"}
+    assert {str(x.dtype) for p, x in kept.items() if "layer_norm" not in "".join(p)} == {"bfloat16"}
+    ids, mask = random_batch(VARIANTS["pre_ln"])
+    half = FlaxOPTForCausalLM.from_pretrained(path, param_dtype=jnp.bfloat16)
+    assert np.array_equal(np.asarray(model(ids, mask, params=model.to_bf16(model.params)).logits),
+                          np.asarray(half(ids, mask).logits))
+    assert model.get_memory_footprint() == 2 * FlaxOPTForCausalLM(model.config, half.params).get_memory_footprint()
+    with pytest.raises(ValueError, match=r"missing \['model.decoder.embed_tokens.embedding'\]"):
+        model.to_bf16(model.params, {k: v for k, v in no_norms.items() if k != "model"} | {"model": {
+            **no_norms["model"], "decoder": {k: v for k, v in no_norms["model"]["decoder"].items()
+                                             if k != "embed_tokens"}}})
