@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 import zlib
 from typing import Any, Mapping
 
@@ -24,7 +23,7 @@ import numpy as np
 from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
-from opt_spec.hub import resolve_pretrained
+from opt_spec.hub import pretrained_folder
 from opt_spec.inputs import (check_attention_mask, check_batch_shape, check_classification_labels,
                              check_inputs_embeds, check_labels, check_position_ids, check_positions, check_seed,
                              check_span_positions, check_token_ids, host_array, is_integer_dtype,
@@ -214,17 +213,11 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
-        name_or_path = os.fspath(path)
-        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                  token=token)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path} is not a checkpoint directory")
-        config = config or OPTConfig.from_pretrained(path)
+        name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
+                                                       local_files_only=local_files_only, token=token)
         raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
         plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
-        if plan.fresh:
-            warnings.warn(f"{cls.__name__}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly "
-                          "initialized (train it before use)", stacklevel=2)
+        plan.warn_fresh(cls.__name__, path)
         tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         fresh = {w.name for w in plan.fresh}
 

@@ -136,6 +136,19 @@ def _cached_snapshot(hub, repo_id: str, revision: str, cache: str) -> str | None
     return _snapshot(folder, repo_id, revision, cache)
 
 
+def pretrained_folder(name_or_path: str | os.PathLike, config=None, **hub) -> tuple[str, str, object]:
+    """Every backend's from_pretrained starts here: (what it was given as a str, for `name_or_path`; the local
+    folder, resolve_pretrained's with the `hub` keywords; the config given, else the folder's config.json).
+    A folder that does not exist is a FileNotFoundError naming it."""
+    from .config import OPTConfig
+
+    given = os.fspath(name_or_path)
+    folder = resolve_pretrained(given, **hub)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a checkpoint directory")
+    return given, folder, config or OPTConfig.from_pretrained(folder)
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                        token: str | bool | None = None, weights: bool = True, adapter: bool = False) -> str:

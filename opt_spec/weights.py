@@ -11,6 +11,7 @@ Nothing else is keyed on names.
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -235,6 +236,12 @@ class LoadPlan:
     dropped: tuple[str, ...]      # checkpoint names deliberately left out (other heads, tied copies)
     fresh: tuple[WeightSpec, ...]  # head weights the checkpoint lacks: initialize them (and warn)
     tied: dict[str, str]          # model name -> the model name whose tensor it shares
+
+    def warn_fresh(self, model: str, path) -> None:
+        """The warning every backend's from_pretrained gives for the head weights it initializes."""
+        if self.fresh:
+            warnings.warn(f"{model}: {', '.join(w.name for w in self.fresh)} not in {path}; freshly initialized "
+                          "(train it before use)", stacklevel=3)
 
 
 def plan_load(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head | str,

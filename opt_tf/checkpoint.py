@@ -11,17 +11,15 @@ it and opt_spec.io only, so neither needs torch.
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, normalize_names, tied_source, weight_table
+from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.surface import auto_dtype, dtype_argument
-from opt_spec.hub import resolve_pretrained
+from opt_spec.hub import pretrained_folder
 from opt_spec.inputs import seeded_rng
 from opt_spec.layouts import from_native, native_path, to_native
-from opt_spec.weights import HEAD_WEIGHTS
 
 CONVENTION = "keras"
 
@@ -132,27 +130,12 @@ class TFPretrainedMixin:
         Hugging Face cache (`cache_dir`) or downloaded unless local_files_only / HF_HUB_OFFLINE=1
         (opt_spec.hub.resolve_pretrained); an existing local folder always wins.
         """
-        name_or_path = os.fspath(path)
-        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                  token=token)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path} is not a checkpoint directory")
-        config = config or OPTConfig.from_pretrained(path)
+        name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
+                                                       local_files_only=local_files_only, token=token)
         raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
-        names = normalize_names(raw, cls.head)
-        tensors = {names[k]: v for k, v in raw.items()}
-        other_heads = {n for h, ns in HEAD_WEIGHTS.items() if h != cls.head for n in ns}
-        for n in [n for n in tensors if n in other_heads]:
-            del tensors[n]  # another head's weights (lm_head when loading a classifier): not ours
-        tied = tied_source(config, cls.head)
-        for n in tied:
-            tensors.pop(n, None)  # a tied head is the embedding itself
-        head_names = set(HEAD_WEIGHTS[cls.head])
-        check_weights(tensors, config, cls.head, allow_missing=head_names | set(tied), where=f"checkpoint {path}")
-        fresh = sorted(n for n in head_names if n not in tensors and n not in tied)
-        if fresh:
-            warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in {path}; freshly initialized "
-                          "(train it before use)", stacklevel=2)
+        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
+        plan.warn_fresh(cls.__name__, path)
+        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         dtype = dtype_argument(dtype, torch_dtype)
         if dtype == "auto":
             dtype = auto_dtype(config, str(np.dtype(next(iter(tensors.values())).dtype)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Optional
 
 import ml_dtypes
@@ -20,7 +19,7 @@ import torch
 from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.surface import auto_dtype, dtype_argument
-from opt_spec.hub import resolve_pretrained
+from opt_spec.hub import pretrained_folder
 from opt_spec.inputs import check_seed
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -91,18 +90,12 @@ class PretrainedMixin:
         max_memory and offload_folder: one process, layers spread over accelerators, CPU and disk by
         accelerate. See opt_torch.distributed.
         """
-        name_or_path = os.fspath(path)
-        path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                  token=token)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path} is not a checkpoint directory")
-        config = config or OPTConfig.from_pretrained(path)
+        name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
+                                                       local_files_only=local_files_only, token=token)
         dtype = resolve_dtype(dtype_argument(dtype, torch_dtype))
         raw = read_checkpoint(path)
         plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
-        if plan.fresh:
-            warnings.warn(f"{cls.__name__}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly "
-                          "initialized (train it before use)", stacklevel=2)
+        plan.warn_fresh(cls.__name__, path)
         tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
         table = weight_table(config, cls.head)
 
