@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, plan_load, tied_source, weight_table
+from opt_spec import Head, OPTConfig, WeightKind, WeightMismatchError, planned_tensors, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.cache import cache_mask_width, check_capacity, refuse_legacy_cache
 from opt_spec.hub import pretrained_folder
@@ -216,9 +216,7 @@ class FlaxOPTPreTrainedModel(FlaxModelMethods):
         name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
                                                        local_files_only=local_files_only, token=token)
         raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
-        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
-        plan.warn_fresh(cls.__name__, path)
-        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
+        plan, tensors = planned_tensors(raw, config, cls.head, cls.__name__, path)
         fresh = {w.name for w in plan.fresh}
 
         dtype, param_dtype = model_dtype(dtype, torch_dtype), param_dtype

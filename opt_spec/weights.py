@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .config import OPTConfig
 from .errors import CheckpointError
@@ -237,12 +237,6 @@ class LoadPlan:
     fresh: tuple[WeightSpec, ...]  # head weights the checkpoint lacks: initialize them (and warn)
     tied: dict[str, str]          # model name -> the model name whose tensor it shares
 
-    def warn_fresh(self, model: str, path) -> None:
-        """The warning every backend's from_pretrained gives for the head weights it initializes."""
-        if self.fresh:
-            warnings.warn(f"{model}: {', '.join(w.name for w in self.fresh)} not in {path}; freshly initialized "
-                          "(train it before use)", stacklevel=3)
-
 
 def plan_load(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head | str,
               where: str = "checkpoint") -> LoadPlan:
@@ -268,3 +262,14 @@ def plan_load(shapes: Mapping[str, Sequence[int]], config: OPTConfig, head: Head
     present = set(rename.values())
     fresh = tuple(w for w in head_weights(config, head) if w.name not in present and w.name not in tied)
     return LoadPlan(rename=rename, dropped=dropped, fresh=fresh, tied=tied)
+
+
+def planned_tensors(raw: Mapping[str, Any], config: OPTConfig, head: Head | str, model: str,
+                    path) -> tuple["LoadPlan", dict[str, Any]]:
+    """Every backend's from_pretrained: `plan_load` over a checkpoint's tensors `raw` (read from `path`), the
+    warning for the head weights `model` (a class name) initializes, and the tensors to load by model name."""
+    plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, head, where=f"checkpoint {path}")
+    if plan.fresh:
+        warnings.warn(f"{model}: {', '.join(w.name for w in plan.fresh)} not in {path}; freshly initialized "
+                      "(train it before use)", stacklevel=3)
+    return plan, {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, plan_load, tied_source, weight_table
+from opt_spec import Head, OPTConfig, WeightKind, WeightSpec, check_weights, planned_tensors, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.surface import auto_dtype, dtype_argument
 from opt_spec.hub import pretrained_folder
@@ -133,9 +133,7 @@ class TFPretrainedMixin:
         name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
                                                        local_files_only=local_files_only, token=token)
         raw = spec_io.load_checkpoint_dir(path)  # safetensors, or pytorch_model.bin read without torch
-        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
-        plan.warn_fresh(cls.__name__, path)
-        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
+        plan, tensors = planned_tensors(raw, config, cls.head, cls.__name__, path)
         dtype = dtype_argument(dtype, torch_dtype)
         if dtype == "auto":
             dtype = auto_dtype(config, str(np.dtype(next(iter(tensors.values())).dtype)))

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from opt_spec import Head, OPTConfig, WeightKind, check_weights, plan_load, tied_source, weight_table
+from opt_spec import Head, OPTConfig, WeightKind, check_weights, planned_tensors, tied_source, weight_table
 from opt_spec import io as spec_io
 from opt_spec.surface import auto_dtype, dtype_argument
 from opt_spec.hub import pretrained_folder
@@ -93,10 +93,7 @@ class PretrainedMixin:
         name_or_path, path, config = pretrained_folder(path, config, revision=revision, cache_dir=cache_dir,
                                                        local_files_only=local_files_only, token=token)
         dtype = resolve_dtype(dtype_argument(dtype, torch_dtype))
-        raw = read_checkpoint(path)
-        plan = plan_load({k: tuple(v.shape) for k, v in raw.items()}, config, cls.head, where=f"checkpoint {path}")
-        plan.warn_fresh(cls.__name__, path)
-        tensors = {plan.rename[k]: v for k, v in raw.items() if k in plan.rename}
+        plan, tensors = planned_tensors(read_checkpoint(path), config, cls.head, cls.__name__, path)
         table = weight_table(config, cls.head)
 
         if dtype is None:
