@@ -381,13 +381,13 @@ def cache_arrays(cache) -> list:
 
 def test_generate_reuses_a_cache_of_the_prompts_first_tokens(model, run):
     """generate(past_key_values=the KVCache of input_ids[:, :C]) gives the tokens of the call without it, on the
-    fast path (greedy, beams returning two, seeded sampling) and the host's loop (a streamer, a logits
-    processor); the cache given is left as it was; another cache of the same shapes runs the same compiled
-    program (its contents are inputs, not constants)."""
+    fast path (greedy, beams returning two, seeded sampling drawing two a prompt) and the host's loop (a
+    streamer, a logits processor); the cache given is left as it was; another cache of the same shapes runs the
+    same compiled program (its contents are inputs, not constants)."""
     cache = prompt_cache(model)
     before = cache_arrays(cache)
     for settings in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
-                     dict(max_new_tokens=6, do_sample=True, seed=4, top_k=5)):
+                     dict(max_new_tokens=6, do_sample=True, seed=4, top_k=5, num_return_sequences=2)):
         got = model.generate(IDS, MASK, past_key_values=cache, **settings).numpy()
         np.testing.assert_array_equal(got, run(**settings), err_msg=str(settings))
     streamed = []
