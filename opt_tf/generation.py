@@ -720,8 +720,9 @@ class TFGenerationMixin(GenerationDefaults):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        def first_pick(ids, mask, allowed, embeds, prefix, seed):  # without processors nothing runs between
-            scores, s, outputs = first(ids, mask, allowed, embeds, prefix)  # scores and choice
+        # without processors nothing runs between scores and choice
+        def first_pick(ids, mask, allowed, embeds, prefix, seed):
+            scores, s, outputs = first(ids, mask, allowed, embeds, prefix)
             s, chosen = pick(s, scores, seed)
             return s, {**outputs, **chosen}
 
