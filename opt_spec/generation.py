@@ -130,12 +130,12 @@ a record (opt_spec.outputs.GenerateDecoderOnlyOutput; GenerateBeamDecoderOnlyOut
 past_key_values is None (generate keeps no cache). A streamer still gets every step.
 `compute_transition_scores` (below) turns the scores into each chosen token's score.
 
-Re-using a prompt's cache (PyTorch: generate(input_ids, attention_mask, past_key_values=cache)): the cache holds
-the keys and values of the rows' first C tokens, 0 < C < T, as a forward over input_ids[:, :C] with
-attention_mask[:, :C] gives them (the model's own cache, or Hugging Face's DynamicCache). The prompt pass feeds
-the last T - C tokens only; everything else (rows, lengths, rules, tokens) is what it is without the cache. The
-record's step 0 then covers the T - C positions fed, as in Hugging Face. The cache given is left as it is
-(Hugging Face's generate extends it in place, which is why its users copy it first).
+Re-using a prompt's cache (every backend: generate(input_ids, attention_mask, past_key_values=cache)): the cache
+holds the keys and values of the rows' first C tokens, 0 < C < T, as a forward over input_ids[:, :C] with
+attention_mask[:, :C] gives them (the model's own cache; PyTorch also takes Hugging Face's DynamicCache). The
+prompt pass feeds the last T - C tokens only; everything else (rows, lengths, rules, tokens) is what it is
+without the cache. The record's step 0 then covers the T - C positions fed, as in Hugging Face. The cache given
+is left as it is (Hugging Face's generate extends it in place, which is why its users copy it first).
 
 Stop strings (stop_strings=, with tokenizer= whose decode(ids, skip_special_tokens=False) gives text):
 a row stops when, after its new token, the text of its real tokens contains a stop string that was not

@@ -32,6 +32,13 @@ the new tokens' embeddings) reads them instead of ids; the cache, its slot mask 
 their P positions, while the rules see the rows (input_ids (B, P), or none: T = 0), the last T + step
 columns of the slot mask (`_row_columns`).
 
+past_key_values (the model's KVCache of the prompt's first C tokens; opt_spec.generation, "Re-using a
+prompt's cache") becomes a prefix: its keys and values up to its write position, per layer (B, nh, C, hs),
+written into the first C slots of generate's own cache before the prompt pass, which feeds the last T - C
+ids. The prefix is an input of the compiled functions (their keys carry C), so another cache of the same
+shapes runs the same program; the record's forward for hidden states and attentions reads it from a cache
+too. The cache given is never written.
+
 Greedy and beam search follow the PyTorch backend step for step (same tie rules, same output length),
 so on the same weights they give the same tokens. Sampling draws with the Gumbel-max trick on
 `tf.random.stateless_uniform` keyed by (seed, step): reproducible within TensorFlow for a given seed. Beam
@@ -49,7 +56,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from opt_spec.cache import pad_slots
+from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
@@ -324,11 +331,31 @@ def _row_columns(x, L: int):
     return x[:, x.shape[1] - L:]
 
 
-def _input_key(ids, embeds) -> tuple:
+def _input_key(ids, embeds, prefix=None) -> tuple:
     """The start of the compiled functions' keys: (B, T), and with inputs_embeds its P (B, P, E) too, since
-    the embeds path takes other inputs than the ids path, even at the same shapes."""
+    the embeds path takes other inputs than the ids path, even at the same shapes; with a re-used cache's
+    prefix, its C (the prefix's keys and values are inputs too)."""
     B, T = ids.shape
-    return (B, T) if embeds is None else (B, T, "inputs_embeds", embeds.shape[1])
+    key = (B, T) if embeds is None else (B, T, "inputs_embeds", embeds.shape[1])
+    return key if prefix is None else (*key, "past_key_values", _held(prefix))
+
+
+def _held(prefix) -> int:
+    """C: the prompt positions a re-used cache's prefix (per layer keys and values (R, nh, C, hs)) holds; 0
+    without one."""
+    return 0 if prefix is None else int(prefix[0][0].shape[2])
+
+
+def _fed(ids, prefix):
+    """The prompt's ids (B, T) the prompt pass feeds: all of them, or the last T - C after a prefix of C."""
+    return ids[:, _held(prefix):]
+
+
+def _repeat_prefix(prefix, n: int):
+    """Each row of a prefix n times over (num_return_sequences, beams); None stays None."""
+    if prefix is None:
+        return None
+    return tuple((tf.repeat(k, n, axis=0), tf.repeat(v, n, axis=0)) for k, v in prefix)
 
 
 def _length_norms(d: Decoding) -> tf.Tensor:
@@ -422,9 +449,12 @@ class TFGenerationMixin(GenerationDefaults):
         opt_tf.outputs record holding it. Settings by Hugging Face's names as keywords or in
         generation_config, defaults from model.generation_config; see opt_spec.generation. inputs_embeds
         (B, P, word_embed_proj_dim): what the model sees at the first P positions; the rows are then
-        input_ids (B, P) if given, else empty (T = 0)."""
+        input_ids (B, P) if given, else empty (T = 0). past_key_values: the model's KVCache of the prompt's
+        first C < T tokens, to re-use (opt_spec.generation, "Re-using a prompt's cache"; left as it is)."""
+        reused = kwargs.pop("past_key_values", None)
         ids, mask, embeds, out_dtype = self._check_generation_inputs(input_ids, attention_mask, inputs_embeds)
         d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
+        prefix = None if reused is None else self._reused_prefix(reused, ids, embeds)
         check_assisted(d, assistant_model, ids.shape[0], embeds is not None, self.config.vocab_size, "tf")
         check_prompt(mask, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
@@ -434,15 +464,16 @@ class TFGenerationMixin(GenerationDefaults):
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
             embeds = None if embeds is None else tf.repeat(embeds, d.num_return_sequences, axis=0)
+            prefix = _repeat_prefix(prefix, d.num_return_sequences)
         key = _output_key(d)
         if needs_host(d, processors, streamer, rules.criteria, rules.prefix):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = self._host_beam_search if d.is_beam_search else self._host_decode
             new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype,
-                                          rules, embeds)
+                                          rules, embeds, prefix)
         else:
-            inputs = (tf.constant(ids), tf.constant(mask), seed) + (() if embeds is None else (embeds,))
-            new, n, steps, outputs = self._generation_function(ids, embeds, key)(*inputs)
+            inputs = (tf.constant(ids), tf.constant(mask), seed) + tuple(x for x in (embeds, prefix) if x is not None)
+            new, n, steps, outputs = self._generation_function(ids, embeds, key, prefix)(*inputs)
             outputs = {name: tuple(tf.unstack(x[:int(steps)])) if name in ("scores", "logits") else x
                        for name, x in outputs.items()}  # the (N, rows, V) buffers as the steps taken
         n = int(n)
@@ -451,10 +482,12 @@ class TFGenerationMixin(GenerationDefaults):
         sequences = tf.concat([tf.constant(rows, out_dtype), new], axis=1)
         if not d.return_dict_in_generate:
             return sequences
+        C = _held(prefix)  # step 0 of the record covers the P - C positions fed
         if not d.is_beam_search:
             hidden_states, attentions = None, None
             if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
-                hidden_states, attentions = step_outputs(mask.shape[1], n, *self._replay(ids, mask, new, n, d, embeds))
+                hidden_states, attentions = step_outputs(mask.shape[1] - C, n,
+                                                         *self._replay(ids, mask, new, n, d, embeds, prefix), C)
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=outputs.get("scores"),
                                              logits=outputs.get("logits"), hidden_states=hidden_states,
                                              attentions=attentions)
@@ -463,26 +496,57 @@ class TFGenerationMixin(GenerationDefaults):
             K, beam_rows = d.num_beams, outputs["beam_rows"]
             beams = (np.repeat(ids, K, 0), np.repeat(mask, K, 0))
             embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
-            hidden_states, attentions = replayed_step_outputs(mask.shape[1], len(beam_rows), lambda s: self._replay(
-                *beams, beam_rows[s], s + 1, d, embeds))
+            prefix = _repeat_prefix(prefix, K)
+            hidden_states, attentions = replayed_step_outputs(mask.shape[1] - C, len(beam_rows), lambda s: self._replay(
+                *beams, beam_rows[s], s + 1, d, embeds, prefix), C)
         return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=outputs.get("sequences_scores"),
                                              scores=outputs.get("scores"), logits=outputs.get("logits"),
                                              beam_indices=outputs["beam_indices"][:, :n], hidden_states=hidden_states,
                                              attentions=attentions)
 
-    def _replay(self, ids, mask, new, steps: int, d: Decoding, embeds=None) -> tuple:
+    def _replay(self, ids, mask, new, steps: int, d: Decoding, embeds=None, prefix=None) -> tuple:
         """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
         record (opt_spec.generation.step_outputs): the prompt ids (R, T) (NumPy) seen through mask (R, P) (after
-        the embeddings `embeds` (R, P, E), when the call had them), then the new tokens `new` (R, >= steps - 1)
-        but the last step's."""
+        the embeddings `embeds` (R, P, E), when the call had them; the prompt's first C in a cache holding the
+        prefix, when a cache was re-used), then the new tokens `new` (R, >= steps - 1) but the last step's."""
         if embeds is None:
-            inputs, embedded = tf.concat([tf.constant(ids, new.dtype), new[:, :steps - 1]], 1), None
+            inputs, embedded = tf.concat([tf.constant(_fed(ids, prefix), new.dtype), new[:, :steps - 1]], 1), None
         else:  # the embedded positions, then the new tokens' embeddings
             inputs, embedded = None, tf.concat([embeds, self.get_input_embeddings()(new[:, :steps - 1])], 1)
+        cache = None if prefix is None else self._prefix_cache(prefix)
         out = self._base(inputs, inputs_embeds=embedded, attention_mask=tf.constant(step_forward_mask(mask, steps)),
-                         use_cache=False, output_hidden_states=d.output_hidden_states, training=False,
-                         output_attentions=d.output_attentions)
+                         past_key_values=cache, use_cache=cache is not None, training=False,
+                         output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
         return out.hidden_states, out.attentions
+
+    def _reused_prefix(self, cache, ids, embeds) -> tuple:
+        """generate's past_key_values: the model's KVCache of the rows' first C < T prompt tokens (from a forward
+        over ids[:, :C] with the mask's first C columns), as per layer keys and values (B, nh, C, hs) in the
+        model's dtype; the cache itself is left as it is."""
+        from .modeling import KVCache
+
+        if embeds is not None:
+            raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) is given with "
+                             "input_ids alone, not with inputs_embeds")
+        refuse_legacy_cache(cache)
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be the model's KVCache (a forward's past_key_values over the "
+                            f"prompt's first tokens), got {type(cache).__name__}")
+        C = cache.written()
+        layers = tuple((None, None) if k is None or C is None else
+                       (tf.cast(k[:, :, :C], self.compute_dtype), tf.cast(v[:, :, :C], self.compute_dtype))
+                       for k, v in zip(cache.keys, cache.values))
+        shapes = [tuple(None if x is None else tuple(x.shape) for x in kv) for kv in layers]
+        config = self.config
+        reused_prompt_positions(shapes, config.num_hidden_layers, ids.shape[0], config.num_attention_heads,
+                                config.head_dim, ids.shape[1])
+        return layers
+
+    def _prefix_cache(self, prefix):
+        """A dynamic KVCache holding a prefix's keys and values (its C positions written)."""
+        from .modeling import KVCache
+
+        return KVCache([k for k, _ in prefix], [v for _, v in prefix], _held(prefix))
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False) -> tf.Tensor:
         """(rows, steps) float32: each generated token's score in the step's scores of a
@@ -511,15 +575,21 @@ class TFGenerationMixin(GenerationDefaults):
             fns[key] = tf.function(fn, input_signature=input_signature, jit_compile=True)
         return fns[key]
 
-    def _generation_function(self, ids, embeds, d: Decoding):
+    def _generation_function(self, ids, embeds, d: Decoding, prefix=None):
         """The compiled decode for these inputs' shapes and settings, made once and kept: it takes the ids
-        (B, T), the mask (B, P), the seed and, with inputs_embeds, the embeddings (B, P, E)."""
+        (B, T), the mask (B, P), the seed and, with inputs_embeds, the embeddings (B, P, E), or, with a re-used
+        cache, its prefix (per layer keys and values (B, nh, C, hs): inputs, so that another cache of the same
+        shapes runs the same program)."""
         B, T = ids.shape
         P = T if embeds is None else embeds.shape[1]
         spec = [tf.TensorSpec((B, T), tf.int32), tf.TensorSpec((B, P), tf.int32), tf.TensorSpec((2,), tf.int32)]
+        traced = self._traced_generation
         if embeds is not None:
             spec.append(tf.TensorSpec(embeds.shape, embeds.dtype))
-        return self._compiled((*_input_key(ids, embeds), d), functools.partial(self._traced_generation, d=d), spec)
+        if prefix is not None:
+            spec.append(tuple(tuple(tf.TensorSpec(x.shape, x.dtype) for x in kv) for kv in prefix))
+            traced = self._traced_reuse
+        return self._compiled((*_input_key(ids, embeds, prefix), d), functools.partial(traced, d=d), spec)
 
     def _exportable_generate(self, batch_size: int, prompt_length: int, **settings) -> tuple:
         """(fn, input_signature) of generate for prompts of exactly (batch_size, prompt_length), left-padded, with
@@ -549,10 +619,14 @@ class TFGenerationMixin(GenerationDefaults):
             return {"sequences": tf.concat([tf.repeat(input_ids, n, 0), tf.cast(new[:, :steps], tf.int32)], 1)}
         return generate, spec
 
-    def _traced_generation(self, ids, mask, seed, embeds=None, *, d: Decoding):
+    def _traced_generation(self, ids, mask, seed, embeds=None, *, d: Decoding, prefix=None):
         object.__setattr__(self, "generation_traces", self.generation_traces + 1)  # runs at trace time only
         body = self._beam_search if d.is_beam_search else self._decode
-        return body(ids, mask, seed, d, embeds)
+        return body(ids, mask, seed, d, embeds, prefix)
+
+    def _traced_reuse(self, ids, mask, seed, prefix, *, d: Decoding):
+        """_traced_generation with a re-used cache's prefix as its fourth input."""
+        return self._traced_generation(ids, mask, seed, d=d, prefix=prefix)
 
     def _last_logits(self, ids, slots, cache, embeds=None):
         """float32 logits (B, V) of the last new position and the cache with the new tokens written; embeds:
@@ -566,14 +640,14 @@ class TFGenerationMixin(GenerationDefaults):
     # One step is scores (rules 0-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
     # strings, stopping criteria, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
     # pieces into one while_loop. Each returns (new tokens (B, N), tokens kept, steps taken, outputs).
-    def _prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None):
-        """The prompt pass over mask's P positions (of ids, or of embeds (B, P, E) with inputs_embeds): (logits
-        (B, V), state before the first step); buffers: the state also holds the output buffers the call
-        asked for (the fast path's)."""
+    def _prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None, prefix=None):
+        """The prompt pass over mask's P positions (of ids, or of embeds (B, P, E) with inputs_embeds; after a
+        re-used cache's prefix of the first C, the last P - C ids): (logits (B, V), state before the first
+        step); buffers: the state also holds the output buffers the call asked for (the fast path's)."""
         (B, P), T = mask.shape, ids.shape[1]
         N, V = d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)  # (B, L) over every cache slot
-        logits, cache = self._last_logits(ids, slots, self._generation_cache(B, P, N), embeds)
+        logits, cache = self._last_logits(_fed(ids, prefix), slots, self._generation_cache(B, P, N, prefix), embeds)
         state = dict(step=tf.constant(0, tf.int32), tokens=tf.zeros((B,), tf.int32), finished=tf.zeros((B,), tf.bool),
                      out=tf.fill((B, N), d.pad_token_id), cache=cache, slots=slots)
         if d.repetition_penalty != 1.0:
@@ -606,9 +680,9 @@ class TFGenerationMixin(GenerationDefaults):
         logits, cache = self._last_logits(s["tokens"][:, None], slots, s["cache"])
         return logits, dict(s, cache=cache, slots=slots)
 
-    def _decode(self, ids, mask, seed, d: Decoding, embeds=None):
+    def _decode(self, ids, mask, seed, d: Decoding, embeds=None, prefix=None):
         """(B, N) new tokens (pad after a row finished), the steps taken (twice) and the output buffers."""
-        logits, state = self._prefill(ids, mask, d, buffers=True, embeds=embeds)
+        logits, state = self._prefill(ids, mask, d, buffers=True, embeds=embeds, prefix=prefix)
 
         def step(s, logits):
             scores, new = self._pick(s, self._scores(ids, s, logits, d), seed, d)
@@ -627,15 +701,15 @@ class TFGenerationMixin(GenerationDefaults):
         return state["out"], state["step"], state["step"], _buffered_outputs(state)
 
     def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype, rules: HostRules,
-                     embeds=None):
+                     embeds=None, prefix=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         compiled call (the forward, the scores and the choice), two with logits processors between.
         prefix_allowed_tokens_fn's mask is computed before the step (from the rows so far) and passed in."""
         B, T = ids.shape
         V = self.config.vocab_size
 
-        def first(ids, mask, allowed, embeds):
-            logits, s = self._prefill(ids, mask, d, embeds=embeds)
+        def first(ids, mask, allowed, embeds, prefix):
+            logits, s = self._prefill(ids, mask, d, embeds=embeds, prefix=prefix)
             return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
         def later(ids, s, allowed):
@@ -646,8 +720,9 @@ class TFGenerationMixin(GenerationDefaults):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        def first_pick(ids, mask, allowed, embeds, seed):  # without processors nothing runs between scores and choice
-            scores, s, outputs = first(ids, mask, allowed, embeds)
+        # without processors nothing runs between scores and choice
+        def first_pick(ids, mask, allowed, embeds, prefix, seed):
+            scores, s, outputs = first(ids, mask, allowed, embeds, prefix)
             s, chosen = pick(s, scores, seed)
             return s, {**outputs, **chosen}
 
@@ -661,7 +736,7 @@ class TFGenerationMixin(GenerationDefaults):
         else:
             pieces = dict(first=first_pick, later=later_pick)
         masked = rules.prefix is not None
-        fn = {name: self._compiled((*_input_key(ids, embeds), d, name, bool(processors), masked), piece,
+        fn = {name: self._compiled((*_input_key(ids, embeds, prefix), d, name, bool(processors), masked), piece,
                                    store="_host_generation_fns") for name, piece in pieces.items()}
         ids_t, mask_t = tf.constant(ids), tf.constant(mask)
         if streamer is not None:
@@ -670,7 +745,7 @@ class TFGenerationMixin(GenerationDefaults):
         state, kept = None, {}
         for step in range(d.max_new_tokens):
             allowed = rules.allowed(tf.constant(np.concatenate(seq, 1)), 1, V)  # (B, V) or None
-            args = (ids_t, mask_t, allowed, embeds) if step == 0 else (ids_t, state, allowed)
+            args = (ids_t, mask_t, allowed, embeds, prefix) if step == 0 else (ids_t, state, allowed)
             if processors:
                 scores, state, outputs = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
@@ -704,17 +779,23 @@ class TFGenerationMixin(GenerationDefaults):
     # (finished hypotheses, running beams) -> feed. With return_dict_in_generate every running beam and
     # finished hypothesis also carries the running beam (b * K + k) each of its tokens extended
     # ("beam_index", "done_index", (B, K, N), -1 past its end).
-    def _generation_cache(self, rows: int, P: int, N: int):
-        """generate's cache: P prompt slots (pads past the position table allowed) and N new ones."""
-        return self.init_cache(rows, P + N, pad_slots(P, N, self.config.max_position_embeddings))
+    def _generation_cache(self, rows: int, P: int, N: int, prefix=None):
+        """generate's cache: P prompt slots (pads past the position table allowed) and N new ones; holding a
+        re-used cache's prefix (per layer keys and values (rows, nh, C, hs)) in its first C when given."""
+        cache = self.init_cache(rows, P + N, pad_slots(P, N, self.config.max_position_embeddings))
+        if prefix is not None:
+            for layer, (k, v) in enumerate(prefix):
+                cache.update(layer, k, v)
+            cache.advance(_held(prefix))
+        return cache
 
-    def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None):
+    def _beam_prefill(self, ids, mask, d: Decoding, buffers: bool = False, embeds=None, prefix=None):
         (B, P), T = mask.shape, ids.shape[1]
         K, N, V = d.num_beams, d.max_new_tokens, self.config.vocab_size
         slots = tf.concat([tf.repeat(mask, K, axis=0), tf.zeros((B * K, N), tf.int32)], axis=1)  # (BK, L)
         embeds = None if embeds is None else tf.repeat(embeds, K, axis=0)
-        logits, cache = self._last_logits(tf.repeat(ids, K, axis=0), slots, self._generation_cache(B * K, P, N),
-                                           embeds)
+        cache = self._generation_cache(B * K, P, N, _repeat_prefix(prefix, K))
+        logits, cache = self._last_logits(_fed(tf.repeat(ids, K, axis=0), prefix), slots, cache, embeds)
         state = dict(step=tf.constant(0, tf.int32), cache=cache, slots=slots,
                      scores=tf.concat([tf.zeros((B, 1)), tf.fill((B, K - 1), NEG_INF)], axis=1),  # one live beam
                      beams=tf.fill((B, K, N), d.pad_token_id),
@@ -839,11 +920,11 @@ class TFGenerationMixin(GenerationDefaults):
             outputs["sequences_scores"] = tf.reshape(tf.gather(pool_scores, pick, batch_dims=1), [-1])
         return chosen, tf.reduce_max(tf.gather(pool_length, pick, batch_dims=1)), s["step"], outputs
 
-    def _beam_search(self, ids, mask, seed, d: Decoding, embeds=None):
+    def _beam_search(self, ids, mask, seed, d: Decoding, embeds=None, prefix=None):
         """The best hypotheses as _beam_finish returns them (the seed keys beam sampling's draws)."""
         B, C = ids.shape[0], d.candidates
         none = tf.zeros((B, C), tf.bool)
-        logits, state = self._beam_prefill(ids, mask, d, buffers=True, embeds=embeds)
+        logits, state = self._beam_prefill(ids, mask, d, buffers=True, embeds=embeds, prefix=prefix)
 
         def step(logits, s):
             c = self._beam_candidates(s, self._beam_scores(ids, s, logits, d), seed, d)
@@ -862,11 +943,11 @@ class TFGenerationMixin(GenerationDefaults):
         return self._beam_finish(state, d)
 
     def _host_beam_search(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype,
-                          rules: HostRules, embeds=None):
+                          rules: HostRules, embeds=None, prefix=None):
         del streamer, out_dtype  # check_extras refuses a streamer
         B, T = ids.shape
         K, C, V = d.num_beams, d.candidates, self.config.vocab_size
-        key = (*_input_key(ids, embeds), d)
+        key = (*_input_key(ids, embeds, prefix), d)
         pieces = {name: self._compiled((*key, name), functools.partial(fn, d=d), store="_host_generation_fns")
                   for name, fn in (("prefill", self._beam_prefill), ("candidates", self._beam_candidates),
                                    ("update", self._beam_update), ("finish", self._beam_finish))}
@@ -875,7 +956,7 @@ class TFGenerationMixin(GenerationDefaults):
         pieces["scores"] = self._compiled((*key, "scores", masked), functools.partial(self._beam_scores, d=d),
                                           store="_host_generation_fns")
         ids_t = tf.constant(ids)
-        logits, state = pieces["prefill"](ids_t, tf.constant(mask), embeds=embeds)
+        logits, state = pieces["prefill"](ids_t, tf.constant(mask), embeds=embeds, prefix=prefix)
         kept = {}
         for step in range(d.max_new_tokens):
             if step:

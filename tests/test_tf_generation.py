@@ -364,3 +364,127 @@ def test_the_host_loop_draws_the_fast_paths_beam_samples(model):
     assert len(host.scores) == len(fast.scores) > 0
     for a, b in zip(host.scores, fast.scores):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ a re-used prompt cache
+REUSED = 7  # C: the prompt's first positions the cache holds, of T = 9 (rows left-padded by 0, 3 and 5)
+
+
+def prompt_cache(model, ids=IDS, C=REUSED):
+    """The model's KVCache of the rows' first C tokens, as a forward over them gives it."""
+    return model(ids[:, :C], attention_mask=MASK[:, :C], use_cache=True).past_key_values
+
+
+def cache_arrays(cache) -> list:
+    return [x.numpy() for x in cache.keys + cache.values] + [int(cache.length)]
+
+
+def test_generate_reuses_a_cache_of_the_prompts_first_tokens(model, run):
+    """generate(past_key_values=the KVCache of input_ids[:, :C]) gives the tokens of the call without it, on the
+    fast path (greedy, beams returning two, seeded sampling drawing two a prompt) and the host's loop (a
+    streamer, a logits processor); the cache given is left as it was; another cache of the same shapes runs the
+    same compiled program (its contents are inputs, not constants)."""
+    cache = prompt_cache(model)
+    before = cache_arrays(cache)
+    for settings in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+                     dict(max_new_tokens=6, do_sample=True, seed=4, top_k=5, num_return_sequences=2)):
+        got = model.generate(IDS, MASK, past_key_values=cache, **settings).numpy()
+        np.testing.assert_array_equal(got, run(**settings), err_msg=str(settings))
+    streamed = []
+    got = model.generate(IDS, MASK, past_key_values=cache, max_new_tokens=6, streamer=streamed.append).numpy()
+    np.testing.assert_array_equal(got, run(max_new_tokens=6))
+    np.testing.assert_array_equal(np.stack(streamed, 1), got[:, T:])
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    got = model.generate(IDS, MASK, past_key_values=cache, logits_processor=[lambda rows, scores: scores], **beams)
+    np.testing.assert_array_equal(got.numpy(), run(**beams))
+    for a, b in zip(cache_arrays(cache), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # the cache given is left as it was
+
+    # another prompt's cache, same shapes: the compiled programs run again, traced once
+    other = IDS.copy()
+    other[:, 5:REUSED] = (other[:, 5:REUSED] + 1) % CONFIG.vocab_size  # every row's real tokens change
+    traces, fns = model.generation_traces, dict(model._generation_fns)
+    host = {key: fn.experimental_get_tracing_count() for key, fn in model._host_generation_fns.items()}
+    for settings in (beams, dict(max_new_tokens=6)):
+        got = model.generate(other, MASK, past_key_values=prompt_cache(model, other), **settings).numpy()
+        np.testing.assert_array_equal(got, model.generate(other, MASK, **settings).numpy())
+        assert not np.array_equal(got, run(**settings))  # the cache's contents matter
+    streamed = []
+    model.generate(other, MASK, past_key_values=prompt_cache(model, other), max_new_tokens=6,
+                   streamer=streamed.append)
+    np.testing.assert_array_equal(np.stack(streamed, 1), got[:, T:])  # greedy's, the loop's last
+    assert model.generation_traces == traces and model._generation_fns == fns
+    assert all(fn.experimental_get_tracing_count() == 1 for fn in fns.values())
+    assert {key: fn.experimental_get_tracing_count() for key, fn in model._host_generation_fns.items()} == host
+
+    # a preallocated cache (init_cache) filled alike is read up to its write position
+    filled = model(IDS[:, :REUSED], attention_mask=MASK[:, :REUSED], use_cache=True,
+                   past_key_values=model.init_cache(3, 16)).past_key_values
+    np.testing.assert_array_equal(model.generate(IDS, MASK, past_key_values=filled, max_new_tokens=6).numpy(),
+                                  run(max_new_tokens=6))
+    assert model.generation_traces == traces
+
+
+def test_a_reused_caches_record_covers_the_positions_fed(model, reference):
+    """With output_scores / hidden states / attentions: the scores of the call without the cache; step 0's
+    hidden states and attentions cover the T - C positions fed and are the plain call's last T - C (the
+    attentions over the C + T - C keys); later steps are the plain call's (greedy on the fast path, beam search
+    on the host's loop). Greedy's record also equals the PyTorch backend's with its own cache."""
+    import torch
+
+    C = REUSED
+    cache = prompt_cache(model)
+    record = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
+                  output_attentions=True)
+    for settings in (record, dict(record, num_beams=3)):
+        got = model.generate(IDS, MASK, past_key_values=cache, **settings)
+        plain = model.generate(IDS, MASK, **settings)
+        np.testing.assert_array_equal(got.sequences.numpy(), plain.sequences.numpy())
+        assert len(got.scores) == len(plain.scores) == len(got.hidden_states) == len(got.attentions) == 4
+        for a, b in zip(got.scores, plain.scores):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+        for step in range(4):
+            for a, b in zip(got.hidden_states[step], plain.hidden_states[step], strict=True):
+                b = b[:, C:] if step == 0 else b  # the positions fed at step 0
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+            for a, b in zip(got.attentions[step], plain.attentions[step], strict=True):
+                b = b[:, :, C:] if step == 0 else b
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        if "num_beams" not in settings:
+            greedy = got
+    ids, mask = torch.from_numpy(IDS).long(), torch.from_numpy(MASK).long()
+    with torch.no_grad():
+        theirs = reference(ids[:, :C], attention_mask=mask[:, :C], use_cache=True).past_key_values
+        want = reference.generate(ids, attention_mask=mask, past_key_values=theirs, **record)
+    np.testing.assert_array_equal(greedy.sequences.numpy(), want.sequences.numpy())
+    for step in range(4):
+        np.testing.assert_allclose(greedy.scores[step].numpy(), want.scores[step].numpy(), atol=1e-4)
+        for a, b in zip(greedy.hidden_states[step] + greedy.attentions[step],
+                        want.hidden_states[step] + want.attentions[step], strict=True):
+            assert tuple(a.shape) == tuple(b.shape)
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_generate_refuses_a_cache_it_cannot_reuse(model):
+    """past_key_values with inputs_embeds, of another batch / layer count / head count, holding the whole
+    prompt, as a tuple, or not the model's KVCache: refused in words before anything is compiled."""
+    from opt_tf import KVCache
+
+    cache = prompt_cache(model)
+    with pytest.raises(ValueError, match="not with inputs_embeds"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(IDS), attention_mask=MASK, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"each \(batch 2"):
+        model.generate(IDS[:2], MASK[:2], past_key_values=cache)
+    with pytest.raises(ValueError, match=f"holds {CONFIG.num_hidden_layers - 1} layers"):
+        model.generate(IDS, MASK, past_key_values=KVCache(cache.keys[1:], cache.values[1:], cache.length))
+    with pytest.raises(ValueError, match=f"{CONFIG.num_attention_heads}, tokens, {CONFIG.head_dim}"):
+        model.generate(IDS, MASK, past_key_values=KVCache([k[:, 1:] for k in cache.keys],
+                                                          [v[:, 1:] for v in cache.values], cache.length))
+    with pytest.raises(ValueError, match=f"holds {T} tokens and the prompt has {T}"):
+        model.generate(IDS, MASK, past_key_values=prompt_cache(model, C=T))
+    with pytest.raises(TypeError, match="not a tuple"):
+        model.generate(IDS, MASK, past_key_values=tuple(zip(cache.keys, cache.values)))
+    with pytest.raises(TypeError, match="got dict"):
+        model.generate(IDS, MASK, past_key_values={"keys": cache.keys})
