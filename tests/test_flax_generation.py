@@ -515,12 +515,12 @@ def test_generate_with_a_reused_cache_records_the_positions_fed(models):
 def test_a_reused_cache_is_an_argument_of_the_compiled_decode(models):
     """A second call with another cache of the same shapes runs the same compiled program (its keys and values are
     arguments: the new tokens are those of the prompt whose first C tokens that cache holds); a call without a
-    cache runs its own program, not the re-using one."""
+    cache runs its own program, not the re-using one. C = 4: the third row's cached positions are all pads."""
     flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
     ids, mask = prompts("pre_ln")
     other, other_mask = prompts("pre_ln", seed=7)
-    T, C = ids.shape[1], ids.shape[1] - 3
-    assert (other[:, :C] != ids[:, :C]).any()
+    T, C = ids.shape[1], 4
+    assert not mask[2, :C].any() and (other[:, :C] != ids[:, :C]).any()
     settings = dict(max_new_tokens=5, eos_token_id=EOS)
     first = np.asarray(flax_model.generate(ids, mask, past_key_values=prompt_cache(flax_model, ids, mask, C),
                                            **settings))
