@@ -350,19 +350,24 @@ def zeros_cache(model, batch_size: int, max_length: int) -> KVCache:
     return jax.jit(make, out_shardings=sharding.cache(batch_size))()
 
 
-def generation_fn(model, fn: Callable, batch_size: int, embeds: bool = False) -> Callable:
-    """The decode loop `fn(params, ids, mask, knobs, key[, inputs_embeds]) -> (new tokens (B, N), steps,
+def generation_fn(model, fn: Callable, batch_size: int, embeds: bool = False, past: bool = False) -> Callable:
+    """The decode loop `fn(params, ids, mask, knobs, key[, inputs_embeds | past]) -> (new tokens (B, N), steps,
     extras)` under a jit with explicit shardings (extras, generate's optional outputs, replicated); ids and
-    mask (the whole batch), and inputs_embeds (B, P, E) when `embeds`, are split like the rows before the call."""
+    mask (the whole batch), and inputs_embeds (B, P, E) when `embeds`, are split like the rows before the call;
+    `past` (when set: a re-used cache's per layer (keys, values) (B, nh, C, hs)) is laid out as the cache."""
     sharding: MeshPlan = model.sharding
     rows, vectors = sharding.batch(batch_size, 2), sharding.batch(batch_size, 3)
-    jitted = sharding.jit(fn, (sharding.params(), rows, rows, sharding.replicated, sharding.replicated)
-                          + ((vectors,) if embeds else ()), (rows, sharding.replicated, sharding.replicated))
+    kv = sharding.cache(batch_size).keys[0]
+    layers = ((kv, kv),) * model.config.num_hidden_layers
+    starts = ((vectors,) if embeds else ()) + ((layers,) if past else ())
+    jitted = sharding.jit(fn, (sharding.params(), rows, rows, sharding.replicated, sharding.replicated) + starts,
+                          (rows, sharding.replicated, sharding.replicated))
 
-    def call(params, ids, mask, knobs, key, *inputs_embeds):
+    def call(params, ids, mask, knobs, key, *inputs):
         knobs = jax.tree_util.tree_map(lambda x: sharding.put(x, sharding.replicated), knobs)
+        placed = (jax.tree_util.tree_map(sharding.put, x, s) for x, s in zip(inputs, starts, strict=True))
         return jitted(params, sharding.put(ids, rows), sharding.put(mask, rows), knobs,
-                      sharding.put(key, sharding.replicated), *(sharding.put(x, vectors) for x in inputs_embeds))
+                      sharding.put(key, sharding.replicated), *placed)
 
     return call
 

@@ -12,6 +12,12 @@ The cache, its mask and the positions count the P embedded positions; the rules 
 input_ids (T = P) or start empty (T = 0) and then the new tokens: the rows' position i is cache slot
 i + P - T (`_Static.offset`).
 
+generate(past_key_values=cache) re-uses the model's KVCache of the rows' first C prompt tokens (opt_spec.generation,
+"Re-using a prompt's cache"): its written slots' keys and values (B, nh, C, hs) per layer (`past`) are another
+argument of the programs of their own (`_Static.past` = C, so a cache of another C compiles anew and one of the
+same shapes does not); the prompt pass writes them into the preallocated cache and feeds the last T - C ids.
+The rules, the rows and the record's later steps are as without it; the record's step 0 covers the positions fed.
+
 One jitted function is kept per model and static setting (batch, prompt length, N, num_beams, sampling
 or not, top_k, whether top-p / repetition penalty apply, how many EOS ids, the n-gram size, how many
 sequences to return, and `_Rules`). The numbers (temperature, top_p, repetition_penalty, length_penalty,
@@ -58,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from opt_spec.cache import pad_slots
+from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
@@ -233,6 +239,35 @@ def _keep(buffer: Optional[jax.Array], step, x: jax.Array) -> Optional[jax.Array
     return None if buffer is None else lax.dynamic_update_slice(buffer, x[None].astype(buffer.dtype), (step, 0, 0))
 
 
+# ----------------------------------------------------------------------- a re-used prompt's cache
+def _past_length(past) -> int:
+    """C: the positions per layer (keys, values) (B, nh, C, hs) hold (0 for None)."""
+    return 0 if past is None else past[0][0].shape[2]
+
+
+def _repeat_rows(x, n: int):
+    """Each row n times over (num_return_sequences, beams): of an array (B, ...) or of a pytree of them (per
+    layer (keys, values)); None stays None."""
+    return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), x)
+
+
+def _holding(cache: KVCache, past) -> KVCache:
+    """A copy of an empty cache with `past` (per layer (keys, values) (B, nh, C, hs)) written at its slots
+    [0, C), its write position C."""
+    cache = cache.copy()
+    for layer, (k, v) in enumerate(past):
+        cache.update(layer, k, v)
+    cache.advance(_past_length(past))
+    return cache
+
+
+def _start_inputs(static: "_Static", embeds=None, past=None) -> dict:
+    """What the prompt pass takes besides the ids, as the decode functions' keywords: inputs_embeds (`embeds`)
+    or a re-used cache's keys and values (`past`); {} for neither. Their order is the compiled decode's extra
+    positional arguments' (_generation_fn)."""
+    return {name: x for name, x, on in (("embeds", embeds, static.embeds), ("past", past, static.past)) if on}
+
+
 # --------------------------------------------------------------------------------- settings
 @dataclasses.dataclass(frozen=True)
 class _Rules:
@@ -295,6 +330,8 @@ class _Static:
     keep_indices: bool = False  # beam search's return_dict: each hypothesis's beam indices
     embeds: bool = False        # the prompt pass takes inputs_embeds (B, P, E) instead of the ids' embeddings
     offset: int = 0             # P - T: the embedded positions the rows lack (inputs_embeds without input_ids)
+    past: int = 0               # C: the prompt's first positions a re-used cache holds (generate(past_key_values=)),
+                                # given as keys and values (an argument, `past`) instead of fed
     filter_keep: int = 1        # tokens each sampling filter keeps at least (Decoding.filter_keep when sampling)
 
     @property
@@ -406,12 +443,21 @@ class GenerationMixin(GenerationDefaults):
         ones). inputs_embeds (B, P, word_embed_proj_dim) floats are what the model sees at the prompt's P
         positions instead (attention_mask (B, P)); the rows then start with input_ids (B, P) when given,
         else empty (T = 0: only the new tokens are returned), as in Hugging Face. params overrides the
-        model's parameters.
+        model's parameters. past_key_values: the model's KVCache of the rows' first C < T prompt tokens (a
+        forward over input_ids[:, :C] with attention_mask[:, :C] fills it) to re-use: the prompt pass feeds the
+        last T - C only, and the cache is left as it is (opt_spec.generation, "Re-using a prompt's cache").
         """
         config = self.config
+        reused = kwargs.pop("past_key_values", None)
         ids, mask, embeds = self._generation_inputs(input_ids, attention_mask, inputs_embeds)
         (B, P), T = mask.shape, ids.shape[1]  # the model's prompt positions; the rows' prompt ids (T = P or 0)
         d = self._decoding(generation_config, kwargs, P, T)
+        past = None  # per layer (keys, values) (B, nh, C, hs) of the prompt's first C positions
+        if reused is not None:
+            if embeds is not None:
+                raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with "
+                                 "input_ids: not with inputs_embeds")
+            past = self._reused_past(reused, ids)
         check_assisted(d, assistant_model, B, embeds is not None, config.vocab_size, "flax")
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
@@ -424,7 +470,7 @@ class GenerationMixin(GenerationDefaults):
             check_params(params, config, self.head)
         if not d.is_beam_search:  # each prompt repeated num_return_sequences times, each row sampled apart
             ids, mask = np.repeat(ids, d.num_return_sequences, 0), np.repeat(mask, d.num_return_sequences, 0)
-            embeds = None if embeds is None else jnp.repeat(embeds, d.num_return_sequences, 0)
+            embeds, past = _repeat_rows(embeds, d.num_return_sequences), _repeat_rows(past, d.num_return_sequences)
         B = ids.shape[0]
         static = _Static(batch=B, prompt=P, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams,
                          do_sample=d.do_sample, top_k=d.top_k if d.do_sample and 0 < d.top_k < config.vocab_size else 0,
@@ -434,22 +480,23 @@ class GenerationMixin(GenerationDefaults):
                          keep_scores=d.return_dict_in_generate and d.output_scores,
                          keep_logits=d.return_dict_in_generate and d.output_logits,
                          keep_indices=d.return_dict_in_generate and d.is_beam_search,
-                         embeds=embeds is not None, offset=P - T, filter_keep=d.filter_keep if d.do_sample else 1)
+                         embeds=embeds is not None, offset=P - T, past=_past_length(past),
+                         filter_keep=d.filter_keep if d.do_sample else 1)
         if d.seed is not None:
             seed = d.seed
         else:  # a fresh draw per call, as torch.seed() does
             seed = int.from_bytes(os.urandom(4), "little") if d.do_sample else 0
         args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d), jax.random.key(seed))
-        args += () if embeds is None else (embeds,)  # the ids path's programs stay as they were
+        starts = _start_inputs(static, embeds, past)  # what the prompt pass takes besides the ids ({} mostly)
         beam_rows = [] if beam_step_rows(d) else None  # beam search: each step's running beams' new tokens
         if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
             loop = functools.partial(self._host_beam_search, rows=beam_rows) if d.is_beam_search else self._host_decode
-            new, length, extras = loop(static, *args, processors=processors, streamer=as_streamer(streamer),
+            new, length, extras = loop(static, *args, **starts, processors=processors, streamer=as_streamer(streamer),
                                        stops=stops, mask_np=mask[:, P - T:], criteria=criteria,
                                        prefix=prefix_allowed_tokens_fn)
-        else:
-            new, length, extras = self._generation_fn(static)(*args)
+        else:  # the ids path's programs take no more arguments than they did
+            new, length, extras = self._generation_fn(static)(*args, *starts.values())
         n = int(length)  # steps taken (greedy, sampling) or the longest chosen hypothesis (beams)
         prompts = np.repeat(ids, d.num_return_sequences, 0) if d.is_beam_search else ids
         if self.sharding is not None:  # new tokens are split over the mesh (and perhaps over processes)
@@ -467,33 +514,39 @@ class GenerationMixin(GenerationDefaults):
         hidden_states, attentions = None, None
         if d.is_beam_search:
             if beam_rows is not None:  # one forward per step over its running beams
-                K = d.num_beams
+                K, C = d.num_beams, static.past
                 beams = (np.repeat(ids, K, 0), np.repeat(mask, K, 0))
-                embeds = None if embeds is None else jnp.repeat(embeds, K, 0)
-                hidden_states, attentions = replayed_step_outputs(P, len(beam_rows), lambda s: self._replay(
-                    params, *beams, beam_rows[s], s + 1, d, embeds))
+                embeds, past = _repeat_rows(embeds, K), _repeat_rows(past, K)
+                hidden_states, attentions = replayed_step_outputs(P - C, len(beam_rows), lambda s: self._replay(
+                    params, *beams, beam_rows[s], s + 1, d, embeds, past), C)
             return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=extras.sequences_scores,
                                                  scores=scores, logits=logits, beam_indices=extras.beam_indices[:, :n],
                                                  hidden_states=hidden_states, attentions=attentions)
         if d.output_hidden_states or d.output_attentions:  # one forward over the rows, cut per step
             hidden_states, attentions = step_outputs(
-                P, n, *self._replay(params, ids, mask, sequences[:, T:], n, d, embeds))
+                P - static.past, n, *self._replay(params, ids, mask, sequences[:, T:], n, d, embeds, past), static.past)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
                                          hidden_states=hidden_states, attentions=attentions)
 
-    def _replay(self, params, ids, mask, new, steps: int, d: Decoding, embeds=None) -> tuple:
+    def _replay(self, params, ids, mask, new, steps: int, d: Decoding, embeds=None, past=None) -> tuple:
         """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
         record (opt_spec.generation.step_outputs): the prompt ids (R, T) seen through mask (R, P) (the
-        embeddings `embeds` (R, P, E) instead, when the call had them), then the new tokens `new`
-        (R, >= steps - 1) but the last step's."""
-        new = new[:, :steps - 1]
+        embeddings `embeds` (R, P, E) instead, when the call had them; the first C ids' keys and values `past`
+        in a cache instead, when the call re-used a cache: the forward then covers the last T - C), then the new
+        tokens `new` (R, >= steps - 1) but the last step's."""
+        new, cache, C = new[:, :steps - 1], None, _past_length(past)
+        forward_mask = jnp.asarray(step_forward_mask(mask, steps))
+        if past is not None:  # a cache of exactly the forward's keys, holding the past
+            width = forward_mask.shape[1]
+            cache = _holding(self.init_cache(len(ids), width, pad_slots(width, 0, self.config.max_position_embeddings)),
+                             past)
         if embeds is None:
-            inputs = dict(input_ids=jnp.concatenate([jnp.asarray(ids), new], axis=1))
+            inputs = dict(input_ids=jnp.concatenate([jnp.asarray(ids)[:, C:], new], axis=1))
         else:  # the given embeddings, then the model's own of the new tokens fed back
             table, dtype = params["model"]["decoder"]["embed_tokens"]["embedding"], self.module.numerics.dtype
             fed = jnp.take(table, new, axis=0)  # (R, steps - 1, E)
             inputs = dict(inputs_embeds=jnp.concatenate([embeds.astype(dtype), fed.astype(dtype)], axis=1))
-        out = self(**inputs, attention_mask=jnp.asarray(step_forward_mask(mask, steps)), params=params,
+        out = self(**inputs, attention_mask=forward_mask, params=params, past_key_values=cache,
                    output_hidden_states=d.output_hidden_states, output_attentions=d.output_attentions)
         return out.hidden_states, out.attentions
 
@@ -516,17 +569,33 @@ class GenerationMixin(GenerationDefaults):
         fns = self.__dict__.setdefault("_generation_fns", {})
         if static not in fns:
             decode = self._beam_search if static.num_beams > 1 else self._decode
+            names = tuple(_start_inputs(static, embeds=True, past=True))
 
-            def fn(params, ids, mask, knobs, key, *embeds):  # embeds: (inputs_embeds,) or ()
-                return decode(static, params, ids, mask, knobs, key, *embeds)
+            def fn(params, ids, mask, knobs, key, *starts):  # starts: (inputs_embeds,), (past,) or ()
+                return decode(static, params, ids, mask, knobs, key, **dict(zip(names, starts, strict=True)))
 
             if self.sharding is None:
                 fns[static] = jax.jit(fn)
             else:  # explicit shardings, batch on fsdp, the cache on (batch, heads) (opt_flax.distributed)
                 from .distributed import generation_fn
 
-                fns[static] = generation_fn(self, fn, static.batch, static.embeds)
+                fns[static] = generation_fn(self, fn, static.batch, static.embeds, static.past > 0)
         return fns[static]
+
+    def _reused_past(self, cache, ids) -> tuple:
+        """generate's past_key_values: the model's KVCache of the rows' first C < T prompt tokens, as per layer
+        (keys, values) (B, nh, C, hs) in the model's dtype (the slots it has written). The cache is left as it is."""
+        refuse_legacy_cache(cache)
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be the model's KVCache (opt_flax.modeling.KVCache, from a forward "
+                            f"over the prompt's first tokens), got {type(cache).__name__}")
+        C = int(cache.length)
+        past = tuple((k[:, :, :C].astype(self.dtype), v[:, :, :C].astype(self.dtype))
+                     for k, v in zip(cache.keys, cache.values))
+        config = self.config
+        reused_prompt_positions([(k.shape, v.shape) for k, v in past], config.num_hidden_layers, len(ids),
+                                config.num_attention_heads, config.head_dim, ids.shape[1])
+        return past
 
     def _host_piece(self, static: _Static, name, fn):
         """A jitted piece of the step-by-step loop (static settings bound), built once per model."""
@@ -557,11 +626,15 @@ class GenerationMixin(GenerationDefaults):
             logits = jnp.einsum("be,ev->bv", x, kernel.astype(numerics.dtype), precision=numerics.precision)
         return logits.astype(jnp.float32), out.past_key_values  # (B, V)
 
-    def _prefill(self, params, ids, mask, L: int, embeds=None):
+    def _prefill(self, params, ids, mask, L: int, embeds=None, past=None):
         """Runs the prompt into a fresh cache of L slots: (logits, cache, slot mask (B, L)). The model sees
-        embeds (B, P, E) when given, else the ids (B, P); mask (B, P)."""
+        embeds (B, P, E) when given, else the ids (B, P); mask (B, P). past (per layer (keys, values)
+        (B, nh, C, hs), or None): the first C positions' keys and values, written into the cache instead of
+        fed (the ids' last P - C are)."""
         B, P = mask.shape
         cache = self.init_cache(B, L, pad_slots(P, L - P, self.config.max_position_embeddings))
+        if past is not None:
+            cache, ids = _holding(cache, past), ids[:, _past_length(past):]
         slots = jnp.zeros((B, L), jnp.int32).at[:, :P].set(mask)  # (B, L) over every cache slot
         logits, cache = self._last_logits(params, ids if embeds is None else embeds, slots, cache)
         return logits, cache, slots
@@ -597,11 +670,12 @@ class GenerationMixin(GenerationDefaults):
     # One step is scores (rules 1-3) -> [host: logits processors] -> pick (rules 5-6) -> [host: stop
     # strings, streamer] -> feed (the chosen tokens through the model). The fast path traces the same
     # pieces into one while_loop.
-    def _start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None):
-        """The prompt pass (ids (B, T) the rows' prompt, mask (B, P), embeds (B, P, E) or None): (logits
-        (B, V), the state before the first step)."""
+    def _start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None, past=None):
+        """The prompt pass (ids (B, T) the rows' prompt, mask (B, P), embeds (B, P, E) or None, past: a re-used
+        cache's keys and values of the first C positions or None): (logits (B, V), the state before the first
+        step)."""
         B, P, N, V = static.batch, static.prompt, static.max_new_tokens, self.config.vocab_size
-        logits, cache, slots = self._prefill(params, ids, mask, P + N, embeds)
+        logits, cache, slots = self._prefill(params, ids, mask, P + N, embeds, past)
         seen = self._prompt_seen(ids, mask[:, static.offset:], V) if static.repetition else None
         state = _State(step=jnp.int32(0), tokens=jnp.zeros((B,), jnp.int32), cache=loop_cache(cache), slots=slots,
                        seen=seen, finished=jnp.zeros((B,), bool), out=jnp.full((B, N), knobs.pad_token_id, jnp.int32),
@@ -652,14 +726,14 @@ class GenerationMixin(GenerationDefaults):
         logits, cache = self._last_logits(params, state.tokens[:, None], slots, model_cache(state.cache))
         return logits, state._replace(cache=loop_cache(cache), slots=slots)
 
-    def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
+    def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None):
         """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 (), _Extras)."""
         self._count_trace()
         def choose(logits, state: _State):
             scores, state = self._scores(static, state, logits, ids, knobs)
             return self._pick(static, state, scores, knobs, key)
 
-        state = choose(*self._start(static, params, ids, mask, knobs, embeds))
+        state = choose(*self._start(static, params, ids, mask, knobs, embeds, past))
 
         def keep_going(state: _State):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.finished)
@@ -674,22 +748,22 @@ class GenerationMixin(GenerationDefaults):
     def _extras(state: _State) -> _Extras:
         return _Extras(state.step, state.kept_scores, state.kept_logits)
 
-    def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
-                     streamer, stops, mask_np, criteria=(), prefix=None):
+    def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None, *,
+                     processors, streamer, stops, mask_np, criteria=(), prefix=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         jitted call (the forward, the scores and the choice), two with logits processors between.
         prefix_allowed_tokens_fn is asked for each row's tokens before the step; the stopping criteria are
         asked after it, and a row they stop is finished as an EOS row is. mask_np: the rows' prompt mask (B, T)."""
-        def first(static, params, ids, mask, embeds, knobs, allowed):
-            logits, state = self._start(static, params, ids, mask, knobs, embeds)
+        def first(static, params, ids, mask, embeds, past, knobs, allowed):
+            logits, state = self._start(static, params, ids, mask, knobs, embeds, past)
             return self._scores(static, state, logits, ids, knobs, allowed)
 
         def later(static, params, state, ids, knobs, allowed):
             logits, state = self._feed(static, params, state)
             return self._scores(static, state, logits, ids, knobs, allowed)
 
-        def first_pick(static, params, ids, mask, embeds, knobs, allowed, key):  # no processors: nothing between
-            scores, state = first(static, params, ids, mask, embeds, knobs, allowed)
+        def first_pick(static, params, ids, mask, embeds, past, knobs, allowed, key):  # no processors: nothing between
+            scores, state = first(static, params, ids, mask, embeds, past, knobs, allowed)
             return self._pick(static, state, scores, knobs, key)
 
         def later_pick(static, params, state, ids, knobs, allowed, key):
@@ -711,7 +785,10 @@ class GenerationMixin(GenerationDefaults):
             if prefix is not None:  # each row so far (T + step,) as a jax.Array, its batch_id its index
                 rows = np.concatenate(seq, axis=1)
                 allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in rows], 1, V))
-            args = (params, ids, mask, embeds, knobs, allowed) if step == 0 else (params, state, ids, knobs, allowed)
+            if step == 0:
+                args = (params, ids, mask, embeds, past, knobs, allowed)
+            else:
+                args = (params, state, ids, knobs, allowed)
             if processors:
                 scores, state = fn["first" if step == 0 else "later"](*args)
                 scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1), scores)
@@ -748,11 +825,11 @@ class GenerationMixin(GenerationDefaults):
     # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (the sampling
     # filters when sampling, renormalized if asked; drawn when sampling) -> [host: stop strings on the
     # candidates] -> update (finished hypotheses, running beams) -> feed.
-    def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None):
+    def _beam_start(self, static: _Static, params, ids, mask, knobs: _Knobs, embeds=None, past=None):
         B, P, N, K, V = static.batch, static.prompt, static.max_new_tokens, static.num_beams, self.config.vocab_size
         ids_k, mask_k = jnp.repeat(ids, K, axis=0), jnp.repeat(mask, K, axis=0)  # (B*K, T), (B*K, P)
-        embeds_k = None if embeds is None else jnp.repeat(embeds, K, axis=0)    # (B*K, P, E)
-        logits, cache, slots = self._prefill(params, ids_k, mask_k, P + N, embeds_k)
+        embeds_k, past_k = _repeat_rows(embeds, K), _repeat_rows(past, K)        # (B*K, P, E), (B*K, nh, C, hs)
+        logits, cache, slots = self._prefill(params, ids_k, mask_k, P + N, embeds_k, past_k)
         pad = knobs.pad_token_id
         no_index = jnp.full((B, K, N), -1, jnp.int32) if static.keep_indices else None
         beams = _Beams(scores=jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0),  # one live beam
@@ -875,7 +952,7 @@ class GenerationMixin(GenerationDefaults):
             extras = extras._replace(beam_indices=chosen_indices)
         return chosen, jnp.take_along_axis(beams.done_length, pick, axis=1).max(), extras
 
-    def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None):
+    def _beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None):
         """(best hypotheses (B * n, N) int32 padded with pad_token_id, longest chosen length, _Extras)."""
         self._count_trace()
         none = jnp.zeros((static.batch, static.candidates), bool)
@@ -885,7 +962,7 @@ class GenerationMixin(GenerationDefaults):
             c, state = self._beam_candidates(static, state, scores, knobs, key)
             return self._beam_update(static, state, c, none, knobs)
 
-        state = step(*self._beam_start(static, params, ids, mask, knobs, embeds))
+        state = step(*self._beam_start(static, params, ids, mask, knobs, embeds, past))
 
         def keep_going(state: _BeamState):
             return (state.step < static.max_new_tokens) & ~jnp.all(state.beams.row_done)
@@ -893,8 +970,8 @@ class GenerationMixin(GenerationDefaults):
         state = lax.while_loop(keep_going, lambda s: step(*self._beam_feed(static, params, s)), state)
         return self._beam_finish(static, state)
 
-    def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, *, processors,
-                          streamer, stops, mask_np, criteria=(), prefix=None, rows=None):
+    def _host_beam_search(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None, *,
+                          processors, streamer, stops, mask_np, criteria=(), prefix=None, rows=None):
         """Beam search's pieces one step at a time, with the host's extras between them (as _host_decode);
         `rows`, when a list, gets each step's running beams' new tokens (B * K, step) (beam_step_rows)."""
         del streamer  # check_extras refuses a streamer
@@ -904,7 +981,7 @@ class GenerationMixin(GenerationDefaults):
             ("beam_feed", self._beam_feed), ("beam_finish", self._beam_finish)))
         B, K, C, V = static.batch, static.num_beams, static.candidates, self.config.vocab_size
         ids_np = np.asarray(ids)
-        logits, state = start(params, ids, mask, knobs, embeds)
+        logits, state = start(params, ids, mask, knobs, embeds, past)
         for step in range(static.max_new_tokens):
             if step:
                 logits, state = feed(params, state)

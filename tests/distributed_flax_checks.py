@@ -63,7 +63,8 @@ def _float64_logits(model, ids, mask) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ inference
 def inference(workdir: str) -> dict:
     """Meshes 8x1, 2x4, 4x2 against one device: logits (a divisible and an odd batch), greedy and beam
-    tokens, bytes read per weight, save_pretrained, refused plans and meshes."""
+    tokens (greedy also from inputs_embeds and from a re-used cache of the prompt's first tokens), bytes read per
+    weight, save_pretrained, refused plans and meshes."""
     _setup(8)
     import jax
     from jax.sharding import AxisType
@@ -120,6 +121,12 @@ def inference(workdir: str) -> dict:
                                       ("ids_and_embeds", {"input_ids": ids}, greedy)):
                 got = model.generate(inputs_embeds=table[ids], attention_mask=mask, max_new_tokens=6, **given)
                 entry[f"{name}_equal"] = bool(np.array_equal(np.asarray(got), rows))  # the prompt's own vectors
+            C = 6  # generate(past_key_values=) with the mesh's own cache of the prompt's first C tokens
+            reused = model(ids[:, :C], attention_mask=mask[:, :C],
+                           past_key_values=model.init_cache(4, 8)).past_key_values
+            entry["reused_cache_equal"] = [bool(np.array_equal(np.asarray(model.generate(
+                ids, attention_mask=mask, max_new_tokens=6, past_key_values=reused, **host)), greedy))
+                for host in ({}, {"logits_processor": [lambda rows, scores: scores]})]  # compiled and host loops
             saved = os.path.join(workdir, "saved-2x4")
             model.save_pretrained(saved)
             original = random_weights(config, "causal_lm", 0)

@@ -72,7 +72,7 @@ def test_sharded_inference_matches_one_device(tmp_path):
     assert r["meshes"]["2x4"]["logits_spec"] == "P('fsdp', None, 'tp')"  # rows on fsdp, vocabulary on tp
     m = r["meshes"]["2x4"]
     assert m["greedy_equal"] and m["beam_equal"] and m["embeds_equal"] and m["ids_and_embeds_equal"]
-    assert m["beam_sampling_equal"]
+    assert m["beam_sampling_equal"] and m["reused_cache_equal"] == [True, True]
     assert len({tuple(row) for row in m["greedy_tokens"]}) > 1  # the rows differ: a mixed-up batch would show
     assert m["saved_equal"] and m["saved_generation_config"]
     assert m["kernel_spec"] == "P('fsdp', 'tp')"  # fc1 kernel (in, out): in on fsdp, out on tp

@@ -406,6 +406,167 @@ def test_batch_of_one_loop_copies_each_cache_buffer_at_most_once(models):
     assert len(copies) <= 2 * config.num_hidden_layers, copies[:3]  # ... and copied at most once each
 
 
+# ------------------------------------------------------------------------------- a re-used prompt cache
+def prompt_cache(model, ids, mask, C: int, capacity: int = 12):
+    """The model's KVCache of the rows' first C prompt tokens (a forward over ids[:, :C], mask[:, :C])."""
+    cache = model.init_cache(len(ids), capacity)
+    return model(ids[:, :C], attention_mask=mask[:, :C], past_key_values=cache).past_key_values
+
+
+def cache_arrays(cache) -> list:
+    return [np.asarray(a).copy() for a in (*cache.keys, *cache.values, cache.length)]
+
+
+def test_generate_reuses_a_cache_of_the_prompts_first_tokens(models):
+    """generate(past_key_values=cache of ids[:, :C]) (Hugging Face's prompt re-use) on left-padded rows: the tokens
+    of the call without it, greedy, beams returning two, seeded sampling, each on the compiled loop and on the
+    host's step-by-step loop (a logits processor; a streamer, which gets the whole prompt first); the cache given
+    is left as it was."""
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")  # 0, 3 and 5 pads
+    (B, T), C = ids.shape, ids.shape[1] - 2
+    cache = prompt_cache(flax_model, ids, mask, C)
+    before = cache_arrays(cache)
+    assert int(cache.length) == C and mask[:, C:].all() and not mask[:, :C].all()
+    for settings in (dict(max_new_tokens=6, eos_token_id=EOS),
+                     dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+                     dict(max_new_tokens=6, do_sample=True, seed=4, top_k=5)):
+        plain = np.asarray(flax_model.generate(ids, mask, **settings))
+        assert plain.shape[0] == B * settings.get("num_return_sequences", 1) and plain.shape[1] > T
+        for host in ({}, dict(logits_processor=[lambda rows, scores: scores])):
+            got = flax_model.generate(ids, mask, past_key_values=cache, **settings, **host)
+            np.testing.assert_array_equal(np.asarray(got), plain, err_msg=str((settings, host)))
+
+    class Streamer:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, x):
+            self.puts.append(np.asarray(x))
+
+        def end(self):
+            self.ended = True
+
+    streamer = Streamer()
+    plain = np.asarray(flax_model.generate(ids, mask, max_new_tokens=6, eos_token_id=EOS))
+    got = np.asarray(flax_model.generate(ids, mask, max_new_tokens=6, eos_token_id=EOS, past_key_values=cache,
+                                         streamer=streamer))
+    np.testing.assert_array_equal(got, plain)
+    np.testing.assert_array_equal(streamer.puts[0], ids)  # the whole prompt, as without the cache
+    np.testing.assert_array_equal(np.stack(streamer.puts[1:], axis=1), got[:, T:])
+    assert streamer.ended
+    for a, b in zip(cache_arrays(cache), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def at_positions(x: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """A record's hidden state (rows, q, E) or attentions (rows, heads, q, k) at the positions `real` (rows, q)."""
+    return x[real] if x.ndim == 3 else x.transpose(0, 2, 1, 3)[real]
+
+
+def test_generate_with_a_reused_cache_records_the_positions_fed(models):
+    """return_dict_in_generate with a re-used cache: scores as without it; the hidden states and attentions of
+    step 0 cover the T - C positions fed (attending to all T), equal to the last T - C of the plain call's (real
+    rows), and later steps' equal the plain call's; greedy (compiled loop, one replayed forward) and beam search
+    (the host loop, one forward per step); the same record as opt_torch's with its own cache."""
+    flax_model, torch_model = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    (B, T), C, N = ids.shape, ids.shape[1] - 2, 4
+    cache = prompt_cache(flax_model, ids, mask, C)
+    record = dict(max_new_tokens=N, return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
+                  output_attentions=True)
+    for beams in ({}, dict(num_beams=3)):
+        got = flax_model.generate(ids, mask, past_key_values=cache, **record, **beams)
+        plain = flax_model.generate(ids, mask, **record, **beams)
+        np.testing.assert_array_equal(np.asarray(got.sequences), np.asarray(plain.sequences))
+        assert len(got.scores) == len(plain.scores) == len(got.hidden_states) == len(got.attentions) == N
+        rows = len(got.hidden_states[0][0])
+        real = np.repeat(mask, rows // B, 0)[:, C:].astype(bool)  # (rows, T - C): the real positions fed
+        for step in range(N):
+            np.testing.assert_allclose(np.asarray(got.scores[step]), np.asarray(plain.scores[step]), atol=1e-4)
+            for a, b in zip(got.hidden_states[step] + got.attentions[step],
+                            plain.hidden_states[step] + plain.attentions[step], strict=True):
+                a, b = np.asarray(a), np.asarray(b)
+                if step == 0:  # (rows, T - C, E) and (rows, heads, T - C, T)
+                    b = b[:, C:] if b.ndim == 3 else b[:, :, C:]
+                    assert a.shape[-2] == T - C and (a.ndim == 3 or a.shape[-1] == T)
+                    a, b = at_positions(a, real), at_positions(b, real)
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a, b, atol=1e-5)
+
+    with torch.no_grad():  # opt_torch's record with its own cache (tests/test_hf_surface.py: Hugging Face's)
+        t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+        t_cache = torch_model(t_ids[:, :C], attention_mask=t_mask[:, :C], use_cache=True).past_key_values
+        want = torch_model.generate(t_ids, attention_mask=t_mask, past_key_values=t_cache, **record)
+    got = flax_model.generate(ids, mask, past_key_values=cache, **record)
+    np.testing.assert_array_equal(np.asarray(got.sequences), want.sequences.numpy())
+    real = mask[:, C:].astype(bool)
+    for step in range(N):
+        np.testing.assert_allclose(np.asarray(got.scores[step]), want.scores[step].numpy(), atol=1e-4)
+        for a, b in zip(got.hidden_states[step] + got.attentions[step],
+                        want.hidden_states[step] + want.attentions[step], strict=True):
+            a, b = np.asarray(a), b.numpy()
+            assert a.shape == b.shape
+            if step == 0:
+                a, b = at_positions(a, real), at_positions(b, real)
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_reused_cache_is_an_argument_of_the_compiled_decode(models):
+    """A second call with another cache of the same shapes runs the same compiled program (its keys and values are
+    arguments: the new tokens are those of the prompt whose first C tokens that cache holds); a call without a
+    cache runs its own program, not the re-using one. C = 4: the third row's cached positions are all pads."""
+    flax_model = FlaxOPTForCausalLM(VARIANTS["pre_ln"], models("pre_ln")[0].params)  # a fresh instance
+    ids, mask = prompts("pre_ln")
+    other, other_mask = prompts("pre_ln", seed=7)
+    T, C = ids.shape[1], 4
+    assert not mask[2, :C].any() and (other[:, :C] != ids[:, :C]).any()
+    settings = dict(max_new_tokens=5, eos_token_id=EOS)
+    first = np.asarray(flax_model.generate(ids, mask, past_key_values=prompt_cache(flax_model, ids, mask, C),
+                                           **settings))
+    assert flax_model._generation_traces == 1
+    mixed = np.asarray(flax_model.generate(ids, mask, **settings, past_key_values=prompt_cache(
+        flax_model, other, other_mask, C)))
+    assert flax_model._generation_traces == 1
+    np.testing.assert_array_equal(np.asarray(flax_model.generate(ids, mask, **settings)), first)
+    assert flax_model._generation_traces == 2
+    spliced = np.concatenate([other[:, :C], ids[:, C:]], axis=1)
+    spliced_mask = np.concatenate([other_mask[:, :C], mask[:, C:]], axis=1)
+    want = np.asarray(flax_model.generate(spliced, spliced_mask, **settings))
+    np.testing.assert_array_equal(mixed[:, :T], ids)  # the rows are the prompt given
+    np.testing.assert_array_equal(mixed[:, T:], want[:, T:])
+    assert (mixed[:, T:] != first[:, T:]).any()  # the cache's contents matter
+
+
+def test_generate_refuses_a_cache_it_cannot_reuse(models):
+    """past_key_values that is not a cache of the prompt's first 0 < C < T tokens for this model and batch, or that
+    comes with inputs_embeds, or is not the model's KVCache, is refused in words."""
+    from opt_flax.modeling import KVCache
+
+    flax_model, _ = models("pre_ln")
+    ids, mask = prompts("pre_ln")
+    (B, T), config = ids.shape, flax_model.config
+    cache = prompt_cache(flax_model, ids, mask, 4)
+    with pytest.raises(ValueError, match="not with inputs_embeds"):
+        embeds = flax_model.params["model"]["decoder"]["embed_tokens"]["embedding"][ids]
+        flax_model.generate(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match=rf"each \(batch 2, {config.num_attention_heads}, tokens"):
+        flax_model.generate(ids[:2], mask[:2], past_key_values=cache)
+    with pytest.raises(ValueError, match=rf"holds 1 layers .* the model has {config.num_hidden_layers} layers"):
+        flax_model.generate(ids, mask, past_key_values=KVCache(cache.keys[:1], cache.values[:1], cache.length))
+    with pytest.raises(ValueError, match=rf"\(batch {B}, {config.num_attention_heads}, tokens"):
+        flax_model.generate(ids, mask, past_key_values=KVCache([k[:, 1:] for k in cache.keys],
+                                                               [v[:, 1:] for v in cache.values], cache.length))
+    with pytest.raises(ValueError, match=f"holds {T} tokens and the prompt has {T}"):
+        flax_model.generate(ids, mask, past_key_values=prompt_cache(flax_model, ids, mask, T))
+    with pytest.raises(ValueError, match=f"holds 0 tokens and the prompt has {T}"):
+        flax_model.generate(ids, mask, past_key_values=flax_model.init_cache(B, 12))
+    with pytest.raises(TypeError, match="not a tuple"):
+        flax_model.generate(ids, mask, past_key_values=tuple(zip(cache.keys, cache.values)))
+    with pytest.raises(TypeError, match="got dict"):
+        flax_model.generate(ids, mask, past_key_values={"keys": cache.keys})
+
+
 # ------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("kwargs,words", [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
