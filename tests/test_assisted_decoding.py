@@ -152,22 +152,13 @@ def test_assisted_decoding_refuses_what_it_cannot_do(folders, model, kwargs, wor
     with pytest.raises(ValueError, match="same vocabulary"):
         model.generate(PROMPT, max_new_tokens=3, assistant_model=OPTForCausalLM.from_config(
             CONFIG.replace(vocab_size=64)))
+    from opt_flax import FlaxOPTForCausalLM
+
+    with pytest.raises(ValueError, match="an optkit opt_torch causal LM .* got FlaxOPTForCausalLM from opt_flax"):
+        model.generate(PROMPT, max_new_tokens=3, assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["model"]))
     with pytest.raises(ValueError, match="cannot read inputs_embeds"):
         model.generate(inputs_embeds=model.get_input_embeddings()(PROMPT), max_new_tokens=3, assistant_model=model)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens=0"):
         gen.GenerationConfig(prompt_lookup_num_tokens=0)
     with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
         gen.GenerationConfig(num_assistant_tokens_schedule="fast")
-
-
-@pytest.mark.parametrize("backend", ["tf", "flax"])
-def test_other_backends_refuse_assisted_decoding_in_words(folders, backend):
-    if backend == "tf":
-        from opt_tf import TFOPTForCausalLM as cls
-    else:
-        from opt_flax import FlaxOPTForCausalLM as cls
-    other = cls.from_pretrained(folders["model"])
-    with pytest.raises(ValueError, match="PyTorch-only"):
-        other.generate(PROMPT.numpy(), max_new_tokens=3, prompt_lookup_num_tokens=2)
-    with pytest.raises(ValueError, match="PyTorch-only"):
-        other.generate(PROMPT.numpy(), max_new_tokens=3, assistant_model=object())
