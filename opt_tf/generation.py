@@ -41,7 +41,7 @@ the same compiled scores and choice pieces as a one-token step's ("given"; sampl
 host's extras between steps, while the token chosen is the candidate read. At the first mismatch the cache's write
 position is set back and the slot mask cleared beyond it (`_cropped`), so what was written for candidates not taken
 is invisible and overwritten next. The checking pass is compiled once per k (at most max(prompt_lookup_num_tokens,
-the longest draft, <= max_new_tokens - 1) programs per prompt shape and settings), not padded to one width: padding
+the longest draft, <= max_new_tokens - 1) programs per prompt shape and length limit), not padded to one width: padding
 needs slots past the cache's end near the last steps, which the position table may not allow (the cache is P + N
 slots). On the tests' model (2 layers, hidden 32, CPU) a k-token check compiles in about 0.75 s and then runs in
 about 1.5 ms, as a one-token step does.
@@ -483,12 +483,10 @@ class _Assistant:
     across drafts (the row's slots are the cache's: an assistant reads input_ids, never embeddings or a prefix)."""
 
     def __init__(self, model, ids: np.ndarray, mask: np.ndarray, d: Decoding):
-        key = (*_input_key(ids, None), _output_key(d))
-        store = "_host_generation_fns"
-        prefill = model._compiled((*key, "draft prompt"), functools.partial(model._prefill, d=key[-1]), store=store)
+        key, store, N = (*_input_key(ids, None), d.max_new_tokens), "_host_generation_fns", d.max_new_tokens
+        start = model._compiled((*key, "draft prompt"), functools.partial(model._draft_start, N=N), store=store)
         self.feed = model._compiled((*key, "draft feed"), functools.partial(model._feed), store=store)
-        _, state = prefill(tf.constant(ids), tf.constant(mask))
-        self.state = dict(cache=state["cache"], slots=state["slots"])
+        self.state = start(tf.constant(ids), tf.constant(mask))
         self.d, self.draft = d, d.num_assistant_tokens
         self.valid, self.upto, self.written = mask.shape[1], 0, 0  # slots it holds of the row; the last draft's
 
@@ -885,14 +883,21 @@ class TFGenerationMixin(GenerationDefaults):
                 state = _cropped(state, P + step)  # what was written for candidates not taken goes
             candidates = drafter.propose(np.concatenate(seq, 1)[0], d.max_new_tokens - step - 2)
             ahead, matched = None, 0
-            if candidates:  # compiled per number of candidates (see the module docstring)
-                check = self._compiled((*key, "check", len(candidates)), functools.partial(self._check_candidates),
-                                       store="_host_generation_fns")
+            if candidates:  # compiled per number of candidates (module docstring), for the state's shapes
+                shapes = (*_input_key(ids, embeds, prefix), d.max_new_tokens, "seen" in state, "check", len(candidates))
+                check = self._compiled(shapes, functools.partial(self._check_candidates), store="_host_generation_fns")
                 logits, state = check(state, tf.constant(candidates, tf.int32))
                 ahead = tf.unstack(logits)  # (1, V) each
         if streamer is not None:
             streamer.end()
         return state["out"], state["step"], state["step"], {name: tuple(xs) for name, xs in kept.items()}
+
+    def _draft_start(self, ids, mask, N: int) -> dict:
+        """An assistant's prompt pass (_Assistant): its cache and slot mask (B, P + N) after reading the prompt."""
+        B, P = mask.shape
+        slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)
+        _, cache = self._last_logits(ids, slots, self._generation_cache(B, P, N))
+        return dict(cache=cache, slots=slots)
 
     def _check_candidates(self, s, candidates):
         """Assisted decoding's forward pass: the last chosen token (s["tokens"], one row) at the cache's write

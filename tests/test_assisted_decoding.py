@@ -174,7 +174,9 @@ def tf_model(folders):
     return TFOPTForCausalLM.from_pretrained(folders["model"])
 
 
-def tf_assistants(folders):
+@pytest.fixture(scope="module")
+def tf_assistants(folders, tf_model):
+    """Every kind of candidates, the assistants loaded once (each compiles its prompt pass and one-token feed)."""
     from opt_tf import TFOPTForCausalLM
 
     return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
@@ -211,7 +213,7 @@ class TFForwards:
 
 
 @pytest.mark.parametrize("rules", [False, True])
-def test_tf_assisted_greedy_search_gives_greedy_search_tokens_and_pytorchs(folders, model, tf_model, rules):
+def test_tf_assisted_greedy_search_gives_greedy_search_tokens_and_pytorchs(tf_assistants, model, tf_model, rules):
     """TensorFlow's assisted greedy search gives its plain greedy search's tokens, which are the PyTorch backend's
     (and so Hugging Face's, above) on the same weights; in fewer forward passes when the candidates are right."""
     settings = dict(max_new_tokens=24, **(RULES if rules else dict(eos_token_id=None)))
@@ -223,7 +225,7 @@ def test_tf_assisted_greedy_search_gives_greedy_search_tokens_and_pytorchs(folde
     steps = plain.shape[1] - PROMPT.shape[1]
     assert forwards.count == steps
     counts = {}
-    for name, assist in tf_assistants(folders).items():
+    for name, assist in tf_assistants.items():
         with TFForwards(tf_model) as forwards:
             np.testing.assert_array_equal(tf_model.generate(PROMPT.numpy(), **assist, **settings).numpy(), plain,
                                           err_msg=name)
@@ -257,22 +259,21 @@ def test_tf_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_deco
     np.testing.assert_array_equal(short.numpy(), plain.sequences.numpy()[:, :stop_after])
 
 
-def test_tf_assisted_sampling_draws_plain_samplings_tokens(folders, tf_model):
+def test_tf_assisted_sampling_draws_plain_samplings_tokens(tf_assistants, tf_model):
     """TensorFlow's draws are keyed by (seed, step): a token drawn at a checked position is the one plain sampling
     draws at that step, so with the same seed the same tokens, whatever the candidates."""
     settings = dict(max_new_tokens=16, eos_token_id=None, do_sample=True, top_k=8, temperature=1.5)
     rows = set()
-    kinds = tf_assistants(folders)
     for seed in range(3):
         plain = tf_model.generate(PROMPT.numpy(), seed=seed, **settings).numpy()
         rows.add(tuple(plain[0].tolist()))
-        for name, assist in kinds.items():
+        for name, assist in tf_assistants.items():
             np.testing.assert_array_equal(tf_model.generate(PROMPT.numpy(), seed=seed, **assist, **settings).numpy(),
                                           plain, err_msg=f"seed {seed}, {name}")
     assert len(rows) == 3  # the seeds matter
 
 
-def test_tf_assisted_decoding_refuses_what_it_cannot_do(folders, model, tf_model):
+def test_tf_assisted_decoding_refuses_what_it_cannot_do(model, tf_model):
     """Each refusal in words, before anything runs: (the call's inputs and settings, the words)."""
     from opt_tf import TFOPTForCausalLM
 
@@ -292,16 +293,13 @@ def test_tf_assisted_decoding_refuses_what_it_cannot_do(folders, model, tf_model
             tf_model.generate(max_new_tokens=3, **call)
 
 
-def test_tf_assisted_decoding_with_a_reused_prompt_cache(folders, tf_model):
+def test_tf_assisted_decoding_with_a_reused_prompt_cache(tf_assistants, tf_model):
     """generate(past_key_values=the KVCache of the prompt's first C tokens) with prompt lookup (the model's cache
     holds the prefix) or an assistant (which reads the whole prompt itself): the tokens of the call without it."""
-    from opt_tf import TFOPTForCausalLM
-
     ids, C = PROMPT.numpy(), 7
     cache = tf_model(ids[:, :C], use_cache=True).past_key_values
     plain = tf_model.generate(ids, max_new_tokens=12, eos_token_id=None).numpy()
-    for assist in (dict(prompt_lookup_num_tokens=3),
-                   dict(assistant_model=TFOPTForCausalLM.from_pretrained(folders["model"]))):
+    for assist in (dict(prompt_lookup_num_tokens=3), tf_assistants["same weights"]):
         got = tf_model.generate(ids, max_new_tokens=12, eos_token_id=None, past_key_values=cache, **assist)
         np.testing.assert_array_equal(got.numpy(), plain)
     other = ids.copy()
@@ -312,7 +310,7 @@ def test_tf_assisted_decoding_with_a_reused_prompt_cache(folders, tf_model):
     assert not np.array_equal(changed, plain)
 
 
-def test_tf_assisted_decoding_runs_the_hosts_rules_at_every_checked_position(folders, tf_model):
+def test_tf_assisted_decoding_runs_the_hosts_rules_at_every_checked_position(tf_assistants, tf_model):
     """A logits processor and prefix_allowed_tokens_fn that read the rows so far see, at each position a checking
     pass computed, the row as plain decoding has it there: the same tokens."""
     import tensorflow as tf
@@ -331,7 +329,7 @@ def test_tf_assisted_decoding_runs_the_hosts_rules_at_every_checked_position(fol
         plain = tf_model.generate(ids, **settings).numpy()
         assert not np.array_equal(plain, tf_model.generate(ids, max_new_tokens=16, eos_token_id=None).numpy())
         counts = []
-        for name, assist in tf_assistants(folders).items():
+        for name, assist in tf_assistants.items():
             with TFForwards(tf_model) as forwards:
                 np.testing.assert_array_equal(tf_model.generate(ids, **assist, **settings).numpy(), plain,
                                               err_msg=f"{list(host)}, {name}")
