@@ -451,6 +451,15 @@ def _to_host(x):
     return x.numpy() if hasattr(x, "numpy") else x
 
 
+def _then_pick(scored, pick, *args):
+    """A host step's scores piece, then its choice (without logits processors nothing runs between them): one
+    compiled call of the scores piece's args and the seed -> (state, the step's outputs)."""
+    *args, seed = args
+    scores, s, outputs = scored(*args)
+    s, chosen = pick(s, scores, seed)
+    return s, {**outputs, **chosen}
+
+
 # ------------------------------------------------------------------------------ assisted decoding
 def _cropped(s: dict, length: int) -> dict:
     """The state with its cache's write position set back to `length` and its slot mask cleared from there: what
@@ -818,16 +827,11 @@ class TFGenerationMixin(GenerationDefaults):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        def then_pick(scored):  # without processors nothing runs between scores and choice: one compiled call
-            def run(*args):
-                *args, seed = args
-                scores, s, outputs = scored(*args)
-                s, chosen = pick(s, scores, seed)
-                return s, {**outputs, **chosen}
-            return run
-
         pieces = dict(first=first, later=later, given=given)
-        pieces = dict(pieces, pick=pick) if processors else {name: then_pick(f) for name, f in pieces.items()}
+        if processors:
+            pieces["pick"] = pick
+        else:  # nothing runs between scores and choice: one compiled call
+            pieces = {name: functools.partial(_then_pick, scored, pick) for name, scored in pieces.items()}
         masked = rules.prefix is not None
         key = (*_input_key(ids, embeds, prefix), d)
         fn = {name: self._compiled((*key, name, bool(processors), masked), piece, store="_host_generation_fns")
