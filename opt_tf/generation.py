@@ -487,9 +487,10 @@ class _PromptLookup:
 
 class _Assistant:
     """Assisted decoding's candidates from a smaller TFOPTForCausalLM drafting greedily (opt_spec.generation,
-    "Assisted decoding"), from its own compiled pieces: plain decoding's prompt pass (once, at the start) and its
-    one-token feed (compiled once), over a preallocated cache of its own that keeps the row's slots it has read
-    across drafts (the row's slots are the cache's: an assistant reads input_ids, never embeddings or a prefix)."""
+    "Assisted decoding"), from its own compiled pieces: a prompt pass (_draft_start, once, at the start) and plain
+    decoding's one-token feed (compiled once), over a preallocated cache of its own that keeps the row's slots it
+    has read across drafts (the row's slots are the cache's: an assistant reads input_ids, never embeddings or a
+    prefix)."""
 
     def __init__(self, model, ids: np.ndarray, mask: np.ndarray, d: Decoding):
         key, store, N = (*_input_key(ids, None), d.max_new_tokens), "_host_generation_fns", d.max_new_tokens
@@ -846,19 +847,19 @@ class TFGenerationMixin(GenerationDefaults):
             allowed = rules.allowed(tf.constant(np.concatenate(seq, 1)), 1, V)  # (B, V) or None
             cache = None
             if step == 0:
-                name, args = "first", (ids_t, mask_t, allowed, embeds, prefix)
+                piece, args = "first", (ids_t, mask_t, allowed, embeds, prefix)
             elif ahead is None:
-                name, args = "later", (ids_t, state, allowed)
+                piece, args = "later", (ids_t, state, allowed)
             else:  # the step's logits were computed with the candidates; its pieces do not read the cache
                 cache = state.pop("cache")
-                name, args = "given", (ids_t, state, ahead[matched], allowed)
+                piece, args = "given", (ids_t, state, ahead[matched], allowed)
             if processors:
-                scores, state, outputs = fn[name](*args)
+                scores, state, outputs = fn[piece](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
                 state, chosen = fn["pick"](state, scores, seed)
                 outputs = {**outputs, **chosen}
             else:
-                state, outputs = fn[name](*args, seed)
+                state, outputs = fn[piece](*args, seed)
             if cache is not None:
                 state = dict(state, cache=cache)
             for name, x in outputs.items():
