@@ -258,6 +258,18 @@ def test_tf_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_deco
                               stopping_criteria=[lambda rows, scores: rows.shape[1] >= stop_after])
     np.testing.assert_array_equal(short.numpy(), plain.sequences.numpy()[:, :stop_after])
 
+    class Letters:  # one letter per id: stop strings' tokenizer
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+    new = plain.sequences.numpy()[0, PROMPT.shape[1]:]
+    change = next(i for i in range(1, len(new)) if new[i] != new[i - 1])  # where the model's loop changes
+    stops = dict(max_new_tokens=20, eos_token_id=None, stop_strings=[Letters().decode(new[change - 1:change + 1])],
+                 tokenizer=Letters())
+    stopped = tf_model.generate(ids, **stops).numpy()
+    assert stopped.shape[1] < plain.sequences.shape[1]
+    np.testing.assert_array_equal(tf_model.generate(ids, prompt_lookup_num_tokens=5, **stops).numpy(), stopped)
+
 
 def test_tf_assisted_sampling_draws_plain_samplings_tokens(tf_assistants, tf_model):
     """TensorFlow's draws are keyed by (seed, step): a token drawn at a checked position is the one plain sampling
