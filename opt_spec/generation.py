@@ -163,8 +163,8 @@ than that many seconds of wall-clock time have passed since generate resolved it
 backend's first call counts its compilation); it is asked after each step, so at least one token is always
 made. Like any stopping criterion it takes the backend's step-by-step host loop. Reference: `MaxTime`.
 
-Assisted decoding (Hugging Face's; greedy search and sampling, one prompt and one row: num_beams and
-num_return_sequences 1; PyTorch only, as in Hugging Face). Candidates for the next tokens come from
+Assisted decoding (Hugging Face's, which it has in PyTorch only; here every backend; greedy search and sampling,
+one prompt and one row: num_beams and num_return_sequences 1). Candidates for the next tokens come from
   - prompt lookup (prompt_lookup_num_tokens = k): the row's own tokens after the first earlier occurrence of
     its last n tokens, n from max_matching_ngram_size (default 2) down to 1, at most k of them, cut before an
     EOS id (Hugging Face's PromptLookupCandidateGenerator; `prompt_lookup`), or
@@ -179,7 +179,7 @@ rows, stop strings and criteria included): a candidate is kept while it is the t
 (greedy: the argmax; sampling: the token drawn), and the token chosen at the first mismatch (or after the
 last candidate) is added. So greedy search gives its own tokens and sampling draws from its own
 distribution, in fewer forward passes when the candidates are right. Refused in words: more than one row,
-beams, inputs_embeds with an assistant, an assistant of another vocabulary.
+beams, inputs_embeds with an assistant, an assistant of another backend or vocabulary.
 
 Streamers follow Hugging Face's protocol: `streamer.put(prompt ids (rows, T))` once, then
 `streamer.put(tokens (rows,))` after every step (pad for finished rows), then `streamer.end()`; so
@@ -912,14 +912,11 @@ class MaxTime:
 # ------------------------------------------------------------------------------- assisted decoding
 def check_assisted(d: Decoding, assistant, rows: int, embeds: bool, vocab_size: int, backend: str) -> bool:
     """Whether the call decodes assisted (prompt_lookup_num_tokens, or an assistant model); a ValueError in
-    words when it cannot: another backend than PyTorch, more than one row, beams, an assistant with
-    inputs_embeds or of another vocabulary."""
+    words when it cannot: more than one row, beams, an assistant with inputs_embeds, of another backend
+    (`backend`: "torch", "tf" or "flax", the model's) or of another vocabulary."""
     if assistant is None and not d.prompt_lookup_num_tokens:
         return False
     what = "assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={d.prompt_lookup_num_tokens}"
-    if backend != "torch":
-        raise ValueError(f"{what}: assisted decoding is PyTorch-only in optkit, as in Hugging Face (when "
-                         "generation_config.json asks for it: model.generation_config.prompt_lookup_num_tokens = None)")
     if assistant is not None and d.prompt_lookup_num_tokens:
         raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both")
     if rows != 1 or d.is_beam_search or d.num_return_sequences != 1:
@@ -930,9 +927,11 @@ def check_assisted(d: Decoding, assistant, rows: int, embeds: bool, vocab_size: 
         if embeds:
             raise ValueError("assistant_model: the assistant cannot read inputs_embeds; pass input_ids")
         other = getattr(getattr(assistant, "config", None), "vocab_size", None)
-        if other != vocab_size or not callable(getattr(assistant, "init_cache", None)):
-            raise ValueError(f"assistant_model must be an optkit PyTorch causal LM of the same vocabulary "
-                             f"({vocab_size} tokens); got {type(assistant).__name__} with vocab_size={other}")
+        family = type(assistant).__module__.split(".")[0]
+        if other != vocab_size or family != f"opt_{backend}" or not callable(getattr(assistant, "generate", None)):
+            raise ValueError(f"assistant_model must be an optkit opt_{backend} causal LM (the model's backend) of the "
+                             f"same vocabulary ({vocab_size} tokens); got {type(assistant).__name__} from {family} "
+                             f"with vocab_size={other}")
     return True
 
 

@@ -32,6 +32,20 @@ the new tokens' embeddings) reads them instead of ids; the cache, its slot mask 
 their P positions, while the rules see the rows (input_ids (B, P), or none: T = 0), the last T + step
 columns of the slot mask (`_row_columns`).
 
+Assisted decoding (prompt_lookup_num_tokens, or generate(assistant_model=a smaller TFOPTForCausalLM); one row;
+opt_spec.generation, "Assisted decoding") takes the host loop too: after a step, the candidates are drafted on the
+host (prompt lookup over the row; the assistant greedily, from its own compiled prompt pass and one-token feed over
+a preallocated cache of its own), then one compiled forward (`_check_candidates`) writes the last chosen token and
+the k candidates into the cache at its write position and gives the logits after each; each position's logits take
+the same compiled scores and choice pieces as a one-token step's ("given"; sampling keyed by the step), with the
+host's extras between steps, while the token chosen is the candidate read. At the first mismatch the cache's write
+position is set back and the slot mask cleared beyond it (`_cropped`), so what was written for candidates not taken
+is invisible and overwritten next. The checking pass is compiled once per k (at most max(prompt_lookup_num_tokens,
+the longest draft, <= max_new_tokens - 1) programs per prompt shape and length limit), not padded to one width: padding
+needs slots past the cache's end near the last steps, which the position table may not allow (the cache is P + N
+slots). On the tests' model (2 layers, hidden 32, CPU) a k-token check compiles in about 0.75 s and then runs in
+about 1.5 ms, as a one-token step does.
+
 past_key_values (the model's KVCache of the prompt's first C tokens; opt_spec.generation, "Re-using a
 prompt's cache") becomes a prefix: its keys and values up to its write position, per layer (B, nh, C, hs),
 written into the first C slots of generate's own cache before the prompt pass, which feeds the last T - C
@@ -60,8 +74,9 @@ from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positio
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, prompt_inputs, replayed_step_outputs, beam_step_rows, single_token_bias,
-                                 step_forward_mask, step_outputs, transition_scores)
+                                 needs_host, next_draft_length, prompt_inputs, prompt_lookup, replayed_step_outputs,
+                                 beam_step_rows, single_token_bias, softmax, step_forward_mask, step_outputs,
+                                 transition_scores)
 
 from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
@@ -436,6 +451,82 @@ def _to_host(x):
     return x.numpy() if hasattr(x, "numpy") else x
 
 
+def _then_pick(scored, pick, *args):
+    """A host step's scores piece, then its choice (without logits processors nothing runs between them): one
+    compiled call of the scores piece's args and the seed -> (state, the step's outputs)."""
+    *args, seed = args
+    scores, s, outputs = scored(*args)
+    s, chosen = pick(s, scores, seed)
+    return s, {**outputs, **chosen}
+
+
+# ------------------------------------------------------------------------------ assisted decoding
+def _cropped(s: dict, length: int) -> dict:
+    """The state with its cache's write position set back to `length` and its slot mask cleared from there: what
+    was written past it (for candidates not taken) is invisible, and the next writes overwrite it."""
+    cache, slots = s["cache"], s["slots"]
+    kept = tf.range(slots.shape[1])[None, :] < length
+    return dict(s, cache=type(cache)(cache.keys, cache.values, tf.constant(length, tf.int32), cache.capacity),
+                slots=tf.where(kept, slots, 0))
+
+
+class _PromptLookup:
+    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup), on the host."""
+
+    def __init__(self, d: Decoding):
+        self.d = d
+
+    def propose(self, row: np.ndarray, room: int) -> list:
+        """Up to `room` candidates (token ids) to follow the row so far (1-D, the new token included)."""
+        d = self.d
+        return prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
+
+    def taken(self, matched: int, drafted: int) -> None:
+        pass
+
+
+class _Assistant:
+    """Assisted decoding's candidates from a smaller TFOPTForCausalLM drafting greedily (opt_spec.generation,
+    "Assisted decoding"), from its own compiled pieces: a prompt pass (_draft_start, once, at the start) and plain
+    decoding's one-token feed (compiled once), over a preallocated cache of its own that keeps the row's slots it
+    has read across drafts (the row's slots are the cache's: an assistant reads input_ids, never embeddings or a
+    prefix)."""
+
+    def __init__(self, model, ids: np.ndarray, mask: np.ndarray, d: Decoding):
+        key, store, N = (*_input_key(ids, None), d.max_new_tokens), "_host_generation_fns", d.max_new_tokens
+        start = model._compiled((*key, "draft prompt"), functools.partial(model._draft_start, N=N), store=store)
+        self.feed = model._compiled((*key, "draft feed"), functools.partial(model._feed), store=store)
+        self.state = start(tf.constant(ids), tf.constant(mask))
+        self.d, self.draft = d, d.num_assistant_tokens
+        self.valid, self.upto, self.written = mask.shape[1], 0, 0  # slots it holds of the row; the last draft's
+
+    def propose(self, row: np.ndarray, room: int) -> list:
+        """Up to min(room, the draft length) tokens drafted greedily after the row so far (1-D), stopping after
+        one the assistant gives less than assistant_confidence_threshold."""
+        k = min(room, self.draft)
+        self.upto = self.written = len(row)
+        if k < 1:
+            return []
+        state = _cropped(self.state, self.valid)
+        for slot in range(self.valid, len(row)):  # the row's slots it has not read (at least the new token)
+            logits, state = self.feed(dict(state, tokens=tf.constant(row[slot:slot + 1], tf.int32)))
+        drafted = []
+        while True:
+            probs = softmax(logits.numpy()[0])
+            drafted.append(int(np.argmax(probs)))
+            if len(drafted) == k or probs[drafted[-1]] < self.d.assistant_confidence_threshold:
+                break
+            logits, state = self.feed(dict(state, tokens=tf.constant(drafted[-1:], tf.int32)))
+        self.state, self.written = state, len(row) + len(drafted) - 1  # the last one drafted was never read
+        return drafted
+
+    def taken(self, matched: int, drafted: int) -> None:
+        """The model kept the first `matched` of the `drafted` candidates: the slots up to them hold the row; the
+        draft length follows the schedule."""
+        self.valid = min(self.upto + matched, self.written)
+        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
+
+
 # --------------------------------------------------------------------------------------- the mixin
 class TFGenerationMixin(GenerationDefaults):
     """Adds `generate` and `compute_transition_scores` to TFOPTForCausalLM (which provides init_cache,
@@ -450,12 +541,14 @@ class TFGenerationMixin(GenerationDefaults):
         generation_config, defaults from model.generation_config; see opt_spec.generation. inputs_embeds
         (B, P, word_embed_proj_dim): what the model sees at the first P positions; the rows are then
         input_ids (B, P) if given, else empty (T = 0). past_key_values: the model's KVCache of the prompt's
-        first C < T tokens, to re-use (opt_spec.generation, "Re-using a prompt's cache"; left as it is)."""
+        first C < T tokens, to re-use (opt_spec.generation, "Re-using a prompt's cache"; left as it is).
+        assistant_model (a smaller TFOPTForCausalLM of the same vocabulary) or prompt_lookup_num_tokens:
+        assisted decoding (opt_spec.generation), on the host loop."""
         reused = kwargs.pop("past_key_values", None)
         ids, mask, embeds, out_dtype = self._check_generation_inputs(input_ids, attention_mask, inputs_embeds)
         d = self._decoding(generation_config, kwargs, mask.shape[1], ids.shape[1])
         prefix = None if reused is None else self._reused_prefix(reused, ids, embeds)
-        check_assisted(d, assistant_model, ids.shape[0], embeds is not None, self.config.vocab_size, "tf")
+        assisted = check_assisted(d, assistant_model, ids.shape[0], embeds is not None, self.config.vocab_size, "tf")
         check_prompt(mask, d.max_new_tokens, self.config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         rules = HostRules(check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time),
@@ -466,9 +559,10 @@ class TFGenerationMixin(GenerationDefaults):
             embeds = None if embeds is None else tf.repeat(embeds, d.num_return_sequences, axis=0)
             prefix = _repeat_prefix(prefix, d.num_return_sequences)
         key = _output_key(d)
-        if needs_host(d, processors, streamer, rules.criteria, rules.prefix):
+        if assisted or needs_host(d, processors, streamer, rules.criteria, rules.prefix):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
-            loop = self._host_beam_search if d.is_beam_search else self._host_decode
+            drafter = self._drafter(d, assistant_model, ids, mask) if assisted else None
+            loop = self._host_beam_search if d.is_beam_search else functools.partial(self._host_decode, drafter=drafter)
             new, n, steps, outputs = loop(ids, mask, seed, key, processors, as_streamer(streamer), stops, out_dtype,
                                           rules, embeds, prefix)
         else:
@@ -503,6 +597,14 @@ class TFGenerationMixin(GenerationDefaults):
                                              scores=outputs.get("scores"), logits=outputs.get("logits"),
                                              beam_indices=outputs["beam_indices"][:, :n], hidden_states=hidden_states,
                                              attentions=attentions)
+
+    def _drafter(self, d: Decoding, assistant, ids: np.ndarray, mask: np.ndarray):
+        """Where an assisted call's candidates come from (check_assisted said it is one): the row itself
+        (prompt lookup) or the assistant, which reads the whole prompt itself (a re-used cache is the model's)."""
+        if assistant is None:
+            return _PromptLookup(d)
+        check_prompt(mask, d.max_new_tokens, assistant.config.max_position_embeddings)
+        return _Assistant(assistant, ids, mask, d)
 
     def _replay(self, ids, mask, new, steps: int, d: Decoding, embeds=None, prefix=None) -> tuple:
         """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
@@ -701,12 +803,15 @@ class TFGenerationMixin(GenerationDefaults):
         return state["out"], state["step"], state["step"], _buffered_outputs(state)
 
     def _host_decode(self, ids, mask, seed, d: Decoding, processors, streamer, stops, out_dtype, rules: HostRules,
-                     embeds=None, prefix=None):
+                     embeds=None, prefix=None, drafter=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         compiled call (the forward, the scores and the choice), two with logits processors between.
-        prefix_allowed_tokens_fn's mask is computed before the step (from the rows so far) and passed in."""
+        prefix_allowed_tokens_fn's mask is computed before the step (from the rows so far) and passed in.
+        drafter (_drafter's, one row): assisted decoding's candidates, checked a forward pass at a time
+        (_check_candidates); each position's logits then take the step's scores and choice ("given") as the
+        logits of a one-token pass do, until the token chosen is not the candidate that was read."""
         B, T = ids.shape
-        V = self.config.vocab_size
+        P, V = mask.shape[1], self.config.vocab_size
 
         def first(ids, mask, allowed, embeds, prefix):
             logits, s = self._prefill(ids, mask, d, embeds=embeds, prefix=prefix)
@@ -716,43 +821,47 @@ class TFGenerationMixin(GenerationDefaults):
             logits, s = self._feed(s)
             return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
 
+        def given(ids, s, logits, allowed):  # a checking pass's logits for this step (the state without its cache)
+            return self._scores(ids, s, logits, d, allowed), s, _step_outputs(d, logits=logits)
+
         def pick(s, scores, seed):
             scores, s = self._pick(s, scores, seed, d)
             return s, _step_outputs(d, scores=scores)
 
-        # without processors nothing runs between scores and choice
-        def first_pick(ids, mask, allowed, embeds, prefix, seed):
-            scores, s, outputs = first(ids, mask, allowed, embeds, prefix)
-            s, chosen = pick(s, scores, seed)
-            return s, {**outputs, **chosen}
-
-        def later_pick(ids, s, allowed, seed):
-            scores, s, outputs = later(ids, s, allowed)
-            s, chosen = pick(s, scores, seed)
-            return s, {**outputs, **chosen}
-
+        pieces = dict(first=first, later=later, given=given)
         if processors:
-            pieces = dict(first=first, later=later, pick=pick)
-        else:
-            pieces = dict(first=first_pick, later=later_pick)
+            pieces["pick"] = pick
+        else:  # nothing runs between scores and choice: one compiled call
+            pieces = {name: functools.partial(_then_pick, scored, pick) for name, scored in pieces.items()}
         masked = rules.prefix is not None
-        fn = {name: self._compiled((*_input_key(ids, embeds, prefix), d, name, bool(processors), masked), piece,
-                                   store="_host_generation_fns") for name, piece in pieces.items()}
+        key = (*_input_key(ids, embeds, prefix), d)
+        fn = {name: self._compiled((*key, name, bool(processors), masked), piece, store="_host_generation_fns")
+              for name, piece in pieces.items()}
         ids_t, mask_t = tf.constant(ids), tf.constant(mask)
         if streamer is not None:
             streamer.put(ids.astype(out_dtype.as_numpy_dtype))
         seq, finished = [ids], np.zeros(B, bool)  # the rows so far, on the host
         state, kept = None, {}
+        ahead, candidates, matched = None, [], 0  # assisted: a checking pass's logits for the next steps
         for step in range(d.max_new_tokens):
             allowed = rules.allowed(tf.constant(np.concatenate(seq, 1)), 1, V)  # (B, V) or None
-            args = (ids_t, mask_t, allowed, embeds, prefix) if step == 0 else (ids_t, state, allowed)
+            cache = None
+            if step == 0:
+                piece, args = "first", (ids_t, mask_t, allowed, embeds, prefix)
+            elif ahead is None:
+                piece, args = "later", (ids_t, state, allowed)
+            else:  # the step's logits were computed with the candidates; its pieces do not read the cache
+                cache = state.pop("cache")
+                piece, args = "given", (ids_t, state, ahead[matched], allowed)
             if processors:
-                scores, state, outputs = fn["first" if step == 0 else "later"](*args)
+                scores, state, outputs = fn[piece](*args)
                 scores = apply_processors(processors, tf.concat([ids_t, state["out"][:, :step]], 1), scores)
                 state, chosen = fn["pick"](state, scores, seed)
                 outputs = {**outputs, **chosen}
             else:
-                state, outputs = fn["first" if step == 0 else "later"](*args, seed)
+                state, outputs = fn[piece](*args, seed)
+            if cache is not None:
+                state = dict(state, cache=cache)
             for name, x in outputs.items():
                 kept.setdefault(name, []).append(x)
             tokens, live = state["tokens"].numpy(), ~finished
@@ -769,9 +878,43 @@ class TFGenerationMixin(GenerationDefaults):
                 state["finished"] = tf.constant(finished)
             if finished.all():
                 break
+            if drafter is None or step + 1 == d.max_new_tokens:
+                continue
+            if ahead is not None and matched < len(candidates) and int(tokens[0]) == candidates[matched]:
+                matched += 1  # the next logits were computed after this very token
+                continue
+            if ahead is not None:
+                drafter.taken(matched, len(candidates))
+                state = _cropped(state, P + step)  # what was written for candidates not taken goes
+            candidates = drafter.propose(np.concatenate(seq, 1)[0], d.max_new_tokens - step - 2)
+            ahead, matched = None, 0
+            if candidates:  # compiled per number of candidates (module docstring), for the state's shapes
+                shapes = (*_input_key(ids, embeds, prefix), d.max_new_tokens, "seen" in state, "check", len(candidates))
+                check = self._compiled(shapes, functools.partial(self._check_candidates), store="_host_generation_fns")
+                logits, state = check(state, tf.constant(candidates, tf.int32))
+                ahead = tf.unstack(logits)  # (1, V) each
         if streamer is not None:
             streamer.end()
         return state["out"], state["step"], state["step"], {name: tuple(xs) for name, xs in kept.items()}
+
+    def _draft_start(self, ids, mask, N: int) -> dict:
+        """An assistant's prompt pass (_Assistant): its cache and slot mask (B, P + N) after reading the prompt."""
+        B, P = mask.shape
+        slots = tf.concat([mask, tf.zeros((B, N), tf.int32)], axis=1)
+        _, cache = self._last_logits(ids, slots, self._generation_cache(B, P, N))
+        return dict(cache=cache, slots=slots)
+
+    def _check_candidates(self, s, candidates):
+        """Assisted decoding's forward pass: the last chosen token (s["tokens"], one row) at the cache's write
+        position and the candidates (k,) after it, their slots set; -> (float32 logits (k + 1, 1, V) of the
+        positions that follow each of them, the state with their keys and values written)."""
+        cache, L, k = s["cache"], s["slots"].shape[1], candidates.shape[0]
+        slot = tf.range(L)[None, :]
+        slots = tf.where((slot >= cache.length) & (slot <= cache.length + k), 1, s["slots"])
+        out = self.model(tf.concat([s["tokens"], candidates], 0)[None], attention_mask=slots, past_key_values=cache,
+                         use_cache=True)
+        logits = tf.cast(self.lm_logits(out.last_hidden_state[0]), tf.float32)  # (k + 1, V)
+        return logits[:, None], dict(s, cache=out.past_key_values, slots=slots)
 
     # ---------------------------------------------------------------------------------- beam search
     # One step is scores (log_softmax, rules 0-3) -> [host: logits processors] -> candidates (after

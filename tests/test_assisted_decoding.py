@@ -152,6 +152,10 @@ def test_assisted_decoding_refuses_what_it_cannot_do(folders, model, kwargs, wor
     with pytest.raises(ValueError, match="same vocabulary"):
         model.generate(PROMPT, max_new_tokens=3, assistant_model=OPTForCausalLM.from_config(
             CONFIG.replace(vocab_size=64)))
+    from opt_flax import FlaxOPTForCausalLM
+
+    with pytest.raises(ValueError, match="an optkit opt_torch causal LM .* got FlaxOPTForCausalLM from opt_flax"):
+        model.generate(PROMPT, max_new_tokens=3, assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["model"]))
     with pytest.raises(ValueError, match="cannot read inputs_embeds"):
         model.generate(inputs_embeds=model.get_input_embeddings()(PROMPT), max_new_tokens=3, assistant_model=model)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens=0"):
@@ -160,14 +164,186 @@ def test_assisted_decoding_refuses_what_it_cannot_do(folders, model, kwargs, wor
         gen.GenerationConfig(num_assistant_tokens_schedule="fast")
 
 
-@pytest.mark.parametrize("backend", ["tf", "flax"])
-def test_other_backends_refuse_assisted_decoding_in_words(folders, backend):
-    if backend == "tf":
-        from opt_tf import TFOPTForCausalLM as cls
-    else:
-        from opt_flax import FlaxOPTForCausalLM as cls
-    other = cls.from_pretrained(folders["model"])
-    with pytest.raises(ValueError, match="PyTorch-only"):
-        other.generate(PROMPT.numpy(), max_new_tokens=3, prompt_lookup_num_tokens=2)
-    with pytest.raises(ValueError, match="PyTorch-only"):
-        other.generate(PROMPT.numpy(), max_new_tokens=3, assistant_model=object())
+# ------------------------------------------------------------------------------------------ TensorFlow
+# The same semantics in opt_tf: its host loop checks the candidates with one compiled forward pass per draft.
+@pytest.fixture(scope="module")
+def tf_model(folders):
+    pytest.importorskip("tensorflow")
+    from opt_tf import TFOPTForCausalLM
+
+    return TFOPTForCausalLM.from_pretrained(folders["model"])
+
+
+@pytest.fixture(scope="module")
+def tf_assistants(folders, tf_model):
+    """Every kind of candidates, the assistants loaded once (each compiles its prompt pass and one-token feed)."""
+    from opt_tf import TFOPTForCausalLM
+
+    return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
+            "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
+            "same weights": dict(assistant_model=TFOPTForCausalLM.from_pretrained(folders["model"])),
+            "other weights": dict(assistant_model=TFOPTForCausalLM.from_pretrained(folders["other"]),
+                                  num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
+
+
+class TFForwards:
+    """Counts the forward passes of a TF model's host loop (its own, not an assistant's): the calls of its compiled
+    pieces that run the model, the prompt pass ("first"), a one-token step ("later") and a check of candidates
+    ("check"), as generate looks them up through model._compiled."""
+
+    def __init__(self, model):
+        self.model, self.count, compiled = model, 0, model._compiled
+
+        def counting(key, fn, *args, **kwargs):
+            run = compiled(key, fn, *args, **kwargs)
+            if not any(isinstance(part, str) and part in ("first", "later", "check") for part in key):
+                return run
+
+            def counted(*a, **kw):
+                self.count += 1
+                return run(*a, **kw)
+            return counted
+        object.__setattr__(model, "_compiled", counting)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.__dict__["_compiled"]
+
+
+@pytest.mark.parametrize("rules", [False, True])
+def test_tf_assisted_greedy_search_gives_greedy_search_tokens_and_pytorchs(tf_assistants, model, tf_model, rules):
+    """TensorFlow's assisted greedy search gives its plain greedy search's tokens, which are the PyTorch backend's
+    (and so Hugging Face's, above) on the same weights; in fewer forward passes when the candidates are right."""
+    settings = dict(max_new_tokens=24, **(RULES if rules else dict(eos_token_id=None)))
+    plain = tf_model.generate(PROMPT.numpy(), **settings).numpy()
+    np.testing.assert_array_equal(plain, model.generate(PROMPT, **settings).numpy())
+    with TFForwards(tf_model) as forwards:  # plain decoding on the host loop: the prompt, then a pass per token
+        np.testing.assert_array_equal(tf_model.generate(PROMPT.numpy(), streamer=lambda tokens: None,
+                                                        **settings).numpy(), plain)
+    steps = plain.shape[1] - PROMPT.shape[1]
+    assert forwards.count == steps
+    counts = {}
+    for name, assist in tf_assistants.items():
+        with TFForwards(tf_model) as forwards:
+            np.testing.assert_array_equal(tf_model.generate(PROMPT.numpy(), **assist, **settings).numpy(), plain,
+                                          err_msg=name)
+        counts[name] = forwards.count
+    assert counts["same weights"] <= steps // 2          # every candidate taken: a few tokens per pass
+    if not rules:                                        # the model's loops give prompt lookup its matches
+        assert counts["prompt lookup"] < steps
+    assert max(counts.values()) <= steps                 # never more passes than plain decoding
+
+
+def test_tf_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_decoding(tf_model):
+    settings = dict(max_new_tokens=20, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
+                    output_logits=True, output_hidden_states=True)
+    ids = PROMPT.numpy()
+    plain = tf_model.generate(ids, **settings)
+    out = tf_model.generate(ids, prompt_lookup_num_tokens=5, **settings)
+    np.testing.assert_array_equal(out.sequences.numpy(), plain.sequences.numpy())
+    assert len(out.scores) == len(plain.scores) == len(out.logits) == 20
+    for name in ("scores", "logits"):
+        for mine, theirs in zip(getattr(out, name), getattr(plain, name), strict=True):
+            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-4)  # a k-token pass rounds apart
+    assert len(out.hidden_states) == len(plain.hidden_states) == 20
+    streamed = []
+    got = tf_model.generate(ids, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=5,
+                            streamer=streamed.append)
+    np.testing.assert_array_equal(got.numpy(), plain.sequences.numpy())
+    np.testing.assert_array_equal(np.stack(streamed, 1), plain.sequences.numpy()[:, PROMPT.shape[1]:])
+    stop_after = PROMPT.shape[1] + 7  # a criterion ends the row mid-draft: nothing after it is kept
+    short = tf_model.generate(ids, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=5,
+                              stopping_criteria=[lambda rows, scores: rows.shape[1] >= stop_after])
+    np.testing.assert_array_equal(short.numpy(), plain.sequences.numpy()[:, :stop_after])
+
+    class Letters:  # one letter per id: stop strings' tokenizer
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+    new = plain.sequences.numpy()[0, PROMPT.shape[1]:]
+    change = next(i for i in range(1, len(new)) if new[i] != new[i - 1])  # where the model's loop changes
+    stops = dict(max_new_tokens=20, eos_token_id=None, stop_strings=[Letters().decode(new[change - 1:change + 1])],
+                 tokenizer=Letters())
+    stopped = tf_model.generate(ids, **stops).numpy()
+    assert stopped.shape[1] < plain.sequences.shape[1]
+    np.testing.assert_array_equal(tf_model.generate(ids, prompt_lookup_num_tokens=5, **stops).numpy(), stopped)
+
+
+def test_tf_assisted_sampling_draws_plain_samplings_tokens(tf_assistants, tf_model):
+    """TensorFlow's draws are keyed by (seed, step): a token drawn at a checked position is the one plain sampling
+    draws at that step, so with the same seed the same tokens, whatever the candidates."""
+    settings = dict(max_new_tokens=16, eos_token_id=None, do_sample=True, top_k=8, temperature=1.5)
+    rows = set()
+    for seed in range(3):
+        plain = tf_model.generate(PROMPT.numpy(), seed=seed, **settings).numpy()
+        rows.add(tuple(plain[0].tolist()))
+        for name, assist in tf_assistants.items():
+            np.testing.assert_array_equal(tf_model.generate(PROMPT.numpy(), seed=seed, **assist, **settings).numpy(),
+                                          plain, err_msg=f"seed {seed}, {name}")
+    assert len(rows) == 3  # the seeds matter
+
+
+def test_tf_assisted_decoding_refuses_what_it_cannot_do(model, tf_model):
+    """Each refusal in words, before anything runs: (the call's inputs and settings, the words)."""
+    from opt_tf import TFOPTForCausalLM
+
+    ids, lookup = PROMPT.numpy(), dict(prompt_lookup_num_tokens=2)
+    refused = [(dict(input_ids=ids, num_beams=2, **lookup), "one prompt and one row"),
+               (dict(input_ids=ids, do_sample=True, num_return_sequences=2, **lookup), "one prompt and one row"),
+               (dict(input_ids=np.repeat(ids, 2, 0), **lookup), "one prompt and one row"),
+               (dict(input_ids=ids, assistant_model=tf_model, **lookup), "not both"),
+               (dict(input_ids=ids, assistant_model=TFOPTForCausalLM.from_config(CONFIG.replace(vocab_size=64))),
+                "same vocabulary"),
+               (dict(input_ids=ids, assistant_model=model), "an optkit opt_tf causal LM .* got OPTForCausalLM from "
+                                                            "opt_torch"),
+               (dict(inputs_embeds=tf_model.get_input_embeddings()(ids), assistant_model=tf_model),
+                "cannot read inputs_embeds")]
+    for call, words in refused:
+        with pytest.raises(ValueError, match=words):
+            tf_model.generate(max_new_tokens=3, **call)
+
+
+def test_tf_assisted_decoding_with_a_reused_prompt_cache(tf_assistants, tf_model):
+    """generate(past_key_values=the KVCache of the prompt's first C tokens) with prompt lookup (the model's cache
+    holds the prefix) or an assistant (which reads the whole prompt itself): the tokens of the call without it."""
+    ids, C = PROMPT.numpy(), 7
+    cache = tf_model(ids[:, :C], use_cache=True).past_key_values
+    plain = tf_model.generate(ids, max_new_tokens=12, eos_token_id=None).numpy()
+    for assist in (dict(prompt_lookup_num_tokens=3), tf_assistants["same weights"]):
+        got = tf_model.generate(ids, max_new_tokens=12, eos_token_id=None, past_key_values=cache, **assist)
+        np.testing.assert_array_equal(got.numpy(), plain)
+    other = ids.copy()
+    other[0, 2:C] = (other[0, 2:C] + 1) % CONFIG.vocab_size  # the cache's contents matter: another prompt's
+    changed = tf_model.generate(other, max_new_tokens=12, eos_token_id=None, prompt_lookup_num_tokens=3,
+                                past_key_values=tf_model(other[:, :C], use_cache=True).past_key_values).numpy()
+    np.testing.assert_array_equal(changed, tf_model.generate(other, max_new_tokens=12, eos_token_id=None).numpy())
+    assert not np.array_equal(changed, plain)
+
+
+def test_tf_assisted_decoding_runs_the_hosts_rules_at_every_checked_position(tf_assistants, tf_model):
+    """A logits processor and prefix_allowed_tokens_fn that read the rows so far see, at each position a checking
+    pass computed, the row as plain decoding has it there: the same tokens."""
+    import tensorflow as tf
+
+    V = CONFIG.vocab_size
+
+    def fewer_repeats(rows, scores):  # the row's last token loses 3 (the model's loops go on a while)
+        return scores - 3.0 * tf.cast(tf.equal(tf.range(V)[None, :], tf.cast(rows[:, -1:], tf.int32)), tf.float32)
+
+    def not_twice(batch_id, row):  # no token twice in a row on even lengths
+        return [t for t in range(V) if len(row) % 2 or t != int(row[-1])]
+
+    ids = PROMPT.numpy()
+    for host in (dict(logits_processor=[fewer_repeats]), dict(prefix_allowed_tokens_fn=not_twice)):
+        settings = dict(max_new_tokens=16, eos_token_id=None, **host)
+        plain = tf_model.generate(ids, **settings).numpy()
+        assert not np.array_equal(plain, tf_model.generate(ids, max_new_tokens=16, eos_token_id=None).numpy())
+        counts = []
+        for name, assist in tf_assistants.items():
+            with TFForwards(tf_model) as forwards:
+                np.testing.assert_array_equal(tf_model.generate(ids, **assist, **settings).numpy(), plain,
+                                              err_msg=f"{list(host)}, {name}")
+            counts.append(forwards.count)
+        assert min(counts) < 16  # candidates were taken: the rules ran at positions a checking pass computed
