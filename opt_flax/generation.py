@@ -546,6 +546,9 @@ class GenerationMixin(GenerationDefaults):
         model's parameters. past_key_values: the model's KVCache of the rows' first C < T prompt tokens (a
         forward over input_ids[:, :C] with attention_mask[:, :C] fills it) to re-use: the prompt pass feeds the
         last T - C only, and the cache is left as it is (opt_spec.generation, "Re-using a prompt's cache").
+        assistant_model (a smaller FlaxOPTForCausalLM of the same vocabulary) or prompt_lookup_num_tokens: assisted
+        decoding (opt_spec.generation, "Assisted decoding"; one row, greedy or sampling), on the host loop; an
+        assistant reads the whole prompt itself (with its own params), the checks use `params`.
         """
         config = self.config
         reused = kwargs.pop("past_key_values", None)

@@ -258,6 +258,15 @@ def test_flax_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_de
                                     stopping_criteria=[lambda ids, scores: ids.shape[1] >= stop_after])
     assert np.array_equal(np.asarray(short), np.asarray(plain.sequences)[:, :stop_after])
     assert "check" in forwards.names  # (the candidates were checked: the criterion ended a draft)
+    import jax.numpy as jnp
+
+    def lower(ids, scores):  # a logits processor, on the host between a check's positions' scores and picks
+        return scores - 0.5 * (jnp.arange(scores.shape[-1]) == ids[:, -1:]).astype(scores.dtype)
+
+    processed = np.asarray(flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, logits_processor=[lower]))
+    assert not np.array_equal(processed, np.asarray(plain.sequences))
+    assert np.array_equal(np.asarray(flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, logits_processor=[lower],
+                                                         prompt_lookup_num_tokens=5)), processed)
 
 
 def test_flax_assisted_sampling_draws_plain_samplings_tokens(flax_model, flax_assistants):
