@@ -1,5 +1,7 @@
-"""Assisted decoding's speed in PyTorch: prompt lookup and an assistant model against plain greedy decoding,
-and Hugging Face 4.57.6's plain and prompt-lookup generate, same weights, same run.
+"""Assisted decoding's speed: prompt lookup and an assistant model against plain greedy decoding, same weights,
+same run; in PyTorch also against Hugging Face 4.57.6's plain and prompt-lookup generate (the only backend it has
+them in), in TensorFlow and Flax against their one compiled decode loop and their step-by-step host loop (which
+assisted decoding runs on).
 
 A random 125m-shaped float32 model (--preset), one 64-token prompt, 128 new tokens (EOS off), batch 1. What
 assisted decoding gains depends only on how many candidates the model takes, so the cases span it:
@@ -13,7 +15,7 @@ assisted decoding gains depends only on how many candidates the model takes, so 
 Every case must give plain decoding's tokens (checked). Prints tokens/s (best of --repeats, interleaved),
 the ratio to optkit's plain decoding, and the model's forward passes per new token.
 
-    python bench/bench_assisted.py [--preset 125m] [--repeats 3] [--new 128]
+    python bench/bench_assisted.py [--backends torch,tf,flax] [--preset 125m] [--repeats 3] [--new 128]
 """
 
 from __future__ import annotations
@@ -45,11 +47,78 @@ def make_checkpoint(config: OPTConfig, path: str, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default="torch")
     parser.add_argument("--preset", default="125m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new", type=int, default=128)
     args = parser.parse_args()
+    for backend in args.backends.split(","):
+        (bench_torch if backend == "torch" else bench_xla)(args, backend)
 
+
+def cases(little, twin) -> dict:
+    """The assisted cases every backend runs (module docstring): name -> generate's keywords."""
+    return {"prompt lookup k=10": dict(prompt_lookup_num_tokens=10),
+            "assistant, 2 layers": dict(assistant_model=little, num_assistant_tokens=5),
+            "assistant, own weights": dict(assistant_model=twin, num_assistant_tokens=10)}
+
+
+def timed(runs: dict, repeats: int) -> dict:
+    """Best seconds of each run over `repeats` interleaved rounds."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def report(title: str, new: int, best: dict, base: str, passes: dict) -> None:
+    print(title)
+    print(f"{'case':32s} {'tokens/s':>9s} {'vs ' + base:>16s} {'passes/token':>13s}")
+    for name in best:
+        rate = new / best[name]
+        per = "" if passes.get(name) is None else f"{passes[name] / new:.2f}"
+        print(f"{name:32s} {rate:9.1f} {rate * best[base] / new:15.2f}x {per:>13s}")
+
+
+def bench_xla(args, backend: str) -> None:
+    """TensorFlow or Flax: plain decoding's compiled loop and host loop, and the assisted cases (on the host loop)."""
+    if backend == "tf":
+        from opt_tf import TFOPTForCausalLM as cls
+    else:
+        from opt_flax import FlaxOPTForCausalLM as cls
+    config = OPTConfig.from_preset(args.preset)
+    small = config.replace(num_hidden_layers=2, tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory() as big_dir, tempfile.TemporaryDirectory() as small_dir:
+        make_checkpoint(config, big_dir, seed=0)
+        make_checkpoint(small, small_dir, seed=1)
+        model, twin, little = cls.from_pretrained(big_dir), cls.from_pretrained(big_dir), cls.from_pretrained(small_dir)
+        weights = little.get_weights_dict() if backend == "tf" else None
+        if backend == "tf":  # the untied head names the id after the one the random model repeats (bench_torch)
+            weights["lm_head.weight"] = np.roll(weights["model.decoder.embed_tokens.weight"], 1, axis=0)
+            little.set_weights_dict(weights)
+        else:
+            embedding = little.params["model"]["decoder"]["embed_tokens"]["embedding"]
+            little.params["lm_head"]["kernel"] = np.roll(np.asarray(embedding), 1, axis=0).T
+        ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, PROMPT)).astype(np.int32)
+        ids[:, 0] = config.bos_token_id
+        settings = dict(max_new_tokens=args.new, eos_token_id=config.vocab_size - 1)
+        runs = {"plain, compiled loop": lambda: model.generate(ids, **settings),
+                "plain, host loop": lambda: model.generate(ids, streamer=lambda tokens: None, **settings)}
+        runs.update({name: (lambda kw=kw: model.generate(ids, **settings, **kw))
+                     for name, kw in cases(little, twin).items()})
+        want = np.asarray(runs["plain, compiled loop"]())
+        for name, run in runs.items():  # warm-up (compiles), tokens checked
+            if not np.array_equal(np.asarray(run()), want):
+                raise SystemExit(f"{backend} {name}: tokens differ from plain decoding")
+        best = timed(runs, args.repeats)
+    report(f"{backend}: {args.preset}, float32, batch 1, {PROMPT}-token prompt, {args.new} new tokens, best of "
+           f"{args.repeats}", args.new, best, "plain, compiled loop", {})
+
+
+def bench_torch(args, backend: str = "torch") -> None:
     import torch
     import transformers
 
@@ -71,13 +140,9 @@ def main() -> None:
         ids[:, 0] = config.bos_token_id
         eos = config.vocab_size - 1  # a token the random model effectively never picks
         settings = dict(max_new_tokens=args.new, eos_token_id=eos)
-        cases = {
-            "optkit plain": dict(),
-            "optkit prompt lookup k=10": dict(prompt_lookup_num_tokens=10),
-            "optkit assistant, 2 layers": dict(assistant_model=little, num_assistant_tokens=5),
-            "optkit assistant, own weights": dict(assistant_model=twin, num_assistant_tokens=10),
-        }
-        runs = {name: (lambda kw=kw: model.generate(ids, **settings, **kw)) for name, kw in cases.items()}
+        runs = {"optkit plain": lambda: model.generate(ids, **settings)}
+        runs.update({f"optkit {name}": (lambda kw=kw: model.generate(ids, **settings, **kw))
+                     for name, kw in cases(little, twin).items()})
         runs["HF plain"] = lambda: hf.generate(ids, min_new_tokens=args.new, do_sample=False, pad_token_id=1,
                                                **settings)
         runs["HF prompt lookup k=10"] = lambda: hf.generate(ids, min_new_tokens=args.new, do_sample=False,
@@ -93,20 +158,9 @@ def main() -> None:
                 raise SystemExit(f"{name}: tokens differ from plain decoding")
             passes[name] = len(calls) if name.startswith("optkit") and name != "optkit plain" else None
         passes["optkit plain"] = args.new  # the prompt, then one fused step per token but the last
-        best = {name: float("inf") for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                t = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t)
-    base = args.new / best["optkit plain"]
-    print(f"{args.preset}, float32, batch 1, {PROMPT}-token prompt, {args.new} new tokens, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"{'case':32s} {'tokens/s':>9s} {'vs plain':>9s} {'passes/token':>13s}")
-    for name in runs:
-        rate = args.new / best[name]
-        per = "" if passes.get(name) is None else f"{passes[name] / args.new:.2f}"
-        print(f"{name:32s} {rate:9.1f} {rate / base:8.2f}x {per:>13s}")
+        best = timed(runs, args.repeats)
+    report(f"torch: {args.preset}, float32, batch 1, {PROMPT}-token prompt, {args.new} new tokens, "
+           f"{torch.get_num_threads()} threads, best of {args.repeats}", args.new, best, "optkit plain", passes)
 
 
 if __name__ == "__main__":

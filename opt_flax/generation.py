@@ -45,6 +45,22 @@ compiled loop. Streamers receive NumPy arrays (transformers.TextStreamer reads t
 search asked for hidden states or attentions takes that loop too: it keeps each step's running beams, which
 one forward per step over them after decoding turns into Hugging Face's per-step states.
 
+Assisted decoding (prompt_lookup_num_tokens, assistant_model: opt_spec.generation, "Assisted decoding") takes
+that step-by-step loop (`_host_decode` with a drafter): after the first step, one jitted forward
+(`_check_candidates`) feeds the last chosen token and the candidates at the cache's write position and returns
+the logits of every position; the steps then choose from them one at a time through the same jitted scores
+and pick as without candidates (same rules, same float32 math: greedy breaks ties alike, and sampling draws
+position s with step s's key), until a step chooses another token than the candidate. The next check puts
+the cache's write position back to the last chosen token's slot and clears the slots written beyond it, so
+what was written for candidates not taken is invisible. The check is jitted once per number of candidates k
+(at most prompt_lookup_num_tokens, or the assistant's draft length and the tokens left). Padding every check
+to a power of two of tokens, masked, was measured against this (the tests' tiny model, greedy and sampling,
+the four kinds of candidates: 8 widths compiled exactly, 9 padded, as the padding must stop at the cache's
+capacity near the end; 28-30 vs 31 CPU s) and not kept. An assistant (`_Assistant`, a FlaxOPTForCausalLM of
+the same vocabulary) drafts greedily with a preallocated cache of its own that keeps what it has read across
+drafts: each draft is one jitted while_loop (`_draft`) over its one-token step. A model or assistant laid out
+on a device mesh is refused in words (assisted decoding runs on one device).
+
 Sampling draws with `jax.random.categorical` from `jax.random.key(seed)` folded with the step index:
 reproducible within JAX, not across backends. Beam sampling draws each step's candidates from the same
 folded key (`draw_without_replacement`: Gumbel-top-k) and runs on with the best-scored of them; plain beam
@@ -68,8 +84,9 @@ from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positio
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, prompt_inputs, replayed_step_outputs, beam_step_rows, single_token_bias,
-                                 step_forward_mask, step_outputs, transition_scores)
+                                 needs_host, next_draft_length, prompt_inputs, prompt_lookup, replayed_step_outputs,
+                                 beam_step_rows, single_token_bias, step_forward_mask, step_outputs,
+                                 transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -426,6 +443,89 @@ class _Extras(NamedTuple):
     sequences_scores: Optional[jax.Array] = None  # (B * n,) float32
 
 
+# ------------------------------------------------------------------------------------ assisted decoding
+class _PromptLookup:
+    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup)."""
+
+    def __init__(self, d: Decoding):
+        self.d = d
+
+    def propose(self, row: np.ndarray, room: int) -> list:
+        """Up to `room` candidates for the tokens after the row so far (its prompt ids and new tokens)."""
+        d = self.d
+        return prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
+
+    def taken(self, matched: int, drafted: int) -> None:
+        pass
+
+
+class _Assistant:
+    """Assisted decoding's candidates from a smaller FlaxOPTForCausalLM, drafted greedily (each token the most
+    probable; the draft ends after one given less than assistant_confidence_threshold) with a preallocated cache
+    of its own, whose slots are the row's positions: it keeps those it has read across drafts, and a draft reads
+    only the row's tokens after them, then drafts in one jitted while_loop (`_draft`: one program per number
+    of tokens read, which is the prompt's, 1 or 2)."""
+
+    def __init__(self, model, d: Decoding, prompt_mask: np.ndarray, capacity: int):
+        T = prompt_mask.shape[0]
+        config = model.config
+        self.model, self.d, self.draft = model, d, d.num_assistant_tokens
+        self.cache = model.init_cache(1, capacity, pad_slots(T, capacity - T, config.max_position_embeddings))
+        slots = np.ones((1, capacity), np.int32)  # the row's mask over every slot: the prompt's, then real tokens
+        slots[0, :T] = prompt_mask
+        self.slots = jnp.asarray(slots)
+        self.valid = self.upto = self.written = 0  # slots its cache holds of the row; the last draft's extent
+        self.fn = model.__dict__.setdefault("_assistant_draft_fn", jax.jit(functools.partial(_draft, model)))
+
+    def propose(self, row: np.ndarray, room: int) -> list:
+        k = min(room, self.draft)
+        upto = self.upto = self.written = len(row)
+        if k == 0:
+            return []
+        unread = jnp.asarray(row[None, self.valid:upto], jnp.int32)
+        drafted, n, self.cache = self.fn(self.model.params, self.cache, self.slots, unread, jnp.int32(self.valid),
+                                         jnp.int32(upto), jnp.int32(k),
+                                         jnp.float32(self.d.assistant_confidence_threshold))
+        n = int(n)
+        self.written = upto + n - 1  # the last drafted token was never read
+        return np.asarray(drafted)[:n].tolist()
+
+    def taken(self, matched: int, drafted: int) -> None:
+        """The model kept the first `matched` of the `drafted` candidates: the cache's slots up to them hold
+        the row; the draft length follows the schedule."""
+        self.valid = min(self.upto + matched, self.written)
+        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
+
+
+def _draft(model, params, cache: KVCache, row_slots, unread, valid, upto, k, threshold):
+    """An assistant's greedy draft (_Assistant): the row's tokens `unread` (1, n) at slots [valid, upto) of its
+    cache (which holds the row before them), then up to k tokens, each read in turn but the last, stopping
+    after one of probability below `threshold`. row_slots (1, S): the row's mask over every cache slot. (The
+    drafted tokens (S,) int32 (the first `count` of them), count, the cache.)"""
+    S = row_slots.shape[1]
+    slots = jnp.where(jnp.arange(S) < upto, row_slots, 0)
+
+    def most_probable(logits):  # float32 (1, V) -> (token, its probability)
+        probs = jax.nn.softmax(logits[0], axis=-1)
+        token = jnp.argmax(probs).astype(jnp.int32)
+        return token, probs[token]
+
+    logits, cache = model._last_logits(params, unread, slots, KVCache(cache.keys, cache.values, valid))
+    token, p = most_probable(logits)
+    start = (jnp.int32(1), jnp.zeros((S,), jnp.int32).at[0].set(token), loop_cache(cache), slots,
+             (k == 1) | (p < threshold))
+
+    def read(carry):  # the last drafted token through the assistant, then the next drafted
+        count, drafted, cache, slots, _ = carry
+        slots = slots.at[0, upto + count - 1].set(1)
+        logits, cache = model._last_logits(params, drafted[count - 1][None, None], slots, model_cache(cache))
+        token, p = most_probable(logits)
+        return count + 1, drafted.at[count].set(token), loop_cache(cache), slots, (count + 1 == k) | (p < threshold)
+
+    count, drafted, cache, _, _ = lax.while_loop(lambda carry: ~carry[4], read, start)
+    return drafted, count, model_cache(cache)
+
+
 # ------------------------------------------------------------------------------------ the mixin
 class GenerationMixin(GenerationDefaults):
     """Adds `generate` to FlaxOPTForCausalLM (which provides config, params, dtype, init_cache);
@@ -446,6 +546,9 @@ class GenerationMixin(GenerationDefaults):
         model's parameters. past_key_values: the model's KVCache of the rows' first C < T prompt tokens (a
         forward over input_ids[:, :C] with attention_mask[:, :C] fills it) to re-use: the prompt pass feeds the
         last T - C only, and the cache is left as it is (opt_spec.generation, "Re-using a prompt's cache").
+        assistant_model (a smaller FlaxOPTForCausalLM of the same vocabulary) or prompt_lookup_num_tokens: assisted
+        decoding (opt_spec.generation, "Assisted decoding"; one row, greedy or sampling), on the host loop; an
+        assistant reads the whole prompt itself (with its own params), the checks use `params`.
         """
         config = self.config
         reused = kwargs.pop("past_key_values", None)
@@ -458,7 +561,7 @@ class GenerationMixin(GenerationDefaults):
                 raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with "
                                  "input_ids: not with inputs_embeds")
             past = self._reused_past(reused, ids)
-        check_assisted(d, assistant_model, B, embeds is not None, config.vocab_size, "flax")
+        assisted = check_assisted(d, assistant_model, B, embeds is not None, config.vocab_size, "flax")
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
         criteria = check_host_rules(stopping_criteria, prefix_allowed_tokens_fn, d.max_time)
@@ -489,9 +592,13 @@ class GenerationMixin(GenerationDefaults):
         args = (params, jnp.asarray(ids), jnp.asarray(mask), _knobs(d), jax.random.key(seed))
         starts = _start_inputs(static, embeds, past)  # what the prompt pass takes besides the ids ({} mostly)
         beam_rows = [] if beam_step_rows(d) else None  # beam search: each step's running beams' new tokens
-        if needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
+        if assisted or needs_host(d, processors, streamer, criteria, prefix_allowed_tokens_fn):
             stops = StopStrings(d.stop_strings, tokenizer) if d.stop_strings else None
-            loop = functools.partial(self._host_beam_search, rows=beam_rows) if d.is_beam_search else self._host_decode
+            if d.is_beam_search:
+                loop = functools.partial(self._host_beam_search, rows=beam_rows)
+            else:
+                drafter = self._drafter(d, assistant_model, mask) if assisted else None
+                loop = functools.partial(self._host_decode, drafter=drafter)
             new, length, extras = loop(static, *args, **starts, processors=processors, streamer=as_streamer(streamer),
                                        stops=stops, mask_np=mask[:, P - T:], criteria=criteria,
                                        prefix=prefix_allowed_tokens_fn)
@@ -527,6 +634,19 @@ class GenerationMixin(GenerationDefaults):
                 P - static.past, n, *self._replay(params, ids, mask, sequences[:, T:], n, d, embeds, past), static.past)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits,
                                          hidden_states=hidden_states, attentions=attentions)
+
+    def _drafter(self, d: Decoding, assistant, mask: np.ndarray):
+        """Where an assisted call's candidates come from (opt_spec.generation.check_assisted said it is one):
+        an _Assistant (of the row's prompt mask, mask (1, P)), or a _PromptLookup."""
+        if self.sharding is not None or getattr(assistant, "sharding", None) is not None:
+            raise ValueError("assisted decoding (prompt_lookup_num_tokens, assistant_model) runs on one device: "
+                             "the model or the assistant is laid out on a device mesh (opt_flax.distributed); "
+                             "generate without assistance there")
+        if assistant is None:
+            return _PromptLookup(d)
+        N = d.max_new_tokens
+        check_prompt(mask, N, assistant.config.max_position_embeddings)
+        return _Assistant(assistant, d, mask[0], mask.shape[1] + N)
 
     def _replay(self, params, ids, mask, new, steps: int, d: Decoding, embeds=None, past=None) -> tuple:
         """(hidden_states, attentions) of one forward over rows' first positions, for `steps` steps of generate's
@@ -609,22 +729,22 @@ class GenerationMixin(GenerationDefaults):
         self._generation_traces = getattr(self, "_generation_traces", 0) + 1
 
     # ----------------------------------------------------------------------------------- model
-    def _last_logits(self, params, x, slots, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def _last_logits(self, params, x, slots, cache: KVCache, every: bool = False) -> tuple[jax.Array, KVCache]:
         """float32 logits (B, V) of the last of the new positions x: token ids (B, T), or their embeddings
         (B, T, E) (inputs_embeds); the cache filled with them. slots (B, S) is the attention mask over every
-        cache slot."""
+        cache slot. every=True: the logits (B, T, V) of every new position (assisted decoding's check)."""
         config, numerics = self.config, self.module.numerics
         base = OPTModule(config, numerics)
         inputs = dict(inputs_embeds=x) if x.ndim == 3 else dict(input_ids=x)
         out = base.apply({"params": params["model"]}, attention_mask=slots, past_key_values=cache, **inputs)
-        x = out.last_hidden_state[:, -1]  # (B, E): the head on the last position only
+        x = out.last_hidden_state if every else out.last_hidden_state[:, -1]  # (B, E): mostly the last position
         if config.tie_word_embeddings:
             embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]  # (V, E)
-            logits = jnp.einsum("be,ve->bv", x, embedding.astype(numerics.dtype), precision=numerics.precision)
+            logits = jnp.einsum("...e,ve->...v", x, embedding.astype(numerics.dtype), precision=numerics.precision)
         else:
             kernel = params["lm_head"]["kernel"]  # (E, V)
-            logits = jnp.einsum("be,ev->bv", x, kernel.astype(numerics.dtype), precision=numerics.precision)
-        return logits.astype(jnp.float32), out.past_key_values  # (B, V)
+            logits = jnp.einsum("...e,ev->...v", x, kernel.astype(numerics.dtype), precision=numerics.precision)
+        return logits.astype(jnp.float32), out.past_key_values  # (B, V), or (B, T, V)
 
     def _prefill(self, params, ids, mask, L: int, embeds=None, past=None):
         """Runs the prompt into a fresh cache of L slots: (logits, cache, slot mask (B, L)). The model sees
@@ -726,6 +846,21 @@ class GenerationMixin(GenerationDefaults):
         logits, cache = self._last_logits(params, state.tokens[:, None], slots, model_cache(state.cache))
         return logits, state._replace(cache=loop_cache(cache), slots=slots)
 
+    def _check_candidates(self, static: _Static, params, state: _State, candidates):
+        """Assisted decoding's forward pass (one row): the last chosen token at its slot, which becomes the
+        cache's write position again (what an earlier check wrote from there, for candidates not taken, is
+        dropped: its slots cleared), then the candidates (k,) after it. (The float32 logits (1, V) of the k + 1
+        positions, a tuple; the state with the cache and slots holding them.) Jitted once per k."""
+        L = state.slots.shape[1]
+        at = static.prompt + state.step - 1  # the last token's slot
+        tokens = jnp.concatenate([state.tokens[:, None], candidates[None, :].astype(jnp.int32)], axis=1)  # (1, k + 1)
+        index = jnp.arange(L)
+        slots = jnp.where(index < at, state.slots, (index < at + tokens.shape[1]).astype(jnp.int32))
+        cache = model_cache(state.cache)
+        logits, cache = self._last_logits(params, tokens, slots, KVCache(cache.keys, cache.values, at), every=True)
+        ahead = tuple(logits[:, i] for i in range(tokens.shape[1]))
+        return ahead, state._replace(cache=loop_cache(cache), slots=slots)
+
     def _decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None):
         """(new tokens (B, N) int32 padded with pad_token_id, steps taken int32 (), _Extras)."""
         self._count_trace()
@@ -749,11 +884,14 @@ class GenerationMixin(GenerationDefaults):
         return _Extras(state.step, state.kept_scores, state.kept_logits)
 
     def _host_decode(self, static: _Static, params, ids, mask, knobs: _Knobs, key, embeds=None, past=None, *,
-                     processors, streamer, stops, mask_np, criteria=(), prefix=None):
+                     processors, streamer, stops, mask_np, criteria=(), prefix=None, drafter=None):
         """The fast path's pieces one step at a time, with the host's extras between them: per step one
         jitted call (the forward, the scores and the choice), two with logits processors between.
         prefix_allowed_tokens_fn is asked for each row's tokens before the step; the stopping criteria are
-        asked after it, and a row they stop is finished as an EOS row is. mask_np: the rows' prompt mask (B, T)."""
+        asked after it, and a row they stop is finished as an EOS row is. mask_np: the rows' prompt mask (B, T).
+        drafter (_drafter's; one row): assisted decoding. After the first step the forward is a check of
+        the drafter's candidates (_check_candidates) whose logits the next steps choose from, one jitted call
+        per step each (the same scores and pick as without it), while the chosen tokens are the candidates."""
         def first(static, params, ids, mask, embeds, past, knobs, allowed):
             logits, state = self._start(static, params, ids, mask, knobs, embeds, past)
             return self._scores(static, state, logits, ids, knobs, allowed)
@@ -770,31 +908,40 @@ class GenerationMixin(GenerationDefaults):
             scores, state = later(static, params, state, ids, knobs, allowed)
             return self._pick(static, state, scores, knobs, key)
 
+        def ahead_pick(static, state, logits, ids, knobs, allowed, key):  # assisted: logits a check computed
+            scores, state = self._scores(static, state, logits, ids, knobs, allowed)
+            return self._pick(static, state, scores, knobs, key)
+
         if processors:
-            pieces = dict(first=first, later=later, pick=self._pick)
+            pieces = dict(first=first, later=later, ahead=self._scores, pick=self._pick)
         else:
-            pieces = dict(first=first_pick, later=later_pick)
+            pieces = dict(first=first_pick, later=later_pick, ahead=ahead_pick)
+        if drafter is not None:
+            pieces["check"] = self._check_candidates
         fn = {name: self._host_piece(static, (name, bool(processors)), piece) for name, piece in pieces.items()}
-        B, V = static.batch, self.config.vocab_size
+        B, V, N = static.batch, self.config.vocab_size, static.max_new_tokens
         if streamer is not None:
             streamer.put(np.asarray(ids))
         seq, finished = [np.asarray(ids)], np.zeros(B, bool)  # the rows so far, on the host
-        state = None
-        for step in range(static.max_new_tokens):
+        state = ahead = candidates = None  # assisted: the last check's logits and candidates
+        used = 0                           # assisted: the candidates the steps since that check chose
+        for step in range(N):
             allowed = None
             if prefix is not None:  # each row so far (T + step,) as a jax.Array, its batch_id its index
                 rows = np.concatenate(seq, axis=1)
                 allowed = jnp.asarray(allowed_tokens(prefix, [jnp.asarray(r) for r in rows], 1, V))
             if step == 0:
-                args = (params, ids, mask, embeds, past, knobs, allowed)
+                name, args = "first", (params, ids, mask, embeds, past, knobs, allowed)
+            elif drafter is None:
+                name, args = "later", (params, state, ids, knobs, allowed)
             else:
-                args = (params, state, ids, knobs, allowed)
+                name, args = "ahead", (state, ahead[used], ids, knobs, allowed)
             if processors:
-                scores, state = fn["first" if step == 0 else "later"](*args)
+                scores, state = fn[name](*args)
                 scores = apply_processors(processors, jnp.concatenate([ids, state.out[:, :step]], axis=1), scores)
                 state = fn["pick"](state, jnp.asarray(scores, jnp.float32), knobs, key)
             else:
-                state = fn["first" if step == 0 else "later"](*args, key)
+                state = fn[name](*args, key)
             tokens, live = np.asarray(state.tokens), ~finished
             seq.append(tokens[:, None])
             if streamer is not None:
@@ -811,6 +958,15 @@ class GenerationMixin(GenerationDefaults):
                 state = state._replace(finished=jnp.asarray(finished))
             if finished.all():
                 break
+            if drafter is None or step + 1 == N:
+                continue
+            if candidates is not None and used < len(candidates) and int(tokens[0]) == candidates[used]:
+                used += 1  # the step chose the candidate: the next one's logits are ready
+                continue
+            if candidates is not None:  # a mismatch, or every candidate taken: check new ones
+                drafter.taken(used, len(candidates))
+            candidates, used = drafter.propose(np.concatenate(seq, axis=1)[0], N - step - 2), 0
+            ahead, state = fn["check"](params, state, jnp.asarray(candidates, jnp.int32))
         if streamer is not None:
             streamer.end()
         return state.out, state.step, self._extras(state)

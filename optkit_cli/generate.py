@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
     g.add_argument("--seed", type=seed_type, default=0, help="sampling seed")
     g.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                   help="assisted decoding (torch, one prompt): check up to K tokens a forward pass, taken from the "
+                   help="assisted decoding (one prompt): check up to K tokens a forward pass, taken from the "
                         "text so far where its last tokens occurred before; the same tokens, faster when the output "
                         "copies its prompt")
     g.add_argument("--fallback-loop", action="store_true",
@@ -75,9 +75,9 @@ def _check_options(args) -> None:
     if args.prompt_lookup:
         if args.prompt_lookup < 0:
             raise CLIError(f"--prompt-lookup {args.prompt_lookup}: must be at least 1 (0: off)")
-        if args.backend != "torch" or args.num_beams > 1 or len(args.prompts) > 1 or args.fallback_loop:
-            raise CLIError(f"--prompt-lookup {args.prompt_lookup}: assisted decoding takes the torch backend's "
-                           "generate, one prompt and --num-beams 1")
+        if args.num_beams > 1 or len(args.prompts) > 1 or args.fallback_loop:
+            raise CLIError(f"--prompt-lookup {args.prompt_lookup}: assisted decoding takes the backend's generate, "
+                           "one prompt and --num-beams 1")
     try:  # the rest of the spec's rule: finite numbers (nan and inf pass the comparisons above); a temperature
         # > 0 when sampling, 0 taken as greedy search otherwise (as generate and Hugging Face take it)
         GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

@@ -1,7 +1,8 @@
-"""Assisted decoding in the PyTorch backend (opt_spec.generation, "Assisted decoding"): prompt lookup and an
-assistant model propose tokens that one forward pass checks. Greedy search must give its own tokens (and
-Hugging Face's, plain and assisted) with every rule in play, in fewer forward passes of the model when the
-candidates are right; sampling must draw each token from the scores plain decoding gives that row."""
+"""Assisted decoding in every backend (opt_spec.generation, "Assisted decoding"): prompt lookup and an assistant
+model propose tokens that one forward pass checks. Greedy search must give its own tokens (and Hugging Face's,
+plain and assisted: PyTorch's, which TensorFlow's and Flax's plain tokens equal) with every rule in play, in
+fewer forward passes of the model when the candidates are right; sampling must draw each token from the scores
+plain decoding gives that row."""
 
 import numpy as np
 import pytest
@@ -347,3 +348,168 @@ def test_tf_assisted_decoding_runs_the_hosts_rules_at_every_checked_position(tf_
                                               err_msg=f"{list(host)}, {name}")
             counts.append(forwards.count)
         assert min(counts) < 16  # candidates were taken: the rules ran at positions a checking pass computed
+
+
+# ------------------------------------------------------------------------------------------ the Flax backend
+# The same semantics in opt_flax: its step-by-step host loop with checks of the candidates (one jitted forward
+# per check), each step's scores and pick the jitted pieces of plain decoding. Compiles dominate: the tests share
+# one length (and so the programs of the same settings, the assistants' drafts among them).
+FLAX_PROMPT = PROMPT.numpy().astype(np.int32)
+FLAX_GREEDY = dict(max_new_tokens=24, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def flax_model(folders):
+    from opt_flax import FlaxOPTForCausalLM
+
+    return FlaxOPTForCausalLM.from_pretrained(folders["model"])
+
+
+@pytest.fixture(scope="module")
+def flax_assistants(folders):
+    """The four kinds of candidates (as `assistants`), the assistants made once (their drafts compile once)."""
+    from opt_flax import FlaxOPTForCausalLM
+
+    return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
+            "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
+            "same weights": dict(assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["model"])),
+            "other weights": dict(assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["other"]),
+                                  num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
+
+
+class FlaxForwards:
+    """Counts calls of the Flax model's jitted host-loop pieces that run its forward: the prompt pass ("first"),
+    plain decoding's steps ("later") and assisted decoding's checks ("check"); not an assistant's."""
+
+    def __init__(self, model):
+        self.model, self.count, self.names = model, 0, []
+
+    def __enter__(self):
+        original = type(self.model)._host_piece
+
+        def piece(static, name, fn):
+            jitted = original(self.model, static, name, fn)
+            if name[0] not in ("first", "later", "check"):
+                return jitted
+
+            def counted(*args):
+                self.count += 1
+                self.names.append(name[0])
+                return jitted(*args)
+            return counted
+        self.model._host_piece = piece
+        return self
+
+    def __exit__(self, *exc):
+        del self.model._host_piece
+
+
+@pytest.mark.parametrize("rules", [False, True])
+def test_flax_assisted_greedy_search_gives_greedy_search_tokens_and_torchs(model, flax_model, flax_assistants,
+                                                                           rules):
+    settings = dict(max_new_tokens=24, **RULES) if rules else FLAX_GREEDY
+    plain = np.asarray(flax_model.generate(FLAX_PROMPT, **settings))
+    assert np.array_equal(plain, model.generate(PROMPT, **settings).numpy())  # (and so Hugging Face's: above)
+    counts = {}
+    for name, assist in flax_assistants.items():
+        with FlaxForwards(flax_model) as forwards:
+            assert np.array_equal(np.asarray(flax_model.generate(FLAX_PROMPT, **assist, **settings)), plain), name
+        assert forwards.names[0] == "first" and set(forwards.names[1:]) <= {"check"}, name
+        counts[name] = forwards.count
+    # as in PyTorch: plain decoding's passes are one per step (the prompt's among them); an assistant of the same
+    # weights has every candidate taken, prompt lookup finds the model's loops (without the rules' bans), and no
+    # kind takes more passes than plain decoding
+    steps = plain.shape[1] - FLAX_PROMPT.shape[1]
+    assert counts["same weights"] <= steps // 2 and max(counts.values()) <= steps, counts
+    assert rules or counts["prompt lookup"] < steps, counts
+
+
+def test_flax_assisted_decoding_keeps_the_record_stream_and_criteria_of_plain_decoding(flax_model):
+    settings = dict(FLAX_GREEDY, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                    output_hidden_states=True)
+    plain = flax_model.generate(FLAX_PROMPT, **settings)
+    out = flax_model.generate(FLAX_PROMPT, prompt_lookup_num_tokens=5, **settings)
+    assert np.array_equal(out.sequences, plain.sequences) and len(out.scores) == len(plain.scores) == 24
+    for name in ("scores", "logits"):
+        for mine, theirs in zip(getattr(out, name), getattr(plain, name)):
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-4)  # a k-token pass rounds apart
+    assert len(out.hidden_states) == len(plain.hidden_states) == 24
+    streamed = []
+    flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, prompt_lookup_num_tokens=5,
+                        streamer=lambda tokens: streamed.append(np.asarray(tokens)))
+    assert np.array_equal(np.stack(streamed, 1), np.asarray(plain.sequences)[:, FLAX_PROMPT.shape[1]:])
+    stop_after = FLAX_PROMPT.shape[1] + 7  # a criterion ends the row mid-draft: nothing after it is kept
+    with FlaxForwards(flax_model) as forwards:
+        short = flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, prompt_lookup_num_tokens=5,
+                                    stopping_criteria=[lambda ids, scores: ids.shape[1] >= stop_after])
+    assert np.array_equal(np.asarray(short), np.asarray(plain.sequences)[:, :stop_after])
+    assert "check" in forwards.names  # (the candidates were checked: the criterion ended a draft)
+    import jax.numpy as jnp
+
+    def lower(ids, scores):  # a logits processor, on the host between a check's positions' scores and picks
+        return scores - 0.5 * (jnp.arange(scores.shape[-1]) == ids[:, -1:]).astype(scores.dtype)
+
+    processed = np.asarray(flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, logits_processor=[lower]))
+    assert not np.array_equal(processed, np.asarray(plain.sequences))
+    assert np.array_equal(np.asarray(flax_model.generate(FLAX_PROMPT, **FLAX_GREEDY, logits_processor=[lower],
+                                                         prompt_lookup_num_tokens=5)), processed)
+
+
+def test_flax_assisted_sampling_draws_plain_samplings_tokens(flax_model, flax_assistants):
+    """Each position of a check draws with its step's key, as plain sampling does: the same tokens for a seed."""
+    settings = dict(FLAX_GREEDY, do_sample=True, top_k=8, temperature=1.5)
+    rows = set()
+    for seed in range(3):
+        plain = np.asarray(flax_model.generate(FLAX_PROMPT, seed=seed, **settings))
+        rows.add(tuple(plain[0].tolist()))
+        for name, assist in flax_assistants.items():
+            got = np.asarray(flax_model.generate(FLAX_PROMPT, seed=seed, **assist, **settings))
+            assert np.array_equal(got, plain), (seed, name)
+    assert len(rows) == 3  # the seeds matter
+
+
+def test_flax_assisted_decoding_with_a_reused_prompt_cache_and_given_params(folders, flax_model, flax_assistants):
+    """generate(past_key_values=) (a cache of the prompt's first tokens): prompt lookup, and an assistant (which
+    reads the whole prompt itself), give the plain tokens; params= (other weights) are what the checks run."""
+    from opt_flax import FlaxOPTForCausalLM
+
+    C = 5
+    cache = flax_model(FLAX_PROMPT[:, :C], past_key_values=flax_model.init_cache(1, 12)).past_key_values
+    settings = FLAX_GREEDY
+    plain = np.asarray(flax_model.generate(FLAX_PROMPT, **settings))
+    for name in ("prompt lookup", "same weights"):
+        got = flax_model.generate(FLAX_PROMPT, past_key_values=cache, **flax_assistants[name], **settings)
+        assert np.array_equal(np.asarray(got), plain), name
+    assert int(cache.length) == C  # left as it was
+    other = FlaxOPTForCausalLM.from_pretrained(folders["other"]).params
+    theirs = np.asarray(flax_model.generate(FLAX_PROMPT, params=other, **settings))
+    assert not np.array_equal(theirs, plain)
+    assert np.array_equal(np.asarray(flax_model.generate(FLAX_PROMPT, params=other, prompt_lookup_num_tokens=4,
+                                                         **settings)), theirs)
+
+
+def test_flax_assisted_decoding_refuses_what_it_cannot_do(folders, model, flax_model):
+    from opt_flax import FlaxOPTForCausalLM
+    from opt_flax.distributed import make_mesh
+
+    lookup = dict(max_new_tokens=3, prompt_lookup_num_tokens=2)
+    for kwargs in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+        with pytest.raises(ValueError, match="one prompt and one row"):
+            flax_model.generate(FLAX_PROMPT, **lookup, **kwargs)
+    with pytest.raises(ValueError, match="one prompt and one row"):
+        flax_model.generate(np.repeat(FLAX_PROMPT, 2, 0), **lookup)
+    with pytest.raises(ValueError, match="not both"):
+        flax_model.generate(FLAX_PROMPT, **lookup, assistant_model=flax_model)
+    with pytest.raises(ValueError, match="same vocabulary"):
+        flax_model.generate(FLAX_PROMPT, max_new_tokens=3,
+                            assistant_model=FlaxOPTForCausalLM.from_config(CONFIG.replace(vocab_size=64)))
+    with pytest.raises(ValueError, match="an optkit opt_flax causal LM .* got OPTForCausalLM from opt_torch"):
+        flax_model.generate(FLAX_PROMPT, max_new_tokens=3, assistant_model=model)
+    embeds = np.asarray(flax_model.params["model"]["decoder"]["embed_tokens"]["embedding"])[FLAX_PROMPT]
+    with pytest.raises(ValueError, match="cannot read inputs_embeds"):
+        flax_model.generate(inputs_embeds=embeds, max_new_tokens=3, assistant_model=flax_model)
+    sharded = FlaxOPTForCausalLM.from_pretrained(folders["model"], mesh=make_mesh(1, 1))
+    with pytest.raises(ValueError, match="runs on one device: .* laid out on a device mesh"):
+        sharded.generate(FLAX_PROMPT, **lookup)
+    with pytest.raises(ValueError, match="runs on one device: .* laid out on a device mesh"):
+        flax_model.generate(FLAX_PROMPT, max_new_tokens=3, assistant_model=sharded)

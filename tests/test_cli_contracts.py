@@ -428,14 +428,16 @@ def test_nan_and_inf_options_are_usage_errors(capsys, tmp_path, monkeypatch):
     beams = [run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "4", "--num-beams", "2",
                       "--do-sample", "--seed", "3", "2 3") for _ in range(2)]
     assert beams[0][0] == 0 and beams[0][1] and beams[1][:2] == beams[0][:2], beams
-    # --prompt-lookup (assisted decoding) prints greedy search's tokens; it takes torch and one prompt
-    looked = run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "12", "--prompt-lookup", "3",
-                      "2 3 4 3 4")
-    plain = run_main(capsys, "generate", "--preset", "tiny", "-q", "--max-new-tokens", "12", "2 3 4 3 4")
-    assert looked[0] == 0 and looked[1] and looked[:2] == plain[:2], (looked, plain)
-    for flags in (["--backend", "tf"], ["--num-beams", "2"], ["5 6"]):
+    # --prompt-lookup (assisted decoding) prints greedy search's tokens, in every backend; it takes one prompt
+    for backend in ("torch", "tf", "flax"):
+        looked = run_main(capsys, "generate", "--preset", "tiny", "-q", "--backend", backend, "--max-new-tokens", "12",
+                          "--prompt-lookup", "3", "2 3 4 3 4")
+        plain = run_main(capsys, "generate", "--preset", "tiny", "-q", "--backend", backend, "--max-new-tokens", "12",
+                         "2 3 4 3 4")
+        assert looked[0] == 0 and looked[1] and looked[:2] == plain[:2], (backend, looked, plain)
+    for flags in (["--num-beams", "2"], ["5 6"], ["--fallback-loop"]):
         code, _, err = run_main(capsys, "generate", "--preset", "tiny", "-q", "--prompt-lookup", "3", *flags, "2 3")
-        assert code == 2 and "--prompt-lookup 3: assisted decoding takes the torch backend's generate" in err, err
+        assert code == 2 and "--prompt-lookup 3: assisted decoding takes the backend's generate" in err, err
 
     data = tmp_path / "d.txt"
     data.write_text("hello\n")
