@@ -84,7 +84,7 @@ from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positio
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, next_draft_length, prompt_inputs, prompt_lookup, replayed_step_outputs,
+                                 needs_host, next_draft_length, prompt_inputs, PromptLookup, replayed_step_outputs,
                                  beam_step_rows, single_token_bias, step_forward_mask, step_outputs,
                                  transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -444,21 +444,6 @@ class _Extras(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ assisted decoding
-class _PromptLookup:
-    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup)."""
-
-    def __init__(self, d: Decoding):
-        self.d = d
-
-    def propose(self, row: np.ndarray, room: int) -> list:
-        """Up to `room` candidates for the tokens after the row so far (its prompt ids and new tokens)."""
-        d = self.d
-        return prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
-
-    def taken(self, matched: int, drafted: int) -> None:
-        pass
-
-
 class _Assistant:
     """Assisted decoding's candidates from a smaller FlaxOPTForCausalLM, drafted greedily (each token the most
     probable; the draft ends after one given less than assistant_confidence_threshold) with a preallocated cache
@@ -643,7 +628,7 @@ class GenerationMixin(GenerationDefaults):
                              "the model or the assistant is laid out on a device mesh (opt_flax.distributed); "
                              "generate without assistance there")
         if assistant is None:
-            return _PromptLookup(d)
+            return PromptLookup(d)
         N = d.max_new_tokens
         check_prompt(mask, N, assistant.config.max_position_embeddings)
         return _Assistant(assistant, d, mask[0], mask.shape[1] + N)

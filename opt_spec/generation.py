@@ -952,6 +952,22 @@ def prompt_lookup(row: Sequence[int], num_tokens: int, max_ngram: int, eos_ids: 
     return []
 
 
+class PromptLookup:
+    """Assisted decoding's candidates from the row itself (`prompt_lookup` with the call's settings), the
+    drafter every backend's prompt lookup is: propose(row so far (1-D ids), room) -> up to `room` token ids;
+    taken(matched, drafted) keeps nothing (an assistant's draft length follows it)."""
+
+    def __init__(self, d: "Decoding"):
+        self.d = d
+
+    def propose(self, row, room: int) -> list[int]:
+        d = self.d
+        return prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
+
+    def taken(self, matched: int, drafted: int) -> None:
+        pass
+
+
 def next_draft_length(current: int, matched: int, drafted: int, schedule: str) -> int:
     """num_assistant_tokens after a draft of `drafted` tokens of which the model kept `matched`: "heuristic"
     schedules add 2 when it kept them all and take 1 off (to no less than 1) otherwise; "constant" keeps it."""

@@ -74,7 +74,7 @@ from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positio
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, next_draft_length, prompt_inputs, prompt_lookup, replayed_step_outputs,
+                                 needs_host, next_draft_length, prompt_inputs, PromptLookup, replayed_step_outputs,
                                  beam_step_rows, single_token_bias, softmax, step_forward_mask, step_outputs,
                                  transition_scores)
 
@@ -470,21 +470,6 @@ def _cropped(s: dict, length: int) -> dict:
                 slots=tf.where(kept, slots, 0))
 
 
-class _PromptLookup:
-    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup), on the host."""
-
-    def __init__(self, d: Decoding):
-        self.d = d
-
-    def propose(self, row: np.ndarray, room: int) -> list:
-        """Up to `room` candidates (token ids) to follow the row so far (1-D, the new token included)."""
-        d = self.d
-        return prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
-
-    def taken(self, matched: int, drafted: int) -> None:
-        pass
-
-
 class _Assistant:
     """Assisted decoding's candidates from a smaller TFOPTForCausalLM drafting greedily (opt_spec.generation,
     "Assisted decoding"), from its own compiled pieces: a prompt pass (_draft_start, once, at the start) and plain
@@ -602,7 +587,7 @@ class TFGenerationMixin(GenerationDefaults):
         """Where an assisted call's candidates come from (check_assisted said it is one): the row itself
         (prompt lookup) or the assistant, which reads the whole prompt itself (a re-used cache is the model's)."""
         if assistant is None:
-            return _PromptLookup(d)
+            return PromptLookup(d)
         check_prompt(mask, d.max_new_tokens, assistant.config.max_position_embeddings)
         return _Assistant(assistant, ids, mask, d)
 

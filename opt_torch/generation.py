@@ -28,7 +28,7 @@ from opt_spec.cache import held_positions, pad_slots, refuse_legacy_cache, reuse
 from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
                                  as_streamer, best_length, check_assisted, check_extras, check_host_rules,
                                  check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 next_draft_length, prompt_inputs, prompt_lookup, single_token_bias,
+                                 next_draft_length, prompt_inputs, PromptLookup, single_token_bias,
                                  replayed_step_outputs, beam_step_rows, step_forward_mask, step_outputs,
                                  transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -289,21 +289,17 @@ class _Record:
         return None if self.logit_steps is None else tuple(self.logit_steps)
 
 
-class _PromptLookup:
-    """Assisted decoding's candidates from the row itself (opt_spec.generation.prompt_lookup)."""
+class _PromptLookup(PromptLookup):
+    """opt_spec.generation.PromptLookup over the call's cache slots."""
 
     def __init__(self, d: Decoding, S: int):
-        self.d, self.S = d, S
+        super().__init__(d)
+        self.S = S
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, upto: int, room: int) -> torch.Tensor:
         """Up to `room` candidates (k,) for the slots after the row's first `upto` (seq (1, L) by cache slot)."""
-        d = self.d
-        row = seq[0, self.S:upto].cpu().numpy()
-        found = prompt_lookup(row, min(room, d.prompt_lookup_num_tokens), d.max_matching_ngram_size, d.eos_token_ids)
+        found = super().propose(seq[0, self.S:upto].cpu().numpy(), room)
         return torch.tensor(found, dtype=torch.long, device=seq.device)
-
-    def taken(self, matched: int, drafted: int) -> None:
-        pass
 
 
 class _Assistant:
@@ -483,7 +479,8 @@ class GenerationMixin(GenerationDefaults):
         every layer's are (B, kv_heads, S, head_dim) (else None)."""
         dtype = self.get_input_embeddings().weight.dtype
         layers = [(k, v) if k is None else (k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
-        return layers, held_positions(_kv_shapes(layers), self.config.num_hidden_layers, B, self.kv_heads, self.config.head_dim)
+        config = self.config
+        return layers, held_positions(_kv_shapes(layers), config.num_hidden_layers, B, self.kv_heads, config.head_dim)
 
     def _start_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0,
                      prefix: Optional[list] = None):
