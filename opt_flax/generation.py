@@ -81,12 +81,11 @@ import numpy as np
 from jax import lax
 
 from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
-                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, next_draft_length, prompt_inputs, PromptLookup, replayed_step_outputs,
-                                 beam_step_rows, single_token_bias, step_forward_mask, step_outputs,
-                                 transition_scores)
+from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
+                                 apply_processors, as_streamer, best_length, check_assisted, check_extras,
+                                 check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
+                                 longer_sequences, needs_host, prompt_inputs, PromptLookup, replayed_step_outputs,
+                                 beam_step_rows, single_token_bias, step_forward_mask, step_outputs, transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .fast_paths import loop_cache, model_cache
@@ -444,7 +443,7 @@ class _Extras(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ assisted decoding
-class _Assistant:
+class _Assistant(AssistantDrafts):
     """Assisted decoding's candidates from a smaller FlaxOPTForCausalLM, drafted greedily (each token the most
     probable; the draft ends after one given less than assistant_confidence_threshold) with a preallocated cache
     of its own, whose slots are the row's positions: it keeps those it has read across drafts, and a draft reads
@@ -454,12 +453,12 @@ class _Assistant:
     def __init__(self, model, d: Decoding, prompt_mask: np.ndarray, capacity: int):
         T = prompt_mask.shape[0]
         config = model.config
-        self.model, self.d, self.draft = model, d, d.num_assistant_tokens
+        super().__init__(d)
+        self.model = model
         self.cache = model.init_cache(1, capacity, pad_slots(T, capacity - T, config.max_position_embeddings))
         slots = np.ones((1, capacity), np.int32)  # the row's mask over every slot: the prompt's, then real tokens
         slots[0, :T] = prompt_mask
         self.slots = jnp.asarray(slots)
-        self.valid = self.upto = self.written = 0  # slots its cache holds of the row; the last draft's extent
         self.fn = model.__dict__.setdefault("_assistant_draft_fn", jax.jit(functools.partial(_draft, model)))
 
     def propose(self, row: np.ndarray, room: int) -> list:
@@ -475,11 +474,6 @@ class _Assistant:
         self.written = upto + n - 1  # the last drafted token was never read
         return np.asarray(drafted)[:n].tolist()
 
-    def taken(self, matched: int, drafted: int) -> None:
-        """The model kept the first `matched` of the `drafted` candidates: the cache's slots up to them hold
-        the row; the draft length follows the schedule."""
-        self.valid = min(self.upto + matched, self.written)
-        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
 
 
 def _draft(model, params, cache: KVCache, row_slots, unread, valid, upto, k, threshold):

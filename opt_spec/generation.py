@@ -968,6 +968,23 @@ class PromptLookup:
         pass
 
 
+class AssistantDrafts:
+    """What every backend's assistant model keeps across its drafts ("Assisted decoding"): the draft length
+    (`draft`, from num_assistant_tokens, following the schedule), the row's positions its own cache holds
+    (`valid`), and the last draft's extent (`upto`: the row's length when it drafted; `written`: the positions it
+    had then written, the last drafted token never read). A backend's assistant subclasses it."""
+
+    def __init__(self, d: "Decoding", valid: int = 0):
+        self.d, self.draft = d, d.num_assistant_tokens
+        self.valid, self.upto, self.written = valid, 0, 0
+
+    def taken(self, matched: int, drafted: int) -> None:
+        """The model kept the first `matched` of the `drafted` candidates: the assistant's cache holds the row up
+        to them; the draft length follows the schedule."""
+        self.valid = min(self.upto + matched, self.written)
+        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
+
+
 def next_draft_length(current: int, matched: int, drafted: int, schedule: str) -> int:
     """num_assistant_tokens after a draft of `drafted` tokens of which the model kept `matched`: "heuristic"
     schedules add 2 when it kept them all and take 1 off (to no less than 1) otherwise; "constant" keeps it."""

@@ -71,10 +71,10 @@ import numpy as np
 import tensorflow as tf
 
 from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
-                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 needs_host, next_draft_length, prompt_inputs, PromptLookup, replayed_step_outputs,
+from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
+                                 apply_processors, as_streamer, best_length, check_assisted, check_extras,
+                                 check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
+                                 longer_sequences, needs_host, prompt_inputs, PromptLookup, replayed_step_outputs,
                                  beam_step_rows, single_token_bias, softmax, step_forward_mask, step_outputs,
                                  transition_scores)
 
@@ -470,7 +470,7 @@ def _cropped(s: dict, length: int) -> dict:
                 slots=tf.where(kept, slots, 0))
 
 
-class _Assistant:
+class _Assistant(AssistantDrafts):
     """Assisted decoding's candidates from a smaller TFOPTForCausalLM drafting greedily (opt_spec.generation,
     "Assisted decoding"), from its own compiled pieces: a prompt pass (_draft_start, once, at the start) and plain
     decoding's one-token feed (compiled once), over a preallocated cache of its own that keeps the row's slots it
@@ -482,8 +482,7 @@ class _Assistant:
         start = model._compiled((*key, "draft prompt"), functools.partial(model._draft_start, N=N), store=store)
         self.feed = model._compiled((*key, "draft feed"), functools.partial(model._feed), store=store)
         self.state = start(tf.constant(ids), tf.constant(mask))
-        self.d, self.draft = d, d.num_assistant_tokens
-        self.valid, self.upto, self.written = mask.shape[1], 0, 0  # slots it holds of the row; the last draft's
+        super().__init__(d, valid=mask.shape[1])  # the prompt read
 
     def propose(self, row: np.ndarray, room: int) -> list:
         """Up to min(room, the draft length) tokens drafted greedily after the row so far (1-D), stopping after
@@ -505,11 +504,6 @@ class _Assistant:
         self.state, self.written = state, len(row) + len(drafted) - 1  # the last one drafted was never read
         return drafted
 
-    def taken(self, matched: int, drafted: int) -> None:
-        """The model kept the first `matched` of the `drafted` candidates: the slots up to them hold the row; the
-        draft length follows the schedule."""
-        self.valid = min(self.upto + matched, self.written)
-        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
 
 
 # --------------------------------------------------------------------------------------- the mixin

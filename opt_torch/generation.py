@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from opt_spec.cache import held_positions, pad_slots, refuse_legacy_cache, reused_prompt_positions
-from opt_spec.generation import (Decoding, GenerationDefaults, StopStrings, allowed_tokens, apply_processors,
-                                 as_streamer, best_length, check_assisted, check_extras, check_host_rules,
-                                 check_prompt, criteria_hits, decay_growth, length_norms, longer_sequences,
-                                 next_draft_length, prompt_inputs, PromptLookup, single_token_bias,
+from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
+                                 apply_processors, as_streamer, best_length, check_assisted, check_extras,
+                                 check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
+                                 longer_sequences, prompt_inputs, PromptLookup, single_token_bias,
                                  replayed_step_outputs, beam_step_rows, step_forward_mask, step_outputs,
                                  transition_scores)
 from opt_spec.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -302,16 +302,16 @@ class _PromptLookup(PromptLookup):
         return torch.tensor(found, dtype=torch.long, device=seq.device)
 
 
-class _Assistant:
+class _Assistant(AssistantDrafts):
     """Assisted decoding's candidates from a smaller model, drafted greedily with a cache of its own that
     keeps the row's slots it has read, across drafts (opt_spec.generation, "Assisted decoding")."""
 
     def __init__(self, model, d: Decoding, capacity: int, pads: int):
-        self.model, self.d, self.draft = model, d, d.num_assistant_tokens
+        super().__init__(d)
+        self.model = model
         self.cache = model.init_cache(1, capacity, pads)
         self.mask = torch.zeros(1, capacity, dtype=torch.long, device=model.device)  # (1, L) its own slots
         self.step = model._step_fn(compile=False)  # its fused one-token step (opt_torch.fast_paths)
-        self.valid = self.upto = self.written = 0  # slots its cache holds of the row; the last draft's extent
 
     def propose(self, seq: torch.Tensor, mask: torch.Tensor, upto: int, room: int) -> torch.Tensor:
         k = min(room, self.draft)
@@ -335,11 +335,6 @@ class _Assistant:
         self.written = upto + len(drafted) - 1  # the last drafted token was never read
         return torch.cat(drafted)
 
-    def taken(self, matched: int, drafted: int) -> None:
-        """The model kept the first `matched` of the `drafted` candidates: the cache's slots up to them hold
-        the row; the draft length follows the schedule."""
-        self.valid = min(self.upto + matched, self.written)
-        self.draft = next_draft_length(self.draft, matched, drafted, self.d.num_assistant_tokens_schedule)
 
 
 class GenerationMixin(GenerationDefaults):
