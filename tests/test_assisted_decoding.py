@@ -55,11 +55,13 @@ class Forwards:
         self.handle.remove()
 
 
-def assistants(folders):
+def assistants(folders, cls=OPTForCausalLM):
+    """Every kind of candidates: prompt lookup (n-grams, 1-grams), an assistant of the same weights (every
+    candidate right) and one of other weights with the heuristic schedule, of the backend's class `cls`."""
     return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
             "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
-            "same weights": dict(assistant_model=OPTForCausalLM.from_pretrained(folders["model"]).eval()),
-            "other weights": dict(assistant_model=OPTForCausalLM.from_pretrained(folders["other"]).eval(),
+            "same weights": dict(assistant_model=cls.from_pretrained(folders["model"])),
+            "other weights": dict(assistant_model=cls.from_pretrained(folders["other"]),
                                   num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
 
 
@@ -180,11 +182,7 @@ def tf_assistants(folders, tf_model):
     """Every kind of candidates, the assistants loaded once (each compiles its prompt pass and one-token feed)."""
     from opt_tf import TFOPTForCausalLM
 
-    return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
-            "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
-            "same weights": dict(assistant_model=TFOPTForCausalLM.from_pretrained(folders["model"])),
-            "other weights": dict(assistant_model=TFOPTForCausalLM.from_pretrained(folders["other"]),
-                                  num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
+    return assistants(folders, TFOPTForCausalLM)
 
 
 class TFForwards:
@@ -370,11 +368,7 @@ def flax_assistants(folders):
     """The four kinds of candidates (as `assistants`), the assistants made once (their drafts compile once)."""
     from opt_flax import FlaxOPTForCausalLM
 
-    return {"prompt lookup": dict(prompt_lookup_num_tokens=4),
-            "prompt lookup, 1-grams": dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
-            "same weights": dict(assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["model"])),
-            "other weights": dict(assistant_model=FlaxOPTForCausalLM.from_pretrained(folders["other"]),
-                                  num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")}
+    return assistants(folders, FlaxOPTForCausalLM)
 
 
 class FlaxForwards:
