@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
+from opt_spec.cache import check_reused_cache, pad_slots, reused_prompt_positions
 from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
                                  apply_processors, as_streamer, best_length, check_assisted, check_extras,
                                  check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
@@ -475,7 +475,6 @@ class _Assistant(AssistantDrafts):
         return np.asarray(drafted)[:n].tolist()
 
 
-
 def _draft(model, params, cache: KVCache, row_slots, unread, valid, upto, k, threshold):
     """An assistant's greedy draft (_Assistant): the row's tokens `unread` (1, n) at slots [valid, upto) of its
     cache (which holds the row before them), then up to k tokens, each read in turn but the last, stopping
@@ -536,10 +535,7 @@ class GenerationMixin(GenerationDefaults):
         d = self._decoding(generation_config, kwargs, P, T)
         past = None  # per layer (keys, values) (B, nh, C, hs) of the prompt's first C positions
         if reused is not None:
-            if embeds is not None:
-                raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with "
-                                 "input_ids: not with inputs_embeds")
-            past = self._reused_past(reused, ids)
+            past = self._reused_past(reused, ids, embeds is not None)
         assisted = check_assisted(d, assistant_model, B, embeds is not None, config.vocab_size, "flax")
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         processors = check_extras(d, logits_processor, streamer, tokenizer)
@@ -681,18 +677,17 @@ class GenerationMixin(GenerationDefaults):
                 fns[static] = generation_fn(self, fn, static.batch, static.embeds, static.past > 0)
         return fns[static]
 
-    def _reused_past(self, cache, ids) -> tuple:
+    def _reused_past(self, cache, ids, beside_embeds: bool = False) -> tuple:
         """generate's past_key_values: the model's KVCache of the rows' first C < T prompt tokens, as per layer
-        (keys, values) (B, nh, C, hs) in the model's dtype (the slots it has written). The cache is left as it is."""
-        refuse_legacy_cache(cache)
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be the model's KVCache (opt_flax.modeling.KVCache, from a forward "
-                            f"over the prompt's first tokens), got {type(cache).__name__}")
+        (keys, values) (B, nh, C, hs) in the model's dtype (the slots it has written). The cache is left as it is;
+        with inputs_embeds it is refused."""
+        check_reused_cache(cache, isinstance(cache, KVCache), "the model's KVCache (opt_flax.modeling.KVCache, from "
+                           "a forward over the prompt's first tokens)", "inputs_embeds" if beside_embeds else None)
         C = int(cache.length)
         past = tuple((k[:, :, :C].astype(self.dtype), v[:, :, :C].astype(self.dtype))
                      for k, v in zip(cache.keys, cache.values))
         config = self.config
-        reused_prompt_positions([(k.shape, v.shape) for k, v in past], config.num_hidden_layers, len(ids),
+        reused_prompt_positions(past, config.num_hidden_layers, len(ids),
                                 config.num_attention_heads, config.head_dim, ids.shape[1])
         return past
 

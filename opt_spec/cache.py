@@ -88,24 +88,35 @@ def refuse_legacy_cache(past_key_values) -> None:
                         "KVCache and pass it on")
 
 
-def held_positions(shapes, num_layers: int, batch: int, heads: int, head_dim: int) -> int | None:
-    """The positions S a cache holds when its per layer (keys shape, values shape) are all (batch, heads, S,
-    head_dim) for num_layers layers, else None (a shape None: a layer holding nothing)."""
-    shapes = [tuple(s) if s is not None else None for kv in shapes for s in kv]
+def held_positions(layers, num_layers: int, batch: int, heads: int, head_dim: int) -> int | None:
+    """The positions S a cache holds when its per layer (keys, values) (any arrays with a shape; None for a layer
+    holding nothing) are all (batch, heads, S, head_dim) for num_layers layers, else None."""
+    shapes = [None if x is None else tuple(x.shape) for kv in layers for x in kv]
     S = shapes[0][2] if shapes and shapes[0] is not None and len(shapes[0]) == 4 else -1
     fits = len(shapes) == 2 * num_layers and all(s == (batch, heads, S, head_dim) for s in shapes)
     return S if fits else None
 
 
-def reused_prompt_positions(shapes, num_layers: int, batch: int, heads: int, head_dim: int, prompt_length: int) -> int:
+def check_reused_cache(cache, is_the_models: bool, expected: str, beside: str | None = None) -> None:
+    """generate(past_key_values=cache)'s refusals before the cache is read (opt_spec.generation, "Re-using a
+    prompt's cache"): given beside another form of the prompt (`beside` names it: inputs_embeds, ...), a tuple
+    (refuse_legacy_cache), or anything but the backend's cache (`expected` names what it takes)."""
+    if beside:
+        raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with input_ids: "
+                         f"not with {beside}")
+    refuse_legacy_cache(cache)
+    if not is_the_models:
+        raise TypeError(f"past_key_values must be {expected}, got {type(cache).__name__}")
+
+
+def reused_prompt_positions(layers, num_layers: int, batch: int, heads: int, head_dim: int, prompt_length: int) -> int:
     """generate(past_key_values=cache)'s C: the prompt's first positions the cache holds (see
-    opt_spec.generation, "Re-using a prompt's cache"), from its per layer (keys shape, values shape). A cache of
-    another model or batch, or one that does not hold 0 < C < T of the prompt's T tokens, is a ValueError
-    in words."""
-    C = held_positions(shapes, num_layers, batch, heads, head_dim)
+    opt_spec.generation, "Re-using a prompt's cache"), from its per layer (keys, values). A cache of another model
+    or batch, or one that does not hold 0 < C < T of the prompt's T tokens, is a ValueError in words."""
+    C = held_positions(layers, num_layers, batch, heads, head_dim)
     if C is None:
-        given = sorted({tuple(s) for kv in shapes for s in kv if s is not None})
-        raise ValueError(f"past_key_values holds {len(shapes)} layers of keys and values {given}; the model has "
+        given = sorted({tuple(x.shape) for kv in layers for x in kv if x is not None})
+        raise ValueError(f"past_key_values holds {len(layers)} layers of keys and values {given}; the model has "
                          f"{num_layers} layers, each (batch {batch}, {heads}, tokens, {head_dim})")
     if not 0 < C < prompt_length:
         raise ValueError(f"past_key_values holds {C} tokens and the prompt has {prompt_length}: it must hold the "

@@ -70,7 +70,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from opt_spec.cache import pad_slots, refuse_legacy_cache, reused_prompt_positions
+from opt_spec.cache import check_reused_cache, pad_slots, reused_prompt_positions
 from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
                                  apply_processors, as_streamer, best_length, check_assisted, check_extras,
                                  check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
@@ -505,7 +505,6 @@ class _Assistant(AssistantDrafts):
         return drafted
 
 
-
 # --------------------------------------------------------------------------------------- the mixin
 class TFGenerationMixin(GenerationDefaults):
     """Adds `generate` and `compute_transition_scores` to TFOPTForCausalLM (which provides init_cache,
@@ -606,20 +605,14 @@ class TFGenerationMixin(GenerationDefaults):
         model's dtype; the cache itself is left as it is."""
         from .modeling import KVCache
 
-        if embeds is not None:
-            raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) is given with "
-                             "input_ids alone, not with inputs_embeds")
-        refuse_legacy_cache(cache)
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be the model's KVCache (a forward's past_key_values over the "
-                            f"prompt's first tokens), got {type(cache).__name__}")
+        check_reused_cache(cache, isinstance(cache, KVCache), "the model's KVCache (a forward's past_key_values over "
+                           "the prompt's first tokens)", "inputs_embeds" if embeds is not None else None)
         C = cache.written()
         layers = tuple((None, None) if k is None or C is None else
                        (tf.cast(k[:, :, :C], self.compute_dtype), tf.cast(v[:, :, :C], self.compute_dtype))
                        for k, v in zip(cache.keys, cache.values))
-        shapes = [tuple(None if x is None else tuple(x.shape) for x in kv) for kv in layers]
         config = self.config
-        reused_prompt_positions(shapes, config.num_hidden_layers, ids.shape[0], config.num_attention_heads,
+        reused_prompt_positions(layers, config.num_hidden_layers, ids.shape[0], config.num_attention_heads,
                                 config.head_dim, ids.shape[1])
         return layers
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from opt_spec.cache import held_positions, pad_slots, refuse_legacy_cache, reused_prompt_positions
+from opt_spec.cache import check_reused_cache, held_positions, pad_slots, reused_prompt_positions
 from opt_spec.generation import (AssistantDrafts, Decoding, GenerationDefaults, StopStrings, allowed_tokens,
                                  apply_processors, as_streamer, best_length, check_assisted, check_extras,
                                  check_host_rules, check_prompt, criteria_hits, decay_growth, length_norms,
@@ -232,11 +232,6 @@ def _shapes(layers) -> list:
     return sorted({tuple(x.shape) for kv in layers for x in kv if x is not None})
 
 
-def _kv_shapes(layers) -> list:
-    """Per layer (keys shape, values shape), None for a layer holding nothing (opt_spec.cache.held_positions)."""
-    return [tuple(None if x is None else tuple(x.shape) for x in kv) for kv in layers]
-
-
 def _repeat_rows(x, n: int):
     """Each row n times over (num_return_sequences, beams): of a tensor (B, ...) or of per layer (keys,
     values); None stays None."""
@@ -336,7 +331,6 @@ class _Assistant(AssistantDrafts):
         return torch.cat(drafted)
 
 
-
 class GenerationMixin(GenerationDefaults):
     """Adds generate / stream to OPTForCausalLM (generation_config from opt_spec.GenerationDefaults)."""
 
@@ -407,10 +401,8 @@ class GenerationMixin(GenerationDefaults):
             attention_mask, inputs_embeds, prefix = self._wrapped_prompt(hook, input_ids, attention_mask.to(device))
             mask = _host(attention_mask)
         if reused is not None:
-            if inputs_embeds is not None or prefix is not None:
-                raise ValueError("past_key_values (a cache of the prompt's first tokens, to re-use) goes with "
-                                 "input_ids: not with inputs_embeds or a wrapper's prompt (PEFT's prompt learning)")
-            prefix = self._reused_prefix(reused, input_ids)
+            beside = inputs_embeds is not None or prefix is not None
+            prefix = self._reused_prefix(reused, input_ids, beside)
         check_prompt(mask, d.max_new_tokens, config.max_position_embeddings)
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).to(device=device,
@@ -454,19 +446,19 @@ class GenerationMixin(GenerationDefaults):
                              f"the prefix and the prompt, for B = {B}, and no inputs_embeds")
         return mask.long(), None, prefix
 
-    def _reused_prefix(self, cache, input_ids) -> list:
+    def _reused_prefix(self, cache, input_ids, beside: bool = False) -> list:
         """generate's past_key_values: a cache of the rows' first C < T prompt tokens (the model's KVCache, from a
         forward over input_ids[:, :C] with attention_mask[:, :C], or a Hugging Face DynamicCache filled alike),
-        as per layer keys and values (B, nh, C, hs) in the model's dtype. The cache itself is left as it is."""
-        refuse_legacy_cache(cache)
+        as per layer keys and values (B, nh, C, hs) in the model's dtype. The cache itself is left as it is.
+        beside: the call also has inputs_embeds or a wrapper's prompt (refused)."""
+        check_reused_cache(cache, isinstance(cache, KVCache) or hugging_face_cache(cache),
+                           "the model's KVCache or a Hugging Face DynamicCache",
+                           "inputs_embeds or a wrapper's prompt (PEFT's prompt learning)" if beside else None)
         if hugging_face_cache(cache):
             check_dynamic(cache)
-        elif not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be the model's KVCache or a Hugging Face DynamicCache, got "
-                            f"{type(cache).__name__}")
         prefix, _ = self._cache_layers(cache.written() if isinstance(cache, KVCache) else cache, len(input_ids))
-        reused_prompt_positions(_kv_shapes(prefix), self.config.num_hidden_layers,
-                                len(input_ids), self.kv_heads, self.config.head_dim, input_ids.shape[1])
+        reused_prompt_positions(prefix, self.config.num_hidden_layers, len(input_ids), self.kv_heads,
+                                self.config.head_dim, input_ids.shape[1])
         return prefix
 
     def _cache_layers(self, cache, B: int) -> tuple[list, Optional[int]]:
@@ -475,7 +467,7 @@ class GenerationMixin(GenerationDefaults):
         dtype = self.get_input_embeddings().weight.dtype
         layers = [(k, v) if k is None else (k.detach().to(dtype), v.detach().to(dtype)) for k, v in cache]
         config = self.config
-        return layers, held_positions(_kv_shapes(layers), config.num_hidden_layers, B, self.kv_heads, config.head_dim)
+        return layers, held_positions(layers, config.num_hidden_layers, B, self.kv_heads, config.head_dim)
 
     def _start_cache(self, batch_size: int, max_length: Optional[int] = None, pads: int = 0,
                      prefix: Optional[list] = None):
